@@ -1,0 +1,1 @@
+"""memtrace.kernels: the Triton kernels (no autograd here; memtrace/ wraps them)."""

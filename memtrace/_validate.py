@@ -1,0 +1,141 @@
+"""Every input check of SPEC 6, in one place.
+
+Each check raises ValueError (wrong value, shape, range) or TypeError (wrong type or dtype) with a
+message that names the argument and says what was expected. Checks never mutate anything, so a
+caller that validates everything before touching its state leaves that state unchanged on error.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+HEAD_DIMS = (16, 32, 64, 128, 256)
+MAX_SEQ_LEN = 65535
+
+
+def check_tensor(name: str, t, *, ndim: int | None = None, dtypes: Iterable[torch.dtype] | None = None,
+                 integer: bool = False, floating: bool = False) -> torch.Tensor:
+    """A tensor of the given rank and dtype family."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in tuple(dtypes):
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if integer and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if floating and not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    return t
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    """All the named tensors live on one device."""
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    if not items:
+        return
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                             "all inputs must be on one device")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """No NaN or Inf (one device sync; used on public entry points only)."""
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_index_range(name: str, t: torch.Tensor, low: int, high: int) -> None:
+    """Every element in [low, high)."""
+    if t.numel() == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < low or hi >= high:
+        raise ValueError(f"{name} must lie in [{low}, {high}), got values in [{lo}, {hi}]")
+
+
+def check_int(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
+    """A Python int (bools rejected) within [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, torch.Tensor) or not hasattr(value, "__index__"):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        value = int(value)
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def check_float(name: str, value, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False) -> float:
+    """A finite real number within [low, high] ((low, high] when low_open)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def check_rate(name: str, value) -> float:
+    """A rate in [0, 1]."""
+    return check_float(name, value, low=0.0, high=1.0)
+
+
+def check_seq_len(name: str, value) -> int:
+    return check_int(name, value, low=1, high=MAX_SEQ_LEN)
+
+
+def check_choice(name: str, value, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {choices}, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+# ---- attention (SPEC 2) ------------------------------------------------------------------------
+
+def check_attention_inputs(q, k, v, *, scale, alpha) -> None:
+    """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D]; one dtype and device; Hq % Hkv == 0; D supported."""
+    check_tensor("q", q, ndim=4, dtypes=ATTENTION_DTYPES)
+    check_tensor("k", k, ndim=4, dtypes=ATTENTION_DTYPES)
+    check_tensor("v", v, ndim=4, dtypes=ATTENTION_DTYPES)
+    check_same_device(q=q, k=k, v=v)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    B, Hq, Tq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.shape[0] != B:
+        raise ValueError(f"k must have batch size {B} like q, got {k.shape[0]}")
+    if k.shape[3] != D:
+        raise ValueError(f"k and v must have head dim {D} like q, got {k.shape[3]}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q's heads ({Hq}) must be a multiple of k's heads ({Hkv}) (grouped-query attention)")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {D}")
+    Tk = k.shape[2]
+    if B < 1:
+        raise ValueError(f"q must have batch size >= 1, got {B}")
+    if not 1 <= Tq <= MAX_SEQ_LEN:
+        raise ValueError(f"q's sequence length must be in [1, {MAX_SEQ_LEN}], got {Tq}")
+    if not 1 <= Tk <= MAX_SEQ_LEN:
+        raise ValueError(f"k's sequence length must be in [1, {MAX_SEQ_LEN}], got {Tk}")
+    if scale is not None:
+        check_float("scale", scale, low=0.0, low_open=True)
+    check_float("alpha", alpha)

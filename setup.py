@@ -1,0 +1,53 @@
+"""Build memtrace and its extension memtrace._C.
+
+The extension is built from csrc/: as a CUDA extension where torch has CUDA and nvcc is found,
+otherwise from the C++ sources alone (CPU-only), so `pip install -e .` works on either machine.
+The Triton kernels live in kernels/ and are installed as the subpackage memtrace.kernels.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extension():
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    force_cpu = os.environ.get("MEMTRACE_CPU_ONLY", "0") == "1"
+    with_cuda = bool(cu) and torch.version.cuda is not None and CUDA_HOME is not None and not force_cpu
+    cxx = ["-O3", "-std=c++17"]
+    if with_cuda:
+        return CUDAExtension(
+            "memtrace._C",
+            cpp + cu,
+            define_macros=[("MEMTRACE_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90",
+                                                     "-gencode=arch=compute_80,code=sm_80"]},
+        )
+    return CppExtension("memtrace._C", cpp, extra_compile_args={"cxx": cxx})
+
+
+setup(
+    name="memtrace",
+    version="0.1.0",
+    description="Persistent attention traces and routing-path crystallization as GPU kernels for PyTorch",
+    packages=["memtrace", "memtrace.reference", "memtrace.kernels"],
+    package_dir={"memtrace": "memtrace", "memtrace.reference": "memtrace/reference", "memtrace.kernels": "kernels"},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.2; platform_system=='Linux'",
+        "numpy",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={"dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff"]},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=False)},
+    entry_points={"console_scripts": ["memtrace=memtrace.cli:main"]},
+)
