@@ -139,3 +139,84 @@ def check_attention_inputs(q, k, v, *, scale, alpha) -> None:
     if scale is not None:
         check_float("scale", scale, low=0.0, low_open=True)
     check_float("alpha", alpha)
+
+
+def check_bool(name: str, value) -> bool:
+    """A Python bool (or a 0-d bool tensor is rejected: it would need a device sync)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_attention_bias(bias, q, k) -> None:
+    """bias is None or a TraceBias for q's heads, on q's device, built for at least (Tq, Tk).
+
+    Entries beyond the call's (Tq, Tk) are ignored, so a bias built for longer sequences is fine;
+    one built for shorter sequences than the call is an error (its index has no rows for them).
+    """
+    if bias is None:
+        return
+    from .bias import TraceBias  # local: bias.py imports this module
+    if not isinstance(bias, TraceBias):
+        raise TypeError(f"bias must be a memtrace.TraceBias or None, got {type(bias).__name__}")
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
+    if bias.num_heads != Hq:
+        raise ValueError(f"bias must have num_heads equal to q's heads ({Hq}), got {bias.num_heads}")
+    if bias.device != q.device:
+        raise ValueError(f"bias is on {bias.device} but q is on {q.device}; all inputs must be on one device")
+    if bias.seq_len_q < Tq:
+        raise ValueError(f"bias was built for seq_len_q={bias.seq_len_q}, shorter than q's sequence length {Tq}")
+    if bias.seq_len_k < Tk:
+        raise ValueError(f"bias was built for seq_len_k={bias.seq_len_k}, shorter than k's sequence length {Tk}")
+    if not bias.value.dtype.is_floating_point:
+        raise TypeError(f"bias values must be floating point, got {bias.value.dtype}")
+
+
+def check_attention_capture(capture) -> None:
+    """capture is None or a SalienceCapture (anything with a callable `_fill`)."""
+    if capture is None:
+        return
+    if not callable(getattr(capture, "_fill", None)):
+        raise TypeError(f"capture must be a memtrace.SalienceCapture or None, got {type(capture).__name__}")
+
+
+# ---- routing trie (SPEC 5, issue 5) -------------------------------------------------------------
+
+MAX_ROUTING_EXPERTS = 32767   # int16 expert ids in the trie
+MAX_ROUTING_LAYERS = 32767
+MAX_ROUTING_DEPTH = 255
+MAX_ROUTING_STEP = 2**31 - 1  # int32 first_seen / last_seen
+
+
+def check_routing_paths(paths, *, num_layers: int, num_experts: int, device: torch.device) -> torch.Tensor:
+    """paths: integer [N, num_layers] on `device`, every entry in [-1, num_experts)."""
+    check_tensor("paths", paths, ndim=2, integer=True)
+    if paths.shape[1] != num_layers:
+        raise ValueError(f"paths must have shape [N, {num_layers}] (one column per layer), got {tuple(paths.shape)}")
+    if paths.device != device:
+        raise ValueError(f"paths is on {paths.device} but the routing tree is on {device}")
+    if paths.numel():
+        lo, hi = int(paths.min()), int(paths.max())
+        if lo < -1 or hi >= num_experts:
+            raise ValueError(f"paths entries must be expert ids in [0, {num_experts}) or -1 (no routing), "
+                             f"got values in [{lo}, {hi}]")
+    return paths
+
+
+def check_routing_rewards(rewards, *, num_tokens: int, device: torch.device):
+    """rewards: None or a finite floating [num_tokens] tensor on `device`."""
+    if rewards is None:
+        return None
+    check_tensor("rewards", rewards, ndim=1, floating=True)
+    if rewards.shape[0] != num_tokens:
+        raise ValueError(f"rewards must have shape [{num_tokens}] (one per path), got {tuple(rewards.shape)}")
+    if rewards.device != device:
+        raise ValueError(f"rewards is on {rewards.device} but the routing tree is on {device}")
+    check_finite("rewards", rewards)
+    return rewards
+
+
+def check_routing_step(name: str, step) -> int:
+    """A training step that fits the trie's int32 first_seen / last_seen."""
+    return check_int(name, step, low=0, high=MAX_ROUTING_STEP)
