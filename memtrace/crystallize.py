@@ -1,0 +1,226 @@
+"""Semantic crystallization (SPEC 5.5): motifs, the registry that freezes them, composite experts.
+
+A motif is a chain of experts (start_layer s, (e_s, ..., e_{s+k-1})) that the RoutingTree found
+frequent, useful and stable. The MotifRegistry holds at most `max_motifs` of them (the lowest
+utility is evicted first) and unfreezes those whose utility later falls. A CompositeExpert runs a
+held motif as one module E_{e_k} o ... o E_{e_1}: no router call, one expert per layer.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import _validate as V
+
+__all__ = ["Motif", "MotifRegistry", "CompositeExpert", "check_weights", "motif_flops_saved",
+           "linear_router_flops", "mlp_expert_flops"]
+
+
+@dataclass(frozen=True)
+class Motif:
+    """One routing motif and its SPEC 5.3 statistics at the step it was read."""
+    start_layer: int
+    experts: tuple
+    count: int
+    utility: float
+    entropy: float
+    age: int
+    score: float
+
+    @property
+    def key(self) -> tuple:
+        return (self.start_layer, self.experts)
+
+    @property
+    def length(self) -> int:
+        return len(self.experts)
+
+    @property
+    def layers(self) -> range:
+        return range(self.start_layer, self.start_layer + len(self.experts))
+
+
+def check_weights(weights) -> tuple:
+    """Score weights (w1, w2, w3, w4) of SPEC 5.3: four finite floats."""
+    if not isinstance(weights, (tuple, list)) or len(weights) != 4:
+        raise ValueError(f"weights must be a sequence of 4 floats (w1..w4), got {weights!r}")
+    return tuple(V.check_float(f"weights[{i}]", w) for i, w in enumerate(weights))
+
+
+def _rank(m: Motif) -> tuple:
+    """Candidate order: utility descending, then score descending, then (start_layer, experts)."""
+    return (-m.utility, -m.score, m.start_layer, m.experts)
+
+
+class MotifRegistry:
+    """The crystallized motifs, at most `max_motifs`, best first.
+
+    consider(tree, step, **criteria) adds the tree's candidates (those with score > threshold
+    when a threshold is set) and refreshes the statistics of held motifs that are candidates
+    again; beyond max_motifs the lowest utility is evicted. revalidate(tree, step, min_utility)
+    unfreezes every held motif whose utility fell below min_utility or that the tree lost.
+    """
+
+    def __init__(self, max_motifs: int = 512, weights=(1.0, 1.0, 1.0, 0.0), threshold: float | None = None):
+        self.max_motifs = V.check_int("max_motifs", max_motifs, low=1)
+        self.weights = check_weights(weights)
+        self.threshold = None if threshold is None else V.check_float("threshold", threshold)
+        self._motifs: dict[tuple, Motif] = {}
+
+    def consider(self, tree, step: int | None = None, **criteria) -> list[Motif]:
+        """Add the tree's candidates; return the motifs newly frozen by this call (still held)."""
+        if "weights" in criteria:
+            raise TypeError("consider() takes the registry's weights; pass weights to MotifRegistry()")
+        cands = tree.candidates(step=step, weights=self.weights, **criteria)  # validates; may raise
+        held = dict(self._motifs)
+        for m in cands:
+            if self.threshold is None or m.score > self.threshold:
+                held[m.key] = m
+        ranked = sorted(held.values(), key=_rank)[:self.max_motifs]
+        added = [m for m in ranked if m.key not in self._motifs]
+        self._motifs = {m.key: m for m in ranked}
+        return added
+
+    def revalidate(self, tree, step: int | None = None, min_utility: float = 0.0) -> list[Motif]:
+        """Unfreeze motifs whose utility is now below min_utility; return them."""
+        min_utility = V.check_float("min_utility", min_utility)
+        keep, dropped = {}, []
+        for key, m in self._motifs.items():
+            st = tree.stats(key[0], key[1], step=step)
+            if st is None or st["utility"] < min_utility:
+                dropped.append(m)
+            else:
+                keep[key] = Motif(m.start_layer, m.experts, st["count"], st["utility"], st["entropy"], st["age"],
+                                  self._score(st))
+        self._motifs = keep
+        return dropped
+
+    def _score(self, st: dict) -> float:
+        w1, w2, w3, w4 = self.weights
+        return w1 * math.log(st["count"]) + w2 * st["utility"] - w3 * st["entropy"] + w4 * st["age"]
+
+    @property
+    def motifs(self) -> list[Motif]:
+        return sorted(self._motifs.values(), key=_rank)
+
+    def __len__(self) -> int:
+        return len(self._motifs)
+
+    def __contains__(self, key) -> bool:
+        if isinstance(key, Motif):
+            key = key.key
+        return tuple(key) in self._motifs if isinstance(key, tuple) else False
+
+    def __iter__(self):
+        return iter(self.motifs)
+
+    def get(self, start_layer: int, experts) -> Motif | None:
+        return self._motifs.get((start_layer, tuple(experts)))
+
+    def starting_at(self, layer: int) -> list[Motif]:
+        """Held motifs whose chain starts at `layer`, best first."""
+        return [m for m in self.motifs if m.start_layer == layer]
+
+    def state_dict(self) -> dict:
+        return {"max_motifs": self.max_motifs, "weights": list(self.weights), "threshold": self.threshold,
+                "motifs": [asdict(m) for m in self.motifs]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        other = MotifRegistry(sd["max_motifs"], tuple(sd["weights"]), sd["threshold"])
+        motifs = {}
+        for d in sd["motifs"]:
+            m = Motif(int(d["start_layer"]), tuple(int(e) for e in d["experts"]), int(d["count"]),
+                      float(d["utility"]), float(d["entropy"]), int(d["age"]), float(d["score"]))
+            motifs[m.key] = m
+        if len(motifs) > other.max_motifs:
+            raise ValueError(f"state_dict holds {len(motifs)} motifs, more than max_motifs={other.max_motifs}")
+        self.max_motifs, self.weights, self.threshold = other.max_motifs, other.weights, other.threshold
+        self._motifs = motifs
+
+
+class CompositeExpert(nn.Module):
+    """A crystallized motif as one module: x -> E_{e_k}(... E_{e_1}(x)), no router calls.
+
+    experts_per_layer[l] is layer l's expert list (an nn.ModuleList or any sequence of modules).
+    frozen=True (default) deep-copies the chain's experts and freezes their parameters, so that
+    later training of the live model does not move the crystallized unit; frozen=False shares
+    the live modules. residual=True applies each expert as h + E(h), like a residual MoE block.
+    """
+
+    def __init__(self, experts_per_layer: Sequence[Sequence[nn.Module]], motif, *, frozen: bool = True,
+                 residual: bool = False):
+        super().__init__()
+        start_layer, experts = (motif.start_layer, motif.experts) if isinstance(motif, Motif) else motif
+        start_layer = V.check_int("start_layer", start_layer, low=0)
+        if not isinstance(experts_per_layer, (list, tuple, nn.ModuleList)):
+            raise TypeError("experts_per_layer must be a sequence (one expert list per layer)")
+        experts = tuple(experts)
+        if not experts:
+            raise ValueError("motif must hold at least one expert")
+        if start_layer + len(experts) > len(experts_per_layer):
+            raise ValueError(f"motif spans layers {start_layer}..{start_layer + len(experts) - 1} but only "
+                             f"{len(experts_per_layer)} layers of experts were given")
+        chain = []
+        for i, e in enumerate(experts):
+            layer = experts_per_layer[start_layer + i]
+            e = V.check_int("experts", e, low=0, high=len(layer) - 1)
+            chain.append(layer[e])
+        if frozen:
+            chain = [copy.deepcopy(m) for m in chain]
+            for m in chain:
+                m.requires_grad_(False)
+                m.eval()
+        self.chain = nn.ModuleList(chain)
+        self.start_layer, self.experts = start_layer, experts
+        self.frozen, self.residual = bool(frozen), bool(residual)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        for expert in self.chain:
+            hidden = hidden + expert(hidden) if self.residual else expert(hidden)
+        return hidden
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:  # a crystallized unit stays in eval mode (dropout off, norms fixed)
+            for m in self.chain:
+                m.eval()
+        return self
+
+    def extra_repr(self) -> str:
+        return f"start_layer={self.start_layer}, experts={self.experts}, frozen={self.frozen}"
+
+    def flops_saved(self, *, router_flops: float, expert_flops: float, top_k: int = 1, tokens: int = 1) -> float:
+        return motif_flops_saved(len(self.experts), router_flops=router_flops, expert_flops=expert_flops,
+                                 top_k=top_k, tokens=tokens)
+
+
+def motif_flops_saved(length: int, *, router_flops: float, expert_flops: float, top_k: int = 1,
+                      tokens: int = 1) -> float:
+    """FLOPs a crystallized motif of `length` layers saves per its tokens (seeds' appendix 3.4).
+
+    Routed: every layer calls the router and evaluates top_k experts; crystallized: no router and
+    one expert per layer. Savings = tokens * length * (router_flops + (top_k - 1) * expert_flops).
+    With length 4, top_k 2 and a router costing 0.1 expert this is 4.4 expert evaluations.
+    """
+    length = V.check_int("length", length, low=0)
+    top_k = V.check_int("top_k", top_k, low=1)
+    tokens = V.check_int("tokens", tokens, low=0)
+    router_flops = V.check_float("router_flops", router_flops, low=0.0)
+    expert_flops = V.check_float("expert_flops", expert_flops, low=0.0)
+    return float(tokens * length * (router_flops + (top_k - 1) * expert_flops))
+
+
+def linear_router_flops(d_model: int, num_experts: int) -> float:
+    """Multiply-adds of a linear router (logits = h W, W [d_model, num_experts]) as 2 FLOPs each."""
+    return 2.0 * V.check_int("d_model", d_model, low=1) * V.check_int("num_experts", num_experts, low=1)
+
+
+def mlp_expert_flops(d_model: int, d_hidden: int, gated: bool = False) -> float:
+    """FLOPs of a 2-layer MLP expert per token (3 matrices when gated, as SwiGLU)."""
+    mats = 3 if gated else 2
+    return 2.0 * mats * V.check_int("d_model", d_model, low=1) * V.check_int("d_hidden", d_hidden, low=1)
