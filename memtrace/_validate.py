@@ -187,3 +187,40 @@ MAX_ROUTING_EXPERTS = 32767   # int16 expert ids in the trie
 MAX_ROUTING_LAYERS = 32767
 MAX_ROUTING_DEPTH = 255
 MAX_ROUTING_STEP = 2**31 - 1  # int32 first_seen / last_seen
+
+
+# ---- salience capture (SPEC 3, issue 4) ---------------------------------------------------------
+
+MAX_CAPTURE_CAPACITY = 2**31 - 2   # slots are addressed by int32 (one extra dump slot)
+
+
+def check_capture_threshold(value) -> float:
+    """The capture threshold: a finite float >= 0 (edges with S > threshold are kept)."""
+    return check_float("threshold", value, low=0.0)
+
+
+def check_capture_capacity(value) -> int:
+    """The capture's edge-buffer size: an int in [1, 2^31 - 2]."""
+    return check_int("capacity", value, low=1, high=MAX_CAPTURE_CAPACITY)
+
+
+def check_capture_fill_inputs(q, k, v, lse, dout, bias) -> None:
+    """What a backward hands SalienceCapture._fill: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] as
+    attention takes them, lse float [B, Hq, Tq], dout like q, bias None or a TraceBias built for
+    Hq heads. Shape and device checks only (no device sync)."""
+    check_attention_inputs(q, k, v, scale=None, alpha=0.0)
+    B, Hq, Tq, D = q.shape
+    check_tensor("lse", lse, ndim=3, floating=True)
+    if tuple(lse.shape) != (B, Hq, Tq):
+        raise ValueError(f"lse must have shape {(B, Hq, Tq)}, got {tuple(lse.shape)}")
+    check_tensor("dout", dout, ndim=4, floating=True)
+    if dout.shape != q.shape:
+        raise ValueError(f"dout must have q's shape {tuple(q.shape)}, got {tuple(dout.shape)}")
+    check_same_device(q=q, lse=lse, dout=dout)
+    if bias is not None:
+        if not all(hasattr(bias, name) for name in ("entry_coords", "src_entry", "num_heads")):
+            raise TypeError(f"bias must be a memtrace.TraceBias or None, got {type(bias).__name__}")
+        if bias.num_heads != Hq:
+            raise ValueError(f"bias must be built for {Hq} query heads, got num_heads={bias.num_heads}")
+        if bias.device != q.device:
+            raise ValueError(f"bias is on {bias.device} but q is on {q.device}; all inputs must be on one device")

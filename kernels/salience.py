@@ -1,0 +1,278 @@
+"""Salience capture kernels (SPEC 3): S = mean_b P*|dP| and a = mean_b P, tile by tile.
+
+Two kernels, both reading the backward's inputs directly (nothing of size Tq x Tk is allocated):
+
+``_salience_tile_kernel``  every edge that is NOT a bias entry.
+    Grid (num_q_tiles * num_k_tiles, Hq); program (t, h) owns the query rows
+    [m0, m0 + BLOCK_M) and keys [n0, n0 + BLOCK_N) of query head h (kv head h // group), and
+    loops over the batch inside, so the batch sums of P*|dP| and P stay in registers:
+
+        P  = exp(scale * q_i . k_j - LSE'_i)       (LSE' = biased log-sum-exp of the forward;
+                                                    exact for every edge without a bias entry)
+        dP = dO_i . v_j
+
+    Edges that are bias entries are masked out here (their P carries exp(alpha * b), which this
+    kernel does not know); ``_salience_entry_kernel`` scores them exactly. The tile's candidates
+    (valid, not an entry, S > threshold) are compacted into the edge buffer: one atomic per tile
+    reserves a contiguous run of slots, the rank inside the tile is a row-major exclusive scan.
+
+    PASS = 0  emit into slots [0, capacity) (slots past the end are dropped), count every
+              candidate (cnt[0]), store the tile's largest candidate S (tile_max, -1 if none) and,
+              when HIST, add the tile's candidates to a 4096-bin histogram of their float bits
+              (bits 30..19: exponent and the top 4 mantissa bits, a bin is <= 1/16 relative wide).
+    PASS = 1  histogram only (the overflow path when PASS 0 ran without HIST).
+    PASS = 2  refine (overflow only): with the boundary bin b* (the bin holding the
+              capacity-th strongest candidate) read from ``bound``, write the candidates of bins
+              above b* (the sure winners, fewer than capacity) into the edge buffer from slot 0
+              (cnt[1]) and those of bin b* into a staging buffer (cnt[2]); tiles whose tile_max
+              falls below bin b* are skipped. The host side then picks the strongest of the
+              staging buffer exactly (sort) to fill the remaining slots.
+    PASS 1 and 2 return at once when cnt[0] <= capacity (no overflow), so the host never syncs.
+
+``_salience_entry_kernel``  the bias entries, exactly: grid (cdiv(E, BLOCK_E),); each program
+    gathers q_i, k_j, v_j, dO_i of its entries for every batch element,
+    P' = exp(scale q.k + alpha b - LSE'), S = mean_b P'|dO.v|, a = mean_b P'. Entries outside
+    (Tq, Tk) or masked by causal score 0.
+
+Layouts: q, dout [B, Hq, Tq, D]; k, v [B, Hkv, Tk, D]; lse float32 [B, Hq, Tq] natural log,
+-inf for fully masked rows (P = 0 there); any strides. Outputs are int32 / float32 1-D buffers.
+"""
+import triton
+import triton.language as tl
+
+HIST_BINS = 4096
+HIST_SHIFT = 19          # float32 bits >> 19 -> 12 bits: 8 exponent + 4 mantissa bits
+INDEX_TILE = 128         # bias entries are bucketed by 128 x 128 index tiles
+
+
+@triton.jit
+def _tile_scores(Q, K, V, DO, LSE,
+                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                 sob, soh, som, sod, slb, slh, slm,
+                 h, hk, m0, n0, B, Tq, Tk, qk_scale,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """(sum_b P*|dP|, sum_b P) of one [BLOCK_M, BLOCK_N] tile of head h."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Tq
+    col_ok = offs_n < Tk
+    q_ptrs = Q + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
+    do_ptrs = DO + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+    k_ptrs = K + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+    v_ptrs = V + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
+    lse_ptrs = LSE + h * slh + offs_m * slm
+    acc_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for b in range(B):
+        q = tl.load(q_ptrs + b * sqb, mask=row_ok[:, None], other=0.0)
+        k = tl.load(k_ptrs + b * skb, mask=col_ok[:, None], other=0.0)
+        lse = tl.load(lse_ptrs + b * slb, mask=row_ok, other=float("-inf"))
+        # A fully masked row has lse = -inf: subtract +inf so that P = exp2(-inf) = 0.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        p = tl.exp2(s * qk_scale - lse2[:, None])
+        do = tl.load(do_ptrs + b * sob, mask=row_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs + b * svb, mask=col_ok[:, None], other=0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        acc_a += p
+        acc_s += p * tl.abs(dp)
+    return acc_s, acc_a
+
+
+@triton.jit
+def _emit(cand, S, A, offs_m, offs_n, h, CNT_PTR, limit,
+          OUT_H, OUT_I, OUT_J, OUT_S, OUT_A):
+    """Append the tile's candidates to a buffer: one atomic reserves a run of slots, the rank
+    inside the tile is the row-major exclusive scan of `cand`; slots >= limit are dropped."""
+    c = cand.to(tl.int32)
+    n = tl.sum(tl.sum(c, axis=1), axis=0)
+    if n > 0:
+        base = tl.atomic_add(CNT_PTR, n.to(tl.int64))
+        row_cnt = tl.sum(c, axis=1)
+        row_excl = tl.cumsum(row_cnt, axis=0) - row_cnt
+        rank = row_excl[:, None] + (tl.cumsum(c, axis=1) - c)
+        pos = base + rank.to(tl.int64)
+        keep = cand & (pos < limit)
+        zero = tl.zeros_like(rank)
+        tl.store(OUT_H + pos, zero + h, mask=keep)
+        tl.store(OUT_I + pos, zero + offs_m[:, None], mask=keep)
+        tl.store(OUT_J + pos, zero + offs_n[None, :], mask=keep)
+        tl.store(OUT_S + pos, S, mask=keep)
+        tl.store(OUT_A + pos, A, mask=keep)
+
+
+@triton.jit
+def _add_histogram(S, cand, HIST, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   NUM_BINS: tl.constexpr, SHIFT: tl.constexpr):
+    bins = (S.to(tl.int32, bitcast=True) >> SHIFT)
+    bins = tl.minimum(tl.maximum(bins, 0), NUM_BINS - 1)
+    hist = tl.histogram(tl.reshape(bins, [BLOCK_M * BLOCK_N]), NUM_BINS,
+                        mask=tl.reshape(cand, [BLOCK_M * BLOCK_N]))
+    offs = tl.arange(0, NUM_BINS)
+    tl.atomic_add(HIST + offs, hist, mask=hist > 0)
+
+
+@triton.jit
+def _salience_tile_kernel(
+        Q, K, V, DO, LSE,
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+        sob, soh, som, sod, slb, slh, slm,
+        B, Tq, Tk, group, num_k_tiles, qk_scale, inv_batch, causal_offset, threshold,
+        ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
+        CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
+        STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity,
+        TILE_MAX, HIST, BOUND,
+        PASS: tl.constexpr, HIST_IN_MAIN: tl.constexpr, HAS_ENTRIES: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        PRECISION: tl.constexpr, IDX_TILE: tl.constexpr,
+        NUM_BINS: tl.constexpr, SHIFT: tl.constexpr):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    num_q_tiles = tl.num_programs(0) // num_k_tiles
+    tile_m = pid // num_k_tiles
+    tile_n = pid % num_k_tiles
+    m0 = tile_m * BLOCK_M
+    n0 = tile_n * BLOCK_N
+    tile_id = h * num_q_tiles * num_k_tiles + pid
+    # causal_offset = Tk - Tq when causal, else Tk (nothing masked).
+    live = n0 <= m0 + BLOCK_M - 1 + causal_offset
+    if PASS > 0:
+        overflow = tl.load(CNT) > capacity
+        tmax = tl.load(TILE_MAX + tile_id)
+        live = live & overflow & (tmax > threshold)
+        if PASS == 2:
+            bstar = tl.load(BOUND)
+            tbin = tmax.to(tl.int32, bitcast=True) >> SHIFT
+            live = live & (tbin >= bstar)
+    if live:
+        acc_s, acc_a = _tile_scores(Q, K, V, DO, LSE,
+                                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                                    sob, soh, som, sod, slb, slh, slm,
+                                    h, h // group, m0, n0, B, Tq, Tk, qk_scale,
+                                    BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION)
+        S = acc_s * inv_batch
+        A = acc_a * inv_batch
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
+        valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+        if HAS_ENTRIES:
+            # Entries of the 128 x 128 index tile that holds this tile; usually 0..2 of them.
+            itile = (h * idx_tiles_m + m0 // IDX_TILE) * idx_tiles_n + n0 // IDX_TILE
+            e_lo = tl.load(ENT_OFF + itile)
+            e_hi = tl.load(ENT_OFF + itile + 1)
+            for e in range(e_lo, e_hi):
+                ei = tl.load(ENT_I + e)
+                ej = tl.load(ENT_J + e)
+                valid = valid & ~((offs_m[:, None] == ei) & (offs_n[None, :] == ej))
+        cand = valid & (S > threshold)
+        if PASS == 0:
+            tl.store(TILE_MAX + tile_id, tl.max(tl.max(tl.where(cand, S, -1.0), axis=1), axis=0))
+            _emit(cand, S, A, offs_m, offs_n, h, CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A)
+            if HIST_IN_MAIN:
+                _add_histogram(S, cand, HIST, BLOCK_M, BLOCK_N, NUM_BINS, SHIFT)
+        elif PASS == 1:
+            _add_histogram(S, cand, HIST, BLOCK_M, BLOCK_N, NUM_BINS, SHIFT)
+        else:
+            bins = S.to(tl.int32, bitcast=True) >> SHIFT
+            bstar = tl.load(BOUND)
+            _emit(cand & (bins > bstar), S, A, offs_m, offs_n, h, CNT + 1, capacity,
+                  OUT_H, OUT_I, OUT_J, OUT_S, OUT_A)
+            _emit(cand & (bins == bstar), S, A, offs_m, offs_n, h, CNT + 2, stg_capacity,
+                  STG_H, STG_I, STG_J, STG_S, STG_A)
+
+
+@triton.jit
+def _salience_entry_kernel(
+        Q, K, V, DO, LSE,
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+        sob, soh, som, sod, slb, slh, slm,
+        ENT_H, ENT_I, ENT_J, ENT_VAL, E,
+        B, Tq, Tk, group, qk_scale, alpha_log2, inv_batch, causal_offset,
+        OUT_S, OUT_A,
+        BLOCK_E: tl.constexpr, HEAD_DIM: tl.constexpr):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    in_e = offs_e < E
+    h = tl.load(ENT_H + offs_e, mask=in_e, other=0)
+    i = tl.load(ENT_I + offs_e, mask=in_e, other=0)
+    j = tl.load(ENT_J + offs_e, mask=in_e, other=0)
+    val = tl.load(ENT_VAL + offs_e, mask=in_e, other=0.0)
+    ok = in_e & (i < Tq) & (j < Tk) & (j <= i + causal_offset)
+    i = tl.where(ok, i, 0)
+    j = tl.where(ok, j, 0)
+    h = tl.where(ok, h, 0)
+    hk = h // group
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = Q + (h * sqh + i * sqm)[:, None] + offs_d[None, :] * sqd
+    do_ptrs = DO + (h * soh + i * som)[:, None] + offs_d[None, :] * sod
+    k_ptrs = K + (hk * skh + j * skn)[:, None] + offs_d[None, :] * skd
+    v_ptrs = V + (hk * svh + j * svn)[:, None] + offs_d[None, :] * svd
+    lse_ptrs = LSE + h * slh + i * slm
+    acc_s = tl.zeros([BLOCK_E], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for b in range(B):
+        q = tl.load(q_ptrs + b * sqb, mask=ok[:, None], other=0.0).to(tl.float32)
+        k = tl.load(k_ptrs + b * skb, mask=ok[:, None], other=0.0).to(tl.float32)
+        do = tl.load(do_ptrs + b * sob, mask=ok[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptrs + b * svb, mask=ok[:, None], other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptrs + b * slb, mask=ok, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        logit2 = tl.sum(q * k, axis=1) * qk_scale + val * alpha_log2
+        p = tl.exp2(logit2 - lse2)
+        dp = tl.sum(do * v, axis=1)
+        acc_a += p
+        acc_s += p * tl.abs(dp)
+    tl.store(OUT_S + offs_e, tl.where(ok, acc_s * inv_batch, 0.0), mask=in_e)
+    tl.store(OUT_A + offs_e, tl.where(ok, acc_a * inv_batch, 0.0), mask=in_e)
+
+
+def _strides(t, ndim):
+    s = list(t.stride())
+    return s + [0] * (ndim - len(s))
+
+
+def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offset, entries, cnt,
+                 capacity, out, staging, stg_capacity, tile_max, hist, bound, config, precision,
+                 hist_in_main):
+    """Launch `_salience_tile_kernel` for one pass. `entries` = (off, i, j, tiles_m, tiles_n) or
+    None; `out`/`staging` = (h, i, j, S, a) buffers; config = (BLOCK_M, BLOCK_N, warps, stages)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    bm, bn, warps, stages = config
+    num_k_tiles = triton.cdiv(Tk, bn)
+    grid = (triton.cdiv(Tq, bm) * num_k_tiles, Hq)
+    if entries is None:
+        ent_off = ent_i = ent_j = cnt
+        tiles_m = tiles_n = 1
+    else:
+        ent_off, ent_i, ent_j, tiles_m, tiles_n = entries
+    _salience_tile_kernel[grid](
+        q, k, v, dout, lse,
+        *_strides(q, 4), *_strides(k, 4), *_strides(v, 4), *_strides(dout, 4), *_strides(lse, 3),
+        B, Tq, Tk, Hq // Hkv, num_k_tiles, qk_scale, 1.0 / B, causal_offset, threshold,
+        ent_off, ent_i, ent_j, tiles_m, tiles_n,
+        cnt, capacity, *out, *staging, stg_capacity, tile_max, hist, bound,
+        PASS=pass_, HIST_IN_MAIN=hist_in_main, HAS_ENTRIES=entries is not None,
+        BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, PRECISION=precision, IDX_TILE=INDEX_TILE,
+        NUM_BINS=HIST_BINS, SHIFT=HIST_SHIFT, num_warps=warps, num_stages=stages)
+
+
+def launch_entries(q, k, v, dout, lse, ent_h, ent_i, ent_j, ent_val, out_s, out_a, *, qk_scale,
+                   alpha_log2, causal_offset, block_e=32, num_warps=4):
+    """Score every sorted bias entry exactly (see `_salience_entry_kernel`)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    E = ent_h.shape[0]
+    if E == 0:
+        return
+    grid = (triton.cdiv(E, block_e),)
+    _salience_entry_kernel[grid](
+        q, k, v, dout, lse,
+        *_strides(q, 4), *_strides(k, 4), *_strides(v, 4), *_strides(dout, 4), *_strides(lse, 3),
+        ent_h, ent_i, ent_j, ent_val, E,
+        B, Tq, Tk, Hq // Hkv, qk_scale, alpha_log2, 1.0 / B, causal_offset,
+        out_s, out_a, BLOCK_E=block_e, HEAD_DIM=D, num_warps=num_warps)

@@ -1,0 +1,359 @@
+"""SalienceCapture: the salience S and mean attention a of SPEC 3, filled by the backward pass.
+
+    P[b,h,i,j]  = biased softmax probabilities of the forward pass
+    dP[b,h,i,j] = dO[b,h,i,:] . V[b,h//g,j,:]
+    S[h,i,j]    = mean_b P*|dP|            a[h,i,j] = mean_b P
+
+What a filled capture holds (everything on the inputs' device, nothing of size Tq x Tk):
+
+``edges``        (head int32, q_idx int32, k_idx int32, S float32, a float32), each [capacity]:
+                 the threshold edges, i.e. every edge with S > threshold that is NOT an entry of
+                 the bias passed, unique, sorted by (head, q_idx, k_idx); slots past
+                 ``num_edges`` are zero. Bias entries are never listed here: they are scored
+                 exactly in ``bias_scores`` (so the memory's rule "an edge's score is its bias
+                 score if it is a bias entry, else its threshold-edge value" sees one value per
+                 edge).
+``num_edges``    int32 0-d device tensor, the number of valid leading slots.
+``bias_scores``  (S float32 [nnz], a float32 [nnz]) aligned with the bias's COO (user) order
+                 (duplicates get the score of their merged entry; entries outside the call's
+                 (Tq, Tk) or masked by causal get 0), or None without a bias.
+``stats``        dict of device tensors: num_candidates (int64, edges over the threshold before
+                 truncation), overflow (bool, num_candidates > capacity), kept_min_salience
+                 (float32, the smallest kept S, 0 when nothing is kept), exact (bool, see below).
+
+Overflow guarantee. When more than ``capacity`` edges exceed the threshold, the capture keeps the
+``capacity`` strongest: every kept edge has S >= every dropped edge's S, ties at the cut broken
+towards the smaller (head, q_idx, k_idx). This is exact as long as the candidates that fall into
+the histogram bin of the cut (a bin spans < 1/16 relative: float bits 30..19) fit in the
+``capacity``-slot staging buffer; stats["exact"] says so. Otherwise the cut is still within that
+bin: every kept S >= every dropped S / (1 + 1/16).
+
+How (CUDA, or the Triton interpreter on the CPU with TRITON_INTERPRET=1): one fused pass
+(kernels/salience.py) computes S and a tile by tile with the batch loop inside, appends the
+candidates to the buffer (one atomic per tile), counts them, records each tile's largest S and a
+4096-bin histogram of the candidates' float bits. Only on overflow (decided on the device: the
+later kernels exit at once otherwise, the host never syncs) a second pass recomputes the tiles
+that can hold winners, writes the candidates above the cut bin directly and those inside it to a
+staging buffer, whose strongest are then picked by a sort. Bias entries are scored by a separate
+gather kernel, O(entries x batch x head_dim). Without CUDA and without the interpreter the dense
+float64 reference (memtrace.reference.salience) fills the same fields.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from . import _validate as V
+
+__all__ = ["SalienceCapture", "DEFAULT_CAPACITY"]
+
+DEFAULT_CAPACITY = 1 << 17
+LOG2E = 1.4426950408889634
+_INT64_MAX = torch.iinfo(torch.int64).max
+
+# Tile configuration (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim on CUDA; not autotuned
+# on purpose: the kernel appends with atomics, so timing reruns would corrupt the counters, and
+# every pass of one fill must use the same tiles (tile_max is indexed by tile).
+_CUDA_CONFIGS = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3),
+                 128: (128, 64, 8, 2), 256: (64, 64, 8, 1)}
+_INTERPRETER_CONFIG = (32, 32, 4, 1)
+_CONFIG_OVERRIDE = None      # set by benchmarks / tests to try other tiles
+_HIST_IN_MAIN = True         # histogram in the main pass (else a histogram pass runs on overflow)
+
+
+def _use_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class SalienceCapture:
+    """Collects salience edges during the backward of `memtrace.biased_attention(..., capture=)`.
+
+    threshold: edges with S > threshold are kept (a finite float >= 0).
+    capacity:  the size of the bounded edge buffer; on overflow the strongest are kept.
+    """
+
+    def __init__(self, threshold: float = 0.0, capacity: int = DEFAULT_CAPACITY):
+        self.threshold = threshold
+        self.capacity = V.check_capture_capacity(capacity)
+        self._clear()
+
+    # -- parameters --------------------------------------------------------------------------------
+    @property
+    def threshold(self) -> float:
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value) -> None:
+        self._threshold = V.check_capture_threshold(value)
+
+    def _clear(self) -> None:
+        self._edges = None
+        self._num_edges = None
+        self._bias_scores = None
+        self._stats = None
+        self.bias = None
+        self.num_heads = None
+        self.seq_len_q = None
+        self.seq_len_k = None
+
+    # -- results -----------------------------------------------------------------------------------
+    @property
+    def filled(self) -> bool:
+        return self._edges is not None
+
+    def _need_filled(self):
+        if self._edges is None:
+            raise RuntimeError("SalienceCapture has not been filled yet: pass it as capture= to "
+                               "memtrace.biased_attention and back-propagate the output")
+
+    @property
+    def edges(self):
+        self._need_filled()
+        return self._edges
+
+    @property
+    def num_edges(self) -> torch.Tensor:
+        self._need_filled()
+        return self._num_edges
+
+    @property
+    def bias_scores(self):
+        self._need_filled()
+        return self._bias_scores
+
+    @property
+    def stats(self) -> dict:
+        self._need_filled()
+        return self._stats
+
+    def valid_edges(self):
+        """The valid edges as (head, q_idx, k_idx, S, a), trimmed (one host sync; not for hot loops)."""
+        n = int(self.num_edges)
+        return tuple(t[:n] for t in self.edges)
+
+    def __repr__(self) -> str:
+        state = "filled" if self.filled else "empty"
+        return f"SalienceCapture(threshold={self.threshold}, capacity={self.capacity}, {state})"
+
+    # -- filling (called by the attention backward) -------------------------------------------------
+    @torch.no_grad()
+    def _fill(self, q, k, v, out, lse, dout, bias, entry_values, *, causal=False, scale=None, alpha=1.0):
+        """Fill from the backward's tensors. out / lse: the BIASED forward output and natural-log
+        log-sum-exp (float32 [B, Hq, Tq], -inf on fully masked rows); dout: the output gradient;
+        bias: TraceBias or None; entry_values: bias.entry_values() or None."""
+        V.check_capture_fill_inputs(q, k, v, lse, dout, bias)
+        B, Hq, Tq, D = q.shape
+        Tk = k.shape[2]
+        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        alpha = float(alpha)
+        if bias is not None and entry_values is None:
+            entry_values = bias.entry_values()
+        if q.is_cuda or (_use_interpreter() and q.dtype != torch.float64):
+            if q.is_cuda:
+                with torch.cuda.device(q.device):
+                    result = _fill_triton(self, q, k, v, lse, dout, bias, entry_values, causal, scale, alpha)
+            else:
+                result = _fill_triton(self, q, k, v, lse, dout, bias, entry_values, causal, scale, alpha)
+        else:
+            result = _fill_dense(self, q, k, v, dout, bias, causal, scale, alpha)
+        self._edges, self._num_edges, self._bias_scores, self._stats = result
+        self.bias = bias
+        self.num_heads, self.seq_len_q, self.seq_len_k = Hq, Tq, Tk
+
+
+# ---- shared helpers ------------------------------------------------------------------------------
+
+def _sort_edges(buffers, num_edges, capacity, Tq, Tk):
+    """Order the first `num_edges` slots by (head, q, k) and zero the rest (device-only)."""
+    h, i, j, s, a = (t[:capacity] for t in buffers)
+    slot = torch.arange(capacity, device=h.device)
+    valid = slot < num_edges
+    key = (h.long() * Tq + i.long()) * Tk + j.long()
+    key = torch.where(valid, key, torch.full_like(key, _INT64_MAX))
+    _, perm = torch.sort(key)
+    out = []
+    for t in (h, i, j, s, a):
+        t = t[perm]
+        out.append(torch.where(valid, t, torch.zeros_like(t)))
+    return tuple(out)
+
+
+def _make_stats(edges, num_edges, num_candidates, capacity, exact):
+    S = edges[3]
+    slot = torch.arange(S.shape[0], device=S.device)
+    kept = torch.where(slot < num_edges, S, torch.full_like(S, float("inf"))).min() if S.numel() else \
+        torch.tensor(float("inf"), device=S.device)
+    kept = torch.where(num_edges > 0, kept, torch.zeros_like(kept))
+    return {"num_candidates": num_candidates, "overflow": num_candidates > capacity,
+            "kept_min_salience": kept, "exact": exact}
+
+
+# ---- Triton path (CUDA or interpreter) ------------------------------------------------------------
+
+def _config(D, device):
+    if _CONFIG_OVERRIDE is not None:
+        return _CONFIG_OVERRIDE
+    if device.type == "cuda":
+        return _CUDA_CONFIGS[D]
+    return _INTERPRETER_CONFIG
+
+
+def _entry_tiles(bias, Hq, Tq, Tk, index_tile):
+    """Sorted bias entries bucketed by (head, i // 128, j // 128) index tiles, for the tile
+    kernel's 'is this edge an entry' test: (offsets int32 [tiles+1], i int32, j int32, tm, tn)."""
+    h, i, j = bias.entry_coords()
+    tiles_m = -(-Tq // index_tile)
+    tiles_n = -(-Tk // index_tile)
+    n_tiles = Hq * tiles_m * tiles_n
+    inside = (i < Tq) & (j < Tk)
+    tile = (h * tiles_m + i // index_tile) * tiles_n + j // index_tile
+    tile = torch.where(inside, tile, torch.full_like(tile, n_tiles))
+    tile_sorted, perm = torch.sort(tile, stable=True)
+    offsets = torch.searchsorted(tile_sorted, torch.arange(n_tiles + 1, device=h.device)).to(torch.int32)
+    return offsets, i[perm].to(torch.int32), j[perm].to(torch.int32), tiles_m, tiles_n
+
+
+def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alpha):
+    from memtrace.kernels import salience as K
+
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
+    device = q.device
+    capacity = cap.capacity
+    threshold = cap.threshold
+    config = _config(D, device)
+    bm, bn = config[0], config[1]
+    if q.dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        precision = "tf32"
+    else:
+        precision = "ieee"
+    qk_scale = scale * LOG2E
+    causal_offset = (Tk - Tq) if causal else Tk
+    lse = lse.float() if lse.dtype != torch.float32 else lse
+
+    cnt = torch.zeros(3, dtype=torch.int64, device=device)           # candidates, winners, staged
+    i32 = dict(dtype=torch.int32, device=device)
+    f32 = dict(dtype=torch.float32, device=device)
+    out = (torch.zeros(capacity + 1, **i32), torch.zeros(capacity + 1, **i32),
+           torch.zeros(capacity + 1, **i32), torch.zeros(capacity + 1, **f32),
+           torch.zeros(capacity + 1, **f32))
+    staging = tuple(torch.empty_like(t) for t in out)
+    n_tiles = Hq * (-(-Tq // bm)) * (-(-Tk // bn))
+    tile_max = torch.full((n_tiles,), -1.0, **f32)
+    hist = torch.zeros(K.HIST_BINS, **i32)
+    bound = torch.zeros(1, **i32)
+    entries = None
+    if bias is not None and bias.nnz > 0:
+        entries = _entry_tiles(bias, Hq, Tq, Tk, K.INDEX_TILE)
+
+    common = dict(threshold=threshold, qk_scale=qk_scale, causal_offset=causal_offset,
+                  entries=entries, cnt=cnt, capacity=capacity, out=out, staging=staging,
+                  stg_capacity=capacity, tile_max=tile_max, hist=hist, bound=bound, config=config,
+                  precision=precision, hist_in_main=_HIST_IN_MAIN)
+    K.launch_tiles(0, q, k, v, dout, lse, **common)
+    if not _HIST_IN_MAIN:
+        K.launch_tiles(1, q, k, v, dout, lse, **common)
+    # The cut bin b*: the bin (from the top) where the cumulative count reaches capacity.
+    from_top = torch.cumsum(hist.flip(0).to(torch.int64), 0)
+    r = torch.searchsorted(from_top, torch.full((1,), capacity, dtype=torch.int64, device=device))
+    r = r.clamp(max=K.HIST_BINS - 1)
+    bound.copy_((K.HIST_BINS - 1 - r).to(torch.int32))
+    K.launch_tiles(2, q, k, v, dout, lse, **common)
+
+    overflow = cnt[0] > capacity
+    winners = cnt[1]
+    staged = cnt[2].clamp(max=capacity)
+    _merge_staging(out, staging, winners, staged, overflow, capacity, Tq, Tk)
+    num_edges = torch.clamp(cnt[0], max=capacity).to(torch.int32)
+    edges = _sort_edges(out, num_edges, capacity, Tq, Tk)
+    exact = ~overflow | (cnt[2] <= capacity)
+    stats = _make_stats(edges, num_edges, cnt[0].clone(), capacity, exact)
+
+    bias_scores = None
+    if bias is not None:
+        bias_scores = _score_entries_triton(q, k, v, lse, dout, bias, entry_values, scale, alpha,
+                                            causal_offset)
+    return edges, num_edges, bias_scores, stats
+
+
+def _merge_staging(out, staging, winners, staged, overflow, capacity, Tq, Tk):
+    """On overflow: slots [winners, capacity) get the strongest staged edges (S descending, ties
+    by the smaller (head, q, k)); without overflow nothing moves (all on the device)."""
+    device = out[0].device
+    slot = torch.arange(capacity, device=device)
+    h, i, j, s, a = (t[:capacity] for t in staging)
+    live = slot < staged
+    key = (h.long() * Tq + i.long()) * Tk + j.long()
+    key = torch.where(live, key, torch.full_like(key, _INT64_MAX))
+    _, by_key = torch.sort(key, stable=True)
+    s_by_key = torch.where(live, s, torch.full_like(s, -1.0))[by_key]
+    _, by_s = torch.sort(-s_by_key, stable=True)
+    perm = by_key[by_s]
+    need = torch.where(overflow, capacity - winners, torch.zeros_like(winners))
+    take = slot < torch.minimum(need, staged)
+    dest = torch.where(take, winners + slot, torch.full_like(slot, capacity))   # capacity: dump slot
+    for dst, src in zip(out, (h, i, j, s, a)):
+        dst.scatter_(0, dest, src[perm])
+
+
+def _score_entries_triton(q, k, v, lse, dout, bias, entry_values, scale, alpha, causal_offset):
+    from memtrace.kernels import salience as K
+
+    h, i, j = bias.entry_coords()
+    E = h.shape[0]
+    S_sorted = torch.zeros(E, dtype=torch.float32, device=q.device)
+    a_sorted = torch.zeros(E, dtype=torch.float32, device=q.device)
+    K.launch_entries(q, k, v, dout, lse, h.to(torch.int32), i.to(torch.int32), j.to(torch.int32),
+                     entry_values.detach().float().contiguous(), S_sorted, a_sorted,
+                     qk_scale=scale * LOG2E, alpha_log2=alpha * LOG2E, causal_offset=causal_offset)
+    src = bias.src_entry.long()
+    return S_sorted[src], a_sorted[src]
+
+
+# ---- dense reference path (CPU without the interpreter, float64) ---------------------------------
+
+def _fill_dense(cap, q, k, v, dout, bias, causal, scale, alpha):
+    from memtrace import reference as R
+
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
+    device = q.device
+    capacity = cap.capacity
+    dense_bias = None
+    if bias is not None:
+        dense_bias = R.dense_bias(bias.head, bias.q_idx, bias.k_idx, bias.value.detach(), Hq, Tq, Tk)
+    S, a = R.salience(q.double(), k.double(), v.double(), dout.double(), dense_bias,
+                      causal=causal, scale=scale, alpha=alpha)
+    cand = S > cap.threshold
+    if bias is not None:
+        inside = (bias.q_idx < Tq) & (bias.k_idx < Tk)
+        is_entry = torch.zeros_like(cand)
+        is_entry[bias.head[inside], bias.q_idx[inside], bias.k_idx[inside]] = True
+        cand &= ~is_entry
+    h, i, j = torch.nonzero(cand, as_tuple=True)          # row-major: sorted by (h, i, j)
+    vals = S[h, i, j]
+    n_cand = h.shape[0]
+    if n_cand > capacity:
+        order = torch.sort(-vals, stable=True).indices[:capacity]   # ties: smaller key first
+        h, i, j = h[order], i[order], j[order]
+    n = min(n_cand, capacity)
+    buffers = [torch.zeros(capacity, dtype=torch.int32, device=device) for _ in range(3)]
+    buffers += [torch.zeros(capacity, dtype=torch.float32, device=device) for _ in range(2)]
+    for dst, src in zip(buffers, (h, i, j, S[h, i, j], a[h, i, j])):
+        dst[:n] = src.to(dst.dtype)
+    num_edges = torch.tensor(n, dtype=torch.int32, device=device)
+    edges = _sort_edges(buffers, num_edges, capacity, Tq, Tk)
+    num_candidates = torch.tensor(n_cand, dtype=torch.int64, device=device)
+    stats = _make_stats(edges, num_edges, num_candidates, capacity, torch.tensor(True, device=device))
+    bias_scores = None
+    if bias is not None:
+        inside = (bias.q_idx < Tq) & (bias.k_idx < Tk)
+        hh = torch.where(inside, bias.head, 0)
+        ii = torch.where(inside, bias.q_idx, 0)
+        jj = torch.where(inside, bias.k_idx, 0)
+        zero = torch.zeros((), dtype=S.dtype, device=device)
+        bias_scores = (torch.where(inside, S[hh, ii, jj], zero).float(),
+                       torch.where(inside, a[hh, ii, jj], zero).float())
+    return edges, num_edges, bias_scores, stats
