@@ -1,0 +1,573 @@
+"""Flash attention in Triton with the sparse trace-bias correction fused into the epilogues.
+
+    logits = scale * q k^T + alpha * M     (M a memtrace.bias.TraceBias; causal bottom-right)
+    out = softmax(logits) v,  lse = logsumexp(logits)  (natural log; -inf and out 0 when masked)
+
+The dense loops never look at the bias (a tile loop with bias work inside fell from 478 to 251
+TFLOP/s): the forward runs plain flash attention over its row block, then folds in the entries of
+those rows with the exact identity of kernels/correction.py. The backward is the standard flash
+backward fed O', LSE' plus the entry terms, in the epilogue of the dQ program (by query block,
+also dvalues) and of the dK/dV program (by key block, all GQA heads of the kv head, so no
+atomics).
+
+Layouts: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] (any strides, unit stride along D is made if
+missing), Hq % Hkv == 0, query head h reads kv head h // (Hq // Hkv). D in 16..256 (powers of 2).
+
+Cancellation: where the corrected normaliser 1 + sum w of a row falls under
+CANCEL_THRESHOLD, the forward recomputes its row block with the bias applied inside the tile
+loop (a slow path taken only by such blocks), so out and lse stay accurate. The backward
+detects the same rows from LSE' (an entry whose unbiased probability exp(s - LSE') exceeds
+1/CANCEL_THRESHOLD) and recomputes those row blocks with the bias in the loop too; see
+_flag_rows_kernel.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .correction import (CANCEL_THRESHOLD, INTERPRET, LOG2E, LN2, _block_range, _check_common,
+                         _dkdv_entries, _dq_entries, _fwd_entries, _last_dim_contiguous,
+                         dot_precision)
+
+__all__ = ["flash_fwd", "flash_bwd"]
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi,
+               offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2,
+               CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    """Online-softmax over key blocks [lo, hi). MASKED: the blocks may hold keys >= Tk or keys
+    hidden by causal; otherwise every key is visible to every row and no mask is applied."""
+    for n0 in range(lo, hi, BLOCK_N):
+        n0 = tl.multiple_of(n0, BLOCK_N)
+        cols = n0 + offs_n
+        if MASKED:
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=(cols < Tk)[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :])
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if MASKED:
+            valid = (cols < Tk)[None, :]
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= offs_m[:, None] + causal_off)
+            qk = tl.where(valid, qk * qk_scale2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+            p = tl.math.exp2(qk - m_use[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale2)
+            m_use = m_new
+            p = tl.math.exp2(qk * qk_scale2 - m_use[:, None])
+        corr = tl.math.exp2(m_i - m_use)
+        l_i = l_i * corr + tl.sum(p, 1)
+        acc = acc * corr[:, None]
+        if MASKED:
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=(cols < Tk)[:, None], other=0.0)
+        else:
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _bias_tile(offs_m, cols, e_lo, e_hi, EntryPos, EntryVal, Tq, Tk, alpha2,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """[BM, BN] alpha*M (log2 units) for rows offs_m and keys cols, from the row block's entries
+    e_lo..e_hi (sorted by (i, j)): a one-hot product R @ C per chunk, in IEEE fp32 (exact).
+    Slow; used only by the cancellation path."""
+    tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for e0 in range(e_lo, e_hi, CHUNK):
+        offs_e = e0 + tl.arange(0, CHUNK)
+        in_range = offs_e < e_hi
+        pos = tl.load(EntryPos + offs_e, mask=in_range, other=0)
+        val = tl.load(EntryVal + offs_e, mask=in_range, other=0.0)
+        i_e = (pos >> 16) & 0xFFFF
+        j_e = pos & 0xFFFF
+        rows = tl.where((offs_m[:, None] == i_e[None, :]) & in_range[None, :], (val * alpha2)[None, :], 0.0)
+        hits = tl.where(j_e[:, None] == cols[None, :], 1.0, 0.0)
+        tile = tl.dot(rows, hits, tile, input_precision="ieee")
+    return tile
+
+
+@triton.jit
+def _fwd_biased_rows(q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                     e_lo, e_hi, EntryPos, EntryVal, Tq, Tk, causal_off, hi, qk_scale2, alpha2,
+                     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Biased attention of a row block with the bias inside the tile loop: (acc/l, lse2)."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for n0 in range(0, hi, BLOCK_N):
+        cols = n0 + offs_n
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=(cols < Tk)[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale2
+        qk += _bias_tile(offs_m, cols, e_lo, e_hi, EntryPos, EntryVal, Tq, Tk, alpha2, BLOCK_M, BLOCK_N, CHUNK)
+        valid = (cols < Tk)[None, :]
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= offs_m[:, None] + causal_off)
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_use[:, None])
+        corr = tl.math.exp2(m_i - m_use)
+        l_i = l_i * corr + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=(cols < Tk)[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * corr[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    lse2 = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+    return acc / l_safe[:, None], lse2
+
+
+def _fwd_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    cfgs = []
+    for bm, bn, w, s in [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
+                         (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 32, 4, 3)]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
+    return cfgs
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    D = kwargs["HEAD_DIM"]
+    keep = [c for c in configs if not (D >= 256 and c.kwargs["BLOCK_N"] > 64)]
+    return keep or configs[:1]
+
+
+@triton.autotune(configs=_fwd_configs(), key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC"],
+                 prune_configs_by={"early_config_prune": _prune_fwd})
+@triton.jit
+def _flash_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
+                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                      Hq, GROUP, Tq, Tk, TqMax, causal_off, qk_scale2, alpha2, cancel_tol,
+                      TQ_KEY, TK_KEY,
+                      HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Out [B,Hq,Tq,D], Lse [B*Hq, Tq] (natural) of biased attention.
+
+    Grid (cdiv(Tq, BLOCK_M), B*Hq). A program owns rows [m0, m0+BLOCK_M) of (b, h): the key
+    blocks every row sees fully run unmasked, the diagonal/tail blocks masked; then the entries of
+    those rows are folded in (HAS_BIAS). Flags[bh, pid_m] = 1 where the block took the
+    cancellation path.
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    hk = (h // GROUP).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=(offs_m < Tq)[:, None], other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(Tk, m0 + BLOCK_M + causal_off), 0)      # keys any row sees
+        full = tl.maximum(tl.minimum(Tk, m0 + 1 + causal_off), 0)         # keys every row sees
+    else:
+        hi = Tk
+        full = Tk
+    full = (full // BLOCK_N) * BLOCK_N
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, 0, full,
+                               offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2,
+                               CAUSAL, False, BLOCK_N, DOT_PREC)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full, hi,
+                               offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2,
+                               CAUSAL, True, BLOCK_N, DOT_PREC)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse2 = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+    if HAS_BIAS:
+        e_lo, e_hi = _block_range(QOffsets, h, m0, tl.minimum(m0 + BLOCK_M, Tq), TqMax)
+        den = tl.full([BLOCK_M], 1.0, tl.float32)
+        c2 = tl.zeros([BLOCK_M], tl.float32)
+        acc, den, c2 = _fwd_entries(acc, den, c2, q, lse2, offs_m, e_lo, e_hi, EntryPos, EntryVal,
+                                    k_base, v_base, stride_kn, stride_vn, offs_d,
+                                    Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC)
+        # 1 + sum w = den * 2^c2; under the threshold the identity has cancelled
+        cancelled = (den < cancel_tol * tl.math.exp2(-c2)) & (offs_m < Tq)
+        n_cancel = tl.sum(cancelled.to(tl.int32), 0)
+        acc = acc / den[:, None]
+        lse2 = lse2 + c2 + tl.math.log2(den)
+        if n_cancel > 0:
+            acc, lse2 = _fwd_biased_rows(q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                                         e_lo, e_hi, EntryPos, EntryVal, Tq, Tk, causal_off, hi,
+                                         qk_scale2, alpha2, CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, CHUNK,
+                                         DOT_PREC)
+        tl.store(Flags + bh * tl.num_programs(0) + pid_m, n_cancel)
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             acc.to(Out.dtype.element_ty), mask=(offs_m < Tq)[:, None])
+    tl.store(Lse + bh.to(tl.int64) * Tq + offs_m, lse2 * 0.6931471805599453, mask=offs_m < Tq)
+
+
+def _len_key(t):
+    """Autotune bucket for a sequence length (so every length does not retune)."""
+    return 1 << max(0, (int(t) - 1).bit_length())
+
+
+def flash_fwd(q, k, v, bias=None, entry_values=None, *, causal: bool, scale: float, alpha: float,
+              allow_tf32: bool = False, chunk: int = 32):
+    """Biased flash attention forward.
+
+    q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D] (fp16/bf16/fp32, same dtype); bias a TraceBias for Hq heads
+    (or None), entry_values = bias.entry_values() (float32 [E]). Returns (out [B,Hq,Tq,D] in
+    q.dtype, lse [B,Hq,Tq] float32 natural log, -inf on fully masked rows). fp32 inputs use IEEE
+    dots unless allow_tf32.
+    """
+    B, Hq, Hkv, Tq, Tk, D = _check_common(q, k, v, bias)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    if scale < 0:  # the kernels assume a positive logit scale; fold the sign into q
+        q, scale = -q, -scale
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    has_bias = bias is not None and bias.nnz > 0
+    if has_bias:
+        if entry_values is None:
+            entry_values = bias.entry_values()
+        ep, qo, tq_max = bias.entry_pos, bias.q_offsets, bias.seq_len_q
+        flags = torch.empty((B * Hq, Tq), dtype=torch.int32, device=q.device)  # >= blocks
+    else:
+        ep = qo = flags = torch.empty(1, dtype=torch.int32, device=q.device)
+        entry_values = torch.empty(1, dtype=torch.float32, device=q.device)
+        tq_max = 1
+
+    def grid(meta):
+        return (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)
+
+    _flash_fwd_kernel[grid](
+        q, k, v, out, lse, ep, entry_values, qo, flags,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        Hq, Hq // Hkv, Tq, Tk, tq_max, Tk - Tq, scale * LOG2E, alpha * LOG2E, CANCEL_THRESHOLD,
+        _len_key(Tq), _len_key(Tk),
+        HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, CHUNK=chunk,
+        DOT_PREC=dot_precision(q.dtype, allow_tf32))
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_pre_kernel(Out, DO, Lse, Delta, Lse2,
+                    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+                    stride_lb, stride_lh, stride_lm, Hq, Tq,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Delta = rowsum(dO * O'), Lse2 = LSE' * log2(e) with +inf on fully masked rows (so every
+    probability of such a row is exp2(s - inf) = 0 without a mask). Both [B*Hq, Tq] float32.
+    Grid (cdiv(Tq, BLOCK_M), B*Hq)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = (offs_m < Tq)[:, None]
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], mask=rows, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=rows, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m * stride_lm, mask=offs_m < Tq, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    tl.store(Delta + bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
+    tl.store(Lse2 + bh.to(tl.int64) * Tq + offs_m, lse2, mask=offs_m < Tq)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                lo, hi, offs_n, offs_mb, offs_d, Tq, causal_off, qk_scale2,
+                CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    """dK (unscaled), dV of one key block over query blocks [lo, hi) of one head. MASKED applies
+    the causal mask (query rows past Tq need none: their lse2 is +inf and dO 0)."""
+    for m0 in range(lo, hi, BLOCK_M):
+        m0 = tl.multiple_of(m0, BLOCK_M)
+        rows = m0 + offs_mb
+        rmask = rows < Tq
+        q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        lse2 = tl.load(lse_base + rows, mask=rmask, other=float("inf"))
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)                 # [BN, BM]
+        pT = tl.math.exp2(qkT * qk_scale2 - lse2[None, :])
+        if MASKED:
+            pT = tl.where(rows[None, :] + causal_off >= offs_n[:, None], pT, 0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_biased_rows(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                      m0, offs_n, offs_mb, offs_d, e_lo, e_hi, EntryPos, EntryVal, Tq, Tk, causal_off,
+                      qk_scale2, alpha2, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dK/dV contribution of cancelling query rows [m0, m0+BLOCK_M), with the bias in the tile
+    (lse_base holds the true LSE' for these rows, in log2 units)."""
+    rows = m0 + offs_mb
+    rmask = rows < Tq
+    q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    lse2 = tl.load(lse_base + rows, mask=rmask, other=float("inf"))
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale2
+    qk += _bias_tile(rows, offs_n, e_lo, e_hi, EntryPos, EntryVal, Tq, Tk, alpha2, BLOCK_M, BLOCK_N, CHUNK)
+    valid = (offs_n < Tk)[None, :]
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= rows[:, None] + causal_off)
+    p = tl.where(valid, tl.math.exp2(qk - lse2[:, None]), 0.0)                  # [BM, BN]
+    do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    dv = tl.dot(tl.trans(p).to(do.dtype), do, dv, input_precision=DOT_PREC)
+    delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    dk = tl.dot(tl.trans(ds).to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+def _bwd_configs(kind):
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    if kind == "dkdv":
+        shapes = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4),
+                  (64, 128, 4, 2)]
+    else:
+        shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4),
+                  (128, 64, 4, 2)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    D = kwargs["HEAD_DIM"]
+    keep = [c for c in configs if not (D >= 256 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
+    return keep or configs[-1:]
+
+
+@triton.autotune(configs=_bwd_configs("dkdv"), key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC"],
+                 prune_configs_by={"early_config_prune": _prune_bwd}, reset_to_zero=[])
+@triton.jit
+def _flash_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta,
+                           EntryPos, EntryVal, KOrder, KOffsets, QOffsets, Flags,
+                           stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                           stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                           stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                           Hq, Hkv, GROUP, Tq, Tk, TqMax, TkMax, causal_off, scale, qk_scale2, alpha2,
+                           TQ_KEY, TK_KEY,
+                           HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """DK, DV [B,Hkv,Tk,D] for keys [n0, n0+BLOCK_N) of (b, kv head).
+
+    Grid (cdiv(Tk, BLOCK_N), B*Hkv). Loops over the GROUP query heads of the kv head and over
+    their query blocks (causal: from the first block that sees the keys; masked blocks first),
+    then adds the entry terms of each head's entries in this key block (k_order).
+    """
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = (bhk // Hkv).to(tl.int64)
+    hk = (bhk % Hkv).to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_mb = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kmask = (offs_n < Tk)[:, None]
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    if CAUSAL:
+        # rows i see key j when i >= j - causal_off
+        first = tl.maximum(n0 - causal_off, 0)
+        lo = (first // BLOCK_M) * BLOCK_M
+        unmasked = tl.maximum(tl.minimum(n0 + BLOCK_N - 1 - causal_off, Tq), 0)
+        mid = tl.minimum(tl.cdiv(unmasked, BLOCK_M) * BLOCK_M, tl.maximum(lo, tl.cdiv(Tq, BLOCK_M) * BLOCK_M))
+        mid = tl.maximum(mid, lo)
+    else:
+        lo = 0
+        mid = 0
+    hi = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        bh = b * Hq + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2 + bh * Tq, Delta + bh * Tq,
+                             stride_qm, stride_dom, lo, mid, offs_n, offs_mb, offs_d, Tq, causal_off,
+                             qk_scale2, CAUSAL, True, BLOCK_M, DOT_PREC)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2 + bh * Tq, Delta + bh * Tq,
+                             stride_qm, stride_dom, mid, hi, offs_n, offs_mb, offs_d, Tq, causal_off,
+                             qk_scale2, CAUSAL, False, BLOCK_M, DOT_PREC)
+    if HAS_BIAS:
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            bh = b * Hq + h
+            t_lo, t_hi = _block_range(KOffsets, h, n0, tl.minimum(n0 + BLOCK_N, Tk), TkMax)
+            dk, dv = _dkdv_entries(dk, dv, k, v, offs_n, t_lo, t_hi, KOrder, EntryPos, EntryVal,
+                                   Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
+                                   Lse2 + bh * Tq, Delta + bh * Tq, stride_qm, stride_dom, 1, offs_d,
+                                   Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC, False)
+    dk = dk * scale
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, hi,
+              offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2,
+              CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dQ (unscaled) of one row block over key blocks [lo, hi). Keys past Tk are loaded as zero
+    rows, which add nothing to dq; MASKED applies the causal mask."""
+    for n0 in range(lo, hi, BLOCK_N):
+        n0 = tl.multiple_of(n0, BLOCK_N)
+        cols = n0 + offs_n
+        if MASKED:
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=(cols < Tk)[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=(cols < Tk)[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :])
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        p = tl.math.exp2(qk * qk_scale2 - lse2[:, None])
+        if MASKED and CAUSAL:
+            p = tl.where(cols[None, :] <= offs_m[:, None] + causal_off, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.autotune(configs=_bwd_configs("dq"), key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC"],
+                 prune_configs_by={"early_config_prune": _prune_bwd})
+@triton.jit
+def _flash_bwd_dq_kernel(Q, K, V, DO, DQ, Lse2, Delta, DvalPart,
+                         EntryPos, EntryVal, QOffsets,
+                         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                         stride_dqb, stride_dqh, stride_dqm,
+                         Hq, GROUP, Tq, Tk, TqMax, E, causal_off, scale, qk_scale2, alpha2, alpha,
+                         TQ_KEY, TK_KEY,
+                         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, NEED_DVAL: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """DQ [B,Hq,Tq,D] for rows [m0, m0+BLOCK_M) of (b, h), and DvalPart[b, e] for their entries.
+
+    Grid (cdiv(Tq, BLOCK_M), B*Hq). Dense loop over the visible key blocks (unmasked, then the
+    diagonal/tail blocks masked), then the entry terms of the block's entries (entry_pos order).
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    hk = (h // GROUP).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rmask = offs_m < Tq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=rmask[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+                 mask=rmask[:, None], other=0.0)
+    lse2 = tl.load(Lse2 + bh.to(tl.int64) * Tq + offs_m, mask=rmask, other=float("inf"))
+    delta = tl.load(Delta + bh.to(tl.int64) * Tq + offs_m, mask=rmask, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(Tk, m0 + BLOCK_M + causal_off), 0)
+        full = tl.maximum(tl.minimum(Tk, m0 + 1 + causal_off), 0)
+    else:
+        hi = Tk
+        full = Tk
+    full = (full // BLOCK_N) * BLOCK_N
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, 0, full,
+                   offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, CAUSAL, False, BLOCK_N, DOT_PREC)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, full, hi,
+                   offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, CAUSAL, True, BLOCK_N, DOT_PREC)
+    if HAS_BIAS:
+        e_lo, e_hi = _block_range(QOffsets, h, m0, tl.minimum(m0 + BLOCK_M, Tq), TqMax)
+        dq = _dq_entries(dq, q, do, lse2, delta, offs_m, e_lo, e_hi, EntryPos, EntryVal, DvalPart + b * E,
+                         k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
+                         qk_scale2, alpha2, alpha, CAUSAL, CHUNK, DOT_PREC, NEED_DVAL)
+    dq = dq * scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
+
+
+def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: bool, scale: float,
+              alpha: float, need_dvalues: bool, allow_tf32: bool = False, chunk: int = 32):
+    """Backward of flash_fwd: (dq, dk, dv, dvalues).
+
+    out, lse are flash_fwd's results (biased O', natural LSE'); dout [B,Hq,Tq,D]. dq has q's
+    shape, dk/dv k's shape (GQA heads summed), all in the inputs' dtype; dvalues float32 [E]
+    (per sorted entry, alpha * sum_b of the logit gradient; duplicate followers 0) when
+    need_dvalues, else None. Three launches: preprocess (delta, lse2), dK/dV by key block, dQ by
+    query block (the entry terms in each epilogue).
+    """
+    B, Hq, Hkv, Tq, Tk, D = _check_common(q, k, v, bias)
+    q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
+    sign = 1.0
+    if scale < 0:
+        q, scale, sign = -q, -scale, -1.0
+    prec = dot_precision(q.dtype, allow_tf32)
+    dev = q.device
+    delta = torch.empty((B * Hq, Tq), dtype=torch.float32, device=dev)
+    lse2 = torch.empty((B * Hq, Tq), dtype=torch.float32, device=dev)
+    pre_bm = 64 if D <= 128 else 32
+    _bwd_pre_kernel[(triton.cdiv(Tq, pre_bm), B * Hq)](
+        out, dout, lse, delta, lse2,
+        out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2), Hq, Tq, HEAD_DIM=D, BLOCK_M=pre_bm, num_warps=4)
+    has_bias = bias is not None and bias.nnz > 0
+    E = bias.nnz if bias is not None else 0
+    if has_bias:
+        if entry_values is None:
+            entry_values = bias.entry_values()
+        ep, ko, kof, qo = bias.entry_pos, bias.k_order, bias.k_offsets, bias.q_offsets
+        tq_max, tk_max = bias.seq_len_q, bias.seq_len_k
+        flags = torch.zeros(1, dtype=torch.int32, device=dev)
+    else:
+        ep = ko = kof = qo = flags = torch.empty(1, dtype=torch.int32, device=dev)
+        entry_values = torch.empty(1, dtype=torch.float32, device=dev)
+        tq_max = tk_max = 1
+    need_dval = bool(need_dvalues) and has_bias
+    dval_part = torch.zeros((B, E) if need_dval else (1, 1), dtype=torch.float32, device=dev)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
+    common = dict(HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, CHUNK=chunk, DOT_PREC=prec)
+    _flash_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)](
+        q, k, v, dout, dk, dv, lse2, delta, ep, entry_values, ko, kof, qo, flags,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        Hq, Hkv, Hq // Hkv, Tq, Tk, tq_max, tk_max, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E,
+        _len_key(Tq), _len_key(Tk), **common)
+    _flash_bwd_dq_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)](
+        q, k, v, dout, dq, lse2, delta, dval_part, ep, entry_values, qo,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        Hq, Hq // Hkv, Tq, Tk, tq_max, E, Tk - Tq, scale * sign, scale * LOG2E, alpha * LOG2E, alpha,
+        _len_key(Tq), _len_key(Tk), NEED_DVAL=need_dval, **common)
+    # with q negated (negative scale), dk = scale' dS (-q) is already right; dq's scale carries the sign
+    if not need_dvalues:
+        return dq, dk, dv, None
+    dvals = dval_part.sum(0) if need_dval else torch.zeros(E, dtype=torch.float32, device=dev)
+    return dq, dk, dv, dvals

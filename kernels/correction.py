@@ -1,0 +1,460 @@
+"""The exact sparse correction that turns unbiased attention into trace-biased attention.
+
+For an entry e = (h, i, j) with bias b_e, logits s = scale * q_i . k_j, and the UNBIASED output O
+and log-sum-exp LSE of row i,
+
+    w_e   = exp(s - LSE) * expm1(alpha * b_e)
+    O'_i  = (O_i + sum_e w_e v_j) / (1 + sum_e w_e)          LSE'_i = LSE_i + log1p(sum_e w_e)
+
+is exactly the biased attention (issue 7). The backward of a dense attention fed O', LSE' is exact
+for every edge that is not an entry; for the entries, with P = exp(s - LSE'),
+P' = exp(s + alpha b - LSE'), g = P' - P = P * expm1(alpha b), dP = dO_i . v_j, D_i = dO_i . O'_i:
+
+    dV_j += g dO_i     dS = g (dP - D_i)     dQ_i += scale dS k_j     dK_j += scale dS q_i
+    dvalues_e = alpha * sum_b P' (dP - D_i)               (the full logit gradient, summed over b)
+
+This module holds those per-entry terms as @triton.jit helpers, shared by the fused flash kernels
+in kernels/attention.py (which call them from their epilogues) and by the standalone kernels
+here, which apply them after any dense attention (cuDNN, flash) through `correct_fwd` and
+`correct_bwd`.
+
+Numerics. The forward accumulates in a shifted frame, like flash attention's running max: with
+c = max(0, max_e (s + alpha b - LSE)) it keeps e^-c (O + sum w v) and e^-c (1 + sum w), and forms
+w as exp(t - c) - exp(u - c) (t = s + alpha b - LSE, u = s - LSE), so huge positive biases do not
+overflow. Where 1 + sum w is tiny (entries that held almost all the mass pushed down by large
+negative biases) the identity cancels; `cancel_threshold` below marks such rows. The fused forward
+then recomputes its block with the bias inside the tile loop (exact); see the notes in
+kernels/attention.py for what the backward does there.
+
+Index layout (memtrace/bias.py): entry_pos int32 [E] = (i << 16) | j sorted by (head, i, j);
+k_order int32 [E] the same entries ordered by (head, j, i); q_offsets [H*Tq_max+1],
+k_offsets [H*Tk_max+1] CSR offsets. Entries with i >= Tq or j >= Tk of the call, or masked by
+causal (j > i + Tk - Tq), are ignored.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# A row whose corrected normaliser 1 + sum w falls under this is "cancelling": the identity would
+# amplify the dense attention's rounding by 1/(1 + sum w), so the fused forward recomputes it.
+CANCEL_THRESHOLD = 0.25
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """input_precision for tl.dot: fp32 inputs use IEEE unless the caller allowed TF32."""
+    return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
+
+
+# ----------------------------------------------------------------------------------------------
+# per-entry helpers (called from epilogues)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _unpack(pos):
+    """(i, j) from entry_pos = (i << 16) | j (i >= 32768 wrapped the int32 sign: mask it)."""
+    return (pos >> 16) & 0xFFFF, pos & 0xFFFF
+
+
+@triton.jit
+def _entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL: tl.constexpr):
+    ok = in_range & (i_e < Tq) & (j_e < Tk)
+    if CAUSAL:
+        ok = ok & (j_e <= i_e + causal_off)
+    return ok
+
+
+@triton.jit
+def _fwd_entries(acc_o, den, c2, q, lse2, offs_m, e_lo, e_hi,
+                 EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d,
+                 Tq, Tk, causal_off, qk_scale2, alpha2,
+                 CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Fold the entries e_lo..e_hi (rows offs_m, sorted by (i, j)) into a forward row block.
+
+    acc_o [BM, D] f32 holds e^-c2 * (O + sum w v), den [BM] holds e^-c2 * (1 + sum w), c2 [BM] the
+    shift in log2 units (start: acc_o = O, den = 1, c2 = 0). q [BM, D] is the query tile, lse2 [BM]
+    the unbiased LSE in log2 units (-inf for fully masked rows). K/V rows of the chunk's keys are
+    gathered from k_base/v_base (one (batch, kv head) slice, unit stride along D).
+    """
+    for e0 in range(e_lo, e_hi, CHUNK):
+        offs_e = e0 + tl.arange(0, CHUNK)
+        in_range = offs_e < e_hi
+        pos = tl.load(EntryPos + offs_e, mask=in_range, other=0)
+        val = tl.load(EntryVal + offs_e, mask=in_range, other=0.0)
+        i_e, j_e = _unpack(pos)
+        ok = _entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL)
+        kg = tl.load(k_base + j_e[:, None] * stride_kn + offs_d[None, :], mask=ok[:, None], other=0.0)
+        vg = tl.load(v_base + j_e[:, None] * stride_vn + offs_d[None, :], mask=ok[:, None], other=0.0)
+        # [BM, C] logits of every row against the chunk's keys; only (row == i_e) is kept
+        s2 = tl.dot(q, tl.trans(kg), input_precision=DOT_PREC) * qk_scale2
+        hit = (offs_m[:, None] == i_e[None, :]) & ok[None, :]
+        u = s2 - lse2[:, None]
+        t = tl.where(hit, u + (val * alpha2)[None, :], float("-inf"))
+        c_new = tl.maximum(c2, tl.max(t, 1))
+        rescale = tl.exp2(c2 - c_new)
+        acc_o = acc_o * rescale[:, None]
+        den = den * rescale
+        w = tl.where(hit, tl.exp2(t - c_new[:, None]) - tl.exp2(u - c_new[:, None]), 0.0)
+        acc_o = tl.dot(w.to(vg.dtype), vg, acc_o, input_precision=DOT_PREC)
+        den = den + tl.sum(w, 1)
+        c2 = c_new
+    return acc_o, den, c2
+
+
+@triton.jit
+def _dq_entries(dq, q, do, lse2, delta, offs_m, e_lo, e_hi,
+                EntryPos, EntryVal, DvalOut, k_base, v_base, stride_kn, stride_vn, offs_d,
+                Tq, Tk, causal_off, qk_scale2, alpha2, alpha,
+                CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
+                NEED_DVAL: tl.constexpr):
+    """Entry terms of dQ (unscaled: the caller multiplies dq by `scale`) and dvalues for a row block.
+
+    lse2 [BM] is the BIASED LSE' in log2 units with +inf on rows to skip (fully masked), delta [BM]
+    = rowsum(dO * O'). dvalues of entry e (alpha * P'(dP - D), this batch element) go to
+    DvalOut[e]; a duplicate follower (same position as the entry before it) gets 0, its leader
+    carries the gradient.
+    """
+    for e0 in range(e_lo, e_hi, CHUNK):
+        offs_e = e0 + tl.arange(0, CHUNK)
+        in_range = offs_e < e_hi
+        pos = tl.load(EntryPos + offs_e, mask=in_range, other=0)
+        val = tl.load(EntryVal + offs_e, mask=in_range, other=0.0)
+        i_e, j_e = _unpack(pos)
+        ok = _entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL)
+        kg = tl.load(k_base + j_e[:, None] * stride_kn + offs_d[None, :], mask=ok[:, None], other=0.0)
+        vg = tl.load(v_base + j_e[:, None] * stride_vn + offs_d[None, :], mask=ok[:, None], other=0.0)
+        s2 = tl.dot(q, tl.trans(kg), input_precision=DOT_PREC) * qk_scale2
+        hit = (offs_m[:, None] == i_e[None, :]) & ok[None, :]
+        u = s2 - lse2[:, None]
+        p_biased = tl.where(hit, tl.exp2(u + (val * alpha2)[None, :]), 0.0)
+        g = tl.where(hit, p_biased - tl.exp2(u), 0.0)
+        dp = tl.dot(do, tl.trans(vg), input_precision=DOT_PREC) - delta[:, None]
+        ds = g * dp
+        dq = tl.dot(ds.to(kg.dtype), kg, dq, input_precision=DOT_PREC)
+        if NEED_DVAL:
+            dval = tl.sum(p_biased * dp, 0) * alpha
+            prev = tl.load(EntryPos + offs_e - 1, mask=in_range & (offs_e > e_lo), other=-1)
+            dval = tl.where(prev == pos, 0.0, dval)
+            tl.store(DvalOut + offs_e, dval, mask=in_range)
+    return dq
+
+
+@triton.jit
+def _dkdv_entries(dk, dv, k, v, offs_n, t_lo, t_hi,
+                  KOrder, EntryPos, EntryVal, q_base, do_base, lse_base, delta_base,
+                  stride_qm, stride_dom, stride_lm, offs_d,
+                  Tq, Tk, causal_off, qk_scale2, alpha2,
+                  CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
+                  LSE_NATURAL: tl.constexpr):
+    """Entry terms of dK (unscaled) and dV for a key block of one query head.
+
+    Entries t_lo..t_hi of k_order (keys offs_n, sorted by (j, i)). q/do/lse/delta bases point at
+    the (batch, query head) slice; lse is LSE' in log2 units with +inf on rows to skip, or the
+    natural LSE' (-inf on fully masked rows) when LSE_NATURAL.
+    """
+    for t0 in range(t_lo, t_hi, CHUNK):
+        offs_t = t0 + tl.arange(0, CHUNK)
+        in_range = offs_t < t_hi
+        idx = tl.load(KOrder + offs_t, mask=in_range, other=0)
+        pos = tl.load(EntryPos + idx, mask=in_range, other=0)
+        val = tl.load(EntryVal + idx, mask=in_range, other=0.0)
+        i_e, j_e = _unpack(pos)
+        ok = _entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL)
+        qg = tl.load(q_base + i_e[:, None] * stride_qm + offs_d[None, :], mask=ok[:, None], other=0.0)
+        dog = tl.load(do_base + i_e[:, None] * stride_dom + offs_d[None, :], mask=ok[:, None], other=0.0)
+        lse_e = tl.load(lse_base + i_e * stride_lm, mask=ok, other=float("inf"))
+        if LSE_NATURAL:
+            lse_e = tl.where(lse_e == float("-inf"), float("inf"), lse_e * 1.4426950408889634)
+        delta_e = tl.load(delta_base + i_e, mask=ok, other=0.0)
+        s2 = tl.dot(k, tl.trans(qg), input_precision=DOT_PREC) * qk_scale2      # [BN, C]
+        hit = (offs_n[:, None] == j_e[None, :]) & ok[None, :]
+        u = s2 - lse_e[None, :]
+        g = tl.where(hit, tl.exp2(u + (val * alpha2)[None, :]) - tl.exp2(u), 0.0)
+        dv = tl.dot(g.to(dog.dtype), dog, dv, input_precision=DOT_PREC)
+        dp = tl.dot(v, tl.trans(dog), input_precision=DOT_PREC) - delta_e[None, :]
+        ds = g * dp
+        dk = tl.dot(ds.to(qg.dtype), qg, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _block_range(Offsets, head, lo, hi, TMax):
+    """Entry range of rows [lo, hi) of `head` in a CSR table built for TMax rows per head."""
+    lo_c = tl.minimum(lo, TMax)
+    hi_c = tl.maximum(tl.minimum(hi, TMax), lo_c)
+    base = head * TMax
+    return tl.load(Offsets + base + lo_c), tl.load(Offsets + base + hi_c)
+
+
+@triton.jit
+def _rows_with_entries(Offsets, head, offs, T, TMax):
+    """[BLOCK] bool: row offs (< T and < TMax) of `head` holds at least one entry."""
+    live = (offs < T) & (offs < TMax)
+    base = head * TMax
+    a = tl.load(Offsets + base + offs, mask=live, other=0)
+    b = tl.load(Offsets + base + offs + 1, mask=live, other=0)
+    return live & (b > a)
+
+
+# ----------------------------------------------------------------------------------------------
+# standalone kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _correct_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets,
+                        stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                        stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                        stride_lb, stride_lh, stride_lm,
+                        Hq, GROUP, Tq, Tk, TqMax, causal_off, qk_scale2, alpha2,
+                        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                        CHUNK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """In place: Out, Lse (unbiased O [B,Hq,Tq,D], natural LSE [B,Hq,Tq]) -> biased O', LSE'.
+
+    Grid (cdiv(Tq, BLOCK_M), B*Hq). A program owns rows [m0, m0+BLOCK_M) of (b, h); blocks with
+    no entries return at once, and only rows holding entries are read or written.
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    hk = (h // GROUP).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    e_lo, e_hi = _block_range(QOffsets, h, m0, tl.minimum(m0 + BLOCK_M, Tq), TqMax)
+    if e_hi > e_lo:
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        live = _rows_with_entries(QOffsets, h, offs_m, Tq, TqMax)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                    mask=live[:, None], other=0.0)
+        o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+        acc_o = tl.load(o_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
+        l_ptrs = Lse + b * stride_lb + h * stride_lh + offs_m * stride_lm
+        lse2 = tl.load(l_ptrs, mask=live, other=float("-inf")) * 1.4426950408889634
+        den = tl.full([BLOCK_M], 1.0, tl.float32)
+        c2 = tl.zeros([BLOCK_M], tl.float32)
+        acc_o, den, c2 = _fwd_entries(acc_o, den, c2, q, lse2, offs_m, e_lo, e_hi, EntryPos, EntryVal,
+                                      K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
+                                      stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2,
+                                      CAUSAL, CHUNK, DOT_PREC)
+        tl.store(o_ptrs, (acc_o / den[:, None]).to(Out.dtype.element_ty), mask=live[:, None])
+        tl.store(l_ptrs, (lse2 + c2 + tl.log2(den)) * 0.6931471805599453, mask=live)
+
+
+@triton.jit
+def _correct_bwd_q_kernel(Q, K, V, Out, Lse, DO, DQ, Delta, DvalPart,
+                          EntryPos, EntryVal, QOffsets,
+                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                          stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                          stride_lb, stride_lh, stride_lm, stride_dob, stride_doh, stride_dom,
+                          stride_dqb, stride_dqh, stride_dqm,
+                          Hq, GROUP, Tq, Tk, TqMax, E, causal_off, scale, qk_scale2, alpha2, alpha,
+                          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                          CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, NEED_DVAL: tl.constexpr):
+    """dQ += scale * entry terms (in place), Delta = rowsum(dO*O') on rows with entries, and
+    DvalPart[b, e] = alpha * P'(dP - D) for this batch element.
+
+    Grid (cdiv(Tq, BLOCK_M), B*Hq). Out/Lse are the biased O', natural LSE'. Delta is [B*Hq, Tq]
+    float32 and is read by _correct_bwd_k_kernel for the same rows.
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    hk = (h // GROUP).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    e_lo, e_hi = _block_range(QOffsets, h, m0, tl.minimum(m0 + BLOCK_M, Tq), TqMax)
+    if e_hi > e_lo:
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        live = _rows_with_entries(QOffsets, h, offs_m, Tq, TqMax)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                    mask=live[:, None], other=0.0)
+        do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+                     mask=live[:, None], other=0.0)
+        o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                    mask=live[:, None], other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(Delta + bh.to(tl.int64) * Tq + offs_m, delta, mask=live)
+        lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m * stride_lm, mask=live, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        dq = _dq_entries(dq, q, do, lse2, delta, offs_m, e_lo, e_hi, EntryPos, EntryVal, DvalPart + b * E,
+                         K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
+                         stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2, alpha,
+                         CAUSAL, CHUNK, DOT_PREC, NEED_DVAL)
+        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
+        dq_old = tl.load(dq_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
+        tl.store(dq_ptrs, (dq_old + scale * dq).to(DQ.dtype.element_ty), mask=live[:, None])
+
+
+@triton.jit
+def _correct_bwd_k_kernel(Q, K, V, Lse, DO, DK, DV, Delta,
+                          EntryPos, EntryVal, KOrder, KOffsets,
+                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                          stride_vb, stride_vh, stride_vn, stride_lb, stride_lh, stride_lm,
+                          stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn,
+                          stride_dvb, stride_dvh, stride_dvn,
+                          Hq, Hkv, GROUP, Tq, Tk, TkMax, causal_off, scale, qk_scale2, alpha2,
+                          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                          CHUNK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dK += scale * entry terms, dV += entry terms (in place) for keys [n0, n0+BLOCK_N) of (b, kv head).
+
+    Grid (cdiv(Tk, BLOCK_N), B*Hkv); the program sums the entries of all GROUP query heads that
+    share the kv head, so no atomics. Delta comes from _correct_bwd_q_kernel.
+    """
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = (bhk // Hkv).to(tl.int64)
+    hk = bhk % Hkv
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    total = 0
+    live = offs_n < 0
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        t_lo, t_hi = _block_range(KOffsets, h, n0, tl.minimum(n0 + BLOCK_N, Tk), TkMax)
+        total += t_hi - t_lo
+        live = live | _rows_with_entries(KOffsets, h, offs_n, Tk, TkMax)
+    if total > 0:
+        hk64 = hk.to(tl.int64)
+        k = tl.load(K + b * stride_kb + hk64 * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=live[:, None], other=0.0)
+        v = tl.load(V + b * stride_vb + hk64 * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                    mask=live[:, None], other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            t_lo, t_hi = _block_range(KOffsets, h, n0, tl.minimum(n0 + BLOCK_N, Tk), TkMax)
+            h64 = h.to(tl.int64)
+            dk, dv = _dkdv_entries(dk, dv, k, v, offs_n, t_lo, t_hi, KOrder, EntryPos, EntryVal,
+                                   Q + b * stride_qb + h64 * stride_qh, DO + b * stride_dob + h64 * stride_doh,
+                                   Lse + b * stride_lb + h64 * stride_lh, Delta + (b * Hq + h64) * Tq,
+                                   stride_qm, stride_dom, stride_lm, offs_d,
+                                   Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC, True)
+        dk_ptrs = DK + b * stride_dkb + hk64 * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+        dv_ptrs = DV + b * stride_dvb + hk64 * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
+        dk_old = tl.load(dk_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
+        dv_old = tl.load(dv_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
+        tl.store(dk_ptrs, (dk_old + scale * dk).to(DK.dtype.element_ty), mask=live[:, None])
+        tl.store(dv_ptrs, (dv_old + dv).to(DV.dtype.element_ty), mask=live[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_common(q, k, v, bias):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be [B, H, T, D]")
+    B, Hq, Tq, D = q.shape
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {D} not supported by the Triton kernels (one of {SUPPORTED_HEAD_DIMS})")
+    Hkv = k.shape[1]
+    if Hq % Hkv != 0:
+        raise ValueError(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
+    if bias is not None and bias.num_heads != Hq:
+        raise ValueError(f"bias has {bias.num_heads} heads, q has {Hq}")
+    return B, Hq, Hkv, Tq, k.shape[2], D
+
+
+def _fwd_block(D):
+    return 64 if D <= 128 else 32
+
+
+def correct_fwd(q, k, v, out, lse, bias, entry_values, *, causal, scale, alpha,
+                inplace: bool = True, allow_tf32: bool = False, block_m: int | None = None,
+                chunk: int = 32, num_warps: int = 4):
+    """Apply the sparse correction to the UNBIASED attention (out, lse) -> (out', lse').
+
+    q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D]; out [B,Hq,Tq,D] (any float dtype), lse [B,Hq,Tq] float32
+    natural log. With inplace=True (default) out and lse are updated in place and returned (only
+    rows holding entries are touched), so the cost is O(entries x D), independent of Tq*Tk.
+    Rows where the identity cancels (see CANCEL_THRESHOLD) are not recomputed here.
+    """
+    B, Hq, Hkv, Tq, Tk, D = _check_common(q, k, v, bias)
+    if not inplace:
+        out, lse = out.clone(), lse.clone()
+    if bias is None or bias.nnz == 0:
+        return out, lse
+    if lse.dtype != torch.float32:
+        raise ValueError("lse must be float32")
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    if out.stride(-1) != 1:
+        raise ValueError("out must have unit stride along D for the in-place correction")
+    if scale < 0:  # the kernels assume a positive logit scale; fold the sign into q
+        q, scale = -q, -scale
+    block_m = block_m or _fwd_block(D)
+    grid = (triton.cdiv(Tq, block_m), B * Hq)
+    _correct_fwd_kernel[grid](
+        q, k, v, out, lse, bias.entry_pos, entry_values, bias.q_offsets,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        Hq, Hq // Hkv, Tq, Tk, bias.seq_len_q, Tk - Tq, scale * LOG2E, alpha * LOG2E,
+        HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_M=block_m, CHUNK=chunk,
+        DOT_PREC=dot_precision(q.dtype, allow_tf32), num_warps=num_warps)
+    return out, lse
+
+
+def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, causal, scale, alpha,
+                need_dvalues, allow_tf32: bool = False, block_m: int | None = None,
+                block_n: int | None = None, chunk: int = 32, num_warps: int = 4):
+    """Add the entry terms to a dense backward's (dq, dk, dv) (computed from O', LSE'), in place.
+
+    out, lse are the BIASED O', natural LSE'. Returns (dq, dk, dv, dvalues) with dvalues float32
+    [E] (per sorted entry; duplicate followers 0) or None. Two launches: by query block (dQ,
+    delta, dvalues per batch element) and by key block (dK, dV; GQA heads summed in the program).
+    """
+    B, Hq, Hkv, Tq, Tk, D = _check_common(q, k, v, bias)
+    E = 0 if bias is None else bias.nnz
+    if bias is None or E == 0:
+        dvals = torch.zeros(E, dtype=torch.float32, device=q.device) if need_dvalues else None
+        return dq, dk, dv, dvals
+    q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
+    for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride along D for the in-place correction")
+    sign = 1.0
+    if scale < 0:
+        q, scale, sign = -q, -scale, -1.0
+    prec = dot_precision(q.dtype, allow_tf32)
+    delta = torch.empty((B * Hq, Tq), dtype=torch.float32, device=q.device)
+    dval_part = torch.zeros((B, E) if need_dvalues else (1, 1), dtype=torch.float32, device=q.device)
+    block_m = block_m or _fwd_block(D)
+    block_n = block_n or _fwd_block(D)
+    # with q negated, dq must come out negated: run on -dq and flip back (rare path)
+    dq_work = dq if sign > 0 else dq.neg_()
+    _correct_bwd_q_kernel[(triton.cdiv(Tq, block_m), B * Hq)](
+        q, k, v, out, lse, dout, dq_work, delta, dval_part, bias.entry_pos, entry_values, bias.q_offsets,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dq_work.stride(0), dq_work.stride(1), dq_work.stride(2),
+        Hq, Hq // Hkv, Tq, Tk, bias.seq_len_q, E, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E, alpha,
+        HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_M=block_m, CHUNK=chunk, DOT_PREC=prec,
+        NEED_DVAL=bool(need_dvalues), num_warps=num_warps)
+    if sign < 0:
+        dq.neg_()
+    _correct_bwd_k_kernel[(triton.cdiv(Tk, block_n), B * Hkv)](
+        q, k, v, lse, dout, dk, dv, delta, bias.entry_pos, entry_values, bias.k_order, bias.k_offsets,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        Hq, Hkv, Hq // Hkv, Tq, Tk, bias.seq_len_k, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E,
+        HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_N=block_n, CHUNK=chunk, DOT_PREC=prec, num_warps=num_warps)
+    dvals = dval_part.sum(0) if need_dvalues else None
+    return dq, dk, dv, dvals
