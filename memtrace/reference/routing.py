@@ -6,19 +6,22 @@ Everything is recomputed from that dict on every query: slow and obvious, the or
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 __all__ = ["RoutingTree", "MotifRegistry", "RefMotif"]
 
 
-class RefMotif(tuple):
-    """(start_layer, experts, count, utility, entropy, age, score) as a named tuple-like."""
-
-    fields = ("start_layer", "experts", "count", "utility", "entropy", "age", "score")
-
-    def __getattr__(self, name):
-        return self[self.fields.index(name)]
+@dataclass(frozen=True)
+class RefMotif:
+    start_layer: int
+    experts: tuple
+    count: int
+    utility: float
+    entropy: float
+    age: int
+    score: float
 
 
 class RoutingTree:
@@ -94,7 +97,7 @@ class RoutingTree:
                     and min_length <= len(experts) <= max_length and st["age"] >= min_age):
                 score = (weights[0] * math.log(st["count"]) + weights[1] * st["utility"]
                          - weights[2] * st["entropy"] + weights[3] * st["age"])
-                out.append(RefMotif((s, experts, st["count"], st["utility"], st["entropy"], st["age"], score)))
+                out.append(RefMotif(s, experts, st["count"], st["utility"], st["entropy"], st["age"], score))
         return sorted(out, key=lambda m: (-m.utility, -m.score, m.start_layer, m.experts))
 
 

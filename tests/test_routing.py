@@ -1,0 +1,278 @@
+"""RoutingTree (C++ CPU build) against the dict trie of memtrace.reference, both modes; bad input."""
+import math
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import memtrace as mt
+from memtrace.reference.routing import RoutingTree as RefTree
+from memtrace.routing import BYTES_PER_NODE
+
+TABLE_KEYS = ("start_layer", "depth", "experts", "count", "reward_sum", "first_seen", "last_seen")
+
+
+def zipf_paths(n, num_layers, num_experts, *, cut=0.05, alpha=1.2, seed=0):
+    """Zipf-skewed expert ids (a per-layer permutation of the ranks), with -1 cuts."""
+    g = torch.Generator().manual_seed(seed)
+    p = 1.0 / torch.arange(1, num_experts + 1, dtype=torch.float64) ** alpha
+    ranks = torch.multinomial(p / p.sum(), n * num_layers, replacement=True, generator=g).view(n, num_layers)
+    perms = torch.stack([torch.randperm(num_experts, generator=g) for _ in range(num_layers)])
+    paths = torch.gather(perms.T, 0, ranks)  # layer l maps rank r to perms[l, r]
+    paths[torch.rand(n, num_layers, generator=g) < cut] = -1
+    return paths
+
+
+def assert_tables_equal(a, b, rtol=1e-9):
+    assert set(a) == set(TABLE_KEYS) == set(b)
+    for k in TABLE_KEYS:
+        if k == "reward_sum":
+            torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=1e-9)
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def build_pair(mode, num_layers, num_experts, max_depth, updates, n, seed=0, cut=0.05):
+    tree = mt.RoutingTree(num_layers, num_experts, max_depth=max_depth, mode=mode)
+    ref = RefTree(num_layers, num_experts, max_depth, mode)
+    g = torch.Generator().manual_seed(seed)
+    for u, step in enumerate(updates):
+        paths = zipf_paths(n, num_layers, num_experts, cut=cut, seed=seed * 100 + u)
+        rewards = torch.randn(n, generator=g, dtype=torch.float64) + 0.3 * (paths[:, 0] == 0)
+        tree.update(paths, rewards, step=step)
+        ref.update(paths, rewards, step=step)
+    return tree, ref
+
+
+@pytest.mark.parametrize("mode", ["prefix", "suffix"])
+@pytest.mark.parametrize("num_layers,num_experts,max_depth", [(6, 4, 3), (8, 8, 8), (5, 3, 9), (12, 64, 4)])
+def test_table_matches_reference(mode, num_layers, num_experts, max_depth):
+    tree, ref = build_pair(mode, num_layers, num_experts, max_depth, updates=(0, 4, 4, 11), n=200)
+    assert tree.num_nodes == ref.num_nodes
+    assert_tables_equal(tree.to_table(), ref.to_table())
+    assert tree.global_mean_reward == pytest.approx(ref.global_mean_reward, rel=1e-12, abs=1e-12)
+    assert tree.nbytes == BYTES_PER_NODE * tree.num_nodes + 8 * tree.depth
+    assert BYTES_PER_NODE <= 32
+
+
+@pytest.mark.parametrize("mode", ["prefix", "suffix"])
+def test_stats_and_candidates_match_reference(mode):
+    tree, ref = build_pair(mode, 7, 5, 5, updates=(1, 3, 8), n=400, seed=3)
+    rng = random.Random(0)
+    for s, experts in rng.sample(sorted(ref.nodes), 60):
+        for step in (None, 20):
+            got, want = tree.stats(s, experts, step=step), ref.stats(s, experts, step=step)
+            assert set(got) == set(want)
+            for k in want:
+                assert got[k] == pytest.approx(want[k], rel=1e-9, abs=1e-12), k
+    for crit in (dict(min_frequency=5, min_utility=0.0, max_entropy=3.0, min_length=1, max_length=5),
+                 dict(min_frequency=2, min_utility=-10.0, max_entropy=10.0, min_length=2, max_length=3, min_age=2,
+                      step=9)):
+        got = tree.candidates(**crit)
+        want = ref.candidates(**crit)
+        assert [(m.start_layer, m.experts) for m in got] == [(m.start_layer, m.experts) for m in want]
+        for m, r in zip(got, want):
+            assert m.count == r.count and m.age == r.age
+            assert m.utility == pytest.approx(r.utility, rel=1e-9, abs=1e-12)
+            assert m.entropy == pytest.approx(r.entropy, rel=1e-9, abs=1e-12)
+            assert m.score == pytest.approx(r.score, rel=1e-9, abs=1e-12)
+        assert len(got) > 0
+
+
+def test_entropy_by_hand():
+    # prefix paths: 0-1 (x2), 0-2, 1-1 ; root children counts (3, 1); node (0,) children (2, 1)
+    tree = mt.RoutingTree(2, 3, max_depth=2, mode="prefix")
+    tree.update(torch.tensor([[0, 1], [0, 2], [0, 1], [1, 1]]), torch.tensor([1.0, 0.0, 1.0, 2.0]), step=5)
+    h_root = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    h_0 = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))
+    assert tree.root_entropy(0) == pytest.approx(h_root)
+    st0 = tree.stats(0, (0,))
+    assert st0["node_entropy"] == pytest.approx(h_0) and st0["entropy"] == pytest.approx(h_root)
+    st01 = tree.stats(0, (0, 1), step=9)
+    assert st01["count"] == 2 and st01["node_entropy"] == 0.0 and st01["entropy"] == pytest.approx(h_root + h_0)
+    assert st01["utility"] == pytest.approx(1.0 - 1.0) and st01["age"] == 4
+    assert tree.global_mean_reward == pytest.approx(1.0)
+    assert tree.stats(0, (2,)) is None and tree.stats(1, (1,)) is None  # prefix: only start layer 0
+
+
+def test_first_and_last_seen_and_none_rewards():
+    tree = mt.RoutingTree(3, 2, max_depth=3, mode="suffix")
+    tree.update(torch.tensor([[0, 1, 1]]), None, step=2)
+    tree.update(torch.tensor([[1, 1, -1]]), None, step=7)
+    st = tree.stats(1, (1,))
+    assert (st["count"], st["first_seen"], st["last_seen"], st["age"]) == (2, 2, 7, 5)
+    assert tree.stats(0, (0, 1, 1))["last_seen"] == 2
+    assert tree.stats(1, (1, -1 + 1)) is None  # -1 cut: (1, 0) never recorded
+    assert tree.global_mean_reward == 0.0 and tree.num_tokens == 2
+
+
+def test_edge_cases_empty_and_cut_everything():
+    tree = mt.RoutingTree(4, 3, max_depth=8, mode="suffix")
+    tree.update(torch.zeros(0, 4, dtype=torch.int64), step=1)
+    assert tree.num_nodes == 0 and tree.to_table()["experts"].shape == (0, 8)
+    tree.update(torch.full((5, 4), -1), torch.ones(5), step=2)
+    assert tree.num_nodes == 0 and tree.global_mean_reward == 1.0
+    assert tree.candidates(min_frequency=0, min_utility=-1e9, min_length=1) == []
+    tree.update(torch.tensor([[2, -1, 1, 0]], dtype=torch.int32), torch.tensor([0.5], dtype=torch.float32), step=3)
+    ref = RefTree(4, 3, 8, "suffix")
+    ref.update(torch.full((5, 4), -1), torch.ones(5), step=2)
+    ref.update(torch.tensor([[2, -1, 1, 0]]), torch.tensor([0.5]), step=3)
+    assert_tables_equal(tree.to_table(), ref.to_table())
+
+
+def test_table_is_canonical_and_op_is_registered():
+    tree, _ = build_pair("suffix", 6, 4, 4, updates=(0,), n=100)
+    t = tree.to_table()
+    keys = [(s, e) for s, e in zip(t["start_layer"].tolist(), t["experts"].tolist())]
+    assert keys == sorted(keys)
+    assert hasattr(torch.ops.memtrace, "routing_update")
+    e = torch.zeros(0, dtype=torch.int32)
+    out = torch.ops.memtrace.routing_update(e, e.short(), e.long(), e.double(), e, e, [],
+                                            torch.tensor([[1, 0]]), torch.tensor([2.0], dtype=torch.float64),
+                                            3, 8, 2, False)
+    assert out[0].tolist() == [0, 0] and out[1].tolist() == [1, 0] and out[6].tolist() == [1, 1]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 5), st.integers(1, 7), st.sampled_from(["prefix", "suffix"]),
+       st.integers(0, 10 ** 6))
+def test_random_small_tries(num_layers, num_experts, max_depth, mode, seed):
+    g = torch.Generator().manual_seed(seed)
+    tree = mt.RoutingTree(num_layers, num_experts, max_depth=max_depth, mode=mode)
+    ref = RefTree(num_layers, num_experts, max_depth, mode)
+    for step in (0, 2):
+        n = int(torch.randint(0, 30, (1,), generator=g))
+        paths = torch.randint(-1, num_experts, (n, num_layers), generator=g)
+        rewards = torch.randn(n, generator=g)
+        tree.update(paths, rewards, step)
+        ref.update(paths, rewards, step)
+    assert_tables_equal(tree.to_table(), ref.to_table())
+
+
+# ---- bad input (SPEC 6): the error names the argument, the trie is unchanged -------------------
+
+def _snapshot(tree):
+    return tree.to_table(), tree.global_mean_reward, tree.num_tokens, tree.step
+
+
+@pytest.mark.parametrize("paths,rewards,step,exc,word", [
+    ([[0, 1, 2]], None, 0, TypeError, "paths"),
+    (torch.zeros(3, dtype=torch.int64), None, 0, ValueError, "paths"),
+    (torch.zeros(2, 4, dtype=torch.int64), None, 0, ValueError, "paths"),
+    (torch.zeros(2, 3), None, 0, TypeError, "paths"),
+    (torch.tensor([[0, 1, 4]]), None, 0, ValueError, "paths"),
+    (torch.tensor([[0, -2, 1]]), None, 0, ValueError, "paths"),
+    (torch.tensor([[0, 1, 2]]), torch.ones(2), 0, ValueError, "rewards"),
+    (torch.tensor([[0, 1, 2]]), torch.ones(1, dtype=torch.int64), 0, TypeError, "rewards"),
+    (torch.tensor([[0, 1, 2]]), torch.tensor([float("nan")]), 0, ValueError, "rewards"),
+    (torch.tensor([[0, 1, 2]]), torch.tensor([float("inf")]), 0, ValueError, "rewards"),
+    (torch.tensor([[0, 1, 2]]), [1.0], 0, TypeError, "rewards"),
+    (torch.tensor([[0, 1, 2]]), None, -1, ValueError, "step"),
+    (torch.tensor([[0, 1, 2]]), None, 2 ** 31, ValueError, "step"),
+    (torch.tensor([[0, 1, 2]]), None, 1.5, TypeError, "step"),
+])
+def test_bad_update_leaves_tree_unchanged(paths, rewards, step, exc, word):
+    tree, _ = build_pair("suffix", 3, 4, 3, updates=(0,), n=50)
+    before = _snapshot(tree)
+    with pytest.raises(exc, match=word):
+        tree.update(paths, rewards, step)
+    after = _snapshot(tree)
+    assert_tables_equal(before[0], after[0], rtol=0)
+    assert before[1:] == after[1:]
+
+
+@pytest.mark.parametrize("kwargs,exc,word", [
+    (dict(num_layers=0, num_experts=4), ValueError, "num_layers"),
+    (dict(num_layers=3, num_experts=0), ValueError, "num_experts"),
+    (dict(num_layers=3, num_experts=40000), ValueError, "num_experts"),
+    (dict(num_layers=3, num_experts=4, max_depth=0), ValueError, "max_depth"),
+    (dict(num_layers=3, num_experts=4, max_depth=256), ValueError, "max_depth"),
+    (dict(num_layers=3, num_experts=4, mode="infix"), ValueError, "mode"),
+    (dict(num_layers=3.0, num_experts=4), TypeError, "num_layers"),
+])
+def test_bad_constructor(kwargs, exc, word):
+    with pytest.raises(exc, match=word):
+        mt.RoutingTree(**kwargs)
+
+
+def test_bad_queries():
+    tree, _ = build_pair("suffix", 3, 4, 3, updates=(0,), n=50)
+    with pytest.raises(ValueError, match="start_layer"):
+        tree.stats(3, (0,))
+    with pytest.raises(ValueError, match="experts"):
+        tree.stats(0, (4,))
+    with pytest.raises(ValueError, match="experts"):
+        tree.stats(0, ())
+    with pytest.raises(TypeError, match="experts"):
+        tree.stats(0, 1)
+    with pytest.raises(ValueError, match="weights"):
+        tree.candidates(weights=(1.0, 2.0))
+    with pytest.raises(ValueError, match="min_frequency"):
+        tree.candidates(min_frequency=-1)
+    with pytest.raises(ValueError, match="step"):
+        tree.candidates(step=-3)
+
+
+# ---- persistence ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["prefix", "suffix"])
+def test_save_load_roundtrip(tmp_path, mode):
+    tree, _ = build_pair(mode, 6, 4, 4, updates=(0, 5), n=120)
+    path = tmp_path / "trie.safetensors"
+    tree.save(path)
+    back = mt.RoutingTree.load(path)
+    assert (back.num_layers, back.num_experts, back.max_depth, back.mode) == (6, 4, 4, mode)
+    assert_tables_equal(tree.to_table(), back.to_table(), rtol=0)
+    assert (back.global_mean_reward, back.num_tokens, back.step) == (tree.global_mean_reward, tree.num_tokens, 5)
+    paths = zipf_paths(30, 6, 4, seed=9)
+    tree.update(paths, None, 6)
+    back.update(paths, None, 6)
+    assert_tables_equal(tree.to_table(), back.to_table(), rtol=0)
+
+
+def test_load_rejects_damaged_files(tmp_path):
+    from safetensors.torch import save_file
+
+    tree, _ = build_pair("suffix", 5, 4, 3, updates=(0,), n=80)
+    good = tmp_path / "good.safetensors"
+    tree.save(good)
+    data = good.read_bytes()
+    for cut in (10, len(data) // 2, len(data) - 7):
+        bad = tmp_path / f"cut{cut}.safetensors"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ValueError):
+            mt.RoutingTree.load(bad)
+    sd = tree.state_dict()
+
+    def write(name, sd, meta):
+        p = tmp_path / name
+        save_file(sd, str(p), metadata=meta)
+        return p
+
+    meta = {"format": "memtrace.RoutingTree", "format_version": "1"}
+    with pytest.raises(ValueError, match="version"):
+        mt.RoutingTree.load(write("v.safetensors", sd, dict(meta, format_version="99")))
+    with pytest.raises(ValueError, match="not a memtrace"):
+        mt.RoutingTree.load(write("f.safetensors", sd, {"format": "other"}))
+    broken = dict(sd, count=sd["count"][:-1].clone())
+    with pytest.raises(ValueError, match="length"):
+        mt.RoutingTree.load(write("len.safetensors", broken, meta))
+    expert = sd["expert"].clone()
+    expert[0] = 7
+    with pytest.raises(ValueError, match="expert"):
+        mt.RoutingTree.load(write("e.safetensors", dict(sd, expert=expert), meta))
+    parent = sd["parent"].clone()
+    parent[-1] = 10 ** 6
+    with pytest.raises(ValueError, match="parent"):
+        mt.RoutingTree.load(write("p.safetensors", dict(sd, parent=parent), meta))
+    count = sd["count"].clone()
+    count[-1] = 10 ** 9
+    with pytest.raises(ValueError, match="count"):
+        mt.RoutingTree.load(write("c.safetensors", dict(sd, count=count), meta))
+    # load_state_dict with a bad state leaves the tree as it was
+    before = _snapshot(tree)
+    with pytest.raises(ValueError):
+        tree.load_state_dict(dict(sd, count=count))
+    assert_tables_equal(before[0], tree.to_table(), rtol=0)
