@@ -22,13 +22,15 @@ _flag_rows_kernel.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from .correction import (CANCEL_THRESHOLD, INTERPRET, LOG2E, LN2, _block_range, _check_common,
-                         _dkdv_entries, _dq_entries, _fwd_entries, _last_dim_contiguous,
-                         dot_precision)
+from .correction import (CANCEL_THRESHOLD, INTERPRET, LOG2E, _bias_tile, _block_range, _check_common,
+                         _dkdv_entries, _dq_entries, _fwd_biased_rows, _fwd_entries,
+                         _last_dim_contiguous, dot_precision)
 
 __all__ = ["flash_fwd", "flash_bwd"]
 
@@ -75,71 +77,36 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi,
     return acc, l_i, m_i
 
 
-@triton.jit
-def _bias_tile(offs_m, cols, e_lo, e_hi, EntryPos, EntryVal, Tq, Tk, alpha2,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
-    """[BM, BN] alpha*M (log2 units) for rows offs_m and keys cols, from the row block's entries
-    e_lo..e_hi (sorted by (i, j)): a one-hot product R @ C per chunk, in IEEE fp32 (exact).
-    Slow; used only by the cancellation path."""
-    tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for e0 in range(e_lo, e_hi, CHUNK):
-        offs_e = e0 + tl.arange(0, CHUNK)
-        in_range = offs_e < e_hi
-        pos = tl.load(EntryPos + offs_e, mask=in_range, other=0)
-        val = tl.load(EntryVal + offs_e, mask=in_range, other=0.0)
-        i_e = (pos >> 16) & 0xFFFF
-        j_e = pos & 0xFFFF
-        rows = tl.where((offs_m[:, None] == i_e[None, :]) & in_range[None, :], (val * alpha2)[None, :], 0.0)
-        hits = tl.where(j_e[:, None] == cols[None, :], 1.0, 0.0)
-        tile = tl.dot(rows, hits, tile, input_precision="ieee")
-    return tile
-
-
-@triton.jit
-def _fwd_biased_rows(q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                     e_lo, e_hi, EntryPos, EntryVal, Tq, Tk, causal_off, hi, qk_scale2, alpha2,
-                     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Biased attention of a row block with the bias inside the tile loop: (acc/l, lse2)."""
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for n0 in range(0, hi, BLOCK_N):
-        cols = n0 + offs_n
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=(cols < Tk)[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale2
-        qk += _bias_tile(offs_m, cols, e_lo, e_hi, EntryPos, EntryVal, Tq, Tk, alpha2, BLOCK_M, BLOCK_N, CHUNK)
-        valid = (cols < Tk)[None, :]
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= offs_m[:, None] + causal_off)
-        qk = tl.where(valid, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_use[:, None])
-        corr = tl.math.exp2(m_i - m_use)
-        l_i = l_i * corr + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=(cols < Tk)[:, None], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * corr[:, None], input_precision=DOT_PREC)
-        m_i = m_new
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    lse2 = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
-    return acc / l_safe[:, None], lse2
+# MEMTRACE_ATTN_TUNE=0 skips autotuning: the first config that fits (tests, quick runs).
+TUNE = os.environ.get("MEMTRACE_ATTN_TUNE", "1") != "0"
+SMEM_BYTES = 200 * 1024
 
 
 def _fwd_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    cfgs = []
-    for bm, bn, w, s in [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
-                         (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 32, 4, 3)]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
-    return cfgs
+    shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+              (64, 128, 4, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+
+
+def _elsize(named_args):
+    return named_args["Q"].element_size()
+
+
+def _prune(configs, D, elsize, smem_of):
+    """Drop configs whose shared memory (estimated) or registers (D=256) do not fit; without
+    tuning keep the first that fits."""
+    keep = [c for c in configs if smem_of(c) * elsize <= SMEM_BYTES
+            and not (D >= 256 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
+    keep = keep or configs[-1:]
+    return keep if TUNE else keep[:1]
 
 
 def _prune_fwd(configs, named_args, **kwargs):
     D = kwargs["HEAD_DIM"]
-    keep = [c for c in configs if not (D >= 256 and c.kwargs["BLOCK_N"] > 64)]
-    return keep or configs[:1]
+    return _prune(configs, D, _elsize(named_args),
+                  lambda c: c.kwargs["BLOCK_M"] * D + 2 * c.num_stages * c.kwargs["BLOCK_N"] * D)
 
 
 @triton.autotune(configs=_fwd_configs(), key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC"],
@@ -204,15 +171,20 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
         n_cancel = tl.sum(cancelled.to(tl.int32), 0)
         acc = acc / den[:, None]
         lse2 = lse2 + c2 + tl.math.log2(den)
+        tl.store(Flags + bh * tl.num_programs(0) + pid_m, n_cancel)
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    l_ptrs = Lse + bh.to(tl.int64) * Tq + offs_m
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < Tq)[:, None])
+    tl.store(l_ptrs, lse2 * 0.6931471805599453, mask=offs_m < Tq)
+    if HAS_BIAS:
+        # rare slow path, after the stores so the fast path's registers are dead here
         if n_cancel > 0:
             acc, lse2 = _fwd_biased_rows(q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                                         e_lo, e_hi, EntryPos, EntryVal, Tq, Tk, causal_off, hi,
+                                         e_lo, e_hi, EntryPos, EntryVal, Tk, causal_off, hi,
                                          qk_scale2, alpha2, CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, CHUNK,
                                          DOT_PREC)
-        tl.store(Flags + bh * tl.num_programs(0) + pid_m, n_cancel)
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-             acc.to(Out.dtype.element_ty), mask=(offs_m < Tq)[:, None])
-    tl.store(Lse + bh.to(tl.int64) * Tq + offs_m, lse2 * 0.6931471805599453, mask=offs_m < Tq)
+            tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < Tq)[:, None])
+            tl.store(l_ptrs, lse2 * 0.6931471805599453, mask=offs_m < Tq)
 
 
 def _len_key(t):
@@ -325,7 +297,7 @@ def _dkdv_biased_rows(dk, dv, k, v, q_base, do_base, lse_base, delta_base, strid
     q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=rmask[:, None], other=0.0)
     lse2 = tl.load(lse_base + rows, mask=rmask, other=float("inf"))
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale2
-    qk += _bias_tile(rows, offs_n, e_lo, e_hi, EntryPos, EntryVal, Tq, Tk, alpha2, BLOCK_M, BLOCK_N, CHUNK)
+    qk += _bias_tile(rows, offs_n, e_lo, e_hi, EntryPos, EntryVal, alpha2, BLOCK_M, BLOCK_N, CHUNK)
     valid = (offs_n < Tk)[None, :]
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= rows[:, None] + causal_off)
@@ -344,21 +316,27 @@ def _bwd_configs(kind):
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     if kind == "dkdv":
         shapes = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4),
-                  (64, 128, 4, 2)]
+                  (64, 128, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)]
     else:
         shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4),
-                  (128, 64, 4, 2)]
+                  (128, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
-def _prune_bwd(configs, named_args, **kwargs):
+def _prune_dkdv(configs, named_args, **kwargs):
     D = kwargs["HEAD_DIM"]
-    keep = [c for c in configs if not (D >= 256 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
-    return keep or configs[-1:]
+    return _prune(configs, D, _elsize(named_args),
+                  lambda c: 2 * c.kwargs["BLOCK_N"] * D + 2 * c.num_stages * c.kwargs["BLOCK_M"] * D)
+
+
+def _prune_dq(configs, named_args, **kwargs):
+    D = kwargs["HEAD_DIM"]
+    return _prune(configs, D, _elsize(named_args),
+                  lambda c: 2 * c.kwargs["BLOCK_M"] * D + 2 * c.num_stages * c.kwargs["BLOCK_N"] * D)
 
 
 @triton.autotune(configs=_bwd_configs("dkdv"), key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC"],
-                 prune_configs_by={"early_config_prune": _prune_bwd}, reset_to_zero=[])
+                 prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit
 def _flash_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta,
                            EntryPos, EntryVal, KOrder, KOffsets, QOffsets, Flags,
@@ -453,7 +431,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, 
 
 
 @triton.autotune(configs=_bwd_configs("dq"), key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC"],
-                 prune_configs_by={"early_config_prune": _prune_bwd})
+                 prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit
 def _flash_bwd_dq_kernel(Q, K, V, DO, DQ, Lse2, Delta, DvalPart,
                          EntryPos, EntryVal, QOffsets,

@@ -184,6 +184,57 @@ def _dkdv_entries(dk, dv, k, v, offs_n, t_lo, t_hi,
 
 
 @triton.jit
+def _bias_tile(offs_m, cols, e_lo, e_hi, EntryPos, EntryVal, alpha2,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """[BM, BN] alpha*M (log2 units) for rows offs_m and keys cols, from the row block's entries
+    e_lo..e_hi (sorted by (i, j)): a one-hot product R @ C per chunk, in IEEE fp32 (exact).
+    Slow; used only by the cancellation path."""
+    tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for e0 in range(e_lo, e_hi, CHUNK):
+        offs_e = e0 + tl.arange(0, CHUNK)
+        in_range = offs_e < e_hi
+        pos = tl.load(EntryPos + offs_e, mask=in_range, other=0)
+        val = tl.load(EntryVal + offs_e, mask=in_range, other=0.0)
+        i_e = (pos >> 16) & 0xFFFF
+        j_e = pos & 0xFFFF
+        rows = tl.where((offs_m[:, None] == i_e[None, :]) & in_range[None, :], (val * alpha2)[None, :], 0.0)
+        hits = tl.where(j_e[:, None] == cols[None, :], 1.0, 0.0)
+        tile = tl.dot(rows, hits, tile, input_precision="ieee")
+    return tile
+
+
+@triton.jit
+def _fwd_biased_rows(q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                     e_lo, e_hi, EntryPos, EntryVal, Tk, causal_off, hi, qk_scale2, alpha2,
+                     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Biased attention of a row block with the bias inside the tile loop: (acc/l, lse2)."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for n0 in range(0, hi, BLOCK_N):
+        cols = n0 + offs_n
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=(cols < Tk)[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale2
+        qk += _bias_tile(offs_m, cols, e_lo, e_hi, EntryPos, EntryVal, alpha2, BLOCK_M, BLOCK_N, CHUNK)
+        valid = (cols < Tk)[None, :]
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= offs_m[:, None] + causal_off)
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_use[:, None])
+        corr = tl.math.exp2(m_i - m_use)
+        l_i = l_i * corr + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=(cols < Tk)[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * corr[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    lse2 = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+    return acc / l_safe[:, None], lse2
+
+
+@triton.jit
 def _block_range(Offsets, head, lo, hi, TMax):
     """Entry range of rows [lo, hi) of `head` in a CSR table built for TMax rows per head."""
     lo_c = tl.minimum(lo, TMax)
@@ -210,13 +261,14 @@ def _correct_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets,
                         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                         stride_lb, stride_lh, stride_lm,
-                        Hq, GROUP, Tq, Tk, TqMax, causal_off, qk_scale2, alpha2,
+                        Hq, GROUP, Tq, Tk, TqMax, causal_off, qk_scale2, alpha2, cancel_tol,
                         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                        CHUNK: tl.constexpr, DOT_PREC: tl.constexpr):
+                        CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, SLOW_BLOCK_N: tl.constexpr):
     """In place: Out, Lse (unbiased O [B,Hq,Tq,D], natural LSE [B,Hq,Tq]) -> biased O', LSE'.
 
     Grid (cdiv(Tq, BLOCK_M), B*Hq). A program owns rows [m0, m0+BLOCK_M) of (b, h); blocks with
-    no entries return at once, and only rows holding entries are read or written.
+    no entries return at once, and only rows holding entries are read or written. Rows where
+    1 + sum w < cancel_tol are recomputed with the bias inside the tile loop (exact, slow).
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -241,8 +293,21 @@ def _correct_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets,
                                       K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
                                       stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2,
                                       CAUSAL, CHUNK, DOT_PREC)
+        cancelled = live & (den < cancel_tol * tl.math.exp2(-c2))
         tl.store(o_ptrs, (acc_o / den[:, None]).to(Out.dtype.element_ty), mask=live[:, None])
         tl.store(l_ptrs, (lse2 + c2 + tl.log2(den)) * 0.6931471805599453, mask=live)
+        if tl.sum(cancelled.to(tl.int32), 0) > 0:
+            # the identity cancelled on some rows: recompute them with the bias in the tile loop
+            if CAUSAL:
+                hi = tl.maximum(tl.minimum(Tk, m0 + BLOCK_M + causal_off), 0)
+            else:
+                hi = Tk
+            acc_o, lse2 = _fwd_biased_rows(q, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
+                                           stride_kn, stride_vn, offs_m, tl.arange(0, SLOW_BLOCK_N), offs_d,
+                                           e_lo, e_hi, EntryPos, EntryVal, Tk, causal_off, hi, qk_scale2, alpha2,
+                                           CAUSAL, BLOCK_M, SLOW_BLOCK_N, HEAD_DIM, CHUNK, DOT_PREC)
+            tl.store(o_ptrs, acc_o.to(Out.dtype.element_ty), mask=cancelled[:, None])
+            tl.store(l_ptrs, lse2 * 0.6931471805599453, mask=cancelled)
 
 
 @triton.jit
@@ -382,7 +447,8 @@ def correct_fwd(q, k, v, out, lse, bias, entry_values, *, causal, scale, alpha,
     q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D]; out [B,Hq,Tq,D] (any float dtype), lse [B,Hq,Tq] float32
     natural log. With inplace=True (default) out and lse are updated in place and returned (only
     rows holding entries are touched), so the cost is O(entries x D), independent of Tq*Tk.
-    Rows where the identity cancels (see CANCEL_THRESHOLD) are not recomputed here.
+    Rows where the identity cancels (1 + sum w < CANCEL_THRESHOLD) are recomputed with the bias
+    in the tile loop, so out', lse' stay accurate there too.
     """
     B, Hq, Hkv, Tq, Tk, D = _check_common(q, k, v, bias)
     if not inplace:
@@ -403,9 +469,9 @@ def correct_fwd(q, k, v, out, lse, bias, entry_values, *, causal, scale, alpha,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        Hq, Hq // Hkv, Tq, Tk, bias.seq_len_q, Tk - Tq, scale * LOG2E, alpha * LOG2E,
+        Hq, Hq // Hkv, Tq, Tk, bias.seq_len_q, Tk - Tq, scale * LOG2E, alpha * LOG2E, CANCEL_THRESHOLD,
         HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_M=block_m, CHUNK=chunk,
-        DOT_PREC=dot_precision(q.dtype, allow_tf32), num_warps=num_warps)
+        DOT_PREC=dot_precision(q.dtype, allow_tf32), SLOW_BLOCK_N=32, num_warps=num_warps)
     return out, lse
 
 

@@ -188,3 +188,19 @@ def test_cancellation_forward_falls_back():
     out, lse = ka.flash_fwd(q, k, v, bias, bias.entry_values(), causal=False, scale=1.0, alpha=1.0)
     r_out, r_lse, *_ = oracle(q, k, v, do, coo, 1, Tq, Tk, False, 1.0, 1.0)
     assert rel(out, r_out) < 1e-5 and rel(lse.cpu(), r_lse) < 1e-5
+
+
+def test_cancellation_standalone_correction_falls_back():
+    B, Hq, Tq, Tk, D = 1, 1, 16, 16, 16
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(B, Hq, Tk, D, generator=g)
+    q = 4.0 * k + 0.1 * torch.randn(B, Hq, Tq, D, generator=g)
+    v = torch.randn(B, Hq, Tk, D, generator=g)
+    i = torch.arange(0, Tq, 2)   # every other row cancels; the others hold no entry
+    coo = (torch.zeros_like(i), i, i, torch.full(i.shape, -30.0))
+    q, k, v = (t.to(DEV) for t in (q, k, v))
+    bias = TraceBias.from_coo(*(t.to(DEV) for t in coo), num_heads=1, seq_len_q=Tq, seq_len_k=Tk)
+    out0, lse0 = ka.flash_fwd(q, k, v, None, causal=True, scale=1.0, alpha=1.0)
+    out, lse = kc.correct_fwd(q, k, v, out0, lse0, bias, bias.entry_values(), causal=True, scale=1.0, alpha=1.0)
+    r_out, r_lse, *_ = oracle(q, k, v, v, coo, 1, Tq, Tk, True, 1.0, 1.0)
+    assert rel(out, r_out) < 1e-5 and rel(lse.cpu(), r_lse) < 1e-5
