@@ -43,6 +43,7 @@ import triton.language as tl
 HIST_BINS = 4096
 HIST_SHIFT = 19          # float32 bits >> 19 -> 12 bits: 8 exponent + 4 mantissa bits
 INDEX_TILE = 128         # bias entries are bucketed by 128 x 128 index tiles
+LAST_COMPILED = {}
 
 
 @triton.jit
@@ -250,7 +251,7 @@ def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offse
         tiles_m = tiles_n = 1
     else:
         ent_off, ent_i, ent_j, tiles_m, tiles_n = entries
-    _salience_tile_kernel[grid](
+    compiled = _salience_tile_kernel[grid](
         q, k, v, dout, lse,
         *_strides(q, 4), *_strides(k, 4), *_strides(v, 4), *_strides(dout, 4), *_strides(lse, 3),
         B, Tq, Tk, Hq // Hkv, num_k_tiles, qk_scale, 1.0 / B, causal_offset, threshold,
@@ -259,6 +260,8 @@ def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offse
         PASS=pass_, HIST_IN_MAIN=hist_in_main, HAS_ENTRIES=entries is not None,
         BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, PRECISION=precision, IDX_TILE=INDEX_TILE,
         NUM_BINS=HIST_BINS, SHIFT=HIST_SHIFT, num_warps=warps, num_stages=stages)
+    # Registers / spills of the last compiled launch, for the benchmark's report (GPU only).
+    LAST_COMPILED[pass_] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))
 
 
 def launch_entries(q, k, v, dout, lse, ent_h, ent_i, ent_j, ent_val, out_s, out_a, *, qk_scale,

@@ -200,7 +200,9 @@ def check_capture_threshold(value) -> float:
 
 
 def check_capture_capacity(value) -> int:
-    """The capture's edge-buffer size: an int in [1, 2^31 - 2]."""
+    """The capture's edge-buffer size: an int in [1, 2^31 - 2] (bools rejected)."""
+    if isinstance(value, bool):
+        raise TypeError("capacity must be an int, got bool")
     return check_int("capacity", value, low=1, high=MAX_CAPTURE_CAPACITY)
 
 

@@ -1,0 +1,270 @@
+"""Salience capture (issue 4): cost of capture on top of attention forward+backward, against the
+seeds' eager capture, in one process on one GPU.
+
+Measured per shape (bf16, non-causal, D=128):
+  base_sdpa      SDPA flash forward+backward (aten op that also returns the LSE), no capture
+  capture_sdpa   the same + SalienceCapture._fill (the capture memtrace's backward runs)
+  base_mt        memtrace.biased_attention forward+backward, capture=None   (when it runs here)
+  capture_mt     memtrace.biased_attention(..., capture=cap) forward+backward
+  fill           SalienceCapture._fill alone (out/lse precomputed), threshold regime
+  fill_overflow  _fill with threshold 0: every edge is a candidate, the buffer overflows and the
+                 strongest `capacity` are kept (the seeds' top-k semantics)
+  fill_bias      _fill with a 2048-entries-per-head TraceBias (scores every entry exactly)
+  eager          the seeds' capture: materialise A = softmax(QK^T) (fp32 softmax, bf16 A),
+                 retain_grad, backward, S = mean_b A*|dA|, topk(capacity)
+Times are medians of triton.testing.do_bench; peak memory is torch.cuda.max_memory_allocated
+above the inputs. TFLOP/s: 3.5 * 4*B*H*T^2*D for forward+backward; the capture kernel itself
+does 2 matmuls, 4*B*H*T^2*D.
+
+Usage: python benchmarks/bench_capture.py [--json PATH] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+import memtrace
+from memtrace import capture as capture_mod
+from memtrace.capture import SalienceCapture
+
+
+def bench(fn, grad_to_none=None, rep=200):
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+
+
+def peak_mib(fn, grads=()):
+    for t in grads:
+        t.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def sdpa_fwd(q, k, v, scale):
+    """SDPA flash forward through the aten op that also returns the LSE (differentiable)."""
+    res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+    return res[0], res[1]
+
+
+def eager_capture(q, k, v, dout, scale, topk):
+    """The seeds' capture: materialised attention, retain_grad, S = mean_b A*|dA|, top-k."""
+    qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+    logits = torch.matmul(qq, kk.transpose(-1, -2)) * scale
+    attn = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+    attn.retain_grad()
+    out = torch.matmul(attn, vv)
+    out.backward(dout)
+    S = (attn.float() * attn.grad.float().abs()).mean(0)
+    vals, idx = torch.topk(S.flatten(), topk)
+    return vals, idx
+
+
+def run_shape(B, H, T, D, capacity, quick, notes):
+    dev = "cuda"
+    dt = torch.bfloat16
+    torch.manual_seed(0)
+    q = torch.randn(B, H, T, D, device=dev, dtype=dt, requires_grad=True)
+    k = torch.randn(B, H, T, D, device=dev, dtype=dt, requires_grad=True)
+    v = torch.randn(B, H, T, D, device=dev, dtype=dt, requires_grad=True)
+    dout = torch.randn(B, H, T, D, device=dev, dtype=dt)
+    scale = 1.0 / math.sqrt(D)
+    grads = [q, k, v]
+    flops_fb = 3.5 * 4 * B * H * T * T * D
+    flops_cap = 4 * B * H * T * T * D
+    res = {"shape": dict(B=B, H=H, T=T, D=D, dtype="bf16", causal=False), "capacity": capacity}
+
+    with torch.no_grad():
+        out0, lse0 = sdpa_fwd(q, k, v, scale)
+    # Threshold regime: the capacity-th strongest S (from an overflowing fill) as the threshold,
+    # so the candidates fit the buffer (the intended use: a threshold set from the memory's).
+    probe = SalienceCapture(threshold=0.0, capacity=capacity)
+    probe._fill(q.detach(), k.detach(), v.detach(), out0, lse0, dout, None, None, scale=scale)
+    threshold = float(probe.stats["kept_min_salience"])
+    res["threshold"] = threshold
+    res["probe_num_candidates"] = int(probe.stats["num_candidates"])
+    cap = SalienceCapture(threshold=threshold, capacity=capacity)
+    cap._fill(q.detach(), k.detach(), v.detach(), out0, lse0, dout, None, None, scale=scale)
+    res["fill_num_candidates"] = int(cap.stats["num_candidates"])
+    res["fill_num_edges"] = int(cap.num_edges)
+
+    def base_sdpa():
+        out, lse = sdpa_fwd(q, k, v, scale)
+        out.backward(dout)
+
+    def capture_sdpa():
+        out, lse = sdpa_fwd(q, k, v, scale)
+        out.backward(dout)
+        cap._fill(q.detach(), k.detach(), v.detach(), out.detach(), lse, dout, None, None, scale=scale)
+
+    def fill():
+        cap._fill(q.detach(), k.detach(), v.detach(), out0, lse0, dout, None, None, scale=scale)
+
+    over = SalienceCapture(threshold=0.0, capacity=capacity)
+
+    def fill_overflow():
+        over._fill(q.detach(), k.detach(), v.detach(), out0, lse0, dout, None, None, scale=scale)
+
+    t = {}
+    t["base_sdpa"] = bench(base_sdpa, grads)
+    t["capture_sdpa"] = bench(capture_sdpa, grads)
+    t["fill"] = bench(fill)
+    t["fill_overflow"] = bench(fill_overflow)
+    mem = {"base_sdpa": peak_mib(base_sdpa, grads), "capture_sdpa": peak_mib(capture_sdpa, grads)}
+
+    # The histogram in the main pass costs something on every fill; without it an overflow
+    # needs one more recompute pass. Measure both.
+    capture_mod._HIST_IN_MAIN = False
+    try:
+        t["fill_nohist"] = bench(fill)
+        t["fill_overflow_nohist"] = bench(fill_overflow)
+    finally:
+        capture_mod._HIST_IN_MAIN = True
+
+    # Tile configurations of the capture kernel.
+    sweep = {}
+    configs = [(128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 128, 8, 1),
+               (128, 128, 8, 2), (64, 64, 4, 2), (128, 32, 4, 3)]
+    if quick:
+        configs = configs[:3]
+    for cfg in configs:
+        capture_mod._CONFIG_OVERRIDE = cfg
+        try:
+            sweep[str(cfg)] = bench(fill, rep=100)
+        except Exception as exc:  # out of resources etc.
+            sweep[str(cfg)] = f"error: {type(exc).__name__}: {str(exc)[:120]}"
+        finally:
+            capture_mod._CONFIG_OVERRIDE = None
+    res["config_sweep_fill_ms"] = sweep
+    from memtrace.kernels import salience as ks
+    fill()
+    res["tile_kernel_regs_spills"] = {str(k): v for k, v in ks.LAST_COMPILED.items()}
+
+    # A bias: 2048 random entries per head, the fill scores all of them.
+    n_per_head = 2048
+    g = torch.Generator(device=dev).manual_seed(1)
+    bh = torch.arange(H, device=dev).repeat_interleave(n_per_head)
+    bi = torch.randint(0, T, (H * n_per_head,), device=dev, generator=g)
+    bj = torch.randint(0, T, (H * n_per_head,), device=dev, generator=g)
+    bval = torch.rand(H * n_per_head, device=dev, generator=g)
+    bias = memtrace.TraceBias.from_coo(bh, bi, bj, bval, num_heads=H, seq_len_q=T, seq_len_k=T)
+    ev = bias.entry_values()
+    capb = SalienceCapture(threshold=threshold, capacity=capacity)
+    t["fill_bias"] = bench(lambda: capb._fill(q.detach(), k.detach(), v.detach(), out0, lse0, dout, bias, ev,
+                                              scale=scale))
+
+    # memtrace.biased_attention, when it runs here.
+    try:
+        capm = SalienceCapture(threshold=threshold, capacity=capacity)
+
+        def base_mt():
+            memtrace.biased_attention(q, k, v, scale=scale).backward(dout)
+
+        def capture_mt():
+            memtrace.biased_attention(q, k, v, scale=scale, capture=capm).backward(dout)
+
+        base_mt()
+        capture_mt()
+        torch.cuda.synchronize()
+        t["base_mt"] = bench(base_mt, grads)
+        t["capture_mt"] = bench(capture_mt, grads)
+        mem["base_mt"] = peak_mib(base_mt, grads)
+        mem["capture_mt"] = peak_mib(capture_mt, grads)
+        res["mt_capture_num_edges"] = int(capm.num_edges)
+    except Exception as exc:
+        notes.append(f"B{B} H{H} T{T}: memtrace.biased_attention not measured: {type(exc).__name__}: {exc}"[:400])
+
+    # The seeds' eager capture.
+    try:
+        eager = lambda: eager_capture(q, k, v, dout, scale, capacity)  # noqa: E731
+        eager()
+        t["eager"] = bench(eager, rep=100)
+        mem["eager"] = peak_mib(eager)
+    except torch.cuda.OutOfMemoryError as exc:
+        notes.append(f"B{B} H{H} T{T}: eager capture out of memory: {exc}"[:300])
+    torch.cuda.empty_cache()
+
+    res["ms"] = t
+    res["peak_mib"] = mem
+    r = {}
+    r["capture_over_base_sdpa"] = t["capture_sdpa"] / t["base_sdpa"]
+    r["mem_capture_over_base_sdpa"] = mem["capture_sdpa"] / mem["base_sdpa"]
+    if "base_mt" in t:
+        r["capture_over_base_mt"] = t["capture_mt"] / t["base_mt"]
+        r["mem_capture_over_base_mt"] = mem["capture_mt"] / mem["base_mt"]
+    if "eager" in t:
+        r["eager_over_fill"] = t["eager"] / t["fill"]
+        r["eager_over_fill_overflow"] = t["eager"] / t["fill_overflow"]
+        extra = t["capture_sdpa"] - t["base_sdpa"]
+        r["eager_over_capture_sdpa_extra"] = t["eager"] / extra if extra > 0 else float("inf")
+    res["ratios"] = r
+    res["tflops"] = {"base_sdpa": flops_fb / t["base_sdpa"] * 1e-9,
+                     "capture_sdpa": flops_fb / t["capture_sdpa"] * 1e-9,
+                     "fill_kernel_matmuls": flops_cap / t["fill"] * 1e-9}
+    if "base_mt" in t:
+        res["tflops"]["base_mt"] = flops_fb / t["base_mt"] * 1e-9
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_capture: no CUDA device; nothing to measure (the CPU tests cover correctness)")
+        return 0
+    import triton
+    shapes = [(2, 16, 4096, 128), (4, 16, 4096, 128)]
+    if args.quick:
+        shapes = [(1, 4, 1024, 64)]
+    capacity = 1 << 17
+    notes = []
+    results = []
+    for B, H, T, D in shapes:
+        try:
+            r = run_shape(B, H, T, D, capacity, args.quick, notes)
+        except Exception:
+            traceback.print_exc()
+            notes.append(f"B{B} H{H} T{T} D{D} failed: {traceback.format_exc()[-600:]}")
+            continue
+        results.append(r)
+        s = r["shape"]
+        print(f"\n== B{s['B']} H{s['H']} T{s['T']} D{s['D']} bf16, capacity {capacity}, "
+              f"threshold {r['threshold']:.3e} ({r['fill_num_candidates']} candidates)")
+        for name, ms in r["ms"].items():
+            print(f"  {name:22s} {ms:9.3f} ms   peak {r['peak_mib'].get(name, float('nan')):9.1f} MiB")
+        for name, x in r["ratios"].items():
+            print(f"  {name:34s} {x:8.3f}")
+        for name, x in r["tflops"].items():
+            print(f"  TFLOP/s {name:26s} {x:8.1f}")
+        print("  fill config sweep (ms):", r["config_sweep_fill_ms"])
+        print("  tile kernel (regs, spills) per pass:", r["tile_kernel_regs_spills"])
+    for n in notes:
+        print("note:", n)
+    doc = {"benchmark": "bench_capture", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "triton": triton.__version__, "memtrace": memtrace.__version__,
+           "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
+           "baseline": "SDPA flash fwd+bwd (aten _scaled_dot_product_flash_attention, returns the LSE the "
+                       "capture needs); memtrace.biased_attention too where it ran (base_mt / capture_mt)",
+           "targets": {"capture_over_base": 1.25, "eager_over_capture": 20, "mem_capture_over_base": 1.1},
+           "results": results, "notes": notes}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Salience capture on the GPU (Triton path) against the float64 oracle, realistic shapes.
+
+Skipped without CUDA (tests/gpu/conftest.py). bf16 is tested here (the CPU interpreter cannot).
+"""
+import math
+
+import pytest
+import torch
+
+import memtrace as mt
+from memtrace import reference as R
+from memtrace.capture import SalienceCapture
+
+DEV = "cuda"
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+
+
+def _inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    q = torch.randn(B, Hq, Tq, D, device=DEV, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Tk, D, device=DEV, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Tk, D, device=DEV, generator=g).to(dtype)
+    do = torch.randn(B, Hq, Tq, D, device=DEV, generator=g).to(dtype)
+    return q, k, v, do
+
+
+def _bias(Hq, Tq_max, Tk_max, n, seed):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    h = torch.randint(0, Hq, (n,), device=DEV, generator=g)
+    i = torch.randint(0, Tq_max, (n,), device=DEV, generator=g)
+    j = torch.randint(0, Tk_max, (n,), device=DEV, generator=g)
+    val = torch.randn(n, device=DEV, generator=g)
+    h[-3:], i[-3:], j[-3:] = h[0], i[0], j[0]            # duplicates add
+    return mt.TraceBias.from_coo(h, i, j, val, num_heads=Hq, seq_len_q=Tq_max, seq_len_k=Tk_max)
+
+
+def _oracle(q, k, v, do, bias, causal, scale=None, alpha=1.0):
+    Hq, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
+    dense = None
+    if bias is not None:
+        dense = R.dense_bias(bias.head, bias.q_idx, bias.k_idx, bias.value, Hq, Tq, Tk)
+    q64, k64, v64, do64 = (t.double() for t in (q, k, v, do))
+    out, lse = R.attention_with_lse(q64, k64, v64, dense, causal=causal, scale=scale, alpha=alpha)
+    S, a = R.salience(q64, k64, v64, do64, dense, causal=causal, scale=scale, alpha=alpha)
+    return out, lse, S, a
+
+
+def _entry_mask(bias, S):
+    mask = torch.zeros_like(S, dtype=torch.bool)
+    if bias is not None:
+        Tq, Tk = S.shape[1], S.shape[2]
+        inside = (bias.q_idx < Tq) & (bias.k_idx < Tk)
+        mask[bias.head[inside], bias.q_idx[inside], bias.k_idx[inside]] = True
+    return mask
+
+
+def _rel(got, ref):
+    ref = ref.double()
+    return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _check(cap, S, a, bias, threshold, dtype, margin=1e-4):
+    n = int(cap.num_edges)
+    h, i, j, s, aa = (t[:n].long() if t.dtype == torch.int32 else t[:n] for t in cap.edges)
+    key = (h * S.shape[1] + i) * S.shape[2] + j
+    assert torch.all(key[1:] > key[:-1]), "edges must be unique and sorted by (head, q, k)"
+    for t in cap.edges:
+        assert torch.all(t[n:] == 0)
+    ent = _entry_mask(bias, S)
+    assert not ent[h, i, j].any(), "bias entries are reported in bias_scores, not as edges"
+    assert _rel(s, S[h, i, j]) < TOL[dtype]
+    assert _rel(aa, a[h, i, j]) < TOL[dtype]
+    emitted = torch.zeros_like(ent)
+    emitted[h, i, j] = True
+    sure_in = (S > threshold * (1 + margin) + 1e-12) & ~ent
+    sure_out = (S <= threshold * (1 - margin)) | ent
+    if not bool(cap.stats["overflow"]):
+        assert torch.all(emitted[sure_in]), "an edge over the threshold is missing"
+    assert not torch.any(emitted & sure_out), "an edge under the threshold was emitted"
+    assert torch.isfinite(s).all() and torch.isfinite(aa).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fill_parity(dtype, causal):
+    B, Hq, Hkv, Tq, Tk, D = 2, 4, 2, 300, 517, 64
+    q, k, v, do = _inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed=1)
+    bias = _bias(Hq, 400, 600, 500, seed=2)                   # some entries past (Tq, Tk)
+    out, lse, S, a = _oracle(q, k, v, do, bias, causal)
+    threshold = float(torch.quantile(S.flatten()[::7].float(), 0.995))
+    cap = SalienceCapture(threshold=threshold)
+    cap._fill(q, k, v, out.to(dtype), lse.float(), do, bias, bias.entry_values(), causal=causal)
+    _check(cap, S, a, bias, threshold, dtype)
+    assert not bool(cap.stats["overflow"]) and bool(cap.stats["exact"])
+    bS, ba = cap.bias_scores
+    inside = (bias.q_idx < Tq) & (bias.k_idx < Tk)
+    hh, ii, jj = bias.head, bias.q_idx.clamp(max=Tq - 1), bias.k_idx.clamp(max=Tk - 1)
+    refS = torch.where(inside, S[hh, ii, jj], torch.zeros((), dtype=S.dtype, device=DEV))
+    refa = torch.where(inside, a[hh, ii, jj], torch.zeros((), dtype=S.dtype, device=DEV))
+    assert _rel(bS, refS) < TOL[dtype] and _rel(ba, refa) < TOL[dtype]
+    assert cap.num_heads == Hq and cap.seq_len_q == Tq and cap.seq_len_k == Tk
+
+
+@pytest.mark.parametrize("D", [32, 128])
+def test_fill_realistic_bf16(D):
+    B, H, T = 2, 4, 1024
+    q, k, v, do = _inputs(B, H, H, T, T, D, torch.bfloat16, seed=3)
+    out, lse, S, a = _oracle(q, k, v, do, None, False)
+    threshold = float(torch.quantile(S.flatten()[::11].float(), 0.999))
+    cap = SalienceCapture(threshold=threshold)
+    cap._fill(q, k, v, out.bfloat16(), lse.float(), do, None, None)
+    _check(cap, S, a, None, threshold, torch.bfloat16)
+    assert cap.bias_scores is None
+
+
+def test_overflow_keeps_strongest():
+    B, H, T, D = 2, 4, 512, 64
+    q, k, v, do = _inputs(B, H, H, T, T, D, torch.float16, seed=4)
+    out, lse, S, a = _oracle(q, k, v, do, None, False)
+    capacity = 5000
+    cap = SalienceCapture(threshold=0.0, capacity=capacity)
+    cap._fill(q, k, v, out.half(), lse.float(), do, None, None)
+    assert bool(cap.stats["overflow"]) and bool(cap.stats["exact"])
+    assert int(cap.num_edges) == capacity
+    assert int(cap.stats["num_candidates"]) == int((S > 0).sum())
+    top = torch.sort(S.flatten(), descending=True).values
+    cut_in, cut_out = top[capacity - 1].item(), top[capacity].item()
+    h, i, j, s, _ = cap.valid_edges()
+    kept = S[h.long(), i.long(), j.long()]
+    # Every kept edge is among the strongest (up to float32 rounding near the cut).
+    assert kept.min().item() >= cut_out * (1 - 1e-5)
+    assert abs(float(cap.stats["kept_min_salience"]) - cut_in) <= 1e-4 * cut_in
+
+
+def test_fully_masked_rows_and_biased_attention():
+    """causal with Tq > Tk: the first Tq - Tk rows see no key (P = 0, no NaN); through the op."""
+    B, Hq, Hkv, Tq, Tk, D = 2, 4, 1, 160, 96, 64
+    q, k, v, do = _inputs(B, Hq, Hkv, Tq, Tk, D, torch.bfloat16, seed=5)
+    bias = _bias(Hq, Tq, Tk, 300, seed=6)
+    out, lse, S, a = _oracle(q, k, v, do, bias, True)
+    threshold = float(torch.quantile(S.flatten().float(), 0.99))
+    cap = SalienceCapture(threshold=threshold)
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    o = mt.biased_attention(qq, kk, vv, bias, causal=True, capture=cap)
+    o.backward(do)
+    assert cap.filled
+    _check(cap, S, a, bias, threshold, torch.bfloat16, margin=1e-2)
+    assert torch.isfinite(cap.bias_scores[0]).all()
+    assert float(cap.stats["kept_min_salience"]) > threshold

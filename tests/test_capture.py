@@ -1,0 +1,342 @@
+"""SalienceCapture (SPEC 3, issue 4) against the float64 oracle, on the CPU.
+
+The Triton kernels run in the interpreter (TRITON_INTERPRET=1, set below when no GPU is present):
+tiny shapes, fp16 / fp32 only (the interpreter cannot do a bf16 tl.dot). The dense fallback path
+(CPU without the interpreter) is checked too.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import memtrace as mt  # noqa: E402
+from memtrace import capture as capture_mod  # noqa: E402
+from memtrace import reference as R  # noqa: E402
+from memtrace.capture import SalienceCapture  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
+MARGIN = 1e-4     # relative band around the threshold where float32 rounding may decide
+
+
+def make_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(B, Hq, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D), (B, Hq, Tq, D)]
+    return [torch.randn(s, generator=g).to(dtype).to(DEV) for s in shapes]
+
+
+def make_bias(Hq, Tq_max, Tk_max, n, seed, dups=True):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randint(0, Hq, (n,), generator=g)
+    i = torch.randint(0, Tq_max, (n,), generator=g)
+    j = torch.randint(0, Tk_max, (n,), generator=g)
+    val = torch.randn(n, generator=g)
+    if dups and n >= 4:
+        h[-2:], i[-2:], j[-2:] = h[0], i[0], j[0]
+    return mt.TraceBias.from_coo(h.to(DEV), i.to(DEV), j.to(DEV), val.to(DEV), num_heads=Hq,
+                                 seq_len_q=Tq_max, seq_len_k=Tk_max)
+
+
+def oracle(q, k, v, do, bias, causal, scale=None, alpha=1.0):
+    """(out, lse, S, a) in float64 from the same inputs."""
+    Hq, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
+    dense = None
+    if bias is not None:
+        dense = R.dense_bias(bias.head, bias.q_idx, bias.k_idx, bias.value, Hq, Tq, Tk)
+    q64, k64, v64, do64 = (t.double() for t in (q, k, v, do))
+    out, lse = R.attention_with_lse(q64, k64, v64, dense, causal=causal, scale=scale, alpha=alpha)
+    S, a = R.salience(q64, k64, v64, do64, dense, causal=causal, scale=scale, alpha=alpha)
+    return out, lse, S, a
+
+
+def fill(cap, q, k, v, do, bias, causal, scale=None, alpha=1.0):
+    out, lse, S, a = oracle(q, k, v, do, bias, causal, scale, alpha)
+    ev = bias.entry_values() if bias is not None else None
+    cap._fill(q, k, v, out.to(q.dtype), lse.float(), do, bias, ev, causal=causal, scale=scale, alpha=alpha)
+    return S, a
+
+
+def entry_mask(bias, S):
+    mask = torch.zeros_like(S, dtype=torch.bool)
+    if bias is not None:
+        Tq, Tk = S.shape[1], S.shape[2]
+        inside = (bias.q_idx < Tq) & (bias.k_idx < Tk)
+        mask[bias.head[inside], bias.q_idx[inside], bias.k_idx[inside]] = True
+    return mask
+
+
+def rel(got, ref):
+    ref = ref.double().cpu()
+    got = got.double().cpu()
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check_capture(cap, S, a, bias, threshold, dtype):
+    """Edges: unique, sorted, no bias entry, values match, exactly the reference's threshold set
+    (outside a MARGIN band); bias scores match at every COO entry."""
+    n = int(cap.num_edges)
+    assert cap.num_edges.dtype == torch.int32 and cap.num_edges.dim() == 0
+    assert 0 <= n <= cap.capacity
+    for t in cap.edges:
+        assert t.shape == (cap.capacity,)
+        assert torch.all(t[n:] == 0), "slots past num_edges must be zero"
+    assert [t.dtype for t in cap.edges] == [torch.int32] * 3 + [torch.float32] * 2
+    h, i, j = (t[:n].long() for t in cap.edges[:3])
+    s, aa = cap.edges[3][:n], cap.edges[4][:n]
+    Tq, Tk = S.shape[1], S.shape[2]
+    key = (h * Tq + i) * Tk + j
+    assert torch.all(key[1:] > key[:-1]), "edges must be unique and sorted by (head, q, k)"
+    ent = entry_mask(bias, S)
+    assert not ent[h, i, j].any(), "bias entries belong to bias_scores, not to the edges"
+    if n:
+        assert rel(s, S[h, i, j]) < TOL[dtype]
+        assert rel(aa, a[h, i, j]) < TOL[dtype]
+    assert torch.isfinite(s).all() and torch.isfinite(aa).all()
+    emitted = torch.zeros_like(ent)
+    emitted[h, i, j] = True
+    sure_in = (S > threshold * (1 + MARGIN) + 1e-9) & ~ent
+    sure_out = (S <= threshold * (1 - MARGIN)) | ent
+    if not bool(cap.stats["overflow"]):
+        assert torch.all(emitted[sure_in]), "an edge over the threshold is missing"
+        lo = int(sure_in.sum())
+        hi = int(((S > threshold * (1 - MARGIN)) & ~ent).sum())
+        assert lo <= int(cap.stats["num_candidates"]) <= hi
+    assert not torch.any(emitted & sure_out), "an edge at or under the threshold was emitted"
+    if bias is None:
+        assert cap.bias_scores is None
+    else:
+        bS, ba = cap.bias_scores
+        assert bS.shape == (bias.nnz,) and ba.shape == (bias.nnz,)
+        inside = (bias.q_idx < Tq) & (bias.k_idx < Tk)
+        hh, ii, jj = bias.head, bias.q_idx.clamp(max=Tq - 1), bias.k_idx.clamp(max=Tk - 1)
+        zero = torch.zeros((), dtype=S.dtype, device=S.device)
+        refS = torch.where(inside, S[hh, ii, jj], zero)
+        refa = torch.where(inside, a[hh, ii, jj], zero)
+        if refS.abs().sum() > 0:
+            assert rel(bS, refS) < TOL[dtype]
+            assert rel(ba, refa) < TOL[dtype]
+        assert torch.all(bS[~inside] == 0) and torch.all(ba[~inside] == 0)
+        assert torch.isfinite(bS).all() and torch.isfinite(ba).all()
+
+
+def quantile_threshold(S, q):
+    return float(torch.quantile(S.flatten().float().cpu(), q))
+
+
+CASES = [
+    # B, Hq, Hkv, Tq, Tk, D, dtype, causal, with_bias
+    (2, 2, 2, 37, 53, 16, torch.float32, False, False),
+    (1, 4, 2, 40, 40, 32, torch.float16, True, True),      # GQA, causal, square
+    (3, 2, 1, 50, 29, 16, torch.float16, True, True),      # causal with Tq > Tk: masked rows
+    (2, 3, 1, 21, 70, 16, torch.float32, True, True),      # causal with Tq < Tk
+    (2, 2, 2, 64, 64, 16, torch.float32, False, True),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Tq,Tk,D,dtype,causal,with_bias", CASES)
+def test_parity(B, Hq, Hkv, Tq, Tk, D, dtype, causal, with_bias):
+    q, k, v, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed=Tq * 7 + Tk)
+    # bias built for larger maxima than the call: entries past (Tq, Tk) must be ignored
+    bias = make_bias(Hq, Tq + 9, Tk + 5, 60, seed=Tq) if with_bias else None
+    S_probe = oracle(q, k, v, do, bias, causal)[2]
+    threshold = quantile_threshold(S_probe, 0.9)
+    cap = SalienceCapture(threshold=threshold)
+    S, a = fill(cap, q, k, v, do, bias, causal)
+    check_capture(cap, S, a, bias, threshold, dtype)
+    assert not bool(cap.stats["overflow"]) and bool(cap.stats["exact"])
+    assert cap.num_heads == Hq and cap.seq_len_q == Tq and cap.seq_len_k == Tk
+    assert cap.bias is bias
+
+
+def test_random_shapes():
+    """A few random shapes, scale and alpha (seeded, so the run is reproducible)."""
+    g = torch.Generator().manual_seed(123)
+    for trial in range(3):
+        Hkv = int(torch.randint(1, 3, (1,), generator=g))
+        Hq = Hkv * int(torch.randint(1, 3, (1,), generator=g))
+        B = int(torch.randint(1, 3, (1,), generator=g))
+        Tq, Tk = (int(x) for x in torch.randint(1, 48, (2,), generator=g))
+        D = [16, 32][trial % 2]
+        causal = bool(trial % 2)
+        scale = float(torch.rand((), generator=g)) * 0.4 + 0.05
+        alpha = float(torch.randn((), generator=g))
+        q, k, v, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=1000 + trial)
+        bias = make_bias(Hq, Tq + 3, Tk + 3, 25, seed=trial)
+        S_probe = oracle(q, k, v, do, bias, causal, scale, alpha)[2]
+        threshold = quantile_threshold(S_probe, 0.7)
+        cap = SalienceCapture(threshold=threshold)
+        S, a = fill(cap, q, k, v, do, bias, causal, scale, alpha)
+        check_capture(cap, S, a, bias, threshold, torch.float32)
+
+
+def test_bias_on_strong_edges_is_scored_exactly():
+    """A big bias on an edge changes its P a lot: the edge must not appear with the unbiased
+    value; its exact score is in bias_scores (duplicates get the merged entry's score)."""
+    B, H, T, D = 2, 2, 33, 16
+    q, k, v, do = make_inputs(B, H, H, T, T, D, torch.float32, seed=5)
+    h = torch.tensor([0, 0, 1, 1, 0], device=DEV)
+    i = torch.tensor([3, 3, 10, 32, 40], device=DEV)          # the last one is out of range
+    j = torch.tensor([7, 7, 2, 32, 1], device=DEV)
+    val = torch.tensor([2.0, 1.5, -3.0, 4.0, 1.0], device=DEV)
+    bias = mt.TraceBias.from_coo(h, i, j, val, num_heads=H, seq_len_q=48, seq_len_k=48)
+    cap = SalienceCapture(threshold=0.0)
+    S, a = fill(cap, q, k, v, do, bias, False, alpha=1.5)
+    check_capture(cap, S, a, bias, 0.0, torch.float32)
+    bS, ba = cap.bias_scores
+    assert torch.equal(bS[0], bS[1]) and bS[0] > 0          # duplicates share the merged score
+    assert bS[4] == 0 and ba[4] == 0
+    # every other edge is a candidate at threshold 0 (S > 0 almost surely)
+    assert int(cap.num_edges) == int((S > 0).sum()) - 3     # 3 distinct entries in range
+
+
+def test_overflow_keeps_strongest():
+    B, H, T, D = 2, 2, 48, 16
+    q, k, v, do = make_inputs(B, H, H, T, T, D, torch.float16, seed=9)
+    bias = make_bias(H, T, T, 40, seed=3)
+    capacity = 300
+    cap = SalienceCapture(threshold=0.0, capacity=capacity)
+    S, a = fill(cap, q, k, v, do, bias, True)
+    ent = entry_mask(bias, S)
+    cands = S[(S > 0) & ~ent]
+    assert bool(cap.stats["overflow"]) and bool(cap.stats["exact"])
+    assert int(cap.stats["num_candidates"]) == cands.numel()
+    assert int(cap.num_edges) == capacity
+    check_capture(cap, S, a, bias, 0.0, torch.float16)
+    top = torch.sort(cands, descending=True).values
+    h, i, j, s, _ = cap.valid_edges()
+    kept = S[h.long(), i.long(), j.long()]
+    # the kept edges are the `capacity` strongest (float32 rounding aside)
+    assert kept.min() >= top[capacity] * (1 - 1e-5)
+    kept_sorted = torch.sort(kept, descending=True).values
+    assert rel(kept_sorted, top[:capacity]) < 1e-5
+    assert abs(float(cap.stats["kept_min_salience"]) - float(top[capacity - 1])) <= 1e-4 * float(top[capacity - 1])
+
+
+def test_overflow_with_threshold_and_ties():
+    """Equal salience everywhere (q = 0, dO = 1, v = 1): ties at the cut go to the smaller
+    (head, q, k); the overflow path and the dense path agree."""
+    B, H, T, D = 1, 1, 20, 16
+    q = torch.zeros(B, H, T, D, device=DEV)
+    k = torch.randn(B, H, T, D, device=DEV)
+    v = torch.ones(B, H, T, D, device=DEV)
+    do = torch.ones(B, H, T, D, device=DEV)
+    cap = SalienceCapture(threshold=0.01, capacity=50)
+    S, a = fill(cap, q, k, v, do, None, False)
+    assert bool(cap.stats["overflow"]) and int(cap.stats["num_candidates"]) == T * T
+    h, i, j, s, _ = cap.valid_edges()
+    assert torch.equal(i.long() * T + j.long(), torch.arange(50, device=DEV))
+
+
+def test_dense_path_matches_kernels(monkeypatch):
+    """CPU without the interpreter: the dense reference fills the same fields the same way."""
+    B, Hq, Hkv, Tq, Tk, D = 2, 2, 1, 30, 41, 16
+    q, k, v, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=77)
+    bias = make_bias(Hq, Tq + 2, Tk, 30, seed=8)
+    S_probe = oracle(q, k, v, do, bias, True)[2]
+    threshold = quantile_threshold(S_probe, 0.8)
+    caps = []
+    for interp in (True, False):
+        monkeypatch.setattr(capture_mod, "_use_interpreter", lambda interp=interp: interp)
+        for capacity in (10_000, 40):
+            cap = SalienceCapture(threshold=threshold, capacity=capacity)
+            S, a = fill(cap, q, k, v, do, bias, True)
+            check_capture(cap, S, a, bias, threshold, torch.float32)
+            caps.append(cap)
+    for c1, c2 in ((caps[0], caps[2]), (caps[1], caps[3])):
+        assert int(c1.num_edges) == int(c2.num_edges)
+        for t1, t2 in zip(c1.edges[:3], c2.edges[:3]):
+            assert torch.equal(t1, t2)
+        assert rel(c1.edges[3], c2.edges[3]) < 1e-5
+        assert rel(c1.bias_scores[0], c2.bias_scores[0]) < 1e-5
+        for key in ("num_candidates", "overflow", "exact"):
+            assert torch.equal(c1.stats[key], c2.stats[key])
+
+
+def test_fully_masked_rows_give_zero():
+    """causal with Tq > Tk: rows i < Tq - Tk see no key; lse = -inf there; nothing is NaN."""
+    B, H, Tq, Tk, D = 1, 2, 24, 8, 16
+    q, k, v, do = make_inputs(B, H, H, Tq, Tk, D, torch.float32, seed=4)
+    bias = mt.TraceBias.from_coo(torch.tensor([0, 1], device=DEV), torch.tensor([2, 20], device=DEV),
+                                 torch.tensor([0, 3], device=DEV), torch.tensor([1.0, 1.0], device=DEV),
+                                 num_heads=H, seq_len_q=Tq, seq_len_k=Tk)
+    cap = SalienceCapture(threshold=0.0)
+    S, a = fill(cap, q, k, v, do, bias, True)
+    check_capture(cap, S, a, bias, 0.0, torch.float32)
+    h, i, j, s, aa = cap.valid_edges()
+    assert torch.all(i >= Tq - Tk)                       # no edge from a fully masked row
+    assert cap.bias_scores[0][0] == 0                    # entry on a masked row scores 0
+    assert cap.bias_scores[0][1] > 0
+
+
+def test_refill_and_empty_bias():
+    B, H, T, D = 1, 2, 16, 16
+    q, k, v, do = make_inputs(B, H, H, T, T, D, torch.float32, seed=2)
+    cap = SalienceCapture(threshold=1e9)
+    assert not cap.filled
+    with pytest.raises(RuntimeError):
+        cap.edges
+    empty = mt.TraceBias.empty(num_heads=H, seq_len_q=T, seq_len_k=T, device=DEV)
+    S, a = fill(cap, q, k, v, do, empty, False)
+    assert int(cap.num_edges) == 0 and int(cap.stats["num_candidates"]) == 0
+    assert float(cap.stats["kept_min_salience"]) == 0.0
+    assert cap.bias_scores[0].shape == (0,)
+    cap.threshold = 0.0
+    S, a = fill(cap, q, k, v, do, None, False)
+    check_capture(cap, S, a, None, 0.0, torch.float32)
+    assert cap.bias is None
+
+
+@pytest.mark.parametrize("threshold", [-0.1, float("nan"), float("inf"), "0.1", None])
+def test_bad_threshold(threshold):
+    with pytest.raises((ValueError, TypeError), match="threshold"):
+        SalienceCapture(threshold=threshold)
+
+
+@pytest.mark.parametrize("capacity", [0, -5, 1.5, 2**31, True])
+def test_bad_capacity(capacity):
+    with pytest.raises((ValueError, TypeError), match="capacity"):
+        SalienceCapture(capacity=capacity)
+
+
+def test_bad_fill_inputs():
+    B, H, T, D = 1, 2, 16, 16
+    q, k, v, do = make_inputs(B, H, H, T, T, D, torch.float32, seed=2)
+    lse = torch.zeros(B, H, T, device=DEV)
+    cap = SalienceCapture()
+    with pytest.raises(ValueError, match="lse"):
+        cap._fill(q, k, v, q, lse[:, :, :-1], do, None, None)
+    with pytest.raises(ValueError, match="dout"):
+        cap._fill(q, k, v, q, lse, do[:, :1], None, None)
+    with pytest.raises(ValueError, match="head dim"):
+        cap._fill(q[..., :12], k[..., :12], v[..., :12], q, lse, do[..., :12], None, None)
+    bias = mt.TraceBias.empty(num_heads=H + 1, seq_len_q=T, seq_len_k=T, device=DEV)
+    with pytest.raises(ValueError, match="heads"):
+        cap._fill(q, k, v, q, lse, do, bias, None)
+    with pytest.raises(TypeError, match="bias"):
+        cap._fill(q, k, v, q, lse, do, "bias", None)
+    assert not cap.filled                                # a failed fill leaves it as it was
+
+
+def test_public_name():
+    assert mt.SalienceCapture is SalienceCapture
+    assert "capacity=131072" in repr(SalienceCapture())
+
+
+def test_through_biased_attention():
+    """The attention op's backward fills the capture (skipped while the op cannot run here)."""
+    B, Hq, Hkv, T, D = 1, 2, 1, 24, 16
+    q, k, v, do = make_inputs(B, Hq, Hkv, T, T, D, torch.float32, seed=6)
+    bias = make_bias(Hq, T, T, 12, seed=6)
+    cap = SalienceCapture(threshold=0.0)
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    try:
+        out = mt.biased_attention(qq, kk, vv, bias, causal=True, capture=cap)
+    except (ImportError, NotImplementedError) as exc:       # pragma: no cover
+        pytest.skip(f"biased_attention unavailable: {exc}")
+    out.backward(do)
+    S, a = oracle(q, k, v, do, bias, True)[2:]
+    check_capture(cap, S, a, bias, 0.0, torch.float32)
