@@ -72,9 +72,9 @@ class _Call:
     fake tensors)."""
 
     __slots__ = ("device", "dtype", "batch", "q_heads", "kv_heads", "seq_len_q", "seq_len_k",
-                 "head_dim", "causal", "has_bias", "last_dim_contiguous")
+                 "head_dim", "causal", "has_bias", "last_dim_contiguous", "min_bias_logit")
 
-    def __init__(self, q, k, v, bias, causal):
+    def __init__(self, q, k, v, bias, causal, min_bias_logit=None):
         self.device = q.device
         self.dtype = q.dtype
         self.batch, self.q_heads, self.seq_len_q, self.head_dim = q.shape
@@ -82,6 +82,9 @@ class _Call:
         self.causal = bool(causal)
         self.has_bias = bias is not None and bias.nnz > 0
         self.last_dim_contiguous = all(t.stride(-1) == 1 for t in (q, k, v))
+        # alpha * (lowest merged entry value), when known: below ln(CANCEL_THRESHOLD) the
+        # correction identity O' = (O + sum w v) / (1 + sum w) can cancel (see kernels/correction.py)
+        self.min_bias_logit = min_bias_logit if self.has_bias else None
 
     def kind(self):
         """A key for 'this kind of call' (used to remember run-time failures of a backend)."""
@@ -167,7 +170,11 @@ class TritonBackend(Backend):
             reasons.append(f"needs a CUDA device, got {call.device.type}")
         if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             reasons.append(f"dtype {_dtype_name(call.dtype)} (float16, bfloat16, float32 only)")
-        head_dims = tuple(getattr(module, "HEAD_DIMS", self.DEFAULT_HEAD_DIMS))
+        head_dims = getattr(module, "HEAD_DIMS", None) or getattr(module, "SUPPORTED_HEAD_DIMS", None)
+        if head_dims is None:
+            correction = _import_kernels("correction")[0]
+            head_dims = getattr(correction, "SUPPORTED_HEAD_DIMS", None) or self.DEFAULT_HEAD_DIMS
+        head_dims = tuple(head_dims)
         if call.head_dim not in head_dims:
             reasons.append(f"head dim {call.head_dim} (supports {head_dims})")
         return reasons
@@ -198,6 +205,22 @@ class _CorrectedDenseBackend(Backend):
     def _dense_reasons(self, call):
         raise NotImplementedError
 
+    @staticmethod
+    def correction_reasons(call):
+        """Why the standalone correction cannot serve this call: not importable, or biases so
+        negative that 1 + sum w can cancel (1 + sum w >= exp(min alpha * b), so a lowest logit
+        above ln(CANCEL_THRESHOLD) can never cancel)."""
+        if not call.has_bias:
+            return []
+        module, err = _import_kernels("correction")
+        if err:
+            return [err]
+        floor = math.log(getattr(module, "CANCEL_THRESHOLD", 0.25))
+        if call.min_bias_logit is not None and call.min_bias_logit < floor:
+            return [f"alpha * bias reaches {call.min_bias_logit:.3g} < ln({math.exp(floor):.3g}): the standalone "
+                    "correction can cancel there (the triton backend recomputes such rows)"]
+        return []
+
     def not_supported_reasons(self, call):
         reasons = []
         if call.device.type != "cuda":
@@ -212,10 +235,7 @@ class _CorrectedDenseBackend(Backend):
                            "its causal mask is not bottom-right aligned")
         if call.q_heads != call.kv_heads and not self.supports_gqa:
             reasons.append("grouped-query attention (Hq != Hkv)")
-        if call.has_bias:
-            err = _import_kernels("correction")[1]
-            if err:
-                reasons.append(err)
+        reasons.extend(self.correction_reasons(call))
         if call.device.type == "cuda" and not reasons:
             reasons.extend(self._dense_reasons(call))
         return reasons
@@ -594,11 +614,11 @@ def _auto_choice(call, exclude=()):
     return "reference"
 
 
-def select_backend(q, k, v, bias=None, *, causal=False, backend="auto"):
+def select_backend(q, k, v, bias=None, *, causal=False, backend="auto", _min_bias_logit=None):
     """(name, auto) of the backend that runs this call; ValueError when an explicit or forced
     backend cannot take it."""
     V.check_choice("backend", backend, tuple(_REGISTRY) + ("auto",))
-    call = _Call(q, k, v, bias, causal)
+    call = _Call(q, k, v, bias, causal, _min_bias_logit)
     source = "backend"
     if backend == "auto":
         forced = os.environ.get(ENV_VAR, "").strip()
@@ -621,19 +641,50 @@ def select_backend(q, k, v, bias=None, *, causal=False, backend="auto"):
 _RESOLVED: dict = {}
 
 
-def _resolve(backend, q, k, v, bias, causal):
-    """select_backend, memoised per kind of call (the answer depends only on metadata, the
-    environment variable and the failures seen so far)."""
+def _resolve(backend, q, k, v, bias, causal, alpha):
+    """select_backend, memoised per kind of call (the answer depends only on metadata, the bias's
+    lowest logit, the environment variables and the failures seen so far)."""
+    min_logit = None
+    if bias is not None and bias.nnz > 0:
+        low, high = _bias_range(bias)
+        min_logit = min(alpha * low, alpha * high)
     key = (backend, os.environ.get(ENV_VAR, ""), os.environ.get("TRITON_INTERPRET", ""), q.device, q.dtype,
-           tuple(q.shape), tuple(k.shape), bool(causal), bias is not None and bias.nnz > 0,
+           tuple(q.shape), tuple(k.shape), bool(causal), bias is not None and bias.nnz > 0, min_logit,
            all(t.stride(-1) == 1 for t in (q, k, v)), len(_FAILED), torch.are_deterministic_algorithms_enabled())
     hit = _RESOLVED.get(key)
     if hit is None:
-        hit = select_backend(q, k, v, bias, causal=causal, backend=backend)
+        hit = select_backend(q, k, v, bias, causal=causal, backend=backend, _min_bias_logit=min_logit)
         if len(_RESOLVED) > 1024:
             _RESOLVED.clear()
         _RESOLVED[key] = hit
     return hit
+
+
+# id(value tensor) -> (weak reference, version, lowest and highest merged entry value). A value that
+# was seen and not modified since (no optimizer step, no in-place write) is not read again, so
+# steady-state calls do no device sync for it.
+_BIAS_RANGES: dict = {}
+
+
+def _bias_range(bias):
+    """(min, max) of the merged entry values (one device sync per new or modified value tensor);
+    ValueError when a value is NaN or Inf (SPEC 6)."""
+    value = bias.value
+    version = getattr(value, "_version", None)
+    seen = _BIAS_RANGES.get(id(value))
+    if seen is not None and seen[0]() is value and seen[1] == version:
+        return seen[2]
+    merged = bias.entry_values().detach()
+    low, high = torch.stack([merged.min(), merged.max()]).tolist()
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("bias values contain NaN or Inf")
+    if version is not None:
+        key = id(value)
+        if len(_BIAS_RANGES) > 4096:
+            _BIAS_RANGES.clear()
+        _BIAS_RANGES[key] = (weakref.ref(value, lambda _ref, key=key: _BIAS_RANGES.pop(key, None)), version,
+                             (low, high))
+    return low, high
 
 
 def _describe(call):
@@ -668,7 +719,7 @@ def _run_forward(backend, auto, q, k, v, bias, entry_values, causal, scale, alph
                                                   alpha=alpha)
             break
         except (RuntimeError, NotImplementedError) as exc:
-            backend = _fall_back(backend, auto, exc, q, k, v, bias, causal)
+            backend = _fall_back(backend, auto, exc, q, k, v, bias, causal, alpha)
     out = _match_layout(q, out if out.dtype == q.dtype else out.to(q.dtype))
     B, H, Tq = q.shape[:3]
     if lse.shape != (B, H, Tq) or lse.dtype != torch.float32 or not lse.is_contiguous():
@@ -688,18 +739,22 @@ def _run_backward(backend, auto, q, k, v, out, lse, dout, bias, entry_values, ca
                 need_dvalues=need_dvalues and entry_values is not None)
             break
         except (RuntimeError, NotImplementedError) as exc:
-            backend = _fall_back(backend, auto, exc, q, k, v, bias, causal)
+            backend = _fall_back(backend, auto, exc, q, k, v, bias, causal, alpha)
     if need_dvalues and full_entries is not None and dvalues is None:
         dvalues = torch.zeros_like(full_entries)
     return _match_layout(q, dq), _match_layout(k, dk), _match_layout(v, dv), dvalues
 
 
-def _fall_back(backend, auto, exc, q, k, v, bias, causal):
+def _fall_back(backend, auto, exc, q, k, v, bias, causal, alpha):
     """Under "auto", remember that `backend` failed on this kind of call and pick the next one;
     otherwise re-raise."""
     if not auto or backend == "reference":
         raise exc
-    call = _Call(q, k, v, bias, causal)
+    min_logit = None
+    if bias is not None and bias.nnz > 0:
+        low, high = _bias_range(bias)
+        min_logit = min(alpha * low, alpha * high)
+    call = _Call(q, k, v, bias, causal, min_logit)
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     _FAILED[(backend, call.kind())] = f"{type(exc).__name__}: {first_line[:200]}"
     nxt = _auto_choice(call)
@@ -717,7 +772,7 @@ def _bias_tensors(bias):
     """The TraceBias as a list of tensors for the op boundary (its user COO and its index)."""
     if bias is None:
         return []
-    return [bias.head, bias.q_idx, bias.k_idx, bias.value.detach(), bias.entry_pos, bias.src_entry, bias.k_order,
+    return [bias.head, bias.q_idx, bias.k_idx, bias.value, bias.entry_pos, bias.src_entry, bias.k_order,
             bias.q_offsets, bias.k_offsets]
 
 
@@ -736,7 +791,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_tensors: Seq
     """(out [B, Hq, Tq, D] laid out like q, lse [B, Hq, Tq] float32) of biased attention.
     `backend` is what the user asked for ("auto" or a name); it is resolved here, at run time."""
     bias = _bias_from_tensors(bias_tensors, bias_shape)
-    name, auto = _resolve(backend, q, k, v, bias, causal)
+    name, auto = _resolve(backend, q, k, v, bias, causal, alpha)
     return _run_forward(name, auto, q, k, v, bias, entry_values, causal, scale, alpha)
 
 
@@ -752,7 +807,7 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             need_dvalues: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv laid out like q, k, v; d entry_values [E] float32, or [0] when not needed)."""
     bias = _bias_from_tensors(bias_tensors, bias_shape)
-    name, auto = _resolve(backend, q, k, v, bias, causal)
+    name, auto = _resolve(backend, q, k, v, bias, causal, alpha)
     dq, dk, dv, dvalues = _run_backward(name, auto, q, k, v, out, lse, dout, bias, entry_values, causal, scale,
                                         alpha, need_dvalues)
     if dvalues is None:
@@ -829,26 +884,6 @@ class _CaptureAttention(torch.autograd.Function):
 # The public function
 # ================================================================================================
 
-# id(value tensor) -> (weak reference, version at which its finiteness was checked); a value that
-# was checked and not modified since (no optimizer step, no in-place write) is not checked again,
-# so steady-state calls do no device sync for it.
-_CHECKED_VALUES: dict = {}
-
-
-def _check_bias_values(bias):
-    value = bias.value
-    version = getattr(value, "_version", None)
-    seen = _CHECKED_VALUES.get(id(value))
-    if seen is not None and seen[0]() is value and seen[1] == version:
-        return
-    V.check_finite("bias values", value.detach())
-    if version is not None:
-        key = id(value)
-        if len(_CHECKED_VALUES) > 4096:
-            _CHECKED_VALUES.clear()
-        _CHECKED_VALUES[key] = (weakref.ref(value, lambda _ref, key=key: _CHECKED_VALUES.pop(key, None)), version)
-
-
 def biased_attention(q, k, v, bias=None, *, causal=False, scale=None, alpha=1.0, capture=None, backend="auto"):
     """Attention with a sparse additive bias: softmax(scale * q k^T + alpha * M) v (SPEC 2).
 
@@ -866,19 +901,17 @@ def biased_attention(q, k, v, bias=None, *, causal=False, scale=None, alpha=1.0,
     causal = V.check_bool("causal", causal)
     V.check_attention_bias(bias, q, k)
     V.check_attention_capture(capture)
-    if bias is not None and not _compiling():
-        _check_bias_values(bias)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     alpha = float(alpha)
     V.check_choice("backend", backend, BACKENDS)
     entry_values = bias.entry_values() if bias is not None else None
 
     if capture is not None:
-        name, auto = _resolve(backend, q, k, v, bias, causal)
+        name, auto = _resolve(backend, q, k, v, bias, causal, alpha)
         out, _ = _CaptureAttention.apply(q, k, v, entry_values, bias, causal, scale, alpha, name, auto, capture)
         return out
     if not _compiling():
-        _resolve(backend, q, k, v, bias, causal)   # raise here, not inside the op, when it cannot run
+        _resolve(backend, q, k, v, bias, causal, alpha)   # raise here, not inside the op, when it cannot run
     bias_shape = [bias.num_heads, bias.seq_len_q, bias.seq_len_k] if bias is not None else [0, 0, 0]
     out, _ = _fwd_op(q, k, v, _bias_tensors(bias), entry_values, bias_shape, causal, scale, alpha, backend)
     return out
