@@ -1,0 +1,334 @@
+"""Trace-memory update (SPEC 4) over fixed-capacity slabs, as Triton kernels with no host sync.
+
+State (see memtrace/memory.py): strength float32 [L, H, Q] (-1 = empty slot) and meta int64
+[L, H, Q] = pos << (W + A) | age << W | hist, pos = i * max_seq_len + j. In each (layer, head)
+slab the traces fill slots [0, n) sorted by pos; the rest are empty.
+
+One update of B layers (B x H slabs) is four launches plus one cumsum:
+
+1. `_match_kernel`, grid (B, cdiv(C, BLOCK_C)): each candidate edge (head, i, j, S, a) of layer b
+   binary-searches its slab for pos. A stored trace takes the edge's (S, a) into the slot score
+   buffers (unless the layer's slot scores came from the bias, `direct`). An edge that is not
+   stored becomes a new trace when Sh = S ln(1 + [a > attn_eps]) > threshold and
+   M = (1 - retention) Sh >= prune_eps; those are counted per slab (atomics).
+2. `torch.cumsum` of the per-slab counts gives each slab's range in a grouped buffer.
+3. `_group_kernel`, same grid: new traces are scattered into their slab's range (order inside a
+   range is arbitrary: step 4 does not depend on it).
+4. `_select_kernel`, grid (B * H,): one program per slab. Stored traces get history
+   ((hist << 1) | [a > attn_eps]) & (2^W - 1), Sh = S ln(1 + popcount(hist)), reinforce
+   (M = retention M + (1 - retention) Sh, age 0) or decay (M = decay M, age + 1, saturating),
+   prune (M < prune_eps). Every surviving item (stored or new) gets the 63-bit key
+   float32_bits(M) << 32 | (2^32 - 1 - pos): larger key = stronger, ties to the smaller (i, j).
+   Keys are unique in a slab, so "keep the quota largest" is "keep key >= T" with T the
+   quota-th largest key, found by an 8-pass radix select (8-bit digits, `tl.histogram`). The
+   kept items are compacted into a scratch area, sorted by pos (`tl.sort` of pos << 14 | index,
+   skipped when no new trace was kept: the stored ones are already in order) and written back.
+
+Arithmetic is float64 (the ln(1 + r) table comes from the host, like the reference's
+math.log1p); strengths are stored float32. Results are independent of the order of candidates
+and of atomics, so updates are deterministic.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_TRITON_QUOTA = 8192
+_IDX_BITS = 14          # compact index bits in the sort key (quota <= 8192 < 2^14)
+_FLOAT32_MAX = 3.4028234663852886e38
+
+__all__ = ["trace_update_slabs", "MAX_TRITON_QUOTA"]
+
+
+@triton.jit
+def _popcount64(x):
+    """Bits set in int64 values in [0, 2^32)."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
+@triton.jit
+def _match_kernel(strength_ptr, meta_ptr, layers_ptr, head_ptr, q_ptr, k_ptr, s_ptr, a_ptr, num_edges_ptr,
+                  direct_ptr, slot_s_ptr, slot_a_ptr, params_ptr, ln1p_ptr,
+                  cand_slab_ptr, cand_m_ptr, cand_meta_ptr, new_count_ptr,
+                  C, H, Q, L,
+                  POS_SHIFT: tl.constexpr, POS_MASK: tl.constexpr, LOG_Q: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_buf = offs < C
+    n = tl.load(num_edges_ptr + b)
+    row = b.to(tl.int64) * C + offs
+    h = tl.load(head_ptr + row, mask=in_buf, other=-1)
+    qi = tl.load(q_ptr + row, mask=in_buf, other=-1)
+    kj = tl.load(k_ptr + row, mask=in_buf, other=-1)
+    s = tl.load(s_ptr + row, mask=in_buf, other=0.0)
+    at = tl.load(a_ptr + row, mask=in_buf, other=0.0)
+    valid = in_buf & (offs < n) & (h >= 0) & (h < H) & (qi >= 0) & (qi < L) & (kj >= 0) & (kj < L)
+    valid = valid & (s == s) & (tl.abs(s) < float("inf")) & (at == at) & (tl.abs(at) < float("inf"))
+    h = tl.where(valid, h, 0)
+    pos = tl.where(valid, qi.to(tl.int64) * L + kj, 0)
+    layer = tl.load(layers_ptr + b).to(tl.int64)
+    base = (layer * H + h) * Q
+
+    # lower bound of pos among the slab's traces (empty slots read as +inf)
+    lo = tl.zeros([BLOCK_C], dtype=tl.int64)
+    hi = tl.zeros([BLOCK_C], dtype=tl.int64) + Q
+    for _ in range(LOG_Q):
+        active = valid & (lo < hi)
+        mid = (lo + hi) // 2
+        sm = tl.load(strength_ptr + base + mid, mask=active, other=-1.0)
+        mm = tl.load(meta_ptr + base + mid, mask=active, other=0)
+        slot_pos = tl.where(sm >= 0, (mm >> POS_SHIFT) & POS_MASK, 1 << 40)
+        right = slot_pos < pos
+        lo = tl.where(active & right, mid + 1, lo)
+        hi = tl.where(active & (~right), mid, hi)
+    inside = valid & (lo < Q)
+    sm = tl.load(strength_ptr + base + lo, mask=inside, other=-1.0)
+    mm = tl.load(meta_ptr + base + lo, mask=inside, other=0)
+    found = inside & (sm >= 0) & (((mm >> POS_SHIFT) & POS_MASK) == pos)
+
+    local_slab = b * H + h
+    direct = tl.load(direct_ptr + b)
+    write = found & (direct == 0)
+    tl.store(slot_s_ptr + local_slab.to(tl.int64) * Q + lo, s, mask=write)
+    tl.store(slot_a_ptr + local_slab.to(tl.int64) * Q + lo, at, mask=write)
+
+    retention_c = tl.load(params_ptr + 1)
+    threshold = tl.load(params_ptr + 3)
+    prune_eps = tl.load(params_ptr + 4)
+    attn_eps = tl.load(params_ptr + 5)
+    bit = at.to(tl.float64) > attn_eps
+    s_new = s.to(tl.float64) * tl.load(ln1p_ptr + bit.to(tl.int32))
+    m_new = retention_c * s_new
+    is_new = valid & (~found) & (s_new > threshold) & (~(m_new < prune_eps))
+    tl.store(cand_slab_ptr + row, tl.where(is_new, local_slab, -1), mask=in_buf)
+    tl.store(cand_m_ptr + row, tl.minimum(m_new, 3.4028234663852886e38).to(tl.float32), mask=in_buf)
+    tl.store(cand_meta_ptr + row, (pos << POS_SHIFT) | bit.to(tl.int64), mask=in_buf)
+    tl.atomic_add(new_count_ptr + local_slab, tl.where(is_new, 1, 0), mask=is_new)
+
+
+@triton.jit
+def _group_kernel(cand_slab_ptr, cand_m_ptr, cand_meta_ptr, new_count_ptr, new_end_ptr, cursor_ptr,
+                  grouped_m_ptr, grouped_meta_ptr, C, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_buf = offs < C
+    row = b.to(tl.int64) * C + offs
+    slab = tl.load(cand_slab_ptr + row, mask=in_buf, other=-1)
+    is_new = slab >= 0
+    slab = tl.where(is_new, slab, 0)
+    rank = tl.atomic_add(cursor_ptr + slab, tl.where(is_new, 1, 0), mask=is_new)
+    start = tl.load(new_end_ptr + slab, mask=is_new, other=0) - tl.load(new_count_ptr + slab, mask=is_new, other=0)
+    dst = (start + rank).to(tl.int64)
+    tl.store(grouped_m_ptr + dst, tl.load(cand_m_ptr + row, mask=is_new, other=0.0), mask=is_new)
+    tl.store(grouped_meta_ptr + dst, tl.load(cand_meta_ptr + row, mask=is_new, other=0), mask=is_new)
+
+
+@triton.jit
+def _key_of(m32, pos):
+    """63-bit eviction key: larger = stronger; equal strengths: the smaller pos is larger."""
+    return (m32.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0xFFFFFFFF - pos)
+
+
+@triton.jit
+def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, params_ptr, ln1p_ptr,
+                   new_count_ptr, new_end_ptr, grouped_m_ptr, grouped_meta_ptr,
+                   scratch_m_ptr, scratch_meta_ptr, scratch_key_ptr,
+                   H, Q,
+                   W: tl.constexpr, AGE_MAX: tl.constexpr, POS_SHIFT: tl.constexpr, POS_MASK: tl.constexpr,
+                   IDX_BITS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+    ls = tl.program_id(0)
+    b = ls // H
+    h = ls % H
+    layer = tl.load(layers_ptr + b).to(tl.int64)
+    base = (layer * H + h) * Q
+    lbase = ls.to(tl.int64) * Q
+    offs = tl.arange(0, BLOCK_Q)
+    inq = offs < Q
+
+    retention = tl.load(params_ptr + 0)
+    retention_c = tl.load(params_ptr + 1)
+    decay = tl.load(params_ptr + 2)
+    threshold = tl.load(params_ptr + 3)
+    prune_eps = tl.load(params_ptr + 4)
+    attn_eps = tl.load(params_ptr + 5)
+    hist_mask = (1 << W) - 1
+
+    # 1-3, 5 on the stored traces
+    m_old = tl.load(strength_ptr + base + offs, mask=inq, other=-1.0)
+    meta = tl.load(meta_ptr + base + offs, mask=inq, other=0)
+    s = tl.load(slot_s_ptr + lbase + offs, mask=inq, other=0.0)
+    at = tl.load(slot_a_ptr + lbase + offs, mask=inq, other=0.0)
+    s = tl.where((s == s) & (tl.abs(s) < float("inf")), s, 0.0).to(tl.float64)
+    at = tl.where((at == at) & (tl.abs(at) < float("inf")), at, 0.0).to(tl.float64)
+    valid = m_old >= 0
+    pos = (meta >> POS_SHIFT) & POS_MASK
+    age = (meta >> W) & AGE_MAX
+    hist = ((meta << 1) | (at > attn_eps).to(tl.int64)) & hist_mask
+    s_eff = s * tl.load(ln1p_ptr + _popcount64(hist).to(tl.int32))
+    reinforce = s_eff > threshold
+    m64 = tl.where(reinforce, retention * m_old.to(tl.float64) + retention_c * s_eff, decay * m_old.to(tl.float64))
+    age = tl.where(reinforce, 0, tl.minimum(age + 1, AGE_MAX))
+    alive = valid & (~(m64 < prune_eps))
+    m32 = tl.minimum(m64, 3.4028234663852886e38).to(tl.float32)
+    meta = (pos << POS_SHIFT) | (age << W) | hist
+    key = tl.where(alive, _key_of(m32, pos), -1)
+    n_alive = tl.sum(alive.to(tl.int32), axis=0)
+
+    n_new = tl.load(new_count_ptr + ls)
+    start = tl.load(new_end_ptr + ls) - n_new
+    chunk = tl.arange(0, BLOCK_N)
+
+    # 6. the quota-th largest key, by radix select (only when over quota)
+    thresh = tl.zeros([], dtype=tl.int64)
+    if n_alive + n_new > Q:
+        prefix = tl.zeros([], dtype=tl.int64)
+        prefix_mask = tl.zeros([], dtype=tl.int64)
+        remaining = Q + tl.zeros([], dtype=tl.int32)
+        bins = tl.arange(0, 256)
+        for p in tl.static_range(8):
+            shift: tl.constexpr = 56 - 8 * p
+            match = alive & ((key & prefix_mask) == prefix)
+            digit = tl.where(match, (key >> shift) & 255, 0).to(tl.int32)
+            counts = tl.histogram(digit, 256, mask=match)
+            for c0 in range(0, n_new, BLOCK_N):
+                idx = c0 + chunk
+                in_chunk = idx < n_new
+                gm = tl.load(grouped_m_ptr + start + idx, mask=in_chunk, other=0.0)
+                gmeta = tl.load(grouped_meta_ptr + start + idx, mask=in_chunk, other=0)
+                nkey = _key_of(gm, (gmeta >> POS_SHIFT) & POS_MASK)
+                nmatch = in_chunk & ((nkey & prefix_mask) == prefix)
+                ndigit = tl.where(nmatch, (nkey >> shift) & 255, 0).to(tl.int32)
+                counts += tl.histogram(ndigit, 256, mask=nmatch)
+            at_least = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts   # digit >= d
+            chosen = tl.sum((at_least >= remaining).to(tl.int32), axis=0) - 1
+            remaining -= tl.sum(tl.where(bins == chosen, at_least - counts, 0), axis=0)
+            prefix = prefix | (chosen.to(tl.int64) << shift)
+            prefix_mask = prefix_mask | (tl.full([], 255, tl.int64) << shift)
+        thresh = prefix
+
+    # compaction: kept stored traces first (in pos order), then kept new ones
+    kept = alive & (key >= thresh)
+    kept_i = kept.to(tl.int32)
+    n_kept_old = tl.sum(kept_i, axis=0)
+    dst_old = tl.cumsum(kept_i, axis=0) - 1
+    tl.debug_barrier()  # every thread has read the slab before anyone writes it
+    n_kept = n_kept_old
+    for c0 in range(0, n_new, BLOCK_N):
+        idx = c0 + chunk
+        in_chunk = idx < n_new
+        gm = tl.load(grouped_m_ptr + start + idx, mask=in_chunk, other=0.0)
+        gmeta = tl.load(grouped_meta_ptr + start + idx, mask=in_chunk, other=0)
+        nkept = in_chunk & (_key_of(gm, (gmeta >> POS_SHIFT) & POS_MASK) >= thresh)
+        nkept_i = nkept.to(tl.int32)
+        dst = n_kept + tl.cumsum(nkept_i, axis=0) - 1
+        tl.store(scratch_m_ptr + lbase + dst, gm, mask=nkept)
+        tl.store(scratch_meta_ptr + lbase + dst, gmeta, mask=nkept)
+        tl.store(scratch_key_ptr + lbase + dst, (((gmeta >> POS_SHIFT) & POS_MASK) << IDX_BITS) | dst, mask=nkept)
+        n_kept += tl.sum(nkept_i, axis=0)
+
+    if n_kept == n_kept_old:
+        # no new trace kept: the stored ones are already in pos order
+        tl.store(strength_ptr + base + dst_old, m32, mask=kept)
+        tl.store(meta_ptr + base + dst_old, meta, mask=kept)
+    else:
+        tl.store(scratch_m_ptr + lbase + dst_old, m32, mask=kept)
+        tl.store(scratch_meta_ptr + lbase + dst_old, meta, mask=kept)
+        tl.store(scratch_key_ptr + lbase + dst_old, (pos << IDX_BITS) | dst_old, mask=kept)
+        tl.debug_barrier()
+        skey = tl.load(scratch_key_ptr + lbase + offs, mask=offs < n_kept, other=0x7FFFFFFFFFFFFFFF)
+        skey = tl.sort(skey, 0)
+        src = skey & ((1 << IDX_BITS) - 1)
+        out = offs < n_kept
+        tl.store(strength_ptr + base + offs, tl.load(scratch_m_ptr + lbase + src, mask=out, other=0.0), mask=out)
+        tl.store(meta_ptr + base + offs, tl.load(scratch_meta_ptr + lbase + src, mask=out, other=0), mask=out)
+    empty = inq & (offs >= n_kept)
+    tl.store(strength_ptr + base + offs, tl.full([BLOCK_Q], -1.0, tl.float32), mask=empty)
+    tl.store(meta_ptr + base + offs, tl.zeros([BLOCK_Q], dtype=tl.int64), mask=empty)
+
+
+_LAYER_CACHE: dict = {}
+_TABLE_CACHE: dict = {}
+
+
+def _layers_tensor(layers, device):
+    key = (tuple(layers), device)
+    t = _LAYER_CACHE.get(key)
+    if t is None:
+        if len(_LAYER_CACHE) > 256:
+            _LAYER_CACHE.clear()
+        t = _LAYER_CACHE[key] = torch.tensor(layers, dtype=torch.int32, device=device)
+    return t
+
+
+def _tables(retention, decay, threshold, prune_eps, attn_eps, window, device):
+    key = (retention, decay, threshold, prune_eps, attn_eps, window, device)
+    t = _TABLE_CACHE.get(key)
+    if t is None:
+        if len(_TABLE_CACHE) > 64:
+            _TABLE_CACHE.clear()
+        params = torch.tensor([retention, 1.0 - retention, decay, threshold, prune_eps, attn_eps],
+                              dtype=torch.float64, device=device)
+        ln1p = torch.tensor([math.log1p(r) for r in range(window + 1)], dtype=torch.float64, device=device)
+        t = _TABLE_CACHE[key] = (params, ln1p)
+    return t
+
+
+def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edges, slot_S, slot_a, direct, *,
+                       quota, retention, decay, threshold, prune_eps, attn_eps, window, max_seq_len, age_bits,
+                       pos_bits):
+    """Update the slabs of `layers` in place (strength, meta: [L, H, Q]).
+
+    head, q_idx, k_idx int32 [B, C]; S, a float32 [B, C]; num_edges int32 [B];
+    slot_S, slot_a float32 [B, H, Q] (overwritten: scratch); direct bool [B].
+    """
+    device = strength.device
+    _, H, Q = strength.shape
+    B, C = head.shape
+    if Q > MAX_TRITON_QUOTA:
+        raise ValueError(f"quota {Q} is over the Triton path's {MAX_TRITON_QUOTA}; use backend='torch'")
+    layers_t = _layers_tensor(layers, device)
+    params, ln1p = _tables(retention, decay, threshold, prune_eps, attn_eps, window, device)
+    head, q_idx, k_idx = head.contiguous(), q_idx.contiguous(), k_idx.contiguous()
+    S, a = S.contiguous(), a.contiguous()
+    slot_S, slot_a = slot_S.contiguous(), slot_a.contiguous()
+    direct_u8 = direct.contiguous().view(torch.uint8)
+    num_edges = num_edges.contiguous()
+    n_slabs = B * H
+    counters = torch.zeros(2, n_slabs, dtype=torch.int32, device=device)
+    new_count, cursor = counters[0], counters[1]
+    n_cand = max(B * C, 1)
+    cand_slab = torch.empty(n_cand, dtype=torch.int32, device=device)
+    cand_m = torch.empty(n_cand, dtype=torch.float32, device=device)
+    cand_meta = torch.empty(n_cand, dtype=torch.int64, device=device)
+    grouped_m = torch.empty(n_cand, dtype=torch.float32, device=device)
+    grouped_meta = torch.empty(n_cand, dtype=torch.int64, device=device)
+    scratch_m = torch.empty(n_slabs * Q, dtype=torch.float32, device=device)
+    scratch_meta = torch.empty(n_slabs * Q, dtype=torch.int64, device=device)
+    scratch_key = torch.empty(n_slabs * Q, dtype=torch.int64, device=device)
+
+    pos_shift = 64 - pos_bits
+    pos_mask = (1 << pos_bits) - 1
+    BLOCK_C = 512
+    if C > 0:
+        grid = (B, triton.cdiv(C, BLOCK_C))
+        _match_kernel[grid](strength, meta, layers_t, head, q_idx, k_idx, S, a, num_edges, direct_u8, slot_S, slot_a,
+                            params, ln1p, cand_slab, cand_m, cand_meta, new_count, C, H, Q, max_seq_len,
+                            POS_SHIFT=pos_shift, POS_MASK=pos_mask, LOG_Q=max(1, Q.bit_length()),
+                            BLOCK_C=BLOCK_C, num_warps=4)
+        new_end = torch.cumsum(new_count, 0, dtype=torch.int32)
+        _group_kernel[grid](cand_slab, cand_m, cand_meta, new_count, new_end, cursor, grouped_m, grouped_meta, C,
+                            BLOCK_C=BLOCK_C, num_warps=4)
+    else:
+        new_end = new_count
+    BLOCK_Q = max(16, triton.next_power_of_2(Q))
+    _select_kernel[(n_slabs,)](strength, meta, layers_t, slot_S, slot_a, params, ln1p, new_count, new_end,
+                               grouped_m, grouped_meta, scratch_m, scratch_meta, scratch_key, H, Q,
+                               W=window, AGE_MAX=(1 << age_bits) - 1, POS_SHIFT=pos_shift, POS_MASK=pos_mask,
+                               IDX_BITS=_IDX_BITS, BLOCK_Q=BLOCK_Q, BLOCK_N=min(BLOCK_Q, 1024),
+                               num_warps=max(4, min(16, BLOCK_Q // 128)))
