@@ -132,12 +132,13 @@ def run_shape(B, H, T, D, capacity, quick, notes):
     finally:
         capture_mod._HIST_IN_MAIN = True
 
-    # Tile configurations of the capture kernel.
+    # Tile configurations of the capture kernel: (BLOCK_M, BLOCK_N, warps, stages, split).
     sweep = {}
-    configs = [(128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 128, 8, 1),
-               (128, 128, 8, 2), (64, 64, 4, 2), (128, 32, 4, 3)]
+    configs = [(128, 64, 8, 2, 1), (128, 64, 8, 3, 1), (128, 64, 4, 2, 1), (64, 64, 4, 3, 1),
+               (64, 128, 4, 2, 1), (128, 128, 8, 1, 1), (128, 128, 8, 2, 1), (128, 64, 8, 1, 2),
+               (128, 64, 8, 2, 2), (64, 64, 4, 2, 2), (64, 64, 4, 3, 2), (128, 32, 4, 2, 2)]
     if quick:
-        configs = configs[:3]
+        configs = configs[:3] + configs[7:9]
     for cfg in configs:
         capture_mod._CONFIG_OVERRIDE = cfg
         try:
@@ -147,8 +148,22 @@ def run_shape(B, H, T, D, capacity, quick, notes):
         finally:
             capture_mod._CONFIG_OVERRIDE = None
     res["config_sweep_fill_ms"] = sweep
+    default_cfg = capture_mod._config(D, q.device)
+    timed = {c: ms for c, ms in sweep.items() if isinstance(ms, float)}
+    best = min(timed, key=timed.get) if timed else str(default_cfg)
+    res["default_config"] = str(default_cfg)
+    res["best_config"] = best
+    t["fill_default_config"] = t["fill"]
+    # Everything below runs with the best configuration of the sweep.
+    capture_mod._CONFIG_OVERRIDE = tuple(int(x) for x in best.strip("()").split(","))
+    t["fill"] = bench(fill)
+    t["fill_overflow"] = bench(fill_overflow)
+    t["capture_sdpa"] = bench(capture_sdpa, grads)
+    t["base_sdpa"] = bench(base_sdpa, grads)
+    mem = {"base_sdpa": peak_mib(base_sdpa, grads), "capture_sdpa": peak_mib(capture_sdpa, grads)}
     from memtrace.kernels import salience as ks
     fill()
+    fill_overflow()
     res["tile_kernel_regs_spills"] = {str(k): v for k, v in ks.LAST_COMPILED.items()}
 
     # A bias: 2048 random entries per head, the fill scores all of them.
@@ -195,6 +210,7 @@ def run_shape(B, H, T, D, capacity, quick, notes):
         notes.append(f"B{B} H{H} T{T}: eager capture out of memory: {exc}"[:300])
     torch.cuda.empty_cache()
 
+    capture_mod._CONFIG_OVERRIDE = None
     res["ms"] = t
     res["peak_mib"] = mem
     r = {}
@@ -242,7 +258,8 @@ def main(argv=None):
         results.append(r)
         s = r["shape"]
         print(f"\n== B{s['B']} H{s['H']} T{s['T']} D{s['D']} bf16, capacity {capacity}, "
-              f"threshold {r['threshold']:.3e} ({r['fill_num_candidates']} candidates)")
+              f"threshold {r['threshold']:.3e} ({r['fill_num_candidates']} candidates), "
+              f"capture config {r['best_config']} (default {r['default_config']})")
         for name, ms in r["ms"].items():
             print(f"  {name:22s} {ms:9.3f} ms   peak {r['peak_mib'].get(name, float('nan')):9.1f} MiB")
         for name, x in r["ratios"].items():

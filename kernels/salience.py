@@ -4,8 +4,9 @@ Two kernels, both reading the backward's inputs directly (nothing of size Tq x T
 
 ``_salience_tile_kernel``  every edge that is NOT a bias entry.
     Grid (num_q_tiles * num_k_tiles, Hq); program (t, h) owns the query rows
-    [m0, m0 + BLOCK_M) and keys [n0, n0 + BLOCK_N) of query head h (kv head h // group), and
-    loops over the batch inside, so the batch sums of P*|dP| and P stay in registers:
+    [m0, m0 + BLOCK_M) and keys [n0, n0 + SPLIT * BLOCK_N) of query head h (kv head h // group),
+    and loops over the batch inside, so the batch sums of P*|dP| and P stay in registers (SPLIT=2:
+    two key sub-tiles share each batch element's q and dO loads):
 
         P  = exp(scale * q_i . k_j - LSE'_i)       (LSE' = biased log-sum-exp of the forward;
                                                     exact for every edge without a bias entry)
@@ -84,6 +85,54 @@ def _tile_scores(Q, K, V, DO, LSE,
 
 
 @triton.jit
+def _tile_scores2(Q, K, V, DO, LSE,
+                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                  sob, soh, som, sod, slb, slh, slm,
+                  h, hk, m0, n0, B, Tq, Tk, qk_scale,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Two adjacent [BLOCK_M, BLOCK_N] tiles (keys n0.. and n0+BLOCK_N..) in one batch loop: q and
+    dO are loaded once per batch element for both, which halves their share of the traffic."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n0 = n0 + tl.arange(0, BLOCK_N)
+    offs_n1 = offs_n0 + BLOCK_N
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Tq
+    col0 = offs_n0 < Tk
+    col1 = offs_n1 < Tk
+    q_ptrs = Q + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
+    do_ptrs = DO + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+    k0_ptrs = K + hk * skh + offs_n0[:, None] * skn + offs_d[None, :] * skd
+    v0_ptrs = V + hk * svh + offs_n0[:, None] * svn + offs_d[None, :] * svd
+    k1_ptrs = k0_ptrs + BLOCK_N * skn
+    v1_ptrs = v0_ptrs + BLOCK_N * svn
+    lse_ptrs = LSE + h * slh + offs_m * slm
+    acc_s0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_a0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_s1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_a1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for b in range(B):
+        q = tl.load(q_ptrs + b * sqb, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptrs + b * sob, mask=row_ok[:, None], other=0.0)
+        lse = tl.load(lse_ptrs + b * slb, mask=row_ok, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        k0 = tl.load(k0_ptrs + b * skb, mask=col0[:, None], other=0.0)
+        v0 = tl.load(v0_ptrs + b * svb, mask=col0[:, None], other=0.0)
+        p = tl.exp2(tl.dot(q, tl.trans(k0), input_precision=PRECISION) * qk_scale - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v0), input_precision=PRECISION)
+        acc_a0 += p
+        acc_s0 += p * tl.abs(dp)
+        k1 = tl.load(k1_ptrs + b * skb, mask=col1[:, None], other=0.0)
+        v1 = tl.load(v1_ptrs + b * svb, mask=col1[:, None], other=0.0)
+        p = tl.exp2(tl.dot(q, tl.trans(k1), input_precision=PRECISION) * qk_scale - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v1), input_precision=PRECISION)
+        acc_a1 += p
+        acc_s1 += p * tl.abs(dp)
+    return acc_s0, acc_a0, acc_s1, acc_a1
+
+
+@triton.jit
 def _emit(cand, S, A, offs_m, offs_n, h, CNT_PTR, limit,
           OUT_H, OUT_I, OUT_J, OUT_S, OUT_A):
     """Append the tile's candidates to a buffer: one atomic reserves a run of slots, the rank
@@ -117,6 +166,48 @@ def _add_histogram(S, cand, HIST, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _epilogue(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
+              ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
+              CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
+              STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, HIST, BOUND,
+              PASS: tl.constexpr, HIST_IN_MAIN: tl.constexpr, HAS_ENTRIES: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IDX_TILE: tl.constexpr,
+              NUM_BINS: tl.constexpr, SHIFT: tl.constexpr):
+    """Mask, drop bias entries, threshold, then the pass's output; returns the tile's largest
+    candidate S (-1 if none)."""
+    S = acc_s * inv_batch
+    A = acc_a * inv_batch
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    valid = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
+    valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+    if HAS_ENTRIES:
+        # Entries of the 128 x 128 index tile that holds this tile; usually 0..2 of them.
+        itile = (h * idx_tiles_m + m0 // IDX_TILE) * idx_tiles_n + n0 // IDX_TILE
+        e_lo = tl.load(ENT_OFF + itile)
+        e_hi = tl.load(ENT_OFF + itile + 1)
+        for e in range(e_lo, e_hi):
+            ei = tl.load(ENT_I + e)
+            ej = tl.load(ENT_J + e)
+            valid = valid & ~((offs_m[:, None] == ei) & (offs_n[None, :] == ej))
+    cand = valid & (S > threshold)
+    if PASS == 0:
+        _emit(cand, S, A, offs_m, offs_n, h, CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A)
+        if HIST_IN_MAIN:
+            _add_histogram(S, cand, HIST, BLOCK_M, BLOCK_N, NUM_BINS, SHIFT)
+    elif PASS == 1:
+        _add_histogram(S, cand, HIST, BLOCK_M, BLOCK_N, NUM_BINS, SHIFT)
+    else:
+        bins = S.to(tl.int32, bitcast=True) >> SHIFT
+        bstar = tl.load(BOUND)
+        _emit(cand & (bins > bstar), S, A, offs_m, offs_n, h, CNT + 1, capacity,
+              OUT_H, OUT_I, OUT_J, OUT_S, OUT_A)
+        _emit(cand & (bins == bstar), S, A, offs_m, offs_n, h, CNT + 2, stg_capacity,
+              STG_H, STG_I, STG_J, STG_S, STG_A)
+    return tl.max(tl.max(tl.where(cand, S, -1.0), axis=1), axis=0)
+
+
+@triton.jit
 def _salience_tile_kernel(
         Q, K, V, DO, LSE,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
@@ -127,16 +218,17 @@ def _salience_tile_kernel(
         STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity,
         TILE_MAX, HIST, BOUND,
         PASS: tl.constexpr, HIST_IN_MAIN: tl.constexpr, HAS_ENTRIES: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr,
         PRECISION: tl.constexpr, IDX_TILE: tl.constexpr,
         NUM_BINS: tl.constexpr, SHIFT: tl.constexpr):
+    """Program tile: BLOCK_M queries x (SPLIT * BLOCK_N) keys of head program_id(1)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     num_q_tiles = tl.num_programs(0) // num_k_tiles
     tile_m = pid // num_k_tiles
     tile_n = pid % num_k_tiles
     m0 = tile_m * BLOCK_M
-    n0 = tile_n * BLOCK_N
+    n0 = tile_n * (SPLIT * BLOCK_N)
     tile_id = h * num_q_tiles * num_k_tiles + pid
     # causal_offset = Tk - Tq when causal, else Tk (nothing masked).
     live = n0 <= m0 + BLOCK_M - 1 + causal_offset
@@ -149,41 +241,40 @@ def _salience_tile_kernel(
             tbin = tmax.to(tl.int32, bitcast=True) >> SHIFT
             live = live & (tbin >= bstar)
     if live:
-        acc_s, acc_a = _tile_scores(Q, K, V, DO, LSE,
-                                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                                    sob, soh, som, sod, slb, slh, slm,
-                                    h, h // group, m0, n0, B, Tq, Tk, qk_scale,
-                                    BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION)
-        S = acc_s * inv_batch
-        A = acc_a * inv_batch
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        valid = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
-        valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
-        if HAS_ENTRIES:
-            # Entries of the 128 x 128 index tile that holds this tile; usually 0..2 of them.
-            itile = (h * idx_tiles_m + m0 // IDX_TILE) * idx_tiles_n + n0 // IDX_TILE
-            e_lo = tl.load(ENT_OFF + itile)
-            e_hi = tl.load(ENT_OFF + itile + 1)
-            for e in range(e_lo, e_hi):
-                ei = tl.load(ENT_I + e)
-                ej = tl.load(ENT_J + e)
-                valid = valid & ~((offs_m[:, None] == ei) & (offs_n[None, :] == ej))
-        cand = valid & (S > threshold)
-        if PASS == 0:
-            tl.store(TILE_MAX + tile_id, tl.max(tl.max(tl.where(cand, S, -1.0), axis=1), axis=0))
-            _emit(cand, S, A, offs_m, offs_n, h, CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A)
-            if HIST_IN_MAIN:
-                _add_histogram(S, cand, HIST, BLOCK_M, BLOCK_N, NUM_BINS, SHIFT)
-        elif PASS == 1:
-            _add_histogram(S, cand, HIST, BLOCK_M, BLOCK_N, NUM_BINS, SHIFT)
+        if SPLIT == 1:
+            acc_s, acc_a = _tile_scores(Q, K, V, DO, LSE,
+                                        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                                        sob, soh, som, sod, slb, slh, slm,
+                                        h, h // group, m0, n0, B, Tq, Tk, qk_scale,
+                                        BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION)
+            tile_best = _epilogue(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
+                                  ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
+                                  CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
+                                  STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, HIST, BOUND,
+                                  PASS, HIST_IN_MAIN, HAS_ENTRIES, BLOCK_M, BLOCK_N, IDX_TILE,
+                                  NUM_BINS, SHIFT)
+            if PASS == 0:
+                tl.store(TILE_MAX + tile_id, tile_best)
         else:
-            bins = S.to(tl.int32, bitcast=True) >> SHIFT
-            bstar = tl.load(BOUND)
-            _emit(cand & (bins > bstar), S, A, offs_m, offs_n, h, CNT + 1, capacity,
-                  OUT_H, OUT_I, OUT_J, OUT_S, OUT_A)
-            _emit(cand & (bins == bstar), S, A, offs_m, offs_n, h, CNT + 2, stg_capacity,
-                  STG_H, STG_I, STG_J, STG_S, STG_A)
+            s0, a0, s1, a1 = _tile_scores2(Q, K, V, DO, LSE,
+                                           sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                                           sob, soh, som, sod, slb, slh, slm,
+                                           h, h // group, m0, n0, B, Tq, Tk, qk_scale,
+                                           BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION)
+            best0 = _epilogue(s0, a0, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
+                              ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
+                              CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
+                              STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, HIST, BOUND,
+                              PASS, HIST_IN_MAIN, HAS_ENTRIES, BLOCK_M, BLOCK_N, IDX_TILE,
+                              NUM_BINS, SHIFT)
+            best1 = _epilogue(s1, a1, h, m0, n0 + BLOCK_N, Tq, Tk, inv_batch, causal_offset, threshold,
+                              ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
+                              CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
+                              STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, HIST, BOUND,
+                              PASS, HIST_IN_MAIN, HAS_ENTRIES, BLOCK_M, BLOCK_N, IDX_TILE,
+                              NUM_BINS, SHIFT)
+            if PASS == 0:
+                tl.store(TILE_MAX + tile_id, tl.maximum(best0, best1))
 
 
 @triton.jit
@@ -240,11 +331,12 @@ def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offse
                  capacity, out, staging, stg_capacity, tile_max, hist, bound, config, precision,
                  hist_in_main):
     """Launch `_salience_tile_kernel` for one pass. `entries` = (off, i, j, tiles_m, tiles_n) or
-    None; `out`/`staging` = (h, i, j, S, a) buffers; config = (BLOCK_M, BLOCK_N, warps, stages)."""
+    None; `out`/`staging` = (h, i, j, S, a) buffers; config = (BLOCK_M, BLOCK_N, warps, stages,
+    split): a program covers BLOCK_M x (split * BLOCK_N) keys, split in (1, 2)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    bm, bn, warps, stages = config
-    num_k_tiles = triton.cdiv(Tk, bn)
+    bm, bn, warps, stages, split = config
+    num_k_tiles = triton.cdiv(Tk, bn * split)
     grid = (triton.cdiv(Tq, bm) * num_k_tiles, Hq)
     if entries is None:
         ent_off = ent_i = ent_j = cnt
@@ -258,7 +350,7 @@ def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offse
         ent_off, ent_i, ent_j, tiles_m, tiles_n,
         cnt, capacity, *out, *staging, stg_capacity, tile_max, hist, bound,
         PASS=pass_, HIST_IN_MAIN=hist_in_main, HAS_ENTRIES=entries is not None,
-        BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, PRECISION=precision, IDX_TILE=INDEX_TILE,
+        BLOCK_M=bm, BLOCK_N=bn, SPLIT=split, HEAD_DIM=D, PRECISION=precision, IDX_TILE=INDEX_TILE,
         NUM_BINS=HIST_BINS, SHIFT=HIST_SHIFT, num_warps=warps, num_stages=stages)
     # Registers / spills of the last compiled launch, for the benchmark's report (GPU only).
     LAST_COMPILED[pass_] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))

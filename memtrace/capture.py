@@ -56,9 +56,10 @@ _INT64_MAX = torch.iinfo(torch.int64).max
 # Tile configuration (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim on CUDA; not autotuned
 # on purpose: the kernel appends with atomics, so timing reruns would corrupt the counters, and
 # every pass of one fill must use the same tiles (tile_max is indexed by tile).
-_CUDA_CONFIGS = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3),
-                 128: (128, 64, 8, 2), 256: (64, 64, 8, 1)}
-_INTERPRETER_CONFIG = (32, 32, 4, 1)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, split): a program covers BLOCK_M x split*BLOCK_N.
+_CUDA_CONFIGS = {16: (128, 64, 4, 3, 1), 32: (128, 64, 4, 3, 1), 64: (128, 64, 4, 3, 1),
+                 128: (128, 64, 8, 2, 1), 256: (64, 64, 8, 1, 1)}
+_INTERPRETER_CONFIG = (32, 32, 4, 1, 1)
 _CONFIG_OVERRIDE = None      # set by benchmarks / tests to try other tiles
 _HIST_IN_MAIN = True         # histogram in the main pass (else a histogram pass runs on overflow)
 
@@ -224,7 +225,7 @@ def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alp
     capacity = cap.capacity
     threshold = cap.threshold
     config = _config(D, device)
-    bm, bn = config[0], config[1]
+    bm, bn = config[0], config[1] * config[4]
     if q.dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         precision = "tf32"
     else:

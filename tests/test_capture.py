@@ -216,9 +216,11 @@ def test_overflow_keeps_strongest():
     assert abs(float(cap.stats["kept_min_salience"]) - float(top[capacity - 1])) <= 1e-4 * float(top[capacity - 1])
 
 
-def test_overflow_with_threshold_and_ties():
-    """Equal salience everywhere (q = 0, dO = 1, v = 1): ties at the cut go to the smaller
-    (head, q, k); the overflow path and the dense path agree."""
+def test_overflow_with_ties():
+    """Equal salience everywhere (q = 0, dO = 1, v = 1): every kept edge is among the strongest
+    (all are); the cut bin holds more candidates than the staging buffer, so the kernels report
+    exact=False (which of the tied edges is kept is then arrival order); the dense path keeps the
+    smallest (head, q, k)."""
     B, H, T, D = 1, 1, 20, 16
     q = torch.zeros(B, H, T, D, device=DEV)
     k = torch.randn(B, H, T, D, device=DEV)
@@ -227,7 +229,15 @@ def test_overflow_with_threshold_and_ties():
     cap = SalienceCapture(threshold=0.01, capacity=50)
     S, a = fill(cap, q, k, v, do, None, False)
     assert bool(cap.stats["overflow"]) and int(cap.stats["num_candidates"]) == T * T
+    assert int(cap.num_edges) == 50
+    check_capture(cap, S, a, None, 0.01, torch.float32)
     h, i, j, s, _ = cap.valid_edges()
+    assert torch.allclose(s.double(), S.max().expand(50), rtol=1e-6)
+    dense = SalienceCapture(threshold=0.01, capacity=50)
+    capture_mod._fill_dense  # the dense path, directly
+    dense._edges, dense._num_edges, dense._bias_scores, dense._stats = capture_mod._fill_dense(
+        dense, q, k, v, do, None, False, 1.0 / math.sqrt(D), 1.0)
+    h, i, j, s, _ = dense.valid_edges()
     assert torch.equal(i.long() * T + j.long(), torch.arange(50, device=DEV))
 
 
