@@ -26,8 +26,10 @@ def _extension():
             "memtrace._C",
             cpp + cu,
             define_macros=[("MEMTRACE_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90",
-                                                     "-gencode=arch=compute_80,code=sm_80"]},
+            # MEMTRACE_CUDA_ARCHS (e.g. "90") trims the build to the GPU at hand: each arch costs a full nvcc pass.
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"] + [
+                f"-gencode=arch=compute_{a},code=sm_{a}"
+                for a in os.environ.get("MEMTRACE_CUDA_ARCHS", "90,80").replace(";", ",").split(",") if a.strip()]},
         )
     return CppExtension("memtrace._C", cpp, extra_compile_args={"cxx": cxx})
 

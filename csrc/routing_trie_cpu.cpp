@@ -62,6 +62,15 @@ class BatchBuilder {
   // rows[i] is a token id; all rows start at layer s. Builds the sub-trie under root s.
   void build(std::vector<int32_t>& rows, int64_t s) {
     if (rows.empty()) return;
+    if (!reserved_) {  // a level of one start block holds at most one node per row
+      for (Level& lv : levels_) {
+        lv.parent.reserve(rows.size());
+        lv.expert.reserve(rows.size());
+        lv.count.reserve(rows.size());
+        lv.reward.reserve(rows.size());
+      }
+      reserved_ = true;
+    }
     digit_.resize(rows.size());
     tmp_digit_.resize(rows.size());
     tmp_.resize(rows.size());
@@ -168,6 +177,7 @@ class BatchBuilder {
   std::vector<int32_t> tmp_;
   std::vector<std::pair<int64_t, int32_t>> pairs_;
   const int32_t* rows_base_ = nullptr;
+  bool reserved_ = false;
 };
 
 inline int64_t level_key(int64_t parent, int64_t expert) { return (parent << kExpertBits) | expert; }
@@ -220,59 +230,93 @@ TrieArrays routing_update_cpu(const at::Tensor& parent, const at::Tensor& expert
 
   std::vector<Level> merged(static_cast<size_t>(depth));
   std::vector<int32_t> pos_old, pos_new, next_old, next_new;
+  // pos_* is the identity while the previous level was taken over unchanged (depth 1: parents
+  // are start layers; a level with nodes on one side only): then parents need no remapping and
+  // the level moves over without a copy, the common case for a fresh tree and for deep levels.
+  bool old_identity = true, new_identity = true;
   int64_t offset = 0, total = 0;
   for (int64_t d = 0; d < depth; ++d) {
     const int64_t nT = d < old_depth ? level_sizes[static_cast<size_t>(d)] : 0;
-    static const Level empty_level;
-    const Level& B = d < max_depth ? batch[static_cast<size_t>(d)] : empty_level;
+    Level empty_level;
+    Level& B = d < max_depth ? batch[static_cast<size_t>(d)] : empty_level;
     const int64_t nB = static_cast<int64_t>(B.size());
     Level& M = merged[static_cast<size_t>(d)];
-    M.parent.reserve(static_cast<size_t>(nT + nB));
-    next_old.assign(static_cast<size_t>(nT), 0);
-    next_new.assign(static_cast<size_t>(nB), 0);
-    auto old_parent = [&](int64_t i) -> int64_t {
-      const int64_t p = tpar[offset + i];
-      return d == 0 ? p : pos_old[static_cast<size_t>(p)];
-    };
-    auto new_parent = [&](int64_t j) -> int64_t {
-      const int64_t p = B.parent[static_cast<size_t>(j)];
-      return d == 0 ? p : pos_new[static_cast<size_t>(p)];
-    };
-    auto push = [&](int64_t par, int64_t e, int64_t c, double r, int32_t f, int32_t l) {
-      M.parent.push_back(static_cast<int32_t>(par));
-      M.expert.push_back(static_cast<int16_t>(e));
-      M.count.push_back(c);
-      M.reward.push_back(r);
-      M.first.push_back(f);
-      M.last.push_back(l);
-    };
-    int64_t i = 0, j = 0;
-    while (i < nT || j < nB) {
-      const int64_t pi = i < nT ? old_parent(i) : 0, pj = j < nB ? new_parent(j) : 0;
-      const int64_t ki = i < nT ? level_key(pi, texp[offset + i]) : INT64_MAX;
-      const int64_t kj = j < nB ? level_key(pj, B.expert[static_cast<size_t>(j)]) : INT64_MAX;
-      const int32_t here = static_cast<int32_t>(M.size());
-      if (ki < kj) {
-        const int64_t t = offset + i;
-        push(pi, texp[t], tcnt[t], trew[t], tfst[t], tlst[t]);
-        next_old[static_cast<size_t>(i++)] = here;
-      } else if (kj < ki) {
-        const size_t b = static_cast<size_t>(j);
-        push(pj, B.expert[b], B.count[b], B.reward[b], step32, step32);
-        next_new[static_cast<size_t>(j++)] = here;
-      } else {
-        const int64_t t = offset + i;
-        const size_t b = static_cast<size_t>(j);
-        push(pi, texp[t], tcnt[t] + B.count[b], trew[t] + B.reward[b], tfst[t], step32);
-        next_old[static_cast<size_t>(i++)] = here;
-        next_new[static_cast<size_t>(j++)] = here;
+    if (nT == 0) {  // only batch nodes
+      M.parent = std::move(B.parent);
+      if (!new_identity)
+        for (auto& p : M.parent) p = pos_new[static_cast<size_t>(p)];
+      M.expert = std::move(B.expert);
+      M.count = std::move(B.count);
+      M.reward = std::move(B.reward);
+      M.first.assign(static_cast<size_t>(nB), step32);
+      M.last.assign(static_cast<size_t>(nB), step32);
+      old_identity = new_identity = true;
+    } else if (nB == 0) {  // only existing nodes
+      M.parent.assign(tpar + offset, tpar + offset + nT);
+      if (!old_identity)
+        for (auto& p : M.parent) p = pos_old[static_cast<size_t>(p)];
+      M.expert.assign(texp + offset, texp + offset + nT);
+      M.count.assign(tcnt + offset, tcnt + offset + nT);
+      M.reward.assign(trew + offset, trew + offset + nT);
+      M.first.assign(tfst + offset, tfst + offset + nT);
+      M.last.assign(tlst + offset, tlst + offset + nT);
+      old_identity = new_identity = true;
+    } else {
+      const size_t cap = static_cast<size_t>(nT + nB);
+      M.parent.reserve(cap);
+      M.expert.reserve(cap);
+      M.count.reserve(cap);
+      M.reward.reserve(cap);
+      M.first.reserve(cap);
+      M.last.reserve(cap);
+      next_old.assign(static_cast<size_t>(nT), 0);
+      next_new.assign(static_cast<size_t>(nB), 0);
+      auto old_parent = [&](int64_t i) -> int64_t {
+        const int64_t p = tpar[offset + i];
+        return old_identity ? p : pos_old[static_cast<size_t>(p)];
+      };
+      auto new_parent = [&](int64_t j) -> int64_t {
+        const int64_t p = B.parent[static_cast<size_t>(j)];
+        return new_identity ? p : pos_new[static_cast<size_t>(p)];
+      };
+      auto push = [&](int64_t par, int64_t e, int64_t c, double r, int32_t f, int32_t l) {
+        M.parent.push_back(static_cast<int32_t>(par));
+        M.expert.push_back(static_cast<int16_t>(e));
+        M.count.push_back(c);
+        M.reward.push_back(r);
+        M.first.push_back(f);
+        M.last.push_back(l);
+      };
+      int64_t i = 0, j = 0;
+      while (i < nT || j < nB) {
+        const int64_t pi = i < nT ? old_parent(i) : 0, pj = j < nB ? new_parent(j) : 0;
+        const int64_t ki = i < nT ? level_key(pi, texp[offset + i]) : INT64_MAX;
+        const int64_t kj = j < nB ? level_key(pj, B.expert[static_cast<size_t>(j)]) : INT64_MAX;
+        const int32_t here = static_cast<int32_t>(M.size());
+        if (ki < kj) {
+          const int64_t t = offset + i;
+          push(pi, texp[t], tcnt[t], trew[t], tfst[t], tlst[t]);
+          next_old[static_cast<size_t>(i++)] = here;
+        } else if (kj < ki) {
+          const size_t b = static_cast<size_t>(j);
+          push(pj, B.expert[b], B.count[b], B.reward[b], step32, step32);
+          next_new[static_cast<size_t>(j++)] = here;
+        } else {
+          const int64_t t = offset + i;
+          const size_t b = static_cast<size_t>(j);
+          push(pi, texp[t], tcnt[t] + B.count[b], trew[t] + B.reward[b], tfst[t], step32);
+          next_old[static_cast<size_t>(i++)] = here;
+          next_new[static_cast<size_t>(j++)] = here;
+        }
       }
+      pos_old.swap(next_old);
+      pos_new.swap(next_new);
+      old_identity = new_identity = false;
+      B = Level();  // free the batch level
     }
     offset += nT;
     total += static_cast<int64_t>(M.size());
     TORCH_CHECK(total <= kMaxNodes, "routing_update: the trie would exceed 2^31-1 nodes");
-    pos_old.swap(next_old);
-    pos_new.swap(next_new);
   }
 
   // 3. Concatenate the levels into fresh tensors.
