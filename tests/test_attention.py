@@ -191,8 +191,8 @@ def test_no_bias_and_empty_bias(backend):
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_custom_scale_and_alpha(backend):
     q, k, v, bias, coo = make_inputs(1, 2, 2, 7, 7, 16, seed=7)
-    check_parity(q, k, v, bias, coo, causal=False, backend=backend, scale=0.3, alpha=1.3)
-    check_parity(q, k, v, bias, coo, causal=True, backend=backend, scale=0.1, alpha=-0.6)
+    check_parity(q, k, v, bias, coo, causal=False, backend=backend, scale=0.3, alpha=0.6)
+    check_parity(q, k, v, bias, coo, causal=True, backend=backend, scale=0.1, alpha=-0.15)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

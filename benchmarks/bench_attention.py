@@ -1,0 +1,408 @@
+"""Benchmark memtrace.biased_attention against its peers, in one process (issue 7, item 7).
+
+Rows, for every shape and causal setting:
+  memtrace backends (triton, cudnn, flash, flash_attn when installed, auto), with a TraceBias of
+  2048 or 16384 entries per head, random or clustered (a band near the diagonal plus a few sink
+  columns), and with bias=None;
+  peers: SDPA flash and SDPA cuDNN without bias, FlexAttention with a score_mod reading a dense
+  [H, T, T] bias, SDPA efficient and SDPA cuDNN with the dense bias as attn_mask, and eager
+  attention (materialised softmax) with the dense bias.
+Reports the median time (triton.testing.do_bench), TFLOP/s (4*B*Hq*T^2*D forward, 3.5x for
+forward+backward, halved when causal), the ratio of each memtrace row to each peer, and the peak
+memory above the inputs, the bias included. A peer that runs out of memory or is not supported is
+recorded with its error and skipped.
+
+Usage: python benchmarks/bench_attention.py [--quick] [--json PATH] [--markdown PATH]
+Without CUDA it says so and times tiny shapes on the CPU (reference, and the Triton interpreter
+when TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+SHAPES = [  # (B, Hq, Hkv, T, D)
+    (4, 16, 16, 4096, 128),
+    (2, 16, 16, 8192, 128),
+    (4, 16, 16, 4096, 64),
+    (1, 32, 8, 16384, 128),
+]
+QUICK_SHAPES = [(4, 16, 16, 4096, 128)]
+TRACES = [(2048, "random"), (2048, "clustered"), (16384, "random"), (16384, "clustered")]
+QUICK_TRACES = [(2048, "random"), (16384, "clustered")]
+PEERS = ["sdpa_flash", "sdpa_cudnn", "flex_dense_bias", "sdpa_efficient_dense_bias", "sdpa_cudnn_dense_bias",
+         "eager_dense_bias"]
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+def make_trace_bias(num_heads, T, per_head, pattern, causal, device, seed=0):
+    """A TraceBias with `per_head` entries per head. random: uniform (i, j) (j <= i when causal);
+    clustered: 3/4 in a band |i - j| < 128 near the diagonal, 1/4 on 4 sink columns. Values are
+    trace strengths in [0, 1)."""
+    import memtrace as mt
+    g = torch.Generator(device=device).manual_seed(seed)
+    n = num_heads * per_head
+    head = torch.arange(num_heads, device=device).repeat_interleave(per_head)
+    i = torch.randint(0, T, (n,), device=device, generator=g)
+    if pattern == "random":
+        if causal:
+            j = (torch.rand(n, device=device, generator=g) * (i + 1)).long()
+        else:
+            j = torch.randint(0, T, (n,), device=device, generator=g)
+    elif pattern == "clustered":
+        band = torch.randint(-127, 128 if not causal else 1, (n,), device=device, generator=g)
+        j = (i + band).clamp(0, T - 1)
+        sink = torch.rand(n, device=device, generator=g) < 0.25
+        j = torch.where(sink, torch.randint(0, 4, (n,), device=device, generator=g), j)
+    else:
+        raise ValueError(pattern)
+    value = torch.rand(n, device=device, generator=g)
+    return mt.TraceBias.from_coo(head, i, j, value, num_heads=num_heads, seq_len_q=T, seq_len_k=T)
+
+
+def dense_bias_of(bias, T, causal, dtype):
+    """[1, H, T, T] dense bias for the peers (-inf above the diagonal when causal)."""
+    dense = bias.to_dense()[:, :T, :T]
+    if causal:
+        mask = torch.ones(T, T, dtype=torch.bool, device=dense.device).triu_(1)
+        dense = dense.masked_fill(mask, float("-inf"))
+    return dense.to(dtype)[None]
+
+
+def flops(B, Hq, T, D, causal, backward):
+    f = 4.0 * B * Hq * T * T * D
+    if causal:
+        f /= 2
+    return f * 3.5 if backward else f
+
+
+# ---- implementations ----------------------------------------------------------------------------
+
+def _expand(t, Hq):
+    return t if t.shape[1] == Hq else t.repeat_interleave(Hq // t.shape[1], dim=1)
+
+
+def peer_fn(name, q, k, v, causal, dense):
+    """A callable computing the peer's attention, or raise if it cannot run."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    Hq = q.shape[1]
+    gqa = k.shape[1] != Hq
+    if name in ("sdpa_flash", "sdpa_cudnn"):
+        kind = SDPBackend.FLASH_ATTENTION if name == "sdpa_flash" else SDPBackend.CUDNN_ATTENTION
+
+        def fn():
+            with sdpa_kernel(kind):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+        return fn
+    if name in ("sdpa_efficient_dense_bias", "sdpa_cudnn_dense_bias"):
+        kind = SDPBackend.EFFICIENT_ATTENTION if "efficient" in name else SDPBackend.CUDNN_ATTENTION
+        kk, vv = (_expand(k, Hq), _expand(v, Hq)) if gqa else (k, v)
+
+        def fn():
+            with sdpa_kernel(kind):
+                return F.scaled_dot_product_attention(q, kk, vv, attn_mask=dense)
+        return fn
+    if name == "flex_dense_bias":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        table = dense[0]
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + table[h, q_idx, kv_idx]
+        block_mask = None
+        if causal:
+            block_mask = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, q.shape[2], k.shape[2],
+                                           device=q.device)
+        compiled = torch.compile(flex_attention, dynamic=False)
+
+        def fn():
+            return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa)
+        return fn
+    if name == "eager_dense_bias":
+        kk, vv = _expand(k, Hq), _expand(v, Hq)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+
+        def fn():
+            s = torch.matmul(q, kk.transpose(-1, -2)) * scale + dense
+            p = torch.softmax(s.float(), dim=-1).to(q.dtype)
+            return torch.matmul(p, vv)
+        return fn
+    raise ValueError(name)
+
+
+def memtrace_fn(backend, q, k, v, causal, bias):
+    import memtrace as mt
+
+    def fn():
+        return mt.biased_attention(q, k, v, bias, causal=causal, backend=backend)
+    return fn
+
+
+def measure(make_fn, q, k, v, dout, *, backward, quick):
+    """(median ms, peak MiB above what was allocated before make_fn) of fn() or fn().backward()."""
+    import triton.testing
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn = make_fn()
+    if backward:
+        def step():
+            fn().backward(dout)
+    else:
+        def step():
+            with torch.no_grad():
+                fn()
+    step()  # compile / autotune, and the memory high-water mark
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    ms = triton.testing.do_bench(step, warmup=10 if quick else 25, rep=40 if quick else 100,
+                                 grad_to_none=[q, k, v] if backward else None, return_mode="median")
+    return ms, peak
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+def memtrace_backends():
+    import memtrace.attention as A
+    return [n for n in ("triton", "cudnn", "flash", "flash_attn") if n in A._REGISTRY] + ["auto"]
+
+
+def run_gpu(args):
+    import memtrace.attention as A
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    traces = QUICK_TRACES if args.quick else TRACES
+    causals = [False, True]
+    rows = []
+    device = torch.device("cuda")
+
+    def record(row):
+        rows.append(row)
+        fwd = f"{row['fwd_ms']:.3f} ms {row['fwd_tflops']:.0f} TF/s" if row.get("fwd_ms") else "-"
+        fb = f"{row['fwdbwd_ms']:.3f} ms {row['fwdbwd_tflops']:.0f} TF/s" if row.get("fwdbwd_ms") else "-"
+        err = f"  [{row['error'][:90]}]" if row.get("error") else ""
+        print(f"  {row['impl']:<28} {row.get('traces') or '':>6} {row.get('pattern') or '':<9} fwd {fwd:<24} "
+              f"fwd+bwd {fb:<24} peak {row.get('peak_mib', 0):8.0f} MiB{err}", flush=True)
+
+    for (B, Hq, Hkv, T, D) in shapes:
+        for causal in causals:
+            print(f"B={B} Hq={Hq} Hkv={Hkv} T={T} D={D} causal={causal} {args.dtype}", flush=True)
+            g = torch.Generator(device=device).manual_seed(0)
+            q = torch.randn(B, Hq, T, D, device=device, dtype=dtype, generator=g).requires_grad_(True)
+            k = torch.randn(B, Hkv, T, D, device=device, dtype=dtype, generator=g).requires_grad_(True)
+            v = torch.randn(B, Hkv, T, D, device=device, dtype=dtype, generator=g).requires_grad_(True)
+            dout = torch.randn(B, Hq, T, D, device=device, dtype=dtype, generator=g)
+            common = dict(B=B, Hq=Hq, Hkv=Hkv, T=T, D=D, causal=causal, dtype=args.dtype)
+            f_fwd, f_bwd = flops(B, Hq, T, D, causal, False), flops(B, Hq, T, D, causal, True)
+
+            def bench(impl, make_fn, extra):
+                row = dict(common, impl=impl, **extra)
+                try:
+                    for backward in (False, True):
+                        ms, peak = measure(make_fn, q, k, v, dout, backward=backward, quick=args.quick)
+                        key = "fwdbwd" if backward else "fwd"
+                        row[f"{key}_ms"] = ms
+                        row[f"{key}_tflops"] = (f_bwd if backward else f_fwd) / ms / 1e9
+                        row["peak_mib"] = max(row.get("peak_mib", 0.0), peak)
+                except Exception as exc:  # OOM, unsupported: record and go on
+                    row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                    torch.cuda.empty_cache()
+                record(row)
+                return row
+
+            # peers: the dense bias is built inside make_fn so its memory counts in the peak
+            probe_bias = make_trace_bias(Hq, T, traces[0][0], traces[0][1], causal, device)
+            for peer in PEERS:
+                if peer in ("sdpa_flash", "sdpa_cudnn"):
+                    bench(peer, lambda peer=peer: peer_fn(peer, q, k, v, causal, None), {})
+                else:
+                    if peer == "eager_dense_bias" and B * Hq * T * T * 6 > 0.6 * torch.cuda.get_device_properties(0).total_memory:
+                        record(dict(common, impl=peer, error="skipped: the materialised scores would not fit"))
+                        continue
+                    bench(peer, lambda peer=peer: peer_fn(peer, q, k, v, causal,
+                                                          dense_bias_of(probe_bias, T, causal, dtype)),
+                          {"traces": traces[0][0], "pattern": traces[0][1]})
+            del probe_bias
+            # memtrace without bias
+            for backend in memtrace_backends():
+                reasons = A.backend_reasons(q, k, v, None, causal=causal).get(backend) if backend != "auto" else []
+                if reasons:
+                    record(dict(common, impl=f"memtrace[{backend}] no bias", error="; ".join(reasons)))
+                    continue
+                bench(f"memtrace[{backend}] no bias", lambda backend=backend: memtrace_fn(backend, q, k, v, causal, None),
+                      {})
+            # memtrace with trace biases
+            for per_head, pattern in traces:
+                for backend in memtrace_backends():
+                    def make(backend=backend, per_head=per_head, pattern=pattern):
+                        bias = make_trace_bias(Hq, T, per_head, pattern, causal, device)
+                        return memtrace_fn(backend, q, k, v, causal, bias)
+                    extra = {"traces": per_head, "pattern": pattern}
+                    if backend == "auto":
+                        bias = make_trace_bias(Hq, T, per_head, pattern, causal, device)
+                        extra["auto_choice"] = A.select_backend(q, k, v, bias, causal=causal)[0]
+                        extra["bias_bytes"] = bias.nbytes
+                        del bias
+                    bench(f"memtrace[{backend}]", make, extra)
+            del q, k, v, dout
+            torch.cuda.empty_cache()
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows):
+    """For every memtrace row: its TFLOP/s over each peer's of the same shape and causal setting,
+    and its time over bias=None of the same backend."""
+    def key(r):
+        return (r["B"], r["Hq"], r["Hkv"], r["T"], r["D"], r["causal"])
+    peers = {}
+    nobias = {}
+    for r in rows:
+        if r["impl"] in PEERS and not r.get("error"):
+            peers.setdefault(key(r), {})[r["impl"]] = r
+        if r["impl"].endswith(" no bias") and not r.get("error"):
+            nobias[(key(r), r["impl"].split(" ")[0])] = r
+    for r in rows:
+        if not r["impl"].startswith("memtrace") or r.get("error"):
+            continue
+        ratios = {}
+        for pname, p in peers.get(key(r), {}).items():
+            for phase in ("fwd", "fwdbwd"):
+                if p.get(f"{phase}_tflops") and r.get(f"{phase}_tflops"):
+                    ratios[f"{phase}_vs_{pname}"] = r[f"{phase}_tflops"] / p[f"{phase}_tflops"]
+        r["ratios"] = ratios
+        base = nobias.get((key(r), r["impl"]))
+        if base:
+            r["overhead_vs_no_bias"] = {phase: r[f"{phase}_ms"] / base[f"{phase}_ms"] - 1.0
+                                        for phase in ("fwd", "fwdbwd") if r.get(f"{phase}_ms") and base.get(f"{phase}_ms")}
+
+
+def environment():
+    import triton
+    env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+           "triton": triton.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        env["cudnn"] = torch.backends.cudnn.version()
+    else:
+        env["device"] = "cpu"
+    try:
+        import memtrace
+        env["memtrace"] = memtrace.__version__
+    except Exception:
+        pass
+    return env
+
+
+def markdown(rows, env):
+    """A table per shape and causal setting: time, TFLOP/s, ratios to cuDNN (no bias) and Flex +
+    dense bias, overhead over bias=None, peak memory."""
+    out = [f"## Attention ({env.get('device')}, torch {env.get('torch')}, triton {env.get('triton')}, "
+           f"cuDNN {env.get('cudnn')}, {env.get('date')})", "",
+           "TFLOP/s: 4*B*Hq*T^2*D forward, 3.5x for forward+backward, halved when causal. Ratios are TFLOP/s "
+           "over the peer's in the same run. Peak: memory above the inputs, bias included.", ""]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["B"], r["Hq"], r["Hkv"], r["T"], r["D"], r["causal"], r["dtype"]), []).append(r)
+    for (B, Hq, Hkv, T, D, causal, dtype), rs in groups.items():
+        out.append(f"### B={B} Hq={Hq} Hkv={Hkv} T={T} D={D} {'causal' if causal else 'non-causal'} {dtype}")
+        out.append("")
+        out.append("| impl | traces/head | pattern | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | "
+                   "fwd vs cuDNN | f+b vs cuDNN | fwd vs Flex+bias | f+b vs Flex+bias | over bias=None f / f+b | peak MiB |")
+        out.append("|" + "---|" * 13)
+        for r in rs:
+            if r.get("error"):
+                out.append(f"| {r['impl']} | {r.get('traces', '')} | {r.get('pattern', '')} | "
+                           f"{r['error'][:80].replace('|', '/')} |" + " |" * 9)
+                continue
+            ra = r.get("ratios", {})
+            ov = r.get("overhead_vs_no_bias", {})
+
+            def f(x, fmt="{:.2f}"):
+                return fmt.format(x) if x is not None else "-"
+            impl = r["impl"] + (f" -> {r['auto_choice']}" if r.get("auto_choice") else "")
+            out.append(
+                f"| {impl} | {r.get('traces', '')} | {r.get('pattern', '')} | {f(r.get('fwd_ms'), '{:.3f}')} | "
+                f"{f(r.get('fwd_tflops'), '{:.0f}')} | {f(r.get('fwdbwd_ms'), '{:.3f}')} | "
+                f"{f(r.get('fwdbwd_tflops'), '{:.0f}')} | {f(ra.get('fwd_vs_sdpa_cudnn'))} | "
+                f"{f(ra.get('fwdbwd_vs_sdpa_cudnn'))} | {f(ra.get('fwd_vs_flex_dense_bias'))} | "
+                f"{f(ra.get('fwdbwd_vs_flex_dense_bias'))} | "
+                f"{f(ov.get('fwd'), '{:+.1%}')} / {f(ov.get('fwdbwd'), '{:+.1%}')} | {f(r.get('peak_mib'), '{:.0f}')} |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def run_cpu(args):
+    """No CUDA: tiny shapes timed on the CPU (reference; Triton interpreter under TRITON_INTERPRET=1)."""
+    import memtrace as mt
+    import memtrace.attention as A
+    print("No CUDA device: timing tiny shapes on the CPU (reference math"
+          + (", Triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else
+             "; set TRITON_INTERPRET=1 to include the Triton interpreter") + "). These are not GPU numbers.")
+    rows = []
+    shapes = [(1, 2, 2, 64, 32)] if args.quick else [(1, 2, 2, 64, 32), (2, 4, 2, 128, 64)]
+    for (B, Hq, Hkv, T, D) in shapes:
+        for causal in (False, True):
+            q = torch.randn(B, Hq, T, D, requires_grad=True)
+            k = torch.randn(B, Hkv, T, D, requires_grad=True)
+            v = torch.randn(B, Hkv, T, D, requires_grad=True)
+            bias = make_trace_bias(Hq, T, 64, "clustered", causal, torch.device("cpu"))
+            for backend in ("reference", "triton"):
+                row = dict(B=B, Hq=Hq, Hkv=Hkv, T=T, D=D, causal=causal, dtype="fp32", impl=f"memtrace[{backend}]",
+                           traces=64, pattern="clustered")
+                reasons = A.backend_reasons(q, k, v, bias, causal=causal)[backend]
+                if reasons:
+                    row["error"] = "; ".join(reasons)
+                else:
+                    out = mt.biased_attention(q, k, v, bias, causal=causal, backend=backend)  # warm-up
+                    out.backward(torch.ones_like(out))
+                    for backward in (False, True):
+                        reps = 3
+                        t0 = time.perf_counter()
+                        for _ in range(reps):
+                            out = mt.biased_attention(q, k, v, bias, causal=causal, backend=backend)
+                            if backward:
+                                out.backward(torch.ones_like(out))
+                        ms = (time.perf_counter() - t0) / reps * 1e3
+                        row["fwdbwd_ms" if backward else "fwd_ms"] = ms
+                rows.append(row)
+                print(f"  B={B} Hq={Hq} T={T} D={D} causal={causal} {row['impl']:<20} "
+                      + (f"fwd {row['fwd_ms']:.1f} ms  fwd+bwd {row['fwdbwd_ms']:.1f} ms" if "fwd_ms" in row
+                         else f"skipped: {row['error']}"), flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one shape, two trace settings, short timing")
+    parser.add_argument("--json", metavar="PATH", help="write the rows and the environment as JSON")
+    parser.add_argument("--markdown", metavar="PATH", help="write a markdown table (for BENCHMARKS.md)")
+    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    args = parser.parse_args(argv)
+    env = environment()
+    rows = run_gpu(args) if torch.cuda.is_available() else run_cpu(args)
+    result = {"benchmark": "attention", "env": env, "quick": args.quick, "rows": rows}
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+        print(f"wrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(markdown(rows, env) if torch.cuda.is_available() else
+                     "CPU timings only (no CUDA device); see the JSON.\n")
+        print(f"wrote {args.markdown}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,4 @@
+"""`python -m memtrace ...`: the same as the `memtrace` console script (memtrace/cli.py)."""
+from .cli import main
+
+raise SystemExit(main())

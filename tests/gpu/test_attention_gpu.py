@@ -1,0 +1,240 @@
+"""memtrace.biased_attention on CUDA: every backend at realistic shapes against the float64
+reference (SPEC 7 tolerances), bias gradients, auto selection, torch.compile, capture, layouts."""
+import math
+
+import pytest
+import torch
+
+import memtrace as mt
+from memtrace import attention as A
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+DEV = "cuda"
+
+
+def make_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, *, per_head=256, seed=0, value_low=-1.0, value_high=2.0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    q = torch.randn(B, Hq, Tq, D, device=DEV, generator=g).to(dtype).requires_grad_(True)
+    k = torch.randn(B, Hkv, Tk, D, device=DEV, generator=g).to(dtype).requires_grad_(True)
+    v = torch.randn(B, Hkv, Tk, D, device=DEV, generator=g).to(dtype).requires_grad_(True)
+    n = Hq * per_head
+    Lq, Lk = Tq + 5, Tk + 7  # built for longer sequences: entries past the call are ignored
+    head = torch.randint(0, Hq, (n,), device=DEV, generator=g)
+    q_idx = torch.randint(0, Lq, (n,), device=DEV, generator=g)
+    # half the entries in a band near the (bottom-right) diagonal, where attention is causal-visible
+    band = (q_idx + (Tk - Tq) - torch.randint(0, 64, (n,), device=DEV, generator=g)).clamp(0, Lk - 1)
+    k_idx = torch.where(torch.rand(n, device=DEV, generator=g) < 0.5, band,
+                        torch.randint(0, Lk, (n,), device=DEV, generator=g))
+    head[-8:], q_idx[-8:], k_idx[-8:] = head[0], q_idx[0], k_idx[0]  # duplicates
+    value = (value_low + (value_high - value_low) * torch.rand(n, device=DEV, generator=g)).requires_grad_(True)
+    bias = mt.TraceBias.from_coo(head, q_idx, k_idx, value, num_heads=Hq, seq_len_q=Lq, seq_len_k=Lk)
+    return q, k, v, bias, (head, q_idx, k_idx, value)
+
+
+def oracle(q, k, v, coo, dout, *, causal, alpha=1.0, scale=None):
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    inputs = [q64, k64, v64]
+    dense = None
+    if coo is not None:
+        head, q_idx, k_idx, value = coo
+        val64 = value.detach().double().requires_grad_(True)
+        inputs.append(val64)
+        dense = mt.reference.dense_bias(head, q_idx, k_idx, val64, q.shape[1], q.shape[2], k.shape[2])
+    out = mt.reference.attention(q64, k64, v64, dense, causal=causal, alpha=alpha, scale=scale)
+    grads = torch.autograd.grad(out, inputs, dout.double())
+    return [out, *grads]
+
+
+def rel_err(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    assert torch.isfinite(a).all(), "non-finite values"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run(q, k, v, bias, dout, **kw):
+    for t in (q, k, v, bias.value if bias is not None else None):
+        if t is not None:
+            t.grad = None
+    out = mt.biased_attention(q, k, v, bias, **kw)
+    out.backward(dout)
+    res = [out, q.grad, k.grad, v.grad]
+    if bias is not None:
+        res.append(bias.value.grad)
+    return res
+
+
+def skip_unless_supported(backend, q, k, v, bias, causal):
+    reasons = A.backend_reasons(q, k, v, bias, causal=causal)[backend]
+    if reasons:
+        pytest.skip(f"{backend}: " + "; ".join(reasons))
+
+
+CASES = [  # B, Hq, Hkv, Tq, Tk, D, causal
+    (2, 8, 8, 512, 512, 64, False),
+    (1, 8, 2, 1024, 1024, 128, True),     # GQA
+    (2, 4, 4, 333, 333, 32, False),       # odd length
+    (1, 4, 4, 200, 777, 64, True),        # causal, Tq < Tk (bottom-right)
+    (1, 4, 2, 777, 200, 16, True),        # causal, Tq > Tk: fully masked rows
+]
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cudnn", "flash", "flash_attn"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_backend_parity(backend, dtype, case):
+    *shape, causal = case
+    q, k, v, bias, coo = make_inputs(*shape, dtype, seed=sum(shape))
+    skip_unless_supported(backend, q, k, v, bias, causal)
+    dout = torch.randn_like(q)
+    got = run(q, k, v, bias, dout, causal=causal, backend=backend)
+    want = oracle(q, k, v, coo, dout, causal=causal)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dvalue"), got, want):
+        err = rel_err(a, b)
+        assert err < TOL[dtype], f"{backend} {name}: {err:.3g}"
+
+
+@pytest.mark.parametrize("backend", ["triton", "cudnn", "flash"])
+def test_no_bias_parity(backend):
+    q, k, v, _, _ = make_inputs(2, 8, 4, 1024, 1024, 128, torch.bfloat16, seed=3)
+    skip_unless_supported(backend, q, k, v, None, True)
+    dout = torch.randn_like(q)
+    got = run(q, k, v, None, dout, causal=True, backend=backend)
+    want = oracle(q, k, v, None, dout, causal=True)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert rel_err(a, b) < TOL[torch.bfloat16], name
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=lambda c: "x".join(map(str, c)))
+def test_triton_fp32(case):
+    *shape, causal = case
+    q, k, v, bias, coo = make_inputs(*shape, torch.float32, seed=7)
+    skip_unless_supported("triton", q, k, v, bias, causal)
+    dout = torch.randn_like(q)
+    got = run(q, k, v, bias, dout, causal=causal, backend="triton")
+    want = oracle(q, k, v, coo, dout, causal=causal)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dvalue"), got, want):
+        assert rel_err(a, b) < TOL[torch.float32], name
+
+
+@pytest.mark.parametrize("D", [16, 32, 256])
+def test_triton_head_dims(D):
+    q, k, v, bias, coo = make_inputs(1, 4, 2, 300, 300, D, torch.bfloat16, seed=D)
+    skip_unless_supported("triton", q, k, v, bias, False)
+    dout = torch.randn_like(q)
+    got = run(q, k, v, bias, dout, causal=False, backend="triton", alpha=0.7)
+    want = oracle(q, k, v, coo, dout, causal=False, alpha=0.7)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dvalue"), got, want):
+        assert rel_err(a, b) < TOL[torch.bfloat16], name
+
+
+@pytest.mark.parametrize("magnitude", [40.0, -40.0])
+def test_triton_large_biases(magnitude):
+    """Huge positive biases must not overflow; huge negative ones on the edges holding the mass
+    cancel the correction identity and must still come out right."""
+    B, H, T, D = 1, 4, 256, 64
+    g = torch.Generator(device=DEV).manual_seed(5)
+    base = torch.randn(B, H, T, D, device=DEV, generator=g)
+    q = (2.0 * base).bfloat16().requires_grad_(True)
+    k = base.bfloat16().requires_grad_(True)
+    v = torch.randn(B, H, T, D, device=DEV, generator=g).bfloat16().requires_grad_(True)
+    head = torch.arange(H, device=DEV).repeat_interleave(T)
+    idx = torch.arange(T, device=DEV).repeat(H)
+    value = torch.full((H * T,), magnitude, device=DEV, requires_grad=True)
+    bias = mt.TraceBias.from_coo(head, idx, idx, value, num_heads=H, seq_len_q=T, seq_len_k=T)
+    dout = torch.randn_like(q)
+    got = run(q, k, v, bias, dout, backend="auto")
+    want = oracle(q, k, v, (head, idx, idx, value), dout, causal=False)
+    assert rel_err(got[0], want[0]) < TOL[torch.bfloat16]
+    for name, a, b in zip(("dq", "dk", "dv", "dvalue"), got[1:], want[1:]):
+        # gradients ~0 in exact arithmetic (one-hot softmax) are compared absolutely
+        err = (a.double() - b).norm().item() / max(b.norm().item(), math.sqrt(b.numel()) * 0.05)
+        assert err < 3e-2, f"{name}: {err:.3g}"
+
+
+def test_auto_matches_its_choice_and_the_reference():
+    q, k, v, bias, coo = make_inputs(2, 8, 8, 1024, 1024, 128, torch.bfloat16, seed=11)
+    name, auto = A.select_backend(q, k, v, bias, causal=True)
+    assert auto and name in ("cudnn", "triton", "flash", "flash_attn")
+    dout = torch.randn_like(q)
+    got = run(q, k, v, bias, dout, causal=True)
+    explicit = run(*(t.detach().requires_grad_(True) for t in (q, k, v)), bias, dout, causal=True, backend=name)
+    torch.testing.assert_close(got[0], explicit[0], rtol=0, atol=0)  # same kernels, same forward
+    for a, b in zip(got[1:], explicit[1:]):  # backward kernels may use atomics (cuDNN)
+        assert rel_err(a, b) < 1e-2
+    want = oracle(q, k, v, coo, dout, causal=True)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < TOL[torch.bfloat16]
+
+
+def test_auto_on_gqa_and_unequal_causal_lengths():
+    """Calls the cuDNN/flash kernels cannot take (causal Tq != Tk) still get a fast backend."""
+    q, k, v, bias, coo = make_inputs(1, 8, 2, 256, 1024, 64, torch.bfloat16, seed=13)
+    name, _ = A.select_backend(q, k, v, bias, causal=True)
+    assert name != "reference"
+    dout = torch.randn_like(q)
+    got = run(q, k, v, bias, dout, causal=True)
+    want = oracle(q, k, v, coo, dout, causal=True)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < TOL[torch.bfloat16]
+
+
+def test_bias_free_layout_and_transposed_inputs():
+    """q/k/v as [B, T, H, D] buffers viewed as [B, H, T, D]: out keeps q's layout."""
+    B, H, T, D = 2, 8, 512, 64
+    q = torch.randn(B, T, H, D, device=DEV, dtype=torch.bfloat16).transpose(1, 2).requires_grad_(True)
+    k = torch.randn(B, T, H, D, device=DEV, dtype=torch.bfloat16).transpose(1, 2).requires_grad_(True)
+    v = torch.randn(B, T, H, D, device=DEV, dtype=torch.bfloat16).transpose(1, 2).requires_grad_(True)
+    for backend in A.available_backends(q, k, v, None, causal=True):
+        if backend == "reference":
+            continue
+        out = mt.biased_attention(q, k, v, causal=True, backend=backend)
+        assert out.stride() == q.stride(), backend
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert rel_err(out, ref) < TOL[torch.bfloat16], backend
+
+
+def test_torch_compile_fullgraph_gpu():
+    q, k, v, bias, coo = make_inputs(2, 8, 4, 512, 512, 64, torch.bfloat16, seed=17)
+    proj = torch.nn.Linear(64, 64, device=DEV, dtype=torch.bfloat16)
+
+    def model(q, k, v, bias):
+        return (mt.biased_attention(proj(q), k, v, bias, causal=True, alpha=0.5).float() ** 2).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    loss = compiled(q, k, v, bias)
+    loss.backward()
+    got = [t.grad.clone() for t in (q, k, v, bias.value)]
+    for t in (q, k, v, bias.value):
+        t.grad = None
+    ref = model(q, k, v, bias)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-3 * abs(ref.item())
+    for a, t in zip(got, (q, k, v, bias.value)):
+        assert rel_err(a, t.grad) < 1e-2
+
+
+class _RecordingCapture:
+    def __init__(self):
+        self.calls = []
+
+    def _fill(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha):
+        self.calls.append((out.detach().clone(), lse.detach().clone(), causal, scale, alpha))
+
+
+def test_capture_hook_gets_biased_out_and_lse():
+    q, k, v, bias, coo = make_inputs(2, 4, 4, 256, 256, 64, torch.bfloat16, seed=19)
+    cap = _RecordingCapture()
+    out = mt.biased_attention(q, k, v, bias, causal=True, capture=cap)
+    out.backward(torch.randn_like(out))
+    assert len(cap.calls) == 1
+    cap_out, cap_lse, causal, scale, alpha = cap.calls[0]
+    dense = mt.reference.dense_bias(*coo[:3], coo[3].detach().double(), 4, 256, 256)
+    ref_out, ref_lse = mt.reference.attention_with_lse(q.detach().double(), k.detach().double(),
+                                                       v.detach().double(), dense, causal=True)
+    assert rel_err(cap_out, ref_out) < TOL[torch.bfloat16]
+    assert rel_err(cap_lse, ref_lse) < 1e-4
+    assert causal is True and scale == pytest.approx(1 / 8) and alpha == 1.0
