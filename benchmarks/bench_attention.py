@@ -187,6 +187,10 @@ def run_gpu(args):
 
     def record(row):
         rows.append(row)
+        if args.json:  # keep what was measured even if the run is cut short
+            with open(args.json, "w") as fh:
+                json.dump({"benchmark": "attention", "env": environment(), "quick": args.quick, "partial": True,
+                           "rows": rows}, fh, indent=1)
         fwd = f"{row['fwd_ms']:.3f} ms {row['fwd_tflops']:.0f} TF/s" if row.get("fwd_ms") else "-"
         fb = f"{row['fwdbwd_ms']:.3f} ms {row['fwdbwd_tflops']:.0f} TF/s" if row.get("fwdbwd_ms") else "-"
         err = f"  [{row['error'][:90]}]" if row.get("error") else ""
@@ -388,6 +392,8 @@ def main(argv=None):
     parser.add_argument("--markdown", metavar="PATH", help="write a markdown table (for BENCHMARKS.md)")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     args = parser.parse_args(argv)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     env = environment()
     rows = run_gpu(args) if torch.cuda.is_available() else run_cpu(args)
     result = {"benchmark": "attention", "env": env, "quick": args.quick, "rows": rows}

@@ -217,8 +217,9 @@ class _CorrectedDenseBackend(Backend):
             return [err]
         floor = math.log(getattr(module, "CANCEL_THRESHOLD", 0.25))
         if call.min_bias_logit is not None and call.min_bias_logit < floor:
-            return [f"alpha * bias reaches {call.min_bias_logit:.3g} < ln({math.exp(floor):.3g}): the standalone "
-                    "correction can cancel there (the triton backend recomputes such rows)"]
+            return [f"alpha * bias reaches {call.min_bias_logit:.3g} < ln({math.exp(floor):.3g}): the dense backward "
+                    "fed O', LSE' would amplify its rounding by up to exp(-alpha * bias) on such entries, and the "
+                    "forward identity can cancel (the triton backend recomputes such rows)"]
         return []
 
     def not_supported_reasons(self, call):
