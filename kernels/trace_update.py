@@ -17,10 +17,11 @@ One update of B layers (B x H slabs) is four launches plus one cumsum:
 4. `_select_kernel`, grid (B * H,): one program per slab. Stored traces get history
    ((hist << 1) | [a > attn_eps]) & (2^W - 1), Sh = S ln(1 + popcount(hist)), reinforce
    (M = retention M + (1 - retention) Sh, age 0) or decay (M = decay M, age + 1, saturating),
-   prune (M < prune_eps). Every surviving item (stored or new) gets the 63-bit key
-   float32_bits(M) << 32 | (2^32 - 1 - pos): larger key = stronger, ties to the smaller (i, j).
-   Keys are unique in a slab, so "keep the quota largest" is "keep key >= T" with T the
-   quota-th largest key, found by an 8-pass radix select (8-bit digits, `tl.histogram`). The
+   prune (M < prune_eps). Every surviving item (stored or new) gets the 96-bit key
+   (float64_bits(M), 2^32 - 1 - pos): larger key = stronger, ties to the smaller (i, j), the
+   float64 values ranked as the reference ranks them. Keys are unique in a slab, so "keep the
+   quota largest" is "keep key >= T" with T the quota-th largest key, found by a 12-pass radix
+   select (8-bit digits, `tl.histogram`). The
    kept items are compacted into a scratch area, sorted by pos (`tl.sort` of pos << 14 | index,
    skipped when no new trace was kept: the stored ones are already in order) and written back.
 
@@ -107,7 +108,7 @@ def _match_kernel(strength_ptr, meta_ptr, layers_ptr, head_ptr, q_ptr, k_ptr, s_
     m_new = retention_c * s_new
     is_new = valid & (~found) & (s_new > threshold) & (~(m_new < prune_eps))
     tl.store(cand_slab_ptr + row, tl.where(is_new, local_slab, -1), mask=in_buf)
-    tl.store(cand_m_ptr + row, tl.minimum(m_new, 3.4028234663852886e38).to(tl.float32), mask=in_buf)
+    tl.store(cand_m_ptr + row, m_new, mask=in_buf)
     tl.store(cand_meta_ptr + row, (pos << POS_SHIFT) | bit.to(tl.int64), mask=in_buf)
     tl.atomic_add(new_count_ptr + local_slab, tl.where(is_new, 1, 0), mask=is_new)
 
@@ -127,12 +128,6 @@ def _group_kernel(cand_slab_ptr, cand_m_ptr, cand_meta_ptr, new_count_ptr, new_e
     dst = (start + rank).to(tl.int64)
     tl.store(grouped_m_ptr + dst, tl.load(cand_m_ptr + row, mask=is_new, other=0.0), mask=is_new)
     tl.store(grouped_meta_ptr + dst, tl.load(cand_meta_ptr + row, mask=is_new, other=0), mask=is_new)
-
-
-@triton.jit
-def _key_of(m32, pos):
-    """63-bit eviction key: larger = stronger; equal strengths: the smaller pos is larger."""
-    return (m32.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0xFFFFFFFF - pos)
 
 
 @triton.jit
@@ -177,43 +172,57 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
     alive = valid & (~(m64 < prune_eps))
     m32 = tl.minimum(m64, 3.4028234663852886e38).to(tl.float32)
     meta = (pos << POS_SHIFT) | (age << W) | hist
-    key = tl.where(alive, _key_of(m32, pos), -1)
+    # eviction key (key_hi, key_lo): float64 bits of M (>= 0, so ordered as integers), then
+    # 2^32 - 1 - pos (equal strengths: the smaller (i, j) ranks higher)
+    key_hi = tl.where(alive, m64.to(tl.int64, bitcast=True), -1)
+    key_lo = 0xFFFFFFFF - pos
     n_alive = tl.sum(alive.to(tl.int32), axis=0)
 
     n_new = tl.load(new_count_ptr + ls)
     start = tl.load(new_end_ptr + ls) - n_new
     chunk = tl.arange(0, BLOCK_N)
 
-    # 6. the quota-th largest key, by radix select (only when over quota)
-    thresh = tl.zeros([], dtype=tl.int64)
+    # 6. the quota-th largest (key_hi, key_lo), by radix select over its 96 bits in 8-bit digits
+    #    (only when over quota); keys are unique in a slab, so exactly `quota` are >= it
+    t_hi = tl.zeros([], dtype=tl.int64)
+    t_lo = tl.zeros([], dtype=tl.int64)
     if n_alive + n_new > Q:
-        prefix = tl.zeros([], dtype=tl.int64)
-        prefix_mask = tl.zeros([], dtype=tl.int64)
+        mask_hi = tl.zeros([], dtype=tl.int64)
+        mask_lo = tl.zeros([], dtype=tl.int64)
         remaining = Q + tl.zeros([], dtype=tl.int32)
         bins = tl.arange(0, 256)
-        for p in tl.static_range(8):
-            shift: tl.constexpr = 56 - 8 * p
-            match = alive & ((key & prefix_mask) == prefix)
-            digit = tl.where(match, (key >> shift) & 255, 0).to(tl.int32)
+        for p in tl.static_range(12):
+            match = alive & ((key_hi & mask_hi) == t_hi) & ((key_lo & mask_lo) == t_lo)
+            if p < 8:
+                digit = tl.where(match, (key_hi >> (56 - 8 * p)) & 255, 0).to(tl.int32)
+            else:
+                digit = tl.where(match, (key_lo >> (24 - 8 * (p - 8))) & 255, 0).to(tl.int32)
             counts = tl.histogram(digit, 256, mask=match)
             for c0 in range(0, n_new, BLOCK_N):
                 idx = c0 + chunk
                 in_chunk = idx < n_new
                 gm = tl.load(grouped_m_ptr + start + idx, mask=in_chunk, other=0.0)
                 gmeta = tl.load(grouped_meta_ptr + start + idx, mask=in_chunk, other=0)
-                nkey = _key_of(gm, (gmeta >> POS_SHIFT) & POS_MASK)
-                nmatch = in_chunk & ((nkey & prefix_mask) == prefix)
-                ndigit = tl.where(nmatch, (nkey >> shift) & 255, 0).to(tl.int32)
+                n_hi = gm.to(tl.int64, bitcast=True)
+                n_lo = 0xFFFFFFFF - ((gmeta >> POS_SHIFT) & POS_MASK)
+                nmatch = in_chunk & ((n_hi & mask_hi) == t_hi) & ((n_lo & mask_lo) == t_lo)
+                if p < 8:
+                    ndigit = tl.where(nmatch, (n_hi >> (56 - 8 * p)) & 255, 0).to(tl.int32)
+                else:
+                    ndigit = tl.where(nmatch, (n_lo >> (24 - 8 * (p - 8))) & 255, 0).to(tl.int32)
                 counts += tl.histogram(ndigit, 256, mask=nmatch)
             at_least = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts   # digit >= d
             chosen = tl.sum((at_least >= remaining).to(tl.int32), axis=0) - 1
             remaining -= tl.sum(tl.where(bins == chosen, at_least - counts, 0), axis=0)
-            prefix = prefix | (chosen.to(tl.int64) << shift)
-            prefix_mask = prefix_mask | (tl.full([], 255, tl.int64) << shift)
-        thresh = prefix
+            if p < 8:
+                t_hi = t_hi | (chosen.to(tl.int64) << (56 - 8 * p))
+                mask_hi = mask_hi | (tl.full([], 255, tl.int64) << (56 - 8 * p))
+            else:
+                t_lo = t_lo | (chosen.to(tl.int64) << (24 - 8 * (p - 8)))
+                mask_lo = mask_lo | (tl.full([], 255, tl.int64) << (24 - 8 * (p - 8)))
 
     # compaction: kept stored traces first (in pos order), then kept new ones
-    kept = alive & (key >= thresh)
+    kept = alive & ((key_hi > t_hi) | ((key_hi == t_hi) & (key_lo >= t_lo)))
     kept_i = kept.to(tl.int32)
     n_kept_old = tl.sum(kept_i, axis=0)
     dst_old = tl.cumsum(kept_i, axis=0) - 1
@@ -224,10 +233,12 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
         in_chunk = idx < n_new
         gm = tl.load(grouped_m_ptr + start + idx, mask=in_chunk, other=0.0)
         gmeta = tl.load(grouped_meta_ptr + start + idx, mask=in_chunk, other=0)
-        nkept = in_chunk & (_key_of(gm, (gmeta >> POS_SHIFT) & POS_MASK) >= thresh)
+        n_hi = gm.to(tl.int64, bitcast=True)
+        n_lo = 0xFFFFFFFF - ((gmeta >> POS_SHIFT) & POS_MASK)
+        nkept = in_chunk & ((n_hi > t_hi) | ((n_hi == t_hi) & (n_lo >= t_lo)))
         nkept_i = nkept.to(tl.int32)
         dst = n_kept + tl.cumsum(nkept_i, axis=0) - 1
-        tl.store(scratch_m_ptr + lbase + dst, gm, mask=nkept)
+        tl.store(scratch_m_ptr + lbase + dst, tl.minimum(gm, 3.4028234663852886e38).to(tl.float32), mask=nkept)
         tl.store(scratch_meta_ptr + lbase + dst, gmeta, mask=nkept)
         tl.store(scratch_key_ptr + lbase + dst, (((gmeta >> POS_SHIFT) & POS_MASK) << IDX_BITS) | dst, mask=nkept)
         n_kept += tl.sum(nkept_i, axis=0)
@@ -304,9 +315,9 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
     new_count, cursor = counters[0], counters[1]
     n_cand = max(B * C, 1)
     cand_slab = torch.empty(n_cand, dtype=torch.int32, device=device)
-    cand_m = torch.empty(n_cand, dtype=torch.float32, device=device)
+    cand_m = torch.empty(n_cand, dtype=torch.float64, device=device)
     cand_meta = torch.empty(n_cand, dtype=torch.int64, device=device)
-    grouped_m = torch.empty(n_cand, dtype=torch.float32, device=device)
+    grouped_m = torch.empty(n_cand, dtype=torch.float64, device=device)
     grouped_meta = torch.empty(n_cand, dtype=torch.int64, device=device)
     scratch_m = torch.empty(n_slabs * Q, dtype=torch.float32, device=device)
     scratch_meta = torch.empty(n_slabs * Q, dtype=torch.int64, device=device)

@@ -29,8 +29,9 @@ Candidates are the capture's threshold edges plus the scores of the bias entries
 handed to attention came from ``bias(layer)`` of the current state, its COO order is the slot
 order (heads x quota, empty slots as value-0 entries at (0, 0)), so ``capture.bias_scores`` map to
 slots with no search. Any other bias is merged with the edges first (bias scores win on overlap).
-Arithmetic is float64 (strengths stored as float32); the eviction order compares the stored
-float32 strengths, ties broken by the smaller (i, j) kept.
+Arithmetic is float64 and the eviction ranks this step's float64 strengths (ties: the smaller
+(i, j) is kept), exactly as the reference does from the same stored values; strengths are then
+stored as float32.
 
 On CUDA the update runs as Triton kernels (``memtrace.kernels.trace_update``) with no host
 synchronisation; on CPU as a vectorised PyTorch path with the same results. ``backend`` ("auto",
@@ -679,10 +680,10 @@ def _update_torch(strength, meta, head, q_idx, k_idx, S, a, num_edges, slot_S, s
     item_m = torch.cat([m64, m_new]).clamp(max=FLOAT32_MAX).float()
     item_meta = torch.cat([meta_old, meta_new])
     alive = torch.cat([alive_old, alive_new])
-    m_bits = item_m.view(torch.int32).long()
-    key = torch.where(alive, (m_bits << 32) | (0xFFFFFFFF - item_pos), torch.full_like(m_bits, -1))
+    item_m64 = torch.cat([m64, m_new])
     grp = torch.where(alive, item_slab, torch.full_like(item_slab, n_slabs))
-    order = torch.sort(key, descending=True, stable=True).indices
+    order = torch.sort(item_pos, stable=True).indices
+    order = order[torch.sort(item_m64[order], descending=True, stable=True).indices]
     order = order[torch.sort(grp[order], stable=True).indices]
     grp_sorted = grp[order]
     starts = torch.searchsorted(grp_sorted, torch.arange(n_slabs + 1, device=dev))
