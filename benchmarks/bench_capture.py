@@ -28,7 +28,6 @@ import sys
 import traceback
 
 import torch
-import torch.nn.functional as F
 
 import memtrace
 from memtrace import capture as capture_mod
@@ -202,7 +201,7 @@ def run_shape(B, H, T, D, capacity, quick, notes):
 
     # The seeds' eager capture.
     try:
-        eager = lambda: eager_capture(q, k, v, dout, scale, capacity)  # noqa: E731
+        eager = lambda: eager_capture(q, k, v, dout, scale, capacity)
         eager()
         t["eager"] = bench(eager, rep=100)
         mem["eager"] = peak_mib(eager)

@@ -47,7 +47,7 @@ import torch
 
 from . import _validate as V
 
-__all__ = ["SalienceCapture", "DEFAULT_CAPACITY"]
+__all__ = ["DEFAULT_CAPACITY", "SalienceCapture"]
 
 DEFAULT_CAPACITY = 1 << 17
 LOG2E = 1.4426950408889634
@@ -235,8 +235,8 @@ def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alp
     lse = lse.float() if lse.dtype != torch.float32 else lse
 
     cnt = torch.zeros(3, dtype=torch.int64, device=device)           # candidates, winners, staged
-    i32 = dict(dtype=torch.int32, device=device)
-    f32 = dict(dtype=torch.float32, device=device)
+    i32 = {"dtype": torch.int32, "device": device}
+    f32 = {"dtype": torch.float32, "device": device}
     out = (torch.zeros(capacity + 1, **i32), torch.zeros(capacity + 1, **i32),
            torch.zeros(capacity + 1, **i32), torch.zeros(capacity + 1, **f32),
            torch.zeros(capacity + 1, **f32))

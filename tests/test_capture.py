@@ -13,10 +13,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import memtrace as mt  # noqa: E402
-from memtrace import capture as capture_mod  # noqa: E402
-from memtrace import reference as R  # noqa: E402
-from memtrace.capture import SalienceCapture  # noqa: E402
+import memtrace as mt
+from memtrace import capture as capture_mod
+from memtrace import reference as R
+from memtrace.capture import SalienceCapture
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
@@ -234,7 +234,6 @@ def test_overflow_with_ties():
     h, i, j, s, _ = cap.valid_edges()
     assert torch.allclose(s.double(), S.max().expand(50), rtol=1e-6)
     dense = SalienceCapture(threshold=0.01, capacity=50)
-    capture_mod._fill_dense  # the dense path, directly
     dense._edges, dense._num_edges, dense._bias_scores, dense._stats = capture_mod._fill_dense(
         dense, q, k, v, do, None, False, 1.0 / math.sqrt(D), 1.0)
     h, i, j, s, _ = dense.valid_edges()
@@ -288,7 +287,7 @@ def test_refill_and_empty_bias():
     cap = SalienceCapture(threshold=1e9)
     assert not cap.filled
     with pytest.raises(RuntimeError):
-        cap.edges
+        _ = cap.edges
     empty = mt.TraceBias.empty(num_heads=H, seq_len_q=T, seq_len_k=T, device=DEV)
     S, a = fill(cap, q, k, v, do, empty, False)
     assert int(cap.num_edges) == 0 and int(cap.stats["num_candidates"]) == 0
