@@ -364,10 +364,12 @@ class CudnnBackend(_CorrectedDenseBackend):
         # cuDNN's backward wants dO in O's layout
         out = out if out.stride() == q.stride() else _like(q, out)
         dout = dout if dout.stride() == out.stride() else _like(out, dout)
-        empty = q.new_empty(0)
+        # no dropout: the seed/offset are never read (the forward returns 0-d int64 tensors); None
+        # passes an undefined tensor for attn_bias and cum_seq_q/k (a defined one means "nested")
         seed = torch.empty((), dtype=torch.int64, device=q.device)
+        offset = torch.empty((), dtype=torch.int64, device=q.device)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            dout, q, k, v, out, lse, seed, seed, empty, empty, empty, Tq, k.shape[2], 0.0, causal, scale=scale)
+            dout, q, k, v, out, lse, seed, offset, None, None, None, Tq, k.shape[2], 0.0, causal, scale=scale)
         return dq, dk, dv
 
 
@@ -395,11 +397,13 @@ class FlashBackend(_CorrectedDenseBackend):
 
     def dense_backward(self, q, k, v, out, lse, dout, *, causal, scale):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        empty = q.new_empty(0)
-        seed = torch.empty((), dtype=torch.int64, device=q.device)
+        # no dropout: rng state unused (shaped as the forward returns it); None = undefined
+        # cum_seq_q/k (a defined one selects the varlen kernel)
+        seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
+        offset = torch.zeros((), dtype=torch.uint64, device=q.device)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            _last_dim_contiguous(dout), q, k, v, _last_dim_contiguous(out), lse, empty, empty, q.shape[2],
-            k.shape[2], 0.0, causal, seed, seed, scale=scale)
+            _last_dim_contiguous(dout), q, k, v, _last_dim_contiguous(out), lse, None, None, q.shape[2],
+            k.shape[2], 0.0, causal, seed, offset, scale=scale)
         return dq, dk, dv
 
 
