@@ -32,10 +32,19 @@ def bench(fn, rep=200):
     return triton.testing.do_bench(fn, warmup=30, rep=rep, return_mode="median")
 
 
+OUT_PATH = "attention_kernels.json"
+
+
+def dump():
+    with open(OUT_PATH, "w") as fh:
+        json.dump(RESULTS, fh, indent=1)
+
+
 def record(name, shape, causal, ms, flops, **extra):
     tflops = flops / ms * 1e-9
     row = dict(name=name, shape=shape, causal=causal, ms=round(ms, 4), tflops=round(tflops, 1), **extra)
     RESULTS["runs"].append(row)
+    dump()
     print(f"{name:48s} {str(shape):28s} causal={causal!s:5s} {ms:8.3f} ms {tflops:7.1f} TFLOP/s {extra if extra else ''}",
           flush=True)
 
@@ -200,10 +209,43 @@ def bias_build():
     print(f"TraceBias._build_index 32 heads x 2048: {t_idx:.4f} ms; from_coo (with checks): {t_coo:.4f} ms", flush=True)
 
 
+def sweeps(B=4, H=16, T=4096, D=128, causal=False, per_head=2048):
+    """Chunk / block sizes of the epilogues and of the standalone correction."""
+    shape = (B, H, H, T, D)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+    scale, alpha = 1.0 / math.sqrt(D), 0.5
+    fwd_flops = 4 * B * H * T * T * D
+    for ph in (per_head, 8 * per_head):
+        bias, _ = random_bias(H, T, T, ph)
+        ev = bias.entry_values()
+        out, lse = ka.flash_fwd(q, k, v, bias, ev, causal=causal, scale=scale, alpha=alpha)
+        for chunk in (16, 32, 64):
+            f = lambda: ka.flash_bwd(q, k, v, out, lse, do, bias, ev, causal=causal, scale=scale, alpha=alpha,
+                                     need_dvalues=True, chunk=chunk)
+            f()
+            record(f"sweep flash_bwd {ph} chunk={chunk}", shape, causal, bench(f), 2.5 * fwd_flops)
+        o, l = out.clone(), lse.clone()
+        for bm, ch, w in ((32, 16, 4), (32, 32, 4), (64, 32, 4), (64, 64, 4), (32, 32, 2), (16, 16, 2)):
+            f = lambda: kc.correct_fwd(q, k, v, o, l, bias, ev, causal=causal, scale=scale, alpha=alpha,
+                                       block_m=bm, chunk=ch, num_warps=w)
+            f()
+            record(f"sweep correct_fwd {ph} bm={bm} chunk={ch} w={w}", shape, causal, bench(f), fwd_flops)
+            dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
+            f = lambda: kc.correct_bwd(q, k, v, o, l, do, bias, ev, dq, dk, dv, causal=causal, scale=scale,
+                                       alpha=alpha, need_dvalues=True, block_m=bm, block_n=bm, chunk=ch, num_warps=w)
+            f()
+            record(f"sweep correct_bwd {ph} bm={bm} chunk={ch} w={w}", shape, causal, bench(f), 2.5 * fwd_flops)
+
+
 def main():
-    out_path = sys.argv[1] if len(sys.argv) > 1 else "attention_kernels.json"
+    global OUT_PATH
+    OUT_PATH = sys.argv[1] if len(sys.argv) > 1 else OUT_PATH
+    out_path = OUT_PATH
     quick = "--quick" in sys.argv
     guarded("bias build", bias_build)
+    if "--sweeps" in sys.argv:
+        guarded("sweeps", sweeps)
     run_shape(4, 16, 16, 4096, 128, causal=False)
     run_shape(4, 16, 16, 4096, 128, causal=True)
     if not quick:

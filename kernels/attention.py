@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .correction import (CANCEL_THRESHOLD, INTERPRET, LOG2E, _bias_tile, _block_range, _check_common,
-                         _dkdv_entries, _dq_entries, _fwd_biased_rows, _fwd_entries,
+                         _dkdv_entries, _dq_entries, _fwd_biased_rows, _fwd_entries, _fwd_prologue,
                          _last_dim_contiguous, dot_precision)
 
 __all__ = ["flash_fwd", "flash_bwd"]
@@ -84,10 +84,15 @@ SMEM_BYTES = 200 * 1024
 
 def _fwd_configs():
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-              (64, 128, 4, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "CHUNK": 16, "PREFETCH": True}, num_warps=4, num_stages=1)]
+    dense = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 4),
+             (64, 128, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
+    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "CHUNK": 32, "PREFETCH": False}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in dense]
+    # with a bias: where to issue the first chunk's gathers, and the chunk size
+    cfgs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "CHUNK": ch, "PREFETCH": True}, num_warps=w, num_stages=s)
+             for bm, bn, w, s in dense[:5] for ch in (32, 64)]
+    return cfgs
 
 
 def _elsize(named_args):
@@ -105,6 +110,8 @@ def _prune(configs, D, elsize, smem_of):
 
 def _prune_fwd(configs, named_args, **kwargs):
     D = kwargs["HEAD_DIM"]
+    if not kwargs["HAS_BIAS"]:
+        configs = [c for c in configs if not c.kwargs["PREFETCH"]] or configs
     return _prune(configs, D, _elsize(named_args),
                   lambda c: c.kwargs["BLOCK_M"] * D + 2 * c.num_stages * c.kwargs["BLOCK_N"] * D)
 
@@ -118,8 +125,8 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
                       Hq, GROUP, Tq, Tk, TqMax, causal_off, qk_scale2, alpha2, cancel_tol,
                       TQ_KEY, TK_KEY,
                       HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      CHUNK: tl.constexpr, PREFETCH: tl.constexpr):
     """Out [B,Hq,Tq,D], Lse [B*Hq, Tq] (natural) of biased attention.
 
     Grid (cdiv(Tq, BLOCK_M), B*Hq). A program owns rows [m0, m0+BLOCK_M) of (b, h): the key
@@ -147,6 +154,12 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
         hi = Tk
         full = Tk
     full = (full // BLOCK_N) * BLOCK_N
+    if HAS_BIAS:
+        e_lo, e_hi = _block_range(QOffsets, h, m0, tl.minimum(m0 + BLOCK_M, Tq), TqMax)
+        if PREFETCH:  # the entries' gathers fly while the dense loop runs
+            val0, i0, ok0, kg0, vg0, val1, i1, j1, ok1 = _fwd_prologue(
+                EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi, Tq, Tk,
+                causal_off, CAUSAL, CHUNK)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -160,10 +173,14 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
     acc = acc / l_safe[:, None]
     lse2 = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
     if HAS_BIAS:
-        e_lo, e_hi = _block_range(QOffsets, h, m0, tl.minimum(m0 + BLOCK_M, Tq), TqMax)
+        if not PREFETCH:
+            val0, i0, ok0, kg0, vg0, val1, i1, j1, ok1 = _fwd_prologue(
+                EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi, Tq, Tk,
+                causal_off, CAUSAL, CHUNK)
         den = tl.full([BLOCK_M], 1.0, tl.float32)
         c2 = tl.zeros([BLOCK_M], tl.float32)
-        acc, den, c2 = _fwd_entries(acc, den, c2, q, lse2, offs_m, e_lo, e_hi, EntryPos, EntryVal,
+        acc, den, c2 = _fwd_entries(acc, den, c2, q, lse2, offs_m, e_lo, e_hi,
+                                    val0, i0, ok0, kg0, vg0, val1, i1, j1, ok1, EntryPos, EntryVal,
                                     k_base, v_base, stride_kn, stride_vn, offs_d,
                                     Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC)
         # 1 + sum w = den * 2^c2; under the threshold the identity has cancelled
@@ -193,7 +210,7 @@ def _len_key(t):
 
 
 def flash_fwd(q, k, v, bias=None, entry_values=None, *, causal: bool, scale: float, alpha: float,
-              allow_tf32: bool = False, chunk: int = 32):
+              allow_tf32: bool = False):
     """Biased flash attention forward.
 
     q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D] (fp16/bf16/fp32, same dtype); bias a TraceBias for Hq heads
@@ -227,8 +244,7 @@ def flash_fwd(q, k, v, bias=None, entry_values=None, *, causal: bool, scale: flo
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         Hq, Hq // Hkv, Tq, Tk, tq_max, Tk - Tq, scale * LOG2E, alpha * LOG2E, CANCEL_THRESHOLD,
         _len_key(Tq), _len_key(Tk),
-        HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, CHUNK=chunk,
-        DOT_PREC=dot_precision(q.dtype, allow_tf32))
+        HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, DOT_PREC=dot_precision(q.dtype, allow_tf32))
     return out, lse
 
 

@@ -93,6 +93,7 @@ CASES = [
     (1, 2, 1, 7, 33, 16, True, 30, 7, 40),      # Tq < Tk, GQA 2:1, entries past Tk
     (1, 1, 1, 1, 1, 16, False, 3, 1, 1),
     (2, 2, 2, 33, 33, 16, True, 0, 33, 33),     # empty bias
+    (1, 1, 1, 20, 24, 16, True, 300, 20, 24),   # dense entries: many chunks per block (pipelining)
 ]
 
 
