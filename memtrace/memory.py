@@ -300,6 +300,8 @@ class TraceMemory:
     def _capture_inputs(self, layer, capture, name, validate):
         """Check a capture (no value sync unless asked) and turn it into the update's inputs:
         (head, q, k, S, a) [C], num_edges (0-d), slot_S, slot_a [H, Q], direct (0-d bool)."""
+        if getattr(capture, "filled", True) is False:
+            raise ValueError(f"{name} holds nothing: run a backward pass with capture= first")
         for attr in ("edges", "num_edges", "bias_scores", "bias", "num_heads", "seq_len_q", "seq_len_k"):
             if not hasattr(capture, attr):
                 raise TypeError(f"{name} must be a SalienceCapture filled by a backward pass (no attribute {attr!r})")

@@ -535,3 +535,42 @@ def test_triton_kernels_interpreted_many_new_candidates():
         ref_mem.update_many(caps)
         assert torch.equal(tri.meta, ref_mem.meta)
         torch.testing.assert_close(tri.strength, ref_mem.strength, rtol=1e-6, atol=0)
+
+
+# ---- with the real SalienceCapture ---------------------------------------------------------------
+
+def test_update_from_real_capture_matches_reference():
+    """bias(layer) -> biased_attention(capture=...) -> backward -> update, against the reference
+    fed the capture's own scores (threshold edges, and bias scores of the stored traces)."""
+    torch.manual_seed(0)
+    H, T, D = 2, 12, 16
+    mem = mt.TraceMemory(1, H, quota=6, threshold=5e-4, window=4, max_seq_len=16)
+    for step in range(4):
+        q, k, v = (torch.randn(2, H, T, D, requires_grad=True) for _ in range(3))
+        bias = mem.bias(0)
+        cap = mt.SalienceCapture(threshold=0.002)
+        out = mt.biased_attention(q, k, v, bias, capture=cap)
+        out.backward(torch.randn_like(out))
+        scores = {}
+        for e in zip(*(t.tolist() for t in cap.valid_edges())):
+            scores[e[:3]] = e[3:]
+        bS, bA = cap.bias_scores
+        for h, i, j, s, a, val in zip(bias.head.tolist(), bias.q_idx.tolist(), bias.k_idx.tolist(), bS.tolist(),
+                                      bA.tolist(), bias.value.tolist()):
+            if val > 0:                       # stored traces (empty slots are value-0 entries)
+                scores[(h, i, j)] = (s, a)
+        coords = sorted(scores)
+        cols = list(zip(*coords)) if coords else [[], [], []]
+        cand = (*(torch.tensor(c, dtype=torch.long) for c in cols),
+                torch.tensor([scores[c][0] for c in coords], dtype=torch.float64),
+                torch.tensor([scores[c][1] for c in coords], dtype=torch.float64))
+        ref = trace_update(mem.reference_state(0), cand, **params_of(mem))
+        mem.update(0, cap)
+        assert_state_equal(mem.reference_state(0), ref, f"step {step}")
+    assert mem.num_traces() > 0
+
+
+def test_unfilled_capture_rejected():
+    mem = mt.TraceMemory(1, 2, quota=4)
+    with pytest.raises(ValueError, match="backward"):
+        mem.update(0, mt.SalienceCapture())
