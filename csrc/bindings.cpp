@@ -17,7 +17,7 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(memtrace, m) {
   // Merge a batch of routing paths into a trie held as level-ordered arrays (see routing_trie.h).
   // Returns new arrays (parent, expert, count, reward_sum, first_seen, last_seen, level_sizes);
-  // level_sizes comes back as an int64 tensor on the same device as the inputs' host (CPU).
+  // level_sizes comes back as an int64 tensor on the CPU, whatever the device of the trie.
   m.def(
       "routing_update(Tensor parent, Tensor expert, Tensor count, Tensor reward_sum, Tensor first_seen, "
       "Tensor last_seen, int[] level_sizes, Tensor paths, Tensor rewards, int step, int max_depth, "

@@ -30,12 +30,28 @@ _DTYPES = dict(parent=torch.int32, expert=torch.int16, count=torch.int64, reward
 _MODES = ("prefix", "suffix")
 
 
+_FAKE_REGISTERED = False
+
+
 def _ops():
+    global _FAKE_REGISTERED
     try:
         import memtrace._C  # noqa: F401  (registers torch.ops.memtrace.*)
     except ImportError as exc:  # pragma: no cover - only without a build
         raise ImportError("memtrace._C is not built; run `pip install -e .` in the repository") from exc
+    if not _FAKE_REGISTERED:
+        _FAKE_REGISTERED = True
+        torch.library.register_fake("memtrace::routing_update")(_routing_update_fake)
     return torch.ops.memtrace
+
+
+def _routing_update_fake(parent, expert, count, reward_sum, first_seen, last_seen, level_sizes, paths, rewards,
+                         step, max_depth, num_experts, suffix):
+    """Shapes only (FakeTensor / torch.compile): the node count and depth depend on the data."""
+    ctx = torch.library.get_ctx()
+    n, depth = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    return (parent.new_empty(n), expert.new_empty(n), count.new_empty(n), reward_sum.new_empty(n),
+            first_seen.new_empty(n), last_seen.new_empty(n), torch.empty(depth, dtype=torch.int64))
 
 
 class RoutingTree:

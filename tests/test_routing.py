@@ -276,3 +276,15 @@ def test_load_rejects_damaged_files(tmp_path):
     with pytest.raises(ValueError):
         tree.load_state_dict(dict(sd, count=count))
     assert_tables_equal(before[0], tree.to_table(), rtol=0)
+
+
+def test_opcheck():
+    from memtrace.routing import _ops
+
+    ops = _ops()  # also registers the fake (shape) implementation
+    tree, _ = build_pair("suffix", 4, 3, 3, updates=(1,), n=20)
+    arrays = [tree._arrays[k] for k in ("parent", "expert", "count", "reward_sum", "first_seen", "last_seen")]
+    args = (*arrays, tree._level_sizes, torch.tensor([[0, 1, 2, 0], [2, -1, 1, 1]]),
+            torch.tensor([0.5, -1.0], dtype=torch.float64), 2, 3, 3, True)
+    result = torch.library.opcheck(ops.routing_update.default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
