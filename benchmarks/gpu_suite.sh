@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 what=${1:-all}
 export PYTHONUNBUFFERED=1
 
-pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 python - <<'PY' | tee "$OUT/env.json"
 import json, datetime, torch, triton, memtrace, memtrace._C
 print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,

@@ -5,8 +5,4 @@ Everything here favours clarity over speed; run it in float64 for parity checks.
 from .attention import attention, attention_with_lse, causal_mask, dense_bias, logits_of, probabilities  # noqa: F401
 from .memory import empty_state, steady_state_strength, trace_update, trace_update_dense  # noqa: F401
 from .salience import capture_from_dense, salience  # noqa: F401
-
-try:  # the routing oracle lives in its own module
-    from .routing import *  # noqa: F401,F403
-except ImportError:  # pragma: no cover - only while the module is being written
-    pass
+from .routing import *  # noqa: F401,F403
