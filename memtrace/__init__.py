@@ -5,6 +5,8 @@ C++ extension are imported only by the objects that need them).
 """
 from importlib import import_module
 
+import torch  # noqa: F401  (loads libtorch before the extension memtrace._C can be imported)
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
