@@ -579,3 +579,14 @@ def test_torch_compile_inductor_no_bias():
     torch._dynamo.reset()
     loss = torch.compile(model, fullgraph=True)(q, k, v)
     torch.testing.assert_close(loss, model(q, k, v))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_custom_op_path_in_eager(backend, monkeypatch):
+    """The torch.library op (what torch.compile traces) run eagerly, forward and backward through
+    register_autograd, agrees with the oracle like the autograd.Function path does."""
+    monkeypatch.setattr(A, "_tracing", lambda q: True)
+    q, k, v, bias, coo = make_inputs(2, 4, 2, 6, 9, 16, seed=71)
+    check_parity(q, k, v, bias, coo, causal=True, backend=backend)
+    q, k, v, _, _ = make_inputs(1, 2, 2, 5, 5, 16, seed=73)
+    check_parity(q, k, v, None, None, causal=False, backend=backend)
