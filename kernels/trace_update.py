@@ -20,8 +20,9 @@ One update of B layers (B x H slabs) is four launches plus one cumsum:
    prune (M < prune_eps). Every surviving item (stored or new) gets the 96-bit key
    (float64_bits(M), 2^32 - 1 - pos): larger key = stronger, ties to the smaller (i, j), the
    float64 values ranked as the reference ranks them. Keys are unique in a slab, so "keep the
-   quota largest" is "keep key >= T" with T the quota-th largest key, found by a 12-pass radix
-   select (8-bit digits, `tl.histogram`). The
+   quota largest" is "keep key >= T" with T the quota-th largest key, found by a radix select
+   (8-bit digits, `tl.histogram`, at most 12 passes, stopping as soon as the items at or above
+   the chosen digit are exactly the ones still missing). The
    kept items are compacted into a scratch area, sorted by pos (`tl.sort` of pos << 14 | index,
    skipped when no new trace was kept: the stored ones are already in order) and written back.
 
@@ -191,12 +192,15 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
         mask_lo = tl.zeros([], dtype=tl.int64)
         remaining = Q + tl.zeros([], dtype=tl.int32)
         bins = tl.arange(0, 256)
-        for p in tl.static_range(12):
+        p = tl.zeros([], dtype=tl.int32)
+        done = tl.zeros([], dtype=tl.int32)
+        # digit p of the 96-bit key: p < 8 from key_hi (bits 63..0), else from key_lo (31..0);
+        # stops early once the items at or above the chosen digit are exactly the ones missing
+        while (p < 12) & (done == 0):
+            is_hi = p < 8
+            shift = tl.where(is_hi, 56 - 8 * p, 24 - 8 * (p - 8)).to(tl.int64)
             match = alive & ((key_hi & mask_hi) == t_hi) & ((key_lo & mask_lo) == t_lo)
-            if p < 8:
-                digit = tl.where(match, (key_hi >> (56 - 8 * p)) & 255, 0).to(tl.int32)
-            else:
-                digit = tl.where(match, (key_lo >> (24 - 8 * (p - 8))) & 255, 0).to(tl.int32)
+            digit = tl.where(match, (tl.where(is_hi, key_hi, key_lo) >> shift) & 255, 0).to(tl.int32)
             counts = tl.histogram(digit, 256, mask=match)
             for c0 in range(0, n_new, BLOCK_N):
                 idx = c0 + chunk
@@ -206,20 +210,21 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
                 n_hi = gm.to(tl.int64, bitcast=True)
                 n_lo = 0xFFFFFFFF - ((gmeta >> POS_SHIFT) & POS_MASK)
                 nmatch = in_chunk & ((n_hi & mask_hi) == t_hi) & ((n_lo & mask_lo) == t_lo)
-                if p < 8:
-                    ndigit = tl.where(nmatch, (n_hi >> (56 - 8 * p)) & 255, 0).to(tl.int32)
-                else:
-                    ndigit = tl.where(nmatch, (n_lo >> (24 - 8 * (p - 8))) & 255, 0).to(tl.int32)
+                ndigit = tl.where(nmatch, (tl.where(is_hi, n_hi, n_lo) >> shift) & 255, 0).to(tl.int32)
                 counts += tl.histogram(ndigit, 256, mask=nmatch)
             at_least = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts   # digit >= d
             chosen = tl.sum((at_least >= remaining).to(tl.int32), axis=0) - 1
-            remaining -= tl.sum(tl.where(bins == chosen, at_least - counts, 0), axis=0)
-            if p < 8:
-                t_hi = t_hi | (chosen.to(tl.int64) << (56 - 8 * p))
-                mask_hi = mask_hi | (tl.full([], 255, tl.int64) << (56 - 8 * p))
-            else:
-                t_lo = t_lo | (chosen.to(tl.int64) << (24 - 8 * (p - 8)))
-                mask_lo = mask_lo | (tl.full([], 255, tl.int64) << (24 - 8 * (p - 8)))
+            at_chosen = tl.sum(tl.where(bins == chosen, at_least, 0), axis=0)
+            greater = at_chosen - tl.sum(tl.where(bins == chosen, counts, 0), axis=0)
+            digit_bits = chosen.to(tl.int64) << shift
+            digit_mask = tl.full([], 255, tl.int64) << shift
+            t_hi = tl.where(is_hi, t_hi | digit_bits, t_hi)
+            mask_hi = tl.where(is_hi, mask_hi | digit_mask, mask_hi)
+            t_lo = tl.where(is_hi, t_lo, t_lo | digit_bits)
+            mask_lo = tl.where(is_hi, mask_lo, mask_lo | digit_mask)
+            done = (at_chosen == remaining).to(tl.int32)
+            remaining -= greater
+            p += 1
 
     # compaction: kept stored traces first (in pos order), then kept new ones
     kept = alive & ((key_hi > t_hi) | ((key_hi == t_hi) & (key_lo >= t_lo)))
@@ -263,6 +268,8 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
     tl.store(meta_ptr + base + offs, tl.zeros([BLOCK_Q], dtype=tl.int64), mask=empty)
 
 
+PROFILE = None   # set to a list to record (name, start_event, end_event) per launch (benchmarks)
+SELECT_WARPS = None  # override the select kernel's num_warps (benchmarks)
 _LAYER_CACHE: dict = {}
 _TABLE_CACHE: dict = {}
 
@@ -326,15 +333,27 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
     pos_shift = 64 - pos_bits
     pos_mask = (1 << pos_bits) - 1
     BLOCK_C = 512
+    events = []
+
+    def mark(name):
+        if PROFILE is not None:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            events.append((name, ev))
+
+    mark("start")
     if C > 0:
         grid = (B, triton.cdiv(C, BLOCK_C))
         _match_kernel[grid](strength, meta, layers_t, head, q_idx, k_idx, S, a, num_edges, direct_u8, slot_S, slot_a,
                             params, ln1p, cand_slab, cand_m, cand_meta, new_count, C, H, Q, max_seq_len,
                             POS_SHIFT=pos_shift, POS_MASK=pos_mask, LOG_Q=max(1, Q.bit_length()),
                             BLOCK_C=BLOCK_C, num_warps=4)
+        mark("match")
         new_end = torch.cumsum(new_count, 0, dtype=torch.int32)
+        mark("cumsum")
         _group_kernel[grid](cand_slab, cand_m, cand_meta, new_count, new_end, cursor, grouped_m, grouped_meta, C,
                             BLOCK_C=BLOCK_C, num_warps=4)
+        mark("group")
     else:
         new_end = new_count
     BLOCK_Q = max(16, triton.next_power_of_2(Q))
@@ -342,4 +361,7 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
                                grouped_m, grouped_meta, scratch_m, scratch_meta, scratch_key, H, Q,
                                W=window, AGE_MAX=(1 << age_bits) - 1, POS_SHIFT=pos_shift, POS_MASK=pos_mask,
                                IDX_BITS=_IDX_BITS, BLOCK_Q=BLOCK_Q, BLOCK_N=min(BLOCK_Q, 1024),
-                               num_warps=max(4, min(16, BLOCK_Q // 128)))
+                               num_warps=SELECT_WARPS or max(4, min(16, BLOCK_Q // 128)))
+    mark("select")
+    if PROFILE is not None:
+        PROFILE.append(events)

@@ -115,9 +115,9 @@ def test_deterministic():
 
 def test_bias_and_update_stay_on_device():
     mem = mt.TraceMemory(2, 2, quota=8, max_seq_len=32, device="cuda")
-    mem.update(0, fake_capture(tuple(t.cuda() for t in ([0, 1], [3, 4], [5, 6], [1.0, 2.0], [0.5, 0.5])),
+    mem.update(0, fake_capture(tuple(torch.tensor(t).cuda() for t in ([0, 1], [3, 4], [5, 6], [1.0, 2.0], [0.5, 0.5])),
                                num_heads=2, seq_len=32))
-    edges = tuple(t.cuda() for t in ([0], [7], [7], [1.0], [0.5]))
+    edges = tuple(torch.tensor(t).cuda() for t in ([0], [7], [7], [1.0], [0.5]))
     cap = fake_capture(edges, num_heads=2, seq_len=32)
     scores = (torch.rand(2 * 8, device="cuda"), torch.rand(2 * 8, device="cuda"))
     torch.cuda.synchronize()
