@@ -247,28 +247,6 @@ def main(argv=None):
     capacity = 1 << 17
     notes = []
     results = []
-    for B, H, T, D in shapes:
-        try:
-            r = run_shape(B, H, T, D, capacity, args.quick, notes)
-        except Exception:
-            traceback.print_exc()
-            notes.append(f"B{B} H{H} T{T} D{D} failed: {traceback.format_exc()[-600:]}")
-            continue
-        results.append(r)
-        s = r["shape"]
-        print(f"\n== B{s['B']} H{s['H']} T{s['T']} D{s['D']} bf16, capacity {capacity}, "
-              f"threshold {r['threshold']:.3e} ({r['fill_num_candidates']} candidates), "
-              f"capture config {r['best_config']} (default {r['default_config']})")
-        for name, ms in r["ms"].items():
-            print(f"  {name:22s} {ms:9.3f} ms   peak {r['peak_mib'].get(name, float('nan')):9.1f} MiB")
-        for name, x in r["ratios"].items():
-            print(f"  {name:34s} {x:8.3f}")
-        for name, x in r["tflops"].items():
-            print(f"  TFLOP/s {name:26s} {x:8.1f}")
-        print("  fill config sweep (ms):", r["config_sweep_fill_ms"])
-        print("  tile kernel (regs, spills) per pass:", r["tile_kernel_regs_spills"])
-    for n in notes:
-        print("note:", n)
     doc = {"benchmark": "bench_capture", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "cuda": torch.version.cuda, "triton": triton.__version__, "memtrace": memtrace.__version__,
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
@@ -276,9 +254,37 @@ def main(argv=None):
                        "capture needs); memtrace.biased_attention too where it ran (base_mt / capture_mt)",
            "targets": {"capture_over_base": 1.25, "eager_over_capture": 20, "mem_capture_over_base": 1.1},
            "results": results, "notes": notes}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(doc, f, indent=1)
+
+    for B, H, T, D in shapes:
+        try:
+            r = run_shape(B, H, T, D, capacity, args.quick, notes)
+        except Exception:
+            traceback.print_exc()
+            notes.append(f"B{B} H{H} T{T} D{D} failed: {traceback.format_exc()[-600:]}")
+            save()
+            continue
+        results.append(r)
+        save()                     # after every shape: a later timeout keeps what was measured
+        s = r["shape"]
+        print(f"\n== B{s['B']} H{s['H']} T{s['T']} D{s['D']} bf16, capacity {capacity}, "
+              f"threshold {r['threshold']:.3e} ({r['fill_num_candidates']} candidates), "
+              f"capture config {r['best_config']} (default {r['default_config']})", flush=True)
+        for name, ms in r["ms"].items():
+            print(f"  {name:22s} {ms:9.3f} ms   peak {r['peak_mib'].get(name, float('nan')):9.1f} MiB")
+        for name, x in r["ratios"].items():
+            print(f"  {name:34s} {x:8.3f}")
+        for name, x in r["tflops"].items():
+            print(f"  TFLOP/s {name:26s} {x:8.1f}")
+        print("  fill config sweep (ms):", r["config_sweep_fill_ms"])
+        print("  tile kernel (regs, spills) per pass:", r["tile_kernel_regs_spills"], flush=True)
+    for n in notes:
+        print("note:", n)
+    save()
     return 0 if results else 1
 
 
