@@ -34,6 +34,9 @@ from memtrace import capture as capture_mod
 from memtrace.capture import SalienceCapture
 
 
+_PREVIOUS_SWEEP = {}
+
+
 def bench(fn, grad_to_none=None, rep=200):
     import triton.testing
     return triton.testing.do_bench(fn, warmup=25, rep=rep, grad_to_none=grad_to_none, return_mode="median")
@@ -138,6 +141,9 @@ def run_shape(B, H, T, D, capacity, quick, notes):
                (128, 64, 8, 2, 2), (64, 64, 4, 2, 2), (64, 64, 4, 3, 2), (128, 32, 4, 2, 2)]
     if quick:
         configs = configs[:3] + configs[7:9]
+    if _PREVIOUS_SWEEP:               # later shapes: only the 4 fastest of the first shape's sweep
+        ranked = sorted((ms, c) for c, ms in _PREVIOUS_SWEEP.items() if isinstance(ms, float))
+        configs = [tuple(int(x) for x in c.strip("()").split(",")) for _, c in ranked[:4]] or configs
     for cfg in configs:
         capture_mod._CONFIG_OVERRIDE = cfg
         try:
@@ -147,6 +153,8 @@ def run_shape(B, H, T, D, capacity, quick, notes):
         finally:
             capture_mod._CONFIG_OVERRIDE = None
     res["config_sweep_fill_ms"] = sweep
+    if not _PREVIOUS_SWEEP:
+        _PREVIOUS_SWEEP.update(sweep)
     default_cfg = capture_mod._config(D, q.device)
     timed = {c: ms for c, ms in sweep.items() if isinstance(ms, float)}
     best = min(timed, key=timed.get) if timed else str(default_cfg)
