@@ -157,7 +157,7 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
     if HAS_BIAS:
         e_lo, e_hi = _block_range(QOffsets, h, m0, tl.minimum(m0 + BLOCK_M, Tq), TqMax)
         if PREFETCH:  # the entries' gathers fly while the dense loop runs
-            val0, i0, ok0, kg0, vg0, val1, i1, j1, ok1 = _fwd_prologue(
+            val0, i0, ok0, kg0, vg0 = _fwd_prologue(
                 EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi, Tq, Tk,
                 causal_off, CAUSAL, CHUNK)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -174,13 +174,13 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
     lse2 = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
     if HAS_BIAS:
         if not PREFETCH:
-            val0, i0, ok0, kg0, vg0, val1, i1, j1, ok1 = _fwd_prologue(
+            val0, i0, ok0, kg0, vg0 = _fwd_prologue(
                 EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi, Tq, Tk,
                 causal_off, CAUSAL, CHUNK)
         den = tl.full([BLOCK_M], 1.0, tl.float32)
         c2 = tl.zeros([BLOCK_M], tl.float32)
         acc, den, c2 = _fwd_entries(acc, den, c2, q, lse2, offs_m, e_lo, e_hi,
-                                    val0, i0, ok0, kg0, vg0, val1, i1, j1, ok1, EntryPos, EntryVal,
+                                    val0, i0, ok0, kg0, vg0, EntryPos, EntryVal,
                                     k_base, v_base, stride_kn, stride_vn, offs_d,
                                     Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC)
         # 1 + sum w = den * 2^c2; under the threshold the identity has cancelled

@@ -90,20 +90,16 @@ def _gather(base, rows, stride, offs_d, ok):
 @triton.jit
 def _fwd_prologue(EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi,
                   Tq, Tk, causal_off, CAUSAL: tl.constexpr, CHUNK: tl.constexpr):
-    """First chunk fully loaded (indices and gathered K/V rows) and the second chunk's indices:
-    the state _fwd_entries starts from. Issued early (before the dense loop) it hides the
-    gathers' latency behind the dense work."""
-    offs_c = tl.arange(0, CHUNK)
-    val0, i0, j0, ok0 = _load_entries(EntryPos, EntryVal, e_lo + offs_c, e_hi, Tq, Tk, causal_off, CAUSAL)
+    """The first chunk of entries with its gathered K/V rows: the state _fwd_entries starts
+    from. Issued before the dense loop it hides the gathers' latency behind the dense work."""
+    val0, i0, j0, ok0 = _load_entries(EntryPos, EntryVal, e_lo + tl.arange(0, CHUNK), e_hi, Tq, Tk, causal_off, CAUSAL)
     kg0 = _gather(k_base, j0, stride_kn, offs_d, ok0)
     vg0 = _gather(v_base, j0, stride_vn, offs_d, ok0)
-    val1, i1, j1, ok1 = _load_entries(EntryPos, EntryVal, e_lo + CHUNK + offs_c, e_hi, Tq, Tk, causal_off, CAUSAL)
-    return val0, i0, ok0, kg0, vg0, val1, i1, j1, ok1
+    return val0, i0, ok0, kg0, vg0
 
 
 @triton.jit
-def _fwd_entries(acc_o, den, c2, q, lse2, offs_m, e_lo, e_hi,
-                 val0, i0, ok0, kg0, vg0, val1, i1, j1, ok1,
+def _fwd_entries(acc_o, den, c2, q, lse2, offs_m, e_lo, e_hi, val0, i0, ok0, kg0, vg0,
                  EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d,
                  Tq, Tk, causal_off, qk_scale2, alpha2,
                  CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -111,17 +107,13 @@ def _fwd_entries(acc_o, den, c2, q, lse2, offs_m, e_lo, e_hi,
 
     acc_o [BM, D] f32 holds e^-c2 * (O + sum w v), den [BM] holds e^-c2 * (1 + sum w), c2 [BM] the
     shift in log2 units (start: acc_o = O, den = 1, c2 = 0). q [BM, D] is the query tile, lse2 [BM]
-    the unbiased LSE in log2 units (-inf for fully masked rows). K/V rows of the chunk's keys are
-    gathered from k_base/v_base (one (batch, kv head) slice, unit stride along D). Software
-    pipelined: chunk c is computed while chunk c+1's rows and chunk c+2's indices are in flight;
-    (val0 .. ok1) is _fwd_prologue's state.
+    the unbiased LSE in log2 units (-inf for fully masked rows). (val0, i0, ok0, kg0, vg0) is the
+    first chunk from _fwd_prologue; K/V rows of later chunks are gathered from k_base/v_base (one
+    (batch, kv head) slice, unit stride along D). (A deeper software pipeline, chunk c+1's gathers
+    in flight during chunk c, measured slower on the H100: see benchmarks/notes_attention.md.)
     """
     offs_c = tl.arange(0, CHUNK)
     for e0 in range(e_lo, e_hi, CHUNK):
-        kg1 = _gather(k_base, j1, stride_kn, offs_d, ok1)
-        vg1 = _gather(v_base, j1, stride_vn, offs_d, ok1)
-        val2, i2, j2, ok2 = _load_entries(EntryPos, EntryVal, e0 + 2 * CHUNK + offs_c, e_hi, Tq, Tk,
-                                          causal_off, CAUSAL)
         # [BM, C] logits of every row against the chunk's keys; only (row == i_e) is kept
         s2 = tl.dot(q, tl.trans(kg0), input_precision=DOT_PREC) * qk_scale2
         hit = (offs_m[:, None] == i0[None, :]) & ok0[None, :]
@@ -135,8 +127,9 @@ def _fwd_entries(acc_o, den, c2, q, lse2, offs_m, e_lo, e_hi,
         acc_o = tl.dot(w.to(vg0.dtype), vg0, acc_o, input_precision=DOT_PREC)
         den = den + tl.sum(w, 1)
         c2 = c_new
-        val0, i0, ok0, kg0, vg0 = val1, i1, ok1, kg1, vg1
-        val1, i1, j1, ok1 = val2, i2, j2, ok2
+        val0, i0, j0, ok0 = _load_entries(EntryPos, EntryVal, e0 + CHUNK + offs_c, e_hi, Tq, Tk, causal_off, CAUSAL)
+        kg0 = _gather(k_base, j0, stride_kn, offs_d, ok0)
+        vg0 = _gather(v_base, j0, stride_vn, offs_d, ok0)
     return acc_o, den, c2
 
 
@@ -151,46 +144,31 @@ def _dq_entries(dq, q, do, lse2, delta, offs_m, e_lo, e_hi,
     lse2 [BM] is the BIASED LSE' in log2 units with +inf on rows to skip (fully masked), delta [BM]
     = rowsum(dO * O'). dvalues of entry e (alpha * P'(dP - D), this batch element) go to
     DvalOut[e]; a duplicate follower (same position as the entry before it) gets 0, its leader
-    carries the gradient. Software pipelined like _fwd_entries.
+    carries the gradient.
     """
-    offs_c = tl.arange(0, CHUNK)
-    val0, i0, j0, ok0 = _load_entries(EntryPos, EntryVal, e_lo + offs_c, e_hi, Tq, Tk, causal_off, CAUSAL)
-    kg0 = _gather(k_base, j0, stride_kn, offs_d, ok0)
-    vg0 = _gather(v_base, j0, stride_vn, offs_d, ok0)
-    val1, i1, j1, ok1 = _load_entries(EntryPos, EntryVal, e_lo + CHUNK + offs_c, e_hi, Tq, Tk, causal_off, CAUSAL)
     for e0 in range(e_lo, e_hi, CHUNK):
-        kg1 = _gather(k_base, j1, stride_kn, offs_d, ok1)
-        vg1 = _gather(v_base, j1, stride_vn, offs_d, ok1)
-        val2, i2, j2, ok2 = _load_entries(EntryPos, EntryVal, e0 + 2 * CHUNK + offs_c, e_hi, Tq, Tk,
-                                          causal_off, CAUSAL)
-        s2 = tl.dot(q, tl.trans(kg0), input_precision=DOT_PREC) * qk_scale2
-        hit = (offs_m[:, None] == i0[None, :]) & ok0[None, :]
+        offs_e = e0 + tl.arange(0, CHUNK)
+        in_range = offs_e < e_hi
+        pos = tl.load(EntryPos + offs_e, mask=in_range, other=0)
+        val = tl.load(EntryVal + offs_e, mask=in_range, other=0.0)
+        i_e, j_e = _unpack(pos)
+        ok = _entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL)
+        kg = tl.load(k_base + j_e[:, None] * stride_kn + offs_d[None, :], mask=ok[:, None], other=0.0)
+        vg = tl.load(v_base + j_e[:, None] * stride_vn + offs_d[None, :], mask=ok[:, None], other=0.0)
+        s2 = tl.dot(q, tl.trans(kg), input_precision=DOT_PREC) * qk_scale2
+        hit = (offs_m[:, None] == i_e[None, :]) & ok[None, :]
         u = s2 - lse2[:, None]
-        p_biased = tl.where(hit, tl.exp2(u + (val0 * alpha2)[None, :]), 0.0)
+        p_biased = tl.where(hit, tl.exp2(u + (val * alpha2)[None, :]), 0.0)
         g = tl.where(hit, p_biased - tl.exp2(u), 0.0)
-        dp = tl.dot(do, tl.trans(vg0), input_precision=DOT_PREC) - delta[:, None]
+        dp = tl.dot(do, tl.trans(vg), input_precision=DOT_PREC) - delta[:, None]
         ds = g * dp
-        dq = tl.dot(ds.to(kg0.dtype), kg0, dq, input_precision=DOT_PREC)
+        dq = tl.dot(ds.to(kg.dtype), kg, dq, input_precision=DOT_PREC)
         if NEED_DVAL:
-            offs_e = e0 + offs_c
-            in_range = offs_e < e_hi
-            pos = tl.load(EntryPos + offs_e, mask=in_range, other=0)
-            prev = tl.load(EntryPos + offs_e - 1, mask=in_range & (offs_e > e_lo), other=-1)
             dval = tl.sum(p_biased * dp, 0) * alpha
+            prev = tl.load(EntryPos + offs_e - 1, mask=in_range & (offs_e > e_lo), other=-1)
             dval = tl.where(prev == pos, 0.0, dval)
             tl.store(DvalOut + offs_e, dval, mask=in_range)
-        val0, i0, ok0, kg0, vg0 = val1, i1, ok1, kg1, vg1
-        val1, i1, j1, ok1 = val2, i2, j2, ok2
     return dq
-
-
-@triton.jit
-def _load_k_entries(KOrder, EntryPos, EntryVal, idx, in_range, Tq, Tk, causal_off, CAUSAL: tl.constexpr):
-    pos = tl.load(EntryPos + idx, mask=in_range, other=0)
-    val = tl.load(EntryVal + idx, mask=in_range, other=0.0)
-    i_e, j_e = _unpack(pos)
-    ok = _entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL)
-    return val, i_e, j_e, ok
 
 
 @triton.jit
@@ -204,45 +182,30 @@ def _dkdv_entries(dk, dv, k, v, offs_n, t_lo, t_hi,
 
     Entries t_lo..t_hi of k_order (keys offs_n, sorted by (j, i)). q/do/lse/delta bases point at
     the (batch, query head) slice; lse is LSE' in log2 units with +inf on rows to skip, or the
-    natural LSE' (-inf on fully masked rows) when LSE_NATURAL. Software pipelined: chunk c is
-    computed while chunk c+1's rows, chunk c+2's entries and chunk c+3's k_order slots load.
+    natural LSE' (-inf on fully masked rows) when LSE_NATURAL.
     """
-    offs_c = tl.arange(0, CHUNK)
-    r0 = (t_lo + offs_c) < t_hi
-    val0, i0, j0, ok0 = _load_k_entries(KOrder, EntryPos, EntryVal, tl.load(KOrder + t_lo + offs_c, mask=r0, other=0),
-                                        r0, Tq, Tk, causal_off, CAUSAL)
-    qg0 = _gather(q_base, i0, stride_qm, offs_d, ok0)
-    dog0 = _gather(do_base, i0, stride_dom, offs_d, ok0)
-    lse0 = tl.load(lse_base + i0 * stride_lm, mask=ok0, other=float("inf"))
-    dl0 = tl.load(delta_base + i0, mask=ok0, other=0.0)
-    r1 = (t_lo + CHUNK + offs_c) < t_hi
-    val1, i1, j1, ok1 = _load_k_entries(KOrder, EntryPos, EntryVal, tl.load(KOrder + t_lo + CHUNK + offs_c, mask=r1, other=0),
-                                        r1, Tq, Tk, causal_off, CAUSAL)
-    r2 = (t_lo + 2 * CHUNK + offs_c) < t_hi
-    idx2 = tl.load(KOrder + t_lo + 2 * CHUNK + offs_c, mask=r2, other=0)
     for t0 in range(t_lo, t_hi, CHUNK):
-        qg1 = _gather(q_base, i1, stride_qm, offs_d, ok1)
-        dog1 = _gather(do_base, i1, stride_dom, offs_d, ok1)
-        lse1 = tl.load(lse_base + i1 * stride_lm, mask=ok1, other=float("inf"))
-        dl1 = tl.load(delta_base + i1, mask=ok1, other=0.0)
-        r2 = (t0 + 2 * CHUNK + offs_c) < t_hi
-        val2, i2, j2, ok2 = _load_k_entries(KOrder, EntryPos, EntryVal, idx2, r2, Tq, Tk, causal_off, CAUSAL)
-        r3 = (t0 + 3 * CHUNK + offs_c) < t_hi
-        idx3 = tl.load(KOrder + t0 + 3 * CHUNK + offs_c, mask=r3, other=0)
-        lse_e = lse0
+        offs_t = t0 + tl.arange(0, CHUNK)
+        in_range = offs_t < t_hi
+        idx = tl.load(KOrder + offs_t, mask=in_range, other=0)
+        pos = tl.load(EntryPos + idx, mask=in_range, other=0)
+        val = tl.load(EntryVal + idx, mask=in_range, other=0.0)
+        i_e, j_e = _unpack(pos)
+        ok = _entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL)
+        qg = tl.load(q_base + i_e[:, None] * stride_qm + offs_d[None, :], mask=ok[:, None], other=0.0)
+        dog = tl.load(do_base + i_e[:, None] * stride_dom + offs_d[None, :], mask=ok[:, None], other=0.0)
+        lse_e = tl.load(lse_base + i_e * stride_lm, mask=ok, other=float("inf"))
         if LSE_NATURAL:
             lse_e = tl.where(lse_e == float("-inf"), float("inf"), lse_e * 1.4426950408889634)
-        s2 = tl.dot(k, tl.trans(qg0), input_precision=DOT_PREC) * qk_scale2      # [BN, C]
-        hit = (offs_n[:, None] == j0[None, :]) & ok0[None, :]
+        delta_e = tl.load(delta_base + i_e, mask=ok, other=0.0)
+        s2 = tl.dot(k, tl.trans(qg), input_precision=DOT_PREC) * qk_scale2      # [BN, C]
+        hit = (offs_n[:, None] == j_e[None, :]) & ok[None, :]
         u = s2 - lse_e[None, :]
-        g = tl.where(hit, tl.exp2(u + (val0 * alpha2)[None, :]) - tl.exp2(u), 0.0)
-        dv = tl.dot(g.to(dog0.dtype), dog0, dv, input_precision=DOT_PREC)
-        dp = tl.dot(v, tl.trans(dog0), input_precision=DOT_PREC) - dl0[None, :]
+        g = tl.where(hit, tl.exp2(u + (val * alpha2)[None, :]) - tl.exp2(u), 0.0)
+        dv = tl.dot(g.to(dog.dtype), dog, dv, input_precision=DOT_PREC)
+        dp = tl.dot(v, tl.trans(dog), input_precision=DOT_PREC) - delta_e[None, :]
         ds = g * dp
-        dk = tl.dot(ds.to(qg0.dtype), qg0, dk, input_precision=DOT_PREC)
-        val0, j0, ok0, qg0, dog0, lse0, dl0 = val1, j1, ok1, qg1, dog1, lse1, dl1
-        val1, i1, j1, ok1 = val2, i2, j2, ok2
-        idx2 = idx3
+        dk = tl.dot(ds.to(qg.dtype), qg, dk, input_precision=DOT_PREC)
     return dk, dv
 
 
@@ -354,11 +317,11 @@ def _correct_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets,
         c2 = tl.zeros([BLOCK_M], tl.float32)
         k_base = K + b * stride_kb + hk * stride_kh
         v_base = V + b * stride_vb + hk * stride_vh
-        val0, i0, ok0, kg0, vg0, val1, i1, j1, ok1 = _fwd_prologue(
+        val0, i0, ok0, kg0, vg0 = _fwd_prologue(
             EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi, Tq, Tk, causal_off,
             CAUSAL, CHUNK)
         acc_o, den, c2 = _fwd_entries(acc_o, den, c2, q, lse2, offs_m, e_lo, e_hi,
-                                      val0, i0, ok0, kg0, vg0, val1, i1, j1, ok1, EntryPos, EntryVal,
+                                      val0, i0, ok0, kg0, vg0, EntryPos, EntryVal,
                                       k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
                                       qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC)
         cancelled = live & (den < cancel_tol * tl.math.exp2(-c2))
