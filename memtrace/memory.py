@@ -155,15 +155,18 @@ class TraceMemory:
     def bias(self, layer) -> TraceBias:
         """The layer's traces as a TraceBias (values = strengths), built on the device with no host
         round trip. Its COO order is the slot order: heads x quota entries, an empty slot being a
-        value-0 entry at (0, 0) (adds nothing: exp(0) - 1 = 0 in the attention correction)."""
+        value-0 entry at (max_seq_len, 0), a row no trace can hold (the bias is built for
+        max_seq_len + 1 query rows), so it adds nothing to attention (exp(0) - 1 = 0) and never
+        hides a real edge from the capture's threshold edges."""
         layer = self._check_layer(layer)
         st, mt = self.strength[layer], self.meta[layer]
         valid, q, k, _, _ = self._decode(st, mt)
         zero = torch.zeros((), dtype=torch.int64, device=self.device)
+        empty_row = torch.full((), self.max_seq_len, dtype=torch.int64, device=self.device)
         head = torch.arange(self.num_heads, device=self.device).repeat_interleave(self.quota)
-        bias = TraceBias(head, torch.where(valid, q, zero).reshape(-1), torch.where(valid, k, zero).reshape(-1),
+        bias = TraceBias(head, torch.where(valid, q, empty_row).reshape(-1), torch.where(valid, k, zero).reshape(-1),
                          torch.where(valid, st, torch.zeros((), device=self.device)).reshape(-1),
-                         num_heads=self.num_heads, seq_len_q=self.max_seq_len, seq_len_k=self.max_seq_len)
+                         num_heads=self.num_heads, seq_len_q=self.max_seq_len + 1, seq_len_k=self.max_seq_len)
         bias._memtrace_source = (self._token, layer, self._versions[layer])
         return bias
 
@@ -341,9 +344,8 @@ class TraceMemory:
                 raise TypeError(f"{name}.bias must be a TraceBias, got {type(bias).__name__}")
             if bias.num_heads != self.num_heads:
                 raise ValueError(f"{name}.bias has {bias.num_heads} heads, the memory {self.num_heads}")
-            if bias.seq_len_q > self.max_seq_len or bias.seq_len_k > self.max_seq_len:
-                raise ValueError(f"{name}.bias is built for ({bias.seq_len_q}, {bias.seq_len_k}), over "
-                                 f"max_seq_len={self.max_seq_len}")
+            # A bias may be built for longer sequences (bias(layer) adds the empty-slot row):
+            # its entries past max_seq_len cannot be traces and are ignored by the merge.
             self._check_device(f"{name}.bias", bias.head)
             if not isinstance(scores, (tuple, list)) or len(scores) != 2:
                 raise TypeError(f"{name}.bias_scores must be a tuple (S, a)")

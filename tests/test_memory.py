@@ -95,7 +95,11 @@ def run_random_steps(mem, layer, steps, seed, mode, stepwise, T, density=0.25,
                 if n > 2:
                     bh[-1], bq[-1], bk[-1] = bh[0], bq[0], bk[0]          # duplicate entries add
                 bias = mt.TraceBias.from_coo(bh, bq, bk, torch.rand(n), num_heads=H, seq_len_q=T, seq_len_k=T)
-            scores = (S[bias.head, bias.q_idx, bias.k_idx], a[bias.head, bias.q_idx, bias.k_idx])
+            # as the capture does: entries outside the call's (T, T) (bias(layer)'s empty slots) score 0
+            inside = (bias.q_idx < T) & (bias.k_idx < T)
+            bq_in, bk_in = bias.q_idx.clamp(max=T - 1), bias.k_idx.clamp(max=T - 1)
+            scores = (torch.where(inside, S[bias.head, bq_in, bk_in], 0.0),
+                      torch.where(inside, a[bias.head, bq_in, bk_in], 0.0))
             cap = fake_capture(candidates_of(S, a, cap_coords), num_heads=H, seq_len=T, bias=bias, bias_scores=scores)
             if mode == "direct":
                 stored = ref if not stepwise else mem.reference_state(layer)
@@ -288,12 +292,13 @@ def test_bias_is_slot_order_and_traces_sorted():
     assert list(zip(h.tolist(), q.tolist(), k.tolist())) == [(0, 1, 8), (0, 3, 2), (1, 9, 9), (2, 0, 4), (2, 5, 1)]
     assert h.dtype == q.dtype == k.dtype == age.dtype == r.dtype == torch.int64 and M.dtype == torch.float32
     b = mem.bias(1)
-    assert b.nnz == 3 * 4 and (b.seq_len_q, b.seq_len_k, b.num_heads) == (10, 10, 3)
-    dense = torch.zeros(3, 10, 10)
+    # one extra query row (10) holds the empty slots, outside every edge the memory can store
+    assert b.nnz == 3 * 4 and (b.seq_len_q, b.seq_len_k, b.num_heads) == (11, 10, 3)
+    dense = torch.zeros(3, 11, 10)
     dense[h, q, k] = M
     torch.testing.assert_close(b.to_dense(), dense)
     assert b.head.tolist() == [0] * 4 + [1] * 4 + [2] * 4
-    assert b.q_idx.tolist()[:4] == [1, 3, 0, 0] and b.value.tolist()[2:4] == [0.0, 0.0]
+    assert b.q_idx.tolist()[:4] == [1, 3, 10, 10] and b.value.tolist()[2:4] == [0.0, 0.0]
     assert mem.num_traces() == 5 and mem.num_traces(0) == 0
 
 
@@ -501,9 +506,12 @@ def test_stale_bias_is_merged_not_mapped():
     S = torch.zeros(1, 8, 8)
     a = torch.zeros(1, 8, 8)
     S[0, 1, 1], a[0, 1, 1] = 2.0, 0.5
-    scores = (S[old_bias.head, old_bias.q_idx, old_bias.k_idx], a[old_bias.head, old_bias.q_idx, old_bias.k_idx])
+    inside = old_bias.q_idx < 8                    # empty slots sit on row 8, outside the call
+    bq = old_bias.q_idx.clamp(max=7)
+    scores = (torch.where(inside, S[old_bias.head, bq, old_bias.k_idx], 0.0),
+              torch.where(inside, a[old_bias.head, bq, old_bias.k_idx], 0.0))
     mem.update(0, fake_capture(([], [], [], [], []), num_heads=1, seq_len=8, bias=old_bias, bias_scores=scores))
-    coords = list(zip(old_bias.head.tolist(), old_bias.q_idx.tolist(), old_bias.k_idx.tolist()))
+    coords = [c for c in zip(old_bias.head.tolist(), old_bias.q_idx.tolist(), old_bias.k_idx.tolist()) if c[1] < 8]
     ref = trace_update(ref, candidates_of(S, a, coords), **params_of(mem))
     assert_state_equal(mem.reference_state(0), ref)
 
