@@ -53,31 +53,39 @@ def _tile_scores(Q, K, V, DO, LSE,
                  sob, soh, som, sod, slb, slh, slm,
                  h, hk, m0, n0, B, Tq, Tk, qk_scale,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """(sum_b P*|dP|, sum_b P) of one [BLOCK_M, BLOCK_N] tile of head h."""
+                 PRECISION: tl.constexpr, USE_DESC: tl.constexpr):
+    """(sum_b P*|dP|, sum_b P) of one [BLOCK_M, BLOCK_N] tile of head h. USE_DESC: Q, K, V, DO
+    are TMA descriptors over the [B*H*T, D] row views and the q/k/v/o strides count rows."""
     LOG2E: tl.constexpr = 1.4426950408889634
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < Tq
     col_ok = offs_n < Tk
-    q_ptrs = Q + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
-    do_ptrs = DO + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
-    k_ptrs = K + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
-    v_ptrs = V + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
+    if not USE_DESC:
+        q_ptrs = Q + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
+        do_ptrs = DO + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+        k_ptrs = K + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+        v_ptrs = V + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
     lse_ptrs = LSE + h * slh + offs_m * slm
     acc_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for b in range(B):
-        q = tl.load(q_ptrs + b * sqb, mask=row_ok[:, None], other=0.0)
-        k = tl.load(k_ptrs + b * skb, mask=col_ok[:, None], other=0.0)
+        if USE_DESC:
+            q = Q.load([b * sqb + h * sqh + m0, 0])
+            k = K.load([b * skb + hk * skh + n0, 0])
+            do = DO.load([b * sob + h * soh + m0, 0])
+            v = V.load([b * svb + hk * svh + n0, 0])
+        else:
+            q = tl.load(q_ptrs + b * sqb, mask=row_ok[:, None], other=0.0)
+            k = tl.load(k_ptrs + b * skb, mask=col_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs + b * sob, mask=row_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs + b * svb, mask=col_ok[:, None], other=0.0)
         lse = tl.load(lse_ptrs + b * slb, mask=row_ok, other=float("-inf"))
         # A fully masked row has lse = -inf: subtract +inf so that P = exp2(-inf) = 0.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         p = tl.exp2(s * qk_scale - lse2[:, None])
-        do = tl.load(do_ptrs + b * sob, mask=row_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs + b * svb, mask=col_ok[:, None], other=0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         acc_a += p
         acc_s += p * tl.abs(dp)
@@ -90,7 +98,7 @@ def _tile_scores2(Q, K, V, DO, LSE,
                   sob, soh, som, sod, slb, slh, slm,
                   h, hk, m0, n0, B, Tq, Tk, qk_scale,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  PRECISION: tl.constexpr, USE_DESC: tl.constexpr):
     """Two adjacent [BLOCK_M, BLOCK_N] tiles (keys n0.. and n0+BLOCK_N..) in one batch loop: q and
     dO are loaded once per batch element for both, which halves their share of the traffic."""
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -101,30 +109,41 @@ def _tile_scores2(Q, K, V, DO, LSE,
     row_ok = offs_m < Tq
     col0 = offs_n0 < Tk
     col1 = offs_n1 < Tk
-    q_ptrs = Q + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
-    do_ptrs = DO + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
-    k0_ptrs = K + hk * skh + offs_n0[:, None] * skn + offs_d[None, :] * skd
-    v0_ptrs = V + hk * svh + offs_n0[:, None] * svn + offs_d[None, :] * svd
-    k1_ptrs = k0_ptrs + BLOCK_N * skn
-    v1_ptrs = v0_ptrs + BLOCK_N * svn
+    if not USE_DESC:
+        q_ptrs = Q + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
+        do_ptrs = DO + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+        k0_ptrs = K + hk * skh + offs_n0[:, None] * skn + offs_d[None, :] * skd
+        v0_ptrs = V + hk * svh + offs_n0[:, None] * svn + offs_d[None, :] * svd
+        k1_ptrs = k0_ptrs + BLOCK_N * skn
+        v1_ptrs = v0_ptrs + BLOCK_N * svn
     lse_ptrs = LSE + h * slh + offs_m * slm
     acc_s0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_a0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_s1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_a1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for b in range(B):
-        q = tl.load(q_ptrs + b * sqb, mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_ptrs + b * sob, mask=row_ok[:, None], other=0.0)
+        if USE_DESC:
+            q = Q.load([b * sqb + h * sqh + m0, 0])
+            do = DO.load([b * sob + h * soh + m0, 0])
+            k0 = K.load([b * skb + hk * skh + n0, 0])
+            v0 = V.load([b * svb + hk * svh + n0, 0])
+        else:
+            q = tl.load(q_ptrs + b * sqb, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs + b * sob, mask=row_ok[:, None], other=0.0)
+            k0 = tl.load(k0_ptrs + b * skb, mask=col0[:, None], other=0.0)
+            v0 = tl.load(v0_ptrs + b * svb, mask=col0[:, None], other=0.0)
         lse = tl.load(lse_ptrs + b * slb, mask=row_ok, other=float("-inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-        k0 = tl.load(k0_ptrs + b * skb, mask=col0[:, None], other=0.0)
-        v0 = tl.load(v0_ptrs + b * svb, mask=col0[:, None], other=0.0)
         p = tl.exp2(tl.dot(q, tl.trans(k0), input_precision=PRECISION) * qk_scale - lse2[:, None])
         dp = tl.dot(do, tl.trans(v0), input_precision=PRECISION)
         acc_a0 += p
         acc_s0 += p * tl.abs(dp)
-        k1 = tl.load(k1_ptrs + b * skb, mask=col1[:, None], other=0.0)
-        v1 = tl.load(v1_ptrs + b * svb, mask=col1[:, None], other=0.0)
+        if USE_DESC:
+            k1 = K.load([b * skb + hk * skh + n0 + BLOCK_N, 0])
+            v1 = V.load([b * svb + hk * svh + n0 + BLOCK_N, 0])
+        else:
+            k1 = tl.load(k1_ptrs + b * skb, mask=col1[:, None], other=0.0)
+            v1 = tl.load(v1_ptrs + b * svb, mask=col1[:, None], other=0.0)
         p = tl.exp2(tl.dot(q, tl.trans(k1), input_precision=PRECISION) * qk_scale - lse2[:, None])
         dp = tl.dot(do, tl.trans(v1), input_precision=PRECISION)
         acc_a1 += p
@@ -220,7 +239,7 @@ def _salience_tile_kernel(
         PASS: tl.constexpr, HIST_IN_MAIN: tl.constexpr, HAS_ENTRIES: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr,
         PRECISION: tl.constexpr, IDX_TILE: tl.constexpr,
-        NUM_BINS: tl.constexpr, SHIFT: tl.constexpr):
+        NUM_BINS: tl.constexpr, SHIFT: tl.constexpr, USE_DESC: tl.constexpr):
     """Program tile: BLOCK_M queries x (SPLIT * BLOCK_N) keys of head program_id(1)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -246,7 +265,7 @@ def _salience_tile_kernel(
                                         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                                         sob, soh, som, sod, slb, slh, slm,
                                         h, h // group, m0, n0, B, Tq, Tk, qk_scale,
-                                        BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION)
+                                        BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION, USE_DESC)
             tile_best = _epilogue(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
                                   ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
                                   CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
@@ -260,7 +279,7 @@ def _salience_tile_kernel(
                                            sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                                            sob, soh, som, sod, slb, slh, slm,
                                            h, h // group, m0, n0, B, Tq, Tk, qk_scale,
-                                           BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION)
+                                           BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION, USE_DESC)
             best0 = _epilogue(s0, a0, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
                               ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
                               CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
@@ -322,6 +341,19 @@ def _salience_entry_kernel(
     tl.store(OUT_A + offs_e, tl.where(ok, acc_a * inv_batch, 0.0), mask=in_e)
 
 
+def _desc_ok(t):
+    """A [B, H, T, D] tensor whose (B, H, T) rows form a [B*H*T, D] view that TMA can read."""
+    B, H, T, D = t.shape
+    return (t.stride(3) == 1 and t.stride(2) == D and t.stride(1) == T * D and t.stride(0) == H * T * D
+            and t.data_ptr() % 16 == 0 and (D * t.element_size()) % 16 == 0)
+
+
+def _row_desc(t, block_rows):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    B, H, T, D = t.shape
+    return TensorDescriptor(t, [B * H * T, D], [D, 1], [block_rows, D])
+
+
 def _strides(t, ndim):
     s = list(t.stride())
     return s + [0] * (ndim - len(s))
@@ -329,7 +361,7 @@ def _strides(t, ndim):
 
 def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offset, entries, cnt,
                  capacity, out, staging, stg_capacity, tile_max, hist, bound, config, precision,
-                 hist_in_main):
+                 hist_in_main, use_desc=False):
     """Launch `_salience_tile_kernel` for one pass. `entries` = (off, i, j, tiles_m, tiles_n) or
     None; `out`/`staging` = (h, i, j, S, a) buffers; config = (BLOCK_M, BLOCK_N, warps, stages,
     split): a program covers BLOCK_M x (split * BLOCK_N) keys, split in (1, 2)."""
@@ -338,20 +370,28 @@ def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offse
     bm, bn, warps, stages, split = config
     num_k_tiles = triton.cdiv(Tk, bn * split)
     grid = (triton.cdiv(Tq, bm) * num_k_tiles, Hq)
+    strides = [*_strides(q, 4), *_strides(k, 4), *_strides(v, 4), *_strides(dout, 4)]
+    use_desc = bool(use_desc) and all(_desc_ok(t) for t in (q, k, v, dout))
+    if use_desc:
+        # TMA descriptors over the [B*H*T, D] row views (rows past a head's T read the next
+        # head's rows or zeros: they only reach masked rows / columns); strides then count rows.
+        tensors = (_row_desc(q, bm), _row_desc(k, bn), _row_desc(v, bn), _row_desc(dout, bm))
+        strides = [s // D if s % D == 0 else s for s in strides]
+    else:
+        tensors = (q, k, v, dout)
     if entries is None:
         ent_off = ent_i = ent_j = cnt
         tiles_m = tiles_n = 1
     else:
         ent_off, ent_i, ent_j, tiles_m, tiles_n = entries
     compiled = _salience_tile_kernel[grid](
-        q, k, v, dout, lse,
-        *_strides(q, 4), *_strides(k, 4), *_strides(v, 4), *_strides(dout, 4), *_strides(lse, 3),
+        tensors[0], tensors[1], tensors[2], tensors[3], lse, *strides, *_strides(lse, 3),
         B, Tq, Tk, Hq // Hkv, num_k_tiles, qk_scale, 1.0 / B, causal_offset, threshold,
         ent_off, ent_i, ent_j, tiles_m, tiles_n,
         cnt, capacity, *out, *staging, stg_capacity, tile_max, hist, bound,
         PASS=pass_, HIST_IN_MAIN=hist_in_main, HAS_ENTRIES=entries is not None,
         BLOCK_M=bm, BLOCK_N=bn, SPLIT=split, HEAD_DIM=D, PRECISION=precision, IDX_TILE=INDEX_TILE,
-        NUM_BINS=HIST_BINS, SHIFT=HIST_SHIFT, num_warps=warps, num_stages=stages)
+        NUM_BINS=HIST_BINS, SHIFT=HIST_SHIFT, USE_DESC=use_desc, num_warps=warps, num_stages=stages)
     # Registers / spills of the last compiled launch, for the benchmark's report (GPU only).
     LAST_COMPILED[pass_] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))
 

@@ -61,7 +61,11 @@ _CUDA_CONFIGS = {16: (128, 64, 4, 3, 1), 32: (128, 64, 4, 3, 1), 64: (128, 64, 4
                  128: (128, 64, 8, 2, 1), 256: (64, 64, 8, 1, 1)}
 _INTERPRETER_CONFIG = (32, 32, 4, 1, 1)
 _CONFIG_OVERRIDE = None      # set by benchmarks / tests to try other tiles
-_HIST_IN_MAIN = True         # histogram in the main pass (else a histogram pass runs on overflow)
+# The 4096-bin histogram inside the main pass costs registers (ptxas: 255 regs and ~4 KB of spills
+# per thread at 128x64 tiles against ~0.3 KB without), so by default it runs as its own pass, only
+# on overflow (the device-side check makes it a no-op launch otherwise).
+_HIST_IN_MAIN = False
+_USE_DESC = True             # TMA descriptors for q/k/v/dO when their rows are contiguous (else pointers)
 
 
 def _use_interpreter() -> bool:
@@ -252,7 +256,7 @@ def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alp
     common = dict(threshold=threshold, qk_scale=qk_scale, causal_offset=causal_offset,
                   entries=entries, cnt=cnt, capacity=capacity, out=out, staging=staging,
                   stg_capacity=capacity, tile_max=tile_max, hist=hist, bound=bound, config=config,
-                  precision=precision, hist_in_main=_HIST_IN_MAIN)
+                  precision=precision, hist_in_main=_HIST_IN_MAIN, use_desc=_USE_DESC)
     K.launch_tiles(0, q, k, v, dout, lse, **common)
     if not _HIST_IN_MAIN:
         K.launch_tiles(1, q, k, v, dout, lse, **common)

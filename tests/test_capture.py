@@ -349,3 +349,24 @@ def test_through_biased_attention():
     out.backward(do)
     S, a = oracle(q, k, v, do, bias, True)[2:]
     check_capture(cap, S, a, bias, 0.0, torch.float32)
+
+
+@pytest.mark.parametrize("use_desc,hist_in_main", [(False, True), (True, True), (False, False)])
+def test_kernel_variants(monkeypatch, use_desc, hist_in_main):
+    """Pointer loads vs TMA descriptors, histogram in the main pass vs its own overflow pass;
+    also a non-contiguous q (descriptor not possible: falls back to pointers)."""
+    monkeypatch.setattr(capture_mod, "_USE_DESC", use_desc)
+    monkeypatch.setattr(capture_mod, "_HIST_IN_MAIN", hist_in_main)
+    B, Hq, Hkv, Tq, Tk, D = 2, 2, 1, 40, 45, 16
+    q, k, v, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, torch.float16, seed=31)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)          # [B, Tq, H, D] memory, [B, H, Tq, D] view
+    bias = make_bias(Hq, Tq, Tk, 30, seed=31)
+    for capacity in (100_000, 150):
+        cap = SalienceCapture(threshold=1e-4, capacity=capacity)
+        S, a = fill(cap, q, k, v, do, bias, True)
+        check_capture(cap, S, a, bias, 1e-4, torch.float16)
+        assert bool(cap.stats["overflow"]) == (capacity == 150)
+        if capacity == 150:
+            top = torch.sort(S[(S > 1e-4) & ~entry_mask(bias, S)], descending=True).values
+            h, i, j, s, _ = cap.valid_edges()
+            assert S[h.long(), i.long(), j.long()].min() >= top[capacity] * (1 - 1e-5)
