@@ -29,14 +29,16 @@ the histogram bin of the cut (a bin spans < 1/16 relative: float bits 30..19) fi
 bin: every kept S >= every dropped S / (1 + 1/16).
 
 How (CUDA, or the Triton interpreter on the CPU with TRITON_INTERPRET=1): one fused pass
-(kernels/salience.py) computes S and a tile by tile with the batch loop inside, appends the
-candidates to the buffer (one atomic per tile), counts them, records each tile's largest S and a
-4096-bin histogram of the candidates' float bits. Only on overflow (decided on the device: the
-later kernels exit at once otherwise, the host never syncs) a second pass recomputes the tiles
-that can hold winners, writes the candidates above the cut bin directly and those inside it to a
-staging buffer, whose strongest are then picked by a sort. Bias entries are scored by a separate
-gather kernel, O(entries x batch x head_dim). Without CUDA and without the interpreter the dense
-float64 reference (memtrace.reference.salience) fills the same fields.
+(kernels/salience.py) computes S and a tile by tile with the batch loop inside (q/k/v/dO through
+TMA descriptors when their rows are contiguous), appends the candidates to the buffer (one atomic
+per tile), counts them and records each tile's largest S. Only on overflow (decided on the device:
+the later kernels exit at once otherwise, the host never syncs) two more passes recompute the
+tiles that can hold winners: one builds a 4096-bin histogram of the candidates' float bits, which
+gives the bin of the cut; the next writes the candidates above that bin directly and those inside
+it to a staging buffer, whose strongest are then picked by a sort. So a fill that fits costs one
+pass and an overflowing fill three. Bias entries are scored by a separate gather kernel,
+O(entries x batch x head_dim). Without CUDA and without the interpreter the dense float64
+reference (memtrace.reference.salience) fills the same fields.
 """
 from __future__ import annotations
 
