@@ -71,20 +71,14 @@ def skip_unless_supported(backend, q, k, v, bias, causal):
         pytest.skip(f"{backend}: " + "; ".join(reasons))
 
 
-CASES = [  # B, Hq, Hkv, Tq, Tk, D, causal
-    (2, 8, 8, 512, 512, 64, False),
-    (1, 8, 2, 1024, 1024, 128, True),     # GQA
-    (2, 4, 4, 333, 333, 32, False),       # odd length
-    (1, 4, 4, 200, 777, 64, True),        # causal, Tq < Tk (bottom-right)
-    (1, 4, 2, 777, 200, 16, True),        # causal, Tq > Tk: fully masked rows
+CASES = [  # B, Hq, Hkv, Tq, Tk, D, causal  (few: every new shape class compiles kernels)
+    (1, 8, 2, 1024, 1024, 128, True),     # GQA, causal
+    (2, 4, 4, 333, 333, 64, False),       # odd length
+    (1, 4, 2, 777, 200, 64, True),        # causal, Tq > Tk: fully masked rows (triton only)
 ]
-DTYPES = [torch.bfloat16, torch.float16]
 
 
-@pytest.mark.parametrize("backend", ["triton", "cudnn", "flash", "flash_attn"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
-def test_backend_parity(backend, dtype, case):
+def _check_backend(backend, dtype, case):
     *shape, causal = case
     q, k, v, bias, coo = make_inputs(*shape, dtype, seed=sum(shape))
     skip_unless_supported(backend, q, k, v, bias, causal)
@@ -96,9 +90,20 @@ def test_backend_parity(backend, dtype, case):
         assert err < TOL[dtype], f"{backend} {name}: {err:.3g}"
 
 
+@pytest.mark.parametrize("backend", ["triton", "cudnn", "flash", "flash_attn"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_backend_parity_bf16(backend, case):
+    _check_backend(backend, torch.bfloat16, case)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cudnn", "flash"])
+def test_backend_parity_fp16(backend):
+    _check_backend(backend, torch.float16, CASES[0])
+
+
 @pytest.mark.parametrize("backend", ["triton", "cudnn", "flash"])
 def test_no_bias_parity(backend):
-    q, k, v, _, _ = make_inputs(2, 8, 4, 1024, 1024, 128, torch.bfloat16, seed=3)
+    q, k, v, _, _ = make_inputs(1, 8, 2, 1024, 1024, 128, torch.bfloat16, seed=3)
     skip_unless_supported(backend, q, k, v, None, True)
     dout = torch.randn_like(q)
     got = run(q, k, v, None, dout, causal=True, backend=backend)
@@ -107,7 +112,7 @@ def test_no_bias_parity(backend):
         assert rel_err(a, b) < TOL[torch.bfloat16], name
 
 
-@pytest.mark.parametrize("case", CASES[:2], ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("case", CASES[1:2], ids=lambda c: "x".join(map(str, c)))
 def test_triton_fp32(case):
     *shape, causal = case
     q, k, v, bias, coo = make_inputs(*shape, torch.float32, seed=7)
@@ -119,7 +124,7 @@ def test_triton_fp32(case):
         assert rel_err(a, b) < TOL[torch.float32], name
 
 
-@pytest.mark.parametrize("D", [16, 32, 256])
+@pytest.mark.parametrize("D", [16, 256])
 def test_triton_head_dims(D):
     q, k, v, bias, coo = make_inputs(1, 4, 2, 300, 300, D, torch.bfloat16, seed=D)
     skip_unless_supported("triton", q, k, v, bias, False)
@@ -155,7 +160,7 @@ def test_triton_large_biases(magnitude):
 
 
 def test_auto_matches_its_choice_and_the_reference():
-    q, k, v, bias, coo = make_inputs(2, 8, 8, 1024, 1024, 128, torch.bfloat16, seed=11)
+    q, k, v, bias, coo = make_inputs(1, 8, 2, 1024, 1024, 128, torch.bfloat16, seed=11)
     name, auto = A.select_backend(q, k, v, bias, causal=True)
     assert auto and name in ("cudnn", "triton", "flash", "flash_attn")
     dout = torch.randn_like(q)
@@ -171,7 +176,7 @@ def test_auto_matches_its_choice_and_the_reference():
 
 def test_auto_on_gqa_and_unequal_causal_lengths():
     """Calls the cuDNN/flash kernels cannot take (causal Tq != Tk) still get a fast backend."""
-    q, k, v, bias, coo = make_inputs(1, 8, 2, 256, 1024, 64, torch.bfloat16, seed=13)
+    q, k, v, bias, coo = make_inputs(1, 4, 2, 200, 777, 64, torch.bfloat16, seed=13)
     name, _ = A.select_backend(q, k, v, bias, causal=True)
     assert name != "reference"
     dout = torch.randn_like(q)
@@ -183,7 +188,7 @@ def test_auto_on_gqa_and_unequal_causal_lengths():
 
 def test_bias_free_layout_and_transposed_inputs():
     """q/k/v as [B, T, H, D] buffers viewed as [B, H, T, D]: out keeps q's layout."""
-    B, H, T, D = 2, 8, 512, 64
+    B, H, T, D = 2, 4, 333, 64
     q = torch.randn(B, T, H, D, device=DEV, dtype=torch.bfloat16).transpose(1, 2).requires_grad_(True)
     k = torch.randn(B, T, H, D, device=DEV, dtype=torch.bfloat16).transpose(1, 2).requires_grad_(True)
     v = torch.randn(B, T, H, D, device=DEV, dtype=torch.bfloat16).transpose(1, 2).requires_grad_(True)
@@ -197,8 +202,8 @@ def test_bias_free_layout_and_transposed_inputs():
 
 
 def test_torch_compile_fullgraph_gpu():
-    q, k, v, bias, coo = make_inputs(2, 8, 4, 512, 512, 64, torch.bfloat16, seed=17)
-    proj = torch.nn.Linear(64, 64, device=DEV, dtype=torch.bfloat16)
+    q, k, v, bias, coo = make_inputs(2, 4, 4, 333, 333, 64, torch.bfloat16, seed=17)
+    proj = torch.nn.Linear(64, 64, device=DEV, dtype=torch.bfloat16)  # noqa
 
     def model(q, k, v, bias):
         return (mt.biased_attention(proj(q), k, v, bias, causal=True, alpha=0.5).float() ** 2).sum()
@@ -226,13 +231,13 @@ class _RecordingCapture:
 
 
 def test_capture_hook_gets_biased_out_and_lse():
-    q, k, v, bias, coo = make_inputs(2, 4, 4, 256, 256, 64, torch.bfloat16, seed=19)
+    q, k, v, bias, coo = make_inputs(2, 4, 4, 333, 333, 64, torch.bfloat16, seed=19)
     cap = _RecordingCapture()
     out = mt.biased_attention(q, k, v, bias, causal=True, capture=cap)
     out.backward(torch.randn_like(out))
     assert len(cap.calls) == 1
     cap_out, cap_lse, causal, scale, alpha = cap.calls[0]
-    dense = mt.reference.dense_bias(*coo[:3], coo[3].detach().double(), 4, 256, 256)
+    dense = mt.reference.dense_bias(*coo[:3], coo[3].detach().double(), 4, 333, 333)
     ref_out, ref_lse = mt.reference.attention_with_lse(q.detach().double(), k.detach().double(),
                                                        v.detach().double(), dense, causal=True)
     assert rel_err(cap_out, ref_out) < TOL[torch.bfloat16]
