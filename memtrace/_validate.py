@@ -63,7 +63,9 @@ def check_index_range(name: str, t: torch.Tensor, low: int, high: int) -> None:
 
 def check_int(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
     """A Python int (bools rejected) within [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    if not isinstance(value, int):
         if isinstance(value, torch.Tensor) or not hasattr(value, "__index__"):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         value = int(value)
@@ -187,6 +189,39 @@ MAX_ROUTING_EXPERTS = 32767   # int16 expert ids in the trie
 MAX_ROUTING_LAYERS = 32767
 MAX_ROUTING_DEPTH = 255
 MAX_ROUTING_STEP = 2**31 - 1  # int32 first_seen / last_seen
+
+
+def check_routing_paths(paths, *, num_layers: int, num_experts: int, device: torch.device) -> torch.Tensor:
+    """paths: integer [N, num_layers] on `device`, every entry in [-1, num_experts)."""
+    check_tensor("paths", paths, ndim=2, integer=True)
+    if paths.shape[1] != num_layers:
+        raise ValueError(f"paths must have shape [N, {num_layers}] (one column per layer), got {tuple(paths.shape)}")
+    if paths.device != device:
+        raise ValueError(f"paths is on {paths.device} but the routing tree is on {device}")
+    if paths.numel():
+        lo, hi = int(paths.min()), int(paths.max())
+        if lo < -1 or hi >= num_experts:
+            raise ValueError(f"paths entries must be expert ids in [0, {num_experts}) or -1 (no routing), "
+                             f"got values in [{lo}, {hi}]")
+    return paths
+
+
+def check_routing_rewards(rewards, *, num_tokens: int, device: torch.device):
+    """rewards: None or a finite floating [num_tokens] tensor on `device`."""
+    if rewards is None:
+        return None
+    check_tensor("rewards", rewards, ndim=1, floating=True)
+    if rewards.shape[0] != num_tokens:
+        raise ValueError(f"rewards must have shape [{num_tokens}] (one per path), got {tuple(rewards.shape)}")
+    if rewards.device != device:
+        raise ValueError(f"rewards is on {rewards.device} but the routing tree is on {device}")
+    check_finite("rewards", rewards)
+    return rewards
+
+
+def check_routing_step(name: str, step) -> int:
+    """A training step that fits the trie's int32 first_seen / last_seen."""
+    return check_int(name, step, low=0, high=MAX_ROUTING_STEP)
 
 
 # ---- salience capture (SPEC 3, issue 4) ---------------------------------------------------------
