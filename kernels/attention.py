@@ -15,10 +15,12 @@ missing), Hq % Hkv == 0, query head h reads kv head h // (Hq // Hkv). D in 16..2
 
 Cancellation: where the corrected normaliser 1 + sum w of a row falls under
 CANCEL_THRESHOLD, the forward recomputes its row block with the bias applied inside the tile
-loop (a slow path taken only by such blocks), so out and lse stay accurate. The backward
-detects the same rows from LSE' (an entry whose unbiased probability exp(s - LSE') exceeds
-1/CANCEL_THRESHOLD) and recomputes those row blocks with the bias in the loop too; see
-_flag_rows_kernel.
+loop (a slow path taken only by such blocks), so out and lse stay accurate. The backward does
+NOT special-case those rows yet: the dense pass computes P = exp(s - LSE') for the entry edges,
+which there is >> 1, and the entry terms subtract it again, so dQ/dK/dV of such rows lose about
+log2(max exp(s - LSE')) bits (no NaN or overflow unless s - LSE' > ~88). The intended fix:
+rows flagged in the preprocess get lse2 = +inf for the dense pass (they drop out) and a
+slow path with the bias in the tile recomputes their dQ and dK/dV contributions.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .correction import (CANCEL_THRESHOLD, INTERPRET, LOG2E, _bias_tile, _block_range, _check_common,
+from .correction import (CANCEL_THRESHOLD, INTERPRET, LOG2E, _block_range, _check_common,
                          _dkdv_entries, _dq_entries, _fwd_biased_rows, _fwd_entries, _fwd_prologue,
                          _last_dim_contiguous, dot_precision)
 
@@ -298,32 +300,6 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, 
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
-    return dk, dv
-
-
-@triton.jit
-def _dkdv_biased_rows(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                      m0, offs_n, offs_mb, offs_d, e_lo, e_hi, EntryPos, EntryVal, Tq, Tk, causal_off,
-                      qk_scale2, alpha2, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """dK/dV contribution of cancelling query rows [m0, m0+BLOCK_M), with the bias in the tile
-    (lse_base holds the true LSE' for these rows, in log2 units)."""
-    rows = m0 + offs_mb
-    rmask = rows < Tq
-    q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=rmask[:, None], other=0.0)
-    lse2 = tl.load(lse_base + rows, mask=rmask, other=float("inf"))
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale2
-    qk += _bias_tile(rows, offs_n, e_lo, e_hi, EntryPos, EntryVal, alpha2, BLOCK_M, BLOCK_N, CHUNK)
-    valid = (offs_n < Tk)[None, :]
-    if CAUSAL:
-        valid = valid & (offs_n[None, :] <= rows[:, None] + causal_off)
-    p = tl.where(valid, tl.math.exp2(qk - lse2[:, None]), 0.0)                  # [BM, BN]
-    do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :], mask=rmask[:, None], other=0.0)
-    dv = tl.dot(tl.trans(p).to(do.dtype), do, dv, input_precision=DOT_PREC)
-    delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-    ds = p * (dp - delta[:, None])
-    dk = tl.dot(tl.trans(ds).to(q.dtype), q, dk, input_precision=DOT_PREC)
     return dk, dv
 
 

@@ -514,6 +514,10 @@ def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, caus
     out, lse are the BIASED O', natural LSE'. Returns (dq, dk, dv, dvalues) with dvalues float32
     [E] (per sorted entry; duplicate followers 0) or None. Two launches: by query block (dQ,
     delta, dvalues per batch element) and by key block (dK, dV; GQA heads summed in the program).
+    Rows where the forward identity cancelled are not special-cased: the dense backward's entry
+    edges there carry P = exp(s - LSE') >> 1 and the terms added here cancel them, losing about
+    log2 of that factor in bits (see kernels/attention.py). dvalues stay exact there (P' is
+    computed directly).
     """
     B, Hq, Hkv, Tq, Tk, D = _check_common(q, k, v, bias)
     E = 0 if bias is None else bias.nnz
