@@ -241,6 +241,13 @@ def run_gpu(args):
                         bias = make_trace_bias(Hq, T, per_head, pattern, causal, device)
                         return memtrace_fn(backend, q, k, v, causal, bias)
                     extra = {"traces": per_head, "pattern": pattern}
+                    if backend != "auto":
+                        probe = make_trace_bias(Hq, T, per_head, pattern, causal, device)
+                        reasons = A.backend_reasons(q, k, v, probe, causal=causal)[backend]
+                        del probe
+                        if reasons:
+                            record(dict(common, impl=f"memtrace[{backend}]", error="; ".join(reasons), **extra))
+                            continue
                     if backend == "auto":
                         bias = make_trace_bias(Hq, T, per_head, pattern, causal, device)
                         extra["auto_choice"] = A.select_backend(q, k, v, bias, causal=causal)[0]
