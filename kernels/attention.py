@@ -14,13 +14,16 @@ Layouts: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] (any strides, unit stride along D
 missing), Hq % Hkv == 0, query head h reads kv head h // (Hq // Hkv). D in 16..256 (powers of 2).
 
 Cancellation: where the corrected normaliser 1 + sum w of a row falls under
-CANCEL_THRESHOLD, the forward recomputes its row block with the bias applied inside the tile
-loop (a slow path taken only by such blocks), so out and lse stay accurate. The backward does
-NOT special-case those rows yet: the dense pass computes P = exp(s - LSE') for the entry edges,
-which there is >> 1, and the entry terms subtract it again, so dQ/dK/dV of such rows lose about
-log2(max exp(s - LSE')) bits (no NaN or overflow unless s - LSE' > ~88). The intended fix:
-rows flagged in the preprocess get lse2 = +inf for the dense pass (they drop out) and a
-slow path with the bias in the tile recomputes their dQ and dK/dV contributions.
+CANCEL_THRESHOLD ("cancelling" rows), the forward recomputes its row block with the bias applied
+inside the tile loop (a slow path taken only by such blocks), so out and lse stay accurate; it
+records the rows in an int8 [B, Hq, Tq] flag tensor (flash_fwd(return_flags=True) returns it).
+The backward takes those rows out of the fast path and recomputes them exactly
+(kernels/correction.py, "cancelling rows"): the preprocess writes lse2 = +inf on flagged rows,
+so the dense loops and the entry epilogues see P = 0 there (the same mechanism that drops fully
+masked rows: no new work in any loop), and two slow-path launches (_exact_rows_q_kernel,
+_exact_rows_kv_kernel) rebuild their dQ, dvalues and dK/dV terms with the bias inside the tile
+loop; programs that see no flagged row exit after reading the flags. Without row_flags the
+backward recomputes the flags from LSE' (one extra pass over the entries).
 """
 from __future__ import annotations
 
@@ -30,9 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .correction import (CANCEL_THRESHOLD, INTERPRET, LOG2E, _block_range, _check_common,
-                         _dkdv_entries, _dq_entries, _fwd_biased_rows, _fwd_entries, _fwd_prologue,
-                         _last_dim_contiguous, dot_precision)
+from .correction import (CANCEL_THRESHOLD, INTERPRET, LOG2E, _block_range, _cancel_flags, _check_common,
+                         _dkdv_entries, _dq_entries, _exact_rows, _flags_2d, _fwd_biased_rows, _fwd_entries,
+                         _fwd_prologue, _last_dim_contiguous, dot_precision)
 
 __all__ = ["flash_fwd", "flash_bwd"]
 
@@ -133,8 +136,8 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
 
     Grid (cdiv(Tq, BLOCK_M), B*Hq). A program owns rows [m0, m0+BLOCK_M) of (b, h): the key
     blocks every row sees fully run unmasked, the diagonal/tail blocks masked; then the entries of
-    those rows are folded in (HAS_BIAS). Flags[bh, pid_m] = 1 where the block took the
-    cancellation path.
+    those rows are folded in (HAS_BIAS). Flags[bh, i] (int8) = 1 on the rows that cancelled
+    (their block then takes the slow path).
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -190,7 +193,7 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
         n_cancel = tl.sum(cancelled.to(tl.int32), 0)
         acc = acc / den[:, None]
         lse2 = lse2 + c2 + tl.math.log2(den)
-        tl.store(Flags + bh * tl.num_programs(0) + pid_m, n_cancel)
+        tl.store(Flags + bh.to(tl.int64) * Tq + offs_m, cancelled.to(tl.int8), mask=offs_m < Tq)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     l_ptrs = Lse + bh.to(tl.int64) * Tq + offs_m
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < Tq)[:, None])
@@ -212,13 +215,14 @@ def _len_key(t):
 
 
 def flash_fwd(q, k, v, bias=None, entry_values=None, *, causal: bool, scale: float, alpha: float,
-              allow_tf32: bool = False):
+              allow_tf32: bool = False, return_flags: bool = False):
     """Biased flash attention forward.
 
     q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D] (fp16/bf16/fp32, same dtype); bias a TraceBias for Hq heads
     (or None), entry_values = bias.entry_values() (float32 [E]). Returns (out [B,Hq,Tq,D] in
     q.dtype, lse [B,Hq,Tq] float32 natural log, -inf on fully masked rows). fp32 inputs use IEEE
-    dots unless allow_tf32.
+    dots unless allow_tf32. return_flags=True returns (out, lse, flags): int8 [B,Hq,Tq], 1 on the
+    cancelling rows (for flash_bwd(row_flags=...), which otherwise recomputes them).
     """
     B, Hq, Hkv, Tq, Tk, D = _check_common(q, k, v, bias)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -231,9 +235,10 @@ def flash_fwd(q, k, v, bias=None, entry_values=None, *, causal: bool, scale: flo
         if entry_values is None:
             entry_values = bias.entry_values()
         ep, qo, tq_max = bias.entry_pos, bias.q_offsets, bias.seq_len_q
-        flags = torch.empty((B * Hq, Tq), dtype=torch.int32, device=q.device)  # >= blocks
+        flags = torch.empty((B * Hq, Tq), dtype=torch.int8, device=q.device)   # every row written
     else:
-        ep = qo = flags = torch.empty(1, dtype=torch.int32, device=q.device)
+        ep = qo = torch.empty(1, dtype=torch.int32, device=q.device)
+        flags = torch.zeros((B * Hq, Tq) if return_flags else (1,), dtype=torch.int8, device=q.device)
         entry_values = torch.empty(1, dtype=torch.float32, device=q.device)
         tq_max = 1
 
@@ -247,6 +252,8 @@ def flash_fwd(q, k, v, bias=None, entry_values=None, *, causal: bool, scale: flo
         Hq, Hq // Hkv, Tq, Tk, tq_max, Tk - Tq, scale * LOG2E, alpha * LOG2E, CANCEL_THRESHOLD,
         _len_key(Tq), _len_key(Tk),
         HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, DOT_PREC=dot_precision(q.dtype, allow_tf32))
+    if return_flags:
+        return out, lse, flags.view(B, Hq, Tq)
     return out, lse
 
 
@@ -254,13 +261,17 @@ def flash_fwd(q, k, v, bias=None, entry_values=None, *, causal: bool, scale: flo
 # backward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_pre_kernel(Out, DO, Lse, Delta, Lse2,
+def _bwd_pre_kernel(Out, DO, Lse, Delta, Lse2, Flags,
                     stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
                     stride_lb, stride_lh, stride_lm, Hq, Tq,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_FLAGS: tl.constexpr):
     """Delta = rowsum(dO * O'), Lse2 = LSE' * log2(e) with +inf on fully masked rows (so every
     probability of such a row is exp2(s - inf) = 0 without a mask). Both [B*Hq, Tq] float32.
-    Grid (cdiv(Tq, BLOCK_M), B*Hq)."""
+    HAS_FLAGS: Lse2 = +inf also on the cancelling rows (Flags int8 [B*Hq, Tq] != 0), which drops
+    them from the dense loops and the entry epilogues exactly as a fully masked row (P = 0, so
+    dS = 0 and no dV term); the exact-row kernels then do their gradient. Masking here, once per
+    row, keeps the flag out of the dK/dV inner loop (which reloads dO per query block) and needs
+    no masked copy of dO. Grid (cdiv(Tq, BLOCK_M), B*Hq)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
@@ -273,6 +284,9 @@ def _bwd_pre_kernel(Out, DO, Lse, Delta, Lse2,
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m * stride_lm, mask=offs_m < Tq, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    if HAS_FLAGS:
+        flag = tl.load(Flags + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0)
+        lse2 = tl.where(flag != 0, float("inf"), lse2)
     tl.store(Delta + bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
     tl.store(Lse2 + bh.to(tl.int64) * Tq + offs_m, lse2, mask=offs_m < Tq)
 
@@ -481,14 +495,17 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, DQ, Lse2, Delta, DvalPart,
 
 
 def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: bool, scale: float,
-              alpha: float, need_dvalues: bool, allow_tf32: bool = False, chunk: int = 32):
+              alpha: float, need_dvalues: bool, allow_tf32: bool = False, chunk: int = 32, row_flags=None):
     """Backward of flash_fwd: (dq, dk, dv, dvalues).
 
     out, lse are flash_fwd's results (biased O', natural LSE'); dout [B,Hq,Tq,D]. dq has q's
     shape, dk/dv k's shape (GQA heads summed), all in the inputs' dtype; dvalues float32 [E]
     (per sorted entry, alpha * sum_b of the logit gradient; duplicate followers 0) when
-    need_dvalues, else None. Three launches: preprocess (delta, lse2), dK/dV by key block, dQ by
-    query block (the entry terms in each epilogue).
+    need_dvalues, else None. row_flags: the cancelling rows from flash_fwd(return_flags=True)
+    (int8/bool [B,Hq,Tq]); when None and there is a bias they are recomputed from lse (one pass
+    over the entries). Launches: preprocess (delta, lse2; +inf on flagged rows), dK/dV by key
+    block, dQ by query block (the entry terms in each epilogue), then with a bias the exact
+    backward of the flagged rows (by query block, by key block; idle programs exit at once).
     """
     B, Hq, Hkv, Tq, Tk, D = _check_common(q, k, v, bias)
     q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
@@ -497,13 +514,6 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
         q, scale, sign = -q, -scale, -1.0
     prec = dot_precision(q.dtype, allow_tf32)
     dev = q.device
-    delta = torch.empty((B * Hq, Tq), dtype=torch.float32, device=dev)
-    lse2 = torch.empty((B * Hq, Tq), dtype=torch.float32, device=dev)
-    pre_bm = 64 if D <= 128 else 32
-    _bwd_pre_kernel[(triton.cdiv(Tq, pre_bm), B * Hq)](
-        out, dout, lse, delta, lse2,
-        out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        lse.stride(0), lse.stride(1), lse.stride(2), Hq, Tq, HEAD_DIM=D, BLOCK_M=pre_bm, num_warps=4)
     has_bias = bias is not None and bias.nnz > 0
     E = bias.nnz if bias is not None else 0
     if has_bias:
@@ -511,11 +521,25 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
             entry_values = bias.entry_values()
         ep, ko, kof, qo = bias.entry_pos, bias.k_order, bias.k_offsets, bias.q_offsets
         tq_max, tk_max = bias.seq_len_q, bias.seq_len_k
+        if row_flags is None:
+            row_flags = _cancel_flags(q, k, lse, bias, entry_values, causal=causal, scale=scale, alpha=alpha,
+                                      prec=prec)
+        else:
+            row_flags = _flags_2d(row_flags, B, Hq, Tq)
         flags = torch.zeros(1, dtype=torch.int32, device=dev)
     else:
         ep = ko = kof = qo = flags = torch.empty(1, dtype=torch.int32, device=dev)
         entry_values = torch.empty(1, dtype=torch.float32, device=dev)
         tq_max = tk_max = 1
+        row_flags = torch.empty(1, dtype=torch.int8, device=dev)
+    delta = torch.empty((B * Hq, Tq), dtype=torch.float32, device=dev)
+    lse2 = torch.empty((B * Hq, Tq), dtype=torch.float32, device=dev)
+    pre_bm = 64 if D <= 128 else 32
+    _bwd_pre_kernel[(triton.cdiv(Tq, pre_bm), B * Hq)](
+        out, dout, lse, delta, lse2, row_flags,
+        out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2), Hq, Tq, HEAD_DIM=D, BLOCK_M=pre_bm, HAS_FLAGS=has_bias,
+        num_warps=4)
     need_dval = bool(need_dvalues) and has_bias
     dval_part = torch.zeros((B, E) if need_dval else (1, 1), dtype=torch.float32, device=dev)
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
@@ -536,6 +560,10 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
         dq.stride(0), dq.stride(1), dq.stride(2),
         Hq, Hq // Hkv, Tq, Tk, tq_max, E, Tk - Tq, scale * sign, scale * LOG2E, alpha * LOG2E, alpha,
         _len_key(Tq), _len_key(Tk), NEED_DVAL=need_dval, **common)
+    if has_bias:  # the cancelling rows, excluded above (lse2 = +inf), done exactly
+        _exact_rows(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, row_flags,
+                    dval_part if need_dval else None, causal=causal, scale=scale, dq_scale=scale * sign,
+                    alpha=alpha, prec=prec)
     # with q negated (negative scale), dk = scale' dS (-q) is already right; dq's scale carries the sign
     if not need_dvalues:
         return dq, dk, dv, None

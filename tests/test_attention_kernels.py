@@ -205,3 +205,116 @@ def test_cancellation_standalone_correction_falls_back():
     out, lse = kc.correct_fwd(q, k, v, out0, lse0, bias, bias.entry_values(), causal=True, scale=1.0, alpha=1.0)
     r_out, r_lse, *_ = oracle(q, k, v, v, coo, 1, Tq, Tk, True, 1.0, 1.0)
     assert rel(out, r_out) < 1e-5 and rel(lse.cpu(), r_lse) < 1e-5
+
+
+# -- cancelling rows: the backward's exact slow path --------------------------------------------
+def cancel_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, flagged, seed, n_random=30, big=-30.0):
+    """Keys orthogonal (Tk <= D) with |k_j|^2 = D; row i of every query head is 12/D times its
+    bottom-right diagonal key i + Tk - Tq (visible under causal) plus noise, so with scale
+    1/sqrt(D) it puts logit ~12 there and ~0 elsewhere: almost all its mass. The rows in `flagged`
+    get a bias of `big` on that edge: 1 + sum w ~ Tk e^-12, they cancel, and the dense form of
+    the backward would see P = exp(s - LSE') ~ e^12 / Tk on the edge. Plus `n_random` random
+    entries (spread 2, a duplicate) that may land anywhere."""
+    assert Tk <= D
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(B * Hkv, D, D, generator=g))[0]        # orthonormal columns
+    k = basis.transpose(1, 2)[:, :Tk].reshape(B, Hkv, Tk, D) * math.sqrt(D)
+    off = Tk - Tq
+    src = (torch.arange(Tq) + off).clamp(0, Tk - 1)
+    q = (12.0 / math.sqrt(D)) * k.repeat_interleave(Hq // Hkv, dim=1)[:, :, src]
+    q = q + 0.1 * torch.randn(B, Hq, Tq, D, generator=g)
+    v = torch.randn(B, Hkv, Tk, D, generator=g)
+    do = torch.randn(B, Hq, Tq, D, generator=g)
+    rows = torch.tensor([i for i in flagged if 0 <= i + off < Tk], dtype=torch.long)
+    hh = torch.arange(Hq).repeat_interleave(len(rows))
+    ii = rows.repeat(Hq)
+    extra = (hh, ii, ii + off, torch.full(hh.shape, big))
+    bias, coo = make_bias(Hq, Tq, Tk, n_random, seed=seed + 1, scale_vals=2.0, extra=extra)
+    want = torch.zeros(B, Hq, Tq, dtype=torch.int8)
+    want[:, :, rows] = 1
+    return [t.to(dtype).to(DEV) for t in (q, k, v, do)], bias, coo, want
+
+
+CANCEL_CASES = [
+    # B, Hq, Hkv, Tq, Tk, D, causal, flagged rows, scale sign
+    (1, 2, 2, 19, 23, 32, False, [1, 4, 7, 10, 13], 1.0),        # mixed within block 0; block 1 clean
+    (2, 4, 2, 21, 30, 32, True, [0, 5, 6, 17, 20], 1.0),         # GQA 2:1, causal Tq < Tk
+    (1, 2, 1, 24, 13, 16, True, [12, 15, 16, 23], -1.0),         # Tq > Tk: fully masked rows; scale < 0
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CANCEL_CASES)
+def test_cancelling_rows_backward_fused(case, dtype):
+    """flash_fwd flags the cancelling rows; flash_bwd (flags passed, or recomputed from LSE')
+    gives the exact gradients there (the dense + correction form loses ~e^10 there)."""
+    B, Hq, Hkv, Tq, Tk, D, causal, flagged, sign = case
+    (q, k, v, do), bias, coo, want_flags = cancel_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, flagged, seed=Tq)
+    scale, alpha = sign / math.sqrt(D), 1.0
+    if sign < 0:
+        q = -q
+    ev = bias.entry_values()
+    out, lse, flags = ka.flash_fwd(q, k, v, bias, ev, causal=causal, scale=scale, alpha=alpha, return_flags=True)
+    assert flags.shape == (B, Hq, Tq) and flags.dtype == torch.int8
+    # the planted rows, and maybe rows where a random entry pushed a dominant edge down too
+    assert (flags.cpu() >= want_flags).all() and flags.sum() < 2 * want_flags.sum()
+    recomputed = kc.cancelling_rows(q, k, lse, bias, ev, causal=causal, scale=scale, alpha=alpha)
+    assert torch.equal(recomputed.cpu(), flags.cpu())
+    r_out, r_lse, r_dq, r_dk, r_dv, r_db = oracle(q, k, v, do, coo, Hq, Tq, Tk, causal, scale, alpha)
+    tol = TOL[dtype]
+    assert rel(out, r_out) < tol
+    want_dvals = expected_dvalues(bias, r_db)
+    for row_flags in (flags, None):
+        dq, dk, dv, dvals = ka.flash_bwd(q, k, v, out, lse, do, bias, ev, causal=causal, scale=scale,
+                                         alpha=alpha, need_dvalues=True, row_flags=row_flags)
+        for name, got, want in (("dq", dq, r_dq), ("dk", dk, r_dk), ("dv", dv, r_dv)):
+            assert torch.isfinite(got).all(), name
+            assert rel(got, want) < tol, (name, rel(got, want))
+        assert rel(dvals.cpu(), want_dvals) < tol
+    # rows the flags point at are where the fast form fails: their dq must be right on its own
+    sel = want_flags.bool()
+    assert rel(dq.cpu()[sel], r_dq[sel]) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CANCEL_CASES[1:])
+def test_cancelling_rows_backward_standalone(case, dtype):
+    """The op layer's recipe after a dense backend: correct_fwd(return_flags) -> dense backward fed
+    mask_lse(lse', flags) -> correct_bwd(row_flags=flags)."""
+    B, Hq, Hkv, Tq, Tk, D, causal, flagged, sign = case
+    (q, k, v, do), bias, coo, want_flags = cancel_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, flagged, seed=5 + Tq)
+    scale, alpha = sign / math.sqrt(D), 1.0
+    if sign < 0:
+        q = -q
+    ev = bias.entry_values()
+    out0, lse0 = ka.flash_fwd(q, k, v, None, causal=causal, scale=scale, alpha=alpha)
+    out, lse, flags = kc.correct_fwd(q, k, v, out0, lse0, bias, ev, causal=causal, scale=scale, alpha=alpha,
+                                     return_flags=True)
+    assert (flags.cpu() >= want_flags).all()
+    r_out, r_lse, r_dq, r_dk, r_dv, r_db = oracle(q, k, v, do, coo, Hq, Tq, Tk, causal, scale, alpha)
+    tol = TOL[dtype]
+    assert rel(out, r_out) < tol
+    variants = [(kc.mask_lse(lse, flags), do)]
+    if dtype == torch.float32:  # dO masking alone: fp16 would hold P = exp(s - LSE') > 65504 there
+        variants.append((lse, kc.mask_dout(do, flags)))
+    for lse_dense, do_dense in variants:
+        dq, dk, dv, _ = ka.flash_bwd(q, k, v, out, lse_dense, do_dense, None, causal=causal, scale=scale,
+                                     alpha=alpha, need_dvalues=False)
+        dq, dk, dv, dvals = kc.correct_bwd(q, k, v, out, lse, do, bias, ev, dq, dk, dv, causal=causal,
+                                           scale=scale, alpha=alpha, need_dvalues=True, row_flags=flags)
+        for name, got, want in (("dq", dq, r_dq), ("dk", dk, r_dk), ("dv", dv, r_dv)):
+            assert rel(got, want) < tol, (name, rel(got, want))
+        assert rel(dvals.cpu(), expected_dvalues(bias, r_db)) < tol
+
+
+def test_no_cancelling_rows_flags_are_zero():
+    """Ordinary biases flag nothing, in the forwards and from LSE'."""
+    B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = CASES[0]
+    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=2)
+    bias, _ = make_bias(Hq, Tq_max, Tk_max, n, seed=3, scale_vals=0.5)
+    ev = bias.entry_values()
+    out, lse, flags = ka.flash_fwd(q, k, v, bias, ev, causal=causal, scale=0.25, alpha=1.0, return_flags=True)
+    assert flags.sum() == 0
+    assert kc.cancelling_rows(q, k, lse, bias, ev, causal=causal, scale=0.25, alpha=1.0).sum() == 0
+    _, _, flags0 = ka.flash_fwd(q, k, v, None, causal=causal, scale=0.25, alpha=1.0, return_flags=True)
+    assert flags0.shape == (B, Hq, Tq) and flags0.sum() == 0
