@@ -2,7 +2,6 @@
 
 Skipped without CUDA (tests/gpu/conftest.py). bf16 is tested here (the CPU interpreter cannot).
 """
-import math
 
 import pytest
 import torch
