@@ -50,6 +50,6 @@ setup(
     ],
     extras_require={"dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff"]},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=False)},
+    cmdclass={"build_ext": BuildExtension},  # ninja (parallel compiles) where installed
     entry_points={"console_scripts": ["memtrace=memtrace.cli:main"]},
 )
