@@ -39,8 +39,8 @@ same size. So cancelling rows are taken out of the fast backward entirely and re
 
 A row is cancelling iff 1 + sum w < CANCEL_THRESHOLD. From LSE' alone (the backward's view):
 Z / Z' = 1 + sum_e (P_e - P'_e), so the test is sum_e (P_e - P'_e) > 1 / CANCEL_THRESHOLD - 1.
-Rows that pass it have sum_e P_e < 1/CANCEL_THRESHOLD + 1, so the fast backward loses at most
-~2.3 bits on them.
+Rows that pass it have sum_e P_e <= 1/CANCEL_THRESHOLD - 1 + sum_e P'_e <= 1/CANCEL_THRESHOLD,
+so the fast backward loses at most ~2 bits on them.
 
 Index layout (memtrace/bias.py): entry_pos int32 [E] = (i << 16) | j sorted by (head, i, j);
 k_order int32 [E] the same entries ordered by (head, j, i); q_offsets [H*Tq_max+1],
@@ -876,12 +876,14 @@ def cancelling_rows(q, k, lse, bias, entry_values=None, *, causal, scale, alpha,
     return flags.view(B, Hq, Tq)
 
 
-def mask_lse(lse, row_flags):
-    """A copy of lse [B, Hq, Tq] with +inf on the flagged rows. A flash-style backward fed it
-    computes P = exp(s - inf) = 0 on those rows: they add nothing to dK/dV, get dQ = 0, and no
-    P can overflow (unlike masking dO alone, where an fp16 P = exp(s - LSE') > 65504 times a
-    zero dO is NaN). Cheap: B*Hq*Tq floats."""
-    return lse.masked_fill(row_flags.bool(), float("inf"))
+def mask_lse(lse, row_flags, value: float = float("inf")):
+    """A copy of lse [B, Hq, Tq] with `value` (+inf) on the flagged rows. A flash-style backward
+    fed it computes P = exp(s - inf) = 0 on those rows: they add nothing to dK/dV, get dQ = 0, and
+    no P can overflow (unlike masking dO alone, where an fp16 P = exp(s - LSE') > 65504 times a
+    zero dO is NaN). +inf is FlashAttention's own LSE for a fully masked row; for a backend that
+    mishandles it, any finite value far above the logits (e.g. 1e4) has the same effect.
+    Cheap: B*Hq*Tq floats."""
+    return lse.masked_fill(row_flags.bool(), value)
 
 
 def mask_dout(dout, row_flags):
