@@ -119,8 +119,40 @@ def _head_of_sorted(q_offsets, num_heads, seq_len_q, nnz):
     return torch.searchsorted(head_starts, pos, right=True) - 1
 
 
+_TRITON_BUILDER = []  # [build_index or None], resolved on first CUDA use
+
+
+def _tracing(t) -> bool:
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if compiling is not None and compiling():
+        return True
+    try:
+        from torch._subclasses.fake_tensor import FakeTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, FakeTensor)
+
+
 def _build_index(head, q_idx, k_idx, num_heads, seq_len_q, seq_len_k):
-    """Sort COO entries both ways and build CSR offsets, all on the tensors' device."""
+    """The index on the tensors' device, no host sync: on CUDA the Triton builder
+    (memtrace.kernels.bias_index: 3 launches + 2 int32 sorts), elsewhere (or where Triton cannot
+    be imported) the pure-torch one. Both return the same tensors bit for bit. Under
+    torch.compile or on fake tensors the torch builder runs too (traceable ops only)."""
+    if head.is_cuda and not _tracing(head):
+        if not _TRITON_BUILDER:
+            try:
+                from .kernels.bias_index import build_index
+            except Exception:  # no usable Triton: the torch builder is correct, only slower
+                build_index = None
+            _TRITON_BUILDER.append(build_index)
+        if _TRITON_BUILDER[0] is not None:
+            return _TRITON_BUILDER[0](head, q_idx, k_idx, num_heads, seq_len_q, seq_len_k)
+    return _build_index_torch(head, q_idx, k_idx, num_heads, seq_len_q, seq_len_k)
+
+
+def _build_index_torch(head, q_idx, k_idx, num_heads, seq_len_q, seq_len_k):
+    """Sort COO entries both ways and build CSR offsets with eager torch ops (~35 launches, two
+    int64 sorts), on the tensors' device. The reference for the Triton builder."""
     device = head.device
     n = head.shape[0]
     key_q = (head * seq_len_q + q_idx) * seq_len_k + k_idx

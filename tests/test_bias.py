@@ -1,8 +1,16 @@
-"""TraceBias: the sorted index against a brute-force reading of the COO entries, and bad input."""
+"""TraceBias: the sorted index against a brute-force reading of the COO entries, and bad input;
+the Triton index builder (kernels/bias_index.py, under TRITON_INTERPRET=1 on the CPU) against the
+pure-torch one, bit for bit."""
+import importlib
+import os
+
 import pytest
 import torch
 
 import memtrace as mt
+from memtrace.bias import _build_index, _build_index_torch
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _random_coo(n, H, Tq, Tk, seed, dup=True):
@@ -86,3 +94,82 @@ def test_from_coo_bad_input(change, err, word):
         (kw if key in kw else args)[key] = value
     with pytest.raises(err, match=word):
         mt.TraceBias.from_coo(args["head"], args["q_idx"], args["k_idx"], args["value"], **kw)
+
+
+# -- the Triton builder against the torch builder ---------------------------------------------------
+
+def _builder():
+    """kernels/bias_index.build_index; on the CPU its kernels are made interpreted ones by
+    importing the module with TRITON_INTERPRET=1, set only for that import (setting it for the
+    whole session would change what other test modules see)."""
+    pytest.importorskip("triton")
+    name = "memtrace.kernels.bias_index"
+    if DEV == "cuda":
+        return importlib.import_module(name).build_index
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        mod = importlib.import_module(name)
+        if type(mod._keys_kernel).__name__ != "InterpretedFunction":
+            mod = importlib.reload(mod)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    assert type(mod._keys_kernel).__name__ == "InterpretedFunction"
+    return mod.build_index
+
+
+def _assert_same_index(coo, H, Tq, Tk):
+    h, i, j = (t.to(DEV) for t in coo)
+    got = _builder()(h, i, j, H, Tq, Tk)
+    want = _build_index_torch(h.long(), i.long(), j.long(), H, Tq, Tk)
+    names = ("entry_pos", "src_entry", "k_order", "q_offsets", "k_offsets")
+    for name, g, w in zip(names, got, want):
+        assert g.dtype == w.dtype == torch.int32, name
+        assert g.device == w.device, name
+        assert torch.equal(g, w), name
+
+
+@pytest.mark.parametrize("n,H,Tq,Tk,seed", [
+    (0, 2, 3, 4, 0), (1, 1, 1, 1, 0), (1, 3, 5, 7, 1), (2, 1, 1, 1, 0),   # empty, one entry, one cell
+    (50, 3, 7, 5, 2), (300, 4, 33, 65, 3), (1500, 2, 6, 3, 4),            # dense: long duplicate runs
+    (2500, 5, 40, 17, 5),                                                  # several blocks of 1024
+])
+def test_triton_builder_matches_torch(n, H, Tq, Tk, seed):
+    h, i, j, _ = _random_coo(n, H, Tq, Tk, seed)
+    _assert_same_index((h, i, j), H, Tq, Tk)
+
+
+def test_triton_builder_all_duplicates_and_int32_inputs():
+    n = 1100
+    z = torch.zeros(n, dtype=torch.int32)
+    _assert_same_index((z + 1, z + 2, z + 3), 2, 4, 5)
+    h, i, j, _ = _random_coo(700, 3, 9, 11, seed=7)
+    _assert_same_index((h.int(), i.int(), j.int()), 3, 9, 11)
+
+
+@pytest.mark.parametrize("H,Tq,Tk", [
+    (1, 65535, 65535),   # H*Tq*Tk >= 2^31: int64 keys
+    (1, 32768, 65535),   # just under 2^31: int32 keys up to 2^31 - 32768 - 1, i >= 32768 wraps
+    (2, 65535, 7),       # int32 keys, large positions only in i
+])
+def test_triton_builder_large_positions(H, Tq, Tk):
+    g = torch.Generator().manual_seed(H * Tq + Tk)
+    n = 40
+    h = torch.randint(0, H, (n,), generator=g)
+    i = torch.randint(0, Tq, (n,), generator=g)
+    j = torch.randint(0, Tk, (n,), generator=g)
+    i[:4] = torch.tensor([Tq - 1, Tq - 1, 32767, 32768]).clamp(max=Tq - 1)
+    j[:4] = torch.tensor([Tk - 1, Tk - 1, 0, Tk - 1])
+    h[:4] = H - 1
+    _assert_same_index((h, i, j), H, Tq, Tk)
+
+
+def test_build_index_dispatch_matches_torch():
+    """_build_index (Triton on CUDA, torch elsewhere) agrees with the torch builder on DEV."""
+    h, i, j, _ = _random_coo(600, 4, 21, 19, seed=11)
+    h, i, j = h.to(DEV), i.to(DEV), j.to(DEV)
+    for g, w in zip(_build_index(h, i, j, 4, 21, 19), _build_index_torch(h, i, j, 4, 21, 19)):
+        assert torch.equal(g, w)
