@@ -1,30 +1,67 @@
 #!/usr/bin/env bash
-# Everything memtrace does on the GPU machine, in one call of the device tool:
-#   install (offline), import check, GPU tests, every benchmark; results land under $OUT.
-# Usage: bash benchmarks/gpu_suite.sh [tests|bench|attention|all]   (default all)
+# Everything memtrace does on the GPU machine, in one call of the device tool; results land under $OUT.
+# Usage: bash benchmarks/gpu_suite.sh [all|tests|bench|attention|check]   (default all)
+#   all        install, GPU tests, every benchmark (about 15 minutes on an H100: split it over calls)
+#   check      the short run: kernels' GPU tests, bias-index and update benchmarks, one timing of the
+#              triton backend (fits a few minutes of device time)
+# MEMTRACE_SUITE_NO_BUILD=1 skips building memtrace._C (runs from the source tree; routing skipped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/memtrace_out}
 mkdir -p "$OUT"
 what=${1:-all}
 export PYTHONUNBUFFERED=1
+status=0
 
-python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+if [[ ${MEMTRACE_SUITE_NO_BUILD:-0} == 1 ]]; then
+  ln -sfn ../kernels memtrace/kernels   # what the editable install maps, without building the extension
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+  # `python -m pip`: on the GPU machine plain `pip` belongs to another Python. sm_90 only: one nvcc pass.
+  MEMTRACE_CUDA_ARCHS=${MEMTRACE_CUDA_ARCHS:-90} MAX_JOBS=16 \
+    python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { tail -30 "$OUT/install.log"; exit 1; }
+fi
 python - <<'PY' | tee "$OUT/env.json"
-import json, datetime, torch, triton, memtrace, memtrace._C
+import json, datetime, importlib.util, torch, triton, memtrace
 print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
                   "triton": triton.__version__, "memtrace": memtrace.__version__,
-                  "date": datetime.date.today().isoformat(), "import_memtrace": "ok"}))
+                  "extension_built": importlib.util.find_spec("memtrace._C") is not None,
+                  "date": datetime.datetime.now().isoformat(timespec="seconds")}))
 PY
 
-status=0
 if [[ $what == tests || $what == all ]]; then
-  python -m pytest tests/gpu -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || status=1
+  python -m pytest tests/gpu -q -p no:cacheprovider -p no:warnings 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || status=1
+fi
+if [[ $what == check ]]; then
+  MEMTRACE_ATTN_TUNE=0 timeout 200 python -m pytest tests/gpu/test_attention_kernels_gpu.py tests/gpu/test_memory_gpu.py \
+    -q -p no:cacheprovider -p no:warnings 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 || status=1
+  timeout 60 python benchmarks/bench_bias.py --json "$OUT/bias.json" 2>&1 | tail -12 || status=1
+  timeout 90 python benchmarks/bench_update.py --json "$OUT/update.json" 2>&1 | tail -12 || status=1
+  timeout 120 python - <<'PY' 2>&1 | tee "$OUT/triton_timing.txt" || status=1
+# fwd and fwd+bwd of the triton backend, bias=None vs 2048 random traces/head (B4 H16 T4096 D128 bf16)
+import torch, triton, memtrace as mt
+B, H, T, D = 4, 16, 4096, 128
+q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+dout = torch.randn_like(q)
+n = 2048 * H
+g = torch.Generator(device="cuda").manual_seed(0)
+coo = [torch.arange(H, device="cuda").repeat_interleave(2048)] + \
+      [torch.randint(0, T, (n,), device="cuda", generator=g) for _ in range(2)]
+bias = mt.TraceBias.from_coo(*coo, torch.rand(n, device="cuda"), num_heads=H, seq_len_q=T, seq_len_k=T)
+flops = 4 * B * H * T * T * D
+for name, b in (("none", None), ("2048", bias)):
+    fwd = triton.testing.do_bench(lambda: mt.biased_attention(q, k, v, b, backend="triton"), return_mode="median")
+    def step():
+        mt.biased_attention(q, k, v, b, backend="triton").backward(dout)
+    both = triton.testing.do_bench(step, return_mode="median", grad_to_none=[q, k, v])
+    print(f"triton {name}: fwd {fwd:.3f} ms {flops / fwd / 1e9:.0f} TF/s | fwd+bwd {both:.3f} ms {3.5 * flops / both / 1e9:.0f} TF/s")
+PY
 fi
 if [[ $what == bench || $what == all ]]; then
   python benchmarks/bench_routing.py --json "$OUT/routing.json" || status=1
   python benchmarks/bench_update.py --json "$OUT/update.json" || status=1
   python benchmarks/bench_capture.py --json "$OUT/capture.json" || status=1
+  python benchmarks/bench_bias.py --json "$OUT/bias.json" || status=1
 fi
 if [[ $what == attention || $what == all ]]; then
   python benchmarks/bench_attention.py --json "$OUT/attention.json" --markdown "$OUT/attention.md" || status=1
