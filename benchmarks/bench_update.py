@@ -202,30 +202,6 @@ def main():
     batched()
     mt_after = to_peer_state(mem)
     res["memtrace_per_layer"] = time_it(per_layer, restore, max(3, iters // 3))
-    # per-kernel breakdown and the select kernel's warps (median over a few runs)
-    from memtrace.kernels import trace_update as ktu
-    breakdown = {}
-    for warps in (8, 16, 32):
-        ktu.SELECT_WARPS = warps
-        try:
-            res[f"memtrace_batched_select_warps{warps}"] = time_it(batched, restore, max(3, iters // 3))
-        except Exception as exc:  # a launch configuration the compiler refuses
-            breakdown[f"select_warps{warps}"] = {"error": str(exc)[:200]}
-            continue
-        ktu.PROFILE = []
-        for _ in range(5):
-            restore()
-            batched()
-        torch.cuda.synchronize()
-        parts = {}
-        for events in ktu.PROFILE:
-            for (_, e0), (name, e1) in zip(events[:-1], events[1:]):
-                parts.setdefault(name, []).append(e0.elapsed_time(e1))
-        breakdown[f"select_warps{warps}"] = {k: statistics.median(v) for k, v in parts.items()}
-        ktu.PROFILE = None
-    ktu.SELECT_WARPS = None
-    out["breakdown_ms"] = breakdown
-    print("breakdown:", json.dumps(breakdown))
     mem.backend = "torch"
     res["memtrace_torch"] = time_it(batched, restore, max(3, iters // 3))
     mem.backend = "triton"

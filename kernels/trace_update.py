@@ -20,15 +20,10 @@ One update of B layers (B x H slabs) is four launches plus one cumsum:
    prune (M < prune_eps). Every surviving item (stored or new) gets the 96-bit key
    (float64_bits(M), 2^32 - 1 - pos): larger key = stronger, ties to the smaller (i, j), the
    float64 values ranked as the reference ranks them. Keys are unique in a slab, so "keep the
-   quota largest" is "keep key >= T" with T the quota-th largest key, found by a radix select
-   (8-bit digits, `tl.histogram`, stopping as soon as the items at or above the chosen digit are
-   exactly the ones still missing). The high bits that every item of the slab shares (sign and
-   most of the exponent) are taken as given: the digits start at the highest bit where the
-   slab's largest and smallest key_hi differ, which saves the passes that would only confirm
-   them. Kept stored traces keep their (pos-sorted) order; only the kept new traces are sorted
-   (`tl.sort` of pos << 14 | index over a chunk of 1024, or over the quota when more are kept),
-   and the two sorted lists are merged: a trace's slot is its rank in its own list plus the
-   number of traces of the other list with a smaller pos (binary search).
+   quota largest" is "keep key >= T" with T the quota-th largest key, found by a 12-pass radix
+   select (8-bit digits, `tl.histogram`). The
+   kept items are compacted into a scratch area, sorted by pos (`tl.sort` of pos << 14 | index,
+   skipped when no new trace was kept: the stored ones are already in order) and written back.
 
 Arithmetic is float64 (the ln(1 + r) table comes from the host, like the reference's
 math.log1p); strengths are stored float32. Results are independent of the order of candidates
@@ -56,21 +51,6 @@ def _popcount64(x):
     x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
     x = (x + (x >> 4)) & 0x0F0F0F0F
     return ((x * 0x01010101) & 0xFFFFFFFF) >> 24
-
-
-@triton.jit
-def _count_less(arr_ptr, n, x, active, LOG_Q: tl.constexpr):
-    """For each x: how many of the n ascending values at arr_ptr are < x (binary search)."""
-    lo = tl.zeros(x.shape, dtype=tl.int32)
-    hi = lo + n
-    for _ in range(LOG_Q):
-        act = active & (lo < hi)
-        mid = (lo + hi) // 2
-        v = tl.load(arr_ptr + mid, mask=act, other=0)
-        right = v < x
-        lo = tl.where(act & right, mid + 1, lo)
-        hi = tl.where(act & (~right), mid, hi)
-    return lo
 
 
 @triton.jit
@@ -153,10 +133,10 @@ def _group_kernel(cand_slab_ptr, cand_m_ptr, cand_meta_ptr, new_count_ptr, new_e
 @triton.jit
 def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, params_ptr, ln1p_ptr,
                    new_count_ptr, new_end_ptr, grouped_m_ptr, grouped_meta_ptr,
-                   scratch_m_ptr, scratch_meta_ptr, scratch_key_ptr, scratch_pos_ptr,
+                   scratch_m_ptr, scratch_meta_ptr, scratch_key_ptr,
                    H, Q,
                    W: tl.constexpr, AGE_MAX: tl.constexpr, POS_SHIFT: tl.constexpr, POS_MASK: tl.constexpr,
-                   IDX_BITS: tl.constexpr, LOG_Q: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+                   IDX_BITS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
     ls = tl.program_id(0)
     b = ls // H
     h = ls % H
@@ -207,36 +187,16 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
     t_hi = tl.zeros([], dtype=tl.int64)
     t_lo = tl.zeros([], dtype=tl.int64)
     if n_alive + n_new > Q:
-        # the bits of key_hi above `top` are the same in every item (strengths of one slab share
-        # their sign and most exponent bits): they form the start of the threshold, and the
-        # digits begin below them. top >= bit_length(max ^ min) (float64 exponent of the xor).
-        big = 0x7FFFFFFFFFFFFFFF
-        k_max = tl.max(tl.where(alive, key_hi, 0), axis=0)
-        k_min = tl.min(tl.where(alive, key_hi, big), axis=0)
-        for c0 in range(0, n_new, BLOCK_N):
-            idx = c0 + chunk
-            in_chunk = idx < n_new
-            n_hi = tl.load(grouped_m_ptr + start + idx, mask=in_chunk, other=0.0).to(tl.int64, bitcast=True)
-            k_max = tl.maximum(k_max, tl.max(tl.where(in_chunk, n_hi, 0), axis=0))
-            k_min = tl.minimum(k_min, tl.min(tl.where(in_chunk, n_hi, big), axis=0))
-        diff = (k_max ^ k_min).to(tl.float64).to(tl.int64, bitcast=True)
-        top = tl.minimum(tl.maximum((diff >> 52) - 1022, 0), 63)
-        mask_hi = ~((tl.full([], 1, tl.int64) << top) - 1)
-        t_hi = k_max & mask_hi
-        hi_passes = (top + 7) // 8
+        mask_hi = tl.zeros([], dtype=tl.int64)
         mask_lo = tl.zeros([], dtype=tl.int64)
         remaining = Q + tl.zeros([], dtype=tl.int32)
         bins = tl.arange(0, 256)
-        p = tl.zeros([], dtype=tl.int64)
-        done = tl.zeros([], dtype=tl.int32)
-        # hi_passes digits of key_hi (the last one may overlap bits already chosen: harmless, the
-        # matching items agree on them), then 4 of key_lo; stops early once the items at or above
-        # the chosen digit are exactly the ones still missing
-        while (p < hi_passes + 4) & (done == 0):
-            is_hi = p < hi_passes
-            shift = tl.where(is_hi, tl.maximum(top - 8 * (p + 1), 0), 24 - 8 * (p - hi_passes))
+        for p in tl.static_range(12):
             match = alive & ((key_hi & mask_hi) == t_hi) & ((key_lo & mask_lo) == t_lo)
-            digit = tl.where(match, (tl.where(is_hi, key_hi, key_lo) >> shift) & 255, 0).to(tl.int32)
+            if p < 8:
+                digit = tl.where(match, (key_hi >> (56 - 8 * p)) & 255, 0).to(tl.int32)
+            else:
+                digit = tl.where(match, (key_lo >> (24 - 8 * (p - 8))) & 255, 0).to(tl.int32)
             counts = tl.histogram(digit, 256, mask=match)
             for c0 in range(0, n_new, BLOCK_N):
                 idx = c0 + chunk
@@ -246,88 +206,63 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
                 n_hi = gm.to(tl.int64, bitcast=True)
                 n_lo = 0xFFFFFFFF - ((gmeta >> POS_SHIFT) & POS_MASK)
                 nmatch = in_chunk & ((n_hi & mask_hi) == t_hi) & ((n_lo & mask_lo) == t_lo)
-                ndigit = tl.where(nmatch, (tl.where(is_hi, n_hi, n_lo) >> shift) & 255, 0).to(tl.int32)
+                if p < 8:
+                    ndigit = tl.where(nmatch, (n_hi >> (56 - 8 * p)) & 255, 0).to(tl.int32)
+                else:
+                    ndigit = tl.where(nmatch, (n_lo >> (24 - 8 * (p - 8))) & 255, 0).to(tl.int32)
                 counts += tl.histogram(ndigit, 256, mask=nmatch)
             at_least = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts   # digit >= d
             chosen = tl.sum((at_least >= remaining).to(tl.int32), axis=0) - 1
-            at_chosen = tl.sum(tl.where(bins == chosen, at_least, 0), axis=0)
-            greater = at_chosen - tl.sum(tl.where(bins == chosen, counts, 0), axis=0)
-            digit_bits = chosen.to(tl.int64) << shift
-            digit_mask = tl.full([], 255, tl.int64) << shift
-            t_hi = tl.where(is_hi, t_hi | digit_bits, t_hi)
-            mask_hi = tl.where(is_hi, mask_hi | digit_mask, mask_hi)
-            t_lo = tl.where(is_hi, t_lo, t_lo | digit_bits)
-            mask_lo = tl.where(is_hi, mask_lo, mask_lo | digit_mask)
-            done = (at_chosen == remaining).to(tl.int32)
-            remaining -= greater
-            p += 1
+            remaining -= tl.sum(tl.where(bins == chosen, at_least - counts, 0), axis=0)
+            if p < 8:
+                t_hi = t_hi | (chosen.to(tl.int64) << (56 - 8 * p))
+                mask_hi = mask_hi | (tl.full([], 255, tl.int64) << (56 - 8 * p))
+            else:
+                t_lo = t_lo | (chosen.to(tl.int64) << (24 - 8 * (p - 8)))
+                mask_lo = mask_lo | (tl.full([], 255, tl.int64) << (24 - 8 * (p - 8)))
 
-    # kept stored traces: their rank among the kept stored ones (already in pos order) and their
-    # positions, compacted into scratch_pos; kept new ones: compacted into scratch (m, meta, and
-    # the sort key pos << IDX_BITS | index)
+    # compaction: kept stored traces first (in pos order), then kept new ones
     kept = alive & ((key_hi > t_hi) | ((key_hi == t_hi) & (key_lo >= t_lo)))
     kept_i = kept.to(tl.int32)
     n_kept_old = tl.sum(kept_i, axis=0)
     dst_old = tl.cumsum(kept_i, axis=0) - 1
-    tl.store(scratch_pos_ptr + lbase + dst_old, pos, mask=kept)
-    n_kept_new = tl.zeros([], dtype=tl.int32)
+    tl.debug_barrier()  # every thread has read the slab before anyone writes it
+    n_kept = n_kept_old
     for c0 in range(0, n_new, BLOCK_N):
         idx = c0 + chunk
         in_chunk = idx < n_new
         gm = tl.load(grouped_m_ptr + start + idx, mask=in_chunk, other=0.0)
         gmeta = tl.load(grouped_meta_ptr + start + idx, mask=in_chunk, other=0)
         n_hi = gm.to(tl.int64, bitcast=True)
-        n_pos = (gmeta >> POS_SHIFT) & POS_MASK
-        n_lo = 0xFFFFFFFF - n_pos
+        n_lo = 0xFFFFFFFF - ((gmeta >> POS_SHIFT) & POS_MASK)
         nkept = in_chunk & ((n_hi > t_hi) | ((n_hi == t_hi) & (n_lo >= t_lo)))
         nkept_i = nkept.to(tl.int32)
-        dst = n_kept_new + tl.cumsum(nkept_i, axis=0) - 1
+        dst = n_kept + tl.cumsum(nkept_i, axis=0) - 1
         tl.store(scratch_m_ptr + lbase + dst, tl.minimum(gm, 3.4028234663852886e38).to(tl.float32), mask=nkept)
         tl.store(scratch_meta_ptr + lbase + dst, gmeta, mask=nkept)
-        tl.store(scratch_key_ptr + lbase + dst, (n_pos << IDX_BITS) | dst, mask=nkept)
-        n_kept_new += tl.sum(nkept_i, axis=0)
-    tl.debug_barrier()  # every thread has read the slab and written the scratch before the writes below
+        tl.store(scratch_key_ptr + lbase + dst, (((gmeta >> POS_SHIFT) & POS_MASK) << IDX_BITS) | dst, mask=nkept)
+        n_kept += tl.sum(nkept_i, axis=0)
 
-    if n_kept_new == 0:
+    if n_kept == n_kept_old:
         # no new trace kept: the stored ones are already in pos order
         tl.store(strength_ptr + base + dst_old, m32, mask=kept)
         tl.store(meta_ptr + base + dst_old, meta, mask=kept)
     else:
-        # sort only the kept new traces by pos (usually far fewer than the quota), then merge:
-        # a trace's slot = its rank in its own sorted list + the other list's traces before it
-        if n_kept_new <= BLOCK_N:
-            skey = tl.load(scratch_key_ptr + lbase + chunk, mask=chunk < n_kept_new, other=0x7FFFFFFFFFFFFFFF)
-            skey = tl.sort(skey, 0)
-            tl.debug_barrier()
-            tl.store(scratch_key_ptr + lbase + chunk, skey, mask=chunk < n_kept_new)
-        else:
-            skey = tl.load(scratch_key_ptr + lbase + offs, mask=offs < n_kept_new, other=0x7FFFFFFFFFFFFFFF)
-            skey = tl.sort(skey, 0)
-            tl.debug_barrier()
-            tl.store(scratch_key_ptr + lbase + offs, skey, mask=offs < n_kept_new)
+        tl.store(scratch_m_ptr + lbase + dst_old, m32, mask=kept)
+        tl.store(scratch_meta_ptr + lbase + dst_old, meta, mask=kept)
+        tl.store(scratch_key_ptr + lbase + dst_old, (pos << IDX_BITS) | dst_old, mask=kept)
         tl.debug_barrier()
-        # positions never coincide (a new trace is an edge that no stored trace holds)
-        before_new = _count_less(scratch_key_ptr + lbase, n_kept_new, pos << IDX_BITS, kept, LOG_Q)
-        dst = dst_old + before_new
-        tl.store(strength_ptr + base + dst, m32, mask=kept)
-        tl.store(meta_ptr + base + dst, meta, mask=kept)
-        for c0 in range(0, n_kept_new, BLOCK_N):
-            r = c0 + chunk
-            in_r = r < n_kept_new
-            skey = tl.load(scratch_key_ptr + lbase + r, mask=in_r, other=0)
-            src = skey & ((1 << IDX_BITS) - 1)
-            before_old = _count_less(scratch_pos_ptr + lbase, n_kept_old, skey >> IDX_BITS, in_r, LOG_Q)
-            dst = r + before_old
-            tl.store(strength_ptr + base + dst, tl.load(scratch_m_ptr + lbase + src, mask=in_r, other=0.0), mask=in_r)
-            tl.store(meta_ptr + base + dst, tl.load(scratch_meta_ptr + lbase + src, mask=in_r, other=0), mask=in_r)
-    empty = inq & (offs >= n_kept_old + n_kept_new)
+        skey = tl.load(scratch_key_ptr + lbase + offs, mask=offs < n_kept, other=0x7FFFFFFFFFFFFFFF)
+        skey = tl.sort(skey, 0)
+        src = skey & ((1 << IDX_BITS) - 1)
+        out = offs < n_kept
+        tl.store(strength_ptr + base + offs, tl.load(scratch_m_ptr + lbase + src, mask=out, other=0.0), mask=out)
+        tl.store(meta_ptr + base + offs, tl.load(scratch_meta_ptr + lbase + src, mask=out, other=0), mask=out)
+    empty = inq & (offs >= n_kept)
     tl.store(strength_ptr + base + offs, tl.full([BLOCK_Q], -1.0, tl.float32), mask=empty)
     tl.store(meta_ptr + base + offs, tl.zeros([BLOCK_Q], dtype=tl.int64), mask=empty)
 
 
-PROFILE = None   # set to a list to record (name, start_event, end_event) per launch (benchmarks)
-SELECT_WARPS = None  # override the select kernel's num_warps (benchmarks)
-SELECT_BLOCK_N = None  # override the select kernel's chunk of new traces (tests: several chunks at small quotas)
 _LAYER_CACHE: dict = {}
 _TABLE_CACHE: dict = {}
 
@@ -387,40 +322,24 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
     scratch_m = torch.empty(n_slabs * Q, dtype=torch.float32, device=device)
     scratch_meta = torch.empty(n_slabs * Q, dtype=torch.int64, device=device)
     scratch_key = torch.empty(n_slabs * Q, dtype=torch.int64, device=device)
-    scratch_pos = torch.empty(n_slabs * Q, dtype=torch.int64, device=device)
 
     pos_shift = 64 - pos_bits
     pos_mask = (1 << pos_bits) - 1
     BLOCK_C = 512
-    events = []
-
-    def mark(name):
-        if PROFILE is not None:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            events.append((name, ev))
-
-    mark("start")
     if C > 0:
         grid = (B, triton.cdiv(C, BLOCK_C))
         _match_kernel[grid](strength, meta, layers_t, head, q_idx, k_idx, S, a, num_edges, direct_u8, slot_S, slot_a,
                             params, ln1p, cand_slab, cand_m, cand_meta, new_count, C, H, Q, max_seq_len,
                             POS_SHIFT=pos_shift, POS_MASK=pos_mask, LOG_Q=max(1, Q.bit_length()),
                             BLOCK_C=BLOCK_C, num_warps=4)
-        mark("match")
         new_end = torch.cumsum(new_count, 0, dtype=torch.int32)
-        mark("cumsum")
         _group_kernel[grid](cand_slab, cand_m, cand_meta, new_count, new_end, cursor, grouped_m, grouped_meta, C,
                             BLOCK_C=BLOCK_C, num_warps=4)
-        mark("group")
     else:
         new_end = new_count
     BLOCK_Q = max(16, triton.next_power_of_2(Q))
     _select_kernel[(n_slabs,)](strength, meta, layers_t, slot_S, slot_a, params, ln1p, new_count, new_end,
-                               grouped_m, grouped_meta, scratch_m, scratch_meta, scratch_key, scratch_pos, H, Q,
+                               grouped_m, grouped_meta, scratch_m, scratch_meta, scratch_key, H, Q,
                                W=window, AGE_MAX=(1 << age_bits) - 1, POS_SHIFT=pos_shift, POS_MASK=pos_mask,
-                               IDX_BITS=_IDX_BITS, LOG_Q=max(1, Q.bit_length()), BLOCK_Q=BLOCK_Q, BLOCK_N=SELECT_BLOCK_N or min(BLOCK_Q, 1024),
-                               num_warps=SELECT_WARPS or max(4, min(16, BLOCK_Q // 128)))
-    mark("select")
-    if PROFILE is not None:
-        PROFILE.append(events)
+                               IDX_BITS=_IDX_BITS, BLOCK_Q=BLOCK_Q, BLOCK_N=min(BLOCK_Q, 1024),
+                               num_warps=max(4, min(16, BLOCK_Q // 128)))

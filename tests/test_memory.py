@@ -545,29 +545,6 @@ def test_triton_kernels_interpreted_many_new_candidates():
         torch.testing.assert_close(tri.strength, ref_mem.strength, rtol=1e-6, atol=0)
 
 
-@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (the Triton kernels on CPU)")
-def test_triton_kernels_interpreted_small_chunks():
-    """Chunks of 16 new traces at quota 40: several chunks per slab, more kept new traces than a
-    chunk (the sort over the whole quota), merges of kept stored and new traces, evictions."""
-    from memtrace.kernels import trace_update as ktu
-    kw = dict(quota=40, retention=0.6, decay=0.7, threshold=0.05, prune_eps=0.02, window=3, max_seq_len=16)
-    tri, ref_mem = mt.TraceMemory(1, 2, **kw), mt.TraceMemory(1, 2, **kw)
-    tri.backend = "triton"
-    rng = random.Random(5)
-    ktu.SELECT_BLOCK_N = 16
-    try:
-        for step in range(4):
-            S, a = random_maps(rng, 2, 12, 0.5 if step < 2 else 0.2, (0.06, 0.3, 0.3, 1.0, 2.0))
-            cap = fake_capture(candidates_of(S, a, nonzero_coords(S, a)), num_heads=2, seq_len=12)
-            tri.update(0, cap)
-            ref_mem.update(0, cap)
-            assert torch.equal(tri.meta, ref_mem.meta), f"step {step}"
-            torch.testing.assert_close(tri.strength, ref_mem.strength, rtol=1e-6, atol=0)
-    finally:
-        ktu.SELECT_BLOCK_N = None
-    assert tri.num_traces() == 2 * 40
-
-
 # ---- with the real SalienceCapture ---------------------------------------------------------------
 
 def test_update_from_real_capture_matches_reference():
