@@ -159,11 +159,14 @@ def time_it(fn, restore, iters, warmup=3):
     return {"ms": statistics.median(gpu), "host_ms": statistics.median(host), "min_ms": min(gpu)}
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_update: no CUDA device; nothing to measure (tests/test_memory.py covers correctness)")
+        return
     if args.quick:
         L, H, Q, T, C, iters = 4, 8, 256, 1024, 4096, 5
     else:
