@@ -30,7 +30,17 @@ print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__versi
 PY
 
 if [[ $what == tests || $what == all ]]; then
-  python -m pytest tests/gpu -q -p no:cacheprovider -p no:warnings 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || status=1
+  # One pytest process per module, side by side: the time goes to compiling Triton kernels, which
+  # is single-threaded per process (16 cores here). MEMTRACE_GPU_TESTS picks modules (default all).
+  pids=()
+  for mod in ${MEMTRACE_GPU_TESTS:-attention_gpu attention_kernels_gpu capture_gpu memory_gpu routing_gpu}; do
+    MEMTRACE_ATTN_TUNE=${MEMTRACE_ATTN_TUNE:-0} timeout ${MEMTRACE_TEST_TIMEOUT:-540} \
+      python -m pytest "tests/gpu/test_$mod.py" -q -p no:cacheprovider -p no:warnings --durations=5 \
+      > "$OUT/gpu_tests_$mod.log" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+  for f in "$OUT"/gpu_tests_*.log; do echo "== $f"; grep -E "passed|failed|error|Error|FAILED" "$f" | tail -8; done
 fi
 if [[ $what == check ]]; then
   MEMTRACE_ATTN_TUNE=0 timeout 200 python -m pytest tests/gpu/test_attention_kernels_gpu.py tests/gpu/test_memory_gpu.py \
