@@ -133,7 +133,220 @@ def _korder_kernel(kperm_ptr, skkey_ptr, k_order_ptr, k_off_ptr, n, n_cols1, STE
         tl.store(k_off_ptr + offs, _lower_bound(skkey_ptr, n, target, STEPS), mask=mask)
 
 
-def build_index(head, q_idx, k_idx, num_heads, seq_len_q, seq_len_k):
+# ---- small-index path: no torch.sort, 4 Triton launches --------------------------------------------
+# Why: at 32 heads x 2048 entries the sort path is launch bound (two cub radix sorts are ~28 of its
+# 31 GPU kernels and most of its host time). Here every entry is first bucketed by head, each head is
+# cut into chunks of CHUNK entries that one program sorts in registers (tl.sort of unique packed
+# int64 keys), and an entry's global rank is its base (entries of lower heads) plus its lower bound in
+# every chunk of its head: exact merge ranks, so no stable sort is needed. Cost per entry grows with
+# the chunks of its head, so the host takes this path only for small indexes (see _fast_ok).
+#
+#   L1 _head_hist_kernel   per block of BLOCK_E entries: its head histogram -> tbl[block, head]
+#   L2 _bucket_kernel      head bases from tbl; each entry's slot in the head-bucketed order
+#                          (atomic slot counters seeded with the block's start per head)
+#   L3 _chunk_sort_kernel  per (chunk, order): sort packed keys; Q: (i, j, e), K: (j, i, e)
+#   L4 _rank_kernel        entry_pos, src_entry (leader = rank of (i, j, 0)), k_order, both offsets
+#
+# Keys are within a head: i, j < 2^16 (SPEC: seq_len <= 65535), e < 2^31 in the low bits, so they
+# are unique and ordering by (i, j, e) is the stable (h, i, j) order of the torch builder; ordering
+# the K keys by (j, i, e) equals (j, i, sorted position) since duplicates keep e order.
+
+CHUNK_MAX = 2048        # entries one program sorts in registers (tl.sort); at least CHUNK_MIN
+CHUNK_MIN = 64
+BLOCK_E = 1024          # entries per bucketing program
+BLOCK_R = 1024          # offset-table rows per program
+FAST_MAX_N = 1 << 18    # entries; beyond that the sort path (it scales better)
+FAST_MAX_PER_HEAD = 2 * CHUNK_MAX   # mean entries per head: merge ranks cost ~chunks-per-head searches
+
+
+@triton.jit
+def _head_hist_kernel(head_ptr, tbl_ptr, n, BLOCK_E: tl.constexpr, HP: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask = offs < n
+    h = tl.load(head_ptr + offs, mask=mask, other=0).to(tl.int32)
+    tl.store(tbl_ptr + pid * HP + tl.arange(0, HP), tl.histogram(h, HP, mask=mask))
+
+
+@triton.jit
+def _bucket_kernel(head_ptr, tbl_ptr, slot_ptr, bucket_ptr, hinfo_ptr, n, NB,
+                   BLOCK_E: tl.constexpr, HP: tl.constexpr, NBP: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = tl.arange(0, NBP)[:, None]
+    cols = tl.arange(0, HP)[None, :]
+    t2 = tl.load(tbl_ptr + rows * HP + cols, mask=rows < NB, other=0)
+    cnt = tl.sum(t2, axis=0)                                  # entries per head
+    base = tl.cumsum(cnt, 0) - cnt                            # first bucketed position of each head
+    start = base + tl.sum(tl.where(rows < pid, t2, 0), axis=0)  # + this head's entries of earlier blocks
+    hcols = tl.arange(0, HP)
+    if pid == 0:
+        tl.store(hinfo_ptr + hcols, base)
+        tl.store(hinfo_ptr + HP + hcols, cnt)
+    # Seed this block's counters with its start positions; the atomics then hand out final slots
+    # (in any order within the block: chunks are re-sorted by unique keys, so the result is fixed).
+    tl.store(slot_ptr + pid * HP + hcols, start)
+    tl.debug_barrier()
+    offs = pid * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask = offs < n
+    h = tl.load(head_ptr + offs, mask=mask, other=0).to(tl.int32)
+    pos = tl.atomic_add(slot_ptr + pid * HP + h, 1, mask=mask)
+    tl.store(bucket_ptr + pos, offs, mask=mask)
+
+
+@triton.jit
+def _chunk_of(hinfo_ptr, g, CHUNK: tl.constexpr, HP: tl.constexpr):
+    """(valid, head, chunk start, chunk length, head base, head count) of global chunk g; the chunks
+    of head h are its bucketed entries cut every CHUNK, numbered head after head."""
+    hcols = tl.arange(0, HP)
+    cnt = tl.load(hinfo_ptr + HP + hcols)
+    base = tl.load(hinfo_ptr + hcols)
+    nch = (cnt + CHUNK - 1) // CHUNK
+    cend = tl.cumsum(nch, 0)
+    h = tl.sum((cend <= g).to(tl.int32))
+    valid = g < tl.max(cend)
+    h = tl.minimum(h, HP - 1)
+    cst = tl.sum(tl.where(hcols == h, cend - nch, 0))
+    hbase = tl.sum(tl.where(hcols == h, base, 0))
+    hcnt = tl.sum(tl.where(hcols == h, cnt, 0))
+    k = g - cst
+    return valid, hbase + k * CHUNK, tl.minimum(CHUNK, hcnt - k * CHUNK), hbase, hcnt
+
+
+@triton.jit
+def _chunk_sort_kernel(bucket_ptr, q_ptr, k_ptr, hinfo_ptr, sq_ptr, sk_ptr,
+                       CHUNK: tl.constexpr, HP: tl.constexpr):
+    g = tl.program_id(0)
+    valid, cstart, clen, hbase, hcnt = _chunk_of(hinfo_ptr, g, CHUNK, HP)
+    if valid:
+        offs = tl.arange(0, CHUNK)
+        mask = offs < clen
+        e = tl.load(bucket_ptr + cstart + offs, mask=mask, other=0)
+        i = tl.load(q_ptr + e, mask=mask, other=0).to(tl.int64)
+        j = tl.load(k_ptr + e, mask=mask, other=0).to(tl.int64)
+        e = e.to(tl.int64)
+        if tl.program_id(1) == 0:
+            key = (i << 47) | (j << 31) | e
+            out_ptr = sq_ptr
+        else:
+            key = (j << 47) | (i << 31) | e
+            out_ptr = sk_ptr
+        key = tl.where(mask, key, 9223372036854775807)       # padding sorts last, never stored
+        tl.store(out_ptr + cstart + offs, tl.sort(key), mask=mask)
+
+
+@triton.jit
+def _head_rank(arr_ptr, hbase, hcnt, x, CHUNK: tl.constexpr, STEPS: tl.constexpr):
+    """Rank of x among the entries of one head (sum of its lower bounds in every sorted chunk)."""
+    r = tl.full(x.shape, 0, tl.int32)
+    nch = (hcnt + CHUNK - 1) // CHUNK
+    for c in range(nch):
+        r += _lower_bound(arr_ptr + hbase + c * CHUNK, tl.minimum(CHUNK, hcnt - c * CHUNK), x, STEPS)
+    return r + hbase
+
+
+@triton.jit
+def _rank_kernel(sq_ptr, sk_ptr, hinfo_ptr, entry_pos_ptr, src_ptr, k_order_ptr, q_off_ptr, k_off_ptr,
+                 n, G, H, Tq, Tk, RQ,
+                 CHUNK: tl.constexpr, HP: tl.constexpr, BLOCK_R: tl.constexpr, STEPS: tl.constexpr):
+    pid = tl.program_id(0)
+    emask = (1 << 31) - 1
+    if pid < 2 * G:                                   # one program per sorted chunk, Q then K
+        g = pid % G
+        valid, cstart, clen, hbase, hcnt = _chunk_of(hinfo_ptr, g, CHUNK, HP)
+        if valid:
+            offs = tl.arange(0, CHUNK)
+            mask = offs < clen
+            if pid < G:
+                x = tl.load(sq_ptr + cstart + offs, mask=mask, other=0)
+                p = _head_rank(sq_ptr, hbase, hcnt, x, CHUNK, STEPS)
+                leader = _head_rank(sq_ptr, hbase, hcnt, x & ~emask, CHUNK, STEPS)   # rank of (i, j, 0)
+                i = x >> 47
+                j = (x >> 31) & 0xFFFF
+                tl.store(entry_pos_ptr + p, ((i << 16) | j).to(tl.int32), mask=mask)  # wraps like torch
+                tl.store(src_ptr + (x & emask), leader, mask=mask)
+            else:
+                y = tl.load(sk_ptr + cstart + offs, mask=mask, other=0)
+                t = _head_rank(sk_ptr, hbase, hcnt, y, CHUNK, STEPS)
+                qkey = (((y >> 31) & 0xFFFF) << 47) | ((y >> 47) << 31) | (y & emask)
+                tl.store(k_order_ptr + t, _head_rank(sq_ptr, hbase, hcnt, qkey, CHUNK, STEPS), mask=mask)
+    else:                                             # offset tables: programs of (head, row block)
+        r = pid - 2 * G
+        if r < RQ:
+            arr_ptr = sq_ptr
+            off_ptr = q_off_ptr
+            T = Tq
+        else:
+            r -= RQ
+            arr_ptr = sk_ptr
+            off_ptr = k_off_ptr
+            T = Tk
+        nrb = (T + BLOCK_R - 1) // BLOCK_R
+        h = r // nrb
+        rows = (r % nrb) * BLOCK_R + tl.arange(0, BLOCK_R)
+        hbase = tl.load(hinfo_ptr + h)
+        hcnt = tl.load(hinfo_ptr + HP + h)
+        off = _head_rank(arr_ptr, hbase, hcnt, rows.to(tl.int64) << 47, CHUNK, STEPS)
+        tl.store(off_ptr + h * T + rows, off, mask=rows < T)
+        if r == 0:                                    # the closing entry of the table
+            tl.store(off_ptr + H * T + rows, off * 0 + n, mask=rows == 0)
+
+
+def _fast_ok(n, H):
+    hp = max(16, triton.next_power_of_2(H))
+    nb = triton.cdiv(n, BLOCK_E)
+    return (0 < n <= FAST_MAX_N and n <= FAST_MAX_PER_HEAD * H and hp <= 1024
+            and triton.next_power_of_2(nb) * hp <= 1 << 16)
+
+
+def _build_index_fast(head, q_idx, k_idx, H, Tq, Tk):
+    device = head.device
+    n = head.shape[0]
+    HP = max(16, triton.next_power_of_2(H))         # histogram bins (>= H; the extra ones stay 0)
+    NB = triton.cdiv(n, BLOCK_E)
+    # one int32 workspace: block histograms, slot counters, head base/count, bucketed entries
+    ws = torch.empty(2 * NB * HP + 2 * HP + n, dtype=torch.int32, device=device)
+    tbl, slot, hinfo, bucket = ws[: NB * HP], ws[NB * HP: 2 * NB * HP], ws[2 * NB * HP: 2 * NB * HP + 2 * HP], \
+        ws[2 * NB * HP + 2 * HP:]
+    keys = torch.empty(2, n, dtype=torch.int64, device=device)   # sorted chunks: Q keys, K keys
+    # the five outputs share one allocation (fewer allocator calls), each slice 128-byte aligned
+    sizes = (n, n, n, H * Tq + 1, H * Tk + 1)
+    starts = [0]
+    for m in sizes[:-1]:
+        starts.append(starts[-1] + (m + 31) // 32 * 32)
+    out = torch.empty(starts[-1] + sizes[-1], dtype=torch.int32, device=device)
+    entry_pos, src_entry, k_order, q_offsets, k_offsets = (out[s: s + m] for s, m in zip(starts, sizes))
+
+    _head_hist_kernel[(NB,)](head, tbl, n, BLOCK_E=BLOCK_E, HP=HP, num_warps=4)
+    _bucket_kernel[(NB,)](head, tbl, slot, bucket, hinfo, n, NB, BLOCK_E=BLOCK_E, HP=HP,
+                          NBP=triton.next_power_of_2(NB), num_warps=4)
+    # chunk size: the mean entries per head, so a typical head is one or two chunks and small indexes
+    # do not sort padding (a power of two: a few compiled variants at most)
+    CHUNK = min(CHUNK_MAX, max(CHUNK_MIN, triton.next_power_of_2(triton.cdiv(n, H))))
+    G = triton.cdiv(n, CHUNK) + H                     # >= the chunks of any head split
+    _chunk_sort_kernel[(G, 2)](bucket, q_idx, k_idx, hinfo, keys[0], keys[1], CHUNK=CHUNK, HP=HP,
+                               num_warps=8)
+    RQ = H * triton.cdiv(Tq, BLOCK_R)
+    RK = H * triton.cdiv(Tk, BLOCK_R)
+    _rank_kernel[(2 * G + RQ + RK,)](keys[0], keys[1], hinfo, entry_pos, src_entry, k_order, q_offsets,
+                                    k_offsets, n, G, H, Tq, Tk, RQ, CHUNK=CHUNK, HP=HP, BLOCK_R=BLOCK_R,
+                                    STEPS=CHUNK.bit_length(), num_warps=4)
+    return entry_pos, src_entry, k_order, q_offsets, k_offsets
+
+
+def build_index(head, q_idx, k_idx, num_heads, seq_len_q, seq_len_k, *, method=None):
+    """(entry_pos, src_entry, k_order, q_offsets, k_offsets), as memtrace.bias._build_index_torch
+    returns them, bit for bit. No host sync: every size used here is a tensor shape.
+    method: None (chunk-sort path for small indexes, else the sort path), "fast" or "sort"."""
+    n = head.shape[0]
+    H, Tq, Tk = int(num_heads), int(seq_len_q), int(seq_len_k)
+    if method is None:
+        method = "fast" if _fast_ok(n, H) else "sort"
+    if method == "fast" and n:
+        return _build_index_fast(head, q_idx, k_idx, H, Tq, Tk)
+    return _build_index_sorted(head, q_idx, k_idx, H, Tq, Tk)
+
+
+def _build_index_sorted(head, q_idx, k_idx, num_heads, seq_len_q, seq_len_k):
     """(entry_pos, src_entry, k_order, q_offsets, k_offsets), as memtrace.bias._build_index_torch
     returns them, bit for bit. No host sync: every size used here is a tensor shape."""
     device = head.device

@@ -30,6 +30,9 @@ Two kernels, both reading the backward's inputs directly (nothing of size Tq x T
               staging buffer exactly (sort) to fill the remaining slots.
     PASS 1 and 2 return at once when cnt[0] <= capacity (no overflow), so the host never syncs.
 
+``_salience_stream_kernel``  PASS 0 with the same tiles, but a program walks many key tiles in one
+    flat (key tile, batch element) loop, so loads overlap the dots (the default on the GPU).
+
 ``_salience_entry_kernel``  the bias entries, exactly: grid (cdiv(E, BLOCK_E),); each program
     gathers q_i, k_j, v_j, dO_i of its entries for every batch element,
     P' = exp(scale q.k + alpha b - LSE'), S = mean_b P'|dO.v|, a = mean_b P'. Entries outside
@@ -160,11 +163,13 @@ def _emit(cand, S, A, offs_m, offs_n, h, CNT_PTR, limit,
     n = tl.sum(tl.sum(c, axis=1), axis=0)
     if n > 0:
         base = tl.atomic_add(CNT_PTR, n.to(tl.int64))
+        # int32 from here (registers): the room left is < 2^31, and a slot is base + rank < limit.
+        room = (limit - tl.minimum(base, limit)).to(tl.int32)
         row_cnt = tl.sum(c, axis=1)
         row_excl = tl.cumsum(row_cnt, axis=0) - row_cnt
         rank = row_excl[:, None] + (tl.cumsum(c, axis=1) - c)
-        pos = base + rank.to(tl.int64)
-        keep = cand & (pos < limit)
+        keep = cand & (rank < room)
+        pos = (limit - room) + rank            # wraps only where keep is False
         zero = tl.zeros_like(rank)
         tl.store(OUT_H + pos, zero + h, mask=keep)
         tl.store(OUT_I + pos, zero + offs_m[:, None], mask=keep)
@@ -297,6 +302,81 @@ def _salience_tile_kernel(
 
 
 @triton.jit
+def _salience_stream_kernel(
+        Q, K, V, DO, LSE,
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+        sob, soh, som, sod, slb, slh, slm,
+        B, Tq, Tk, group, num_k_tiles, k_tiles_per_split, qk_scale, inv_batch, causal_offset, threshold,
+        ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
+        CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A, TILE_MAX,
+        HAS_ENTRIES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, IDX_TILE: tl.constexpr,
+        NUM_BINS: tl.constexpr, SHIFT: tl.constexpr, USE_DESC: tl.constexpr):
+    """PASS 0 as a stream: program (tile_m, h, split) walks the key tiles
+    [split * k_tiles_per_split, ...) of its BLOCK_M query rows in ONE flat loop over
+    (key tile, batch element), so the compiler pipelines the loads of the next step under the
+    dots of this one (the per-tile kernel's batch loop is 1..4 steps long: nothing to overlap).
+    The batch sums live in registers and are flushed through the epilogue after the last batch
+    element of each key tile. Same tiles, outputs and tile_max as `_salience_tile_kernel`
+    with SPLIT = 1, whose PASS 1 / 2 therefore stay valid after this kernel."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    tile_m = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    hk = h // group
+    m0 = tile_m * BLOCK_M
+    num_q_tiles = tl.num_programs(0)
+    n_lo = split * k_tiles_per_split
+    n_hi = tl.minimum(n_lo + k_tiles_per_split, num_k_tiles)
+    # causal_offset = Tk - Tq when causal, else Tk: key tiles past the last row's limit are skipped.
+    n_hi = tl.minimum(n_hi, (m0 + BLOCK_M - 1 + causal_offset) // BLOCK_N + 1)
+    steps = tl.maximum(n_hi - n_lo, 0) * B
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Tq
+    if not USE_DESC:
+        q_ptrs = Q + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
+        do_ptrs = DO + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+        k_ptrs = K + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+        v_ptrs = V + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
+    lse_ptrs = LSE + h * slh + offs_m * slm
+    acc_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for step in range(0, steps):
+        b = step % B
+        n0 = (n_lo + step // B) * BLOCK_N
+        if USE_DESC:
+            q = Q.load([b * sqb + h * sqh + m0, 0])
+            do = DO.load([b * sob + h * soh + m0, 0])
+            k = K.load([b * skb + hk * skh + n0, 0])
+            v = V.load([b * svb + hk * svh + n0, 0])
+        else:
+            col_ok = (n0 + offs_n) < Tk
+            q = tl.load(q_ptrs + b * sqb, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs + b * sob, mask=row_ok[:, None], other=0.0)
+            k = tl.load(k_ptrs + b * skb + n0 * skn, mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs + b * svb + n0 * svn, mask=col_ok[:, None], other=0.0)
+        lse = tl.load(lse_ptrs + b * slb, mask=row_ok, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        acc_a += p
+        acc_s += p * tl.abs(dp)
+        last = b == B - 1
+        if last:
+            best = _epilogue(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
+                             ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
+                             CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
+                             OUT_H, OUT_I, OUT_J, OUT_S, OUT_A, capacity, CNT, CNT,
+                             0, False, HAS_ENTRIES, BLOCK_M, BLOCK_N, IDX_TILE, NUM_BINS, SHIFT)
+            tl.store(TILE_MAX + (h * num_q_tiles + tile_m) * num_k_tiles + n0 // BLOCK_N, best)
+            # Reset here, not after the if: the old sums die inside the epilogue (registers).
+            acc_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+
+@triton.jit
 def _salience_entry_kernel(
         Q, K, V, DO, LSE,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
@@ -341,6 +421,13 @@ def _salience_entry_kernel(
     tl.store(OUT_A + offs_e, tl.where(ok, acc_a * inv_batch, 0.0), mask=in_e)
 
 
+def _num_sms(device):
+    if device.type != "cuda":
+        return 8                   # the interpreter: tiny shapes still get split key ranges
+    import torch
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _desc_ok(t):
     """A [B, H, T, D] tensor whose (B, H, T) rows form a [B*H*T, D] view that TMA can read."""
     B, H, T, D = t.shape
@@ -362,12 +449,16 @@ def _strides(t, ndim):
 def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offset, entries, cnt,
                  capacity, out, staging, stg_capacity, tile_max, hist, bound, config, precision,
                  hist_in_main, use_desc=False):
-    """Launch `_salience_tile_kernel` for one pass. `entries` = (off, i, j, tiles_m, tiles_n) or
-    None; `out`/`staging` = (h, i, j, S, a) buffers; config = (BLOCK_M, BLOCK_N, warps, stages,
-    split): a program covers BLOCK_M x (split * BLOCK_N) keys, split in (1, 2)."""
+    """Launch one pass. `entries` = (off, i, j, tiles_m, tiles_n) or None; `out`/`staging` =
+    (h, i, j, S, a) buffers; config = (BLOCK_M, BLOCK_N, warps, stages, split): split 1 or 2, a
+    `_salience_tile_kernel` program covers BLOCK_M x (split * BLOCK_N) keys; split 0, PASS 0 runs
+    `_salience_stream_kernel` (a program streams over key tiles) and PASS 1 / 2 the tile kernel
+    with split 1 (the same tiles)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     bm, bn, warps, stages, split = config
+    stream = split == 0
+    split = max(split, 1)          # the overflow passes of a streamed fill: per-tile, same tiles
     num_k_tiles = triton.cdiv(Tk, bn * split)
     grid = (triton.cdiv(Tq, bm) * num_k_tiles, Hq)
     strides = [*_strides(q, 4), *_strides(k, 4), *_strides(v, 4), *_strides(dout, 4)]
@@ -384,6 +475,21 @@ def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offse
         tiles_m = tiles_n = 1
     else:
         ent_off, ent_i, ent_j, tiles_m, tiles_n = entries
+    if stream and pass_ == 0:
+        q_tiles = triton.cdiv(Tq, bm)
+        # Enough programs to fill the machine: split the key range when rows x heads are few.
+        want = max(1, -(-(4 * _num_sms(q.device)) // (q_tiles * Hq)))
+        per_split = triton.cdiv(num_k_tiles, min(want, num_k_tiles))
+        grid = (q_tiles, Hq, triton.cdiv(num_k_tiles, per_split))
+        compiled = _salience_stream_kernel[grid](
+            tensors[0], tensors[1], tensors[2], tensors[3], lse, *strides, *_strides(lse, 3),
+            B, Tq, Tk, Hq // Hkv, num_k_tiles, per_split, qk_scale, 1.0 / B, causal_offset, threshold,
+            ent_off, ent_i, ent_j, tiles_m, tiles_n, cnt, capacity, *out, tile_max,
+            HAS_ENTRIES=entries is not None, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, PRECISION=precision,
+            IDX_TILE=INDEX_TILE, NUM_BINS=HIST_BINS, SHIFT=HIST_SHIFT, USE_DESC=use_desc,
+            num_warps=warps, num_stages=stages)
+        LAST_COMPILED[pass_] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))
+        return
     compiled = _salience_tile_kernel[grid](
         tensors[0], tensors[1], tensors[2], tensors[3], lse, *strides, *_strides(lse, 3),
         B, Tq, Tk, Hq // Hkv, num_k_tiles, qk_scale, 1.0 / B, causal_offset, threshold,

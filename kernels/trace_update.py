@@ -131,6 +131,11 @@ def _group_kernel(cand_slab_ptr, cand_m_ptr, cand_meta_ptr, new_count_ptr, new_e
 
 
 @triton.jit
+def _min_max(a_min, a_max, b_min, b_max):
+    return tl.minimum(a_min, b_min), tl.maximum(a_max, b_max)
+
+
+@triton.jit
 def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, params_ptr, ln1p_ptr,
                    new_count_ptr, new_end_ptr, grouped_m_ptr, grouped_meta_ptr,
                    scratch_m_ptr, scratch_meta_ptr, scratch_key_ptr,
@@ -170,59 +175,87 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
     m64 = tl.where(reinforce, retention * m_old.to(tl.float64) + retention_c * s_eff, decay * m_old.to(tl.float64))
     age = tl.where(reinforce, 0, tl.minimum(age + 1, AGE_MAX))
     alive = valid & (~(m64 < prune_eps))
-    m32 = tl.minimum(m64, 3.4028234663852886e38).to(tl.float32)
     meta = (pos << POS_SHIFT) | (age << W) | hist
-    # eviction key (key_hi, key_lo): float64 bits of M (>= 0, so ordered as integers), then
-    # 2^32 - 1 - pos (equal strengths: the smaller (i, j) ranks higher)
-    key_hi = tl.where(alive, m64.to(tl.int64, bitcast=True), -1)
-    key_lo = 0xFFFFFFFF - pos
+    # eviction key (key_hi, key_lo): float64 bits of M (>= 0, so ordered as integers; -0.0 as
+    # +0.0, which the reference ranks equal), then key_lo = 2^32 - 1 - pos (equal strengths: the
+    # smaller (i, j) ranks higher). key_hi = -1 (sign bit set) marks a dead slot.
+    key_hi = tl.where(alive, tl.where(m64 > 0, m64.to(tl.int64, bitcast=True), 0), -1)
     n_alive = tl.sum(alive.to(tl.int32), axis=0)
 
     n_new = tl.load(new_count_ptr + ls)
     start = tl.load(new_end_ptr + ls) - n_new
     chunk = tl.arange(0, BLOCK_N)
 
-    # 6. the quota-th largest (key_hi, key_lo), by radix select over its 96 bits in 8-bit digits
-    #    (only when over quota); keys are unique in a slab, so exactly `quota` are >= it
+    # 6. the quota-th largest key T (only when over quota); keys are unique in a slab, so exactly
+    #    `quota` items are >= T. Radix select, 8-bit digits (`tl.histogram`), most significant
+    #    first, starting below the key_hi bits every item shares and stopping as soon as the
+    #    chosen digit's bucket holds exactly the items still missing (usually 2-3 passes, not 12).
     t_hi = tl.zeros([], dtype=tl.int64)
     t_lo = tl.zeros([], dtype=tl.int64)
     if n_alive + n_new > Q:
-        mask_hi = tl.zeros([], dtype=tl.int64)
+        big = 0x7FFFFFFFFFFFFFFF
+        k_min, k_max = tl.reduce((tl.where(key_hi >= 0, key_hi, big), key_hi), 0, _min_max)
+        for c0 in range(0, n_new, BLOCK_N):
+            idx = c0 + chunk
+            in_chunk = idx < n_new
+            n_hi = tl.load(grouped_m_ptr + start + idx, mask=in_chunk, other=0.0).to(tl.int64, bitcast=True)
+            c_min, c_max = tl.reduce((tl.where(in_chunk, n_hi, big), tl.where(in_chunk, n_hi, -1)), 0, _min_max)
+            k_min = tl.minimum(k_min, c_min)
+            k_max = tl.maximum(k_max, c_max)
+        # bits >= top agree in every item (top >= bit_length(k_max ^ k_min), read off the
+        # float64 exponent; rounding can only raise it); top <= 63 keeps the sign bit in the
+        # prefix, so dead slots (-1) never match
+        diff = (k_max ^ k_min).to(tl.float64).to(tl.int64, bitcast=True)
+        top = tl.minimum(tl.maximum((diff >> 52) - 1022, 0), 63)
+        mask_hi = ~((tl.full([], 1, tl.int64) << top) - 1)
+        t_hi = k_max & mask_hi
         mask_lo = tl.zeros([], dtype=tl.int64)
-        remaining = Q + tl.zeros([], dtype=tl.int32)
+        n_hi_passes = (top + 7) // 8
+        remaining = Q + tl.zeros([], dtype=tl.int32)      # items still to keep among the matching ones
+        total = n_alive + n_new                            # items matching (t, mask)
         bins = tl.arange(0, 256)
-        for p in tl.static_range(12):
-            match = alive & ((key_hi & mask_hi) == t_hi) & ((key_lo & mask_lo) == t_lo)
-            if p < 8:
-                digit = tl.where(match, (key_hi >> (56 - 8 * p)) & 255, 0).to(tl.int32)
-            else:
-                digit = tl.where(match, (key_lo >> (24 - 8 * (p - 8))) & 255, 0).to(tl.int32)
+        p = tl.zeros([], dtype=tl.int64)
+        done = tl.zeros([], dtype=tl.int32)
+        # n_hi_passes digits of key_hi (the last may overlap bits already fixed: harmless, the
+        # matching items agree on them), then 4 of key_lo
+        while (p < n_hi_passes + 4) & (done == 0):
+            is_hi = p < n_hi_passes
+            shift = tl.where(is_hi, tl.maximum(top - 8 * (p + 1), 0), 24 - 8 * (p - n_hi_passes))
+            key_lo = 0xFFFFFFFF - ((meta >> POS_SHIFT) & POS_MASK)
+            match = ((key_hi & mask_hi) == t_hi) & ((key_lo & mask_lo) == t_lo)
+            digit = ((tl.where(is_hi, key_hi, key_lo) >> shift) & 255).to(tl.int32)
             counts = tl.histogram(digit, 256, mask=match)
             for c0 in range(0, n_new, BLOCK_N):
                 idx = c0 + chunk
                 in_chunk = idx < n_new
-                gm = tl.load(grouped_m_ptr + start + idx, mask=in_chunk, other=0.0)
+                n_hi = tl.load(grouped_m_ptr + start + idx, mask=in_chunk, other=0.0).to(tl.int64, bitcast=True)
                 gmeta = tl.load(grouped_meta_ptr + start + idx, mask=in_chunk, other=0)
-                n_hi = gm.to(tl.int64, bitcast=True)
                 n_lo = 0xFFFFFFFF - ((gmeta >> POS_SHIFT) & POS_MASK)
                 nmatch = in_chunk & ((n_hi & mask_hi) == t_hi) & ((n_lo & mask_lo) == t_lo)
-                if p < 8:
-                    ndigit = tl.where(nmatch, (n_hi >> (56 - 8 * p)) & 255, 0).to(tl.int32)
-                else:
-                    ndigit = tl.where(nmatch, (n_lo >> (24 - 8 * (p - 8))) & 255, 0).to(tl.int32)
+                ndigit = ((tl.where(is_hi, n_hi, n_lo) >> shift) & 255).to(tl.int32)
                 counts += tl.histogram(ndigit, 256, mask=nmatch)
-            at_least = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts   # digit >= d
-            chosen = tl.sum((at_least >= remaining).to(tl.int32), axis=0) - 1
-            remaining -= tl.sum(tl.where(bins == chosen, at_least - counts, 0), axis=0)
-            if p < 8:
-                t_hi = t_hi | (chosen.to(tl.int64) << (56 - 8 * p))
-                mask_hi = mask_hi | (tl.full([], 255, tl.int64) << (56 - 8 * p))
-            else:
-                t_lo = t_lo | (chosen.to(tl.int64) << (24 - 8 * (p - 8)))
-                mask_lo = mask_lo | (tl.full([], 255, tl.int64) << (24 - 8 * (p - 8)))
+            at_least = total - tl.cumsum(counts, axis=0) + counts      # matching items with digit >= d
+            # chosen = the largest d with at_least >= remaining; at_least is non-increasing in d,
+            # so one min gives it with its at_least, one max the count above it
+            enough = at_least >= remaining
+            packed = tl.where(enough, (at_least.to(tl.int64) << 8) | (255 - bins), big)
+            packed, greater = tl.reduce((packed, tl.where(enough, 0, at_least)), 0, _min_max)
+            chosen = 255 - (packed & 255)
+            at_chosen = (packed >> 8).to(tl.int32)
+            t_hi = tl.where(is_hi, t_hi | (chosen << shift), t_hi)
+            mask_hi = tl.where(is_hi, mask_hi | (tl.full([], 255, tl.int64) << shift), mask_hi)
+            t_lo = tl.where(is_hi, t_lo, t_lo | (chosen << shift))
+            mask_lo = tl.where(is_hi, mask_lo, mask_lo | (tl.full([], 255, tl.int64) << shift))
+            done = (at_chosen == remaining).to(tl.int32)
+            remaining -= greater
+            total = at_chosen - greater
+            p += 1
 
-    # compaction: kept stored traces first (in pos order), then kept new ones
-    kept = alive & ((key_hi > t_hi) | ((key_hi == t_hi) & (key_lo >= t_lo)))
+    # compaction: kept stored traces first (in pos order), then kept new ones. Only key_hi and
+    # meta of the stored traces stay live across the select (registers): the rest is re-derived
+    pos = (meta >> POS_SHIFT) & POS_MASK
+    m32 = tl.minimum(key_hi.to(tl.float64, bitcast=True), 3.4028234663852886e38).to(tl.float32)
+    kept = (key_hi > t_hi) | ((key_hi == t_hi) & (0xFFFFFFFF - pos >= t_lo))
     kept_i = kept.to(tl.int32)
     n_kept_old = tl.sum(kept_i, axis=0)
     dst_old = tl.cumsum(kept_i, axis=0) - 1
@@ -263,6 +296,8 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
     tl.store(meta_ptr + base + offs, tl.zeros([BLOCK_Q], dtype=tl.int64), mask=empty)
 
 
+SELECT_WARPS = None  # override the select kernel's num_warps (benchmarks)
+SELECT_OPTIONS: dict = {}  # extra launch options of the select kernel (benchmarks: maxnreg)
 _LAYER_CACHE: dict = {}
 _TABLE_CACHE: dict = {}
 
@@ -338,8 +373,12 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
     else:
         new_end = new_count
     BLOCK_Q = max(16, triton.next_power_of_2(Q))
+    # quota 2048: 8 warps capped at 128 registers (no spills when compiled for sm_90) fit two
+    # programs per SM, so one program's barriers and reductions overlap the other's work
+    warps = SELECT_WARPS or max(4, min(16, BLOCK_Q // 256))
+    options = dict(SELECT_OPTIONS) if SELECT_OPTIONS or SELECT_WARPS else ({"maxnreg": 128} if warps == 8 else {})
     _select_kernel[(n_slabs,)](strength, meta, layers_t, slot_S, slot_a, params, ln1p, new_count, new_end,
                                grouped_m, grouped_meta, scratch_m, scratch_meta, scratch_key, H, Q,
                                W=window, AGE_MAX=(1 << age_bits) - 1, POS_SHIFT=pos_shift, POS_MASK=pos_mask,
                                IDX_BITS=_IDX_BITS, BLOCK_Q=BLOCK_Q, BLOCK_N=min(BLOCK_Q, 1024),
-                               num_warps=max(4, min(16, BLOCK_Q // 128)))
+                               num_warps=warps, **options)

@@ -59,9 +59,10 @@ _INT64_MAX = torch.iinfo(torch.int64).max
 # on purpose: the kernel appends with atomics, so timing reruns would corrupt the counters, and
 # every pass of one fill must use the same tiles (tile_max is indexed by tile).
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, split): a program covers BLOCK_M x split*BLOCK_N.
-_CUDA_CONFIGS = {16: (128, 64, 4, 3, 1), 32: (128, 64, 4, 3, 1), 64: (128, 64, 4, 3, 1),
-                 128: (128, 64, 8, 2, 1), 256: (64, 64, 8, 1, 1)}
-_INTERPRETER_CONFIG = (32, 32, 4, 1, 1)
+# split 0: the streaming kernel (a program walks its key tiles in one pipelined loop).
+_CUDA_CONFIGS = {16: (128, 64, 4, 3, 0), 32: (128, 64, 4, 3, 0), 64: (128, 64, 4, 3, 0),
+                 128: (128, 64, 8, 2, 0), 256: (64, 64, 8, 1, 0)}
+_INTERPRETER_CONFIG = (32, 32, 4, 1, 0)
 _CONFIG_OVERRIDE = None      # set by benchmarks / tests to try other tiles
 # The 4096-bin histogram inside the main pass costs registers (ptxas: 255 regs and ~4 KB of spills
 # per thread at 128x64 tiles against ~0.3 KB without), so by default it runs as its own pass, only
@@ -231,7 +232,7 @@ def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alp
     capacity = cap.capacity
     threshold = cap.threshold
     config = _config(D, device)
-    bm, bn = config[0], config[1] * config[4]
+    bm, bn = config[0], config[1] * max(config[4], 1)
     if q.dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         precision = "tf32"
     else:
@@ -255,12 +256,13 @@ def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alp
     if bias is not None and bias.nnz > 0:
         entries = _entry_tiles(bias, Hq, Tq, Tk, K.INDEX_TILE)
 
+    hist_in_main = _HIST_IN_MAIN and config[4] != 0      # the streaming kernel never histograms
     common = dict(threshold=threshold, qk_scale=qk_scale, causal_offset=causal_offset,
                   entries=entries, cnt=cnt, capacity=capacity, out=out, staging=staging,
                   stg_capacity=capacity, tile_max=tile_max, hist=hist, bound=bound, config=config,
-                  precision=precision, hist_in_main=_HIST_IN_MAIN, use_desc=_USE_DESC)
+                  precision=precision, hist_in_main=hist_in_main, use_desc=_USE_DESC)
     K.launch_tiles(0, q, k, v, dout, lse, **common)
-    if not _HIST_IN_MAIN:
+    if not hist_in_main:
         K.launch_tiles(1, q, k, v, dout, lse, **common)
     # The cut bin b*: the bin (from the top) where the cumulative count reaches capacity.
     from_top = torch.cumsum(hist.flip(0).to(torch.int64), 0)

@@ -351,12 +351,16 @@ def test_through_biased_attention():
     check_capture(cap, S, a, bias, 0.0, torch.float32)
 
 
-@pytest.mark.parametrize("use_desc,hist_in_main", [(False, True), (True, True), (False, False)])
-def test_kernel_variants(monkeypatch, use_desc, hist_in_main):
-    """Pointer loads vs TMA descriptors, histogram in the main pass vs its own overflow pass;
-    also a non-contiguous q (descriptor not possible: falls back to pointers)."""
+@pytest.mark.parametrize("use_desc,hist_in_main,config", [
+    (False, True, (32, 32, 4, 1, 1)), (True, True, (16, 16, 4, 1, 2)), (False, False, (16, 32, 4, 1, 1)),
+    (False, True, (32, 32, 4, 1, 0)), (True, False, (16, 16, 4, 1, 0))])
+def test_kernel_variants(monkeypatch, use_desc, hist_in_main, config):
+    """Pointer loads vs TMA descriptors, histogram in the main pass vs its own overflow pass,
+    per-tile programs (split 1, 2) vs streaming programs (split 0, key ranges split over
+    programs); also a non-contiguous q (descriptor not possible: falls back to pointers)."""
     monkeypatch.setattr(capture_mod, "_USE_DESC", use_desc)
     monkeypatch.setattr(capture_mod, "_HIST_IN_MAIN", hist_in_main)
+    monkeypatch.setattr(capture_mod, "_CONFIG_OVERRIDE", config)
     B, Hq, Hkv, Tq, Tk, D = 2, 2, 1, 40, 45, 16
     q, k, v, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, torch.float16, seed=31)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)          # [B, Tq, H, D] memory, [B, H, Tq, D] view

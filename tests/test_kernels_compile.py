@@ -83,7 +83,7 @@ def _install_compile_only_launch(log):
         md = kernel.metadata
         log.append({"kernel": self.fn.__name__, "constexprs": consts, "num_warps": md.num_warps,
                     "num_stages": md.num_stages, "shared": md.shared, "stages": sorted(kernel.asm.keys()),
-                    "seconds": round(time.perf_counter() - t0, 2)})
+                    "seconds": round(time.perf_counter() - t0, 2), **_resource_usage(kernel)})
         if md.shared > H100_SMEM:
             raise RuntimeError(f"{self.fn.__name__}: {md.shared} bytes of shared memory > {H100_SMEM} (H100)")
         return kernel
@@ -99,6 +99,30 @@ def _install_compile_only_launch(log):
 
     rt_jit.JITFunction.run = run
     rt_autotuner.Autotuner.run = autotuned_run
+
+
+def _resource_usage(kernel):
+    """{'regs': per thread, 'spill_bytes': stores + loads} from the cubin (Triton's bundled
+    cuobjdump), or {} when it is not there: a register report without a GPU, for tuning."""
+    import shutil
+    import tempfile
+    from pathlib import Path as P
+
+    import triton
+    tool = P(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    tool = str(tool) if tool.exists() else shutil.which("cuobjdump")
+    if not tool or "cubin" not in kernel.asm:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(kernel.asm["cubin"])
+        fh.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", fh.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", text)
+    spill = re.search(r"STACK:(\d+)", text)
+    out = {"regs": int(regs.group(1))} if regs else {}
+    if spill:
+        out["stack_bytes"] = int(spill.group(1))
+    return out
 
 
 def _probe():
@@ -248,6 +272,9 @@ def _main(argv=None):
     for case, r in report["cases"].items():
         names = ", ".join(sorted({x["kernel"] for x in r["kernels"]}))
         print(f"{'ok  ' if r['ok'] else 'FAIL'} {case} ({r['seconds']} s): {names}")
+        for x in r["kernels"]:
+            print(f"      {x['kernel']:<32} warps {x['num_warps']} stages {x['num_stages']} smem {x['shared']:>6}"
+                  f" regs {x.get('regs', '?')} stack {x.get('stack_bytes', '?')}")
         if not r["ok"]:
             print("     ", r["error"].replace("\n", "\n      "))
     return 0 if all(r["ok"] for r in report["cases"].values()) else 1
