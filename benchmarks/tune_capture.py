@@ -1,8 +1,8 @@
 """Where the capture kernel's time goes (H100): fill time by batch size and threshold regime.
 
-    python benchmarks/tune_capture.py [OUT.json] [--config BM,BN,WARPS,STAGES,SPLIT ...]
+    python benchmarks/tune_capture.py [OUT.json] [--sparse-emit N,N] [--config BM,BN,WARPS,STAGES,SPLIT ...]
 
-For H16 T4096 D128 bf16 and B in 1, 2, 4: the fill with threshold +inf (no candidate: dots,
+For H16 T4096 D128 bf16 and B in 1, 2, 4: the fill with threshold 3e38 (no candidate: dots,
 exponentials, the per-tile reductions, no emission), with the threshold that keeps ~capacity
 candidates (about 4 per 128x64 tile: nearly every tile emits), and the time per extra batch
 element. Times are triton.testing.do_bench medians.
@@ -27,6 +27,9 @@ def main(argv):
     configs = [None]
     if "--config" in argv:
         configs = [tuple(int(x) for x in c.split(",")) for c in argv[argv.index("--config") + 1:]]
+    emits = [capture_mod._SPARSE_EMIT]
+    if "--sparse-emit" in argv:
+        emits = [int(x) for x in argv[argv.index("--sparse-emit") + 1].split(",")]
     H, T, D, cap_size = 16, 4096, 128, 1 << 17
     rows = []
     for B in (1, 2, 4):
@@ -37,10 +40,11 @@ def main(argv):
         probe = SalienceCapture(threshold=0.0, capacity=cap_size)
         probe._fill(q, k, v, out, lse, do, None, None, scale=scale)
         thr = float(probe.stats["kept_min_salience"])
-        for cfg in configs:
+        for cfg, emit in [(c, e) for c in configs for e in emits]:
             capture_mod._CONFIG_OVERRIDE = cfg
-            row = {"B": B, "config": str(cfg or capture_mod._config(D, q.device))}
-            for name, t in (("no_candidates", float("inf")), ("sparse_candidates", thr)):
+            capture_mod._SPARSE_EMIT = emit
+            row = {"B": B, "config": str(cfg or capture_mod._config(D, q.device)), "sparse_emit": emit}
+            for name, t in (("no_candidates", 3e38), ("sparse_candidates", thr)):
                 cap = SalienceCapture(threshold=t, capacity=cap_size)
                 fn = _filler(cap, q, k, v, out, lse, do, scale)
                 fn()

@@ -155,27 +155,48 @@ def _tile_scores2(Q, K, V, DO, LSE,
 
 
 @triton.jit
+def _store_edges(pos, keep, S, A, offs_m, offs_n, h, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A):
+    zero = tl.zeros(S.shape, dtype=tl.int32)
+    tl.store(OUT_H + pos, zero + h, mask=keep)
+    tl.store(OUT_I + pos, zero + offs_m[:, None], mask=keep)
+    tl.store(OUT_J + pos, zero + offs_n[None, :], mask=keep)
+    tl.store(OUT_S + pos, S, mask=keep)
+    tl.store(OUT_A + pos, A, mask=keep)
+
+
+@triton.jit
+def _emit_ranked(cand, c, n, S, A, offs_m, offs_n, h, CNT_PTR, limit, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A):
+    base = tl.atomic_add(CNT_PTR, n.to(tl.int64))
+    # int32 from here (registers): the room left is < 2^31, and a slot is base + rank < limit.
+    room = (limit - tl.minimum(base, limit)).to(tl.int32)
+    row_cnt = tl.sum(c, axis=1)
+    row_excl = tl.cumsum(row_cnt, axis=0) - row_cnt
+    rank = row_excl[:, None] + (tl.cumsum(c, axis=1) - c)
+    keep = cand & (rank < room)
+    pos = (limit - room) + rank            # wraps only where keep is False
+    _store_edges(pos, keep, S, A, offs_m, offs_n, h, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A)
+
+
+@triton.jit
 def _emit(cand, S, A, offs_m, offs_n, h, CNT_PTR, limit,
-          OUT_H, OUT_I, OUT_J, OUT_S, OUT_A):
+          OUT_H, OUT_I, OUT_J, OUT_S, OUT_A, SPARSE_EMIT: tl.constexpr = 0):
     """Append the tile's candidates to a buffer: one atomic reserves a run of slots, the rank
-    inside the tile is the row-major exclusive scan of `cand`; slots >= limit are dropped."""
+    inside the tile is the row-major exclusive scan of `cand`; slots >= limit are dropped.
+    SPARSE_EMIT > 0: a tile with at most that many candidates takes one slot per candidate with
+    its own atomic instead (a few predicated atomics cost far fewer instructions than the two
+    scans and the cross-warp traffic of the ranked path; the order of slots is arbitrary in both
+    paths, the fill sorts them afterwards)."""
     c = cand.to(tl.int32)
     n = tl.sum(tl.sum(c, axis=1), axis=0)
-    if n > 0:
-        base = tl.atomic_add(CNT_PTR, n.to(tl.int64))
-        # int32 from here (registers): the room left is < 2^31, and a slot is base + rank < limit.
-        room = (limit - tl.minimum(base, limit)).to(tl.int32)
-        row_cnt = tl.sum(c, axis=1)
-        row_excl = tl.cumsum(row_cnt, axis=0) - row_cnt
-        rank = row_excl[:, None] + (tl.cumsum(c, axis=1) - c)
-        keep = cand & (rank < room)
-        pos = (limit - room) + rank            # wraps only where keep is False
-        zero = tl.zeros_like(rank)
-        tl.store(OUT_H + pos, zero + h, mask=keep)
-        tl.store(OUT_I + pos, zero + offs_m[:, None], mask=keep)
-        tl.store(OUT_J + pos, zero + offs_n[None, :], mask=keep)
-        tl.store(OUT_S + pos, S, mask=keep)
-        tl.store(OUT_A + pos, A, mask=keep)
+    if SPARSE_EMIT > 0:
+        if (n > 0) & (n <= SPARSE_EMIT):
+            ptrs = CNT_PTR + tl.zeros(c.shape, dtype=tl.int32)
+            pos = tl.atomic_add(ptrs, tl.full(c.shape, 1, tl.int64), mask=cand, sem="relaxed")
+            _store_edges(pos, cand & (pos < limit), S, A, offs_m, offs_n, h, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A)
+        elif n > 0:
+            _emit_ranked(cand, c, n, S, A, offs_m, offs_n, h, CNT_PTR, limit, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A)
+    elif n > 0:
+        _emit_ranked(cand, c, n, S, A, offs_m, offs_n, h, CNT_PTR, limit, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A)
 
 
 @triton.jit
@@ -196,7 +217,7 @@ def _epilogue(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, thresho
               STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, HIST, BOUND,
               PASS: tl.constexpr, HIST_IN_MAIN: tl.constexpr, HAS_ENTRIES: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IDX_TILE: tl.constexpr,
-              NUM_BINS: tl.constexpr, SHIFT: tl.constexpr):
+              NUM_BINS: tl.constexpr, SHIFT: tl.constexpr, SPARSE_EMIT: tl.constexpr = 0):
     """Mask, drop bias entries, threshold, then the pass's output; returns the tile's largest
     candidate S (-1 if none)."""
     S = acc_s * inv_batch
@@ -216,7 +237,7 @@ def _epilogue(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, thresho
             valid = valid & ~((offs_m[:, None] == ei) & (offs_n[None, :] == ej))
     cand = valid & (S > threshold)
     if PASS == 0:
-        _emit(cand, S, A, offs_m, offs_n, h, CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A)
+        _emit(cand, S, A, offs_m, offs_n, h, CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A, SPARSE_EMIT)
         if HIST_IN_MAIN:
             _add_histogram(S, cand, HIST, BLOCK_M, BLOCK_N, NUM_BINS, SHIFT)
     elif PASS == 1:
@@ -311,7 +332,7 @@ def _salience_stream_kernel(
         CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A, TILE_MAX,
         HAS_ENTRIES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, IDX_TILE: tl.constexpr,
-        NUM_BINS: tl.constexpr, SHIFT: tl.constexpr, USE_DESC: tl.constexpr):
+        NUM_BINS: tl.constexpr, SHIFT: tl.constexpr, USE_DESC: tl.constexpr, SPARSE_EMIT: tl.constexpr):
     """PASS 0 as a stream: program (tile_m, h, split) walks the key tiles
     [split * k_tiles_per_split, ...) of its BLOCK_M query rows in ONE flat loop over
     (key tile, batch element), so the compiler pipelines the loads of the next step under the
@@ -369,7 +390,8 @@ def _salience_stream_kernel(
                              ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
                              CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
                              OUT_H, OUT_I, OUT_J, OUT_S, OUT_A, capacity, CNT, CNT,
-                             0, False, HAS_ENTRIES, BLOCK_M, BLOCK_N, IDX_TILE, NUM_BINS, SHIFT)
+                             0, False, HAS_ENTRIES, BLOCK_M, BLOCK_N, IDX_TILE, NUM_BINS, SHIFT,
+                             SPARSE_EMIT)
             tl.store(TILE_MAX + (h * num_q_tiles + tile_m) * num_k_tiles + n0 // BLOCK_N, best)
             # Reset here, not after the if: the old sums die inside the epilogue (registers).
             acc_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -448,7 +470,7 @@ def _strides(t, ndim):
 
 def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offset, entries, cnt,
                  capacity, out, staging, stg_capacity, tile_max, hist, bound, config, precision,
-                 hist_in_main, use_desc=False):
+                 hist_in_main, use_desc=False, sparse_emit=0):
     """Launch one pass. `entries` = (off, i, j, tiles_m, tiles_n) or None; `out`/`staging` =
     (h, i, j, S, a) buffers; config = (BLOCK_M, BLOCK_N, warps, stages, split): split 1 or 2, a
     `_salience_tile_kernel` program covers BLOCK_M x (split * BLOCK_N) keys; split 0, PASS 0 runs
@@ -487,7 +509,7 @@ def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offse
             ent_off, ent_i, ent_j, tiles_m, tiles_n, cnt, capacity, *out, tile_max,
             HAS_ENTRIES=entries is not None, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, PRECISION=precision,
             IDX_TILE=INDEX_TILE, NUM_BINS=HIST_BINS, SHIFT=HIST_SHIFT, USE_DESC=use_desc,
-            num_warps=warps, num_stages=stages)
+            SPARSE_EMIT=sparse_emit, num_warps=warps, num_stages=stages)
         LAST_COMPILED[pass_] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))
         return
     compiled = _salience_tile_kernel[grid](

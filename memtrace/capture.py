@@ -68,6 +68,9 @@ _CONFIG_OVERRIDE = None      # set by benchmarks / tests to try other tiles
 # per thread at 128x64 tiles against ~0.3 KB without), so by default it runs as its own pass, only
 # on overflow (the device-side check makes it a no-op launch otherwise).
 _HIST_IN_MAIN = False
+# A streamed tile with at most this many candidates emits them with one atomic each (0: always
+# the ranked path); measured on the H100 (benchmarks/tune_capture.py).
+_SPARSE_EMIT = 64
 _USE_DESC = True             # TMA descriptors for q/k/v/dO when their rows are contiguous (else pointers)
 
 
@@ -260,7 +263,8 @@ def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alp
     common = dict(threshold=threshold, qk_scale=qk_scale, causal_offset=causal_offset,
                   entries=entries, cnt=cnt, capacity=capacity, out=out, staging=staging,
                   stg_capacity=capacity, tile_max=tile_max, hist=hist, bound=bound, config=config,
-                  precision=precision, hist_in_main=hist_in_main, use_desc=_USE_DESC)
+                  precision=precision, hist_in_main=hist_in_main, use_desc=_USE_DESC,
+                  sparse_emit=_SPARSE_EMIT)
     K.launch_tiles(0, q, k, v, dout, lse, **common)
     if not hist_in_main:
         K.launch_tiles(1, q, k, v, dout, lse, **common)

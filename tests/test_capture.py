@@ -351,16 +351,18 @@ def test_through_biased_attention():
     check_capture(cap, S, a, bias, 0.0, torch.float32)
 
 
-@pytest.mark.parametrize("use_desc,hist_in_main,config", [
-    (False, True, (32, 32, 4, 1, 1)), (True, True, (16, 16, 4, 1, 2)), (False, False, (16, 32, 4, 1, 1)),
-    (False, True, (32, 32, 4, 1, 0)), (True, False, (16, 16, 4, 1, 0))])
-def test_kernel_variants(monkeypatch, use_desc, hist_in_main, config):
+@pytest.mark.parametrize("use_desc,hist_in_main,config,sparse_emit", [
+    (False, True, (32, 32, 4, 1, 1), 0), (True, True, (16, 16, 4, 1, 2), 64), (False, False, (16, 32, 4, 1, 1), 0),
+    (False, True, (32, 32, 4, 1, 0), 0), (True, False, (16, 16, 4, 1, 0), 64), (False, False, (16, 16, 4, 1, 0), 10**6)])
+def test_kernel_variants(monkeypatch, use_desc, hist_in_main, config, sparse_emit):
     """Pointer loads vs TMA descriptors, histogram in the main pass vs its own overflow pass,
     per-tile programs (split 1, 2) vs streaming programs (split 0, key ranges split over
-    programs); also a non-contiguous q (descriptor not possible: falls back to pointers)."""
+    programs), ranked emission vs one atomic per candidate (sparse_emit: always, up to 64 per
+    tile, never); also a non-contiguous q (descriptor not possible: falls back to pointers)."""
     monkeypatch.setattr(capture_mod, "_USE_DESC", use_desc)
     monkeypatch.setattr(capture_mod, "_HIST_IN_MAIN", hist_in_main)
     monkeypatch.setattr(capture_mod, "_CONFIG_OVERRIDE", config)
+    monkeypatch.setattr(capture_mod, "_SPARSE_EMIT", sparse_emit)
     B, Hq, Hkv, Tq, Tk, D = 2, 2, 1, 40, 45, 16
     q, k, v, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, torch.float16, seed=31)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)          # [B, Tq, H, D] memory, [B, H, Tq, D] view
