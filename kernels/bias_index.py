@@ -1,5 +1,9 @@
 """The TraceBias index on the GPU: the same tensors as memtrace.bias._build_index_torch, bit for bit,
-in 3 small Triton launches and 2 int32 radix sorts, with no host sync.
+with no host sync. Two paths, chosen on the host from the sizes alone (build_index):
+
+  * small indexes (<= 2^18 entries, <= 4096 a head on average; 32 heads x 2048 is one): 4 Triton
+    launches and no torch.sort (see "small-index path" below);
+  * otherwise 3 small Triton launches and 2 int32 radix sorts (the pipeline described next).
 
 Inputs: COO (head, q_idx, k_idx) integer [nnz] on one device, already validated (0 <= h < H,
 0 <= i < Tq, 0 <= j < Tk). Outputs (see memtrace/bias.py):
@@ -27,19 +31,11 @@ The leader is lower_bound(sorted, sorted[p]) (the first position holding the sam
 of the torch builder's is-leader mask + cummax; the CSR offsets are lower bounds too, one binary
 search per row (ceil(log2(E+1)) L2-resident gathers), so every step is a fixed-shape launch.
 
-Predicted H100 cost at 32 heads x 2048 entries (E = 65536), T = 4096 (H*T + 1 = 131073 rows):
-    * each torch.sort (1-D, > 4096 elements, stable): an index fill + cub DeviceRadixSort::SortPairs
-      on 32-bit keys (onesweep: histogram, scan, 4 digit passes of 8 bits), ~6-8 kernels of
-      ~2-3 us each on 65536 keys: ~15-20 us each (the int64 sorts of the torch builder run 8
-      digit passes).
-    * _keys_kernel: 64 programs, 1.5 MiB read: ~3 us.
-    * _sorted_kernel: 64 + 129 programs, 17-step binary searches in a 256 KiB (L2) array: ~5 us.
-    * _korder_kernel: 64 + 129 programs, same: ~5 us.
-  ~45-55 us of GPU time, 3 Triton launches + 2 sorts on the host side (~60-80 us of Python /
-  launch overhead when called back to back with nothing else queued). At 16384 entries/head
-  (E = 524288) the sorts grow to ~30-40 us each (4 passes over 4 MiB of key/value pairs):
-  ~80-100 us. The torch builder: ~35 launches including two int64 sorts, cummax and two
-  searchsorted over 131073 queries: 0.77-0.97 ms measured.
+Predicted H100 cost at 32 heads x 2048 entries (E = 65536), T = 4096: ~45-55 us of GPU time.
+Measured (benchmarks/results/bias_index_h100.json): 0.253 ms at 65536 and at 524288 entries alike,
+31 GPU kernels a build, ~28 of them the two torch.sort calls (index fill, cub onesweep passes):
+launch / host bound, not bandwidth bound. Hence the small-index path below, which has no sort.
+The torch builder: ~35 launches including two int64 sorts: 0.80 ms measured.
 """
 from __future__ import annotations
 
@@ -161,6 +157,7 @@ FAST_MAX_PER_HEAD = 2 * CHUNK_MAX   # mean entries per head: merge ranks cost ~c
 
 @triton.jit
 def _head_hist_kernel(head_ptr, tbl_ptr, n, BLOCK_E: tl.constexpr, HP: tl.constexpr):
+    # tbl_ptr: the workspace, whose first NB*HP int32 are the block histograms
     pid = tl.program_id(0)
     offs = pid * BLOCK_E + tl.arange(0, BLOCK_E)
     mask = offs < n
@@ -169,8 +166,12 @@ def _head_hist_kernel(head_ptr, tbl_ptr, n, BLOCK_E: tl.constexpr, HP: tl.conste
 
 
 @triton.jit
-def _bucket_kernel(head_ptr, tbl_ptr, slot_ptr, bucket_ptr, hinfo_ptr, n, NB,
-                   BLOCK_E: tl.constexpr, HP: tl.constexpr, NBP: tl.constexpr):
+def _bucket_kernel(head_ptr, ws_ptr, n, NB, BLOCK_E: tl.constexpr, HP: tl.constexpr, NBP: tl.constexpr):
+    # workspace (int32): tbl [NB, HP] | slot counters [NB, HP] | head base [HP], count [HP] | bucket [n]
+    tbl_ptr = ws_ptr
+    slot_ptr = ws_ptr + NB * HP
+    hinfo_ptr = slot_ptr + NB * HP
+    bucket_ptr = hinfo_ptr + 2 * HP
     pid = tl.program_id(0)
     rows = tl.arange(0, NBP)[:, None]
     cols = tl.arange(0, HP)[None, :]
@@ -195,7 +196,7 @@ def _bucket_kernel(head_ptr, tbl_ptr, slot_ptr, bucket_ptr, hinfo_ptr, n, NB,
 
 @triton.jit
 def _chunk_of(hinfo_ptr, g, CHUNK: tl.constexpr, HP: tl.constexpr):
-    """(valid, head, chunk start, chunk length, head base, head count) of global chunk g; the chunks
+    """(valid, chunk start, chunk length, head base, head count) of global chunk g; the chunks
     of head h are its bucketed entries cut every CHUNK, numbered head after head."""
     hcols = tl.arange(0, HP)
     cnt = tl.load(hinfo_ptr + HP + hcols)
@@ -213,10 +214,13 @@ def _chunk_of(hinfo_ptr, g, CHUNK: tl.constexpr, HP: tl.constexpr):
 
 
 @triton.jit
-def _chunk_sort_kernel(bucket_ptr, q_ptr, k_ptr, hinfo_ptr, sq_ptr, sk_ptr,
-                       CHUNK: tl.constexpr, HP: tl.constexpr):
+def _chunk_sort_kernel(ws_ptr, q_ptr, k_ptr, keys_ptr, n, NB, CHUNK: tl.constexpr, HP: tl.constexpr):
+    hinfo_ptr = ws_ptr + 2 * NB * HP
+    bucket_ptr = hinfo_ptr + 2 * HP
+    sq_ptr = keys_ptr                                  # sorted chunks of Q keys, then of K keys
+    sk_ptr = keys_ptr + n
     g = tl.program_id(0)
-    valid, cstart, clen, hbase, hcnt = _chunk_of(hinfo_ptr, g, CHUNK, HP)
+    valid, cstart, clen, _hbase, _hcnt = _chunk_of(hinfo_ptr, g, CHUNK, HP)
     if valid:
         offs = tl.arange(0, CHUNK)
         mask = offs < clen
@@ -245,9 +249,12 @@ def _head_rank(arr_ptr, hbase, hcnt, x, CHUNK: tl.constexpr, STEPS: tl.constexpr
 
 
 @triton.jit
-def _rank_kernel(sq_ptr, sk_ptr, hinfo_ptr, entry_pos_ptr, src_ptr, k_order_ptr, q_off_ptr, k_off_ptr,
-                 n, G, H, Tq, Tk, RQ,
+def _rank_kernel(keys_ptr, ws_ptr, entry_pos_ptr, src_ptr, k_order_ptr, q_off_ptr, k_off_ptr,
+                 n, NB, G, H, Tq, Tk, RQ,
                  CHUNK: tl.constexpr, HP: tl.constexpr, BLOCK_R: tl.constexpr, STEPS: tl.constexpr):
+    hinfo_ptr = ws_ptr + 2 * NB * HP
+    sq_ptr = keys_ptr
+    sk_ptr = keys_ptr + n
     pid = tl.program_id(0)
     emask = (1 << 31) - 1
     if pid < 2 * G:                                   # one program per sorted chunk, Q then K
@@ -291,10 +298,12 @@ def _rank_kernel(sq_ptr, sk_ptr, hinfo_ptr, entry_pos_ptr, src_ptr, k_order_ptr,
             tl.store(off_ptr + H * T + rows, off * 0 + n, mask=rows == 0)
 
 
-def _fast_ok(n, H):
+def _fast_ok(n, H, Tq=1, Tk=1):
+    """Whether the chunk-sort path takes (n entries, H heads): keys hold i, j in 16 bits each; the
+    per-program head table [blocks, HP] stays small; heads average at most two CHUNK_MAX chunks."""
     hp = max(16, triton.next_power_of_2(H))
     nb = triton.cdiv(n, BLOCK_E)
-    return (0 < n <= FAST_MAX_N and n <= FAST_MAX_PER_HEAD * H and hp <= 1024
+    return (0 < n <= FAST_MAX_N and n <= FAST_MAX_PER_HEAD * H and hp <= 1024 and max(Tq, Tk) <= 1 << 16
             and triton.next_power_of_2(nb) * hp <= 1 << 16)
 
 
@@ -303,33 +312,29 @@ def _build_index_fast(head, q_idx, k_idx, H, Tq, Tk):
     n = head.shape[0]
     HP = max(16, triton.next_power_of_2(H))         # histogram bins (>= H; the extra ones stay 0)
     NB = triton.cdiv(n, BLOCK_E)
-    # one int32 workspace: block histograms, slot counters, head base/count, bucketed entries
+    # one int32 workspace (block histograms, slot counters, head base/count, bucketed entries) and
+    # one int64 one (sorted chunks of Q keys, then K keys); kernels find the parts by offset
     ws = torch.empty(2 * NB * HP + 2 * HP + n, dtype=torch.int32, device=device)
-    tbl, slot, hinfo, bucket = ws[: NB * HP], ws[NB * HP: 2 * NB * HP], ws[2 * NB * HP: 2 * NB * HP + 2 * HP], \
-        ws[2 * NB * HP + 2 * HP:]
-    keys = torch.empty(2, n, dtype=torch.int64, device=device)   # sorted chunks: Q keys, K keys
-    # the five outputs share one allocation (fewer allocator calls), each slice 128-byte aligned
-    sizes = (n, n, n, H * Tq + 1, H * Tk + 1)
-    starts = [0]
-    for m in sizes[:-1]:
-        starts.append(starts[-1] + (m + 31) // 32 * 32)
-    out = torch.empty(starts[-1] + sizes[-1], dtype=torch.int32, device=device)
-    entry_pos, src_entry, k_order, q_offsets, k_offsets = (out[s: s + m] for s, m in zip(starts, sizes))
+    keys = torch.empty(2 * n, dtype=torch.int64, device=device)
+    # separate output tensors (not views of one buffer): callers hand them to custom ops / compile
+    entry_pos, src_entry, k_order = (torch.empty(n, dtype=torch.int32, device=device) for _ in range(3))
+    q_offsets = torch.empty(H * Tq + 1, dtype=torch.int32, device=device)
+    k_offsets = torch.empty(H * Tk + 1, dtype=torch.int32, device=device)
 
-    _head_hist_kernel[(NB,)](head, tbl, n, BLOCK_E=BLOCK_E, HP=HP, num_warps=4)
-    _bucket_kernel[(NB,)](head, tbl, slot, bucket, hinfo, n, NB, BLOCK_E=BLOCK_E, HP=HP,
-                          NBP=triton.next_power_of_2(NB), num_warps=4)
+    _head_hist_kernel[(NB,)](head, ws, n, BLOCK_E=BLOCK_E, HP=HP, num_warps=4)
+    _bucket_kernel[(NB,)](head, ws, n, NB, BLOCK_E=BLOCK_E, HP=HP, NBP=triton.next_power_of_2(NB),
+                          num_warps=4)
     # chunk size: the mean entries per head, so a typical head is one or two chunks and small indexes
     # do not sort padding (a power of two: a few compiled variants at most)
     CHUNK = min(CHUNK_MAX, max(CHUNK_MIN, triton.next_power_of_2(triton.cdiv(n, H))))
     G = triton.cdiv(n, CHUNK) + H                     # >= the chunks of any head split
-    _chunk_sort_kernel[(G, 2)](bucket, q_idx, k_idx, hinfo, keys[0], keys[1], CHUNK=CHUNK, HP=HP,
-                               num_warps=8)
+    _chunk_sort_kernel[(G, 2)](ws, q_idx, k_idx, keys, n, NB, CHUNK=CHUNK, HP=HP,
+                               num_warps=8 if CHUNK >= 2048 else 4)
     RQ = H * triton.cdiv(Tq, BLOCK_R)
     RK = H * triton.cdiv(Tk, BLOCK_R)
-    _rank_kernel[(2 * G + RQ + RK,)](keys[0], keys[1], hinfo, entry_pos, src_entry, k_order, q_offsets,
-                                    k_offsets, n, G, H, Tq, Tk, RQ, CHUNK=CHUNK, HP=HP, BLOCK_R=BLOCK_R,
-                                    STEPS=CHUNK.bit_length(), num_warps=4)
+    _rank_kernel[(2 * G + RQ + RK,)](keys, ws, entry_pos, src_entry, k_order, q_offsets, k_offsets,
+                                    n, NB, G, H, Tq, Tk, RQ, CHUNK=CHUNK, HP=HP, BLOCK_R=BLOCK_R,
+                                    STEPS=CHUNK.bit_length(), num_warps=8 if CHUNK >= 1024 else 4)
     return entry_pos, src_entry, k_order, q_offsets, k_offsets
 
 
@@ -340,7 +345,9 @@ def build_index(head, q_idx, k_idx, num_heads, seq_len_q, seq_len_k, *, method=N
     n = head.shape[0]
     H, Tq, Tk = int(num_heads), int(seq_len_q), int(seq_len_k)
     if method is None:
-        method = "fast" if _fast_ok(n, H) else "sort"
+        method = "fast" if _fast_ok(n, H, Tq, Tk) else "sort"
+    if method == "fast" and max(Tq, Tk) > 1 << 16:
+        raise ValueError("TraceBias index: the chunk-sort path needs seq_len <= 65536")
     if method == "fast" and n:
         return _build_index_fast(head, q_idx, k_idx, H, Tq, Tk)
     return _build_index_sorted(head, q_idx, k_idx, H, Tq, Tk)

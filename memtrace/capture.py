@@ -70,7 +70,7 @@ _CONFIG_OVERRIDE = None      # set by benchmarks / tests to try other tiles
 _HIST_IN_MAIN = False
 # A streamed tile with at most this many candidates emits them with one atomic each (0: always
 # the ranked path); measured on the H100 (benchmarks/tune_capture.py).
-_SPARSE_EMIT = 64
+_SPARSE_EMIT = 512
 _USE_DESC = True             # TMA descriptors for q/k/v/dO when their rows are contiguous (else pointers)
 
 

@@ -45,7 +45,7 @@ CASES = [
     "correction-bias", "correction-bias-causal",
     "salience-capture", "salience-capture-bias",
     "trace-update",
-    "bias-index", "bias-index-key64",
+    "bias-index", "bias-index-key64", "bias-index-sort", "bias-index-sort-key64", "bias-index-chunk2048",
 ]
 
 
@@ -223,9 +223,14 @@ def _run_case(case):
                                              torch.full((B,), C, dtype=torch.int32), slot, slot.clone(),
                                              torch.tensor([True, False]), **mem._params())
     elif case.startswith("bias-index"):
+        # default: the chunk-sort path (small index); -sort: the torch.sort path (large indexes);
+        # -chunk2048: the largest chunk tl.sort (32 heads x 2048 entries, the benchmark's shape)
         H, Tq, Tk = (8, 32768, 32768) if case.endswith("key64") else (Hq, T, T)   # key64: H*Tq*Tk >= 2^31
-        cols = [torch.randint(0, m, (1000,), generator=g, dtype=torch.int32) for m in (H, Tq, Tk)]
-        K["bias_index"].build_index(*cols, H, Tq, Tk)
+        n = 1000
+        if case.endswith("chunk2048"):
+            H, n = 32, 32 * 2048
+        cols = [torch.randint(0, m, (n,), generator=g, dtype=torch.int32) for m in (H, Tq, Tk)]
+        K["bias_index"].build_index(*cols, H, Tq, Tk, method="sort" if "-sort" in case else None)
     else:
         raise KeyError(case)
 

@@ -1,0 +1,83 @@
+"""kernels/bias_index.build_index: both GPU paths (the small-index chunk-sort path without torch.sort,
+and the torch.sort path) against the torch builder, bit for bit, under TRITON_INTERPRET=1 on the CPU
+(on CUDA directly). Shapes aim at the chunk-sort path's edges: heads split into several chunks,
+duplicate runs across chunk boundaries, empty heads, more heads than histogram bins of a block."""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from memtrace.bias import _build_index_torch
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _module():
+    pytest.importorskip("triton")
+    name = "memtrace.kernels.bias_index"
+    if DEV == "cuda":
+        return importlib.import_module(name)
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        mod = importlib.import_module(name)
+        if type(mod._rank_kernel).__name__ != "InterpretedFunction":
+            mod = importlib.reload(mod)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    return mod
+
+
+def _coo(n, H, Tq, Tk, seed, head_probs=None):
+    g = torch.Generator().manual_seed(seed)
+    if head_probs is None:
+        h = torch.randint(0, H, (n,), generator=g)
+    else:
+        h = torch.multinomial(torch.tensor(head_probs, dtype=torch.float), n, replacement=True, generator=g)
+    i = torch.randint(0, Tq, (n,), generator=g)
+    j = torch.randint(0, Tk, (n,), generator=g)
+    return h.to(DEV), i.to(DEV), j.to(DEV)
+
+
+def _check(method, h, i, j, H, Tq, Tk):
+    got = _module().build_index(h, i, j, H, Tq, Tk, method=method)
+    want = _build_index_torch(h.long(), i.long(), j.long(), H, Tq, Tk)
+    for name, a, b in zip(("entry_pos", "src_entry", "k_order", "q_offsets", "k_offsets"), got, want):
+        assert a.dtype == b.dtype == torch.int32, name
+        assert a.shape == b.shape, name
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("method", ["fast", "sort"])
+@pytest.mark.parametrize("n,H,Tq,Tk,seed,probs", [
+    (1, 1, 1, 1, 0, None),
+    (2, 1, 1, 1, 1, None),                                   # one cell, a duplicate
+    (100, 3, 7, 5, 2, None),
+    (600, 8, 9, 7, 3, [0.8] + [0.2 / 6] * 6 + [0.0]),        # one head of ~4 chunks, an empty head
+    (300, 40, 13, 11, 4, None),                              # 40 heads: 64 histogram bins
+    (700, 2, 3, 2, 5, [0.0, 1.0]),                           # 6 cells: runs of ~115 cross chunks
+])
+def test_paths_match_torch(method, n, H, Tq, Tk, seed, probs):
+    _check(method, *_coo(n, H, Tq, Tk, seed, probs), H, Tq, Tk)
+
+
+def test_fast_path_large_positions():
+    h, i, j = _coo(64, 2, 65535, 65535, 6)
+    i[:4] = torch.tensor([65534, 65534, 32767, 32768])
+    j[:4] = torch.tensor([65534, 0, 65534, 65534])
+    _check("fast", h, i, j, 2, 65535, 65535)
+
+
+def test_dispatch_sizes():
+    """The benchmark's small shape takes the sort-free path; large or head-heavy ones the sort path."""
+    mod = _module()
+    assert mod._fast_ok(32 * 2048, 32)
+    assert not mod._fast_ok(32 * 16384, 32)          # > 2^18 entries
+    assert not mod._fast_ok(65536, 1)                # 65536 entries in one head: many chunks
+    assert not mod._fast_ok(0, 4)
