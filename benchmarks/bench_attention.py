@@ -12,7 +12,8 @@ forward+backward, halved when causal), the ratio of each memtrace row to each pe
 memory above the inputs, the bias included. A peer that runs out of memory or is not supported is
 recorded with its error and skipped.
 
-Usage: python benchmarks/bench_attention.py [--quick] [--json PATH] [--markdown PATH]
+Usage: python benchmarks/bench_attention.py [--quick] [--shapes 0,2] [--causal both|0|1] [--json PATH] [--markdown PATH]
+       python benchmarks/bench_attention.py --merge a.json b.json --json all.json --markdown all.md
 Without CUDA it says so and times tiny shapes on the CPU (reference, and the Triton interpreter
 when TRITON_INTERPRET=1).
 """
@@ -183,8 +184,12 @@ def run_gpu(args):
     import memtrace.attention as A
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    if getattr(args, "shapes", None):
+        shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
     traces = QUICK_TRACES if args.quick else TRACES
     causals = [False] if args.quick else [False, True]
+    if getattr(args, "causal", "both") != "both":
+        causals = [args.causal == "1"]
     rows = []
     device = torch.device("cuda")
 
@@ -401,7 +406,25 @@ def main(argv=None):
     parser.add_argument("--json", metavar="PATH", help="write the rows and the environment as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="write a markdown table (for BENCHMARKS.md)")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated indices into SHAPES (split the matrix over several GPU calls)")
+    parser.add_argument("--causal", choices=("both", "0", "1"), default="both")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="no run: join the rows of earlier (split) runs, recompute ratios, write --json/--markdown")
     args = parser.parse_args(argv)
+    if args.merge:
+        docs = [json.load(open(path)) for path in args.merge]
+        rows = [r for d in docs for r in d["rows"]]
+        add_ratios(rows)
+        result = {"benchmark": "attention", "env": docs[0]["env"], "quick": False, "rows": rows,
+                  "merged_from": [d["env"].get("date") for d in docs]}
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=1)
+        if args.markdown:
+            with open(args.markdown, "w") as fh:
+                fh.write(markdown(rows, docs[0]["env"]))
+        return result
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     env = environment()

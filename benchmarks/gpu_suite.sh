@@ -2,8 +2,9 @@
 # Everything memtrace does on the GPU machine, in one call of the device tool; results land under $OUT.
 # Usage: bash benchmarks/gpu_suite.sh [all|tests|bench|attention|check]   (default all)
 #   all        install, GPU tests, every benchmark (about 15 minutes on an H100: split it over calls)
-#   check      the short run: kernels' GPU tests, bias-index and update benchmarks, one timing of the
-#              triton backend (fits a few minutes of device time)
+#   check      the short run: GPU parity of memory / capture / attention, capture tuning, bias-index and
+#              update benchmarks, one timing of the triton backend (about 6 minutes)
+#   attention  the attention matrix; MEMTRACE_BENCH_SHAPES=0,1 MEMTRACE_BENCH_CAUSAL=0 pick a part
 # MEMTRACE_SUITE_NO_BUILD=1 skips building memtrace._C (runs from the source tree; routing skipped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,8 +44,14 @@ if [[ $what == tests || $what == all ]]; then
   for f in "$OUT"/gpu_tests_*.log; do echo "== $f"; grep -E "passed|failed|error|Error|FAILED" "$f" | tail -8; done
 fi
 if [[ $what == check ]]; then
-  MEMTRACE_ATTN_TUNE=0 timeout 200 python -m pytest tests/gpu/test_attention_kernels_gpu.py tests/gpu/test_memory_gpu.py \
-    -q -p no:cacheprovider -p no:warnings 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 || status=1
+  # GPU parity of the kernels that changed last (memory select, bias index, capture), in parallel.
+  for mod in memory_gpu capture_gpu attention_gpu; do
+    MEMTRACE_ATTN_TUNE=0 timeout 280 python -m pytest "tests/gpu/test_$mod.py" -q -p no:cacheprovider -p no:warnings \
+      > "$OUT/gpu_tests_$mod.log" 2>&1 &
+  done
+  wait || status=1
+  tail -n 3 "$OUT"/gpu_tests_*.log
+  timeout 200 python benchmarks/tune_capture.py "$OUT/tune_capture.json" 2>&1 | tail -6 || status=1
   timeout 60 python benchmarks/bench_bias.py --json "$OUT/bias.json" 2>&1 | tail -12 || status=1
   timeout 90 python benchmarks/bench_update.py --json "$OUT/update.json" 2>&1 | tail -12 || status=1
   timeout 120 python - <<'PY' 2>&1 | tee "$OUT/triton_timing.txt" || status=1
@@ -74,6 +81,11 @@ if [[ $what == bench || $what == all ]]; then
   python benchmarks/bench_bias.py --json "$OUT/bias.json" || status=1
 fi
 if [[ $what == attention || $what == all ]]; then
-  python benchmarks/bench_attention.py --json "$OUT/attention.json" --markdown "$OUT/attention.md" || status=1
+  # MEMTRACE_BENCH_SHAPES / MEMTRACE_BENCH_CAUSAL split the matrix over calls (10 minutes each);
+  # join the parts with bench_attention.py --merge.
+  part=${MEMTRACE_BENCH_SHAPES:-all}_${MEMTRACE_BENCH_CAUSAL:-both}
+  python benchmarks/bench_attention.py ${MEMTRACE_BENCH_SHAPES:+--shapes $MEMTRACE_BENCH_SHAPES} \
+    --causal "${MEMTRACE_BENCH_CAUSAL:-both}" --json "$OUT/attention_${part//,/-}.json" \
+    --markdown "$OUT/attention_${part//,/-}.md" || status=1
 fi
 exit $status
