@@ -81,3 +81,18 @@ def test_dispatch_sizes():
     assert not mod._fast_ok(32 * 16384, 32)          # > 2^18 entries
     assert not mod._fast_ok(65536, 1)                # 65536 entries in one head: many chunks
     assert not mod._fast_ok(0, 4)
+
+
+def test_env_forces_the_sort_path(monkeypatch):
+    """MEMTRACE_BIAS_INDEX picks the path; a bad value is a ValueError naming the variable."""
+    bi = _module()
+    n, H, T = 40, 2, 32
+    args = (*_coo(n, H, T, T, seed=5), H, T, T)
+    monkeypatch.setenv("MEMTRACE_BIAS_INDEX", "sort")
+    a = bi.build_index(*args)
+    b = bi.build_index(*args, method="fast")
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    monkeypatch.setenv("MEMTRACE_BIAS_INDEX", "quick")
+    with pytest.raises(ValueError, match="MEMTRACE_BIAS_INDEX"):
+        bi.build_index(*args)
