@@ -4,8 +4,7 @@ and the torch.sort path) against the torch builder, bit for bit, under TRITON_IN
 duplicate runs across chunk boundaries, empty heads, more heads than histogram bins of a block."""
 from __future__ import annotations
 
-import importlib
-import os
+import sys
 
 import pytest
 import torch
@@ -16,22 +15,9 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _module():
-    pytest.importorskip("triton")
-    name = "memtrace.kernels.bias_index"
-    if DEV == "cuda":
-        return importlib.import_module(name)
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        mod = importlib.import_module(name)
-        if type(mod._rank_kernel).__name__ != "InterpretedFunction":
-            mod = importlib.reload(mod)
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    return mod
+    """kernels/bias_index, interpreted on the CPU (the import dance lives in test_bias._builder)."""
+    from test_bias import _builder
+    return sys.modules[_builder().__module__]
 
 
 def _coo(n, H, Tq, Tk, seed, head_probs=None):
