@@ -51,6 +51,17 @@ LAST_COMPILED = {}
 
 
 @triton.jit
+def _tile_ptrs(Q, K, V, DO, sqh, sqm, sqd, skh, skn, skd, svh, svn, svd, soh, som, sod,
+               h, hk, offs_m, offs_n, offs_d):
+    """Pointers to batch element 0 of the q / dO rows offs_m (head h) and k / v rows offs_n (kv head hk)."""
+    q_ptrs = Q + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
+    do_ptrs = DO + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+    k_ptrs = K + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+    v_ptrs = V + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
+    return q_ptrs, do_ptrs, k_ptrs, v_ptrs
+
+
+@triton.jit
 def _tile_scores(Q, K, V, DO, LSE,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  sob, soh, som, sod, slb, slh, slm,
@@ -66,10 +77,8 @@ def _tile_scores(Q, K, V, DO, LSE,
     row_ok = offs_m < Tq
     col_ok = offs_n < Tk
     if not USE_DESC:
-        q_ptrs = Q + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
-        do_ptrs = DO + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
-        k_ptrs = K + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
-        v_ptrs = V + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
+        q_ptrs, do_ptrs, k_ptrs, v_ptrs = _tile_ptrs(Q, K, V, DO, sqh, sqm, sqd, skh, skn, skd, svh, svn, svd,
+                                                     soh, som, sod, h, hk, offs_m, offs_n, offs_d)
     lse_ptrs = LSE + h * slh + offs_m * slm
     acc_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -113,10 +122,8 @@ def _tile_scores2(Q, K, V, DO, LSE,
     col0 = offs_n0 < Tk
     col1 = offs_n1 < Tk
     if not USE_DESC:
-        q_ptrs = Q + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
-        do_ptrs = DO + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
-        k0_ptrs = K + hk * skh + offs_n0[:, None] * skn + offs_d[None, :] * skd
-        v0_ptrs = V + hk * svh + offs_n0[:, None] * svn + offs_d[None, :] * svd
+        q_ptrs, do_ptrs, k0_ptrs, v0_ptrs = _tile_ptrs(Q, K, V, DO, sqh, sqm, sqd, skh, skn, skd, svh, svn, svd,
+                                                       soh, som, sod, h, hk, offs_m, offs_n0, offs_d)
         k1_ptrs = k0_ptrs + BLOCK_N * skn
         v1_ptrs = v0_ptrs + BLOCK_N * svn
     lse_ptrs = LSE + h * slh + offs_m * slm
@@ -357,10 +364,8 @@ def _salience_stream_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < Tq
     if not USE_DESC:
-        q_ptrs = Q + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
-        do_ptrs = DO + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
-        k_ptrs = K + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
-        v_ptrs = V + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
+        q_ptrs, do_ptrs, k_ptrs, v_ptrs = _tile_ptrs(Q, K, V, DO, sqh, sqm, sqd, skh, skn, skd, svh, svn, svd,
+                                                     soh, som, sod, h, hk, offs_m, offs_n, offs_d)
     lse_ptrs = LSE + h * slh + offs_m * slm
     acc_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
