@@ -38,6 +38,7 @@ SHAPES = [  # (B, Hq, Hkv, T, D)
 QUICK_SHAPES = [(4, 16, 16, 4096, 128)]
 TRACES = [(2048, "random"), (2048, "clustered"), (16384, "random"), (16384, "clustered")]
 QUICK_TRACES = [(2048, "random"), (16384, "clustered")]
+REP_MS = 100   # do_bench's timing window per measurement (--rep)
 PEERS = ["sdpa_flash", "sdpa_cudnn", "flex_dense_bias", "sdpa_efficient_dense_bias", "sdpa_cudnn_dense_bias",
          "eager_dense_bias"]
 
@@ -168,7 +169,7 @@ def measure(make_fn, q, k, v, dout, *, backward, quick):
     step()  # compile / autotune, and the memory high-water mark
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    ms = triton.testing.do_bench(step, warmup=10 if quick else 25, rep=40 if quick else 100,
+    ms = triton.testing.do_bench(step, warmup=10 if quick else 25, rep=40 if quick else REP_MS,
                                  grad_to_none=[q, k, v] if backward else None, return_mode="median")
     return ms, peak
 
@@ -408,10 +409,13 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--shapes", default=None,
                         help="comma-separated indices into SHAPES (split the matrix over several GPU calls)")
+    parser.add_argument("--rep", type=int, default=100, help="do_bench timing window in ms per measurement")
     parser.add_argument("--causal", choices=("both", "0", "1"), default="both")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="no run: join the rows of earlier (split) runs, recompute ratios, write --json/--markdown")
     args = parser.parse_args(argv)
+    global REP_MS
+    REP_MS = args.rep
     if args.merge:
         docs = [json.load(open(path)) for path in args.merge]
         rows = [r for d in docs for r in d["rows"]]

@@ -84,8 +84,19 @@ if [[ $what == attention || $what == all ]]; then
   # MEMTRACE_BENCH_SHAPES / MEMTRACE_BENCH_CAUSAL split the matrix over calls (10 minutes each);
   # join the parts with bench_attention.py --merge.
   part=${MEMTRACE_BENCH_SHAPES:-all}_${MEMTRACE_BENCH_CAUSAL:-both}
+  # Compile first, one process per (head dim, causal), side by side: autotuning compiles dozens of
+  # configs per kernel, single-threaded per process; the benchmark then loads them from the cache.
+  dims=$(python -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_attention as b; \
+    s='${MEMTRACE_BENCH_SHAPES:-}'; idx=[int(i) for i in s.split(',')] if s else range(len(b.SHAPES)); \
+    print(' '.join(sorted({str(b.SHAPES[i][4]) for i in idx})))")
+  causals=${MEMTRACE_BENCH_CAUSAL:-both}; [[ $causals == both ]] && causals="0 1"
+  for d in $dims; do for c in $causals; do
+    timeout 300 python benchmarks/prewarm_attention.py "$d" "$c" > "$OUT/prewarm_${d}_${c}.log" 2>&1 &
+  done; done
+  wait
+  tail -q -n 2 "$OUT"/prewarm_*.log
   python benchmarks/bench_attention.py ${MEMTRACE_BENCH_SHAPES:+--shapes $MEMTRACE_BENCH_SHAPES} \
-    --causal "${MEMTRACE_BENCH_CAUSAL:-both}" --json "$OUT/attention_${part//,/-}.json" \
+    --causal "${MEMTRACE_BENCH_CAUSAL:-both}" --rep "${MEMTRACE_BENCH_REP:-100}" --json "$OUT/attention_${part//,/-}.json" \
     --markdown "$OUT/attention_${part//,/-}.md" || status=1
 fi
 exit $status
