@@ -35,6 +35,7 @@ from memtrace.capture import SalienceCapture
 
 
 _PREVIOUS_SWEEP = {}
+NO_SWEEP = False                  # --no-sweep: the default tile configuration only
 
 
 def bench(fn, grad_to_none=None, rep=200):
@@ -132,6 +133,8 @@ def run_shape(B, H, T, D, capacity, quick, notes):
                (64, 64, 8, 3, 0), (128, 64, 8, 2, 1), (64, 64, 4, 2, 2)]
     if quick:
         configs = configs[:3]
+    if NO_SWEEP:
+        configs = [capture_mod._config(D, q.device)]
     if _PREVIOUS_SWEEP:               # later shapes: only the 4 fastest of the first shape's sweep
         ranked = sorted((ms, c) for c, ms in _PREVIOUS_SWEEP.items() if isinstance(ms, float))
         configs = [tuple(int(x) for x in c.strip("()").split(",")) for _, c in ranked[:4]] or configs
@@ -235,7 +238,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-sweep", action="store_true", help="time the default capture tiles only")
     args = ap.parse_args(argv)
+    global NO_SWEEP
+    NO_SWEEP = args.no_sweep
     if not torch.cuda.is_available():
         print("bench_capture: no CUDA device; nothing to measure (the CPU tests cover correctness)")
         return 0
@@ -249,6 +255,7 @@ def main(argv=None):
     doc = {"benchmark": "bench_capture", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "cuda": torch.version.cuda, "triton": triton.__version__, "memtrace": memtrace.__version__,
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
+           "sparse_emit": capture_mod._SPARSE_EMIT,
            "baseline": "SDPA flash fwd+bwd (aten _scaled_dot_product_flash_attention, returns the LSE the "
                        "capture needs); memtrace.biased_attention too where it ran (base_mt / capture_mt)",
            "targets": {"capture_over_base": 1.25, "eager_over_capture": 20, "mem_capture_over_base": 1.1},

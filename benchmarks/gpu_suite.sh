@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything memtrace does on the GPU machine, in one call of the device tool; results land under $OUT.
-# Usage: bash benchmarks/gpu_suite.sh [all|tests|bench|attention|check]   (default all)
+# Usage: bash benchmarks/gpu_suite.sh [all|tests|bench|attention|capture|check]   (default all)
 #   all        install, GPU tests, every benchmark (about 15 minutes on an H100: split it over calls)
+#   capture    capture only: GPU parity, per-kernel profile of both emission modes, bench_capture
 #   check      the short run: GPU parity of memory / capture / attention, capture tuning, bias-index and
 #              update benchmarks, one timing of the triton backend (about 6 minutes)
 #   attention  the attention matrix; MEMTRACE_BENCH_SHAPES=0,1 MEMTRACE_BENCH_CAUSAL=0 pick a part
@@ -73,6 +74,24 @@ for name, b in (("none", None), ("2048", bias)):
     both = triton.testing.do_bench(step, return_mode="median", grad_to_none=[q, k, v])
     print(f"triton {name}: fwd {fwd:.3f} ms {flops / fwd / 1e9:.0f} TF/s | fwd+bwd {both:.3f} ms {3.5 * flops / both / 1e9:.0f} TF/s")
 PY
+fi
+if [[ $what == capture ]]; then
+  # Capture only: GPU parity (three pytest processes side by side: compiling dominates) while the
+  # profiler splits the fill into kernels for both emission modes; then bench_capture with the
+  # mode that filled fastest at B2 (MEMTRACE_CAPTURE_EMIT).
+  for sel in "parity" "realistic" "overflow or masked"; do
+    timeout 300 python -m pytest tests/gpu/test_capture_gpu.py -q -p no:cacheprovider -p no:warnings -k "$sel" \
+      > "$OUT/gpu_tests_capture_${sel// /_}.log" 2>&1 &
+  done
+  timeout 200 python benchmarks/profile_capture.py "$OUT/profile_capture.json" --sparse-emit 512,0 2>&1 \
+    | grep -v -i warn | cut -c1-400 || status=1
+  wait || status=1
+  tail -n 3 "$OUT"/gpu_tests_capture_*.log
+  emit=$(python -c "import json; r=json.load(open('$OUT/profile_capture.json'))['rows']; \
+    b2=[x for x in r if x['B'] == 2 and x['threshold'] == 'sparse']; print(min(b2, key=lambda x: x['fill_ms'])['sparse_emit'])")
+  echo "bench_capture with MEMTRACE_CAPTURE_EMIT=$emit"
+  MEMTRACE_CAPTURE_EMIT=$emit timeout 240 python benchmarks/bench_capture.py --no-sweep --json "$OUT/capture.json" \
+    2>&1 | grep -v -i warn | tail -40 || status=1
 fi
 if [[ $what == bench || $what == all ]]; then
   python benchmarks/bench_routing.py --json "$OUT/routing.json" || status=1

@@ -1,6 +1,7 @@
 """Per-kernel GPU time of one capture fill (torch.profiler), H16 T4096 D128 bf16, B in 1, 2, 4.
 
     python benchmarks/profile_capture.py [OUT.json] [--config BM,BN,WARPS,STAGES,SPLIT ...] [--no-desc]
+                                         [--sparse-emit N,N]   (512: per candidate up to 512 a tile, 0: ranked)
 
 tune_capture.py times the whole fill; this splits it into the salience kernel(s) and the torch
 glue (buffer zeroing, sorts, the overflow bookkeeping), for the no-candidate threshold and the one
@@ -39,6 +40,9 @@ def main(argv):
     if "--config" in argv:
         configs = [tuple(int(x) for x in c.split(",")) for c in argv[argv.index("--config") + 1:]
                    if not c.startswith("--")]
+    emits = [capture_mod._SPARSE_EMIT]
+    if "--sparse-emit" in argv:
+        emits = [int(x) for x in argv[argv.index("--sparse-emit") + 1].split(",")]
     if "--no-desc" in argv:
         capture_mod._USE_DESC = False
     H, T, D, cap_size = 16, 4096, 128, 1 << 17
@@ -51,15 +55,16 @@ def main(argv):
         probe = SalienceCapture(threshold=0.0, capacity=cap_size)
         probe._fill(q, k, v, out, lse, do, None, None, scale=scale)
         thr = float(probe.stats["kept_min_salience"])
-        for cfg in configs:
+        for cfg, emit in [(c, e) for c in configs for e in emits]:
             capture_mod._CONFIG_OVERRIDE = cfg
+            capture_mod._SPARSE_EMIT = emit
             for name, t in (("none", 3e38), ("sparse", thr)):
                 cap = SalienceCapture(threshold=t, capacity=cap_size)
                 fn = (lambda cap=cap: cap._fill(q, k, v, out, lse, do, None, None, scale=scale))
                 times = kernel_times(fn)
                 total = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
                 row = {"B": B, "config": str(cfg or capture_mod._config(D, q.device)), "threshold": name,
-                       "desc": capture_mod._USE_DESC, "fill_ms": total,
+                       "sparse_emit": emit, "desc": capture_mod._USE_DESC, "fill_ms": total,
                        "kernels_us": {k_: round(v_, 1) for k_, v_ in list(times.items())[:8]}}
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -3,8 +3,8 @@
 Two kernels, both reading the backward's inputs directly (nothing of size Tq x Tk is allocated):
 
 ``_salience_tile_kernel``  every edge that is NOT a bias entry.
-    Grid (num_q_tiles * num_k_tiles, Hq); program (t, h) owns the query rows
-    [m0, m0 + BLOCK_M) and keys [n0, n0 + SPLIT * BLOCK_N) of query head h (kv head h // group),
+    Tile (h, t) covers the query rows [m0, m0 + BLOCK_M) and keys [n0, n0 + SPLIT * BLOCK_N) of
+    query head h (kv head h // group); PASS 0 runs a program per tile, PASS 1 / 2 grid-stride,
     and loops over the batch inside, so the batch sums of P*|dP| and P stay in registers (SPLIT=2:
     two key sub-tiles share each batch element's q and dO loads):
 
@@ -218,15 +218,11 @@ def _add_histogram(S, cand, HIST, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _epilogue(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
-              ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
-              CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
-              STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, HIST, BOUND,
-              PASS: tl.constexpr, HIST_IN_MAIN: tl.constexpr, HAS_ENTRIES: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IDX_TILE: tl.constexpr,
-              NUM_BINS: tl.constexpr, SHIFT: tl.constexpr, SPARSE_EMIT: tl.constexpr = 0):
-    """Mask, drop bias entries, threshold, then the pass's output; returns the tile's largest
-    candidate S (-1 if none)."""
+def _candidates(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
+                ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
+                HAS_ENTRIES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IDX_TILE: tl.constexpr):
+    """(S, a, candidate mask, rows, columns) of a tile: batch means, edges inside the call and not
+    causally masked, not bias entries, S > threshold."""
     S = acc_s * inv_batch
     A = acc_a * inv_batch
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -243,6 +239,22 @@ def _epilogue(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, thresho
             ej = tl.load(ENT_J + e)
             valid = valid & ~((offs_m[:, None] == ei) & (offs_n[None, :] == ej))
     cand = valid & (S > threshold)
+    return S, A, cand, offs_m, offs_n
+
+
+@triton.jit
+def _epilogue(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
+              ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
+              CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
+              STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, HIST, BOUND,
+              PASS: tl.constexpr, HIST_IN_MAIN: tl.constexpr, HAS_ENTRIES: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IDX_TILE: tl.constexpr,
+              NUM_BINS: tl.constexpr, SHIFT: tl.constexpr, SPARSE_EMIT: tl.constexpr = 0):
+    """Mask, drop bias entries, threshold, then the pass's output; returns the tile's largest
+    candidate S (-1 if none)."""
+    S, A, cand, offs_m, offs_n = _candidates(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
+                                             ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
+                                             HAS_ENTRIES, BLOCK_M, BLOCK_N, IDX_TILE)
     if PASS == 0:
         _emit(cand, S, A, offs_m, offs_n, h, CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A, SPARSE_EMIT)
         if HIST_IN_MAIN:
@@ -264,7 +276,7 @@ def _salience_tile_kernel(
         Q, K, V, DO, LSE,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
         sob, soh, som, sod, slb, slh, slm,
-        B, Tq, Tk, group, num_k_tiles, qk_scale, inv_batch, causal_offset, threshold,
+        B, Tq, Tk, group, num_q_tiles, num_k_tiles, num_heads, qk_scale, inv_batch, causal_offset, threshold,
         ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
         CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
         STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity,
@@ -273,21 +285,59 @@ def _salience_tile_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr,
         PRECISION: tl.constexpr, IDX_TILE: tl.constexpr,
         NUM_BINS: tl.constexpr, SHIFT: tl.constexpr, USE_DESC: tl.constexpr):
-    """Program tile: BLOCK_M queries x (SPLIT * BLOCK_N) keys of head program_id(1)."""
+    """PASS 0: program t owns tile t (BLOCK_M queries x SPLIT * BLOCK_N keys; tiles numbered
+    (head, query tile, key tile) row-major). PASS 1 / 2: a few programs stride over the tiles, and
+    only when the fill overflowed: without overflow the launch is a handful of programs that read
+    one counter and exit (one program per tile cost ~0.14 ms per pass on an H100 just to launch
+    and retire 32768 one-block-per-SM programs)."""
     pid = tl.program_id(0)
-    h = tl.program_id(1)
-    num_q_tiles = tl.num_programs(0) // num_k_tiles
-    tile_m = pid // num_k_tiles
-    tile_n = pid % num_k_tiles
+    if PASS == 0:
+        _tile_program(Q, K, V, DO, LSE,
+                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                      sob, soh, som, sod, slb, slh, slm,
+                      pid, B, Tq, Tk, group, num_q_tiles, num_k_tiles, qk_scale, inv_batch, causal_offset,
+                      threshold, ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
+                      CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
+                      STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, TILE_MAX, HIST, BOUND,
+                      PASS, HIST_IN_MAIN, HAS_ENTRIES, BLOCK_M, BLOCK_N, SPLIT, HEAD_DIM, PRECISION,
+                      IDX_TILE, NUM_BINS, SHIFT, USE_DESC)
+    elif tl.load(CNT) > capacity:
+        for t in range(pid, num_heads * num_q_tiles * num_k_tiles, tl.num_programs(0)):
+            _tile_program(Q, K, V, DO, LSE,
+                          sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                          sob, soh, som, sod, slb, slh, slm,
+                          t, B, Tq, Tk, group, num_q_tiles, num_k_tiles, qk_scale, inv_batch, causal_offset,
+                          threshold, ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
+                          CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
+                          STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, TILE_MAX, HIST, BOUND,
+                          PASS, HIST_IN_MAIN, HAS_ENTRIES, BLOCK_M, BLOCK_N, SPLIT, HEAD_DIM, PRECISION,
+                          IDX_TILE, NUM_BINS, SHIFT, USE_DESC)
+
+
+@triton.jit
+def _tile_program(Q, K, V, DO, LSE,
+                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                  sob, soh, som, sod, slb, slh, slm,
+                  tile_id, B, Tq, Tk, group, num_q_tiles, num_k_tiles, qk_scale, inv_batch, causal_offset,
+                  threshold, ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
+                  CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
+                  STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, TILE_MAX, HIST, BOUND,
+                  PASS: tl.constexpr, HIST_IN_MAIN: tl.constexpr, HAS_ENTRIES: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  PRECISION: tl.constexpr, IDX_TILE: tl.constexpr,
+                  NUM_BINS: tl.constexpr, SHIFT: tl.constexpr, USE_DESC: tl.constexpr):
+    """One tile of one pass (see `_salience_tile_kernel`)."""
+    per_head = num_q_tiles * num_k_tiles
+    h = tile_id // per_head
+    tile_m = (tile_id % per_head) // num_k_tiles
+    tile_n = tile_id % num_k_tiles
     m0 = tile_m * BLOCK_M
     n0 = tile_n * (SPLIT * BLOCK_N)
-    tile_id = h * num_q_tiles * num_k_tiles + pid
     # causal_offset = Tk - Tq when causal, else Tk (nothing masked).
     live = n0 <= m0 + BLOCK_M - 1 + causal_offset
     if PASS > 0:
-        overflow = tl.load(CNT) > capacity
         tmax = tl.load(TILE_MAX + tile_id)
-        live = live & overflow & (tmax > threshold)
+        live = live & (tmax > threshold)
         if PASS == 2:
             bstar = tl.load(BOUND)
             tbin = tmax.to(tl.int32, bitcast=True) >> SHIFT
@@ -345,8 +395,8 @@ def _salience_stream_kernel(
     (key tile, batch element), so the compiler pipelines the loads of the next step under the
     dots of this one (the per-tile kernel's batch loop is 1..4 steps long: nothing to overlap).
     The batch sums live in registers and are flushed through the epilogue after the last batch
-    element of each key tile. Same tiles, outputs and tile_max as `_salience_tile_kernel`
-    with SPLIT = 1, whose PASS 1 / 2 therefore stay valid after this kernel."""
+    element of each key tile. Same tiles and outputs as `_salience_tile_kernel` with SPLIT = 1,
+    whose PASS 1 / 2 therefore stay valid after this kernel."""
     LOG2E: tl.constexpr = 1.4426950408889634
     tile_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -391,13 +441,14 @@ def _salience_stream_kernel(
         acc_s += p * tl.abs(dp)
         last = b == B - 1
         if last:
+            tile_id = (h * num_q_tiles + tile_m) * num_k_tiles + n0 // BLOCK_N
             best = _epilogue(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
                              ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
                              CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
                              OUT_H, OUT_I, OUT_J, OUT_S, OUT_A, capacity, CNT, CNT,
                              0, False, HAS_ENTRIES, BLOCK_M, BLOCK_N, IDX_TILE, NUM_BINS, SHIFT,
                              SPARSE_EMIT)
-            tl.store(TILE_MAX + (h * num_q_tiles + tile_m) * num_k_tiles + n0 // BLOCK_N, best)
+            tl.store(TILE_MAX + tile_id, best)
             # Reset here, not after the if: the old sums die inside the epilogue (registers).
             acc_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -487,7 +538,10 @@ def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offse
     stream = split == 0
     split = max(split, 1)          # the overflow passes of a streamed fill: per-tile, same tiles
     num_k_tiles = triton.cdiv(Tk, bn * split)
-    grid = (triton.cdiv(Tq, bm) * num_k_tiles, Hq)
+    num_q_tiles = triton.cdiv(Tq, bm)
+    total_tiles = num_q_tiles * num_k_tiles * Hq
+    # PASS 0: a program per tile; the overflow passes: grid-stride programs (see the kernel).
+    grid = (total_tiles if pass_ == 0 else min(total_tiles, 2 * _num_sms(q.device)),)
     strides = [*_strides(q, 4), *_strides(k, 4), *_strides(v, 4), *_strides(dout, 4)]
     use_desc = bool(use_desc) and all(_desc_ok(t) for t in (q, k, v, dout))
     if use_desc:
@@ -503,7 +557,7 @@ def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offse
     else:
         ent_off, ent_i, ent_j, tiles_m, tiles_n = entries
     if stream and pass_ == 0:
-        q_tiles = triton.cdiv(Tq, bm)
+        q_tiles = num_q_tiles
         # Enough programs to fill the machine: split the key range when rows x heads are few.
         want = max(1, -(-(4 * _num_sms(q.device)) // (q_tiles * Hq)))
         per_split = triton.cdiv(num_k_tiles, min(want, num_k_tiles))
@@ -519,7 +573,7 @@ def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offse
         return
     compiled = _salience_tile_kernel[grid](
         tensors[0], tensors[1], tensors[2], tensors[3], lse, *strides, *_strides(lse, 3),
-        B, Tq, Tk, Hq // Hkv, num_k_tiles, qk_scale, 1.0 / B, causal_offset, threshold,
+        B, Tq, Tk, Hq // Hkv, num_q_tiles, num_k_tiles, Hq, qk_scale, 1.0 / B, causal_offset, threshold,
         ent_off, ent_i, ent_j, tiles_m, tiles_n,
         cnt, capacity, *out, *staging, stg_capacity, tile_max, hist, bound,
         PASS=pass_, HIST_IN_MAIN=hist_in_main, HAS_ENTRIES=entries is not None,

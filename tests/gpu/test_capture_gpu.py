@@ -9,6 +9,7 @@ import torch
 import memtrace as mt
 from memtrace import reference as R
 from memtrace.capture import SalienceCapture
+from memtrace import capture as capture_mod
 
 DEV = "cuda"
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
@@ -100,8 +101,11 @@ def test_fill_parity(dtype, causal):
     assert cap.num_heads == Hq and cap.seq_len_q == Tq and cap.seq_len_k == Tk
 
 
+@pytest.mark.parametrize("sparse_emit", [512, 0])
 @pytest.mark.parametrize("D", [32, 128])
-def test_fill_realistic_bf16(D):
+def test_fill_realistic_bf16(D, sparse_emit, monkeypatch):
+    """Per-candidate (512) and ranked (0) emission of the streaming kernel."""
+    monkeypatch.setattr(capture_mod, "_SPARSE_EMIT", sparse_emit)
     B, H, T = 2, 4, 1024
     q, k, v, do = _inputs(B, H, H, T, T, D, torch.bfloat16, seed=3)
     out, lse, S, a = _oracle(q, k, v, do, None, False)
@@ -112,7 +116,9 @@ def test_fill_realistic_bf16(D):
     assert cap.bias_scores is None
 
 
-def test_overflow_keeps_strongest():
+@pytest.mark.parametrize("sparse_emit", [512, 0])
+def test_overflow_keeps_strongest(sparse_emit, monkeypatch):
+    monkeypatch.setattr(capture_mod, "_SPARSE_EMIT", sparse_emit)
     B, H, T, D = 2, 4, 512, 64
     q, k, v, do = _inputs(B, H, H, T, T, D, torch.float16, seed=4)
     out, lse, S, a = _oracle(q, k, v, do, None, False)
