@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything memtrace does on the GPU machine, in one call of the device tool; results land under $OUT.
-# Usage: bash benchmarks/gpu_suite.sh [all|tests|bench|attention|capture|check]   (default all)
+# Usage: bash benchmarks/gpu_suite.sh [all|tests|bench|attention|capture|profile|check]   (default all)
 #   all        install, GPU tests, every benchmark (about 15 minutes on an H100: split it over calls)
 #   capture    capture only: GPU parity, per-kernel profile of both emission modes, bench_capture
+#   profile    per-kernel GPU time of one trace-memory update and of capture fills
 #   check      the short run: GPU parity of memory / capture / attention, capture tuning, bias-index and
 #              update benchmarks, one timing of the triton backend (about 6 minutes)
 #   attention  the attention matrix; MEMTRACE_BENCH_SHAPES=0,1 MEMTRACE_BENCH_CAUSAL=0 pick a part
@@ -94,6 +95,11 @@ if [[ $what == capture ]]; then
   echo "bench_capture with MEMTRACE_CAPTURE_EMIT=$emit"
   MEMTRACE_CAPTURE_EMIT=$emit timeout 240 python benchmarks/bench_capture.py --no-sweep --json "$OUT/capture.json" \
     2>&1 | grep -v -i warn | tail -40 || status=1
+fi
+if [[ $what == profile ]]; then
+  # Where the time of the two issue-4 ops goes, kernel by kernel (torch.profiler), ~2 minutes.
+  timeout 150 python benchmarks/profile_update.py "$OUT/profile_update.json" 2>&1 | grep -v -i warn | tail -30 || status=1
+  timeout 200 python benchmarks/profile_capture.py "$OUT/profile_capture.json" 2>&1 | grep -v -i warn | cut -c1-400 || status=1
 fi
 if [[ $what == bench || $what == all ]]; then
   python benchmarks/bench_routing.py --json "$OUT/routing.json" || status=1
