@@ -49,7 +49,6 @@ causal (j > i + Tk - Tq), are ignored.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch

@@ -117,7 +117,6 @@ def _oracle(q, k, v, coo, dout, causal, alpha):
 
 
 def _random_case(rng, device, max_len, dtypes):
-    import torch
     Hkv = int(rng.choice([1, 2, 4]))
     Hq = Hkv * int(rng.choice([1, 2]))
     case = dict(B=int(rng.integers(1, 3)), Hq=Hq, Hkv=Hkv, Tq=int(rng.integers(1, max_len + 1)),

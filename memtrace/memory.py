@@ -47,6 +47,7 @@ import os
 import torch
 
 from . import _validate as V
+from ._files import save_safetensors
 from .bias import TraceBias
 
 __all__ = ["TraceMemory", "FORMAT_VERSION"]
@@ -453,12 +454,12 @@ class TraceMemory:
         self._bump_all()
 
     def save(self, path) -> None:
-        """Write to a safetensors file (tensors + format version + hyper-parameters)."""
-        from safetensors.torch import save_file
+        """Write to a safetensors file (tensors + format version + hyper-parameters), atomically
+        (see `_files.save_safetensors`)."""
         metadata = {"format": _FORMAT_NAME, "format_version": str(FORMAT_VERSION),
                     "config": json.dumps(self.config())}
-        save_file({"strength": self.strength.detach().cpu().contiguous(),
-                   "meta": self.meta.detach().cpu().contiguous()}, str(path), metadata=metadata)
+        save_safetensors({"strength": self.strength.detach().cpu().contiguous(),
+                          "meta": self.meta.detach().cpu().contiguous()}, path, metadata)
 
     @classmethod
     def load(cls, path, device=None) -> "TraceMemory":
@@ -550,7 +551,7 @@ def _check_state_tensors(strength, meta, cfg, where):
         raise ValueError(f"{where}: strength must hold finite values >= 0 or -1 (empty)")
     if not bool((meta[~valid] == 0).all()):
         raise ValueError(f"{where}: empty slots must have meta 0")
-    L, W = cfg["max_seq_len"], cfg["window"]
+    L = cfg["max_seq_len"]
     pos_bits = _pos_bits(L)
     pos = (meta >> (64 - pos_bits)) & ((1 << pos_bits) - 1)
     if not bool((pos[valid] < L * L).all()):

@@ -19,6 +19,7 @@ import os
 import torch
 
 from . import _validate as V
+from ._files import save_safetensors
 
 __all__ = ["RoutingTree", "FORMAT_VERSION", "BYTES_PER_NODE"]
 
@@ -324,12 +325,12 @@ class RoutingTree:
         self.__dict__.update(other.__dict__)
 
     def save(self, path) -> None:
-        from safetensors.torch import save_file
-
+        """Write to a safetensors file (tensors + format version + hyper-parameters), atomically
+        (see `_files.save_safetensors`)."""
         meta = {"format": "memtrace.RoutingTree", "format_version": str(FORMAT_VERSION),
                 "hyper_parameters": json.dumps({"num_layers": self.num_layers, "num_experts": self.num_experts,
                                                 "max_depth": self.max_depth, "mode": self.mode})}
-        save_file(self.state_dict(), os.fspath(path), metadata=meta)
+        save_safetensors(self.state_dict(), path, meta)
 
     @classmethod
     def load(cls, path, device=None) -> "RoutingTree":

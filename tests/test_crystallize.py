@@ -1,4 +1,6 @@
 """MotifRegistry against the reference registry, eviction, revalidation; CompositeExpert; FLOP helper."""
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -38,7 +40,7 @@ def keys(motifs):
 def test_motif_fields():
     m = mt.Motif(start_layer=1, experts=(1, 2, 3), count=5, utility=0.5, entropy=0.1, age=3, score=2.0)
     assert m.key == (1, (1, 2, 3)) and m.length == 3 and list(m.layers) == [1, 2, 3]
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         m.count = 6  # frozen
 
 

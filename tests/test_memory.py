@@ -490,8 +490,13 @@ def test_bad_state_dict_leaves_state_unchanged():
 
 def test_save_to_bad_path_and_load_missing_file(tmp_path):
     mem = _filled()
-    with pytest.raises(Exception):
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
         mem.save(tmp_path / "no_such_dir" / "m.safetensors")
+    # a save over an existing file replaces it whole and leaves no temporary file behind
+    mem.save(tmp_path / "m.safetensors")
+    mem.save(tmp_path / "m.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    assert _unchanged(mt.TraceMemory.load(tmp_path / "m.safetensors"), _snapshot(mem))
     with pytest.raises(ValueError):
         mt.TraceMemory.load(tmp_path / "missing.safetensors")
 

@@ -232,6 +232,18 @@ def test_save_load_roundtrip(tmp_path, mode):
     assert_tables_equal(tree.to_table(), back.to_table(), rtol=0)
 
 
+def test_save_replaces_whole_and_names_a_missing_directory(tmp_path):
+    tree, _ = build_pair("prefix", 4, 4, 3, updates=(0,), n=50)
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        tree.save(tmp_path / "no_such_dir" / "trie.safetensors")
+    path = tmp_path / "trie.safetensors"
+    tree.save(path)
+    tree.update(zipf_paths(20, 4, 4, seed=3), None, 1)
+    tree.save(path)                       # over the old file: no temporary left, the new tree read back
+    assert [p.name for p in tmp_path.iterdir()] == ["trie.safetensors"]
+    assert_tables_equal(tree.to_table(), mt.RoutingTree.load(path).to_table(), rtol=0)
+
+
 def test_load_rejects_damaged_files(tmp_path):
     from safetensors.torch import save_file
 
