@@ -1,11 +1,13 @@
-"""Per-kernel GPU time of one capture fill (torch.profiler), H16 T4096 D128 bf16, B in 1, 2, 4.
+"""Where a capture fill's time goes (H100): H16 T4096 D128 bf16, B in 1, 2, 4, per tile config and
+emission mode; the whole fill (do_bench median) and its kernels one by one (torch.profiler).
 
     python benchmarks/profile_capture.py [OUT.json] [--config BM,BN,WARPS,STAGES,SPLIT ...] [--no-desc]
                                          [--sparse-emit N,N]   (512: per candidate up to 512 a tile, 0: ranked)
 
-tune_capture.py times the whole fill; this splits it into the salience kernel(s) and the torch
-glue (buffer zeroing, sorts, the overflow bookkeeping), for the no-candidate threshold and the one
-that keeps about `capacity` candidates.
+Two thresholds: 3e38 (no candidate: dots, exponentials, per-tile reductions, no emission) and the
+one that keeps about `capacity` candidates (~4 per 128x64 tile: nearly every tile emits). The
+kernel list splits the fill into the salience kernel(s) and the torch glue (buffer zeroing, sorts,
+the overflow bookkeeping); the whole-fill time also counts host launch gaps.
 """
 import json
 import math
@@ -65,6 +67,8 @@ def main(argv):
                 total = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
                 row = {"B": B, "config": str(cfg or capture_mod._config(D, q.device)), "threshold": name,
                        "sparse_emit": emit, "desc": capture_mod._USE_DESC, "fill_ms": total,
+                       "candidates": int(cap.stats["num_candidates"]),
+                       "kernel_sum_us": round(sum(times.values()), 1),
                        "kernels_us": {k_: round(v_, 1) for k_, v_ in list(times.items())[:8]}}
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -290,28 +290,23 @@ def _salience_tile_kernel(
     only when the fill overflowed: without overflow the launch is a handful of programs that read
     one counter and exit (one program per tile cost ~0.14 ms per pass on an H100 just to launch
     and retire 32768 one-block-per-SM programs)."""
-    pid = tl.program_id(0)
-    if PASS == 0:
+    # PASS 0: tile program_id only; PASS 1 / 2: every num_programs-th tile, or none at all.
+    first = tl.program_id(0)
+    stop = first + 1
+    step = 1
+    if PASS > 0:
+        step = tl.num_programs(0)
+        stop = tl.where(tl.load(CNT) > capacity, num_heads * num_q_tiles * num_k_tiles, 0)
+    for t in range(first, stop, step):
         _tile_program(Q, K, V, DO, LSE,
                       sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                       sob, soh, som, sod, slb, slh, slm,
-                      pid, B, Tq, Tk, group, num_q_tiles, num_k_tiles, qk_scale, inv_batch, causal_offset,
+                      t, B, Tq, Tk, group, num_q_tiles, num_k_tiles, qk_scale, inv_batch, causal_offset,
                       threshold, ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
                       CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
                       STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, TILE_MAX, HIST, BOUND,
                       PASS, HIST_IN_MAIN, HAS_ENTRIES, BLOCK_M, BLOCK_N, SPLIT, HEAD_DIM, PRECISION,
                       IDX_TILE, NUM_BINS, SHIFT, USE_DESC)
-    elif tl.load(CNT) > capacity:
-        for t in range(pid, num_heads * num_q_tiles * num_k_tiles, tl.num_programs(0)):
-            _tile_program(Q, K, V, DO, LSE,
-                          sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                          sob, soh, som, sod, slb, slh, slm,
-                          t, B, Tq, Tk, group, num_q_tiles, num_k_tiles, qk_scale, inv_batch, causal_offset,
-                          threshold, ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
-                          CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
-                          STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, TILE_MAX, HIST, BOUND,
-                          PASS, HIST_IN_MAIN, HAS_ENTRIES, BLOCK_M, BLOCK_N, SPLIT, HEAD_DIM, PRECISION,
-                          IDX_TILE, NUM_BINS, SHIFT, USE_DESC)
 
 
 @triton.jit

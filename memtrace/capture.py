@@ -70,7 +70,7 @@ _CONFIG_OVERRIDE = None      # set by benchmarks / tests to try other tiles
 _HIST_IN_MAIN = False
 # How a streamed tile appends its candidates: N > 0, one atomic per candidate when the tile has at
 # most N (else one atomic per tile and a tile-wide scan); 0, always the latter. Measured on the
-# H100 (benchmarks/tune_capture.py, profile_capture.py); MEMTRACE_CAPTURE_EMIT overrides it. (A
+# H100 (benchmarks/profile_capture.py); MEMTRACE_CAPTURE_EMIT overrides it. (A
 # third way, one atomic per row and a scan along it, spilled and was slower: results/
 # profile_capture_h100_emit_modes.json.)
 def _env_int(name, default):
