@@ -4,8 +4,8 @@
 #   all        install, GPU tests, every benchmark (about 15 minutes on an H100: split it over calls)
 #   capture    capture only: GPU parity, per-kernel profile of both emission modes, bench_capture
 #   profile    per-kernel GPU time of one trace-memory update and of capture fills
-#   check      the short run: GPU parity of memory / capture / attention, capture tuning, bias-index and
-#              update benchmarks, one timing of the triton backend (about 6 minutes)
+#   check      the short run: GPU parity of memory / capture / attention, capture profile, bias-index and
+#              update benchmarks (about 8 minutes)
 #   attention  the attention matrix; MEMTRACE_BENCH_SHAPES=0,1 MEMTRACE_BENCH_CAUSAL=0 pick a part
 # MEMTRACE_SUITE_NO_BUILD=1 skips building memtrace._C (runs from the source tree; routing skipped).
 set -uo pipefail
@@ -46,35 +46,21 @@ if [[ $what == tests || $what == all ]]; then
   for f in "$OUT"/gpu_tests_*.log; do echo "== $f"; grep -E "passed|failed|error|Error|FAILED" "$f" | tail -8; done
 fi
 if [[ $what == check ]]; then
-  # GPU parity of the kernels that changed last (memory select, bias index, capture), in parallel.
-  for mod in memory_gpu capture_gpu attention_gpu; do
-    MEMTRACE_ATTN_TUNE=0 timeout 280 python -m pytest "tests/gpu/test_$mod.py" -q -p no:cacheprovider -p no:warnings \
+  # GPU parity of the kernels that changed last (memory select, bias index, capture), in parallel;
+  # the capture module in three processes (compiling dominates: one process took > 280 s).
+  for mod in memory_gpu attention_gpu; do
+    MEMTRACE_ATTN_TUNE=0 timeout 300 python -m pytest "tests/gpu/test_$mod.py" -q -p no:cacheprovider -p no:warnings \
       > "$OUT/gpu_tests_$mod.log" 2>&1 &
+  done
+  for sel in "parity" "realistic" "overflow or masked"; do
+    timeout 300 python -m pytest tests/gpu/test_capture_gpu.py -q -p no:cacheprovider -p no:warnings -k "$sel" \
+      > "$OUT/gpu_tests_capture_${sel// /_}.log" 2>&1 &
   done
   wait || status=1
   tail -n 3 "$OUT"/gpu_tests_*.log
   timeout 200 python benchmarks/profile_capture.py "$OUT/profile_capture.json" 2>&1 | grep -v -i warn | cut -c1-300 || status=1
   timeout 60 python benchmarks/bench_bias.py --json "$OUT/bias.json" 2>&1 | tail -12 || status=1
   timeout 90 python benchmarks/bench_update.py --json "$OUT/update.json" 2>&1 | tail -12 || status=1
-  timeout 120 python - <<'PY' 2>&1 | tee "$OUT/triton_timing.txt" || status=1
-# fwd and fwd+bwd of the triton backend, bias=None vs 2048 random traces/head (B4 H16 T4096 D128 bf16)
-import torch, triton, memtrace as mt
-B, H, T, D = 4, 16, 4096, 128
-q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-dout = torch.randn_like(q)
-n = 2048 * H
-g = torch.Generator(device="cuda").manual_seed(0)
-coo = [torch.arange(H, device="cuda").repeat_interleave(2048)] + \
-      [torch.randint(0, T, (n,), device="cuda", generator=g) for _ in range(2)]
-bias = mt.TraceBias.from_coo(*coo, torch.rand(n, device="cuda"), num_heads=H, seq_len_q=T, seq_len_k=T)
-flops = 4 * B * H * T * T * D
-for name, b in (("none", None), ("2048", bias)):
-    fwd = triton.testing.do_bench(lambda: mt.biased_attention(q, k, v, b, backend="triton"), return_mode="median")
-    def step():
-        mt.biased_attention(q, k, v, b, backend="triton").backward(dout)
-    both = triton.testing.do_bench(step, return_mode="median", grad_to_none=[q, k, v])
-    print(f"triton {name}: fwd {fwd:.3f} ms {flops / fwd / 1e9:.0f} TF/s | fwd+bwd {both:.3f} ms {3.5 * flops / both / 1e9:.0f} TF/s")
-PY
 fi
 if [[ $what == capture ]]; then
   # Capture only: GPU parity (three pytest processes side by side: compiling dominates) while the
