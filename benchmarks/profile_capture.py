@@ -1,7 +1,7 @@
 """Where a capture fill's time goes (H100): H16 T4096 D128 bf16, B in 1, 2, 4, per tile config and
 emission mode; the whole fill (do_bench median) and its kernels one by one (torch.profiler).
 
-    python benchmarks/profile_capture.py [OUT.json] [--config BM,BN,WARPS,STAGES,SPLIT ...] [--no-desc]
+    python benchmarks/profile_capture.py [OUT.json] [--config BM,BN,WARPS,STAGES,PER_TILE ...] [--no-desc]
                                          [--sparse-emit N,N]   (512: per candidate up to 512 a tile, 0: ranked)
 
 Two thresholds: 3e38 (no candidate: dots, exponentials, per-tile reductions, no emission) and the

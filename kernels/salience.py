@@ -3,10 +3,9 @@
 Two kernels, both reading the backward's inputs directly (nothing of size Tq x Tk is allocated):
 
 ``_salience_tile_kernel``  every edge that is NOT a bias entry.
-    Tile (h, t) covers the query rows [m0, m0 + BLOCK_M) and keys [n0, n0 + SPLIT * BLOCK_N) of
-    query head h (kv head h // group); PASS 0 runs a program per tile, PASS 1 / 2 grid-stride,
-    and loops over the batch inside, so the batch sums of P*|dP| and P stay in registers (SPLIT=2:
-    two key sub-tiles share each batch element's q and dO loads):
+    Tile (h, t) covers the query rows [m0, m0 + BLOCK_M) and keys [n0, n0 + BLOCK_N) of query
+    head h (kv head h // group); PASS 0 runs a program per tile, PASS 1 / 2 grid-stride; a tile
+    loops over the batch inside, so the batch sums of P*|dP| and P stay in registers:
 
         P  = exp(scale * q_i . k_j - LSE'_i)       (LSE' = biased log-sum-exp of the forward;
                                                     exact for every edge without a bias entry)
@@ -102,63 +101,6 @@ def _tile_scores(Q, K, V, DO, LSE,
         acc_a += p
         acc_s += p * tl.abs(dp)
     return acc_s, acc_a
-
-
-@triton.jit
-def _tile_scores2(Q, K, V, DO, LSE,
-                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                  sob, soh, som, sod, slb, slh, slm,
-                  h, hk, m0, n0, B, Tq, Tk, qk_scale,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  PRECISION: tl.constexpr, USE_DESC: tl.constexpr):
-    """Two adjacent [BLOCK_M, BLOCK_N] tiles (keys n0.. and n0+BLOCK_N..) in one batch loop: q and
-    dO are loaded once per batch element for both, which halves their share of the traffic."""
-    LOG2E: tl.constexpr = 1.4426950408889634
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n0 = n0 + tl.arange(0, BLOCK_N)
-    offs_n1 = offs_n0 + BLOCK_N
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < Tq
-    col0 = offs_n0 < Tk
-    col1 = offs_n1 < Tk
-    if not USE_DESC:
-        q_ptrs, do_ptrs, k0_ptrs, v0_ptrs = _tile_ptrs(Q, K, V, DO, sqh, sqm, sqd, skh, skn, skd, svh, svn, svd,
-                                                       soh, som, sod, h, hk, offs_m, offs_n0, offs_d)
-        k1_ptrs = k0_ptrs + BLOCK_N * skn
-        v1_ptrs = v0_ptrs + BLOCK_N * svn
-    lse_ptrs = LSE + h * slh + offs_m * slm
-    acc_s0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_a0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_s1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_a1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for b in range(B):
-        if USE_DESC:
-            q = Q.load([b * sqb + h * sqh + m0, 0])
-            do = DO.load([b * sob + h * soh + m0, 0])
-            k0 = K.load([b * skb + hk * skh + n0, 0])
-            v0 = V.load([b * svb + hk * svh + n0, 0])
-        else:
-            q = tl.load(q_ptrs + b * sqb, mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_ptrs + b * sob, mask=row_ok[:, None], other=0.0)
-            k0 = tl.load(k0_ptrs + b * skb, mask=col0[:, None], other=0.0)
-            v0 = tl.load(v0_ptrs + b * svb, mask=col0[:, None], other=0.0)
-        lse = tl.load(lse_ptrs + b * slb, mask=row_ok, other=float("-inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-        p = tl.exp2(tl.dot(q, tl.trans(k0), input_precision=PRECISION) * qk_scale - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v0), input_precision=PRECISION)
-        acc_a0 += p
-        acc_s0 += p * tl.abs(dp)
-        if USE_DESC:
-            k1 = K.load([b * skb + hk * skh + n0 + BLOCK_N, 0])
-            v1 = V.load([b * svb + hk * svh + n0 + BLOCK_N, 0])
-        else:
-            k1 = tl.load(k1_ptrs + b * skb, mask=col1[:, None], other=0.0)
-            v1 = tl.load(v1_ptrs + b * svb, mask=col1[:, None], other=0.0)
-        p = tl.exp2(tl.dot(q, tl.trans(k1), input_precision=PRECISION) * qk_scale - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v1), input_precision=PRECISION)
-        acc_a1 += p
-        acc_s1 += p * tl.abs(dp)
-    return acc_s0, acc_a0, acc_s1, acc_a1
 
 
 @triton.jit
@@ -282,10 +224,10 @@ def _salience_tile_kernel(
         STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity,
         TILE_MAX, HIST, BOUND,
         PASS: tl.constexpr, HIST_IN_MAIN: tl.constexpr, HAS_ENTRIES: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         PRECISION: tl.constexpr, IDX_TILE: tl.constexpr,
         NUM_BINS: tl.constexpr, SHIFT: tl.constexpr, USE_DESC: tl.constexpr):
-    """PASS 0: program t owns tile t (BLOCK_M queries x SPLIT * BLOCK_N keys; tiles numbered
+    """PASS 0: program t owns tile t (BLOCK_M queries x BLOCK_N keys; tiles numbered
     (head, query tile, key tile) row-major). PASS 1 / 2: a few programs stride over the tiles, and
     only when the fill overflowed: without overflow the launch is a handful of programs that read
     one counter and exit (one program per tile cost ~0.14 ms per pass on an H100 just to launch
@@ -305,7 +247,7 @@ def _salience_tile_kernel(
                       threshold, ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
                       CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
                       STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, TILE_MAX, HIST, BOUND,
-                      PASS, HIST_IN_MAIN, HAS_ENTRIES, BLOCK_M, BLOCK_N, SPLIT, HEAD_DIM, PRECISION,
+                      PASS, HIST_IN_MAIN, HAS_ENTRIES, BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION,
                       IDX_TILE, NUM_BINS, SHIFT, USE_DESC)
 
 
@@ -318,7 +260,7 @@ def _tile_program(Q, K, V, DO, LSE,
                   CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
                   STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, TILE_MAX, HIST, BOUND,
                   PASS: tl.constexpr, HIST_IN_MAIN: tl.constexpr, HAS_ENTRIES: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                   PRECISION: tl.constexpr, IDX_TILE: tl.constexpr,
                   NUM_BINS: tl.constexpr, SHIFT: tl.constexpr, USE_DESC: tl.constexpr):
     """One tile of one pass (see `_salience_tile_kernel`)."""
@@ -327,7 +269,7 @@ def _tile_program(Q, K, V, DO, LSE,
     tile_m = (tile_id % per_head) // num_k_tiles
     tile_n = tile_id % num_k_tiles
     m0 = tile_m * BLOCK_M
-    n0 = tile_n * (SPLIT * BLOCK_N)
+    n0 = tile_n * BLOCK_N
     # causal_offset = Tk - Tq when causal, else Tk (nothing masked).
     live = n0 <= m0 + BLOCK_M - 1 + causal_offset
     if PASS > 0:
@@ -338,40 +280,19 @@ def _tile_program(Q, K, V, DO, LSE,
             tbin = tmax.to(tl.int32, bitcast=True) >> SHIFT
             live = live & (tbin >= bstar)
     if live:
-        if SPLIT == 1:
-            acc_s, acc_a = _tile_scores(Q, K, V, DO, LSE,
-                                        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                                        sob, soh, som, sod, slb, slh, slm,
-                                        h, h // group, m0, n0, B, Tq, Tk, qk_scale,
-                                        BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION, USE_DESC)
-            tile_best = _epilogue(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
-                                  ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
-                                  CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
-                                  STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, HIST, BOUND,
-                                  PASS, HIST_IN_MAIN, HAS_ENTRIES, BLOCK_M, BLOCK_N, IDX_TILE,
-                                  NUM_BINS, SHIFT)
-            if PASS == 0:
-                tl.store(TILE_MAX + tile_id, tile_best)
-        else:
-            s0, a0, s1, a1 = _tile_scores2(Q, K, V, DO, LSE,
-                                           sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                                           sob, soh, som, sod, slb, slh, slm,
-                                           h, h // group, m0, n0, B, Tq, Tk, qk_scale,
-                                           BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION, USE_DESC)
-            best0 = _epilogue(s0, a0, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
+        acc_s, acc_a = _tile_scores(Q, K, V, DO, LSE,
+                                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                                    sob, soh, som, sod, slb, slh, slm,
+                                    h, h // group, m0, n0, B, Tq, Tk, qk_scale,
+                                    BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION, USE_DESC)
+        tile_best = _epilogue(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
                               ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
                               CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
                               STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, HIST, BOUND,
                               PASS, HIST_IN_MAIN, HAS_ENTRIES, BLOCK_M, BLOCK_N, IDX_TILE,
                               NUM_BINS, SHIFT)
-            best1 = _epilogue(s1, a1, h, m0, n0 + BLOCK_N, Tq, Tk, inv_batch, causal_offset, threshold,
-                              ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
-                              CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
-                              STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, HIST, BOUND,
-                              PASS, HIST_IN_MAIN, HAS_ENTRIES, BLOCK_M, BLOCK_N, IDX_TILE,
-                              NUM_BINS, SHIFT)
-            if PASS == 0:
-                tl.store(TILE_MAX + tile_id, tl.maximum(best0, best1))
+        if PASS == 0:
+            tl.store(TILE_MAX + tile_id, tile_best)
 
 
 @triton.jit
@@ -390,8 +311,7 @@ def _salience_stream_kernel(
     (key tile, batch element), so the compiler pipelines the loads of the next step under the
     dots of this one (the per-tile kernel's batch loop is 1..4 steps long: nothing to overlap).
     The batch sums live in registers and are flushed through the epilogue after the last batch
-    element of each key tile. Same tiles and outputs as `_salience_tile_kernel` with SPLIT = 1,
-    whose PASS 1 / 2 therefore stay valid after this kernel."""
+    element of each key tile. Same tiles and outputs as `_salience_tile_kernel`, whose PASS 1 / 2 therefore stay valid after this kernel."""
     LOG2E: tl.constexpr = 1.4426950408889634
     tile_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -523,16 +443,17 @@ def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offse
                  capacity, out, staging, stg_capacity, tile_max, hist, bound, config, precision,
                  hist_in_main, use_desc=False, sparse_emit=0):
     """Launch one pass. `entries` = (off, i, j, tiles_m, tiles_n) or None; `out`/`staging` =
-    (h, i, j, S, a) buffers; config = (BLOCK_M, BLOCK_N, warps, stages, split): split 1 or 2, a
-    `_salience_tile_kernel` program covers BLOCK_M x (split * BLOCK_N) keys; split 0, PASS 0 runs
+    (h, i, j, S, a) buffers; config = (BLOCK_M, BLOCK_N, warps, stages, stream): stream 1, every
+    pass runs `_salience_tile_kernel` (a program per tile in PASS 0); stream 0, PASS 0 runs
     `_salience_stream_kernel` (a program streams over key tiles) and PASS 1 / 2 the tile kernel
-    with split 1 (the same tiles)."""
+    (the same tiles). (The last field was a key-split factor once; 0 / 1 kept their meaning.)"""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    bm, bn, warps, stages, split = config
-    stream = split == 0
-    split = max(split, 1)          # the overflow passes of a streamed fill: per-tile, same tiles
-    num_k_tiles = triton.cdiv(Tk, bn * split)
+    bm, bn, warps, stages, per_tile = config
+    if per_tile not in (0, 1):
+        raise ValueError(f"capture config's last field must be 0 (streaming) or 1 (per tile), got {per_tile}")
+    stream = per_tile == 0
+    num_k_tiles = triton.cdiv(Tk, bn)
     num_q_tiles = triton.cdiv(Tq, bm)
     total_tiles = num_q_tiles * num_k_tiles * Hq
     # PASS 0: a program per tile; the overflow passes: grid-stride programs (see the kernel).
@@ -572,7 +493,7 @@ def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offse
         ent_off, ent_i, ent_j, tiles_m, tiles_n,
         cnt, capacity, *out, *staging, stg_capacity, tile_max, hist, bound,
         PASS=pass_, HIST_IN_MAIN=hist_in_main, HAS_ENTRIES=entries is not None,
-        BLOCK_M=bm, BLOCK_N=bn, SPLIT=split, HEAD_DIM=D, PRECISION=precision, IDX_TILE=INDEX_TILE,
+        BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, PRECISION=precision, IDX_TILE=INDEX_TILE,
         NUM_BINS=HIST_BINS, SHIFT=HIST_SHIFT, USE_DESC=use_desc, num_warps=warps, num_stages=stages)
     # Registers / spills of the last compiled launch, for the benchmark's report (GPU only).
     LAST_COMPILED[pass_] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))

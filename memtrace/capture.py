@@ -55,11 +55,11 @@ DEFAULT_CAPACITY = 1 << 17
 LOG2E = 1.4426950408889634
 _INT64_MAX = torch.iinfo(torch.int64).max
 
-# Tile configuration (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim on CUDA; not autotuned
-# on purpose: the kernel appends with atomics, so timing reruns would corrupt the counters, and
-# every pass of one fill must use the same tiles (tile_max is indexed by tile).
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, split): a program covers BLOCK_M x split*BLOCK_N.
-# split 0: the streaming kernel (a program walks its key tiles in one pipelined loop).
+# Tile configuration (BLOCK_M, BLOCK_N, num_warps, num_stages, per_tile) per head dim on CUDA; not
+# autotuned on purpose: the kernel appends with atomics, so timing reruns would corrupt the
+# counters, and every pass of one fill must use the same tiles (tile_max is indexed by tile).
+# per_tile 0: the streaming kernel (a program walks its key tiles in one pipelined loop); 1: a
+# program per BLOCK_M x BLOCK_N tile (slower on the H100, kept for the overflow passes' kernel).
 _CUDA_CONFIGS = {16: (128, 64, 4, 3, 0), 32: (128, 64, 4, 3, 0), 64: (128, 64, 4, 3, 0),
                  128: (128, 64, 8, 2, 0), 256: (64, 64, 8, 1, 0)}
 _INTERPRETER_CONFIG = (32, 32, 4, 1, 0)
@@ -246,7 +246,7 @@ def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alp
     capacity = cap.capacity
     threshold = cap.threshold
     config = _config(D, device)
-    bm, bn = config[0], config[1] * max(config[4], 1)
+    bm, bn = config[0], config[1]
     if q.dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         precision = "tf32"
     else:

@@ -352,11 +352,11 @@ def test_through_biased_attention():
 
 
 @pytest.mark.parametrize("use_desc,hist_in_main,config,sparse_emit", [
-    (False, True, (32, 32, 4, 1, 1), 0), (True, True, (16, 16, 4, 1, 2), 64), (False, False, (16, 32, 4, 1, 1), 0),
+    (False, True, (32, 32, 4, 1, 1), 0), (True, True, (16, 16, 4, 1, 1), 64), (False, False, (16, 32, 4, 1, 1), 0),
     (False, True, (32, 32, 4, 1, 0), 0), (True, False, (16, 16, 4, 1, 0), 64), (False, False, (16, 16, 4, 1, 0), 10**6)])
 def test_kernel_variants(monkeypatch, use_desc, hist_in_main, config, sparse_emit):
     """Pointer loads vs TMA descriptors, histogram in the main pass vs its own overflow pass,
-    per-tile programs (split 1, 2) vs streaming programs (split 0, key ranges split over
+    per-tile programs (last config field 1) vs streaming programs (0, key ranges split over
     programs), ranked emission vs one atomic per candidate (sparse_emit: always, up to 64 per
     tile, never); also a non-contiguous q (descriptor not possible: falls back to pointers)."""
     monkeypatch.setattr(capture_mod, "_USE_DESC", use_desc)
@@ -376,3 +376,12 @@ def test_kernel_variants(monkeypatch, use_desc, hist_in_main, config, sparse_emi
             top = torch.sort(S[(S > 1e-4) & ~entry_mask(bias, S)], descending=True).values
             h, i, j, s, _ = cap.valid_edges()
             assert S[h.long(), i.long(), j.long()].min() >= top[capacity] * (1 - 1e-5)
+
+
+def test_config_last_field_is_checked(monkeypatch):
+    """The tile config's last field selects the kernel (0 streaming, 1 per tile); the key-split
+    factor 2 it once also took is gone and is refused rather than misread."""
+    monkeypatch.setattr(capture_mod, "_CONFIG_OVERRIDE", (16, 16, 4, 1, 2))
+    q, k, v, do = make_inputs(1, 1, 1, 8, 8, 16, torch.float32, seed=2)
+    with pytest.raises(ValueError, match="last field"):
+        fill(SalienceCapture(threshold=0.0), q, k, v, do, None, False)
