@@ -97,17 +97,25 @@ if [[ $what == attention || $what == all ]]; then
   # MEMTRACE_BENCH_SHAPES / MEMTRACE_BENCH_CAUSAL split the matrix over calls (10 minutes each);
   # join the parts with bench_attention.py --merge.
   part=${MEMTRACE_BENCH_SHAPES:-all}_${MEMTRACE_BENCH_CAUSAL:-both}
-  # Compile first, one process per (head dim, causal), side by side: autotuning compiles dozens of
-  # configs per kernel, single-threaded per process; the benchmark then loads them from the cache.
+  # Compile first, side by side (compiling is single-threaded per process; 16 cores here): per
+  # (head dim, causal) 3 processes each autotune a third of the configs, and per (shape, causal)
+  # one compiles FlexAttention; the benchmark then finds everything in the on-disk caches.
+  idx=$(python -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_attention as b; \
+    s='${MEMTRACE_BENCH_SHAPES:-}'; print(' '.join(s.split(',')) if s else ' '.join(map(str, range(len(b.SHAPES)))))")
   dims=$(python -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_attention as b; \
-    s='${MEMTRACE_BENCH_SHAPES:-}'; idx=[int(i) for i in s.split(',')] if s else range(len(b.SHAPES)); \
-    print(' '.join(sorted({str(b.SHAPES[i][4]) for i in idx})))")
+    print(' '.join(sorted({str(b.SHAPES[int(i)][4]) for i in '$idx'.split()})))")
   causals=${MEMTRACE_BENCH_CAUSAL:-both}; [[ $causals == both ]] && causals="0 1"
-  for d in $dims; do for c in $causals; do
-    timeout 300 python benchmarks/prewarm_attention.py "$d" "$c" > "$OUT/prewarm_${d}_${c}.log" 2>&1 &
-  done; done
+  for c in $causals; do
+    for d in $dims; do for k in 0 1 2; do
+      MEMTRACE_ATTN_CONFIG_SLICE=$k/3 timeout 300 python benchmarks/prewarm_attention.py kernels "$d" "$c" \
+        > "$OUT/prewarm_kernels_${d}_${c}_$k.log" 2>&1 &
+    done; done
+    for i in $idx; do
+      timeout 300 python benchmarks/prewarm_attention.py flex "$i" "$c" > "$OUT/prewarm_flex_${i}_${c}.log" 2>&1 &
+    done
+  done
   wait
-  tail -q -n 2 "$OUT"/prewarm_*.log
+  tail -q -n 1 "$OUT"/prewarm_*.log
   python benchmarks/bench_attention.py ${MEMTRACE_BENCH_SHAPES:+--shapes $MEMTRACE_BENCH_SHAPES} \
     --causal "${MEMTRACE_BENCH_CAUSAL:-both}" --rep "${MEMTRACE_BENCH_REP:-100}" --json "$OUT/attention_${part//,/-}.json" \
     --markdown "$OUT/attention_${part//,/-}.md" || status=1

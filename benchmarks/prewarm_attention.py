@@ -1,22 +1,27 @@
-"""Compile (and fill Triton's on-disk cache with) every attention kernel one part of the benchmark
-matrix needs, at a small sequence length, so that bench_attention spends its time timing.
+"""Compile ahead, side by side, what one part of the attention benchmark matrix needs, so that
+bench_attention.py spends its time timing (Triton's and Inductor's on-disk caches carry the
+compiled kernels from these processes to the benchmark's).
 
-Usage: python benchmarks/prewarm_attention.py D CAUSAL [dtype]     (run one process per (D, causal)
-side by side: compiling is single-threaded per process, the GPU machine has 16 cores).
-Autotuning at T=512 compiles every config; the benchmark's own autotune at its T then loads them
-from the cache instead of compiling.
+    python benchmarks/prewarm_attention.py kernels D CAUSAL [--dtype bf16]
+        memtrace's kernels for head dim D: every backend, with and without a bias, forward and
+        backward, at a small sequence length. Autotuning compiles every config; run n processes
+        with MEMTRACE_ATTN_CONFIG_SLICE=k/n (k = 0..n-1) to split the configs between them.
+    python benchmarks/prewarm_attention.py flex SHAPE CAUSAL [--dtype bf16]
+        FlexAttention with a dense-bias score_mod at bench_attention.SHAPES[SHAPE], forward and
+        backward (torch.compile with dynamic=False compiles per shape).
+
+Compiling is single-threaded per process; the GPU machine has 16 cores.
 """
-import sys
+import argparse
 
 import torch
 
+import bench_attention as BA
 import memtrace as mt
 import memtrace.attention as A
 
 
-def main():
-    D, causal = int(sys.argv[1]), sys.argv[2] == "1"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[sys.argv[3] if len(sys.argv) > 3 else "bf16"]
+def warm_kernels(D, causal, dtype):
     B, H, T = 1, 4, 512
     q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     n = 64 * H
@@ -29,8 +34,37 @@ def main():
                 mt.biased_attention(q, k, v, b, causal=causal, backend=backend).sum().backward()
             except Exception as exc:  # an unsupported combination: the benchmark records it
                 print(f"prewarm D={D} causal={causal} {backend}: {type(exc).__name__}: {exc}", flush=True)
+
+
+def warm_flex(shape, causal, dtype):
+    B, Hq, Hkv, T, D = BA.SHAPES[shape]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, Hq, T, D, device="cuda", dtype=dtype, generator=g).requires_grad_(True)
+    k = torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype, generator=g).requires_grad_(True)
+    v = torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype, generator=g).requires_grad_(True)
+    per_head, pattern = BA.TRACES[0]
+    bias = BA.make_trace_bias(Hq, T, per_head, pattern, causal, torch.device("cuda"))
+    fn = BA.peer_fn("flex_dense_bias", q, k, v, causal, BA.dense_bias_of(bias, T, causal, dtype))
+    with torch.no_grad():
+        fn()
+    fn().sum().backward()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=("kernels", "flex"))
+    ap.add_argument("arg", type=int, help="head dim (kernels) or index into bench_attention.SHAPES (flex)")
+    ap.add_argument("causal", choices=("0", "1"))
+    ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    args = ap.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    causal = args.causal == "1"
+    if args.what == "kernels":
+        warm_kernels(args.arg, causal, dtype)
+    else:
+        warm_flex(args.arg, causal, dtype)
     torch.cuda.synchronize()
-    print(f"prewarm D={D} causal={causal}: done", flush=True)
+    print(f"prewarm {args.what} {args.arg} causal={causal}: done", flush=True)
 
 
 if __name__ == "__main__":

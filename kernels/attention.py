@@ -84,6 +84,25 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi,
 
 # MEMTRACE_ATTN_TUNE=0 skips autotuning: the first config that fits (tests, quick runs).
 TUNE = os.environ.get("MEMTRACE_ATTN_TUNE", "1") != "0"
+
+
+def _config_slice():
+    """MEMTRACE_ATTN_CONFIG_SLICE="k/n": autotune only every n-th config that fits, from the k-th.
+    For compiling ahead (benchmarks/prewarm_attention.py): n processes side by side each compile
+    and time their slice and fill Triton's cache, so the real run's autotune compiles nothing."""
+    raw = os.environ.get("MEMTRACE_ATTN_CONFIG_SLICE", "").strip()
+    if not raw:
+        return None
+    try:
+        k, n = (int(x) for x in raw.split("/"))
+    except ValueError:
+        k = n = -1
+    if not 0 <= k < n:
+        raise ValueError(f"MEMTRACE_ATTN_CONFIG_SLICE must be 'k/n' with 0 <= k < n, got {raw!r}")
+    return k, n
+
+
+CONFIG_SLICE = _config_slice()
 SMEM_BYTES = 200 * 1024
 
 
@@ -110,7 +129,12 @@ def _prune(configs, D, elsize, smem_of):
     keep = [c for c in configs if smem_of(c) * elsize <= SMEM_BYTES
             and not (D >= 256 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
     keep = keep or configs[-1:]
-    return keep if TUNE else keep[:1]
+    if not TUNE:
+        return keep[:1]
+    if CONFIG_SLICE is not None:
+        k, n = CONFIG_SLICE
+        keep = keep[k::n] or keep[:1]
+    return keep
 
 
 def _prune_fwd(configs, named_args, **kwargs):

@@ -318,3 +318,24 @@ def test_no_cancelling_rows_flags_are_zero():
     assert kc.cancelling_rows(q, k, lse, bias, ev, causal=causal, scale=0.25, alpha=1.0).sum() == 0
     _, _, flags0 = ka.flash_fwd(q, k, v, None, causal=causal, scale=0.25, alpha=1.0, return_flags=True)
     assert flags0.shape == (B, Hq, Tq) and flags0.sum() == 0
+
+
+def test_autotune_config_slice(monkeypatch):
+    """MEMTRACE_ATTN_CONFIG_SLICE=k/n (compiling ahead in n processes) keeps every n-th config that
+    fits from the k-th; n slices together cover every config once; bad values name the variable."""
+    import triton
+    monkeypatch.setenv("MEMTRACE_ATTN_CONFIG_SLICE", "1/3")
+    assert ka._config_slice() == (1, 3)
+    for bad in ("3/3", "x", "1/0", "-1/2"):
+        monkeypatch.setenv("MEMTRACE_ATTN_CONFIG_SLICE", bad)
+        with pytest.raises(ValueError, match="MEMTRACE_ATTN_CONFIG_SLICE"):
+            ka._config_slice()
+    configs = [triton.Config({"BLOCK_M": 16 * (i + 1), "BLOCK_N": 16}, num_warps=4, num_stages=1) for i in range(7)]
+    monkeypatch.setattr(ka, "TUNE", True)
+    parts = []
+    for k in range(3):
+        monkeypatch.setattr(ka, "CONFIG_SLICE", (k, 3))
+        parts.append(ka._prune(configs, 64, 2, lambda c: 0))
+    assert sorted((c.kwargs["BLOCK_M"] for p in parts for c in p)) == [c.kwargs["BLOCK_M"] for c in configs]
+    monkeypatch.setattr(ka, "CONFIG_SLICE", None)
+    assert ka._prune(configs, 64, 2, lambda c: 0) == configs
