@@ -116,6 +116,20 @@ def test_fill_realistic_bf16(D, sparse_emit, monkeypatch):
     assert cap.bias_scores is None
 
 
+def test_per_tile_kernel(monkeypatch):
+    """The per-tile PASS 0 (config's last field 1; the streaming kernel is the default), causal
+    with Tq != Tk and a bias, at the H100 tiles."""
+    monkeypatch.setattr(capture_mod, "_CONFIG_OVERRIDE", (128, 64, 8, 2, 1))
+    B, Hq, Hkv, Tq, Tk, D = 2, 4, 2, 700, 1000, 128
+    q, k, v, do = _inputs(B, Hq, Hkv, Tq, Tk, D, torch.bfloat16, seed=5)
+    bias = _bias(Hq, Tq, Tk, 300, seed=5)
+    out, lse, S, a = _oracle(q, k, v, do, bias, True)
+    threshold = float(torch.quantile(S.flatten()[::7].float(), 0.998))
+    cap = SalienceCapture(threshold=threshold)
+    cap._fill(q, k, v, out.bfloat16(), lse.float(), do, bias, bias.entry_values(), causal=True)
+    _check(cap, S, a, bias, threshold, torch.bfloat16)
+
+
 @pytest.mark.parametrize("sparse_emit", [512, 0])
 def test_overflow_keeps_strongest(sparse_emit, monkeypatch):
     monkeypatch.setattr(capture_mod, "_SPARSE_EMIT", sparse_emit)
