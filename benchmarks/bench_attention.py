@@ -174,6 +174,22 @@ def measure(make_fn, q, k, v, dout, *, backward, quick):
     return ms, peak
 
 
+def interleaved_overhead(time_base, time_biased, rounds=5):
+    """(median, min, max) over `rounds` of time_biased() / time_base() - 1, the two timed back to
+    back in every round: drift of the clock or the machine between separate measurements (the
+    same op moved 5-10% between processes) cancels in each round's ratio."""
+    ratios = []
+    for _ in range(rounds):
+        base = time_base()
+        ratios.append(time_biased() / base - 1.0)
+    ratios.sort()
+    return ratios[len(ratios) // 2], ratios[0], ratios[-1]
+
+
+OVERHEAD_BACKENDS = ("auto", "triton")
+OVERHEAD_TRACES = ((2048, "random"), (16384, "random"))
+
+
 # ---- the run ------------------------------------------------------------------------------------
 
 def memtrace_backends():
@@ -182,6 +198,8 @@ def memtrace_backends():
 
 
 def run_gpu(args):
+    import triton.testing
+
     import memtrace.attention as A
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     shapes = QUICK_SHAPES if args.quick else SHAPES
@@ -200,6 +218,11 @@ def run_gpu(args):
             with open(args.json, "w") as fh:
                 json.dump({"benchmark": "attention", "env": environment(), "quick": args.quick, "partial": True,
                            "rows": rows}, fh, indent=1)
+        if "fwd_overhead" in row or "fwdbwd_overhead" in row:
+            print(f"  {row['impl']:<28} {row['traces']:>6} {row['pattern']:<9} interleaved overhead over bias=None: "
+                  + " ".join(f"{ph} {row[ph + '_overhead']:+.1%}" for ph in ("fwd", "fwdbwd") if ph + "_overhead" in row),
+                  flush=True)
+            return
         fwd = f"{row['fwd_ms']:.3f} ms {row['fwd_tflops']:.0f} TF/s" if row.get("fwd_ms") else "-"
         fb = f"{row['fwdbwd_ms']:.3f} ms {row['fwdbwd_tflops']:.0f} TF/s" if row.get("fwdbwd_ms") else "-"
         err = f"  [{row['error'][:90]}]" if row.get("error") else ""
@@ -260,6 +283,33 @@ def run_gpu(args):
                         extra["bias_bytes"] = bias.nbytes
                         del bias
                     bench(f"memtrace[{backend}]", make, extra)
+            # the issue's overhead targets, measured interleaved (bias=None and the bias alternate)
+            for backend in OVERHEAD_BACKENDS:
+                for per_head, pattern in OVERHEAD_TRACES:
+                    row = dict(common, impl=f"overhead[{backend}]", traces=per_head, pattern=pattern)
+                    try:
+                        bias = make_trace_bias(Hq, T, per_head, pattern, causal, device)
+                        for phase, backward in (("fwd", False), ("fwdbwd", True)):
+                            def timer(b, backward=backward, backend=backend):
+                                fn = memtrace_fn(backend, q, k, v, causal, b)
+
+                                def step():
+                                    if backward:
+                                        fn().backward(dout)
+                                    else:
+                                        with torch.no_grad():
+                                            fn()
+                                return lambda: triton.testing.do_bench(
+                                    step, warmup=5, rep=25, grad_to_none=[q, k, v] if backward else None,
+                                    return_mode="median")
+                            timer(bias)()                                    # compile outside the rounds
+                            med, lo, hi = interleaved_overhead(timer(None), timer(bias))
+                            row[f"{phase}_overhead"] = med
+                            row[f"{phase}_overhead_range"] = [lo, hi]
+                        del bias
+                    except Exception as exc:
+                        row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                    record(row)
             # peers: the dense bias is built inside make_fn so its memory counts in the peak
             probe_bias = make_trace_bias(Hq, T, traces[0][0], traces[0][1], causal, device)
             for peer in PEERS:
@@ -339,7 +389,10 @@ def markdown(rows, env):
         out.append("| impl | traces/head | pattern | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | "
                    "fwd vs cuDNN | f+b vs cuDNN | fwd vs Flex+bias | f+b vs Flex+bias | over bias=None f / f+b | peak MiB |")
         out.append("|" + "---|" * 13)
+        interleaved = [r for r in rs if r["impl"].startswith("overhead[")]
         for r in rs:
+            if r in interleaved:
+                continue
             if r.get("error"):
                 out.append(f"| {r['impl']} | {r.get('traces', '')} | {r.get('pattern', '')} | "
                            f"{r['error'][:80].replace('|', '/')} |" + " |" * 9)
@@ -358,6 +411,22 @@ def markdown(rows, env):
                 f"{f(ra.get('fwdbwd_vs_flex_dense_bias'))} | "
                 f"{f(ov.get('fwd'), '{:+.1%}')} / {f(ov.get('fwdbwd'), '{:+.1%}')} | {f(r.get('peak_mib'), '{:.0f}')} |")
         out.append("")
+        if interleaved:
+            out.append("Overhead over bias=None of the same backend, the two timed back to back in each of 5 rounds "
+                       "(median, range):")
+            out.append("")
+            out.append("| backend | traces/head | pattern | fwd | fwd+bwd |")
+            out.append("|---|---|---|---|---|")
+            for r in interleaved:
+                cells = []
+                for ph in ("fwd", "fwdbwd"):
+                    if ph + "_overhead" in r:
+                        lo, hi = r[ph + "_overhead_range"]
+                        cells.append(f"{r[ph + '_overhead']:+.1%} ({lo:+.1%} .. {hi:+.1%})")
+                    else:
+                        cells.append(r.get("error", "-")[:60].replace("|", "/"))
+                out.append(f"| {r['impl'][9:-1]} | {r['traces']} | {r['pattern']} | {cells[0]} | {cells[1]} |")
+            out.append("")
     return "\n".join(out) + "\n"
 
 
