@@ -258,9 +258,10 @@ def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alp
     cnt = torch.zeros(3, dtype=torch.int64, device=device)           # candidates, winners, staged
     i32 = {"dtype": torch.int32, "device": device}
     f32 = {"dtype": torch.float32, "device": device}
-    out = (torch.zeros(capacity + 1, **i32), torch.zeros(capacity + 1, **i32),
-           torch.zeros(capacity + 1, **i32), torch.zeros(capacity + 1, **f32),
-           torch.zeros(capacity + 1, **f32))
+    # No zero fill: slots past the count are never read unmasked (_sort_edges zeroes them).
+    out = (torch.empty(capacity + 1, **i32), torch.empty(capacity + 1, **i32),
+           torch.empty(capacity + 1, **i32), torch.empty(capacity + 1, **f32),
+           torch.empty(capacity + 1, **f32))
     staging = tuple(torch.empty_like(t) for t in out)
     n_tiles = Hq * (-(-Tq // bm)) * (-(-Tk // bn))
     tile_max = torch.full((n_tiles,), -1.0, **f32)
