@@ -4,10 +4,11 @@ State (see memtrace/memory.py): strength float32 [L, H, Q] (-1 = empty slot) and
 [L, H, Q] = pos << (W + A) | age << W | hist, pos = i * max_seq_len + j. In each (layer, head)
 slab the traces fill slots [0, n) sorted by pos; the rest are empty.
 
-One update of B layers (B x H slabs) is four launches plus one cumsum:
+One update of B layers (B x H slabs) is four Triton launches plus one cumsum:
 
-1. `_match_kernel`, grid (B, cdiv(C, BLOCK_C)): each candidate edge (head, i, j, S, a) of layer b
-   binary-searches its slab for pos. A stored trace takes the edge's (S, a) into the slot score
+1. `_slab_len_kernel` counts each slab's traces; `_match_kernel`, grid (B, cdiv(C, BLOCK_C)):
+   each candidate edge (head, i, j, S, a) of layer b binary-searches its slab's n traces for pos
+   (reading meta only). A stored trace takes the edge's (S, a) into the slot score
    buffers (unless the layer's slot scores came from the bias, `direct`). An edge that is not
    stored becomes a new trace when Sh = S ln(1 + [a > attn_eps]) > threshold and
    M = (1 - retention) Sh >= prune_eps; those are counted per slab (atomics).
@@ -58,7 +59,17 @@ def _popcount64(x):
 
 
 @triton.jit
-def _match_kernel(strength_ptr, meta_ptr, layers_ptr, head_ptr, q_ptr, k_ptr, s_ptr, a_ptr, num_edges_ptr,
+def _slab_len_kernel(strength_ptr, layers_ptr, len_ptr, H, Q, BLOCK_Q: tl.constexpr):
+    """Traces per slab of the updated layers (they fill slots [0, n): a count of strength >= 0)."""
+    ls = tl.program_id(0)
+    layer = tl.load(layers_ptr + ls // H).to(tl.int64)
+    offs = tl.arange(0, BLOCK_Q)
+    m = tl.load(strength_ptr + (layer * H + ls % H) * Q + offs, mask=offs < Q, other=-1.0)
+    tl.store(len_ptr + ls, tl.sum((m >= 0).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _match_kernel(slab_len_ptr, meta_ptr, layers_ptr, head_ptr, q_ptr, k_ptr, s_ptr, a_ptr, num_edges_ptr,
                   direct_ptr, slot_s_ptr, slot_a_ptr, params_ptr, ln1p_ptr,
                   cand_slab_ptr, cand_m_ptr, cand_meta_ptr, new_count_ptr,
                   C, H, Q, L,
@@ -79,25 +90,24 @@ def _match_kernel(strength_ptr, meta_ptr, layers_ptr, head_ptr, q_ptr, k_ptr, s_
     pos = tl.where(valid, qi.to(tl.int64) * L + kj, 0)
     layer = tl.load(layers_ptr + b).to(tl.int64)
     base = (layer * H + h) * Q
+    local_slab = b * H + h
 
-    # lower bound of pos among the slab's traces (empty slots read as +inf)
+    # lower bound of pos among the slab's n traces (slots [0, n), sorted by pos): meta only, one
+    # dependent load per step (n comes from _slab_len_kernel, not from the strengths)
+    n_slab = tl.load(slab_len_ptr + local_slab, mask=valid, other=0).to(tl.int64)
     lo = tl.zeros([BLOCK_C], dtype=tl.int64)
-    hi = tl.zeros([BLOCK_C], dtype=tl.int64) + Q
+    hi = n_slab
     for _ in range(LOG_Q):
         active = valid & (lo < hi)
         mid = (lo + hi) // 2
-        sm = tl.load(strength_ptr + base + mid, mask=active, other=-1.0)
         mm = tl.load(meta_ptr + base + mid, mask=active, other=0)
-        slot_pos = tl.where(sm >= 0, (mm >> POS_SHIFT) & POS_MASK, 1 << 40)
-        right = slot_pos < pos
+        right = ((mm >> POS_SHIFT) & POS_MASK) < pos
         lo = tl.where(active & right, mid + 1, lo)
         hi = tl.where(active & (~right), mid, hi)
-    inside = valid & (lo < Q)
-    sm = tl.load(strength_ptr + base + lo, mask=inside, other=-1.0)
+    inside = valid & (lo < n_slab)
     mm = tl.load(meta_ptr + base + lo, mask=inside, other=0)
-    found = inside & (sm >= 0) & (((mm >> POS_SHIFT) & POS_MASK) == pos)
+    found = inside & (((mm >> POS_SHIFT) & POS_MASK) == pos)
 
-    local_slab = b * H + h
     direct = tl.load(direct_ptr + b)
     write = found & (direct == 0)
     tl.store(slot_s_ptr + local_slab.to(tl.int64) * Q + lo, s, mask=write)
@@ -365,9 +375,13 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
     pos_shift = 64 - pos_bits
     pos_mask = (1 << pos_bits) - 1
     BLOCK_C = 512
+    BLOCK_Q = max(16, triton.next_power_of_2(Q))
     if C > 0:
+        slab_len = torch.empty(n_slabs, dtype=torch.int32, device=device)
+        _slab_len_kernel[(n_slabs,)](strength, layers_t, slab_len, H, Q, BLOCK_Q=BLOCK_Q,
+                                     num_warps=max(1, min(8, BLOCK_Q // 256)))
         grid = (B, triton.cdiv(C, BLOCK_C))
-        _match_kernel[grid](strength, meta, layers_t, head, q_idx, k_idx, S, a, num_edges, direct_u8, slot_S, slot_a,
+        _match_kernel[grid](slab_len, meta, layers_t, head, q_idx, k_idx, S, a, num_edges, direct_u8, slot_S, slot_a,
                             params, ln1p, cand_slab, cand_m, cand_meta, new_count, C, H, Q, max_seq_len,
                             POS_SHIFT=pos_shift, POS_MASK=pos_mask, LOG_Q=max(1, Q.bit_length()),
                             BLOCK_C=BLOCK_C, num_warps=4)
@@ -376,7 +390,6 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
                             BLOCK_C=BLOCK_C, num_warps=4)
     else:
         new_end = new_count
-    BLOCK_Q = max(16, triton.next_power_of_2(Q))
     # quota 2048: 8 warps capped at 128 registers (no spills when compiled for sm_90) fit two
     # programs per SM, so one program's barriers and reductions overlap the other's work
     warps = SELECT_WARPS or max(4, min(16, BLOCK_Q // 256))
