@@ -4,7 +4,7 @@ workload: 32 layers x 32 heads x quota 2048, 2M candidates, every slab evicting.
     python benchmarks/profile_update.py [OUT.json] [--quick]
 
 bench_update.py times the whole call with CUDA events (launch gaps included); this splits it into
-the match, group and select kernels and the torch glue (the state restore before each call is
+the slab-count, match, group and select kernels and the torch glue (the state restore before each call is
 profiled alone and subtracted), and reports the sum of kernel times next to the event time, so a
 host-bound call shows as a gap between the two.
 """
