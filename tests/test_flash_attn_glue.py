@@ -18,45 +18,31 @@ import pytest
 import torch
 
 from memtrace import attention as A
-from memtrace.reference.attention import _expand_kv, logits_of
 
-from test_attention import TOL, make_inputs, oracle, rel_err, run_and_grad  # noqa: E402
+from test_attention import TOL, _CorrectedReferenceBackend, make_inputs, oracle, rel_err, run_and_grad  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="the correction kernels need TRITON_INTERPRET=1 on the CPU")
 
 
-def _to_bhtd(t):
-    return t.transpose(1, 2).double()
-
-
-def _softmax_parts(q, k, scale, causal):
-    """[B, T, H, D] inputs -> (logits [B, Hq, Tq, Tk] float64, lse [B, Hq, Tq])."""
-    s = logits_of(_to_bhtd(q), _to_bhtd(k), causal=causal, scale=scale)
-    return s, torch.logsumexp(s, dim=-1)
+def _bhtd(t):
+    return t.transpose(1, 2)
 
 
 def _forward(q, k, v, scale, causal):
-    s, lse = _softmax_parts(q, k, scale, causal)
-    finite = torch.isfinite(lse)
-    p = torch.where(finite[..., None], torch.exp(s - torch.where(finite, lse, 0.0)[..., None]), 0.0)
-    out = p @ _expand_kv(_to_bhtd(v), q.shape[2])
-    return out.transpose(1, 2).to(q.dtype), lse.float()
+    """flash-attn's forward on [B, T, H, D]: the reference backend's dense attention."""
+    out, lse = A.get_backend("reference").forward(_bhtd(q), _bhtd(k), _bhtd(v), None, None, causal=causal,
+                                                  scale=scale, alpha=1.0)
+    return _bhtd(out).to(q.dtype), lse.float()
 
 
 def _backward(dout, q, k, v, out, lse, dq, dk, dv, scale, causal):
-    Hq, Hkv = q.shape[2], k.shape[2]
-    s, _ = _softmax_parts(q, k, scale, causal)
-    lse = lse.double()
-    finite = torch.isfinite(lse)
-    p = torch.where(finite[..., None], torch.exp(s - torch.where(finite, lse, 0.0)[..., None]), 0.0)
-    qd, kd, vd, od, dod = (_to_bhtd(t) for t in (q, k, v, out, dout))
-    dp = dod @ _expand_kv(vd, Hq).transpose(-1, -2)
-    ds = p * (dp - (dod * od).sum(-1, keepdim=True))
-    group = lambda t: t.reshape(t.shape[0], Hkv, Hq // Hkv, *t.shape[2:]).sum(2)  # noqa: E731
-    dq.copy_((scale * ds @ _expand_kv(kd, Hq)).transpose(1, 2))
-    dk.copy_(group(scale * ds.transpose(-1, -2) @ qd).transpose(1, 2))
-    dv.copy_(group(p.transpose(-1, -2) @ dod).transpose(1, 2))
+    """flash-attn's backward: P recomputed from the LSE it is given, results written in place
+    (the dense backward of test_attention's corrected CPU stand-in)."""
+    grads = _CorrectedReferenceBackend().dense_backward(_bhtd(q), _bhtd(k), _bhtd(v), _bhtd(out), lse,
+                                                        _bhtd(dout), causal=causal, scale=scale)
+    for dst, src in zip((dq, dk, dv), grads):
+        dst.copy_(_bhtd(src))
 
 
 def _interface(version):
