@@ -37,7 +37,7 @@ from .correction import (CANCEL_THRESHOLD, INTERPRET, LOG2E, _block_range, _canc
                          _dkdv_entries, _dq_entries, _exact_rows, _flags_2d, _fwd_biased_rows, _fwd_entries,
                          _fwd_prologue, _last_dim_contiguous, dot_precision)
 
-__all__ = ["flash_fwd", "flash_bwd"]
+__all__ = ["flash_bwd", "flash_fwd"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -334,7 +334,7 @@ def _salience_stream_kernel(
     lse_ptrs = LSE + h * slh + offs_m * slm
     acc_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for step in range(0, steps):
+    for step in range(steps):
         b = step % B
         n0 = (n_lo + step // B) * BLOCK_N
         if USE_DESC:

@@ -7,7 +7,7 @@ caller that validates everything before touching its state leaves that state unc
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -48,15 +48,23 @@ import math
 import os
 import warnings
 import weakref
-from typing import Optional, Sequence
+from typing import Optional
+from collections.abc import Sequence
 
 import torch
 
 from . import _validate as V
 from .bias import TraceBias
 
-__all__ = ["biased_attention", "BACKENDS", "AUTO_PRIORITY", "available_backends", "select_backend",
-           "backend_reasons", "get_backend"]
+__all__ = [
+    "AUTO_PRIORITY",
+    "BACKENDS",
+    "available_backends",
+    "backend_reasons",
+    "biased_attention",
+    "get_backend",
+    "select_backend",
+]
 
 BACKENDS = ("auto", "triton", "cudnn", "flash", "flash_attn", "reference")
 # Fastest first, measured on the H100 (benchmarks/results/attention_h100_quick.md; B4 H16 T4096
@@ -572,7 +580,7 @@ def get_backend(name: str) -> Backend:
     return _REGISTRY[name]
 
 
-def register_backend(backend: Backend, *, priority: Optional[int] = None) -> None:
+def register_backend(backend: Backend, *, priority: int | None = None) -> None:
     """Add a backend (for experiments); `priority` inserts it into the auto order at that index."""
     global AUTO_PRIORITY, BACKENDS
     _REGISTRY[backend.name] = backend
@@ -795,7 +803,7 @@ def _bias_from_tensors(tensors, shape):
 
 @torch.library.custom_op("memtrace::biased_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_tensors: Sequence[torch.Tensor],
-            entry_values: Optional[torch.Tensor], bias_shape: Sequence[int], causal: bool, scale: float,
+            entry_values: torch.Tensor | None, bias_shape: Sequence[int], causal: bool, scale: float,
             alpha: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, Tq, D] laid out like q, lse [B, Hq, Tq] float32) of biased attention.
     `backend` is what the user asked for ("auto" or a name); it is resolved here, at run time."""
@@ -811,7 +819,7 @@ def _fwd_fake(q, k, v, bias_tensors, entry_values, bias_shape, causal, scale, al
 
 @torch.library.custom_op("memtrace::biased_attention_bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-            lse: torch.Tensor, bias_tensors: Sequence[torch.Tensor], entry_values: Optional[torch.Tensor],
+            lse: torch.Tensor, bias_tensors: Sequence[torch.Tensor], entry_values: torch.Tensor | None,
             bias_shape: Sequence[int], causal: bool, scale: float, alpha: float, backend: str,
             need_dvalues: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv laid out like q, k, v; d entry_values [E] float32, or [0] when not needed)."""

@@ -10,15 +10,22 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from . import _validate as V
 
-__all__ = ["Motif", "MotifRegistry", "CompositeExpert", "check_weights", "motif_flops_saved",
-           "linear_router_flops", "mlp_expert_flops"]
+__all__ = [
+    "CompositeExpert",
+    "Motif",
+    "MotifRegistry",
+    "check_weights",
+    "linear_router_flops",
+    "mlp_expert_flops",
+    "motif_flops_saved",
+]
 
 
 @dataclass(frozen=True)

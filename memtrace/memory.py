@@ -50,7 +50,7 @@ from . import _validate as V
 from ._files import save_safetensors
 from .bias import TraceBias
 
-__all__ = ["TraceMemory", "FORMAT_VERSION"]
+__all__ = ["FORMAT_VERSION", "TraceMemory"]
 
 FORMAT_VERSION = 1
 _FORMAT_NAME = "memtrace.TraceMemory"
@@ -462,7 +462,7 @@ class TraceMemory:
                           "meta": self.meta.detach().cpu().contiguous()}, path, metadata)
 
     @classmethod
-    def load(cls, path, device=None) -> "TraceMemory":
+    def load(cls, path, device=None) -> TraceMemory:
         """Read a file written by `save`; raises ValueError (never a half-loaded memory) when the
         file is truncated, of another format or version, or its tensors do not fit its config."""
         from safetensors import safe_open
@@ -495,7 +495,7 @@ class TraceMemory:
         mem.meta = tensors["meta"].to(mem.device).clone()
         return mem
 
-    def to(self, device) -> "TraceMemory":
+    def to(self, device) -> TraceMemory:
         """Move the state to `device` (in place; returns self)."""
         device = torch.device(device)
         strength, meta = self.strength.to(device), self.meta.to(device)

@@ -21,7 +21,7 @@ import torch
 from . import _validate as V
 from ._files import save_safetensors
 
-__all__ = ["RoutingTree", "FORMAT_VERSION", "BYTES_PER_NODE"]
+__all__ = ["BYTES_PER_NODE", "FORMAT_VERSION", "RoutingTree"]
 
 FORMAT_VERSION = 1
 BYTES_PER_NODE = 4 + 2 + 8 + 8 + 4 + 4  # parent, expert, count, reward_sum, first_seen, last_seen
@@ -333,7 +333,7 @@ class RoutingTree:
         save_safetensors(self.state_dict(), path, meta)
 
     @classmethod
-    def load(cls, path, device=None) -> "RoutingTree":
+    def load(cls, path, device=None) -> RoutingTree:
         """Load a tree saved by `save`; a truncated or inconsistent file raises ValueError."""
         from safetensors import safe_open
 
@@ -353,7 +353,7 @@ class RoutingTree:
         return cls._from_state(sd, device=device)
 
     @classmethod
-    def _from_state(cls, sd: dict, device=None) -> "RoutingTree":
+    def _from_state(cls, sd: dict, device=None) -> RoutingTree:
         need = set(_KEYS) | {"level_sizes", "num_tokens", "reward_total", "step", "config"}
         if not isinstance(sd, dict) or not need <= set(sd):
             missing = sorted(need - set(sd)) if isinstance(sd, dict) else sorted(need)
@@ -395,7 +395,7 @@ class RoutingTree:
         tree._tokens, tree._reward_total, tree._step = tokens, reward_total, step
         return tree
 
-    def to(self, device) -> "RoutingTree":
+    def to(self, device) -> RoutingTree:
         """A copy of this tree on `device`."""
         return RoutingTree._from_state(self.state_dict(), device=device)
 

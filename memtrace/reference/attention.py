@@ -13,7 +13,7 @@ import math
 
 import torch
 
-__all__ = ["dense_bias", "attention", "attention_with_lse", "causal_mask"]
+__all__ = ["attention", "attention_with_lse", "causal_mask", "dense_bias"]
 
 
 def dense_bias(head, q_idx, k_idx, value, num_heads, seq_len_q, seq_len_k, dtype=torch.float64):

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["empty_state", "trace_update", "trace_update_dense", "steady_state_strength"]
+__all__ = ["empty_state", "steady_state_strength", "trace_update", "trace_update_dense"]
 
 STATE_KEYS = ("head", "q_idx", "k_idx", "strength", "age", "hist")
 

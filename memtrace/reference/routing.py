@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RoutingTree", "MotifRegistry", "RefMotif"]
+__all__ = ["MotifRegistry", "RefMotif", "RoutingTree"]
 
 
 @dataclass(frozen=True)

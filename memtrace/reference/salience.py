@@ -10,7 +10,7 @@ import torch
 
 from .attention import _expand_kv, probabilities
 
-__all__ = ["salience", "capture_from_dense"]
+__all__ = ["capture_from_dense", "salience"]
 
 
 def salience(q, k, v, dout, bias=None, *, causal=False, scale=None, alpha=1.0):
