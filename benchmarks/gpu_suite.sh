@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Everything memtrace does on the GPU machine, in one call of the device tool; results land under $OUT.
 # Usage: bash benchmarks/gpu_suite.sh [all|tests|bench|attention|capture|profile|check]   (default all)
-#   all        install, GPU tests, every benchmark (about 15 minutes on an H100: split it over calls)
+#   all        install, GPU tests, every benchmark (far over one 10-minute call: split it into the modes below)
 #   capture    capture only: GPU parity, per-kernel profile of both emission modes, bench_capture
 #   profile    per-kernel GPU time of one trace-memory update and of capture fills
 #   check      the short run: GPU parity of memory / capture / attention, capture profile, bias-index and
 #              update benchmarks (about 8 minutes)
 #   attention  the attention matrix; MEMTRACE_BENCH_SHAPES=0,1 MEMTRACE_BENCH_CAUSAL=0 pick a part
+#              (one shape, both causal settings: ~9 minutes on an H100 before the parallel compile-ahead)
 # MEMTRACE_SUITE_NO_BUILD=1 skips building memtrace._C (runs from the source tree; routing skipped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
