@@ -302,7 +302,6 @@ def run_gpu(args):
                                 return lambda: triton.testing.do_bench(
                                     step, warmup=5, rep=25, grad_to_none=[q, k, v] if backward else None,
                                     return_mode="median")
-                            timer(bias)()                                    # compile outside the rounds
                             med, lo, hi = interleaved_overhead(timer(None), timer(bias))
                             row[f"{phase}_overhead"] = med
                             row[f"{phase}_overhead_range"] = [lo, hi]

@@ -33,6 +33,15 @@ print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__versi
                   "date": datetime.datetime.now().isoformat(timespec="seconds")}))
 PY
 
+capture_tests() {
+  # tests/gpu/test_capture_gpu.py in three background pytest processes (compiling dominates: one
+  # process took > 280 s); the caller waits.
+  for sel in "parity" "realistic" "not parity and not realistic"; do
+    timeout 300 python -m pytest tests/gpu/test_capture_gpu.py -q -p no:cacheprovider -p no:warnings -k "$sel" \
+      > "$OUT/gpu_tests_capture_${sel// /_}.log" 2>&1 &
+  done
+}
+
 if [[ $what == tests || $what == all ]]; then
   # One pytest process per module, side by side: the time goes to compiling Triton kernels, which
   # is single-threaded per process (16 cores here). MEMTRACE_GPU_TESTS picks modules (default all).
@@ -47,16 +56,12 @@ if [[ $what == tests || $what == all ]]; then
   for f in "$OUT"/gpu_tests_*.log; do echo "== $f"; grep -E "passed|failed|error|Error|FAILED" "$f" | tail -8; done
 fi
 if [[ $what == check ]]; then
-  # GPU parity of the kernels that changed last (memory select, bias index, capture), in parallel;
-  # the capture module in three processes (compiling dominates: one process took > 280 s).
+  # GPU parity of the kernels that changed last (memory select, bias index, capture), in parallel.
   for mod in memory_gpu attention_gpu; do
     MEMTRACE_ATTN_TUNE=0 timeout 300 python -m pytest "tests/gpu/test_$mod.py" -q -p no:cacheprovider -p no:warnings \
       > "$OUT/gpu_tests_$mod.log" 2>&1 &
   done
-  for sel in "parity" "realistic" "not parity and not realistic"; do
-    timeout 300 python -m pytest tests/gpu/test_capture_gpu.py -q -p no:cacheprovider -p no:warnings -k "$sel" \
-      > "$OUT/gpu_tests_capture_${sel// /_}.log" 2>&1 &
-  done
+  capture_tests
   wait || status=1
   tail -n 3 "$OUT"/gpu_tests_*.log
   timeout 200 python benchmarks/profile_capture.py "$OUT/profile_capture.json" 2>&1 | grep -v -i warn | cut -c1-300 || status=1
@@ -68,10 +73,7 @@ if [[ $what == capture ]]; then
   # profiler splits the fill into kernels for both emission modes; then bench_capture with the
   # mode whose fill took the least GPU time at B2 (MEMTRACE_CAPTURE_EMIT; do_bench of the whole
   # fill also counts host launch gaps, which made it pick the slower mode once).
-  for sel in "parity" "realistic" "not parity and not realistic"; do
-    timeout 300 python -m pytest tests/gpu/test_capture_gpu.py -q -p no:cacheprovider -p no:warnings -k "$sel" \
-      > "$OUT/gpu_tests_capture_${sel// /_}.log" 2>&1 &
-  done
+  capture_tests
   timeout 200 python benchmarks/profile_capture.py "$OUT/profile_capture.json" --sparse-emit 512,0 2>&1 \
     | grep -v -i warn | cut -c1-400 || status=1
   wait || status=1

@@ -160,11 +160,15 @@ def _add_histogram(S, cand, HIST, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _candidates(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
-                ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
-                HAS_ENTRIES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IDX_TILE: tl.constexpr):
-    """(S, a, candidate mask, rows, columns) of a tile: batch means, edges inside the call and not
-    causally masked, not bias entries, S > threshold."""
+def _epilogue(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
+              ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
+              CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
+              STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, HIST, BOUND,
+              PASS: tl.constexpr, HIST_IN_MAIN: tl.constexpr, HAS_ENTRIES: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IDX_TILE: tl.constexpr,
+              NUM_BINS: tl.constexpr, SHIFT: tl.constexpr, SPARSE_EMIT: tl.constexpr = 0):
+    """Mask, drop bias entries, threshold, then the pass's output; returns the tile's largest
+    candidate S (-1 if none)."""
     S = acc_s * inv_batch
     A = acc_a * inv_batch
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -181,22 +185,6 @@ def _candidates(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, thres
             ej = tl.load(ENT_J + e)
             valid = valid & ~((offs_m[:, None] == ei) & (offs_n[None, :] == ej))
     cand = valid & (S > threshold)
-    return S, A, cand, offs_m, offs_n
-
-
-@triton.jit
-def _epilogue(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
-              ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
-              CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
-              STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, HIST, BOUND,
-              PASS: tl.constexpr, HIST_IN_MAIN: tl.constexpr, HAS_ENTRIES: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IDX_TILE: tl.constexpr,
-              NUM_BINS: tl.constexpr, SHIFT: tl.constexpr, SPARSE_EMIT: tl.constexpr = 0):
-    """Mask, drop bias entries, threshold, then the pass's output; returns the tile's largest
-    candidate S (-1 if none)."""
-    S, A, cand, offs_m, offs_n = _candidates(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
-                                             ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
-                                             HAS_ENTRIES, BLOCK_M, BLOCK_N, IDX_TILE)
     if PASS == 0:
         _emit(cand, S, A, offs_m, offs_n, h, CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A, SPARSE_EMIT)
         if HIST_IN_MAIN:
@@ -311,7 +299,8 @@ def _salience_stream_kernel(
     (key tile, batch element), so the compiler pipelines the loads of the next step under the
     dots of this one (the per-tile kernel's batch loop is 1..4 steps long: nothing to overlap).
     The batch sums live in registers and are flushed through the epilogue after the last batch
-    element of each key tile. Same tiles and outputs as `_salience_tile_kernel`, whose PASS 1 / 2 therefore stay valid after this kernel."""
+    element of each key tile. Same tiles and outputs as `_salience_tile_kernel`, whose PASS 1 / 2
+    therefore stay valid after this kernel."""
     LOG2E: tl.constexpr = 1.4426950408889634
     tile_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -443,10 +432,10 @@ def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offse
                  capacity, out, staging, stg_capacity, tile_max, hist, bound, config, precision,
                  hist_in_main, use_desc=False, sparse_emit=0):
     """Launch one pass. `entries` = (off, i, j, tiles_m, tiles_n) or None; `out`/`staging` =
-    (h, i, j, S, a) buffers; config = (BLOCK_M, BLOCK_N, warps, stages, stream): stream 1, every
-    pass runs `_salience_tile_kernel` (a program per tile in PASS 0); stream 0, PASS 0 runs
+    (h, i, j, S, a) buffers; config = (BLOCK_M, BLOCK_N, warps, stages, per_tile): per_tile 1,
+    every pass runs `_salience_tile_kernel` (a program per tile in PASS 0); per_tile 0, PASS 0 runs
     `_salience_stream_kernel` (a program streams over key tiles) and PASS 1 / 2 the tile kernel
-    (the same tiles). (The last field was a key-split factor once; 0 / 1 kept their meaning.)"""
+    (the same tiles)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     bm, bn, warps, stages, per_tile = config
@@ -473,11 +462,10 @@ def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offse
     else:
         ent_off, ent_i, ent_j, tiles_m, tiles_n = entries
     if stream and pass_ == 0:
-        q_tiles = num_q_tiles
         # Enough programs to fill the machine: split the key range when rows x heads are few.
-        want = max(1, -(-(4 * _num_sms(q.device)) // (q_tiles * Hq)))
+        want = max(1, -(-(4 * _num_sms(q.device)) // (num_q_tiles * Hq)))
         per_split = triton.cdiv(num_k_tiles, min(want, num_k_tiles))
-        grid = (q_tiles, Hq, triton.cdiv(num_k_tiles, per_split))
+        grid = (num_q_tiles, Hq, triton.cdiv(num_k_tiles, per_split))
         compiled = _salience_stream_kernel[grid](
             tensors[0], tensors[1], tensors[2], tensors[3], lse, *strides, *_strides(lse, 3),
             B, Tq, Tk, Hq // Hkv, num_k_tiles, per_split, qk_scale, 1.0 / B, causal_offset, threshold,

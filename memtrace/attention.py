@@ -48,7 +48,6 @@ import math
 import os
 import warnings
 import weakref
-from typing import Optional
 from collections.abc import Sequence
 
 import torch

@@ -68,11 +68,8 @@ _CONFIG_OVERRIDE = None      # set by benchmarks / tests to try other tiles
 # per thread at 128x64 tiles against ~0.3 KB without), so by default it runs as its own pass, only
 # on overflow (the device-side check makes it a no-op launch otherwise).
 _HIST_IN_MAIN = False
-# How a streamed tile appends its candidates: N > 0, one atomic per candidate when the tile has at
-# most N (else one atomic per tile and a tile-wide scan); 0, always the latter. Measured on the
-# H100 (benchmarks/profile_capture.py); MEMTRACE_CAPTURE_EMIT overrides it. (A
-# third way, one atomic per row and a scan along it, spilled and was slower: results/
-# profile_capture_h100_emit_modes.json.)
+
+
 def _env_int(name, default):
     raw = os.environ.get(name, "").strip()
     try:
@@ -81,6 +78,10 @@ def _env_int(name, default):
         raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
 
 
+# How a streamed tile appends its candidates: N > 0, one atomic per candidate when the tile has at
+# most N (else one atomic per tile and a tile-wide scan); 0, always the latter. Measured on the
+# H100 (benchmarks/profile_capture.py); MEMTRACE_CAPTURE_EMIT overrides it. (A third way, one
+# atomic per row and a scan along it, spilled and was slower: profile_capture_h100_emit_modes.json.)
 _SPARSE_EMIT = _env_int("MEMTRACE_CAPTURE_EMIT", 512)
 _USE_DESC = True             # TMA descriptors for q/k/v/dO when their rows are contiguous (else pointers)
 
