@@ -4,8 +4,8 @@
 #   all        install, GPU tests, every benchmark (far over one 10-minute call: split it into the modes below)
 #   capture    capture only: GPU parity, per-kernel profile of both emission modes, bench_capture
 #   profile    per-kernel GPU time of one trace-memory update and of capture fills
-#   check      the short run: GPU parity of memory / capture / attention, capture profile, bias-index and
-#              update benchmarks (about 8 minutes)
+#   check      the short run: GPU parity of memory / capture / attention (MEMTRACE_GPU_TESTS picks the
+#              modules beside capture), bench_update with its kernel split, bench_capture
 #   attention  the attention matrix; MEMTRACE_BENCH_SHAPES=0,1 MEMTRACE_BENCH_CAUSAL=0 pick a part
 #              (one shape, both causal settings: ~9 minutes on an H100 before the parallel compile-ahead)
 # MEMTRACE_SUITE_NO_BUILD=1 skips building memtrace._C (runs from the source tree; routing skipped).
@@ -41,6 +41,12 @@ capture_tests() {
       > "$OUT/gpu_tests_capture_${sel// /_}.log" 2>&1 &
   done
 }
+merge_capture_logs() {
+  # one file instead of three: the device tool brings back at most 8 files
+  for f in "$OUT"/gpu_tests_capture_*.log; do [[ -e $f ]] && { echo "== $f"; cat "$f"; }; done > "$OUT/capture_tests.txt"
+  rm -f "$OUT"/gpu_tests_capture_*.log
+  grep -E "passed|failed|error" "$OUT/capture_tests.txt" | tail -6
+}
 
 if [[ $what == tests || $what == all ]]; then
   # One pytest process per module, side by side: the time goes to compiling Triton kernels, which
@@ -56,17 +62,20 @@ if [[ $what == tests || $what == all ]]; then
   for f in "$OUT"/gpu_tests_*.log; do echo "== $f"; grep -E "passed|failed|error|Error|FAILED" "$f" | tail -8; done
 fi
 if [[ $what == check ]]; then
-  # GPU parity of the kernels that changed last (memory select, bias index, capture), in parallel.
-  for mod in memory_gpu attention_gpu; do
+  # GPU parity of the kernels that changed last (trace memory, capture) side by side, then the
+  # issue-4 numbers: bench_update with its kernel split, and bench_capture.
+  for mod in ${MEMTRACE_GPU_TESTS-memory_gpu attention_gpu}; do
     MEMTRACE_ATTN_TUNE=0 timeout 300 python -m pytest "tests/gpu/test_$mod.py" -q -p no:cacheprovider -p no:warnings \
       > "$OUT/gpu_tests_$mod.log" 2>&1 &
   done
   capture_tests
   wait || status=1
+  merge_capture_logs
   tail -n 3 "$OUT"/gpu_tests_*.log
-  timeout 200 python benchmarks/profile_capture.py "$OUT/profile_capture.json" 2>&1 | grep -v -i warn | cut -c1-300 || status=1
-  timeout 60 python benchmarks/bench_bias.py --json "$OUT/bias.json" 2>&1 | tail -12 || status=1
   timeout 90 python benchmarks/bench_update.py --json "$OUT/update.json" 2>&1 | tail -12 || status=1
+  timeout 90 python benchmarks/profile_update.py "$OUT/profile_update.json" 2>&1 | grep -v -i warn | tail -20 || status=1
+  timeout 240 python benchmarks/bench_capture.py --no-sweep --json "$OUT/capture.json" 2>&1 | grep -v -i warn | tail -30 \
+    || status=1
 fi
 if [[ $what == capture ]]; then
   # Capture only: GPU parity (three pytest processes side by side: compiling dominates) while the
@@ -77,7 +86,7 @@ if [[ $what == capture ]]; then
   timeout 200 python benchmarks/profile_capture.py "$OUT/profile_capture.json" --sparse-emit 512,0 2>&1 \
     | grep -v -i warn | cut -c1-400 || status=1
   wait || status=1
-  tail -n 3 "$OUT"/gpu_tests_capture_*.log
+  merge_capture_logs
   emit=$(python -c "import json; r=json.load(open('$OUT/profile_capture.json'))['rows']; \
     b2=[x for x in r if x['B'] == 2 and x['threshold'] == 'sparse']; \
     print(min(b2, key=lambda x: x.get('kernel_sum_us', sum(x['kernels_us'].values())))['sparse_emit'])")
@@ -108,17 +117,18 @@ if [[ $what == attention || $what == all ]]; then
   dims=$(python -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_attention as b; \
     print(' '.join(sorted({str(b.SHAPES[int(i)][4]) for i in '$idx'.split()})))")
   causals=${MEMTRACE_BENCH_CAUSAL:-both}; [[ $causals == both ]] && causals="0 1"
+  logs=$(mktemp -d)   # not under $OUT: the device tool brings back at most 8 files
   for c in $causals; do
     for d in $dims; do for k in 0 1 2; do
       MEMTRACE_ATTN_CONFIG_SLICE=$k/3 timeout 300 python benchmarks/prewarm_attention.py kernels "$d" "$c" \
-        > "$OUT/prewarm_kernels_${d}_${c}_$k.log" 2>&1 &
+        > "$logs/prewarm_kernels_${d}_${c}_$k.log" 2>&1 &
     done; done
     for i in $idx; do
-      timeout 300 python benchmarks/prewarm_attention.py flex "$i" "$c" > "$OUT/prewarm_flex_${i}_${c}.log" 2>&1 &
+      timeout 300 python benchmarks/prewarm_attention.py flex "$i" "$c" > "$logs/prewarm_flex_${i}_${c}.log" 2>&1 &
     done
   done
   wait
-  tail -q -n 1 "$OUT"/prewarm_*.log
+  tail -q -n 1 "$logs"/prewarm_*.log
   python benchmarks/bench_attention.py ${MEMTRACE_BENCH_SHAPES:+--shapes $MEMTRACE_BENCH_SHAPES} \
     --causal "${MEMTRACE_BENCH_CAUSAL:-both}" --rep "${MEMTRACE_BENCH_REP:-100}" --json "$OUT/attention_${part//,/-}.json" \
     --markdown "$OUT/attention_${part//,/-}.md" || status=1
