@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Everything memtrace does on the GPU machine, in one call of the device tool; results land under $OUT.
-# Usage: bash benchmarks/gpu_suite.sh [all|tests|bench|attention|capture|profile|check]   (default all)
+# Usage: bash benchmarks/gpu_suite.sh [MODE...]   (default all; several modes run in one call)
 #   all        install, GPU tests, every benchmark (far over one 10-minute call: split it into the modes below)
 #   capture    capture only: GPU parity, per-kernel profile of both emission modes, bench_capture
 #   profile    per-kernel GPU time of one trace-memory update and of capture fills
+#   update     trace-memory GPU parity, bench_update (eager and CUDA-graph) and its kernel split; with
+#              `attention` its tests run while the attention kernels compile
 #   check      the short run: GPU parity of memory / capture / attention (MEMTRACE_GPU_TESTS picks the
 #              modules beside capture), bench_update with its kernel split, bench_capture
 #   attention  the attention matrix; MEMTRACE_BENCH_SHAPES=0,1 MEMTRACE_BENCH_CAUSAL=0 pick a part
@@ -13,7 +15,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/memtrace_out}
 mkdir -p "$OUT"
-what=${1:-all}
+modes=" ${*:-all} "
+want() { [[ $modes == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 status=0
 
@@ -48,7 +51,7 @@ merge_capture_logs() {
   grep -E "passed|failed|error" "$OUT/capture_tests.txt" | tail -6
 }
 
-if [[ $what == tests || $what == all ]]; then
+if want tests || want all; then
   # One pytest process per module, side by side: the time goes to compiling Triton kernels, which
   # is single-threaded per process (16 cores here). MEMTRACE_GPU_TESTS picks modules (default all).
   pids=()
@@ -61,7 +64,7 @@ if [[ $what == tests || $what == all ]]; then
   for pid in "${pids[@]}"; do wait "$pid" || status=1; done
   for f in "$OUT"/gpu_tests_*.log; do echo "== $f"; grep -E "passed|failed|error|Error|FAILED" "$f" | tail -8; done
 fi
-if [[ $what == check ]]; then
+if want check; then
   # GPU parity of the kernels that changed last (trace memory, capture) side by side, then the
   # issue-4 numbers: bench_update with its kernel split, and bench_capture.
   for mod in ${MEMTRACE_GPU_TESTS-memory_gpu attention_gpu}; do
@@ -77,7 +80,7 @@ if [[ $what == check ]]; then
   timeout 240 python benchmarks/bench_capture.py --no-sweep --json "$OUT/capture.json" 2>&1 | grep -v -i warn | tail -30 \
     || status=1
 fi
-if [[ $what == capture ]]; then
+if want capture; then
   # Capture only: GPU parity (three pytest processes side by side: compiling dominates) while the
   # profiler splits the fill into kernels for both emission modes; then bench_capture with the
   # mode whose fill took the least GPU time at B2 (MEMTRACE_CAPTURE_EMIT; do_bench of the whole
@@ -94,21 +97,25 @@ if [[ $what == capture ]]; then
   MEMTRACE_CAPTURE_EMIT=$emit timeout 240 python benchmarks/bench_capture.py --no-sweep --json "$OUT/capture.json" \
     2>&1 | grep -v -i warn | tail -40 || status=1
 fi
-if [[ $what == profile ]]; then
+if want profile; then
   # Where the time of the two issue-4 ops goes, kernel by kernel (torch.profiler), ~2 minutes.
   timeout 150 python benchmarks/profile_update.py "$OUT/profile_update.json" 2>&1 | grep -v -i warn | tail -30 || status=1
   timeout 200 python benchmarks/profile_capture.py "$OUT/profile_capture.json" 2>&1 | grep -v -i warn | cut -c1-400 || status=1
 fi
-if [[ $what == bench || $what == all ]]; then
+if want bench || want all; then
   python benchmarks/bench_routing.py --json "$OUT/routing.json" || status=1
   python benchmarks/bench_update.py --json "$OUT/update.json" || status=1
   python benchmarks/bench_capture.py --json "$OUT/capture.json" || status=1
   python benchmarks/bench_bias.py --json "$OUT/bias.json" || status=1
 fi
-if [[ $what == attention || $what == all ]]; then
+if want update; then
+  # parity first, in the background: compiling is CPU work, so it overlaps the attention compile-ahead
+  timeout 300 python -m pytest tests/gpu/test_memory_gpu.py -q -p no:cacheprovider -p no:warnings \
+    > "$OUT/gpu_tests_memory_gpu.log" 2>&1 &
+fi
+if want attention || want all; then
   # MEMTRACE_BENCH_SHAPES / MEMTRACE_BENCH_CAUSAL split the matrix over calls (10 minutes each);
   # join the parts with bench_attention.py --merge.
-  part=${MEMTRACE_BENCH_SHAPES:-all}_${MEMTRACE_BENCH_CAUSAL:-both}
   # Compile first, side by side (compiling is single-threaded per process; 16 cores here): per
   # (head dim, causal) 3 processes each autotune a third of the configs, and per (shape, causal)
   # one compiles FlexAttention; the benchmark then finds everything in the on-disk caches.
@@ -129,6 +136,15 @@ if [[ $what == attention || $what == all ]]; then
   done
   wait
   tail -q -n 1 "$logs"/prewarm_*.log
+fi
+if want update; then
+  wait || status=1   # the parity tests, on a quiet GPU before timing anything
+  tail -n 3 "$OUT/gpu_tests_memory_gpu.log"
+  timeout 120 python benchmarks/bench_update.py --json "$OUT/update.json" 2>&1 | tail -14 || status=1
+  timeout 90 python benchmarks/profile_update.py "$OUT/profile_update.json" 2>&1 | grep -v -i warn | tail -20 || status=1
+fi
+if want attention || want all; then
+  part=${MEMTRACE_BENCH_SHAPES:-all}_${MEMTRACE_BENCH_CAUSAL:-both}
   python benchmarks/bench_attention.py ${MEMTRACE_BENCH_SHAPES:+--shapes $MEMTRACE_BENCH_SHAPES} \
     --causal "${MEMTRACE_BENCH_CAUSAL:-both}" --rep "${MEMTRACE_BENCH_REP:-100}" --json "$OUT/attention_${part//,/-}.json" \
     --markdown "$OUT/attention_${part//,/-}.md" || status=1

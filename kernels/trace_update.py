@@ -6,15 +6,16 @@ slab the traces fill slots [0, n) sorted by pos; the rest are empty.
 
 One update of B layers (B x H slabs) is four Triton launches plus one cumsum:
 
-1. `_slab_len_kernel` counts each slab's traces; `_match_kernel`, grid (B, cdiv(C, BLOCK_C)):
+1. `_slab_len_kernel` counts each slab's traces; `_match_kernel`, grid (cdiv(C, BLOCK_C), B):
    each candidate edge (head, i, j, S, a) of layer b binary-searches its slab's n traces for pos
    (reading meta only). A stored trace takes the edge's (S, a) into the slot score
    buffers (unless the layer's slot scores came from the bias, `direct`). An edge that is not
    stored becomes a new trace when Sh = S ln(1 + [a > attn_eps]) > threshold and
-   M = (1 - retention) Sh >= prune_eps; those are counted per slab (atomics).
+   M = (1 - retention) Sh >= prune_eps; those are counted per slab (one atomic per block and head).
 2. `torch.cumsum` of the per-slab counts gives each slab's range in a grouped buffer.
-3. `_group_kernel`, same grid: new traces are scattered into their slab's range (order inside a
-   range is arbitrary: step 4 does not depend on it).
+3. `_group_kernel`: new traces are scattered into their slab's range, at their rank inside the
+   block plus the block's share, one returning atomic per block and head (order inside a range
+   is arbitrary: step 4 does not depend on it).
 4. `_select_kernel`, grid (B * H,): one program per slab. Stored traces get history
    ((hist << 1) | [a > attn_eps]) & (2^W - 1), Sh = S ln(1 + popcount(hist)), reinforce
    (M = retention M + (1 - retention) Sh, age 0) or decay (M = decay M, age + 1, saturating),
@@ -59,13 +60,17 @@ def _popcount64(x):
 
 
 @triton.jit
-def _slab_len_kernel(strength_ptr, layers_ptr, len_ptr, H, Q, BLOCK_Q: tl.constexpr):
-    """Traces per slab of the updated layers (they fill slots [0, n): a count of strength >= 0)."""
+def _slab_len_kernel(strength_ptr, layers_ptr, counts_ptr, n_slabs, H, Q, BLOCK_Q: tl.constexpr):
+    """counts [3, n_slabs]: row 0 the traces per slab of the updated layers (they fill slots
+    [0, n): a count of strength >= 0); rows 1 and 2 (new-trace counts, group cursors) zeroed
+    here, which saves a memset launch before the match."""
     ls = tl.program_id(0)
     layer = tl.load(layers_ptr + ls // H).to(tl.int64)
     offs = tl.arange(0, BLOCK_Q)
     m = tl.load(strength_ptr + (layer * H + ls % H) * Q + offs, mask=offs < Q, other=-1.0)
-    tl.store(len_ptr + ls, tl.sum((m >= 0).to(tl.int32), axis=0))
+    tl.store(counts_ptr + ls, tl.sum((m >= 0).to(tl.int32), axis=0))
+    tl.store(counts_ptr + n_slabs + ls, 0)
+    tl.store(counts_ptr + 2 * n_slabs + ls, 0)
 
 
 @triton.jit
@@ -73,9 +78,12 @@ def _match_kernel(slab_len_ptr, meta_ptr, layers_ptr, head_ptr, q_ptr, k_ptr, s_
                   direct_ptr, slot_s_ptr, slot_a_ptr, params_ptr, ln1p_ptr,
                   cand_slab_ptr, cand_m_ptr, cand_meta_ptr, new_count_ptr,
                   C, H, Q, L,
-                  POS_SHIFT: tl.constexpr, POS_MASK: tl.constexpr, LOG_Q: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+                  POS_SHIFT: tl.constexpr, POS_MASK: tl.constexpr, LOG_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+                  H_P2: tl.constexpr):
+    # grid (cdiv(C, BLOCK_C), B): programs launched together search the same layer's slabs, so
+    # the top levels of those searches stay in the SMs' L1
+    b = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_buf = offs < C
     n = tl.load(num_edges_ptr + b)
     row = b.to(tl.int64) * C + offs
@@ -124,21 +132,36 @@ def _match_kernel(slab_len_ptr, meta_ptr, layers_ptr, head_ptr, q_ptr, k_ptr, s_
     tl.store(cand_slab_ptr + row, tl.where(is_new, local_slab, -1), mask=in_buf)
     tl.store(cand_m_ptr + row, m_new, mask=in_buf)
     tl.store(cand_meta_ptr + row, (pos << POS_SHIFT) | bit.to(tl.int64), mask=in_buf)
-    tl.atomic_add(new_count_ptr + local_slab, tl.where(is_new, 1, 0), mask=is_new)
+    # one atomic per (block, head) instead of one per new edge: all of a block's edges hit the
+    # same H counters
+    heads = tl.arange(0, H_P2)
+    per_head = tl.histogram(h, H_P2, mask=is_new)
+    tl.atomic_add(new_count_ptr + b * H + heads, per_head, mask=(heads < H) & (per_head > 0))
 
 
 @triton.jit
 def _group_kernel(cand_slab_ptr, cand_m_ptr, cand_meta_ptr, new_count_ptr, new_end_ptr, cursor_ptr,
-                  grouped_m_ptr, grouped_meta_ptr, C, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+                  grouped_m_ptr, grouped_meta_ptr, C, H, BLOCK_C: tl.constexpr, H_P2: tl.constexpr):
+    """Scatter the new traces of a block of edges into their slabs' ranges. An edge's place is
+    its rank among the block's edges of the same head (a cumsum of the one-hot [BLOCK_C, H_P2]
+    matrix) plus the block's share of the range, taken with one returning atomic per head."""
+    b = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_buf = offs < C
     row = b.to(tl.int64) * C + offs
     slab = tl.load(cand_slab_ptr + row, mask=in_buf, other=-1)
     is_new = slab >= 0
-    slab = tl.where(is_new, slab, 0)
-    rank = tl.atomic_add(cursor_ptr + slab, tl.where(is_new, 1, 0), mask=is_new)
-    start = tl.load(new_end_ptr + slab, mask=is_new, other=0) - tl.load(new_count_ptr + slab, mask=is_new, other=0)
+    h = tl.where(is_new, slab - b * H, -1)
+    heads = tl.arange(0, H_P2)
+    onehot = (h[:, None] == heads[None, :]).to(tl.int32)                    # [BLOCK_C, H_P2]
+    rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1          # among the block's same-head edges
+    per_head = tl.sum(onehot, axis=0)
+    slabs = b * H + heads
+    live = (heads < H) & (per_head > 0)
+    block_base = tl.atomic_add(cursor_ptr + slabs, per_head, mask=live)
+    head_start = (tl.load(new_end_ptr + slabs, mask=live, other=0) - tl.load(new_count_ptr + slabs, mask=live, other=0)
+                  + block_base)
+    start = tl.sum(onehot * head_start[None, :], axis=1)
     dst = (start + rank).to(tl.int64)
     tl.store(grouped_m_ptr + dst, tl.load(cand_m_ptr + row, mask=is_new, other=0.0), mask=is_new)
     tl.store(grouped_meta_ptr + dst, tl.load(cand_meta_ptr + row, mask=is_new, other=0), mask=is_new)
@@ -360,36 +383,40 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
     direct_u8 = direct.contiguous().view(torch.uint8)
     num_edges = num_edges.contiguous()
     n_slabs = B * H
-    counters = torch.zeros(2, n_slabs, dtype=torch.int32, device=device)
-    new_count, cursor = counters[0], counters[1]
-    n_cand = max(B * C, 1)
-    cand_slab = torch.empty(n_cand, dtype=torch.int32, device=device)
-    cand_m = torch.empty(n_cand, dtype=torch.float64, device=device)
-    cand_meta = torch.empty(n_cand, dtype=torch.int64, device=device)
-    grouped_m = torch.empty(n_cand, dtype=torch.float64, device=device)
-    grouped_meta = torch.empty(n_cand, dtype=torch.int64, device=device)
+    pos_shift = 64 - pos_bits
+    pos_mask = (1 << pos_bits) - 1
+    H_P2 = max(2, triton.next_power_of_2(H))
+    BLOCK_C = 512
+    BLOCK_G = max(32, min(512, 8192 // H_P2))    # group: the one-hot [BLOCK_G, H_P2] stays ~32 registers a thread
+    BLOCK_Q = max(16, triton.next_power_of_2(Q))
+    if C > 0:
+        # only what the match needs is allocated before it is launched: the GPU waits on the host
+        # until then, and the rest is allocated while it matches
+        counts = torch.empty(3, n_slabs, dtype=torch.int32, device=device)   # slab length, new traces, cursor
+        slab_len, new_count, cursor = counts[0], counts[1], counts[2]
+        cand_slab = torch.empty(B * C, dtype=torch.int32, device=device)
+        cand_m = torch.empty(B * C, dtype=torch.float64, device=device)
+        cand_meta = torch.empty(B * C, dtype=torch.int64, device=device)
+        _slab_len_kernel[(n_slabs,)](strength, layers_t, counts, n_slabs, H, Q, BLOCK_Q=BLOCK_Q,
+                                     num_warps=max(1, min(8, BLOCK_Q // 256)))
+        _match_kernel[(triton.cdiv(C, BLOCK_C), B)](
+            slab_len, meta, layers_t, head, q_idx, k_idx, S, a, num_edges, direct_u8, slot_S, slot_a,
+            params, ln1p, cand_slab, cand_m, cand_meta, new_count, C, H, Q, max_seq_len,
+            POS_SHIFT=pos_shift, POS_MASK=pos_mask, LOG_Q=max(1, Q.bit_length()),
+            BLOCK_C=BLOCK_C, H_P2=H_P2, num_warps=4)
+        grouped_m = torch.empty(B * C, dtype=torch.float64, device=device)
+        grouped_meta = torch.empty(B * C, dtype=torch.int64, device=device)
+        new_end = torch.cumsum(new_count, 0, dtype=torch.int32)
+        _group_kernel[(triton.cdiv(C, BLOCK_G), B)](cand_slab, cand_m, cand_meta, new_count, new_end, cursor,
+                                                    grouped_m, grouped_meta, C, H, BLOCK_C=BLOCK_G, H_P2=H_P2,
+                                                    num_warps=8)
+    else:
+        new_count = new_end = torch.zeros(n_slabs, dtype=torch.int32, device=device)
+        grouped_m = torch.empty(1, dtype=torch.float64, device=device)
+        grouped_meta = torch.empty(1, dtype=torch.int64, device=device)
     scratch_m = torch.empty(n_slabs * Q, dtype=torch.float32, device=device)
     scratch_meta = torch.empty(n_slabs * Q, dtype=torch.int64, device=device)
     scratch_key = torch.empty(n_slabs * Q, dtype=torch.int64, device=device)
-
-    pos_shift = 64 - pos_bits
-    pos_mask = (1 << pos_bits) - 1
-    BLOCK_C = 512
-    BLOCK_Q = max(16, triton.next_power_of_2(Q))
-    if C > 0:
-        slab_len = torch.empty(n_slabs, dtype=torch.int32, device=device)
-        _slab_len_kernel[(n_slabs,)](strength, layers_t, slab_len, H, Q, BLOCK_Q=BLOCK_Q,
-                                     num_warps=max(1, min(8, BLOCK_Q // 256)))
-        grid = (B, triton.cdiv(C, BLOCK_C))
-        _match_kernel[grid](slab_len, meta, layers_t, head, q_idx, k_idx, S, a, num_edges, direct_u8, slot_S, slot_a,
-                            params, ln1p, cand_slab, cand_m, cand_meta, new_count, C, H, Q, max_seq_len,
-                            POS_SHIFT=pos_shift, POS_MASK=pos_mask, LOG_Q=max(1, Q.bit_length()),
-                            BLOCK_C=BLOCK_C, num_warps=4)
-        new_end = torch.cumsum(new_count, 0, dtype=torch.int32)
-        _group_kernel[grid](cand_slab, cand_m, cand_meta, new_count, new_end, cursor, grouped_m, grouped_meta, C,
-                            BLOCK_C=BLOCK_C, num_warps=4)
-    else:
-        new_end = new_count
     # quota 2048: 8 warps capped at 128 registers (no spills when compiled for sm_90) fit two
     # programs per SM, so one program's barriers and reductions overlap the other's work
     warps = SELECT_WARPS or max(4, min(16, BLOCK_Q // 256))

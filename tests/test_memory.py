@@ -550,6 +550,31 @@ def test_triton_kernels_interpreted_many_new_candidates():
         torch.testing.assert_close(tri.strength, ref_mem.strength, rtol=1e-6, atol=0)
 
 
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (the Triton kernels on CPU)")
+def test_triton_kernels_interpreted_many_blocks_odd_heads():
+    """Several candidate blocks per layer and a head count that is not a power of two: the match
+    kernel's per-block head counts and the group kernel's block shares (one atomic per block and
+    head) must place every new trace, as the vectorised torch path does."""
+    L, H, Q, T, C = 2, 3, 8, 40, 1300          # C over the kernels' 512-edge blocks: 3 blocks a layer
+    kw = dict(num_layers=L, num_heads=H, quota=Q, retention=0.6, decay=0.7, threshold=0.05, prune_eps=0.02,
+              window=3, max_seq_len=T)
+    tri, ref = mt.TraceMemory(**kw), mt.TraceMemory(**kw)
+    tri.backend, ref.backend = "triton", "torch"
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        cells = torch.stack([torch.randperm(H * T * T, generator=g)[:C] for _ in range(L)])
+        head, rest = (cells // (T * T)).int(), cells % (T * T)
+        S = torch.tensor([0.01, 0.3, 0.3, 1.0, 2.0])[torch.randint(0, 5, (L, C), generator=g)]
+        a = torch.tensor([0.0, 0.3, 0.9])[torch.randint(0, 3, (L, C), generator=g)]
+        n = torch.tensor([C, C - 77], dtype=torch.int32)
+        args = (head, (rest // T).int(), (rest % T).int(), S, a)
+        tri.update_edges([0, 1], *args, num_edges=n)
+        ref.update_edges([0, 1], *args, num_edges=n)
+        assert torch.equal(tri.meta, ref.meta)
+        torch.testing.assert_close(tri.strength, ref.strength, rtol=1e-6, atol=0)
+    assert (tri.strength >= 0).sum() == L * H * Q     # every slab full: the select evicted
+
+
 # ---- with the real SalienceCapture ---------------------------------------------------------------
 
 def test_update_from_real_capture_matches_reference():
