@@ -4,6 +4,7 @@
 #   all        install, GPU tests, every benchmark (far over one 10-minute call: split it into the modes below)
 #   capture    capture only: GPU parity, per-kernel profile of both emission modes, bench_capture
 #   profile    per-kernel GPU time of one trace-memory update and of capture fills
+#   attention-profile  per-kernel GPU time of biased attention (cudnn, triton; 0 / 2048 / 16384 traces)
 #   update     trace-memory GPU parity, bench_update (eager and CUDA-graph) and its kernel split; with
 #              `attention` its tests run while the attention kernels compile
 #   check      the short run: GPU parity of memory / capture / attention (MEMTRACE_GPU_TESTS picks the
@@ -117,18 +118,21 @@ if want attention || want all; then
   # MEMTRACE_BENCH_SHAPES / MEMTRACE_BENCH_CAUSAL split the matrix over calls (10 minutes each);
   # join the parts with bench_attention.py --merge.
   # Compile first, side by side (compiling is single-threaded per process; 16 cores here): per
-  # (head dim, causal) 3 processes each autotune a third of the configs, and per (shape, causal)
-  # one compiles FlexAttention; the benchmark then finds everything in the on-disk caches.
+  # (head dim, head counts, causal) 3 processes each autotune a third of the configs, and per
+  # (shape, causal) one compiles FlexAttention; the benchmark then finds everything in the
+  # on-disk caches.
   idx=$(python -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_attention as b; \
     s='${MEMTRACE_BENCH_SHAPES:-}'; print(' '.join(s.split(',')) if s else ' '.join(map(str, range(len(b.SHAPES)))))")
-  dims=$(python -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_attention as b; \
-    print(' '.join(sorted({str(b.SHAPES[int(i)][4]) for i in '$idx'.split()})))")
+  # (head dim, query heads, kv heads) of the chosen shapes: Triton compiles per integer class
+  kinds=$(python -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_attention as b; \
+    print(' '.join(sorted({f'{b.SHAPES[int(i)][4]}:{b.SHAPES[int(i)][1]},{b.SHAPES[int(i)][2]}' for i in '$idx'.split()})))")
+  want attention-profile && kinds=$(printf '%s\n' $kinds 128:16,16 | sort -u | tr '\n' ' ')   # profile_attention's shape
   causals=${MEMTRACE_BENCH_CAUSAL:-both}; [[ $causals == both ]] && causals="0 1"
   logs=$(mktemp -d)   # not under $OUT: the device tool brings back at most 8 files
   for c in $causals; do
-    for d in $dims; do for k in 0 1 2; do
-      MEMTRACE_ATTN_CONFIG_SLICE=$k/3 timeout 300 python benchmarks/prewarm_attention.py kernels "$d" "$c" \
-        > "$logs/prewarm_kernels_${d}_${c}_$k.log" 2>&1 &
+    for kd in $kinds; do for k in 0 1 2; do
+      MEMTRACE_ATTN_CONFIG_SLICE=$k/3 timeout 300 python benchmarks/prewarm_attention.py kernels "${kd%%:*}" "$c" \
+        --heads "${kd#*:}" > "$logs/prewarm_kernels_${kd%%:*}_${kd#*:}_${c}_$k.log" 2>&1 &
     done; done
     for i in $idx; do
       timeout 300 python benchmarks/prewarm_attention.py flex "$i" "$c" > "$logs/prewarm_flex_${i}_${c}.log" 2>&1 &
@@ -142,6 +146,10 @@ if want update; then
   tail -n 3 "$OUT/gpu_tests_memory_gpu.log"
   timeout 120 python benchmarks/bench_update.py --json "$OUT/update.json" 2>&1 | tail -14 || status=1
   timeout 90 python benchmarks/profile_update.py "$OUT/profile_update.json" 2>&1 | grep -v -i warn | tail -20 || status=1
+fi
+if want attention-profile; then
+  timeout 150 python benchmarks/profile_attention.py "$OUT/profile_attention.json" 2>&1 | grep -v -i warn | cut -c1-300 \
+    || status=1
 fi
 if want attention || want all; then
   part=${MEMTRACE_BENCH_SHAPES:-all}_${MEMTRACE_BENCH_CAUSAL:-both}

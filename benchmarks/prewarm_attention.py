@@ -2,10 +2,13 @@
 bench_attention.py spends its time timing (Triton's and Inductor's on-disk caches carry the
 compiled kernels from these processes to the benchmark's).
 
-    python benchmarks/prewarm_attention.py kernels D CAUSAL [--dtype bf16]
-        memtrace's kernels for head dim D: every backend, with and without a bias, forward and
-        backward, at a small sequence length. Autotuning compiles every config; run n processes
-        with MEMTRACE_ATTN_CONFIG_SLICE=k/n (k = 0..n-1) to split the configs between them.
+    python benchmarks/prewarm_attention.py kernels D CAUSAL [--heads HQ,HKV] [--dtype bf16]
+        memtrace's kernels for head dim D and HQ query / HKV kv heads (default 16,16): every
+        backend, with and without a bias, forward and backward, at a small sequence length.
+        Autotuning compiles every config; run n processes with MEMTRACE_ATTN_CONFIG_SLICE=k/n
+        (k = 0..n-1) to split the configs between them. The head counts matter: Triton compiles
+        one binary per integer-argument class (== 1, divisible by 16, other), so a kernel warmed
+        with 4 heads is compiled again for 16, and one without GQA again for a group of 4.
     python benchmarks/prewarm_attention.py flex SHAPE CAUSAL [--dtype bf16]
         FlexAttention with a dense-bias score_mod at bench_attention.SHAPES[SHAPE], forward and
         backward (torch.compile with dynamic=False compiles per shape).
@@ -21,13 +24,14 @@ import memtrace as mt
 import memtrace.attention as A
 
 
-def warm_kernels(D, causal, dtype):
-    B, H, T = 1, 4, 512
-    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
-    n = 64 * H
-    coo = [torch.arange(H, device="cuda").repeat_interleave(64), torch.randint(0, T, (n,), device="cuda"),
+def warm_kernels(D, causal, dtype, Hq=16, Hkv=16):
+    B, T = 1, 512
+    q = torch.randn(B, Hq, T, D, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    n = 64 * Hq
+    coo = [torch.arange(Hq, device="cuda").repeat_interleave(64), torch.randint(0, T, (n,), device="cuda"),
            torch.randint(0, T, (n,), device="cuda")]
-    bias = mt.TraceBias.from_coo(*coo, torch.rand(n, device="cuda"), num_heads=H, seq_len_q=T, seq_len_k=T)
+    bias = mt.TraceBias.from_coo(*coo, torch.rand(n, device="cuda"), num_heads=Hq, seq_len_q=T, seq_len_k=T)
     for backend in [b for b in ("triton", "cudnn", "flash") if b in A._REGISTRY]:
         for b in (None, bias):
             try:
@@ -55,12 +59,14 @@ def main():
     ap.add_argument("what", choices=("kernels", "flex"))
     ap.add_argument("arg", type=int, help="head dim (kernels) or index into bench_attention.SHAPES (flex)")
     ap.add_argument("causal", choices=("0", "1"))
+    ap.add_argument("--heads", default="16,16", help="HQ,HKV for `kernels`")
     ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     causal = args.causal == "1"
     if args.what == "kernels":
-        warm_kernels(args.arg, causal, dtype)
+        Hq, Hkv = (int(x) for x in args.heads.split(","))
+        warm_kernels(args.arg, causal, dtype, Hq, Hkv)
     else:
         warm_flex(args.arg, causal, dtype)
     torch.cuda.synchronize()
