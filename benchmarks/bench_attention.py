@@ -255,8 +255,9 @@ def run_gpu(args):
                 record(row)
                 return row
 
+            only = getattr(args, "only", "all")
             # memtrace without bias
-            for backend in memtrace_backends():
+            for backend in (memtrace_backends() if only != "peers" else []):
                 reasons = A.backend_reasons(q, k, v, None, causal=causal).get(backend) if backend != "auto" else []
                 if reasons:
                     record(dict(common, impl=f"memtrace[{backend}] no bias", error="; ".join(reasons)))
@@ -264,7 +265,7 @@ def run_gpu(args):
                 bench(f"memtrace[{backend}] no bias", lambda backend=backend: memtrace_fn(backend, q, k, v, causal, None),
                       {})
             # memtrace with trace biases
-            for per_head, pattern in traces:
+            for per_head, pattern in (traces if only != "peers" else []):
                 for backend in memtrace_backends():
                     def make(backend=backend, per_head=per_head, pattern=pattern):
                         bias = make_trace_bias(Hq, T, per_head, pattern, causal, device)
@@ -284,7 +285,7 @@ def run_gpu(args):
                         del bias
                     bench(f"memtrace[{backend}]", make, extra)
             # the issue's overhead targets, measured interleaved (bias=None and the bias alternate)
-            for backend in OVERHEAD_BACKENDS:
+            for backend in (OVERHEAD_BACKENDS if only != "peers" else ()):
                 for per_head, pattern in OVERHEAD_TRACES:
                     row = dict(common, impl=f"overhead[{backend}]", traces=per_head, pattern=pattern)
                     try:
@@ -311,7 +312,15 @@ def run_gpu(args):
                     record(row)
             # peers: the dense bias is built inside make_fn so its memory counts in the peak
             probe_bias = make_trace_bias(Hq, T, traces[0][0], traces[0][1], causal, device)
-            for peer in PEERS:
+            for peer in (PEERS if only != "memtrace" else []):
+                if peer == "flex_dense_bias" and Hq * T * T >= 2**31:
+                    # the compiled score_mod indexes the [H, T, T] table with 32-bit offsets: at
+                    # B1 H32 T16384 (2^33 elements) it read out of bounds (illegal memory access,
+                    # torch 2.11), which poisons the CUDA context for every later row
+                    record(dict(common, impl=peer, traces=traces[0][0], pattern=traces[0][1],
+                                error="skipped: a dense [H, T, T] bias of >= 2^31 elements overflows the "
+                                      "compiled score_mod's 32-bit indexing (illegal memory access here)"))
+                    continue
                 if peer in ("sdpa_flash", "sdpa_cudnn"):
                     bench(peer, lambda peer=peer: peer_fn(peer, q, k, v, causal, None), {})
                 else:
@@ -479,6 +488,8 @@ def main(argv=None):
                         help="comma-separated indices into SHAPES (split the matrix over several GPU calls)")
     parser.add_argument("--rep", type=int, default=100, help="do_bench timing window in ms per measurement")
     parser.add_argument("--causal", choices=("both", "0", "1"), default="both")
+    parser.add_argument("--only", choices=("all", "memtrace", "peers"), default="all",
+                        help="measure only memtrace's rows or only the peers' (to finish a part cut short)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="no run: join the rows of earlier (split) runs, recompute ratios, write --json/--markdown")
     args = parser.parse_args(argv)

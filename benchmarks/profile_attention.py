@@ -1,7 +1,7 @@
 """Where the trace bias's cost goes in biased attention (issue 7's overhead targets), kernel by
 kernel (torch.profiler), on the issue's shape B4 H16 T4096 D128 bf16, non-causal.
 
-    python benchmarks/profile_attention.py [OUT.json] [--quick]
+    python benchmarks/profile_attention.py [OUT.json] [--quick] [--backends cudnn,triton]
 
 For the cudnn and triton backends, bias=None and TraceBias of 2048 / 16384 random entries per
 head, forward and forward+backward: the GPU time of every kernel, their sum, and the bytes the
@@ -27,7 +27,10 @@ def main(argv):
     for t in (q, k, v):
         t.requires_grad_(True)
     rows = []
-    for backend in ("cudnn", "triton"):
+    backends = ("cudnn", "triton")
+    if "--backends" in argv:
+        backends = tuple(argv[argv.index("--backends") + 1].split(","))
+    for backend in backends:
         for per_head in (0, 2048, 16384):
             bias = make_trace_bias(H, T, per_head, "random", False, "cuda") if per_head else None
             for phase in ("fwd", "fwdbwd"):
@@ -53,7 +56,9 @@ def main(argv):
     base = {(r["backend"], r["phase"]): r["attention_sum_us"] for r in rows if r["traces"] == 0}
     for r in rows:
         r["overhead_over_none"] = round(r["attention_sum_us"] / base[(r["backend"], r["phase"])] - 1, 4)
+    from memtrace.kernels import correction
     doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "fwd_entries": "vector" if correction.FWD_ENTRIES_VEC else "onehot",
            "shape": {"B": B, "H": H, "T": T, "D": D, "dtype": "bf16", "causal": False}, "rows": rows}
     if out_path:
         with open(out_path, "w") as fh:
