@@ -5,8 +5,6 @@
 #   capture    capture only: GPU parity, per-kernel profile of both emission modes, bench_capture
 #   profile    per-kernel GPU time of one trace-memory update and of capture fills
 #   attention-profile  per-kernel GPU time of biased attention (cudnn, triton; 0 / 2048 / 16384 traces)
-#   entries    GPU parity of both forward entry modes (MEMTRACE_FWD_ENTRIES) and the cudnn backend's
-#              kernel times in each
 #   update     trace-memory GPU parity, bench_update (eager and CUDA-graph) and its kernel split; with
 #              `attention` its tests run while the attention kernels compile
 #   check      the short run: GPU parity of memory / capture / attention (MEMTRACE_GPU_TESTS picks the
@@ -104,18 +102,6 @@ if want profile; then
   # Where the time of the two issue-4 ops goes, kernel by kernel (torch.profiler), ~2 minutes.
   timeout 150 python benchmarks/profile_update.py "$OUT/profile_update.json" 2>&1 | grep -v -i warn | tail -30 || status=1
   timeout 200 python benchmarks/profile_capture.py "$OUT/profile_capture.json" 2>&1 | grep -v -i warn | cut -c1-400 || status=1
-fi
-if want entries; then
-  # the forward epilogue's two entry modes: parity on the GPU, then the standalone correction's
-  # kernel time in each (cudnn backend: its correction kernels compile in seconds)
-  MEMTRACE_ATTN_TUNE=0 timeout 240 python -m pytest tests/test_attention_kernels.py -q -p no:cacheprovider \
-    -p no:warnings -k entry_modes > "$OUT/gpu_tests_entry_modes.log" 2>&1 &
-  for mode in onehot vector; do
-    MEMTRACE_FWD_ENTRIES=$mode timeout 150 python benchmarks/profile_attention.py "$OUT/profile_attention_$mode.json" \
-      --backends cudnn 2>&1 | grep -v -i warn | cut -c1-240 || status=1
-  done
-  wait || status=1
-  tail -n 3 "$OUT/gpu_tests_entry_modes.log"
 fi
 if want bench || want all; then
   python benchmarks/bench_routing.py --json "$OUT/routing.json" || status=1

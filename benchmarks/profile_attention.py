@@ -56,9 +56,7 @@ def main(argv):
     base = {(r["backend"], r["phase"]): r["attention_sum_us"] for r in rows if r["traces"] == 0}
     for r in rows:
         r["overhead_over_none"] = round(r["attention_sum_us"] / base[(r["backend"], r["phase"])] - 1, 4)
-    from memtrace.kernels import correction
     doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "fwd_entries": "vector" if correction.FWD_ENTRIES_VEC else "onehot",
            "shape": {"B": B, "H": H, "T": T, "D": D, "dtype": "bf16", "causal": False}, "rows": rows}
     if out_path:
         with open(out_path, "w") as fh:

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .correction import (CANCEL_THRESHOLD, FWD_ENTRIES_VEC, INTERPRET, LOG2E, _block_range, _cancel_flags, _check_common,
+from .correction import (CANCEL_THRESHOLD, INTERPRET, LOG2E, _block_range, _cancel_flags, _check_common,
                          _dkdv_entries, _dq_entries, _exact_rows, _flags_2d, _fwd_biased_rows, _fwd_entries,
                          _fwd_prologue, _last_dim_contiguous, dot_precision)
 
@@ -145,7 +145,7 @@ def _prune_fwd(configs, named_args, **kwargs):
                   lambda c: c.kwargs["BLOCK_M"] * D + 2 * c.num_stages * c.kwargs["BLOCK_N"] * D)
 
 
-@triton.autotune(configs=_fwd_configs(), key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "VEC"],
+@triton.autotune(configs=_fwd_configs(), key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC"],
                  prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _flash_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
@@ -154,7 +154,7 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
                       Hq, GROUP, Tq, Tk, TqMax, causal_off, qk_scale2, alpha2, cancel_tol,
                       TQ_KEY, TK_KEY,
                       HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      DOT_PREC: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       CHUNK: tl.constexpr, PREFETCH: tl.constexpr):
     """Out [B,Hq,Tq,D], Lse [B*Hq, Tq] (natural) of biased attention.
 
@@ -174,7 +174,6 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=(offs_m < Tq)[:, None], other=0.0)
-    q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     if CAUSAL:
@@ -187,9 +186,9 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
     if HAS_BIAS:
         e_lo, e_hi = _block_range(QOffsets, h, m0, tl.minimum(m0 + BLOCK_M, Tq), TqMax)
         if PREFETCH:  # the entries' gathers fly while the dense loop runs
-            val0, i0, ok0, qg0, kg0, vg0 = _fwd_prologue(
-                EntryPos, EntryVal, q_base, stride_qm, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi,
-                Tq, Tk, causal_off, CAUSAL, CHUNK, VEC)
+            val0, i0, ok0, kg0, vg0 = _fwd_prologue(
+                EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi, Tq, Tk,
+                causal_off, CAUSAL, CHUNK)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -204,15 +203,15 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
     lse2 = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
     if HAS_BIAS:
         if not PREFETCH:
-            val0, i0, ok0, qg0, kg0, vg0 = _fwd_prologue(
-                EntryPos, EntryVal, q_base, stride_qm, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi,
-                Tq, Tk, causal_off, CAUSAL, CHUNK, VEC)
+            val0, i0, ok0, kg0, vg0 = _fwd_prologue(
+                EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi, Tq, Tk,
+                causal_off, CAUSAL, CHUNK)
         den = tl.full([BLOCK_M], 1.0, tl.float32)
         c2 = tl.zeros([BLOCK_M], tl.float32)
         acc, den, c2 = _fwd_entries(acc, den, c2, q, lse2, offs_m, e_lo, e_hi,
-                                    val0, i0, ok0, qg0, kg0, vg0, EntryPos, EntryVal,
-                                    q_base, stride_qm, k_base, v_base, stride_kn, stride_vn, offs_d,
-                                    Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC, VEC)
+                                    val0, i0, ok0, kg0, vg0, EntryPos, EntryVal,
+                                    k_base, v_base, stride_kn, stride_vn, offs_d,
+                                    Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC)
         # 1 + sum w = den * 2^c2; under the threshold the identity has cancelled
         cancelled = (den < cancel_tol * tl.math.exp2(-c2)) & (offs_m < Tq)
         n_cancel = tl.sum(cancelled.to(tl.int32), 0)
@@ -240,7 +239,7 @@ def _len_key(t):
 
 
 def flash_fwd(q, k, v, bias=None, entry_values=None, *, causal: bool, scale: float, alpha: float,
-              allow_tf32: bool = False, return_flags: bool = False, vector_entries: bool | None = None):
+              allow_tf32: bool = False, return_flags: bool = False):
     """Biased flash attention forward.
 
     q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D] (fp16/bf16/fp32, same dtype); bias a TraceBias for Hq heads
@@ -248,8 +247,6 @@ def flash_fwd(q, k, v, bias=None, entry_values=None, *, causal: bool, scale: flo
     q.dtype, lse [B,Hq,Tq] float32 natural log, -inf on fully masked rows). fp32 inputs use IEEE
     dots unless allow_tf32. return_flags=True returns (out, lse, flags): int8 [B,Hq,Tq], 1 on the
     cancelling rows (for flash_bwd(row_flags=...), which otherwise recomputes them).
-    vector_entries picks the epilogue's per-entry mode (kernels/correction.py _fwd_entries;
-    default: MEMTRACE_FWD_ENTRIES).
     """
     B, Hq, Hkv, Tq, Tk, D = _check_common(q, k, v, bias)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -278,8 +275,7 @@ def flash_fwd(q, k, v, bias=None, entry_values=None, *, causal: bool, scale: flo
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         Hq, Hq // Hkv, Tq, Tk, tq_max, Tk - Tq, scale * LOG2E, alpha * LOG2E, CANCEL_THRESHOLD,
         _len_key(Tq), _len_key(Tk),
-        HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, DOT_PREC=dot_precision(q.dtype, allow_tf32),
-        VEC=has_bias and (FWD_ENTRIES_VEC if vector_entries is None else bool(vector_entries)))
+        HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, DOT_PREC=dot_precision(q.dtype, allow_tf32))
     if return_flags:
         return out, lse, flags.view(B, Hq, Tq)
     return out, lse

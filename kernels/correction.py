@@ -63,19 +63,6 @@ CANCEL_THRESHOLD = 0.25
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _fwd_entries_mode() -> bool:
-    """MEMTRACE_FWD_ENTRIES: how the forward epilogues get each entry's logit and weight (see
-    _fwd_entries): "onehot" (default, measured on the H100) or "vector" (per-entry products:
-    BM times fewer exponentials and one dot fewer per chunk; not yet timed on a GPU)."""
-    raw = os.environ.get("MEMTRACE_FWD_ENTRIES", "onehot").strip().lower()
-    if raw not in ("onehot", "vector"):
-        raise ValueError(f"MEMTRACE_FWD_ENTRIES must be 'onehot' or 'vector', got {raw!r}")
-    return raw == "vector"
-
-
-FWD_ENTRIES_VEC = _fwd_entries_mode()
-
-
 def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     """input_precision for tl.dot: fp32 inputs use IEEE unless the caller allowed TF32."""
     return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
@@ -116,74 +103,53 @@ def _gather(base, rows, stride, offs_d, ok):
 
 
 @triton.jit
-def _fwd_prologue(EntryPos, EntryVal, q_base, stride_qm, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi,
-                  Tq, Tk, causal_off, CAUSAL: tl.constexpr, CHUNK: tl.constexpr, VEC: tl.constexpr):
-    """The first chunk of entries with its gathered K/V rows (and, VEC, Q rows): the state
-    _fwd_entries starts from. Issued before the dense loop it hides the gathers' latency behind
-    the dense work."""
+def _fwd_prologue(EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi,
+                  Tq, Tk, causal_off, CAUSAL: tl.constexpr, CHUNK: tl.constexpr):
+    """The first chunk of entries with its gathered K/V rows: the state _fwd_entries starts
+    from. Issued before the dense loop it hides the gathers' latency behind the dense work."""
     val0, i0, j0, ok0 = _load_entries(EntryPos, EntryVal, e_lo + tl.arange(0, CHUNK), e_hi, Tq, Tk, causal_off, CAUSAL)
     kg0 = _gather(k_base, j0, stride_kn, offs_d, ok0)
     vg0 = _gather(v_base, j0, stride_vn, offs_d, ok0)
-    if VEC:
-        qg0 = _gather(q_base, i0, stride_qm, offs_d, ok0)
-    else:
-        qg0 = kg0   # unused
-    return val0, i0, ok0, qg0, kg0, vg0
+    return val0, i0, ok0, kg0, vg0
 
 
 @triton.jit
-def _fwd_entries(acc_o, den, c2, q, lse2, offs_m, e_lo, e_hi, val0, i0, ok0, qg0, kg0, vg0,
-                 EntryPos, EntryVal, q_base, stride_qm, k_base, v_base, stride_kn, stride_vn, offs_d,
+def _fwd_entries(acc_o, den, c2, q, lse2, offs_m, e_lo, e_hi, val0, i0, ok0, kg0, vg0,
+                 EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d,
                  Tq, Tk, causal_off, qk_scale2, alpha2,
-                 CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, VEC: tl.constexpr):
+                 CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr):
     """Fold the entries e_lo..e_hi (rows offs_m, sorted by (i, j)) into a forward row block.
 
     acc_o [BM, D] f32 holds e^-c2 * (O + sum w v), den [BM] holds e^-c2 * (1 + sum w), c2 [BM] the
     shift in log2 units (start: acc_o = O, den = 1, c2 = 0). q [BM, D] is the query tile, lse2 [BM]
-    the unbiased LSE in log2 units (-inf for fully masked rows). (val0, i0, ok0, qg0, kg0, vg0) is
-    the first chunk from _fwd_prologue; rows of later chunks are gathered from q_base/k_base/v_base
-    (one (batch, head) slice, unit stride along D). (A deeper software pipeline, chunk c+1's
-    gathers in flight during chunk c, measured slower on the H100: see benchmarks/notes_attention.md.)
-
-    Two ways to get each entry's logit and weight, the same numbers:
-      VEC=False: the [BM, C] logits of every row against the chunk's keys (a dot), with two
-        exponentials per element, of which only the entries' own (row == i_e) are kept;
-      VEC=True: per entry, the row-wise product q_{i_e} . k_{j_e} of gathered rows ([C, D]
-        multiply-adds) and two exponentials per entry; [BM, C] work is only selects and the
-        one-hot dot that adds w v_j into the rows. BM times fewer exponentials and one dot fewer.
+    the unbiased LSE in log2 units (-inf for fully masked rows). (val0, i0, ok0, kg0, vg0) is the
+    first chunk from _fwd_prologue; K/V rows of later chunks are gathered from k_base/v_base (one
+    (batch, kv head) slice, unit stride along D). (A deeper software pipeline, chunk c+1's gathers
+    in flight during chunk c, measured slower on the H100: see benchmarks/notes_attention.md. So
+    did a per-entry variant, q_{i_e} . k_{j_e} from gathered Q rows with two exponentials per
+    entry instead of per [BM, C] element: the standalone kernel took 127 vs 100 us at 2048
+    entries/head and 457 vs 298 us at 16384 (B4 H16 T4096 D128); its per-entry values need
+    reductions across the rows axis, which cross warps, where the one-hot form reduces along the
+    keys within a thread's fragment and puts the waste on the tensor cores.)
     """
     offs_c = tl.arange(0, CHUNK)
     for e0 in range(e_lo, e_hi, CHUNK):
+        # [BM, C] logits of every row against the chunk's keys; only (row == i_e) is kept
+        s2 = tl.dot(q, tl.trans(kg0), input_precision=DOT_PREC) * qk_scale2
         hit = (offs_m[:, None] == i0[None, :]) & ok0[None, :]
-        if VEC:
-            s_e = tl.sum(qg0.to(tl.float32) * kg0.to(tl.float32), 1) * qk_scale2
-            u_e = s_e - tl.sum(tl.where(hit, lse2[:, None], 0.0), 0)          # row's lse2 gathered by one-hot
-            t_e = u_e + val0 * alpha2
-            c_new = tl.maximum(c2, tl.max(tl.where(hit, t_e[None, :], float("-inf")), 1))
-            rescale = tl.exp2(c2 - c_new)
-            acc_o = acc_o * rescale[:, None]
-            den = den * rescale
-            c_e = tl.sum(tl.where(hit, c_new[:, None], 0.0), 0)
-            w_e = tl.where(ok0, tl.exp2(t_e - c_e) - tl.exp2(u_e - c_e), 0.0)
-            w = tl.where(hit, w_e[None, :], 0.0)
-        else:
-            # [BM, C] logits of every row against the chunk's keys; only (row == i_e) is kept
-            s2 = tl.dot(q, tl.trans(kg0), input_precision=DOT_PREC) * qk_scale2
-            u = s2 - lse2[:, None]
-            t = tl.where(hit, u + (val0 * alpha2)[None, :], float("-inf"))
-            c_new = tl.maximum(c2, tl.max(t, 1))
-            rescale = tl.exp2(c2 - c_new)
-            acc_o = acc_o * rescale[:, None]
-            den = den * rescale
-            w = tl.where(hit, tl.exp2(t - c_new[:, None]) - tl.exp2(u - c_new[:, None]), 0.0)
+        u = s2 - lse2[:, None]
+        t = tl.where(hit, u + (val0 * alpha2)[None, :], float("-inf"))
+        c_new = tl.maximum(c2, tl.max(t, 1))
+        rescale = tl.exp2(c2 - c_new)
+        acc_o = acc_o * rescale[:, None]
+        den = den * rescale
+        w = tl.where(hit, tl.exp2(t - c_new[:, None]) - tl.exp2(u - c_new[:, None]), 0.0)
         acc_o = tl.dot(w.to(vg0.dtype), vg0, acc_o, input_precision=DOT_PREC)
         den = den + tl.sum(w, 1)
         c2 = c_new
         val0, i0, j0, ok0 = _load_entries(EntryPos, EntryVal, e0 + CHUNK + offs_c, e_hi, Tq, Tk, causal_off, CAUSAL)
         kg0 = _gather(k_base, j0, stride_kn, offs_d, ok0)
         vg0 = _gather(v_base, j0, stride_vn, offs_d, ok0)
-        if VEC:
-            qg0 = _gather(q_base, i0, stride_qm, offs_d, ok0)
     return acc_o, den, c2
 
 
@@ -344,7 +310,7 @@ def _correct_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
                         Hq, GROUP, Tq, Tk, TqMax, causal_off, qk_scale2, alpha2, cancel_tol,
                         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                         CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, SLOW_BLOCK_N: tl.constexpr,
-                        STORE_FLAGS: tl.constexpr, VEC: tl.constexpr):
+                        STORE_FLAGS: tl.constexpr):
     """In place: Out, Lse (unbiased O [B,Hq,Tq,D], natural LSE [B,Hq,Tq]) -> biased O', LSE'.
 
     Grid (cdiv(Tq, BLOCK_M), B*Hq). A program owns rows [m0, m0+BLOCK_M) of (b, h); blocks with
@@ -373,14 +339,13 @@ def _correct_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
         c2 = tl.zeros([BLOCK_M], tl.float32)
         k_base = K + b * stride_kb + hk * stride_kh
         v_base = V + b * stride_vb + hk * stride_vh
-        q_base = Q + b * stride_qb + h * stride_qh
-        val0, i0, ok0, qg0, kg0, vg0 = _fwd_prologue(
-            EntryPos, EntryVal, q_base, stride_qm, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi,
-            Tq, Tk, causal_off, CAUSAL, CHUNK, VEC)
+        val0, i0, ok0, kg0, vg0 = _fwd_prologue(
+            EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi, Tq, Tk, causal_off,
+            CAUSAL, CHUNK)
         acc_o, den, c2 = _fwd_entries(acc_o, den, c2, q, lse2, offs_m, e_lo, e_hi,
-                                      val0, i0, ok0, qg0, kg0, vg0, EntryPos, EntryVal,
-                                      q_base, stride_qm, k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk,
-                                      causal_off, qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC, VEC)
+                                      val0, i0, ok0, kg0, vg0, EntryPos, EntryVal,
+                                      k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
+                                      qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC)
         cancelled = live & (den < cancel_tol * tl.math.exp2(-c2))
         if STORE_FLAGS:
             tl.store(Flags + bh.to(tl.int64) * Tq + offs_m, cancelled.to(tl.int8), mask=live)
@@ -741,8 +706,7 @@ def _fwd_block(D):
 
 def correct_fwd(q, k, v, out, lse, bias, entry_values, *, causal, scale, alpha,
                 inplace: bool = True, allow_tf32: bool = False, block_m: int | None = None,
-                chunk: int = 32, num_warps: int = 4, return_flags: bool = False,
-                vector_entries: bool | None = None):
+                chunk: int = 32, num_warps: int = 4, return_flags: bool = False):
     """Apply the sparse correction to the UNBIASED attention (out, lse) -> (out', lse').
 
     q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D]; out [B,Hq,Tq,D] (any float dtype), lse [B,Hq,Tq] float32
@@ -751,7 +715,6 @@ def correct_fwd(q, k, v, out, lse, bias, entry_values, *, causal, scale, alpha,
     Rows where the identity cancels (1 + sum w < CANCEL_THRESHOLD) are recomputed with the bias
     in the tile loop, so out', lse' stay accurate there too. return_flags=True returns
     (out', lse', flags) with flags int8 [B, Hq, Tq] = 1 on those rows, for correct_bwd(row_flags=).
-    vector_entries picks _fwd_entries' per-entry mode (default: MEMTRACE_FWD_ENTRIES).
     """
     B, Hq, Hkv, Tq, Tk, D = _check_common(q, k, v, bias)
     if not inplace:
@@ -781,7 +744,7 @@ def correct_fwd(q, k, v, out, lse, bias, entry_values, *, causal, scale, alpha,
         Hq, Hq // Hkv, Tq, Tk, bias.seq_len_q, Tk - Tq, scale * LOG2E, alpha * LOG2E, CANCEL_THRESHOLD,
         HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_M=block_m, CHUNK=chunk,
         DOT_PREC=dot_precision(q.dtype, allow_tf32), SLOW_BLOCK_N=32, STORE_FLAGS=bool(return_flags),
-        VEC=FWD_ENTRIES_VEC if vector_entries is None else bool(vector_entries), num_warps=num_warps)
+        num_warps=num_warps)
     if return_flags:
         return out, lse, flags
     return out, lse

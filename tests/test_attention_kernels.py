@@ -151,60 +151,6 @@ def test_correction_after_dense_matches_oracle(case, dtype):
     assert rel(dvals.cpu(), expected_dvalues(bias, r_db)) < tol
 
 
-@pytest.mark.parametrize("path", ["fused", "standalone"])
-@pytest.mark.parametrize("case", CASES)
-def test_forward_entry_modes_match_oracle(case, path):
-    """Both ways the forward epilogue folds in the entries (one-hot [BM, C] logits, or per-entry
-    products of gathered rows) give the oracle's out and lse, fused into flash_fwd or applied by
-    correct_fwd after the dense forward; values up to +-6 (fp16 inputs)."""
-    B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
-    scale, alpha = 1.0 / math.sqrt(D), 1.5
-    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float16, seed=29 + n)
-    bias, coo = make_bias(Hq, Tq_max, Tk_max, n, seed=31 + n, scale_vals=4.0)
-    ev = bias.entry_values()
-    r_out, r_lse = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, scale, alpha)[:2]
-    finite = torch.isfinite(r_lse)
-    outs = {}
-    for vec in (False, True):
-        if path == "fused":
-            out, lse = ka.flash_fwd(q, k, v, bias, ev, causal=causal, scale=scale, alpha=alpha, vector_entries=vec)
-        else:
-            out, lse = ka.flash_fwd(q, k, v, None, causal=causal, scale=scale, alpha=alpha)
-            out, lse = kc.correct_fwd(q, k, v, out, lse, bias, ev, causal=causal, scale=scale, alpha=alpha,
-                                      vector_entries=vec)
-        assert rel(out, r_out) < TOL[torch.float16], vec
-        assert torch.equal(torch.isfinite(lse.cpu()), finite)
-        assert rel(lse.cpu()[finite], r_lse[finite]) < 1e-5, vec
-        outs[vec] = out
-    assert rel(outs[True], outs[False].double().cpu()) < TOL[torch.float16]
-
-
-@pytest.mark.parametrize("vec", [False, True])
-def test_forward_entry_modes_cancel_and_large(vec):
-    """The per-entry mode on the hard rows: values of -30 on each row's dominant edge (the
-    identity cancels and the block falls back) and +-40 on random edges; fp32."""
-    B, Hq, Tq, Tk, D = 1, 1, 16, 16, 16
-    g = torch.Generator().manual_seed(4)
-    k = torch.randn(B, Hq, Tk, D, generator=g)
-    q = 4.0 * k + 0.1 * torch.randn(B, Hq, Tq, D, generator=g)
-    v = torch.randn(B, Hq, Tk, D, generator=g)
-    i = torch.arange(Tq)
-    rand_j = torch.randint(0, Tk, (Tq,), generator=g)
-    big = 40.0 * (2 * torch.rand(Tq, generator=g) - 1)
-    coo = (torch.zeros(2 * Tq, dtype=torch.long), torch.cat([i, i]), torch.cat([i, rand_j]),
-           torch.cat([torch.full((Tq,), -30.0), big]))
-    q, k, v = (t.to(DEV) for t in (q, k, v))
-    bias = TraceBias.from_coo(*(t.to(DEV) for t in coo), num_heads=1, seq_len_q=Tq, seq_len_k=Tk)
-    r_out, r_lse, *_ = oracle(q, k, v, v, coo, 1, Tq, Tk, False, 1.0, 1.0)
-    out, lse = ka.flash_fwd(q, k, v, bias, bias.entry_values(), causal=False, scale=1.0, alpha=1.0,
-                            vector_entries=vec)
-    assert rel(out, r_out) < 1e-5 and rel(lse.cpu(), r_lse) < 1e-5
-    out0, lse0 = ka.flash_fwd(q, k, v, None, causal=False, scale=1.0, alpha=1.0)
-    out, lse = kc.correct_fwd(q, k, v, out0, lse0, bias, bias.entry_values(), causal=False, scale=1.0, alpha=1.0,
-                              vector_entries=vec)
-    assert rel(out, r_out) < 1e-5 and rel(lse.cpu(), r_lse) < 1e-5
-
-
 @pytest.mark.parametrize("big", [40.0, -40.0])
 def test_large_biases(big):
     """Large positive biases (no overflow in the shifted frame) and large negative ones on
