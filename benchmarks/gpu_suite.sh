@@ -158,4 +158,10 @@ if want attention || want all; then
     --causal "${MEMTRACE_BENCH_CAUSAL:-both}" --rep "${MEMTRACE_BENCH_REP:-100}" --only "${MEMTRACE_BENCH_ONLY:-all}" --json "$OUT/attention_${part//,/-}.json" \
     --markdown "$OUT/attention_${part//,/-}.md" || status=1
 fi
+# The device tool brings back at most 8 files from $OUT: past that, the logs go into one tar so
+# the JSON results all come back.
+if (( $(find "$OUT" -maxdepth 1 -type f | wc -l) > 8 )); then
+  (cd "$OUT" && shopt -s nullglob && logs=(*.log *.txt) && ((${#logs[@]})) && tar -cf logs.tar -- "${logs[@]}" \
+    && rm -f -- "${logs[@]}")
+fi
 exit $status
