@@ -17,9 +17,9 @@ Compiling is single-threaded per process; the GPU machine has 16 cores.
 """
 import argparse
 
+import bench_attention as BA
 import torch
 
-import bench_attention as BA
 import memtrace as mt
 import memtrace.attention as A
 

@@ -13,17 +13,18 @@ import sys
 
 import torch
 import triton
-
-import memtrace as mt
 from bench_attention import make_trace_bias
 from profile_capture import kernel_times
+
+import memtrace as mt
 
 
 def main(argv):
     out_path = argv[0] if argv and not argv[0].startswith("--") else None
     B, H, T, D = (1, 4, 1024, 64) if "--quick" in argv else (4, 16, 4096, 128)
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, dout = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+    q, k, v, dout = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+                     for _ in range(4))
     for t in (q, k, v):
         t.requires_grad_(True)
     rows = []
@@ -50,9 +51,9 @@ def main(argv):
                 rows.append({"backend": backend, "traces": per_head, "phase": phase, "kernels_us": times,
                              "attention_sum_us": round(sum(attention.values()), 1),
                              "entry_gather_mib": round(gather_mib, 1)})
+                top = ", ".join(f"{n[:38]} {t:.0f}" for n, t in times.items())
                 print(f"{backend:7s} {per_head:6d} {phase:7s} sum {rows[-1]['attention_sum_us']:8.1f} us  "
-                      f"gathers {gather_mib:6.0f} MiB  " + ", ".join(f"{n[:38]} {t:.0f}" for n, t in times.items()),
-                      flush=True)
+                      f"gathers {gather_mib:6.0f} MiB  {top}", flush=True)
     base = {(r["backend"], r["phase"]): r["attention_sum_us"] for r in rows if r["traces"] == 0}
     for r in rows:
         r["overhead_over_none"] = round(r["attention_sum_us"] / base[(r["backend"], r["phase"])] - 1, 4)

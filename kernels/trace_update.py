@@ -13,8 +13,8 @@ One update of B layers (B x H slabs) is four Triton launches plus one cumsum:
    stored becomes a new trace when Sh = S ln(1 + [a > attn_eps]) > threshold and
    M = (1 - retention) Sh >= prune_eps; those are counted per slab (one atomic per block and head).
 2. `torch.cumsum` of the per-slab counts gives each slab's range in a grouped buffer.
-3. `_group_kernel`, grid (B, cdiv(C, BLOCK_C)): new traces are scattered into their slab's range (order inside a
-   range is arbitrary: step 4 does not depend on it).
+3. `_group_kernel`, grid (B, cdiv(C, BLOCK_C)): new traces are scattered into their slab's range
+   (order inside a range is arbitrary: step 4 does not depend on it).
 4. `_select_kernel`, grid (B * H,): one program per slab. Stored traces get history
    ((hist << 1) | [a > attn_eps]) & (2^W - 1), Sh = S ln(1 + popcount(hist)), reinforce
    (M = retention M + (1 - retention) Sh, age 0) or decay (M = decay M, age + 1, saturating),
