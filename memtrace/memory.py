@@ -79,7 +79,7 @@ class TraceMemory:
         cfg = _check_config(dict(num_layers=num_layers, num_heads=num_heads, quota=quota, retention=retention,
                                  decay=decay, threshold=threshold, prune_eps=prune_eps, attn_eps=attn_eps,
                                  window=window, max_seq_len=max_seq_len))
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        device = _check_device_arg(device) if device is not None else torch.device("cpu")
         self._set_config(cfg)
         shape = (self.num_layers, self.num_heads, self.quota)
         self.strength = torch.full(shape, EMPTY_STRENGTH, dtype=torch.float32, device=device)
@@ -217,7 +217,7 @@ class TraceMemory:
         self._run(layers, *edges, num_edges, slot_S, slot_a, direct)
 
     def update_edges(self, layers, head, q_idx, k_idx, salience, attn, *, num_edges=None,
-                     trace_salience=None, trace_attn=None):
+                     trace_salience=None, trace_attn=None, validate=None):
         """Batched low-level update of `layers` (a list of distinct layer indices, length B).
 
         head, q_idx, k_idx: int [B, C]; salience, attn: float [B, C] - candidate edges of each layer
@@ -226,6 +226,9 @@ class TraceMemory:
         slots in slot order (what `capture.bias_scores` holds for a bias from `bias(layer)`); edges
         that are stored traces then keep these scores. Without them stored traces take their
         scores from matching edges (else 0). No host sync on CUDA.
+
+        validate: as in `update` (default: only for CPU tensors): num_edges in [0, C], indices in
+        range, finite scores (in float32) and each (head, q_idx, k_idx) at most once a layer.
         """
         if not isinstance(layers, (list, tuple)) or not layers:
             raise TypeError("layers must be a non-empty list of layer indices")
@@ -264,6 +267,20 @@ class TraceMemory:
                 self._check_device(name, t)
             slot_S, slot_a = trace_salience.float(), trace_attn.float()
             direct = torch.ones(B, dtype=torch.bool, device=self.device)
+        if validate is None:
+            validate = self.device.type == "cpu"
+        if validate:
+            counts = num_edges.tolist()
+            for b, n in enumerate(counts):
+                if not 0 <= n <= C:
+                    raise ValueError(f"num_edges must be in [0, {C}], got {n} (row {b})")
+            for b, n in enumerate(counts):
+                _check_candidates(head[b, :n], q_idx[b, :n], k_idx[b, :n], salience[b, :n], attn[b, :n],
+                                  ("head", "q_idx", "k_idx", "salience", "attn"), self.num_heads,
+                                  self.max_seq_len, self.max_seq_len)
+            if trace_salience is not None:
+                V.check_finite("trace_salience", slot_S)
+                V.check_finite("trace_attn", slot_a)
         self._run(layers, head.int(), q_idx.int(), k_idx.int(), salience.float(), attn.float(),
                   num_edges.int(), slot_S, slot_a, direct)
 
@@ -283,8 +300,8 @@ class TraceMemory:
         for name, n in (("salience's query length (dim 1)", Tq), ("salience's key length (dim 2)", Tk)):
             if not 1 <= n <= self.max_seq_len:
                 raise ValueError(f"{name} must be in [1, max_seq_len={self.max_seq_len}], got {n}")
-        V.check_finite("salience", salience)
-        V.check_finite("attn", attn)
+        V.check_finite("salience", salience.detach().float())   # as the update reads them
+        V.check_finite("attn", attn.detach().float())
         dev = self.device
         h, i, j = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.int32),
                                  torch.arange(Tq, device=dev, dtype=torch.int32),
@@ -311,10 +328,11 @@ class TraceMemory:
                 raise TypeError(f"{name} must be a SalienceCapture filled by a backward pass (no attribute {attr!r})")
         if capture.num_heads is None or capture.edges is None:
             raise ValueError(f"{name} holds nothing: run a backward pass with capture= first")
-        if capture.num_heads != self.num_heads:
-            raise ValueError(f"{name} has {capture.num_heads} heads, the memory {self.num_heads}")
+        num_heads = V.check_int(f"{name}.num_heads", capture.num_heads, low=1)
+        if num_heads != self.num_heads:
+            raise ValueError(f"{name} has {num_heads} heads, the memory {self.num_heads}")
         for attr in ("seq_len_q", "seq_len_k"):
-            n = getattr(capture, attr)
+            n = V.check_int(f"{name}.{attr}", getattr(capture, attr), low=1)
             if n > self.max_seq_len:
                 raise ValueError(f"{name}.{attr} is {n}, over max_seq_len={self.max_seq_len}")
         edges = capture.edges
@@ -362,14 +380,12 @@ class TraceMemory:
             n = int(num_edges)
             if not 0 <= n <= C:
                 raise ValueError(f"{name}.num_edges must be in [0, {C}], got {n}")
-            V.check_index_range(f"{name}.edges head", eh[:n], 0, self.num_heads)
-            V.check_index_range(f"{name}.edges q_idx", eq[:n], 0, capture.seq_len_q)
-            V.check_index_range(f"{name}.edges k_idx", ek[:n], 0, capture.seq_len_k)
-            V.check_finite(f"{name}.edges S", eS[:n])
-            V.check_finite(f"{name}.edges a", ea[:n])
+            _check_candidates(eh[:n], eq[:n], ek[:n], eS[:n], ea[:n],
+                              tuple(f"{name}.edges {f}" for f in ("head", "q_idx", "k_idx", "S", "a")),
+                              self.num_heads, capture.seq_len_q, capture.seq_len_k)
             if bias is not None:
-                V.check_finite(f"{name}.bias_scores S", scores[0])
-                V.check_finite(f"{name}.bias_scores a", scores[1])
+                V.check_finite(f"{name}.bias_scores S", scores[0].detach().float())
+                V.check_finite(f"{name}.bias_scores a", scores[1].detach().float())
 
         dev = self.device
         num_edges = num_edges.reshape(()).to(torch.int32)
@@ -497,7 +513,7 @@ class TraceMemory:
 
     def to(self, device) -> TraceMemory:
         """Move the state to `device` (in place; returns self)."""
-        device = torch.device(device)
+        device = _check_device_arg(device)
         strength, meta = self.strength.to(device), self.meta.to(device)
         self.strength, self.meta = strength, meta
         self._bump_all()
@@ -563,6 +579,35 @@ def _check_state_tensors(strength, meta, cfg, where):
             raise ValueError(f"{where}: a slab has a trace after an empty slot")
         if bool((v1 & (pos[..., 1:] <= pos[..., :-1])).any()):
             raise ValueError(f"{where}: a slab's traces are not sorted by strictly increasing (i, j)")
+
+
+def _check_device_arg(device) -> torch.device:
+    """A torch.device, a device string or a CUDA ordinal (SPEC 6: a named error, not torch's)."""
+    if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
+        raise TypeError(f"device must be a torch.device, a str or an int, got {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda:0', got {device!r} ({exc})") from None
+
+
+def _check_candidates(head, q_idx, k_idx, S, a, names, num_heads, seq_len_q, seq_len_k):
+    """Values of one layer's valid candidate edges (one host sync; validate mode only): indices
+    in range, scores finite in float32 (what the update reads) and each (head, q_idx, k_idx) at
+    most once, since two candidates at one position would become two traces there."""
+    V.check_index_range(names[0], head, 0, num_heads)
+    V.check_index_range(names[1], q_idx, 0, seq_len_q)
+    V.check_index_range(names[2], k_idx, 0, seq_len_k)
+    V.check_finite(names[3], S.detach().float())
+    V.check_finite(names[4], a.detach().float())
+    if head.numel() > 1:
+        key = torch.sort((head.long() * seq_len_q + q_idx.long()) * seq_len_k + k_idx.long()).values
+        dup = key[1:] == key[:-1]
+        if bool(dup.any()):
+            k0 = int(key[1:][dup][0])
+            h, i, j = k0 // (seq_len_q * seq_len_k), k0 // seq_len_k % seq_len_q, k0 % seq_len_k
+            raise ValueError(f"{names[0]}, {names[1]}, {names[2]}: candidate edges must be unique per "
+                             f"(head, q_idx, k_idx); ({h}, {i}, {j}) appears more than once")
 
 
 def _pos_bits(max_seq_len):

@@ -466,6 +466,75 @@ def test_bad_input_raises_and_leaves_state_unchanged():
         assert _unchanged(mem, snap), word
 
 
+def test_duplicate_candidate_edges_rejected():
+    """Two candidates at one (head, i, j) would become two traces at one position (a slab that no
+    longer loads back): update and update_edges reject them, before any change."""
+    mem = _filled()
+    snap = _snapshot(mem)
+    dup = fake_capture(([0, 1, 0], [1, 2, 1], [2, 3, 2], [1.0, 2.0, 3.0], [0.5, 0.5, 0.5]), num_heads=2, seq_len=12)
+    with pytest.raises(ValueError, match="unique"):
+        mem.update(0, dup)
+    with pytest.raises(ValueError, match="unique"):
+        mem.update_many({1: dup})
+    idx = torch.tensor([[0, 0]])
+    with pytest.raises(ValueError, match="unique"):
+        mem.update_edges([0], idx, idx + 1, idx + 2, torch.ones(1, 2), torch.ones(1, 2))
+    assert _unchanged(mem, snap)
+    # past num_edges duplicates are padding and ignored; the state still round-trips
+    mem.update_edges([0], idx, idx + 1, idx + 2, torch.ones(1, 2), torch.ones(1, 2),
+                     num_edges=torch.tensor([1]))
+    other = mt.TraceMemory(2, 2, quota=3, window=5, max_seq_len=12)
+    other.load_state_dict(mem.state_dict())
+
+
+def test_update_edges_checks_values_on_cpu():
+    """update_edges validates like update on the CPU: indices, counts and scores (SPEC 6)."""
+    mem = _filled()
+    snap = _snapshot(mem)
+    i64 = lambda *v: torch.tensor([v])  # noqa: E731
+    ones = torch.ones(1, 1)
+    calls = [
+        ("head", lambda: mem.update_edges([0], i64(2), i64(0), i64(0), ones, ones)),
+        ("q_idx", lambda: mem.update_edges([0], i64(0), i64(12), i64(0), ones, ones)),
+        ("k_idx", lambda: mem.update_edges([0], i64(0), i64(0), i64(-1), ones, ones)),
+        ("salience", lambda: mem.update_edges([0], i64(0), i64(0), i64(0), ones * float("nan"), ones)),
+        ("attn", lambda: mem.update_edges([0], i64(0), i64(0), i64(0), ones, ones * float("inf"))),
+        ("num_edges", lambda: mem.update_edges([0], i64(0), i64(0), i64(0), ones, ones, num_edges=i64(2)[0])),
+        ("trace_salience", lambda: mem.update_edges([0], i64(0), i64(0), i64(0), ones, ones,
+                                                    trace_salience=torch.full((1, 2, 3), float("nan")),
+                                                    trace_attn=torch.zeros(1, 2, 3))),
+    ]
+    for word, call in calls:
+        with pytest.raises(ValueError, match=word):
+            call()
+        assert _unchanged(mem, snap), word
+    mem.update_edges([0], i64(0), i64(12), i64(0), ones, ones, validate=False)  # unchecked: ignored
+
+
+def test_values_that_overflow_float32_rejected():
+    """float64 scores beyond float32's range would turn into Inf where the update reads them."""
+    mem = _filled()
+    snap = _snapshot(mem)
+    huge = torch.full((2, 3, 3), 1e300, dtype=torch.float64)
+    with pytest.raises(ValueError, match="salience"):
+        mem.update_dense(0, huge, torch.rand(2, 3, 3, dtype=torch.float64))
+    e = _good_cap().edges
+    with pytest.raises(ValueError, match="S"):
+        mem.update(0, _good_cap(edges=e[:3] + (e[3].double().index_fill(0, torch.tensor([0]), 1e300), e[4])))
+    assert _unchanged(mem, snap)
+
+
+def test_bad_capture_metadata_and_device_named():
+    mem = _filled()
+    snap = _snapshot(mem)
+    for attr, value in (("seq_len_q", None), ("seq_len_k", "12"), ("num_heads", 2.0)):
+        with pytest.raises((TypeError, ValueError), match=attr):
+            mem.update(0, _good_cap(**{attr: value}))
+    assert _unchanged(mem, snap)
+    with pytest.raises(ValueError, match="device"):
+        mt.TraceMemory(1, 1, device="gpu")
+
+
 def test_bad_state_dict_leaves_state_unchanged():
     mem = _filled()
     snap = _snapshot(mem)
