@@ -15,6 +15,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HEAD_DIMS = (16, 32, 64, 128, 256)
 MAX_SEQ_LEN = 65535
+_LIMITED_UNSIGNED = tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n))
 
 
 def check_tensor(name: str, t, *, ndim: int | None = None, dtypes: Iterable[torch.dtype] | None = None,
@@ -56,6 +57,8 @@ def check_index_range(name: str, t: torch.Tensor, low: int, high: int) -> None:
     """Every element in [low, high)."""
     if t.numel() == 0:
         return
+    if t.dtype in _LIMITED_UNSIGNED:   # torch has no min/max for these; values >= 2^63 read negative
+        t = t.long()
     lo, hi = int(t.min()), int(t.max())
     if lo < low or hi >= high:
         raise ValueError(f"{name} must lie in [{low}, {high}), got values in [{lo}, {hi}]")

@@ -56,9 +56,9 @@ class TraceBias:
         V.check_index_range("head", head, 0, num_heads)
         V.check_index_range("q_idx", q_idx, 0, seq_len_q)
         V.check_index_range("k_idx", k_idx, 0, seq_len_k)
-        V.check_finite("value", value.detach())
         if value.dtype != torch.float32:
             value = value.float()
+        V.check_finite("value", value.detach())   # after the cast: float64 past float32's range is Inf
         return cls(head.long(), q_idx.long(), k_idx.long(), value,
                    num_heads=num_heads, seq_len_q=seq_len_q, seq_len_k=seq_len_k)
 

@@ -77,6 +77,9 @@ GOOD = dict(num_heads=2, seq_len_q=4, seq_len_k=5)
     (dict(k_idx=torch.tensor([5])), ValueError, "k_idx"),
     (dict(value=torch.tensor([float("nan")])), ValueError, "value"),
     (dict(value=torch.tensor([float("inf")])), ValueError, "value"),
+    (dict(value=torch.tensor([1e300], dtype=torch.float64)), ValueError, "value"),   # Inf in float32
+    (dict(head=torch.tensor([2], dtype=torch.uint64)), ValueError, "head"),
+    (dict(k_idx=torch.tensor([5], dtype=torch.uint32)), ValueError, "k_idx"),
     (dict(value=torch.tensor([1.0, 2.0])), ValueError, "value"),
     (dict(q_idx=torch.tensor([[1]])), ValueError, "q_idx"),
     (dict(head=torch.tensor([0.0])), TypeError, "head"),
@@ -94,6 +97,13 @@ def test_from_coo_bad_input(change, err, word):
         (kw if key in kw else args)[key] = value
     with pytest.raises(err, match=word):
         mt.TraceBias.from_coo(args["head"], args["q_idx"], args["k_idx"], args["value"], **kw)
+
+
+def test_from_coo_unsigned_indices():
+    """uint16/32/64 indices (no min/max in torch) are range-checked like the others."""
+    h, i, j = (torch.tensor([v], dtype=dt) for v, dt in ((1, torch.uint64), (3, torch.uint32), (4, torch.uint16)))
+    b = mt.TraceBias.from_coo(h, i, j, torch.tensor([0.5]), **GOOD)
+    assert b.to_dense()[1, 3, 4] == 0.5
 
 
 # -- the Triton builder against the torch builder ---------------------------------------------------
