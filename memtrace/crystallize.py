@@ -138,11 +138,33 @@ class MotifRegistry:
                 "motifs": [asdict(m) for m in self.motifs]}
 
     def load_state_dict(self, sd: dict) -> None:
-        other = MotifRegistry(sd["max_motifs"], tuple(sd["weights"]), sd["threshold"])
+        """Validate everything, then replace the registry (nothing changes on error)."""
+        if not isinstance(sd, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(sd).__name__}")
+        missing = [k for k in ("max_motifs", "weights", "threshold", "motifs") if k not in sd]
+        if missing:
+            raise ValueError(f"state_dict is missing {missing}")
+        other = MotifRegistry(sd["max_motifs"], sd["weights"], sd["threshold"])
+        if not isinstance(sd["motifs"], (list, tuple)):
+            raise TypeError(f"state_dict['motifs'] must be a list of dicts, got {type(sd['motifs']).__name__}")
         motifs = {}
-        for d in sd["motifs"]:
-            m = Motif(int(d["start_layer"]), tuple(int(e) for e in d["experts"]), int(d["count"]),
-                      float(d["utility"]), float(d["entropy"]), int(d["age"]), float(d["score"]))
+        for n, d in enumerate(sd["motifs"]):
+            where = f"state_dict['motifs'][{n}]"
+            if not isinstance(d, dict):
+                raise TypeError(f"{where} must be a dict, got {type(d).__name__}")
+            missing = [k for k in ("start_layer", "experts", "count", "utility", "entropy", "age", "score")
+                       if k not in d]
+            if missing:
+                raise ValueError(f"{where} is missing {missing}")
+            if not isinstance(d["experts"], (list, tuple)) or not d["experts"]:
+                raise ValueError(f"{where}: experts must be a non-empty list of expert ids, got {d['experts']!r}")
+            m = Motif(V.check_int(f"{where}: start_layer", d["start_layer"], low=0),
+                      tuple(V.check_int(f"{where}: experts", e, low=0) for e in d["experts"]),
+                      V.check_int(f"{where}: count", d["count"], low=0),
+                      V.check_float(f"{where}: utility", d["utility"]),
+                      V.check_float(f"{where}: entropy", d["entropy"]),
+                      V.check_int(f"{where}: age", d["age"]),
+                      V.check_float(f"{where}: score", d["score"]))
             motifs[m.key] = m
         if len(motifs) > other.max_motifs:
             raise ValueError(f"state_dict holds {len(motifs)} motifs, more than max_motifs={other.max_motifs}")

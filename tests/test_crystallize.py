@@ -119,6 +119,33 @@ def test_registry_state_dict_roundtrip():
     assert other.motifs == reg.motifs and other.weights == reg.weights and other.max_motifs == 6
 
 
+def test_registry_load_state_dict_rejects_bad_dicts():
+    """Missing keys and malformed motifs raise ValueError/TypeError naming them (not KeyError),
+    and the registry keeps what it held."""
+    reg = mt.MotifRegistry(max_motifs=4)
+    motif = dict(start_layer=1, experts=[1, 2], count=12, utility=0.5, entropy=0.2, age=3, score=1.5)
+    good = dict(reg.state_dict(), motifs=[motif])
+    reg.load_state_dict(good)
+    before = reg.motifs
+    bad = [
+        ({k: v for k, v in good.items() if k != "motifs"}, ValueError, "motifs"),
+        ("not a dict", TypeError, "state_dict"),
+        (dict(good, motifs=None), TypeError, "motifs"),
+        (dict(good, motifs=[5]), TypeError, "motifs"),
+        (dict(good, motifs=[{"start_layer": 0}]), ValueError, "experts"),
+        (dict(good, motifs=[dict(motif, start_layer=-1)]), ValueError, "start_layer"),
+        (dict(good, motifs=[dict(motif, experts=[])]), ValueError, "experts"),
+        (dict(good, motifs=[dict(motif, experts=[1, -2])]), ValueError, "experts"),
+        (dict(good, motifs=[dict(motif, count="a")]), TypeError, "count"),
+        (dict(good, motifs=[dict(motif, utility=float("nan"))]), ValueError, "utility"),
+        (dict(good, weights=None), ValueError, "weights"),
+    ]
+    for sd, exc, word in bad:
+        with pytest.raises(exc, match=word):
+            reg.load_state_dict(sd)
+        assert reg.motifs == before
+
+
 # ---- composite experts ------------------------------------------------------------------------------
 
 def expert_layers(d=8, layers=L, experts=E):
