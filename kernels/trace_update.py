@@ -80,7 +80,8 @@ def _match_kernel(slab_len_ptr, meta_ptr, layers_ptr, head_ptr, q_ptr, k_ptr, s_
                   POS_SHIFT: tl.constexpr, POS_MASK: tl.constexpr, LOG_Q: tl.constexpr, BLOCK_C: tl.constexpr,
                   H_P2: tl.constexpr):
     # grid (cdiv(C, BLOCK_C), B): programs launched together search the same layer's slabs, so
-    # the top levels of those searches stay in the SMs' L1
+    # the top levels of those searches can stay in the SMs' L1 (this grid and the per-block
+    # counts below took the kernel from 199 to 150 us on the H100; not measured apart)
     b = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_buf = offs < C
