@@ -202,7 +202,13 @@ def check_routing_paths(paths, *, num_layers: int, num_experts: int, device: tor
     if paths.device != device:
         raise ValueError(f"paths is on {paths.device} but the routing tree is on {device}")
     if paths.numel():
-        lo, hi = int(paths.min()), int(paths.max())
+        t = paths
+        if t.dtype in _LIMITED_UNSIGNED:  # torch has no min/max for these: read them as int64
+            t = t.long()
+        lo, hi = int(t.min()), int(t.max())
+        if t is not paths and lo < 0:  # a uint64 entry >= 2^63 reads negative (2^64 - 1 as -1)
+            raise ValueError(f"paths entries must be expert ids in [0, {num_experts}) or -1 (no routing), "
+                             "got uint64 values >= 2^63")
         if lo < -1 or hi >= num_experts:
             raise ValueError(f"paths entries must be expert ids in [0, {num_experts}) or -1 (no routing), "
                              f"got values in [{lo}, {hi}]")

@@ -164,6 +164,10 @@ def _snapshot(tree):
     (torch.zeros(2, 3), None, 0, TypeError, "paths"),
     (torch.tensor([[0, 1, 4]]), None, 0, ValueError, "paths"),
     (torch.tensor([[0, -2, 1]]), None, 0, ValueError, "paths"),
+    (torch.tensor([[0, 1, 4]], dtype=torch.uint16), None, 0, ValueError, "paths"),
+    (torch.tensor([[0, 1, 4]], dtype=torch.uint32), None, 0, ValueError, "paths"),
+    (torch.tensor([[0, 1, 4]], dtype=torch.uint64), None, 0, ValueError, "paths"),
+    (torch.tensor([[0, 1, -1]]).to(torch.uint64), None, 0, ValueError, "paths"),  # 2^64 - 1, not the -1 cut
     (torch.tensor([[0, 1, 2]]), torch.ones(2), 0, ValueError, "rewards"),
     (torch.tensor([[0, 1, 2]]), torch.ones(1, dtype=torch.int64), 0, TypeError, "rewards"),
     (torch.tensor([[0, 1, 2]]), torch.tensor([float("nan")]), 0, ValueError, "rewards"),
@@ -181,6 +185,16 @@ def test_bad_update_leaves_tree_unchanged(paths, rewards, step, exc, word):
     after = _snapshot(tree)
     assert_tables_equal(before[0], after[0], rtol=0)
     assert before[1:] == after[1:]
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.uint16, torch.uint32, torch.uint64])
+def test_update_takes_any_integer_dtype(dtype):
+    paths = zipf_paths(40, 3, 4, cut=0.0, seed=5)
+    want = mt.RoutingTree(3, 4, max_depth=3)
+    want.update(paths, None, 2)
+    tree = mt.RoutingTree(3, 4, max_depth=3)
+    tree.update(paths.to(dtype), None, 2)
+    assert_tables_equal(want.to_table(), tree.to_table(), rtol=0)
 
 
 @pytest.mark.parametrize("kwargs,exc,word", [
