@@ -103,6 +103,22 @@ def check_seq_len(name: str, value) -> int:
     return check_int(name, value, low=1, high=MAX_SEQ_LEN)
 
 
+def check_device(name: str, value) -> torch.device:
+    """A torch.device, a device string or a CUDA ordinal naming a device this process can use."""
+    if isinstance(value, bool) or not isinstance(value, (torch.device, str, int)):
+        raise TypeError(f"{name} must be a torch.device, a str or an int, got {type(value).__name__}")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"{name} must name a torch device such as 'cpu' or 'cuda:0', got {value!r} ({exc})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} is {value!r} but CUDA is not available")
+        if device.index is not None and not 0 <= device.index < torch.cuda.device_count():
+            raise ValueError(f"{name} is {value!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
 def check_choice(name: str, value, choices: Iterable[str]) -> str:
     choices = tuple(choices)
     if not isinstance(value, str):

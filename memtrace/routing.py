@@ -63,7 +63,7 @@ class RoutingTree:
         self.num_experts = V.check_int("num_experts", num_experts, low=1, high=V.MAX_ROUTING_EXPERTS)
         self.max_depth = V.check_int("max_depth", max_depth, low=1, high=V.MAX_ROUTING_DEPTH)
         self.mode = V.check_choice("mode", mode, _MODES)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = V.check_device("device", device) if device is not None else torch.device("cpu")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._arrays = {k: torch.zeros(0, dtype=dt, device=self.device) for k, dt in _DTYPES.items()}

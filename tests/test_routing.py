@@ -205,10 +205,22 @@ def test_update_takes_any_integer_dtype(dtype):
     (dict(num_layers=3, num_experts=4, max_depth=256), ValueError, "max_depth"),
     (dict(num_layers=3, num_experts=4, mode="infix"), ValueError, "mode"),
     (dict(num_layers=3.0, num_experts=4), TypeError, "num_layers"),
+    (dict(num_layers=3, num_experts=4, device="gpu"), ValueError, "device"),
+    (dict(num_layers=3, num_experts=4, device=1.5), TypeError, "device"),
+    (dict(num_layers=3, num_experts=4, device="cuda:99"), ValueError, "device"),
 ])
 def test_bad_constructor(kwargs, exc, word):
     with pytest.raises(exc, match=word):
         mt.RoutingTree(**kwargs)
+
+
+def test_bad_device_in_load_and_to(tmp_path):
+    tree, _ = build_pair("suffix", 3, 4, 3, updates=(0,), n=20)
+    tree.save(tmp_path / "t.safetensors")
+    with pytest.raises(ValueError, match="device"):
+        mt.RoutingTree.load(tmp_path / "t.safetensors", device="gpu")
+    with pytest.raises(ValueError, match="device"):
+        tree.to("gpu")
 
 
 def test_bad_queries():
