@@ -355,9 +355,13 @@ class RoutingTree:
     @classmethod
     def _from_state(cls, sd: dict, device=None) -> RoutingTree:
         need = set(_KEYS) | {"level_sizes", "num_tokens", "reward_total", "step", "config"}
-        if not isinstance(sd, dict) or not need <= set(sd):
-            missing = sorted(need - set(sd)) if isinstance(sd, dict) else sorted(need)
-            raise ValueError(f"RoutingTree state is missing {missing}")
+        if not isinstance(sd, dict):
+            raise TypeError(f"state_dict must be a dict of tensors, got {type(sd).__name__}")
+        if not need <= set(sd):
+            raise ValueError(f"RoutingTree state is missing {sorted(need - set(sd))}")
+        for k in sorted(need):
+            if not isinstance(sd[k], torch.Tensor):
+                raise TypeError(f"RoutingTree state: {k} must be a torch.Tensor, got {type(sd[k]).__name__}")
         cfg = sd["config"]
         if cfg.dtype != torch.int64 or cfg.shape != (5,):
             raise ValueError("RoutingTree state: config must be int64 [5]")
@@ -389,7 +393,7 @@ class RoutingTree:
         tokens, reward_total, step = int(sd["num_tokens"][0]), float(sd["reward_total"][0]), int(sd["step"][0])
         if tokens < 0 or not math.isfinite(reward_total) or not 0 <= step <= V.MAX_ROUTING_STEP:
             raise ValueError("RoutingTree state: bad num_tokens, reward_total or step")
-        _check_structure(arrays, sizes, L, E)
+        _check_structure(arrays, sizes, L, E, tokens)
         tree._arrays = {k: t.to(tree.device).contiguous().clone() for k, t in arrays.items()}
         tree._level_sizes = [int(s) for s in sizes]
         tree._tokens, tree._reward_total, tree._step = tokens, reward_total, step
@@ -400,10 +404,12 @@ class RoutingTree:
         return RoutingTree._from_state(self.state_dict(), device=device)
 
 
-def _check_structure(arrays: dict, sizes: list, num_layers: int, num_experts: int) -> None:
+def _check_structure(arrays: dict, sizes: list, num_layers: int, num_experts: int, num_tokens: int) -> None:
     """The invariants of csrc/routing_trie.h, so that a loaded tree behaves like a built one."""
     offset, prev_size = 0, num_layers
     prev_count = None
+    if any(arrays[k].numel() and int(arrays[k].min()) < 0 for k in ("first_seen", "last_seen")):
+        raise ValueError("RoutingTree state: first_seen and last_seen must be steps >= 0")
     for size in sizes:
         par = arrays["parent"][offset:offset + size].to(torch.int64)
         exp = arrays["expert"][offset:offset + size].to(torch.int64)
@@ -421,6 +427,10 @@ def _check_structure(arrays: dict, sizes: list, num_layers: int, num_experts: in
             below = torch.zeros_like(prev_count).index_add_(0, par, cnt)
             if bool((below > prev_count).any()):
                 raise ValueError("RoutingTree state: children count more tokens than their parent")
+        else:  # each token enters every start layer's root at most once
+            below = torch.zeros(num_layers, dtype=cnt.dtype, device=cnt.device).index_add_(0, par, cnt)
+            if int(below.max()) > num_tokens:
+                raise ValueError(f"RoutingTree state: node counts exceed num_tokens={num_tokens}")
         if not bool(torch.isfinite(arrays["reward_sum"][offset:offset + size]).all()):
             raise ValueError("RoutingTree state: reward_sum holds NaN or Inf")
         prev_count, prev_size = cnt, size

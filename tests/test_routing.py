@@ -316,6 +316,30 @@ def test_load_rejects_damaged_files(tmp_path):
     assert_tables_equal(before[0], tree.to_table(), rtol=0)
 
 
+def test_load_state_dict_rejects_malformed_states():
+    tree, _ = build_pair("suffix", 5, 4, 3, updates=(0, 3), n=80)
+    sd = tree.state_dict()
+    first_seen = sd["first_seen"].clone()
+    first_seen[0] = -4
+    bad = [
+        ([1, 2], TypeError, "state_dict"),
+        (dict(sd, config=sd["config"].tolist()), TypeError, "config"),
+        (dict(sd, level_sizes=sd["level_sizes"].tolist()), TypeError, "level_sizes"),
+        (dict(sd, num_tokens=80), TypeError, "num_tokens"),
+        (dict(sd, reward_total=0.5), TypeError, "reward_total"),
+        (dict(sd, step=3), TypeError, "step"),
+        (dict(sd, first_seen=first_seen), ValueError, "first_seen"),
+        (dict(sd, num_tokens=torch.tensor([10], dtype=torch.int64)), ValueError, "num_tokens"),
+    ]
+    before = _snapshot(tree)
+    for state, exc, word in bad:
+        with pytest.raises(exc, match=word):
+            tree.load_state_dict(state)
+        after = _snapshot(tree)
+        assert_tables_equal(before[0], after[0], rtol=0)
+        assert before[1:] == after[1:]
+
+
 def test_opcheck():
     from memtrace.routing import _ops
 
