@@ -86,7 +86,10 @@ class RoutingTree:
                      else rewards.to(torch.float64).contiguous())
         out = _ops().routing_update(*(self._arrays[k] for k in _KEYS), self._level_sizes, paths64, rewards64,
                                     step, self.max_depth, self.num_experts, self.mode == "suffix")
-        reward_total = self._reward_total + float(rewards64.sum()) if n else self._reward_total
+        reward_total = self._reward_total + float(rewards64.detach().sum()) if n else self._reward_total
+        if not math.isfinite(reward_total) or (n and not bool(torch.isfinite(out[3]).all())):
+            # finite rewards whose sums pass float64's range: a tree that save() writes and load() rejects
+            raise ValueError("rewards are too large: the trie's reward sums would overflow float64")
         # Nothing above touched the tree: commit only now.
         self._arrays = dict(zip(_KEYS, out[:6]))
         self._level_sizes = [int(x) for x in out[6].tolist()]

@@ -173,6 +173,8 @@ def _snapshot(tree):
     (torch.tensor([[0, 1, 2]]), torch.tensor([float("nan")]), 0, ValueError, "rewards"),
     (torch.tensor([[0, 1, 2]]), torch.tensor([float("inf")]), 0, ValueError, "rewards"),
     (torch.tensor([[0, 1, 2]]), [1.0], 0, TypeError, "rewards"),
+    (torch.tensor([[0, 1, 2], [0, 1, 2]]), torch.tensor([1e308, 1e308], dtype=torch.float64), 0, ValueError,
+     "rewards"),  # finite, but their sum overflows float64
     (torch.tensor([[0, 1, 2]]), None, -1, ValueError, "step"),
     (torch.tensor([[0, 1, 2]]), None, 2 ** 31, ValueError, "step"),
     (torch.tensor([[0, 1, 2]]), None, 1.5, TypeError, "step"),
