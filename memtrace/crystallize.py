@@ -59,6 +59,11 @@ def check_weights(weights) -> tuple:
     return tuple(V.check_float(f"weights[{i}]", w) for i, w in enumerate(weights))
 
 
+def _check_tree(tree, method: str) -> None:
+    if not callable(getattr(tree, method, None)):
+        raise TypeError(f"tree must be a memtrace.RoutingTree, got {type(tree).__name__}")
+
+
 def _rank(m: Motif) -> tuple:
     """Candidate order: utility descending, then score descending, then (start_layer, experts)."""
     return (-m.utility, -m.score, m.start_layer, m.experts)
@@ -83,6 +88,7 @@ class MotifRegistry:
         """Add the tree's candidates; return the motifs newly frozen by this call (still held)."""
         if "weights" in criteria:
             raise TypeError("consider() takes the registry's weights; pass weights to MotifRegistry()")
+        _check_tree(tree, "candidates")
         cands = tree.candidates(step=step, weights=self.weights, **criteria)  # validates; may raise
         held = dict(self._motifs)
         for m in cands:
@@ -95,6 +101,7 @@ class MotifRegistry:
 
     def revalidate(self, tree, step: int | None = None, min_utility: float = 0.0) -> list[Motif]:
         """Unfreeze motifs whose utility is now below min_utility; return them."""
+        _check_tree(tree, "stats")
         min_utility = V.check_float("min_utility", min_utility)
         keep, dropped = {}, []
         for key, m in self._motifs.items():
@@ -184,11 +191,20 @@ class CompositeExpert(nn.Module):
     def __init__(self, experts_per_layer: Sequence[Sequence[nn.Module]], motif, *, frozen: bool = True,
                  residual: bool = False):
         super().__init__()
-        start_layer, experts = (motif.start_layer, motif.experts) if isinstance(motif, Motif) else motif
+        if isinstance(motif, Motif):
+            start_layer, experts = motif.start_layer, motif.experts
+        elif isinstance(motif, (tuple, list)) and len(motif) == 2:
+            start_layer, experts = motif
+        else:
+            raise TypeError(f"motif must be a memtrace.Motif or a (start_layer, experts) pair, got {motif!r}")
         start_layer = V.check_int("start_layer", start_layer, low=0)
         if not isinstance(experts_per_layer, (list, tuple, nn.ModuleList)):
             raise TypeError("experts_per_layer must be a sequence (one expert list per layer)")
-        experts = tuple(experts)
+        if isinstance(experts, torch.Tensor):
+            experts = experts.tolist()
+        if not isinstance(experts, (list, tuple)):
+            raise TypeError(f"motif's experts must be a sequence of expert ids, got {type(experts).__name__}")
+        experts = tuple(V.check_int("experts", e, low=0) for e in experts)
         if not experts:
             raise ValueError("motif must hold at least one expert")
         if start_layer + len(experts) > len(experts_per_layer):
@@ -196,8 +212,16 @@ class CompositeExpert(nn.Module):
                              f"{len(experts_per_layer)} layers of experts were given")
         chain = []
         for i, e in enumerate(experts):
-            layer = experts_per_layer[start_layer + i]
-            e = V.check_int("experts", e, low=0, high=len(layer) - 1)
+            layer_idx = start_layer + i
+            layer = experts_per_layer[layer_idx]
+            if not isinstance(layer, (list, tuple, nn.ModuleList)):
+                raise TypeError(f"experts_per_layer[{layer_idx}] must be a sequence of expert modules, "
+                                f"got {type(layer).__name__}")
+            if e >= len(layer):
+                raise ValueError(f"experts: expert {e} at layer {layer_idx} is out of range, "
+                                 f"experts_per_layer[{layer_idx}] holds {len(layer)} experts")
+            if not isinstance(layer[e], nn.Module):
+                raise TypeError(f"experts_per_layer[{layer_idx}][{e}] must be an nn.Module, got {type(layer[e]).__name__}")
             chain.append(layer[e])
         if frozen:
             chain = [copy.deepcopy(m) for m in chain]

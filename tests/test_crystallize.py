@@ -102,6 +102,11 @@ def test_registry_bad_input_leaves_it_unchanged():
         reg.consider(tree, bogus=1)
     with pytest.raises(TypeError, match="min_utility"):
         reg.revalidate(tree, min_utility="high")
+    for bad_tree in (None, "tree", {}):
+        with pytest.raises(TypeError, match="tree"):
+            reg.consider(bad_tree, **CRIT)
+        with pytest.raises(TypeError, match="tree"):
+            reg.revalidate(bad_tree)
     assert reg.motifs == before
     for kwargs, exc, word in [(dict(max_motifs=0), ValueError, "max_motifs"),
                               (dict(weights=(1.0, 1.0)), ValueError, "weights"),
@@ -183,6 +188,19 @@ def test_composite_expert_bad_input():
         CompositeExpert(layers, (4, (0, 1, 2)))
     with pytest.raises(ValueError, match="motif"):
         CompositeExpert(layers, (0, ()))
+    for motif in (5, None, (0,), (0, 1, 2)):
+        with pytest.raises(TypeError, match="motif"):
+            CompositeExpert(layers, motif)
+    with pytest.raises(TypeError, match="experts"):
+        CompositeExpert(layers, (0, 5))
+    with pytest.raises(TypeError, match=r"experts_per_layer\[0\]"):
+        CompositeExpert([torch.nn.Linear(8, 8)], (0, (0,)))
+    with pytest.raises(TypeError, match=r"experts_per_layer\[0\]\[1\]"):
+        CompositeExpert([[torch.nn.Linear(8, 8), 3]], (0, (1,)))
+    with pytest.raises(ValueError, match=r"experts_per_layer\[0\] holds 0"):
+        CompositeExpert([[]], (0, (0,)))
+    comp = CompositeExpert(layers, (0, torch.tensor([1, 2])))
+    assert comp.experts == (1, 2) and all(type(e) is int for e in comp.experts)
 
 
 def test_flops_saved_matches_seeds_example():
