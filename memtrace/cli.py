@@ -74,6 +74,9 @@ def cmd_bench(args) -> int:
         print(f"memtrace bench: unknown famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
               f"known: {', '.join(families)}", file=sys.stderr)
         return 2
+    if args.json_dir and os.path.exists(args.json_dir) and not os.path.isdir(args.json_dir):
+        print(f"memtrace bench: --json-dir {args.json_dir} exists and is not a directory", file=sys.stderr)
+        return 2
     quick = args.quick
     if not torch.cuda.is_available():
         print("memtrace bench: no CUDA device found; running small CPU timings instead "
@@ -163,6 +166,11 @@ def cmd_parity(args) -> int:
     max_len = args.max_len or (300 if device == "cuda" else 24)
     rng = np.random.default_rng(args.seed)
     only = [b.strip() for b in args.backends.split(",")] if args.backends else None
+    unknown = [b for b in only or () if b not in A.BACKENDS or b == "auto"]
+    if unknown:
+        print(f"memtrace parity: unknown backend{'' if len(unknown) == 1 else 's'} {', '.join(map(repr, unknown))}; "
+              f"known: {', '.join(b for b in A.BACKENDS if b != 'auto')}", file=sys.stderr)
+        return 2
     worst: dict = {}   # backend -> {quantity: (err, case)}
     counts: dict = {}
     failures = []
@@ -239,6 +247,21 @@ def _describe(case):
 
 # ---- entry point --------------------------------------------------------------------------------
 
+def _int_in(low, high=None):
+    """An argparse type: an int in [low, high] (a bad value is an argparse error, not a traceback)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be an int in [{low}, {'inf' if high is None else high}], "
+                                             f"got {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="memtrace", description="memtrace: benchmarks and parity checks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -250,10 +273,10 @@ def build_parser():
     bench.add_argument("--markdown", metavar="PATH", help="the attention table as markdown (BENCHMARKS.md)")
     bench.set_defaults(func=cmd_bench)
     parity = sub.add_parser("parity", help="random shapes against the float64 reference, every backend")
-    parity.add_argument("--trials", type=int, default=40)
-    parity.add_argument("--seed", type=int, default=0)
+    parity.add_argument("--trials", type=_int_in(1), default=40)
+    parity.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0)
     parity.add_argument("--backends", metavar="NAMES", help="comma-separated backends (default: all that run)")
-    parity.add_argument("--max-len", type=int, default=None, help="longest sequence (default 300 on CUDA, 24 on CPU)")
+    parity.add_argument("--max-len", type=_int_in(1, 65535), default=None, help="longest sequence (default 300 on CUDA, 24 on CPU)")
     parity.set_defaults(func=cmd_parity)
     return parser
 
