@@ -79,7 +79,7 @@ class TraceMemory:
         cfg = _check_config(dict(num_layers=num_layers, num_heads=num_heads, quota=quota, retention=retention,
                                  decay=decay, threshold=threshold, prune_eps=prune_eps, attn_eps=attn_eps,
                                  window=window, max_seq_len=max_seq_len))
-        device = _check_device_arg(device) if device is not None else torch.device("cpu")
+        device = V.check_device("device", device) if device is not None else torch.device("cpu")
         self._set_config(cfg)
         shape = (self.num_layers, self.num_heads, self.quota)
         self.strength = torch.full(shape, EMPTY_STRENGTH, dtype=torch.float32, device=device)
@@ -513,7 +513,7 @@ class TraceMemory:
 
     def to(self, device) -> TraceMemory:
         """Move the state to `device` (in place; returns self)."""
-        device = _check_device_arg(device)
+        device = V.check_device("device", device)
         strength, meta = self.strength.to(device), self.meta.to(device)
         self.strength, self.meta = strength, meta
         self._bump_all()
@@ -579,16 +579,6 @@ def _check_state_tensors(strength, meta, cfg, where):
             raise ValueError(f"{where}: a slab has a trace after an empty slot")
         if bool((v1 & (pos[..., 1:] <= pos[..., :-1])).any()):
             raise ValueError(f"{where}: a slab's traces are not sorted by strictly increasing (i, j)")
-
-
-def _check_device_arg(device) -> torch.device:
-    """A torch.device, a device string or a CUDA ordinal (SPEC 6: a named error, not torch's)."""
-    if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
-        raise TypeError(f"device must be a torch.device, a str or an int, got {type(device).__name__}")
-    try:
-        return torch.device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda:0', got {device!r} ({exc})") from None
 
 
 def _check_candidates(head, q_idx, k_idx, S, a, names, num_heads, seq_len_q, seq_len_k):
