@@ -44,6 +44,13 @@ def test_index_matches_brute_force(n, H, Tq, Tk):
     # merged values reproduce the dense bias: leaders hold sums, followers 0
     dense = torch.zeros(H, Tq, Tk).index_put_((eh, ei, ej), ev, accumulate=True)
     torch.testing.assert_close(dense, b.to_dense())
+    follower = torch.zeros(n, dtype=torch.bool)
+    if n > 1:
+        follower[1:] = (eh[1:] == eh[:-1]) & (ei[1:] == ei[:-1]) & (ej[1:] == ej[:-1])
+    assert torch.all(ev[follower] == 0)
+    want_dense = torch.zeros(H, Tq, Tk, dtype=torch.float64).index_put_((h, i, j), val.double(), accumulate=True)
+    torch.testing.assert_close(ev[~follower].double(), want_dense[eh[~follower], ei[~follower], ej[~follower]],
+                               rtol=1e-6, atol=1e-6)
     # 16 bytes an entry plus the two offset tables
     assert b.nbytes == 16 * n + 4 * (H * Tq + 1) + 4 * (H * Tk + 1)
 
@@ -177,9 +184,33 @@ def test_triton_builder_large_positions(H, Tq, Tk):
     _assert_same_index((h, i, j), H, Tq, Tk)
 
 
+def _brute_force_index(h, i, j, H, Tq, Tk):
+    """The five index tensors from plain Python sorting (independent of both builders)."""
+    h, i, j = h.tolist(), i.tolist(), j.tolist()
+    n = len(h)
+    q_sorted = sorted(range(n), key=lambda e: (h[e], i[e], j[e], e))          # stable by (h, i, j)
+    leader = {}
+    for r, e in enumerate(q_sorted):
+        leader.setdefault((h[e], i[e], j[e]), r)
+    entry_pos = [((i[e] << 16) | j[e]) for e in q_sorted]
+    entry_pos = [p - (1 << 32) if p >= 1 << 31 else p for p in entry_pos]    # int32 wrap
+    src_entry = [leader[(h[e], i[e], j[e])] for e in range(n)]
+    k_order = sorted(range(n), key=lambda r: (h[q_sorted[r]], j[q_sorted[r]], i[q_sorted[r]], r))
+    q_rows = [h[e] * Tq + i[e] for e in q_sorted]
+    k_rows = [h[q_sorted[r]] * Tk + j[q_sorted[r]] for r in k_order]
+    q_offsets = [sum(x < row for x in q_rows) for row in range(H * Tq + 1)]
+    k_offsets = [sum(x < row for x in k_rows) for row in range(H * Tk + 1)]
+    return tuple(torch.tensor(t, dtype=torch.int32) for t in (entry_pos, src_entry, k_order, q_offsets, k_offsets))
+
+
 def test_build_index_dispatch_matches_torch():
-    """_build_index (Triton on CUDA, torch elsewhere) agrees with the torch builder on DEV."""
+    """_build_index (Triton on CUDA, torch elsewhere) agrees with the torch builder on DEV and with
+    a brute-force index (on the CPU both sides would otherwise be the torch builder)."""
     h, i, j, _ = _random_coo(600, 4, 21, 19, seed=11)
+    want = _brute_force_index(h, i, j, 4, 21, 19)
     h, i, j = h.to(DEV), i.to(DEV), j.to(DEV)
-    for g, w in zip(_build_index(h, i, j, 4, 21, 19), _build_index_torch(h, i, j, 4, 21, 19)):
-        assert torch.equal(g, w)
+    got = _build_index(h, i, j, 4, 21, 19)
+    names = ("entry_pos", "src_entry", "k_order", "q_offsets", "k_offsets")
+    for name, g, t, w in zip(names, got, _build_index_torch(h, i, j, 4, 21, 19), want):
+        assert torch.equal(g, t), name
+        assert torch.equal(g.cpu(), w), name
