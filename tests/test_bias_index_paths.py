@@ -74,11 +74,20 @@ def test_env_forces_the_sort_path(monkeypatch):
     bi = _module()
     n, H, T = 40, 2, 32
     args = (*_coo(n, H, T, T, seed=5), H, T, T)
+    ran = []
+    for name in ("_build_index_fast", "_build_index_sorted"):
+        real = getattr(bi, name)
+        monkeypatch.setattr(bi, name, lambda *a, _real=real, _name=name: ran.append(_name) or _real(*a))
+    a = bi.build_index(*args)                       # unset: the small index takes the fast path
+    assert ran == ["_build_index_fast"]
     monkeypatch.setenv("MEMTRACE_BIAS_INDEX", "sort")
-    a = bi.build_index(*args)
-    b = bi.build_index(*args, method="fast")
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
+    b = bi.build_index(*args)
+    assert ran[1:] == ["_build_index_sorted"]
+    monkeypatch.setenv("MEMTRACE_BIAS_INDEX", "fast")
+    c = bi.build_index(*args, method="sort")        # an explicit method wins over the variable
+    assert ran[2:] == ["_build_index_sorted"]
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y) and torch.equal(x, z)
     monkeypatch.setenv("MEMTRACE_BIAS_INDEX", "quick")
     with pytest.raises(ValueError, match="MEMTRACE_BIAS_INDEX"):
         bi.build_index(*args)
