@@ -525,7 +525,7 @@ def test_private_torch_op_schema_guard(monkeypatch):
     assert A._torch_op_mismatch("_scaled_dot_product_flash_attention_backward") is None
 
 
-def test_negative_biases_steer_auto_away_from_the_standalone_correction():
+def test_negative_biases_steer_auto_away_from_the_standalone_correction(monkeypatch):
     """alpha * bias below ln(CANCEL_THRESHOLD) can cancel the identity: corrected-dense backends
     decline, the fused Triton path (or the reference) takes the call."""
     if not INTERPRET:
@@ -535,6 +535,23 @@ def test_negative_biases_steer_auto_away_from_the_standalone_correction():
     A._RESOLVED.clear()
     with pytest.raises(ValueError, match="cancel"):
         mt.biased_attention(q, k, v, bias, alpha=100.0, backend="corrected_cpu")
+    # "auto" with the corrected stand-in first in line: it takes the mild call, not the cancelling one
+    monkeypatch.setattr(A, "AUTO_PRIORITY", ("corrected_cpu",) + A.AUTO_PRIORITY)
+    used = []
+    for name in ("corrected_cpu", "triton", "reference"):
+        backend = A.get_backend(name)
+        monkeypatch.setattr(backend, "forward", lambda *a, _f=backend.forward, _n=name, **kw: used.append(_n) or _f(*a, **kw))
+    A._RESOLVED.clear()
+    with torch.no_grad():
+        mt.biased_attention(q, k, v, bias)
+        assert used[0] == "corrected_cpu", used     # (its dense part runs the reference forward)
+        for alpha in (100.0, -100.0):
+            used.clear()
+            out = mt.biased_attention(q, k, v, bias, alpha=alpha)
+            assert used and used[0] in ("triton", "reference"), used
+            dense = mt.reference.dense_bias(bias.head, bias.q_idx, bias.k_idx, bias.value.double(), 2, 5, 5)
+            want = mt.reference.attention(q.double(), k.double(), v.double(), dense, alpha=alpha)
+            assert rel_err(out, want) < 1e-5
 
 
 # ---- torch.library / torch.compile --------------------------------------------------------------
