@@ -895,7 +895,24 @@ class _EagerAttention(torch.autograd.Function):
         if ctx.capture is not None:
             ctx.capture._fill(q, k, v, out, lse, dout, ctx.bias, entry_values, causal=causal, scale=scale,
                               alpha=alpha)
-        return dq, dk, dv, (dvalues if need_dvalues else None), None, None, None, None, None, None, None
+        grads = (dq, dk, dv, (dvalues if need_dvalues else None))
+        if backend != "reference" and torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (dout, q, k, v, entry_values)):
+            grads = _refuse_double_backward(backend, grads)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _refuse_double_backward(backend, grads):
+    """Under create_graph, the gradients of a kernel backend (no graph of their own) made to raise
+    when differentiated (as torch.autograd.function.once_differentiable does), instead of acting
+    as constants and silently dropping the second-order terms. The reference backend's backward
+    is plain torch math and differentiates exactly."""
+    present = [g for g in grads if g is not None]
+    err = torch._C._functions.DelayedError(
+        f"memtrace.biased_attention: double backward (create_graph=True, then differentiating the "
+        f"gradients) is only supported by backend='reference', not {backend!r}".encode(), len(present))
+    wrapped = iter(err(*[g.detach().requires_grad_(True) for g in present]))
+    return tuple(None if g is None else next(wrapped) for g in grads)
 
 
 # ================================================================================================

@@ -607,3 +607,51 @@ def test_custom_op_path_in_eager(backend, monkeypatch):
     check_parity(q, k, v, bias, coo, causal=True, backend=backend)
     q, k, v, _, _ = make_inputs(1, 2, 2, 5, 5, 16, seed=73)
     check_parity(q, k, v, None, None, causal=False, backend=backend)
+
+
+# ---- double backward ----------------------------------------------------------------------------
+
+class _Opaque(A.Backend):
+    """A kernel-like backend: the reference math run under no_grad, so the gradients it returns
+    carry no graph (as those of the Triton / cuDNN / flash kernels)."""
+
+    name = "opaque"
+
+    def not_supported_reasons(self, call):
+        return []
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            return A.get_backend("reference").forward(*args, **kwargs)
+
+    def backward(self, *args, **kwargs):
+        with torch.no_grad():
+            return A.get_backend("reference").backward(*args, **kwargs)
+
+
+def test_double_backward_is_exact_on_the_reference_and_refused_elsewhere(monkeypatch):
+    """A gradient penalty (create_graph=True, then backward through dq): the reference backward is
+    plain torch math and differentiates exactly; a kernel backend must raise, not silently treat
+    its first-order gradients as constants (which dropped the penalty's second-order term)."""
+    monkeypatch.setitem(A._REGISTRY, "opaque", _Opaque())
+    monkeypatch.setattr(A, "BACKENDS", A.BACKENDS + ("opaque",))
+    q, k, v, bias, coo = make_inputs(1, 2, 1, 4, 6, 16, seed=79)
+
+    def penalised(attend, q, k, v, bias):
+        out = attend(q, k, v, bias)
+        dq, = torch.autograd.grad((out * out).sum(), q, create_graph=True)
+        return out.sum() + (dq * dq).sum()
+
+    q64, k64, v64, val64 = (t.detach().double().requires_grad_(True) for t in (q, k, v, coo[3]))
+    dense = lambda val: mt.reference.dense_bias(*coo[:3], val, 2, 4, 6)  # noqa: E731
+    penalised(lambda q, k, v, val: mt.reference.attention(q, k, v, dense(val), causal=True),
+              q64, k64, v64, val64).backward()
+    penalised(lambda q, k, v, b: mt.biased_attention(q, k, v, b, causal=True, backend="reference"),
+              q, k, v, bias).backward()
+    for got, want in zip((q, k, v, bias.value), (q64, k64, v64, val64)):
+        assert rel_err(got.grad, want.grad) < 1e-4
+    for backend in ["opaque"] + (["triton"] if INTERPRET else []):
+        loss = penalised(lambda q, k, v, b: mt.biased_attention(q, k, v, b, causal=True, backend=backend),
+                         q, k, v, bias)
+        with pytest.raises(RuntimeError, match="double backward"):
+            loss.backward()
