@@ -190,8 +190,15 @@ def check_attention_bias(bias, q, k) -> None:
         raise ValueError(f"bias was built for seq_len_q={bias.seq_len_q}, shorter than q's sequence length {Tq}")
     if bias.seq_len_k < Tk:
         raise ValueError(f"bias was built for seq_len_k={bias.seq_len_k}, shorter than k's sequence length {Tk}")
-    if not bias.value.dtype.is_floating_point:
-        raise TypeError(f"bias values must be floating point, got {bias.value.dtype}")
+    value = bias.value   # a public attribute: may have been replaced since from_coo checked it
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"bias.value must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != 1 or value.shape[0] != bias.nnz:
+        raise ValueError(f"bias.value must have shape ({bias.nnz},) (one value per entry), got {tuple(value.shape)}")
+    if value.device != bias.device:
+        raise ValueError(f"bias.value is on {value.device} but the bias's indices are on {bias.device}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"bias values must be floating point, got {value.dtype}")
 
 
 def check_attention_capture(capture) -> None:

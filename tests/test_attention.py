@@ -5,6 +5,7 @@ Backends tested here: "reference" always; "triton" and a CPU stand-in for the co
 backends (reference dense attention + kernels/correction.py) when TRITON_INTERPRET=1 (the
 interpreter cannot do a bf16 tl.dot, so fp16/fp32 only). Shapes stay tiny: the interpreter is slow.
 """
+import copy
 import math
 import os
 import warnings
@@ -375,6 +376,14 @@ def _good():
     return q, k, v, bias
 
 
+def _with_value(bias, value):
+    """A copy of `bias` whose public `value` attribute was replaced (as a user may do, e.g. by a
+    Parameter) with `value`."""
+    other = copy.copy(bias)
+    other.value = value
+    return other
+
+
 @pytest.mark.parametrize("case,error,match", [
     (lambda q, k, v, b: dict(q=q.numpy()), TypeError, "q must be a torch.Tensor"),
     (lambda q, k, v, b: dict(q=q[0]), ValueError, "q must have 4 dimensions"),
@@ -410,6 +419,11 @@ def _good():
      "seq_len_k"),
     (lambda q, k, v, b: dict(bias=mt.TraceBias.empty(num_heads=4, seq_len_q=6, seq_len_k=8, device="meta")),
      ValueError, "device"),
+    # bias.value replaced after construction: was a RuntimeError from index_add inside the op
+    (lambda q, k, v, b: dict(bias=_with_value(b, torch.zeros(3))), ValueError, "bias.value"),
+    (lambda q, k, v, b: dict(bias=_with_value(b, b.value[:, None])), ValueError, "bias.value"),
+    (lambda q, k, v, b: dict(bias=_with_value(b, b.value.to("meta"))), ValueError, "bias.value"),
+    (lambda q, k, v, b: dict(bias=_with_value(b, b.value.tolist())), TypeError, "bias.value"),
     (lambda q, k, v, b: dict(backend="cuda"), ValueError, "backend must be one of"),
     (lambda q, k, v, b: dict(backend=3), TypeError, "backend"),
     (lambda q, k, v, b: dict(capture=42), TypeError, "capture"),
