@@ -655,6 +655,9 @@ def select_backend(q, k, v, bias=None, *, causal=False, backend="auto", _min_bia
 
 
 _RESOLVED: dict = {}
+# |alpha * bias| above this is refused: the kernels add it to scale * q.k and multiply by log2(e) in
+# float32, which overflows to Inf (then NaN) near float32's max (3.4e38); softmax saturates long before.
+MAX_BIAS_LOGIT = torch.finfo(torch.float32).max / 16
 
 
 def _resolve(backend, q, k, v, bias, causal, alpha):
@@ -664,6 +667,10 @@ def _resolve(backend, q, k, v, bias, causal, alpha):
     if bias is not None and bias.nnz > 0:
         low, high = _bias_range(bias)
         min_logit = min(alpha * low, alpha * high)
+        if abs(alpha) * max(abs(low), abs(high)) > MAX_BIAS_LOGIT:
+            raise ValueError(f"alpha * bias reaches {max(abs(alpha * low), abs(alpha * high)):.3g} (alpha={alpha:.3g}, "
+                             f"bias values in [{low:.3g}, {high:.3g}]): over {MAX_BIAS_LOGIT:.3g}, the float32 "
+                             "logits overflow to Inf")
     key = (backend, os.environ.get(ENV_VAR, ""), os.environ.get("TRITON_INTERPRET", ""), q.device, q.dtype,
            tuple(q.shape), tuple(k.shape), bool(causal), bias is not None and bias.nnz > 0, min_logit,
            all(t.stride(-1) == 1 for t in (q, k, v)), len(_FAILED), torch.are_deterministic_algorithms_enabled())

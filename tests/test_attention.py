@@ -408,6 +408,9 @@ def _with_value(bias, value):
     (lambda q, k, v, b: dict(alpha=float("nan")), ValueError, "alpha"),
     (lambda q, k, v, b: dict(alpha=float("-inf")), ValueError, "alpha"),
     (lambda q, k, v, b: dict(alpha=torch.tensor(1.0)), TypeError, "alpha"),
+    # alpha * bias past float32's range: the kernels' logits overflow to Inf and give NaN
+    (lambda q, k, v, b: dict(alpha=1e38), ValueError, "alpha \\* bias"),
+    (lambda q, k, v, b: dict(alpha=-1e38), ValueError, "alpha \\* bias"),
     (lambda q, k, v, b: dict(causal=1), TypeError, "causal"),
     (lambda q, k, v, b: dict(causal="yes"), TypeError, "causal"),
     (lambda q, k, v, b: dict(bias=torch.zeros(4, 6, 8)), TypeError, "bias must be a memtrace.TraceBias"),
