@@ -352,3 +352,46 @@ def test_opcheck():
             torch.tensor([0.5, -1.0], dtype=torch.float64), 2, 3, 3, True)
     result = torch.library.opcheck(ops.routing_update.default, args)
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_suffix_cuts_by_hand():
+    # SPEC 5.2: every start layer's sub-path, cut at max_depth experts and at its first -1.
+    paths = torch.tensor([[0, 1, -1, 2], [0, 1, 2, -1], [-1, 0, 1, 2]])
+    rewards = torch.tensor([1.0, 2.0, 4.0])
+    expected = {(0, (0,)): (2, 3.0), (0, (0, 1)): (2, 3.0), (1, (1,)): (2, 3.0), (1, (1, 2)): (1, 2.0),
+                (1, (0,)): (1, 4.0), (1, (0, 1)): (1, 4.0), (2, (2,)): (1, 2.0), (2, (1,)): (1, 4.0),
+                (2, (1, 2)): (1, 4.0), (3, (2,)): (2, 5.0)}
+    tree = mt.RoutingTree(4, 3, max_depth=2, mode="suffix")
+    tree.update(paths, rewards, step=5)
+    tab = tree.to_table()
+    got = {(int(tab["start_layer"][i]), tuple(tab["experts"][i, :int(tab["depth"][i])].tolist())):
+           (int(tab["count"][i]), float(tab["reward_sum"][i])) for i in range(tree.num_nodes)}
+    assert got == expected
+    assert tree.global_mean_reward == pytest.approx(7 / 3)  # each token once, even with cuts
+    prefix = mt.RoutingTree(4, 3, max_depth=3, mode="prefix")
+    prefix.update(paths, rewards, step=5)
+    assert prefix.num_nodes == 3 and prefix.stats(0, (0, 1, 2))["count"] == 1
+    assert prefix.global_mean_reward == pytest.approx(7 / 3)  # the token cut at layer 0 still counts
+
+
+def test_candidate_criteria_boundaries_by_hand():
+    # SPEC 5.3: count >= min_frequency, utility > min_utility, entropy < max_entropy,
+    # min_length <= k <= max_length, age >= min_age. Motif (0, (0, 0, 0)): count 2, utility 0.5,
+    # entropy ln 2 (root children 2:2, then single children), first seen at step 3, latest step 10.
+    tree = mt.RoutingTree(3, 2, max_depth=3, mode="prefix")
+    tree.update(torch.tensor([[0, 0, 0], [0, 0, 0], [1, 1, 1], [1, 1, 0]]), torch.tensor([1.0, 1.0, 0.0, 0.0]),
+                step=3)
+    tree.update(torch.zeros(0, 3, dtype=torch.int64), step=10)
+    base = dict(min_frequency=2, min_utility=0.49, max_entropy=0.7, min_length=3, max_length=3, min_age=7)
+    (m,) = tree.candidates(**base)
+    assert (m.key, m.count, m.age) == ((0, (0, 0, 0)), 2, 7)
+    assert m.utility == pytest.approx(0.5) and m.entropy == pytest.approx(math.log(2))
+    assert m.score == pytest.approx(math.log(2) + 0.5 - math.log(2))
+    for change in (dict(min_frequency=3), dict(min_utility=0.5), dict(max_entropy=math.log(2)), dict(min_age=8),
+                   dict(min_length=4, max_length=4), dict(max_length=2, min_length=2)):
+        assert [c.key for c in tree.candidates(**{**base, **change})] != [m.key], change
+    assert [c.key for c in tree.candidates(**{**base, "min_age": 8}, step=11)] == [m.key]
+    # ties on utility -> score descending -> (start_layer, experts) ascending
+    everything = tree.candidates(min_frequency=1, min_utility=-1.0, max_entropy=5.0, min_length=1, max_length=3)
+    assert [c.key for c in everything] == [(0, (0,)), (0, (0, 0)), (0, (0, 0, 0)), (0, (1,)), (0, (1, 1)),
+                                           (0, (1, 1, 0)), (0, (1, 1, 1))]
