@@ -238,6 +238,17 @@ def _entry_tiles(bias, Hq, Tq, Tk, index_tile):
     return offsets, i[perm].to(torch.int32), j[perm].to(torch.int32), tiles_m, tiles_n
 
 
+def _kernel_threshold(threshold: float) -> float:
+    """The threshold as the kernels must receive it. Triton passes a Python float as float32, and
+    round-to-nearest can move it up onto an S value just above it (2 - 1e-12 -> 2.0f): an edge
+    with S = 2.0 > threshold would then be dropped. The largest float32 <= threshold keeps the
+    float32 test `S > t32` identical to `S > threshold` for every float32 S."""
+    t32 = torch.tensor(threshold, dtype=torch.float32)
+    if float(t32) > threshold:
+        t32 = torch.nextafter(t32, torch.tensor(float("-inf"), dtype=torch.float32))
+    return float(t32)
+
+
 def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alpha):
     from memtrace.kernels import salience as K
 
@@ -245,7 +256,7 @@ def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alp
     Tk = k.shape[2]
     device = q.device
     capacity = cap.capacity
-    threshold = cap.threshold
+    threshold = _kernel_threshold(cap.threshold)
     config = _config(D, device)
     bm, bn = config[0], config[1]
     if q.dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:

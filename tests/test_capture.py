@@ -385,3 +385,171 @@ def test_config_last_field_is_checked(monkeypatch):
     q, k, v, do = make_inputs(1, 1, 1, 8, 8, 16, torch.float32, seed=2)
     with pytest.raises(ValueError, match="last field"):
         fill(SalienceCapture(threshold=0.0), q, k, v, do, None, False)
+
+
+# ---- SPEC 3 from its text, independently of memtrace.reference (hand-computed, tiny) -------------
+# The tests above compare the capture with mt.reference; these recompute S and a from the SPEC 3
+# formulas in plain float64 loops (biased P, dP = dO_i . V_j with kv head h // (Hq / Hkv), mean
+# over the batch, bottom-right causal mask) and check BOTH the reference and the capture, filled
+# by the backward of mt.biased_attention, so a misreading shared by the two cannot pass.
+
+def spec3_loops(q, k, v, do, coo, causal, scale=None, alpha=1.0):
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    q, k, v, do = (t.detach().double().cpu() for t in (q, k, v, do))
+    bias = {}
+    for h, i, j, val in coo:
+        if i < Tq and j < Tk:
+            bias[(h, i, j)] = bias.get((h, i, j), 0.0) + val          # duplicates add (SPEC 2)
+    S = torch.zeros(Hq, Tq, Tk, dtype=torch.float64)
+    A = torch.zeros(Hq, Tq, Tk, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hq):
+            hk = h // group
+            for i in range(Tq):
+                keys = [j for j in range(Tk) if not causal or j <= i + (Tk - Tq)]
+                if not keys:
+                    continue
+                logit = {j: scale * float(q[b, h, i] @ k[b, hk, j]) + alpha * bias.get((h, i, j), 0.0)
+                         for j in keys}
+                m = max(logit.values())
+                z = sum(math.exp(x - m) for x in logit.values())
+                for j in keys:
+                    p = math.exp(logit[j] - m) / z
+                    S[h, i, j] += p * abs(float(do[b, h, i] @ v[b, hk, j])) / B
+                    A[h, i, j] += p / B
+    return S, A
+
+
+def spec3_capture(q, k, v, do, coo, causal, threshold, capacity=1 << 17, scale=None, alpha=1.0, t_max=None):
+    """Fill a capture through mt.biased_attention's backward; coo: [(head, i, j, value)]."""
+    Hq, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
+    bias = None
+    if coo:
+        h, i, j, val = zip(*coo)
+        bias = mt.TraceBias.from_coo(torch.tensor(h, device=DEV), torch.tensor(i, device=DEV),
+                                     torch.tensor(j, device=DEV), torch.tensor(val, device=DEV),
+                                     num_heads=Hq, seq_len_q=t_max or Tq, seq_len_k=t_max or Tk)
+    cap = SalienceCapture(threshold=threshold, capacity=capacity)
+    qq, kk, vv = (t.detach().to(DEV).clone().requires_grad_() for t in (q, k, v))
+    out = mt.biased_attention(qq, kk, vv, bias, causal=causal, scale=scale, alpha=alpha, capture=cap)
+    out.backward(do.to(DEV))
+    return cap, bias
+
+
+def _exact_example(dtype=torch.float32):
+    """q = 0: P = 1/4 on every edge; dP[b, i, j] = r_i * c[b, j] (dO, V one-hot in dim 0), so
+    S[i, j] = r_i * (|c[0, j]| + |c[1, j]|) / 8 and a = 1/4, all exact in float32."""
+    B, H, T, D = 2, 1, 4, 16
+    q = torch.zeros(B, H, T, D, dtype=dtype)
+    k = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(0)).to(dtype)   # irrelevant
+    v = torch.zeros(B, H, T, D, dtype=dtype)
+    v[0, 0, :, 0] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    v[1, 0, :, 0] = torch.tensor([3.0, 2.0, -1.0, 4.0])
+    do = torch.zeros(B, H, T, D, dtype=dtype)
+    do[:, 0, :, 0] = torch.tensor([0.0, 2.0, 3.0, 4.0])                 # r: row 0 has S = 0
+    S = torch.tensor([[0.0, 0.0, 0.0, 0.0],
+                      [1.0, 1.0, 1.0, 2.0],
+                      [1.5, 1.5, 1.5, 3.0],
+                      [2.0, 2.0, 2.0, 4.0]], dtype=torch.float64)[None]
+    return q, k, v, do, S, torch.full_like(S, 0.25)
+
+
+def _edge_set(cap):
+    h, i, j, _, _ = cap.valid_edges()
+    return [(int(x), int(y), int(z)) for x, y, z in zip(h, i, j)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])    # kernels / dense path
+def test_spec3_exact_values_and_strict_threshold(dtype):
+    q, k, v, do, S, A = _exact_example(dtype)
+    S_loop, A_loop = spec3_loops(q, k, v, do, [], False)
+    assert torch.equal(S_loop, S) and torch.equal(A_loop, A)
+    S_ref, A_ref = R.salience(q.double(), k.double(), v.double(), do.double())
+    assert torch.allclose(S_ref, S, rtol=0, atol=1e-12) and torch.allclose(A_ref, A, rtol=0, atol=1e-12)
+    # thresholds exactly at edge values (strict: those edges are out), 0 (S = 0 edges are out),
+    # and just under 2.0 (2 - 1e-12 rounds to 2.0f: the edges with S = 2 must stay in)
+    for thr in (0.0, 1.0, 1.5, 2.0, 3.0, 4.0, 2.0 - 1e-12, 1.5 + 1e-12):
+        cap, _ = spec3_capture(q, k, v, do, [], False, thr)
+        want = [(0, i, j) for i in range(4) for j in range(4) if S[0, i, j] > thr]
+        assert _edge_set(cap) == want, thr
+        assert int(cap.stats["num_candidates"]) == len(want)
+        assert not bool(cap.stats["overflow"]) and bool(cap.stats["exact"])
+        kept_min = min((float(S[e]) for e in want), default=0.0)
+        assert float(cap.stats["kept_min_salience"]) == kept_min
+        _, _, _, s, a = cap.valid_edges()
+        assert torch.equal(s.double().cpu(), torch.tensor([float(S[e]) for e in want], dtype=torch.float64))
+        assert torch.all(a == 0.25)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spec3_capacity_keeps_strongest_ties_to_smaller_key(dtype):
+    """12 edges over 0: 4 (3,3), 3 (2,3), then four ties at 2 ((1,3) < (3,0) < (3,1) < (3,2))."""
+    q, k, v, do, S, _ = _exact_example(dtype)
+    kept = {1: [(0, 3, 3)], 2: [(0, 2, 3), (0, 3, 3)],
+            4: [(0, 1, 3), (0, 2, 3), (0, 3, 0), (0, 3, 3)],
+            5: [(0, 1, 3), (0, 2, 3), (0, 3, 0), (0, 3, 1), (0, 3, 3)]}
+    for capacity, want in kept.items():
+        cap, _ = spec3_capture(q, k, v, do, [], False, 0.0, capacity=capacity)
+        assert _edge_set(cap) == want, capacity
+        assert int(cap.num_edges) == capacity
+        assert int(cap.stats["num_candidates"]) == 12
+        assert bool(cap.stats["overflow"]) and bool(cap.stats["exact"])
+        assert float(cap.stats["kept_min_salience"]) == min(float(S[e]) for e in want)
+    cap, _ = spec3_capture(q, k, v, do, [], False, 0.0, capacity=12)          # exactly full
+    assert int(cap.num_edges) == 12 and not bool(cap.stats["overflow"])
+
+
+SPEC3_CASES = [
+    # B, Hq, Hkv, Tq, Tk, causal, coo (head, i, j, value), alpha, scale, t_max
+    (2, 1, 1, 4, 4, False, [(0, 1, 0, 2.0), (0, 2, 3, -1.5), (0, 1, 0, 0.5)], 1.3, None, None),
+    (2, 2, 1, 4, 4, True, [(0, 1, 0, 2.0), (1, 3, 3, -1.5), (0, 1, 0, 0.5), (1, 0, 2, 3.0)], 1.3, None, None),
+    (2, 4, 2, 3, 4, True, [(3, 0, 1, 1.0), (1, 2, 3, -2.0), (2, 0, 3, 5.0)], 1.0, 0.4, None),
+    (2, 2, 1, 4, 2, True, [(0, 0, 0, 1.0), (1, 3, 1, 2.0), (1, 2, 0, 0.5)], -0.7, None, None),
+    (2, 2, 1, 4, 4, False, [(0, 3, 0, 1.0), (1, 5, 0, 0.5), (0, 2, 5, 1.0), (1, 1, 1, 0.0)], 2.0, None, 6),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Tq,Tk,causal,coo,alpha,scale,t_max", SPEC3_CASES)
+def test_spec3_independent_random(B, Hq, Hkv, Tq, Tk, causal, coo, alpha, scale, t_max):
+    """Biased P, mean over the batch, query-head GQA mapping, causal masking (masked edges never
+    emitted, masked / out-of-range bias entries score 0), the threshold set, and SPEC 3b: every
+    bias entry (COO order, duplicates sharing their merged entry's score) scored, whatever S."""
+    g = torch.Generator().manual_seed(B * 1000 + Hq * 100 + Tq * 10 + Tk)
+    q, do = (torch.randn(B, Hq, Tq, 16, generator=g) for _ in range(2))
+    k, v = (torch.randn(B, Hkv, Tk, 16, generator=g) for _ in range(2))
+    S, A = spec3_loops(q, k, v, do, coo, causal, scale, alpha)
+    # the reference agrees with the SPEC text
+    dense = None
+    if coo:
+        h, i, j, val = (torch.tensor(x) for x in zip(*coo))
+        dense = R.dense_bias(h, i, j, val.double(), Hq, Tq, Tk)
+    S_ref, A_ref = R.salience(q.double(), k.double(), v.double(), do.double(), dense,
+                              causal=causal, scale=scale, alpha=alpha)
+    assert torch.allclose(S_ref, S, rtol=1e-12, atol=1e-14) and torch.allclose(A_ref, A, rtol=1e-12, atol=1e-14)
+    # discriminating: the unbiased P, or the batch sum, would give other numbers
+    S_unbiased, _ = spec3_loops(q, k, v, do, [], causal, scale, alpha)
+    assert (S_unbiased - S).abs().max() > 1e-3
+    entries = {(h, i, j) for h, i, j, _ in coo}
+    free = [(h, i, j) for h in range(Hq) for i in range(Tq) for j in range(Tk)
+            if (h, i, j) not in entries and S[h, i, j] > 0]
+    vals = sorted({float(S[e]) for e in free})
+    threshold = 0.5 * (vals[len(vals) // 3] + vals[len(vals) // 3 + 1])     # between two values
+    cap, bias = spec3_capture(q, k, v, do, coo, causal, threshold, scale=scale, alpha=alpha, t_max=t_max)
+    want = [e for e in free if S[e] > threshold]
+    assert _edge_set(cap) == want
+    masked = [(h, i, j) for h in range(Hq) for i in range(Tq) for j in range(Tk) if causal and j > i + Tk - Tq]
+    assert not set(_edge_set(cap)) & set(masked)
+    assert int(cap.stats["num_candidates"]) == len(want) and not bool(cap.stats["overflow"])
+    h, i, j, s, a = cap.valid_edges()
+    idx = (h.long().cpu(), i.long().cpu(), j.long().cpu())
+    assert torch.allclose(s.double().cpu(), S[idx], rtol=1e-5, atol=1e-7)
+    assert torch.allclose(a.double().cpu(), A[idx], rtol=1e-5, atol=1e-7)
+    assert abs(float(cap.stats["kept_min_salience"]) - float(S[idx].min())) <= 1e-5 * float(S[idx].min())
+    bS, bA = cap.bias_scores
+    eS = torch.tensor([float(S[e[:3]]) if e[1] < Tq and e[2] < Tk else 0.0 for e in coo], dtype=torch.float64)
+    eA = torch.tensor([float(A[e[:3]]) if e[1] < Tq and e[2] < Tk else 0.0 for e in coo], dtype=torch.float64)
+    assert torch.allclose(bS.double().cpu(), eS, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(bA.double().cpu(), eA, rtol=1e-5, atol=1e-7)
