@@ -681,3 +681,311 @@ def test_unfilled_capture_rejected():
     mem = mt.TraceMemory(1, 2, quota=4)
     with pytest.raises(ValueError, match="backward"):
         mem.update(0, mt.SalienceCapture())
+
+
+# ---- SPEC 4 rule by rule, hand-computed, on every engine -----------------------------------------
+# Each case below states the expected state (h, i, j, M, age, hist) after every step, computed by
+# hand in the comments, and runs the same steps through the float64 reference and TraceMemory
+# (torch backend with plain edges, with the memory's own bias scoring the stored traces, and
+# update_dense; the Triton kernels too under TRITON_INTERPRET=1). Boundaries use float32-exact
+# values: a threshold equal to 2^k * ln(1 + r) in float64 is met exactly by S = 2^k.
+# Unlike the parity tests, these would catch a misreading of SPEC 4 shared by code and reference.
+
+LN2, LN3, LN4 = math.log1p(1), math.log1p(2), math.log1p(3)
+EPS = 2.0 ** -10                       # attn_eps in these cases (float32-exact)
+ABOVE_EPS = EPS * (1 + 2.0 ** -23)     # the next float32 above it
+HAND_ENGINES = ["reference", "torch", "torch-direct", "torch-dense", "triton", "triton-direct"]
+
+
+def _f32(x):
+    assert float(torch.tensor(x, dtype=torch.float32)) == x, f"{x} is not float32-exact"
+    return x
+
+
+def _load_exact(mem, layer, traces):
+    """Put exact (h, i, j, M, age, hist) traces into `mem` through load_state_dict."""
+    sd = mem.state_dict()
+    strength, meta = sd["strength"], sd["meta"]
+    slot = [0] * mem.num_heads
+    for h, i, j, M, age, hist in sorted(traces):
+        word = ((i * mem.max_seq_len + j) << mem.pos_shift) | (age << mem.window) | hist
+        strength[layer, h, slot[h]] = _f32(M)
+        meta[layer, h, slot[h]] = word - (1 << 64) if word >= 1 << 63 else word
+        slot[h] += 1
+    mem.load_state_dict(sd)
+
+
+def _state_rows(state):
+    return [tuple(r) for r in zip(*(state[k].tolist() for k in ("head", "q_idx", "k_idx", "strength", "age", "hist")))]
+
+
+def run_hand_case(engine, cfg, init, steps, layer=0):
+    """The state rows (h, i, j, M, age, hist) after each step. steps: lists of candidates
+    (h, i, j, S, a) with float32-exact S, a (a stored trace missing from a step scores 0)."""
+    if engine.startswith("triton") and not INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1 (the Triton kernels on CPU)")
+    mem = mt.TraceMemory(layer + 1, **cfg)
+    _load_exact(mem, layer, init)
+    mem.backend = engine.split("-")[0] if engine != "reference" else "torch"
+    ref = mem.reference_state(layer)
+    H, T = mem.num_heads, mem.max_seq_len
+    out = []
+    for cands in steps:
+        for c in cands:
+            _f32(c[3]), _f32(c[4])
+        cols = list(zip(*cands)) if cands else [[], [], [], [], []]
+        edges = (torch.tensor(cols[0], dtype=torch.long), torch.tensor(cols[1], dtype=torch.long),
+                 torch.tensor(cols[2], dtype=torch.long), torch.tensor(cols[3], dtype=torch.float64),
+                 torch.tensor(cols[4], dtype=torch.float64))
+        if engine == "reference":
+            ref = trace_update(ref, edges, **params_of(mem))
+            out.append(_state_rows(ref))
+            continue
+        if engine == "torch-dense":
+            # maps just large enough for the candidates (stored traces outside them score 0)
+            Tq, Tk = (1 + max([c[n] for c in cands], default=0) for n in (1, 2))
+            S, a = torch.zeros(H, Tq, Tk), torch.zeros(H, Tq, Tk)
+            for h, i, j, s, at in cands:
+                S[h, i, j], a[h, i, j] = s, at
+            mem.update_dense(layer, S, a)
+        elif engine.endswith("-direct"):
+            # the capture as biased_attention(bias=mem.bias(layer)) fills it: threshold edges plus
+            # the scores of every bias entry (0 for the empty slots, on row max_seq_len)
+            bias = mem.bias(layer)
+            score = {c[:3]: c[3:] for c in cands}
+            bs = [score.get(e, (0.0, 0.0)) for e in zip(bias.head.tolist(), bias.q_idx.tolist(), bias.k_idx.tolist())]
+            bias_scores = (torch.tensor([s for s, _ in bs]), torch.tensor([at for _, at in bs]))
+            mem.update(layer, fake_capture(edges, num_heads=H, seq_len=T, bias=bias, bias_scores=bias_scores))
+        else:
+            mem.update(layer, fake_capture(edges, num_heads=H, seq_len=T))
+        out.append(_state_rows(mem.reference_state(layer)))
+        # traces() reads the same state: recurrence = popcount(hist), strength float32
+        h, q, k, _, age, r = mem.traces(layer)
+        rows = out[-1]
+        assert list(zip(h.tolist(), q.tolist(), k.tolist(), age.tolist())) == [(x[0], x[1], x[2], x[4]) for x in rows]
+        assert r.tolist() == [x[5].bit_count() for x in rows]
+    return out
+
+
+def assert_hand(got, expected, engine):
+    """Integers exactly; M to 1e-12 relative in the float64 reference, 1e-6 (float32) elsewhere."""
+    rel = 1e-12 if engine == "reference" else 1e-6
+    for step, (g, e) in enumerate(zip(got, expected)):
+        assert [x[:3] + x[4:] for x in g] == [x[:3] + x[4:] for x in e], f"{engine} step {step + 1}: {g} != {e}"
+        for x, y in zip(g, e):
+            assert x[3] == pytest.approx(y[3], rel=rel, abs=0), f"{engine} step {step + 1} M at {x[:3]}: {x[3]} != {y[3]}"
+    assert len(got) == len(expected)
+
+
+@pytest.mark.parametrize("engine", HAND_ENGINES)
+def test_hand_history_attn_eps_and_window_wrap(engine):
+    """Rule 1-3: bit set only where a > attn_eps (strictly), hist shifted and masked to window=3,
+    r = popcount(hist), Sh = S ln(1 + r). retention = decay = 0.5, threshold 0, prune_eps 0."""
+    cfg = dict(num_heads=2, quota=4, retention=0.5, decay=0.5, threshold=0.0, prune_eps=0.0, attn_eps=EPS,
+               window=3, max_seq_len=4)
+    e, f = (0, 1, 2), (1, 0, 0)
+    steps = [
+        # 1: e a just above eps -> hist 0b001, r 1, Sh = ln2 > 0: insert M = 0.5 ln2.
+        #    f a == eps exactly -> bit 0, r 0, Sh = 1 * ln1 = 0, not > 0: no insert
+        [(*e, 1.0, ABOVE_EPS), (*f, 1.0, EPS)],
+        # 2: e a == eps -> hist 0b010, r 1 (from the history), Sh = ln2: M = 0.25 ln2 + 0.5 ln2 = 0.75 ln2
+        #    f a above eps -> inserted, M = 0.5 ln2, hist 0b001
+        [(*e, 1.0, EPS), (*f, 1.0, ABOVE_EPS)],
+        # 3: e hist 0b101, r 2, Sh = ln3: M = 0.375 ln2 + 0.5 ln3.  f not a candidate: hist 0b010,
+        #    S = 0 -> decay M = 0.25 ln2, age 1
+        [(*e, 1.0, 0.5)],
+        # 4: e hist 0b1011 & 0b111 = 0b011 (bit 3 drops off), r 2: M = 0.1875 ln2 + 0.25 ln3 + 0.5 ln3
+        #    f hist 0b100: M = 0.125 ln2, age 2
+        [(*e, 1.0, 0.5)],
+        # 5: e hist 0b111, r 3, Sh = ln4: M = 0.09375 ln2 + 0.375 ln3 + 0.5 ln4
+        #    f S = 8 but a = 0: hist 0b1000 & 0b111 = 0, r 0, Sh = 0 -> decay M = 0.0625 ln2, age 3
+        [(*e, 1.0, 0.5), (*f, 8.0, 0.0)],
+        # 6: e a == eps: hist 0b110, r 2: M = 0.046875 ln2 + 0.1875 ln3 + 0.25 ln4 + 0.5 ln3
+        #    f a 0.5: hist 0b001, r 1, Sh = ln2 > 0: M = 0.03125 ln2 + 0.5 ln2, age 0
+        [(*e, 1.0, EPS), (*f, 1.0, 0.5)],
+    ]
+    M_e = [0.5 * LN2, 0.75 * LN2, 0.375 * LN2 + 0.5 * LN3, 0.1875 * LN2 + 0.75 * LN3,
+           0.09375 * LN2 + 0.375 * LN3 + 0.5 * LN4, 0.046875 * LN2 + 0.6875 * LN3 + 0.25 * LN4]
+    expected = [
+        [(*e, M_e[0], 0, 0b001)],
+        [(*e, M_e[1], 0, 0b010), (*f, 0.5 * LN2, 0, 0b001)],
+        [(*e, M_e[2], 0, 0b101), (*f, 0.25 * LN2, 1, 0b010)],
+        [(*e, M_e[3], 0, 0b011), (*f, 0.125 * LN2, 2, 0b100)],
+        [(*e, M_e[4], 0, 0b111), (*f, 0.0625 * LN2, 3, 0b000)],
+        [(*e, M_e[5], 0, 0b110), (*f, 0.53125 * LN2, 0, 0b001)],
+    ]
+    assert_hand(run_hand_case(engine, cfg, [], steps), expected, engine)
+
+
+@pytest.mark.parametrize("engine", HAND_ENGINES)
+@pytest.mark.parametrize("window", [1, 32])
+def test_hand_history_window_edges(engine, window):
+    """window 32 (the top bit of a full 32-bit history drops off) and window 1 (r is 0 or 1)."""
+    cfg = dict(num_heads=1, quota=4, retention=0.5, decay=0.5, threshold=0.0, prune_eps=0.0, attn_eps=EPS,
+               window=window, max_seq_len=4)
+    full = (1 << window) - 1
+    top = 1 << (window - 1)
+    init = [(0, 0, 0, 1.0, 0, full), (0, 0, 1, 1.0, 5, top)]
+    steps = [
+        # (0,0,0) a 0.5: hist (full << 1 | 1) & full = full, r = W, Sh = ln(1 + W): M = 0.5 + 0.5 ln(1 + W)
+        # (0,0,1) a 0: the only bit (the top one) shifts out: hist 0, r 0, Sh 0 -> decay 0.5, age 6
+        [(0, 0, 0, 1.0, 0.5), (0, 0, 1, 1.0, 0.0)],
+        # (0,0,0) a 0: hist full - 1 (bit 0 clear), r = W - 1: M = 0.5 M + 0.5 ln(W)
+        #   (window 1: r 0, Sh 0 -> decay: M = 0.5 M, age 1)
+        # (0,0,1) a 0.5: hist 0b1, r 1, Sh = ln2: M = 0.25 + 0.5 ln2, age 0
+        [(0, 0, 0, 1.0, 0.0), (0, 0, 1, 1.0, 0.5)],
+    ]
+    M1 = 0.5 + 0.5 * math.log1p(window)
+    M2 = 0.5 * M1 + 0.5 * math.log(window) if window > 1 else 0.5 * M1
+    expected = [
+        [(0, 0, 0, M1, 0, full), (0, 0, 1, 0.5, 6, 0)],
+        [(0, 0, 0, M2, 0 if window > 1 else 1, full - 1), (0, 0, 1, 0.25 + 0.5 * LN2, 0, 1)],
+    ]
+    assert_hand(run_hand_case(engine, cfg, init, steps), expected, engine)
+
+
+@pytest.mark.parametrize("engine", HAND_ENGINES)
+def test_hand_threshold_is_strict(engine):
+    """Rules 3-4 at Sh == threshold exactly (threshold = 0.5 ln2 in float64, met by S = 0.5, r = 1):
+    stored traces decay, new edges are not inserted; one float32 ulp of S above, they reinforce /
+    insert with M = (1 - retention) Sh."""
+    thr = 0.5 * LN2
+    up = 0.5 * (1 + 2.0 ** -23)                  # next float32 above 0.5
+    cfg = dict(num_heads=1, quota=8, retention=0.5, decay=0.5, threshold=thr, prune_eps=0.0, attn_eps=EPS,
+               window=4, max_seq_len=4)
+    init = [(0, 0, 1, 1.0, 3, 0b0), (0, 0, 2, 1.0, 3, 0b0), (0, 0, 3, 1.0, 3, 0b1), (0, 2, 0, 1.0, 3, 0b1)]
+    steps = [[
+        (0, 0, 1, 0.5, 0.5),    # hist 1, r 1, Sh = 0.5 ln2 == thr: decay M = 0.5, age 4
+        (0, 0, 2, up, 0.5),     # Sh = up ln2 > thr: M = 0.5 * 1 + 0.5 up ln2, age 0
+        (0, 0, 3, 0.5, 0.5),    # hist 0b11, r 2, Sh = 0.5 ln3 > thr: M = 0.5 + 0.25 ln3, age 0
+        (0, 2, 0, 0.5, 0.0),    # hist 0b10, r 1 (new r, after the shift), Sh == thr: decay 0.5, age 4
+        (0, 1, 0, 0.5, 0.5),    # new, Sh == thr: not inserted
+        (0, 1, 1, up, 0.5),     # new, Sh = up ln2 > thr: M = 0.5 up ln2, age 0, hist 1
+        (0, 1, 2, 1.0, EPS),    # new, a == eps: r 0, Sh 0: not inserted
+    ]]
+    expected = [[(0, 0, 1, 0.5, 4, 0b1), (0, 0, 2, 0.5 + 0.5 * up * LN2, 0, 0b1), (0, 0, 3, 0.5 + 0.25 * LN3, 0, 0b11),
+                 (0, 1, 1, 0.5 * up * LN2, 0, 0b1), (0, 2, 0, 0.5, 4, 0b10)]]
+    assert_hand(run_hand_case(engine, cfg, init, steps), expected, engine)
+
+
+@pytest.mark.parametrize("engine", HAND_ENGINES)
+def test_hand_prune_is_strict(engine):
+    """Rule 5: M == prune_eps survives, M < prune_eps goes (stored traces after decay, and new
+    edges whose initial strength (1 - retention) Sh falls under prune_eps)."""
+    cfg = dict(num_heads=1, quota=4, retention=0.5, decay=0.5, threshold=0.0, prune_eps=0.25, attn_eps=EPS,
+               window=2, max_seq_len=4)
+    init = [(0, 0, 0, 0.5, 0, 0), (0, 0, 1, 0.25, 0, 0), (0, 1, 1, 0.125, 0, 0)]
+    # 1: 0.5 -> 0.25 == prune_eps: kept, age 1; 0.25 -> 0.125 and 0.125 -> 0.0625: pruned
+    # 2: 0.25 -> 0.125: pruned, the memory is empty
+    expected = [[(0, 0, 0, 0.25, 1, 0)], []]
+    assert_hand(run_hand_case(engine, cfg, init, [[], []]), expected, engine)
+    # new edges: prune_eps = 0.25 ln2 = (1 - 0.5) * 0.5 * ln2, S = 0.5 meets it exactly (kept);
+    # S = 0.5 (1 - 2^-24) (the float32 below) gives M one rounding under it (pruned at once)
+    cfg.update(prune_eps=0.25 * LN2)
+    below = 0.5 * (1 - 2.0 ** -24)
+    steps = [[(0, 0, 0, 0.5, 0.5), (0, 0, 1, below, 0.5)], []]
+    # 2: 0.5 * M < prune_eps: pruned
+    expected = [[(0, 0, 0, 0.25 * LN2, 0, 1)], []]
+    assert_hand(run_hand_case(engine, cfg, [], steps), expected, engine)
+
+
+@pytest.mark.parametrize("engine", HAND_ENGINES)
+def test_hand_eviction_weakest_first_ties_and_heads(engine):
+    """Rule 6 per head: quota 2 a head; the weakest goes first, on equal M the larger (i, j)
+    (lexicographic: (3, 0) > (2, 2)); a head's count never affects the other head."""
+    cfg = dict(num_heads=2, quota=2, retention=0.5, decay=0.5, threshold=0.0, prune_eps=0.0, attn_eps=EPS,
+               window=2, max_seq_len=4)
+    init = [(0, 2, 2, 1.0, 0, 0), (0, 3, 0, 1.0, 0, 0)]
+    steps = [
+        # head 0: stored (2,2), (3,0) decay to 0.5 each (age 1); new (3,3) S 2 -> M = 0.5 * 2 ln2 = ln2,
+        #   new (0,1) S 1 -> 0.5 ln2 = 0.347. Ranked: ln2 (3,3); 0.5 (2,2) = 0.5 (3,0), tie: (3,0) is
+        #   larger and goes first; 0.347 (0,1) goes. Kept: (2,2) 0.5, (3,3) ln2.
+        # head 1: three new edges at 0.5 ln2 each: the largest (i, j), (1,2), goes.
+        [(0, 3, 3, 2.0, 0.5), (0, 0, 1, 1.0, 0.5), (1, 0, 3, 1.0, 0.5), (1, 1, 0, 1.0, 0.5), (1, 1, 2, 1.0, 0.5)],
+        # head 0: (2,2) -> 0.25 age 2, (3,3) -> 0.5 ln2 = 0.347 age 1 hist 0b10; new (0,0) S 0.25 ->
+        #   0.125 ln2 = 0.087, the weakest: evicted although new.
+        # head 1: (0,3), (1,0) decay to 0.25 ln2 (hist 0b10, S 0 -> Sh 0), age 1; (1,2) comes back new
+        #   (its history started over when evicted: hist 0b1) with S 4 -> M = 2 ln2: the tie between
+        #   the stored ones evicts (1,0).
+        [(0, 0, 0, 0.25, 0.5), (1, 1, 2, 4.0, 0.5)],
+    ]
+    expected = [
+        [(0, 2, 2, 0.5, 1, 0), (0, 3, 3, LN2, 0, 1), (1, 0, 3, 0.5 * LN2, 0, 1), (1, 1, 0, 0.5 * LN2, 0, 1)],
+        [(0, 2, 2, 0.25, 2, 0), (0, 3, 3, 0.5 * LN2, 1, 0b10), (1, 0, 3, 0.25 * LN2, 1, 0b10), (1, 1, 2, 2 * LN2, 0, 1)],
+    ]
+    assert_hand(run_hand_case(engine, cfg, init, steps), expected, engine)
+
+
+@pytest.mark.parametrize("engine", HAND_ENGINES)
+def test_hand_age_reset_increment_and_saturation(engine):
+    """age + 1 on decay, 0 on reinforcement and insertion; stored in 4 bits here (max_seq_len
+    32768 -> 30 position bits, window 30), so it saturates at 15 where SPEC's count (and the
+    float64 reference, which stores ints) goes on to 16: a documented storage limit."""
+    cfg = dict(num_heads=1, quota=2, retention=0.5, decay=1.0, threshold=0.0, prune_eps=0.0, attn_eps=EPS,
+               window=30, max_seq_len=32768)
+    init = [(0, 0, 1, 1.0, 14, 0)]
+    steps = [[], [], [(0, 0, 1, 1.0, 0.5), (0, 5, 5, 1.0, 0.5)], []]
+    # 1: decay 1.0 keeps M = 1, age 15; 2: age 16 (stored: 15, saturated); 3: hist 1, r 1,
+    # Sh = ln2: M = 0.5 + 0.5 ln2, age 0; new (5,5): M = 0.5 ln2, age 0; 4: both age 1, hist 0b10
+    M3 = 0.5 + 0.5 * LN2
+    sat = 16 if engine == "reference" else 15
+    expected = [[(0, 0, 1, 1.0, 15, 0)], [(0, 0, 1, 1.0, sat, 0)],
+                [(0, 0, 1, M3, 0, 1), (0, 5, 5, 0.5 * LN2, 0, 1)],
+                [(0, 0, 1, M3, 1, 0b10), (0, 5, 5, 0.5 * LN2, 1, 0b10)]]
+    assert_hand(run_hand_case(engine, cfg, init, steps), expected, engine)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_hand_traces_order_and_bias_values(backend):
+    """traces(layer): (head, q, k, strength float32, age, recurrence) sorted by (head, q, k) whatever
+    the candidates' order; bias(layer) holds M at (h, i, j) and attention adds alpha * M."""
+    if backend == "triton" and not INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1 (the Triton kernels on CPU)")
+    mem = mt.TraceMemory(2, 2, quota=3, retention=0.5, decay=0.5, threshold=0.0, prune_eps=0.0, attn_eps=EPS,
+                         window=4, max_seq_len=4)
+    _load_exact(mem, 1, [(0, 2, 1, 4.0, 7, 0b0101), (1, 0, 0, 2.0, 0, 0b1111)])
+    mem.backend = backend
+    # candidates in no particular order; (0,2,1) gets a = 0 (hist 0b1010, r 2) and S = 0 -> decay 2.0,
+    # age 8; (1,0,0) is not a candidate: hist 0b1110, r 3, decay 1.0, age 1; new ones (S 2, a 0.5)
+    # at M = 0.5 * 2 ln2 = ln2, age 0, r 1
+    cands = [(1, 3, 0, 2.0, 0.5), (0, 2, 1, 0.0, 0.0), (0, 0, 3, 2.0, 0.5), (1, 0, 2, 2.0, 0.5)]
+    mem.update(1, _cap_of_any(cands, num_heads=2, seq_len=4))
+    h, q, k, M, age, r = mem.traces(1)
+    assert list(zip(h.tolist(), q.tolist(), k.tolist())) == [(0, 0, 3), (0, 2, 1), (1, 0, 0), (1, 0, 2), (1, 3, 0)]
+    assert M.dtype == torch.float32 and h.dtype == q.dtype == k.dtype == age.dtype == r.dtype == torch.int64
+    ln2_32 = float(torch.tensor(LN2, dtype=torch.float32))
+    assert M.tolist() == [ln2_32, 2.0, 1.0, ln2_32, ln2_32]
+    assert age.tolist() == [0, 8, 1, 0, 0] and r.tolist() == [1, 2, 3, 1, 1]
+    assert mem.num_traces(1) == 5 and mem.num_traces(0) == 0 and mem.nbytes == 12 * 2 * 2 * 3
+    dense = mem.bias(1).to_dense()[:, :4, :]                  # row 4 holds the empty slots (value 0)
+    want = torch.zeros(2, 4, 4)
+    want[h, q, k] = M
+    assert torch.equal(dense, want) and bool((mem.bias(1).to_dense()[:, 4:] == 0).all())
+    # attention logits are scale * q k^T + alpha * M
+    g = torch.Generator().manual_seed(0)
+    qq, kk, vv = (torch.randn(1, 2, 4, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    alpha = 0.25
+    out = mt.biased_attention(qq, kk, vv, mem.bias(1), alpha=alpha, backend="reference")
+    logits = qq @ kk.transpose(-1, -2) / 4.0 + alpha * want.double()
+    torch.testing.assert_close(out, torch.softmax(logits, -1) @ vv, rtol=1e-12, atol=1e-12)
+
+
+def _cap_of_any(cands, *, num_heads, seq_len):
+    cols = list(zip(*cands))
+    return fake_capture(tuple(list(c) for c in cols), num_heads=num_heads, seq_len=seq_len)
+
+
+@pytest.mark.xfail(strict=True, reason="update_dense reads float64 maps in float32 (documented): at a boundary "
+                                       "the rounding flips a > attn_eps / Sh > threshold against SPEC 4 and the "
+                                       "float64 reference; needs float64 candidates in the update (kernels too)")
+def test_hand_update_dense_float64_boundaries():
+    """SPEC 4 on the caller's float64 values: a == attn_eps (1e-3, not float32-exact) sets no bit,
+    so Sh = S ln1 = 0 is not > threshold 0: nothing is inserted (the reference agrees). Read in
+    float32, a becomes 1.00000005e-3 > 1e-3 and the edge is inserted."""
+    mem = mt.TraceMemory(1, 1, quota=4, threshold=0.0, attn_eps=1e-3, max_seq_len=4)
+    S = torch.ones(1, 1, 1, dtype=torch.float64)
+    a = torch.full((1, 1, 1), 1e-3, dtype=torch.float64)
+    ref = trace_update_dense(mt.reference.empty_state(), S, a, **params_of(mem))
+    assert ref["head"].numel() == 0
+    mem.update_dense(0, S, a)
+    assert mem.num_traces(0) == 0
