@@ -45,6 +45,11 @@ capture_tests() {
       > "$OUT/gpu_tests_capture_${sel// /_}.log" 2>&1 &
   done
 }
+update_bench() {
+  # bench_update (eager and CUDA-graph, the plain-PyTorch peer) and its per-kernel split
+  timeout 120 python benchmarks/bench_update.py --json "$OUT/update.json" 2>&1 | tail -14 || status=1
+  timeout 90 python benchmarks/profile_update.py "$OUT/profile_update.json" 2>&1 | grep -v -i warn | tail -20 || status=1
+}
 merge_capture_logs() {
   # one file instead of three: the device tool brings back at most 8 files
   for f in "$OUT"/gpu_tests_capture_*.log; do [[ -e $f ]] && { echo "== $f"; cat "$f"; }; done > "$OUT/capture_tests.txt"
@@ -76,8 +81,7 @@ if want check; then
   wait || status=1
   merge_capture_logs
   tail -n 3 "$OUT"/gpu_tests_*.log
-  timeout 90 python benchmarks/bench_update.py --json "$OUT/update.json" 2>&1 | tail -12 || status=1
-  timeout 90 python benchmarks/profile_update.py "$OUT/profile_update.json" 2>&1 | grep -v -i warn | tail -20 || status=1
+  update_bench
   timeout 240 python benchmarks/bench_capture.py --no-sweep --json "$OUT/capture.json" 2>&1 | grep -v -i warn | tail -30 \
     || status=1
 fi
@@ -140,13 +144,12 @@ if want attention || want all; then
     done
   done
   wait
-  tail -q -n 1 "$logs"/prewarm_*.log
+  for f in "$logs"/prewarm_*.log; do [[ -e $f ]] && tail -n 1 "$f"; done   # none when only the peers run
 fi
 if want update; then
   wait || status=1   # the parity tests, on a quiet GPU before timing anything
   tail -n 3 "$OUT/gpu_tests_memory_gpu.log"
-  timeout 120 python benchmarks/bench_update.py --json "$OUT/update.json" 2>&1 | tail -14 || status=1
-  timeout 90 python benchmarks/profile_update.py "$OUT/profile_update.json" 2>&1 | grep -v -i warn | tail -20 || status=1
+  update_bench
 fi
 if want attention-profile; then
   timeout 150 python benchmarks/profile_attention.py "$OUT/profile_attention.json" 2>&1 | grep -v -i warn | cut -c1-300 \

@@ -53,13 +53,24 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
+def _min_max(name: str, t: torch.Tensor) -> tuple:
+    """(min, max) of a non-empty integer tensor as Python ints. torch has no min/max for
+    uint16/32/64, so those are read as int64, where a uint64 value >= 2^63 would wrap negative
+    (2^64 - 1 into the -1 that means "no routing"): it is refused instead."""
+    if t.dtype not in _LIMITED_UNSIGNED:
+        return int(t.min()), int(t.max())
+    t = t.long()
+    lo = int(t.min())
+    if lo < 0:
+        raise ValueError(f"{name} holds uint64 values >= 2^63")
+    return lo, int(t.max())
+
+
 def check_index_range(name: str, t: torch.Tensor, low: int, high: int) -> None:
     """Every element in [low, high)."""
     if t.numel() == 0:
         return
-    if t.dtype in _LIMITED_UNSIGNED:   # torch has no min/max for these; values >= 2^63 read negative
-        t = t.long()
-    lo, hi = int(t.min()), int(t.max())
+    lo, hi = _min_max(name, t)
     if lo < low or hi >= high:
         raise ValueError(f"{name} must lie in [{low}, {high}), got values in [{lo}, {hi}]")
 
@@ -225,13 +236,7 @@ def check_routing_paths(paths, *, num_layers: int, num_experts: int, device: tor
     if paths.device != device:
         raise ValueError(f"paths is on {paths.device} but the routing tree is on {device}")
     if paths.numel():
-        t = paths
-        if t.dtype in _LIMITED_UNSIGNED:  # torch has no min/max for these: read them as int64
-            t = t.long()
-        lo, hi = int(t.min()), int(t.max())
-        if t is not paths and lo < 0:  # a uint64 entry >= 2^63 reads negative (2^64 - 1 as -1)
-            raise ValueError(f"paths entries must be expert ids in [0, {num_experts}) or -1 (no routing), "
-                             "got uint64 values >= 2^63")
+        lo, hi = _min_max("paths", paths)
         if lo < -1 or hi >= num_experts:
             raise ValueError(f"paths entries must be expert ids in [0, {num_experts}) or -1 (no routing), "
                              f"got values in [{lo}, {hi}]")
