@@ -309,14 +309,17 @@ def _correct_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
                         stride_lb, stride_lh, stride_lm,
                         Hq, GROUP, Tq, Tk, TqMax, causal_off, qk_scale2, alpha2, cancel_tol,
                         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                        CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, SLOW_BLOCK_N: tl.constexpr,
-                        STORE_FLAGS: tl.constexpr):
+                        CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, STORE_FLAGS: tl.constexpr):
     """In place: Out, Lse (unbiased O [B,Hq,Tq,D], natural LSE [B,Hq,Tq]) -> biased O', LSE'.
 
     Grid (cdiv(Tq, BLOCK_M), B*Hq). A program owns rows [m0, m0+BLOCK_M) of (b, h); blocks with
-    no entries return at once, and only rows holding entries are read or written. Rows where
-    1 + sum w < cancel_tol are recomputed with the bias inside the tile loop (exact, slow).
-    STORE_FLAGS: Flags[bh, i] (int8, zeroed by the caller) = 1 on those rows.
+    no entries return at once, and only rows holding entries are read or written. The loop sums
+    only the entry terms (from 0); O is read after it, so neither O nor its [BM, D] pointers hold
+    registers during the gathers (with the cancelling-row recompute moved to its own kernel, that
+    took BM=64, D=128 from 255 registers to 196, and _fwd_config caps it at 128: more programs
+    per SM to hide the gathers' latency). STORE_FLAGS: Flags[bh, i] (int8) = 1 where 1 + sum w <
+    cancel_tol (the identity cancelled: _correct_fwd_slow_kernel recomputes those rows), 0 on
+    every other row < Tq, so the caller need not zero it.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -324,17 +327,17 @@ def _correct_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
     h = bh % Hq
     hk = (h // GROUP).to(tl.int64)
     m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     e_lo, e_hi = _block_range(QOffsets, h, m0, tl.minimum(m0 + BLOCK_M, Tq), TqMax)
+    cancelled = offs_m < 0
     if e_hi > e_lo:
-        offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
         live = _rows_with_entries(QOffsets, h, offs_m, Tq, TqMax)
         q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                     mask=live[:, None], other=0.0)
-        o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-        acc_o = tl.load(o_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
         l_ptrs = Lse + b * stride_lb + h * stride_lh + offs_m * stride_lm
         lse2 = tl.load(l_ptrs, mask=live, other=float("-inf")) * 1.4426950408889634
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         den = tl.full([BLOCK_M], 1.0, tl.float32)
         c2 = tl.zeros([BLOCK_M], tl.float32)
         k_base = K + b * stride_kb + hk * stride_kh
@@ -342,27 +345,57 @@ def _correct_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
         val0, i0, ok0, kg0, vg0 = _fwd_prologue(
             EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi, Tq, Tk, causal_off,
             CAUSAL, CHUNK)
-        acc_o, den, c2 = _fwd_entries(acc_o, den, c2, q, lse2, offs_m, e_lo, e_hi,
-                                      val0, i0, ok0, kg0, vg0, EntryPos, EntryVal,
-                                      k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
-                                      qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC)
-        cancelled = live & (den < cancel_tol * tl.math.exp2(-c2))
-        if STORE_FLAGS:
-            tl.store(Flags + bh.to(tl.int64) * Tq + offs_m, cancelled.to(tl.int8), mask=live)
-        tl.store(o_ptrs, (acc_o / den[:, None]).to(Out.dtype.element_ty), mask=live[:, None])
+        acc, den, c2 = _fwd_entries(acc, den, c2, q, lse2, offs_m, e_lo, e_hi,
+                                    val0, i0, ok0, kg0, vg0, EntryPos, EntryVal,
+                                    k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
+                                    qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC)
+        # acc = e^-c2 sum w v, den = e^-c2 (1 + sum w): add the dense e^-c2 O now
+        o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+        o = tl.load(o_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
+        scale_o = tl.exp2(-c2)
+        acc = o * scale_o[:, None] + acc
+        cancelled = live & (den < cancel_tol * scale_o)
+        tl.store(o_ptrs, (acc / den[:, None]).to(Out.dtype.element_ty), mask=live[:, None])
         tl.store(l_ptrs, (lse2 + c2 + tl.log2(den)) * 0.6931471805599453, mask=live)
-        if tl.sum(cancelled.to(tl.int32), 0) > 0:
-            # the identity cancelled on some rows: recompute them with the bias in the tile loop
-            if CAUSAL:
-                hi = tl.maximum(tl.minimum(Tk, m0 + BLOCK_M + causal_off), 0)
-            else:
-                hi = Tk
-            acc_o, lse2 = _fwd_biased_rows(q, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
-                                           stride_kn, stride_vn, offs_m, tl.arange(0, SLOW_BLOCK_N), offs_d,
-                                           e_lo, e_hi, EntryPos, EntryVal, Tk, causal_off, hi, qk_scale2, alpha2,
-                                           CAUSAL, BLOCK_M, SLOW_BLOCK_N, HEAD_DIM, CHUNK, DOT_PREC)
-            tl.store(o_ptrs, acc_o.to(Out.dtype.element_ty), mask=cancelled[:, None])
-            tl.store(l_ptrs, lse2 * 0.6931471805599453, mask=cancelled)
+    if STORE_FLAGS:
+        tl.store(Flags + bh.to(tl.int64) * Tq + offs_m, cancelled.to(tl.int8), mask=offs_m < Tq)
+
+
+@triton.jit
+def _correct_fwd_slow_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
+                             stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                             stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                             stride_lb, stride_lh, stride_lm,
+                             Hq, GROUP, Tq, Tk, TqMax, causal_off, qk_scale2, alpha2,
+                             HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The rows _correct_fwd_kernel flagged (the identity cancelled there), recomputed with the
+    bias inside the tile loop (exact, slow). Grid (cdiv(Tq, BLOCK_M), B*Hq); a block with no
+    flagged row returns after reading its flags (a few microseconds for the whole launch)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    flagged = tl.load(Flags + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0) != 0
+    if tl.sum(flagged.to(tl.int32), 0) > 0:
+        b = (bh // Hq).to(tl.int64)
+        h = bh % Hq
+        hk = (h // GROUP).to(tl.int64)
+        offs_d = tl.arange(0, HEAD_DIM)
+        e_lo, e_hi = _block_range(QOffsets, h, m0, tl.minimum(m0 + BLOCK_M, Tq), TqMax)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                    mask=flagged[:, None], other=0.0)
+        if CAUSAL:
+            hi = tl.maximum(tl.minimum(Tk, m0 + BLOCK_M + causal_off), 0)
+        else:
+            hi = Tk
+        acc, lse2 = _fwd_biased_rows(q, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
+                                     stride_kn, stride_vn, offs_m, tl.arange(0, BLOCK_N), offs_d,
+                                     e_lo, e_hi, EntryPos, EntryVal, Tk, causal_off, hi, qk_scale2, alpha2,
+                                     CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, CHUNK, DOT_PREC)
+        o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=flagged[:, None])
+        tl.store(Lse + b * stride_lb + h * stride_lh + offs_m * stride_lm, lse2 * 0.6931471805599453, mask=flagged)
 
 
 @triton.jit
@@ -704,9 +737,26 @@ def _fwd_block(D):
     return 64 if D <= 128 else 32
 
 
+def _fwd_config(D, entries_per_row):
+    """(BLOCK_M, CHUNK, register cap) of _correct_fwd_kernel. The kernel is bound by the latency
+    of its gathers, so what pays is programs in flight: capped at 128 registers (4 programs of 4
+    warps per SM instead of 2 at the uncapped 196; a few bytes spill). Measured on the H100 at B4
+    H16 T4096 D128 bf16 (benchmarks/tune_correction.py): 2048 entries/head (0.5 per row) 79 us at
+    64/16/128 vs 101 us uncapped at 64/32; 16384/head (4 per row) 252 us at 32/32/128 vs 306."""
+    if D > 128:
+        return 32, 32, None
+    return (64, 16, 128) if entries_per_row < 2 else (32, 32, 128)
+
+
+def _reg_cap(maxnreg):
+    """Launch options capping registers per thread (not understood by the interpreter)."""
+    return {"maxnreg": int(maxnreg)} if maxnreg and not INTERPRET else {}
+
+
 def correct_fwd(q, k, v, out, lse, bias, entry_values, *, causal, scale, alpha,
                 inplace: bool = True, allow_tf32: bool = False, block_m: int | None = None,
-                chunk: int = 32, num_warps: int = 4, return_flags: bool = False):
+                chunk: int | None = None, num_warps: int = 4, return_flags: bool = False, may_cancel: bool = True,
+                maxnreg: int | None = None):
     """Apply the sparse correction to the UNBIASED attention (out, lse) -> (out', lse').
 
     q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D]; out [B,Hq,Tq,D] (any float dtype), lse [B,Hq,Tq] float32
@@ -715,6 +765,8 @@ def correct_fwd(q, k, v, out, lse, bias, entry_values, *, causal, scale, alpha,
     Rows where the identity cancels (1 + sum w < CANCEL_THRESHOLD) are recomputed with the bias
     in the tile loop, so out', lse' stay accurate there too. return_flags=True returns
     (out', lse', flags) with flags int8 [B, Hq, Tq] = 1 on those rows, for correct_bwd(row_flags=).
+    may_cancel=False promises alpha * (every entry value) >= ln(CANCEL_THRESHOLD), so no row can
+    cancel (1 + sum w >= exp(min alpha b)): the recompute launch is skipped.
     """
     B, Hq, Hkv, Tq, Tk, D = _check_common(q, k, v, bias)
     if not inplace:
@@ -730,21 +782,27 @@ def correct_fwd(q, k, v, out, lse, bias, entry_values, *, causal, scale, alpha,
         raise ValueError("out must have unit stride along D for the in-place correction")
     if scale < 0:  # the kernels assume a positive logit scale; fold the sign into q
         q, scale = -q, -scale
-    block_m = block_m or _fwd_block(D)
+    auto_m, auto_chunk, auto_reg = _fwd_config(D, bias.nnz / (bias.num_heads * bias.seq_len_q))
+    block_m, chunk = block_m or auto_m, chunk or auto_chunk
+    maxnreg = maxnreg or auto_reg
     grid = (triton.cdiv(Tq, block_m), B * Hq)
-    if return_flags:
-        flags = torch.zeros((B, Hq, Tq), dtype=torch.int8, device=q.device)
-    else:
-        flags = torch.empty(1, dtype=torch.int8, device=q.device)
-    _correct_fwd_kernel[grid](
-        q, k, v, out, lse, bias.entry_pos, entry_values, bias.q_offsets, flags,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1), lse.stride(2),
-        Hq, Hq // Hkv, Tq, Tk, bias.seq_len_q, Tk - Tq, scale * LOG2E, alpha * LOG2E, CANCEL_THRESHOLD,
-        HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_M=block_m, CHUNK=chunk,
-        DOT_PREC=dot_precision(q.dtype, allow_tf32), SLOW_BLOCK_N=32, STORE_FLAGS=bool(return_flags),
-        num_warps=num_warps)
+    store_flags = bool(return_flags or may_cancel)
+    # every row < Tq gets its flag written: no zeroing launch
+    flags = torch.empty((B, Hq, Tq) if store_flags else (1,), dtype=torch.int8, device=q.device)
+    args = (q, k, v, out, lse, bias.entry_pos, entry_values, bias.q_offsets, flags,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1), lse.stride(2),
+            Hq, Hq // Hkv, Tq, Tk, bias.seq_len_q, Tk - Tq, scale * LOG2E, alpha * LOG2E)
+    prec = dot_precision(q.dtype, allow_tf32)
+    _correct_fwd_kernel[grid](*args, CANCEL_THRESHOLD, HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_M=block_m,
+                              CHUNK=chunk, DOT_PREC=prec, STORE_FLAGS=store_flags, num_warps=num_warps,
+                              **_reg_cap(maxnreg))
+    if may_cancel:
+        slow_m = _fwd_block(D)
+        _correct_fwd_slow_kernel[(triton.cdiv(Tq, slow_m), B * Hq)](
+            *args, HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_M=slow_m, BLOCK_N=32, CHUNK=32, DOT_PREC=prec,
+            num_warps=4)
     if return_flags:
         return out, lse, flags
     return out, lse
@@ -752,7 +810,7 @@ def correct_fwd(q, k, v, out, lse, bias, entry_values, *, causal, scale, alpha,
 
 def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, causal, scale, alpha,
                 need_dvalues, allow_tf32: bool = False, block_m: int = 16, block_n: int = 16,
-                chunk: int = 16, num_warps: int = 2, row_flags=None):
+                chunk: int = 16, num_warps: int = 2, row_flags=None, maxnreg: int | None = None):
     """Add the entry terms to a dense backward's (dq, dk, dv) (computed from O', LSE'), in place.
 
     out, lse are the BIASED O', natural LSE' (unmasked). Returns (dq, dk, dv, dvalues) with
@@ -785,10 +843,13 @@ def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, caus
     if row_flags is not None:
         flags = _flags_2d(row_flags, B, Hq, Tq)
         lse = mask_lse(lse, flags.view(B, Hq, Tq))   # the entry terms skip the flagged rows
+    launch = _reg_cap(maxnreg if maxnreg is not None else (128 if D <= 128 else None))
     delta = torch.empty((B * Hq, Tq), dtype=torch.float32, device=q.device)
     dval_part = torch.zeros((B, E) if need_dvalues else (1, 1), dtype=torch.float32, device=q.device)
     # small blocks (16 rows/keys, 2 warps) measured fastest on the H100: many light programs hide
-    # the gathers' latency (16384 traces/head: 0.58 ms vs 0.85 ms at 64/32/4)
+    # the gathers' latency (16384 traces/head: 0.58 ms vs 0.85 ms at 64/32/4); a 128-register cap
+    # fits more of them per SM (the dK/dV kernel needs 184 uncapped): 239 vs 297 us at 2048/head,
+    # 508 vs 588 at 16384 (B4 H16 T4096 D128 bf16, benchmarks/tune_correction.py)
     # with q negated, dq must come out negated: run on -dq and flip back (rare path)
     dq_work = dq if sign > 0 else dq.neg_()
     _correct_bwd_q_kernel[(triton.cdiv(Tq, block_m), B * Hq)](
@@ -799,7 +860,7 @@ def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, caus
         dq_work.stride(0), dq_work.stride(1), dq_work.stride(2),
         Hq, Hq // Hkv, Tq, Tk, bias.seq_len_q, E, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E, alpha,
         HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_M=block_m, CHUNK=chunk, DOT_PREC=prec,
-        NEED_DVAL=bool(need_dvalues), num_warps=num_warps)
+        NEED_DVAL=bool(need_dvalues), num_warps=num_warps, **launch)
     if sign < 0:
         dq.neg_()
     _correct_bwd_k_kernel[(triton.cdiv(Tk, block_n), B * Hkv)](
@@ -809,7 +870,8 @@ def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, caus
         dout.stride(0), dout.stride(1), dout.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         Hq, Hkv, Hq // Hkv, Tq, Tk, bias.seq_len_k, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E,
-        HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_N=block_n, CHUNK=chunk, DOT_PREC=prec, num_warps=num_warps)
+        HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_N=block_n, CHUNK=chunk, DOT_PREC=prec, num_warps=num_warps,
+        **launch)
     if row_flags is not None:
         _exact_rows(q, k, v, out, lse_real, dout, bias, entry_values, dq, dk, dv, flags,
                     dval_part if need_dvalues else None, causal=causal, scale=scale, dq_scale=scale * sign,

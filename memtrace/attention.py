@@ -264,8 +264,12 @@ class _CorrectedDenseBackend(Backend):
         if bias is None or bias.nnz == 0:
             return out, lse
         correction = _import_kernels("correction")[0]
+        # no row can cancel when alpha * every value >= ln(CANCEL_THRESHOLD) (the usual case: auto
+        # only picks this backend then): skip the recompute launch (~13 us at B4 H16 T4096)
+        low, high = _bias_range(bias)
+        may_cancel = min(alpha * low, alpha * high) < math.log(correction.CANCEL_THRESHOLD)
         return correction.correct_fwd(q, k, v, out, lse, bias, entry_values, causal=causal, scale=scale,
-                                      alpha=alpha)
+                                      alpha=alpha, may_cancel=may_cancel)
 
     def backward(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, need_dvalues):
         dq, dk, dv = self.dense_backward(q, k, v, out, lse, dout, causal=causal, scale=scale)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Nsight Compute on the kernels that bound issues 4 and 7 (benchmarks/ncu_kernels.py), one device call:
+#   bash benchmarks/ncu_suite.sh [attention|update|all]
+# Writes $OUT/ncu_details.csv (every section per launch), $OUT/ncu_summary.txt (key metrics) and the
+# top stalled SASS lines of the first correct_fwd and the first select launch.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/memtrace_out}
+mkdir -p "$OUT"
+ln -sfn ../kernels memtrace/kernels
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+cd benchmarks
+rep=/tmp/kern
+timeout 500 ncu --clock-control none --set full --import-source no -k 'regex:_correct_fwd|_correct_bwd|_select_kernel' \
+  -f -o $rep python ncu_kernels.py "${1:-all}" > "$OUT/ncu_run.log" 2>&1
+tail -5 "$OUT/ncu_run.log"
+ncu -i $rep.ncu-rep --page details --csv > "$OUT/ncu_details.csv" 2>/dev/null
+python - "$OUT/ncu_details.csv" <<'PY' | tee "$OUT/ncu_summary.txt"
+import csv, sys, collections
+want = ["Duration", "Registers Per Thread", "Theoretical Occupancy", "Achieved Occupancy", "Memory Throughput",
+        "DRAM Throughput", "Compute (SM) Throughput", "L2 Hit Rate", "Warp Cycles Per Issued Instruction",
+        "Block Limit Registers", "Block Limit Shared Mem", "Dynamic Shared Memory Per Block", "Grid Size", "Block Size"]
+rows = collections.OrderedDict()
+for r in csv.DictReader(open(sys.argv[1])):
+    key = (r["ID"], r["Kernel Name"][:40])
+    if r["Metric Name"] in want:
+        rows.setdefault(key, {})[r["Metric Name"]] = f'{r["Metric Value"]} {r["Metric Unit"]}'
+for (i, name), m in rows.items():
+    print(i, name)
+    print("   " + "; ".join(f"{k}: {m[k]}" for k in want if k in m))
+PY
+for k in _correct_fwd _select_kernel _correct_bwd_q _correct_bwd_k; do
+  ncu -i $rep.ncu-rep -k "regex:$k" --launch-count 1 --page source --print-source sass --csv > /tmp/sass_$k.csv 2>/dev/null
+  echo "== $k"; python ncu_top_sass.py /tmp/sass_$k.csv 25 2>&1 | tee "$OUT/sass_$k.txt" | head -28
+done

@@ -1,0 +1,81 @@
+"""Block / chunk / warps / register-cap sweep of the standalone correction kernels (issue 7's
+shape B4 H16 T4096 D128 bf16, non-causal, random traces), after cuDNN's forward:
+
+    python benchmarks/tune_correction.py [OUT.json] [--fwd 64/32/4,64/32/4/168,...] [--bwd 16/16/2,...]
+
+A config is BLOCK_M/CHUNK/num_warps[/maxnreg]. Each forward config's output is compared with the
+first one's (a kernel that spills wrongly or drops a chunk shows up as a difference), and the
+empty launch of the cancelling-row recompute (may_cancel=True on biases that cannot cancel) is
+timed separately. Times are do_bench medians in microseconds.
+"""
+import json
+import sys
+
+import torch
+import triton
+from bench_attention import make_trace_bias
+
+from memtrace.attention import CudnnBackend
+from memtrace.kernels import correction as kc
+
+FWD = "64/32/4,64/32/4/168,64/16/4,64/16/4/128,32/32/4,32/32/4/128,32/16/4,32/16/4/128,64/32/8,128/32/8"
+BWD = "16/16/2,16/16/4,32/16/4,16/32/4"
+
+
+def us(fn):
+    return 1000 * triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def main(argv):
+    out_path = argv[0] if argv and not argv[0].startswith("--") else None
+    fwd_cfgs = (argv[argv.index("--fwd") + 1] if "--fwd" in argv else FWD).split(",")
+    bwd_cfgs = (argv[argv.index("--bwd") + 1] if "--bwd" in argv else BWD).split(",")
+    B, H, T, D = 4, 16, 4096, 128
+    scale = D ** -0.5
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+    dense = CudnnBackend()
+    out0, lse0 = dense.dense_forward(q, k, v, causal=False, scale=scale)
+    rows = [{"what": "cudnn fwd", "us": us(lambda: dense.dense_forward(q, k, v, causal=False, scale=scale))}]
+    print(rows[-1], flush=True)
+    for per_head in (2048, 16384):
+        bias = make_trace_bias(H, T, per_head, "random", False, "cuda")
+        ev = bias.entry_values().float()
+        ref = None
+        for cfg in fwd_cfgs:
+            bm, ch, w, *mr = (int(x) for x in cfg.split("/"))
+            opts = dict(block_m=bm, chunk=ch, num_warps=w, maxnreg=mr[0] if mr else None)
+            o1, l1 = kc.correct_fwd(q, k, v, out0, lse0, bias, ev, causal=False, scale=scale, alpha=1.0,
+                                    inplace=False, may_cancel=False, **opts)
+            if ref is None:
+                ref = (o1.float(), l1)
+            diff = max((o1.float() - ref[0]).abs().max().item(), (l1 - ref[1]).abs().max().item())
+            o, l = out0.clone(), lse0.clone()
+            t = us(lambda: kc.correct_fwd(q, k, v, o, l, bias, ev, causal=False, scale=scale, alpha=1.0,
+                                          may_cancel=False, **opts))
+            rows.append({"what": "correct_fwd", "traces": per_head, "cfg": cfg, "us": round(t, 1),
+                         "max_diff_vs_first": diff})
+            print(rows[-1], flush=True)
+        o, l = out0.clone(), lse0.clone()
+        t_with = us(lambda: kc.correct_fwd(q, k, v, o, l, bias, ev, causal=False, scale=scale, alpha=1.0))
+        rows.append({"what": "correct_fwd default with may_cancel=True (recompute launch, nothing flagged)",
+                     "traces": per_head, "us": round(t_with, 1)})
+        print(rows[-1], flush=True)
+        o1, l1 = kc.correct_fwd(q, k, v, out0, lse0, bias, ev, causal=False, scale=scale, alpha=1.0, inplace=False)
+        for cfg in bwd_cfgs:
+            bm, ch, w, *mr = (int(x) for x in cfg.split("/"))
+            dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
+            t = us(lambda: kc.correct_bwd(q, k, v, o1, l1, do, bias, ev, dq, dk, dv, causal=False, scale=scale,
+                                          alpha=1.0, need_dvalues=True, block_m=bm, block_n=bm, chunk=ch,
+                                          num_warps=w, maxnreg=mr[0] if mr else None))
+            rows.append({"what": "correct_bwd", "traces": per_head, "cfg": cfg, "us": round(t, 1)})
+            print(rows[-1], flush=True)
+    doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "shape": [B, H, T, D], "rows": rows}
+    if out_path:
+        with open(out_path, "w") as fh:
+            json.dump(doc, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
