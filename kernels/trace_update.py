@@ -172,7 +172,8 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
                    scratch_m_ptr, scratch_meta_ptr, scratch_key_ptr,
                    H, Q,
                    W: tl.constexpr, AGE_MAX: tl.constexpr, POS_SHIFT: tl.constexpr, POS_MASK: tl.constexpr,
-                   IDX_BITS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+                   IDX_BITS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                   VARIANT: tl.constexpr = 0):
     ls = tl.program_id(0)
     b = ls // H
     h = ls % H
@@ -282,6 +283,8 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
             total = at_chosen - greater
             p += 1
 
+    if VARIANT == 2:
+        return
     # compaction: kept stored traces first (in pos order), then kept new ones. Only key_hi and
     # meta of the stored traces stay live across the select (registers): the rest is re-derived
     pos = (meta >> POS_SHIFT) & POS_MASK
@@ -317,7 +320,8 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
         tl.store(scratch_key_ptr + lbase + dst_old, (pos << IDX_BITS) | dst_old, mask=kept)
         tl.debug_barrier()
         skey = tl.load(scratch_key_ptr + lbase + offs, mask=offs < n_kept, other=0x7FFFFFFFFFFFFFFF)
-        skey = tl.sort(skey, 0)
+        if VARIANT != 1:
+            skey = tl.sort(skey, 0)
         src = skey & ((1 << IDX_BITS) - 1)
         out = offs < n_kept
         tl.store(strength_ptr + base + offs, tl.load(scratch_m_ptr + lbase + src, mask=out, other=0.0), mask=out)
@@ -329,6 +333,7 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
 
 SELECT_WARPS = None  # override the select kernel's num_warps (benchmarks)
 SELECT_OPTIONS: dict = {}  # extra launch options of the select kernel (benchmarks: maxnreg)
+SELECT_VARIANT = 0  # timing probe only: 1 skips the final sort, 2 stops after the radix select (wrong results)
 _LAYER_CACHE: dict = {}
 _TABLE_CACHE: dict = {}
 
@@ -417,4 +422,4 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
                                grouped_m, grouped_meta, scratch_m, scratch_meta, scratch_key, H, Q,
                                W=window, AGE_MAX=(1 << age_bits) - 1, POS_SHIFT=pos_shift, POS_MASK=pos_mask,
                                IDX_BITS=_IDX_BITS, BLOCK_Q=BLOCK_Q, BLOCK_N=min(BLOCK_Q, 1024),
-                               num_warps=warps, **options)
+                               VARIANT=SELECT_VARIANT, num_warps=warps, **options)
