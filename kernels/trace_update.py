@@ -27,8 +27,11 @@ One update of B layers (B x H slabs) is four Triton launches plus one cumsum:
    typical strengths instead of 12, one cumsum and one min/max reduction per pass. Only the key
    and meta of the stored traces stay live across the passes (quota 2048: 8 warps capped at 128
    registers, two programs per SM). The
-   kept items are compacted into a scratch area, sorted by pos (`tl.sort` of pos << 14 | index,
-   skipped when no new trace was kept: the stored ones are already in order) and written back.
+   kept items are written back in pos order: the stored ones are already in order; up to
+   SELECT_MERGE_MAX new ones (the steady state) are merged in (each stored trace moves up by
+   the new ones with a smaller pos, each new one lands at its rank among the new plus a binary
+   search over the stored); past that, a scratch area is sorted (`tl.sort` of pos << 14 | index,
+   which measured 58% of the kernel at quota 2048 with 16 new traces per slab).
 
 Arithmetic is float64 (the ln(1 + r) table comes from the host, like the reference's
 math.log1p); strengths are stored float32. Results are independent of the order of candidates
@@ -173,7 +176,7 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
                    H, Q,
                    W: tl.constexpr, AGE_MAX: tl.constexpr, POS_SHIFT: tl.constexpr, POS_MASK: tl.constexpr,
                    IDX_BITS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                   VARIANT: tl.constexpr = 0):
+                   MERGE_MAX: tl.constexpr, LOG_Q: tl.constexpr):
     ls = tl.program_id(0)
     b = ls // H
     h = ls % H
@@ -283,8 +286,6 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
             total = at_chosen - greater
             p += 1
 
-    if VARIANT == 2:
-        return
     # compaction: kept stored traces first (in pos order), then kept new ones. Only key_hi and
     # meta of the stored traces stay live across the select (registers): the rest is re-derived
     pos = (meta >> POS_SHIFT) & POS_MASK
@@ -310,18 +311,54 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
         tl.store(scratch_key_ptr + lbase + dst, (((gmeta >> POS_SHIFT) & POS_MASK) << IDX_BITS) | dst, mask=nkept)
         n_kept += tl.sum(nkept_i, axis=0)
 
-    if n_kept == n_kept_old:
+    n_new_kept = n_kept - n_kept_old
+    if n_new_kept == 0:
         # no new trace kept: the stored ones are already in pos order
         tl.store(strength_ptr + base + dst_old, m32, mask=kept)
         tl.store(meta_ptr + base + dst_old, meta, mask=kept)
+    elif n_new_kept <= MERGE_MAX:
+        # Few new traces (the steady state): merge instead of sorting all n_kept keys (the sort
+        # was 58% of the kernel at quota 2048 with 16 new traces per slab). A stored trace moves
+        # up by the number of new ones with a smaller pos; a new one lands at its rank among the
+        # new ones plus the number of stored ones with a smaller pos (binary search over the
+        # stored keys, which are in pos order in scratch_key[0, n_kept_old)).
+        tl.store(scratch_key_ptr + lbase + dst_old, (pos << IDX_BITS) | dst_old, mask=kept)
+        tl.debug_barrier()
+        shift = tl.zeros([BLOCK_Q], dtype=tl.int32)
+        for t in range(0, n_new_kept):
+            p_t = tl.load(scratch_key_ptr + lbase + n_kept_old + t) >> IDX_BITS
+            shift += (p_t < pos).to(tl.int32)
+        tl.store(strength_ptr + base + dst_old + shift, m32, mask=kept)
+        tl.store(meta_ptr + base + dst_old + shift, meta, mask=kept)
+        mchunk = tl.arange(0, MERGE_MAX)
+        new_in = mchunk < n_new_kept
+        new_src = n_kept_old + mchunk
+        p_x = tl.load(scratch_key_ptr + lbase + new_src, mask=new_in, other=0) >> IDX_BITS
+        rank = tl.zeros([MERGE_MAX], dtype=tl.int32)
+        for t in range(0, n_new_kept):
+            p_t = tl.load(scratch_key_ptr + lbase + n_kept_old + t) >> IDX_BITS
+            rank += (p_t < p_x).to(tl.int32)
+        lo = tl.zeros([MERGE_MAX], dtype=tl.int32)      # first stored key with pos >= p_x
+        hi = tl.zeros([MERGE_MAX], dtype=tl.int32) + n_kept_old
+        for _ in tl.static_range(LOG_Q):
+            open_ = lo < hi
+            mid = (lo + hi) // 2
+            p_mid = tl.load(scratch_key_ptr + lbase + mid, mask=new_in & open_, other=0) >> IDX_BITS
+            right = open_ & (p_mid < p_x)
+            lo = tl.where(right, mid + 1, lo)
+            hi = tl.where(open_ & ~right, mid, hi)
+        dst_new = rank + lo
+        tl.store(strength_ptr + base + dst_new, tl.load(scratch_m_ptr + lbase + new_src, mask=new_in, other=0.0),
+                 mask=new_in)
+        tl.store(meta_ptr + base + dst_new, tl.load(scratch_meta_ptr + lbase + new_src, mask=new_in, other=0),
+                 mask=new_in)
     else:
         tl.store(scratch_m_ptr + lbase + dst_old, m32, mask=kept)
         tl.store(scratch_meta_ptr + lbase + dst_old, meta, mask=kept)
         tl.store(scratch_key_ptr + lbase + dst_old, (pos << IDX_BITS) | dst_old, mask=kept)
         tl.debug_barrier()
         skey = tl.load(scratch_key_ptr + lbase + offs, mask=offs < n_kept, other=0x7FFFFFFFFFFFFFFF)
-        if VARIANT != 1:
-            skey = tl.sort(skey, 0)
+        skey = tl.sort(skey, 0)
         src = skey & ((1 << IDX_BITS) - 1)
         out = offs < n_kept
         tl.store(strength_ptr + base + offs, tl.load(scratch_m_ptr + lbase + src, mask=out, other=0.0), mask=out)
@@ -333,7 +370,7 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
 
 SELECT_WARPS = None  # override the select kernel's num_warps (benchmarks)
 SELECT_OPTIONS: dict = {}  # extra launch options of the select kernel (benchmarks: maxnreg)
-SELECT_VARIANT = 0  # timing probe only: 1 skips the final sort, 2 stops after the radix select (wrong results)
+SELECT_MERGE_MAX = 64  # at most this many new traces kept in a slab: merge them in; more: one full sort
 _LAYER_CACHE: dict = {}
 _TABLE_CACHE: dict = {}
 
@@ -422,4 +459,4 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
                                grouped_m, grouped_meta, scratch_m, scratch_meta, scratch_key, H, Q,
                                W=window, AGE_MAX=(1 << age_bits) - 1, POS_SHIFT=pos_shift, POS_MASK=pos_mask,
                                IDX_BITS=_IDX_BITS, BLOCK_Q=BLOCK_Q, BLOCK_N=min(BLOCK_Q, 1024),
-                               VARIANT=SELECT_VARIANT, num_warps=warps, **options)
+                               MERGE_MAX=SELECT_MERGE_MAX, LOG_Q=max(1, Q.bit_length()), num_warps=warps, **options)

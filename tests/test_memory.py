@@ -602,8 +602,12 @@ def test_triton_kernels_interpreted_match_reference(mode):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (the Triton kernels on CPU)")
-def test_triton_kernels_interpreted_many_new_candidates():
-    """More new candidates than quota in one head, ties included: the radix select path."""
+@pytest.mark.parametrize("merge_max", [64, 2])
+def test_triton_kernels_interpreted_many_new_candidates(merge_max, monkeypatch):
+    """More new candidates than quota in one head, ties included: the radix select path; new
+    traces placed by the merge (up to merge_max kept per slab) or by the full sort (more)."""
+    from memtrace.kernels import trace_update as tu
+    monkeypatch.setattr(tu, "SELECT_MERGE_MAX", merge_max)
     kw = dict(quota=4, retention=0.5, window=4, max_seq_len=8)
     tri, ref_mem = mt.TraceMemory(2, 2, **kw), mt.TraceMemory(2, 2, **kw)
     tri.backend = "triton"
@@ -620,10 +624,14 @@ def test_triton_kernels_interpreted_many_new_candidates():
 
 
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (the Triton kernels on CPU)")
-def test_triton_kernels_interpreted_many_blocks_odd_heads():
+@pytest.mark.parametrize("merge_max", [64, 2])
+def test_triton_kernels_interpreted_many_blocks_odd_heads(merge_max, monkeypatch):
     """Several candidate blocks per layer and a head count that is not a power of two: the match
     kernel's per-block head counts and the group kernel's block shares (one atomic per block and
-    head) must place every new trace, as the vectorised torch path does."""
+    head) must place every new trace, as the vectorised torch path does; the select places the
+    new traces by merging (merge_max 64: every slab here) or by sorting (2: slabs with more)."""
+    from memtrace.kernels import trace_update as tu
+    monkeypatch.setattr(tu, "SELECT_MERGE_MAX", merge_max)
     L, H, Q, T, C = 2, 3, 8, 40, 1300          # C over the kernels' 512-edge blocks: 3 blocks a layer
     kw = dict(num_layers=L, num_heads=H, quota=Q, retention=0.6, decay=0.7, threshold=0.05, prune_eps=0.02,
               window=3, max_seq_len=T)
