@@ -362,6 +362,16 @@ def _correct_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
 
 
 @triton.jit
+def _flagged_rows(Flags, Tq, BLOCK_M: tl.constexpr):
+    """(bh, m0, rows, flagged [BLOCK_M] bool) of a program on the grid (cdiv(Tq, BLOCK_M), B*Hq),
+    from the int8 cancelling-row flags [B*Hq, Tq]."""
+    bh = tl.program_id(1)
+    m0 = tl.program_id(0) * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    return bh, m0, offs_m, tl.load(Flags + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0) != 0
+
+
+@triton.jit
 def _correct_fwd_slow_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
                              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
@@ -372,11 +382,7 @@ def _correct_fwd_slow_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Fl
     """The rows _correct_fwd_kernel flagged (the identity cancelled there), recomputed with the
     bias inside the tile loop (exact, slow). Grid (cdiv(Tq, BLOCK_M), B*Hq); a block with no
     flagged row returns after reading its flags (a few microseconds for the whole launch)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    flagged = tl.load(Flags + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0) != 0
+    bh, m0, offs_m, flagged = _flagged_rows(Flags, Tq, BLOCK_M)
     if tl.sum(flagged.to(tl.int32), 0) > 0:
         b = (bh // Hq).to(tl.int64)
         h = bh % Hq
@@ -574,11 +580,7 @@ def _exact_rows_q_kernel(Q, K, V, Out, Lse, DO, DQ, DvalPart, Flags, EntryPos, E
     the logits in the tile (P' = exp2(s + alpha b - lse2) <= 1, no cancellation), masked to the
     flagged rows. Out/Lse are the biased O' and natural LSE'.
     """
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    sel = tl.load(Flags + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0) != 0
+    bh, m0, offs_m, sel = _flagged_rows(Flags, Tq, BLOCK_M)
     if tl.sum(sel.to(tl.int32), 0) > 0:
         b = (bh // Hq).to(tl.int64)
         h = (bh % Hq).to(tl.int64)
