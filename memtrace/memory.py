@@ -87,6 +87,7 @@ class TraceMemory:
         self.backend = "auto"
         self._token = object()
         self._versions = [0] * self.num_layers
+        self._direct_ones = {}
 
     # -- configuration -----------------------------------------------------------------------------
     def _set_config(self, cfg):
@@ -124,6 +125,15 @@ class TraceMemory:
         pos = (meta >> self.pos_shift) & self.pos_mask
         age = (meta >> self.window) & self.age_max if self.age_bits else torch.zeros_like(meta)
         return valid, pos // self.max_seq_len, pos % self.max_seq_len, age, meta & self.hist_mask
+
+    def _all_direct(self, B):
+        """bool [B] of True on the memory's device, kept between calls (read-only to the update:
+        a fill launch less per call)."""
+        key = (self.device, B)
+        t = self._direct_ones.get(key)
+        if t is None:
+            t = self._direct_ones[key] = torch.ones(B, dtype=torch.bool, device=self.device)
+        return t
 
     def _check_layer(self, layer) -> int:
         return V.check_int("layer", layer, low=0, high=self.num_layers - 1)
@@ -232,7 +242,10 @@ class TraceMemory:
         """
         if not isinstance(layers, (list, tuple)) or not layers:
             raise TypeError("layers must be a non-empty list of layer indices")
-        layers = [self._check_layer(layer) for layer in layers]
+        if all(type(layer) is int for layer in layers) and 0 <= min(layers) and max(layers) < self.num_layers:
+            layers = list(layers)     # the common case, checked without a call per layer (host time)
+        else:
+            layers = [self._check_layer(layer) for layer in layers]
         if len(set(layers)) != len(layers):
             raise ValueError("layers must be distinct")
         B = len(layers)
@@ -266,7 +279,7 @@ class TraceMemory:
                     raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
                 self._check_device(name, t)
             slot_S, slot_a = trace_salience.float(), trace_attn.float()
-            direct = torch.ones(B, dtype=torch.bool, device=self.device)
+            direct = self._all_direct(B)
         if validate is None:
             validate = self.device.type == "cpu"
         if validate:
