@@ -14,8 +14,8 @@ Layouts: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] (any strides, unit stride along D
 missing), Hq % Hkv == 0, query head h reads kv head h // (Hq // Hkv). D in 16..256 (powers of 2).
 
 Cancellation: where the corrected normaliser 1 + sum w of a row falls under
-CANCEL_THRESHOLD ("cancelling" rows), the forward recomputes its row block with the bias applied
-inside the tile loop (a slow path taken only by such blocks), so out and lse stay accurate; it
+CANCEL_THRESHOLD ("cancelling" rows), a second launch recomputes those rows with the bias applied
+inside the tile loop (skipped when no row can cancel), so out and lse stay accurate; the forward
 records the rows in an int8 [B, Hq, Tq] flag tensor (flash_fwd(return_flags=True) returns it).
 The backward takes those rows out of the fast path and recomputes them exactly
 (kernels/correction.py, "cancelling rows"): the preprocess writes lse2 = +inf on flagged rows,
@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from .correction import (CANCEL_THRESHOLD, INTERPRET, LOG2E, _block_range, _cancel_flags, _check_common,
-                         _dkdv_entries, _dq_entries, _exact_rows, _flags_2d, _fwd_biased_rows, _fwd_entries,
-                         _fwd_prologue, _last_dim_contiguous, dot_precision)
+                         _dkdv_entries, _dq_entries, _exact_rows, _flags_2d, _fwd_entries,
+                         _fwd_prologue, _last_dim_contiguous, dot_precision, recompute_flagged_rows)
 
 __all__ = ["flash_bwd", "flash_fwd"]
 
@@ -160,8 +160,10 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
 
     Grid (cdiv(Tq, BLOCK_M), B*Hq). A program owns rows [m0, m0+BLOCK_M) of (b, h): the key
     blocks every row sees fully run unmasked, the diagonal/tail blocks masked; then the entries of
-    those rows are folded in (HAS_BIAS). Flags[bh, i] (int8) = 1 on the rows that cancelled
-    (their block then takes the slow path).
+    those rows are folded in (HAS_BIAS). Flags[bh, i] (int8) = 1 on the rows that cancelled;
+    flash_fwd then recomputes them in a launch of their own (correction.recompute_flagged_rows):
+    inline, that tile loop had put every biased config at 255 registers with spills (128 rows, 8
+    warps: 136 bytes of stack; without it, 199 and none).
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -214,7 +216,6 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
                                     Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC)
         # 1 + sum w = den * 2^c2; under the threshold the identity has cancelled
         cancelled = (den < cancel_tol * tl.math.exp2(-c2)) & (offs_m < Tq)
-        n_cancel = tl.sum(cancelled.to(tl.int32), 0)
         acc = acc / den[:, None]
         lse2 = lse2 + c2 + tl.math.log2(den)
         tl.store(Flags + bh.to(tl.int64) * Tq + offs_m, cancelled.to(tl.int8), mask=offs_m < Tq)
@@ -222,15 +223,6 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
     l_ptrs = Lse + bh.to(tl.int64) * Tq + offs_m
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < Tq)[:, None])
     tl.store(l_ptrs, lse2 * 0.6931471805599453, mask=offs_m < Tq)
-    if HAS_BIAS:
-        # rare slow path, after the stores so the fast path's registers are dead here
-        if n_cancel > 0:
-            acc, lse2 = _fwd_biased_rows(q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                                         e_lo, e_hi, EntryPos, EntryVal, Tk, causal_off, hi,
-                                         qk_scale2, alpha2, CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, CHUNK,
-                                         DOT_PREC)
-            tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < Tq)[:, None])
-            tl.store(l_ptrs, lse2 * 0.6931471805599453, mask=offs_m < Tq)
 
 
 def _len_key(t):
@@ -239,7 +231,7 @@ def _len_key(t):
 
 
 def flash_fwd(q, k, v, bias=None, entry_values=None, *, causal: bool, scale: float, alpha: float,
-              allow_tf32: bool = False, return_flags: bool = False):
+              allow_tf32: bool = False, return_flags: bool = False, may_cancel: bool = True):
     """Biased flash attention forward.
 
     q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D] (fp16/bf16/fp32, same dtype); bias a TraceBias for Hq heads
@@ -247,6 +239,8 @@ def flash_fwd(q, k, v, bias=None, entry_values=None, *, causal: bool, scale: flo
     q.dtype, lse [B,Hq,Tq] float32 natural log, -inf on fully masked rows). fp32 inputs use IEEE
     dots unless allow_tf32. return_flags=True returns (out, lse, flags): int8 [B,Hq,Tq], 1 on the
     cancelling rows (for flash_bwd(row_flags=...), which otherwise recomputes them).
+    may_cancel=False promises alpha * (every entry value) >= ln(CANCEL_THRESHOLD): no row can
+    cancel, so the launch that recomputes cancelled rows is skipped.
     """
     B, Hq, Hkv, Tq, Tk, D = _check_common(q, k, v, bias)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -276,6 +270,9 @@ def flash_fwd(q, k, v, bias=None, entry_values=None, *, causal: bool, scale: flo
         Hq, Hq // Hkv, Tq, Tk, tq_max, Tk - Tq, scale * LOG2E, alpha * LOG2E, CANCEL_THRESHOLD,
         _len_key(Tq), _len_key(Tk),
         HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, DOT_PREC=dot_precision(q.dtype, allow_tf32))
+    if has_bias and may_cancel:
+        recompute_flagged_rows(q, k, v, out, lse, bias, entry_values, flags, causal=causal, scale=scale,
+                               alpha=alpha, prec=dot_precision(q.dtype, allow_tf32))
     if return_flags:
         return out, lse, flags.view(B, Hq, Tq)
     return out, lse
