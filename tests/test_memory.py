@@ -454,6 +454,12 @@ def _bad_update_calls(mem):
                                            torch.zeros(3, dtype=torch.long), torch.zeros(3), torch.zeros(3))
     yield "layers", lambda: mem.update_edges([0, 0], *(torch.zeros(2, 1, dtype=torch.long),) * 3,
                                              torch.zeros(2, 1), torch.zeros(2, 1))
+    # update_edges checks a list of plain ints in one pass; anything else goes through check_int
+    edge = (torch.zeros(1, 1, dtype=torch.long),) * 3 + (torch.zeros(1, 1), torch.zeros(1, 1))
+    yield "layer", lambda: mem.update_edges([mem.num_layers], *edge)
+    yield "layer", lambda: mem.update_edges([-1], *edge)
+    yield "layer", lambda: mem.update_edges([True], *edge)
+    yield "layer", lambda: mem.update_edges([0.0], *edge)
 
 
 def test_bad_input_raises_and_leaves_state_unchanged():
