@@ -370,7 +370,7 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
 
 SELECT_WARPS = None  # override the select kernel's num_warps (benchmarks)
 SELECT_OPTIONS: dict = {}  # extra launch options of the select kernel (benchmarks: maxnreg)
-SELECT_MERGE_MAX = 64  # at most this many new traces kept in a slab: merge them in; more: one full sort
+SELECT_MERGE_MAX = 64  # (a power of two) up to this many new traces kept in a slab are merged in; more: one full sort
 _LAYER_CACHE: dict = {}
 _TABLE_CACHE: dict = {}
 
