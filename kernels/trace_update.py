@@ -370,7 +370,8 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
 
 SELECT_WARPS = None  # override the select kernel's num_warps (benchmarks)
 SELECT_OPTIONS: dict = {}  # extra launch options of the select kernel (benchmarks: maxnreg)
-SELECT_MERGE_MAX = 64  # (a power of two) up to this many new traces kept in a slab are merged in; more: one full sort
+# up to this many new traces kept in a slab are merged in (a power of two: its tl.arange); more: one full sort
+SELECT_MERGE_MAX = 64
 _LAYER_CACHE: dict = {}
 _TABLE_CACHE: dict = {}
 
