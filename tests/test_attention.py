@@ -672,3 +672,27 @@ def test_double_backward_is_exact_on_the_reference_and_refused_elsewhere(monkeyp
                          q, k, v, bias)
         with pytest.raises(RuntimeError, match="double backward"):
             loss.backward()
+
+
+def test_may_cancel_follows_the_lowest_bias_logit():
+    """The forwards skip the cancelled-row recompute only when no row can cancel: 1 + sum w >=
+    exp(alpha * min value) >= CANCEL_THRESHOLD, i.e. alpha * min value >= ln(CANCEL_THRESHOLD)."""
+    from memtrace.attention import _may_cancel
+    from memtrace.kernels.correction import CANCEL_THRESHOLD
+    floor = math.log(CANCEL_THRESHOLD)
+
+    def bias_of(values):
+        n = len(values)
+        z = torch.zeros(n, dtype=torch.long)
+        return mt.TraceBias.from_coo(z, torch.arange(n), torch.arange(n), torch.tensor(values),
+                                     num_heads=1, seq_len_q=n, seq_len_k=n)
+    assert not _may_cancel(None, 1.0)
+    assert not _may_cancel(bias_of([0.5, floor + 1e-3]), 1.0)
+    assert _may_cancel(bias_of([0.5, floor - 1e-3]), 1.0)
+    assert _may_cancel(bias_of([0.5, 2.0]), -1.0)          # alpha < 0 turns the largest value lowest
+    assert not _may_cancel(bias_of([0.5, 2.0]), 0.1)
+    # duplicates add before the test: two entries of floor / 2 at one position reach floor - 1e-3
+    dup = mt.TraceBias.from_coo(torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
+                                torch.zeros(2, dtype=torch.long), torch.tensor([floor / 2, floor / 2 - 1e-3]),
+                                num_heads=1, seq_len_q=1, seq_len_k=1)
+    assert _may_cancel(dup, 1.0)
