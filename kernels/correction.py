@@ -381,7 +381,8 @@ def _correct_fwd_slow_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Fl
                              BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr):
     """The rows _correct_fwd_kernel flagged (the identity cancelled there), recomputed with the
     bias inside the tile loop (exact, slow). Grid (cdiv(Tq, BLOCK_M), B*Hq); a block with no
-    flagged row returns after reading its flags (a few microseconds for the whole launch)."""
+    flagged row returns after reading its flags (the whole launch: 13 us at B4 H16 T4096 on the
+    H100, which is why the callers skip it when no row can cancel)."""
     bh, m0, offs_m, flagged = _flagged_rows(Flags, Tq, BLOCK_M)
     if tl.sum(flagged.to(tl.int32), 0) > 0:
         b = (bh // Hq).to(tl.int64)

@@ -224,10 +224,10 @@ class _CorrectedDenseBackend(Backend):
         above ln(CANCEL_THRESHOLD) can never cancel)."""
         if not call.has_bias:
             return []
-        module, err = _import_kernels("correction")
+        err = _import_kernels("correction")[1]
         if err:
             return [err]
-        floor = math.log(getattr(module, "CANCEL_THRESHOLD", 0.25))
+        floor = _cancel_floor()
         if call.min_bias_logit is not None and call.min_bias_logit < floor:
             return [f"alpha * bias reaches {call.min_bias_logit:.3g} < ln({math.exp(floor):.3g}): the dense backward "
                     "fed O', LSE' would amplify its rounding by up to exp(-alpha * bias) on such entries, and the "
@@ -718,9 +718,13 @@ def _may_cancel(bias, alpha):
     that recomputes cancelled rows (~13 us at B4 H16 T4096 on the H100). Cached per value tensor."""
     if bias is None or bias.nnz == 0:
         return False
-    threshold = getattr(_import_kernels("correction")[0], "CANCEL_THRESHOLD", 0.25)
     low, high = _bias_range(bias)
-    return min(alpha * low, alpha * high) < math.log(threshold)
+    return min(alpha * low, alpha * high) < _cancel_floor()
+
+
+def _cancel_floor():
+    """ln(CANCEL_THRESHOLD): the lowest alpha * bias value with which no row can cancel."""
+    return math.log(getattr(_import_kernels("correction")[0], "CANCEL_THRESHOLD", 0.25))
 
 
 def _describe(call):
