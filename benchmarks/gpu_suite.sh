@@ -4,6 +4,8 @@
 #   all        install, GPU tests, every benchmark (far over one 10-minute call: split it into the modes below)
 #   capture    capture only: GPU parity, per-kernel profile of both emission modes, bench_capture
 #   profile    per-kernel GPU time of one trace-memory update and of capture fills
+#   tma        the triton backend with and without TMA descriptors (benchmarks/tma_probe.py; causal
+#              from MEMTRACE_BENCH_CAUSAL, default 0)
 #   attention-profile  per-kernel GPU time of biased attention (cudnn, triton; 0 / 2048 / 16384 traces)
 #   update     trace-memory GPU parity, bench_update (eager and CUDA-graph) and its kernel split; with
 #              `attention` its tests run while the attention kernels compile
@@ -150,6 +152,21 @@ if want update; then
   wait || status=1   # the parity tests, on a quiet GPU before timing anything
   tail -n 3 "$OUT/gpu_tests_memory_gpu.log"
   update_bench
+fi
+if want tma; then
+  # TMA descriptors in the triton backend's dense loops, off and on (benchmarks/tma_probe.py):
+  # both variants compiled ahead (3 config slices each), then timed in one process.
+  c=${MEMTRACE_BENCH_CAUSAL:-0}
+  logs=$(mktemp -d)
+  for tma in 0 1; do for k in 0 1 2; do
+    MEMTRACE_ATTN_TMA=$tma MEMTRACE_ATTN_CONFIG_SLICE=$k/3 timeout 300 python benchmarks/prewarm_attention.py \
+      kernels 128 "$c" --heads 16,16 > "$logs/prewarm_${tma}_$k.log" 2>&1 &
+  done; done
+  timeout 300 python benchmarks/prewarm_attention.py flex 0 "$c" > "$logs/prewarm_flex.log" 2>&1 &
+  wait
+  for f in "$logs"/prewarm_*.log; do tail -n 1 "$f"; done
+  (cd benchmarks && timeout 400 python tma_probe.py "$OUT/tma_probe.json" --causal "$c" 2>&1 \
+    | grep -v -i warn | cut -c1-400) || status=1
 fi
 if want attention-profile; then
   timeout 150 python benchmarks/profile_attention.py "$OUT/profile_attention.json" 2>&1 | grep -v -i warn | cut -c1-300 \

@@ -32,10 +32,25 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .correction import (CANCEL_THRESHOLD, INTERPRET, LOG2E, _block_range, _cancel_flags, _check_common,
-                         _dkdv_entries, _dq_entries, _exact_rows, _flags_2d, _fwd_entries,
-                         _fwd_prologue, _last_dim_contiguous, dot_precision, recompute_flagged_rows)
+from .correction import (
+    CANCEL_THRESHOLD,
+    INTERPRET,
+    LOG2E,
+    _block_range,
+    _cancel_flags,
+    _check_common,
+    _dkdv_entries,
+    _dq_entries,
+    _exact_rows,
+    _flags_2d,
+    _fwd_entries,
+    _fwd_prologue,
+    _last_dim_contiguous,
+    dot_precision,
+    recompute_flagged_rows,
+)
 
 __all__ = ["flash_bwd", "flash_fwd"]
 
@@ -45,15 +60,19 @@ __all__ = ["flash_bwd", "flash_fwd"]
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi,
-               offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2,
+               offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, k_desc, v_desc, b, hk,
                CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+               DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr = False):
     """Online-softmax over key blocks [lo, hi). MASKED: the blocks may hold keys >= Tk or keys
-    hidden by causal; otherwise every key is visible to every row and no mask is applied."""
+    hidden by causal; otherwise every key is visible to every row and no mask is applied.
+    USE_DESC: K/V tiles come by TMA through the [B, Hkv, Tk, D] descriptors k_desc / v_desc at
+    (b, hk) instead of pointer loads (TMA fills rows past Tk with zeros)."""
     for n0 in range(lo, hi, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         cols = n0 + offs_n
-        if MASKED:
+        if USE_DESC:   # rows past Tk come back zero, as the masked load's `other`
+            k = k_desc.load([b.to(tl.int32), hk.to(tl.int32), n0, 0]).reshape(BLOCK_N, q.shape[1])
+        elif MASKED:
             k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=(cols < Tk)[:, None], other=0.0)
         else:
             k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :])
@@ -73,7 +92,9 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi,
         corr = tl.math.exp2(m_i - m_use)
         l_i = l_i * corr + tl.sum(p, 1)
         acc = acc * corr[:, None]
-        if MASKED:
+        if USE_DESC:
+            v = v_desc.load([b.to(tl.int32), hk.to(tl.int32), n0, 0]).reshape(BLOCK_N, q.shape[1])
+        elif MASKED:
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=(cols < Tk)[:, None], other=0.0)
         else:
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
@@ -106,15 +127,26 @@ CONFIG_SLICE = _config_slice()
 SMEM_BYTES = 200 * 1024
 
 
+def _set_desc_blocks(nargs):
+    """Autotune pre-hook: the TMA descriptors' block shape follows the config's tile."""
+    for name, block in (("KDesc", "BLOCK_N"), ("VDesc", "BLOCK_N"), ("QDesc", "BLOCK_M"), ("DODesc", "BLOCK_M")):
+        desc = nargs.get(name)
+        if isinstance(desc, TensorDescriptor):
+            desc.block_shape = [1, 1, nargs[block], desc.shape[3]]
+
+
 def _fwd_configs():
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "CHUNK": 16, "PREFETCH": True}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "CHUNK": 16, "PREFETCH": True}, num_warps=4, num_stages=1,
+                              pre_hook=_set_desc_blocks)]
     dense = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 4),
              (64, 128, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
-    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "CHUNK": 32, "PREFETCH": False}, num_warps=w, num_stages=s)
+    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "CHUNK": 32, "PREFETCH": False}, num_warps=w, num_stages=s,
+                          pre_hook=_set_desc_blocks)
             for bm, bn, w, s in dense]
     # with a bias: where to issue the first chunk's gathers, and the chunk size
-    cfgs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "CHUNK": ch, "PREFETCH": True}, num_warps=w, num_stages=s)
+    cfgs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "CHUNK": ch, "PREFETCH": True}, num_warps=w, num_stages=s,
+                           pre_hook=_set_desc_blocks)
              for bm, bn, w, s in dense[:5] for ch in (32, 64)]
     return cfgs
 
@@ -145,17 +177,18 @@ def _prune_fwd(configs, named_args, **kwargs):
                   lambda c: c.kwargs["BLOCK_M"] * D + 2 * c.num_stages * c.kwargs["BLOCK_N"] * D)
 
 
-@triton.autotune(configs=_fwd_configs(), key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC"],
+@triton.autotune(configs=_fwd_configs(),
+                 key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "USE_DESC"],
                  prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
-def _flash_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
+def _flash_fwd_kernel(Q, K, V, KDesc, VDesc, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
                       stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                       Hq, GROUP, Tq, Tk, TqMax, causal_off, qk_scale2, alpha2, cancel_tol,
                       TQ_KEY, TK_KEY,
                       HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                       DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      CHUNK: tl.constexpr, PREFETCH: tl.constexpr):
+                      CHUNK: tl.constexpr, PREFETCH: tl.constexpr, USE_DESC: tl.constexpr):
     """Out [B,Hq,Tq,D], Lse [B*Hq, Tq] (natural) of biased attention.
 
     Grid (cdiv(Tq, BLOCK_M), B*Hq). A program owns rows [m0, m0+BLOCK_M) of (b, h): the key
@@ -195,11 +228,11 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, 0, full,
-                               offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2,
-                               CAUSAL, False, BLOCK_N, DOT_PREC)
+                               offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, KDesc, VDesc, b, hk,
+                               CAUSAL, False, BLOCK_N, DOT_PREC, USE_DESC)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full, hi,
-                               offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2,
-                               CAUSAL, True, BLOCK_N, DOT_PREC)
+                               offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, KDesc, VDesc, b, hk,
+                               CAUSAL, True, BLOCK_N, DOT_PREC, USE_DESC)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_safe[:, None]
     lse2 = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
@@ -223,6 +256,26 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
     l_ptrs = Lse + bh.to(tl.int64) * Tq + offs_m
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < Tq)[:, None])
     tl.store(l_ptrs, lse2 * 0.6931471805599453, mask=offs_m < Tq)
+
+
+# TMA descriptors for the dense loops' tiles (MEMTRACE_ATTN_TMA=0: pointer loads everywhere)
+USE_TMA = os.environ.get("MEMTRACE_ATTN_TMA", "1") != "0"
+
+
+def _desc_ok(t):
+    """TMA needs a 16-byte aligned base and 16-byte aligned strides, unit stride along D."""
+    el = t.element_size()
+    return (t.stride(3) == 1 and t.data_ptr() % 16 == 0
+            and all((s * el) % 16 == 0 for s in t.stride()[:3]))
+
+
+def _use_desc(*tensors):
+    return USE_TMA and all(_desc_ok(t) for t in tensors)
+
+
+def _desc4(t):
+    """A [B, H, T, D] descriptor; the block shape [1, 1, rows, D] is set per config (_set_desc_blocks)."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, t.shape[3]])
 
 
 def _len_key(t):
@@ -263,13 +316,16 @@ def flash_fwd(q, k, v, bias=None, entry_values=None, *, causal: bool, scale: flo
     def grid(meta):
         return (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)
 
+    use_desc = _use_desc(k, v)
+    k_desc, v_desc = (_desc4(t) for t in (k, v)) if use_desc else (k, v)
     _flash_fwd_kernel[grid](
-        q, k, v, out, lse, ep, entry_values, qo, flags,
+        q, k, v, k_desc, v_desc, out, lse, ep, entry_values, qo, flags,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         Hq, Hq // Hkv, Tq, Tk, tq_max, Tk - Tq, scale * LOG2E, alpha * LOG2E, CANCEL_THRESHOLD,
         _len_key(Tq), _len_key(Tk),
-        HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, DOT_PREC=dot_precision(q.dtype, allow_tf32))
+        HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, DOT_PREC=dot_precision(q.dtype, allow_tf32),
+        USE_DESC=use_desc)
     if has_bias and may_cancel:
         recompute_flagged_rows(q, k, v, out, lse, bias, entry_values, flags, causal=causal, scale=scale,
                                alpha=alpha, prec=dot_precision(q.dtype, allow_tf32))
@@ -314,22 +370,29 @@ def _bwd_pre_kernel(Out, DO, Lse, Delta, Lse2, Flags,
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                lo, hi, offs_n, offs_mb, offs_d, Tq, causal_off, qk_scale2,
+                lo, hi, offs_n, offs_mb, offs_d, Tq, causal_off, qk_scale2, q_desc, do_desc, b, h,
                 CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+                DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr):
     """dK (unscaled), dV of one key block over query blocks [lo, hi) of one head. MASKED applies
-    the causal mask (query rows past Tq need none: their lse2 is +inf and dO 0)."""
+    the causal mask (query rows past Tq need none: their lse2 is +inf and dO 0). USE_DESC: q and
+    dO tiles by TMA through [B, Hq, Tq, D] descriptors at (b, h) (rows past Tq read as zeros)."""
     for m0 in range(lo, hi, BLOCK_M):
         m0 = tl.multiple_of(m0, BLOCK_M)
         rows = m0 + offs_mb
         rmask = rows < Tq
-        q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        if USE_DESC:
+            q = q_desc.load([b.to(tl.int32), h.to(tl.int32), m0, 0]).reshape(BLOCK_M, k.shape[1])
+        else:
+            q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=rmask[:, None], other=0.0)
         lse2 = tl.load(lse_base + rows, mask=rmask, other=float("inf"))
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)                 # [BN, BM]
         pT = tl.math.exp2(qkT * qk_scale2 - lse2[None, :])
         if MASKED:
             pT = tl.where(rows[None, :] + causal_off >= offs_n[:, None], pT, 0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        if USE_DESC:
+            do = do_desc.load([b.to(tl.int32), h.to(tl.int32), m0, 0]).reshape(BLOCK_M, k.shape[1])
+        else:
+            do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :], mask=rmask[:, None], other=0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
         delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -340,14 +403,15 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, 
 
 def _bwd_configs(kind):
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1, pre_hook=_set_desc_blocks)]
     if kind == "dkdv":
         shapes = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4),
                   (64, 128, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)]
     else:
         shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4),
                   (128, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_set_desc_blocks)
+            for bm, bn, w, s in shapes]
 
 
 def _prune_dkdv(configs, named_args, **kwargs):
@@ -362,10 +426,11 @@ def _prune_dq(configs, named_args, **kwargs):
                   lambda c: 2 * c.kwargs["BLOCK_M"] * D + 2 * c.num_stages * c.kwargs["BLOCK_N"] * D)
 
 
-@triton.autotune(configs=_bwd_configs("dkdv"), key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC"],
+@triton.autotune(configs=_bwd_configs("dkdv"),
+                 key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "USE_DESC"],
                  prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit
-def _flash_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta,
+def _flash_bwd_dkdv_kernel(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse2, Delta,
                            EntryPos, EntryVal, KOrder, KOffsets, QOffsets, Flags,
                            stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                            stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
@@ -374,7 +439,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta,
                            TQ_KEY, TK_KEY,
                            HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                            CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DESC: tl.constexpr):
     """DK, DV [B,Hkv,Tk,D] for keys [n0, n0+BLOCK_N) of (b, kv head).
 
     Grid (cdiv(Tk, BLOCK_N), B*Hkv). Loops over the GROUP query heads of the kv head and over
@@ -412,10 +477,10 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta,
         do_base = DO + b * stride_dob + h * stride_doh
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2 + bh * Tq, Delta + bh * Tq,
                              stride_qm, stride_dom, lo, mid, offs_n, offs_mb, offs_d, Tq, causal_off,
-                             qk_scale2, CAUSAL, True, BLOCK_M, DOT_PREC)
+                             qk_scale2, QDesc, DODesc, b, h, CAUSAL, True, BLOCK_M, DOT_PREC, USE_DESC)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2 + bh * Tq, Delta + bh * Tq,
                              stride_qm, stride_dom, mid, hi, offs_n, offs_mb, offs_d, Tq, causal_off,
-                             qk_scale2, CAUSAL, False, BLOCK_M, DOT_PREC)
+                             qk_scale2, QDesc, DODesc, b, h, CAUSAL, False, BLOCK_M, DOT_PREC, USE_DESC)
     if HAS_BIAS:
         for g in range(GROUP):
             h = hk * GROUP + g
@@ -434,14 +499,19 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta,
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, hi,
-              offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2,
-              CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+              offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, k_desc, v_desc, b, hk,
+              CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+              USE_DESC: tl.constexpr):
     """dQ (unscaled) of one row block over key blocks [lo, hi). Keys past Tk are loaded as zero
-    rows, which add nothing to dq; MASKED applies the causal mask."""
+    rows, which add nothing to dq; MASKED applies the causal mask. USE_DESC: K/V tiles by TMA
+    (as in _fwd_tiles)."""
     for n0 in range(lo, hi, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         cols = n0 + offs_n
-        if MASKED:
+        if USE_DESC:
+            k = k_desc.load([b.to(tl.int32), hk.to(tl.int32), n0, 0]).reshape(BLOCK_N, q.shape[1])
+            v = v_desc.load([b.to(tl.int32), hk.to(tl.int32), n0, 0]).reshape(BLOCK_N, q.shape[1])
+        elif MASKED:
             k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=(cols < Tk)[:, None], other=0.0)
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=(cols < Tk)[:, None], other=0.0)
         else:
@@ -457,10 +527,11 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, 
     return dq
 
 
-@triton.autotune(configs=_bwd_configs("dq"), key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC"],
+@triton.autotune(configs=_bwd_configs("dq"),
+                 key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "USE_DESC"],
                  prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit
-def _flash_bwd_dq_kernel(Q, K, V, DO, DQ, Lse2, Delta, DvalPart,
+def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
                          EntryPos, EntryVal, QOffsets,
                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
@@ -469,7 +540,7 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, DQ, Lse2, Delta, DvalPart,
                          TQ_KEY, TK_KEY,
                          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                          CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, NEED_DVAL: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DESC: tl.constexpr):
     """DQ [B,Hq,Tq,D] for rows [m0, m0+BLOCK_M) of (b, h), and DvalPart[b, e] for their entries.
 
     Grid (cdiv(Tq, BLOCK_M), B*Hq). Dense loop over the visible key blocks (unmasked, then the
@@ -502,9 +573,11 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, DQ, Lse2, Delta, DvalPart,
     full = (full // BLOCK_N) * BLOCK_N
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, 0, full,
-                   offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, CAUSAL, False, BLOCK_N, DOT_PREC)
+                   offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, KDesc, VDesc, b, hk,
+                   CAUSAL, False, BLOCK_N, DOT_PREC, USE_DESC)
     dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, full, hi,
-                   offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, CAUSAL, True, BLOCK_N, DOT_PREC)
+                   offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, KDesc, VDesc, b, hk,
+                   CAUSAL, True, BLOCK_N, DOT_PREC, USE_DESC)
     if HAS_BIAS:
         e_lo, e_hi = _block_range(QOffsets, h, m0, tl.minimum(m0 + BLOCK_M, Tq), TqMax)
         dq = _dq_entries(dq, q, do, lse2, delta, offs_m, e_lo, e_hi, EntryPos, EntryVal, DvalPart + b * E,
@@ -566,16 +639,18 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
-    common = dict(HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, CHUNK=chunk, DOT_PREC=prec)
+    use_desc = _use_desc(q, k, v, dout)
+    q_desc, k_desc, v_desc, do_desc = ((_desc4(t) for t in (q, k, v, dout)) if use_desc else (q, k, v, dout))
+    common = dict(HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, CHUNK=chunk, DOT_PREC=prec, USE_DESC=use_desc)
     _flash_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, dout, dk, dv, lse2, delta, ep, entry_values, ko, kof, qo, flags,
+        q, k, v, dout, q_desc, do_desc, dk, dv, lse2, delta, ep, entry_values, ko, kof, qo, flags,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         Hq, Hkv, Hq // Hkv, Tq, Tk, tq_max, tk_max, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E,
         _len_key(Tq), _len_key(Tk), **common)
     _flash_bwd_dq_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)](
-        q, k, v, dout, dq, lse2, delta, dval_part, ep, entry_values, qo,
+        q, k, v, dout, k_desc, v_desc, dq, lse2, delta, dval_part, ep, entry_values, qo,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),

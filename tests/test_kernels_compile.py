@@ -93,6 +93,8 @@ def _install_compile_only_launch(log):
         self.nargs = dict(zip(self.arg_names, args))
         try:
             config = self.prune_configs(kwargs)[0]
+            if config.pre_hook is not None:     # e.g. the TMA descriptors' block shapes
+                config.pre_hook({**self.nargs, **kwargs, **config.all_kwargs()})
             return self.fn.run(*args, **kwargs, **config.all_kwargs())
         finally:
             self.nargs = None

@@ -1,0 +1,128 @@
+"""TMA descriptors in the Triton attention kernels' dense loops, on and off, in one process.
+
+    python benchmarks/tma_probe.py OUT.json [--causal 0,1] [--shape B,H,T,D]
+
+For the issue-7 shape (B4 H16 T4096 D128 bf16 by default): memtrace's triton backend forward and
+forward+backward with bias=None, 2048 and 16384 random traces per head, with the kernels' TMA
+path (kernels/attention.py USE_TMA) off and on, against FlexAttention with and without a dense
+bias score_mod in the same process. Medians of triton.testing.do_bench; the biased/unbiased
+overheads are interleaved (bench_attention.interleaved_overhead).
+"""
+import argparse
+import datetime
+import json
+
+import bench_attention as ba
+import torch
+import triton
+from memtrace.kernels import attention as ka
+
+
+def check(row):
+    """TMA off vs on against a float32 SDPA with the dense bias, at odd GQA shapes (Tq != Tk,
+    lengths not multiples of any block): max |err| / max |ref| of out and the three gradients."""
+    for (B, Hq, Hkv, Tq, Tk, D, causal) in [(2, 8, 2, 1000, 1237, 128, False), (1, 4, 4, 777, 777, 64, True),
+                                             (2, 4, 2, 300, 517, 128, True)]:
+        g = torch.Generator(device="cuda").manual_seed(Tq)
+        q = torch.randn(B, Hq, Tq, D, device="cuda", generator=g).bfloat16().requires_grad_(True)
+        k, v = (torch.randn(B, Hkv, Tk, D, device="cuda", generator=g).bfloat16().requires_grad_(True)
+                for _ in range(2))
+        do = torch.randn(B, Hq, Tq, D, device="cuda", generator=g).bfloat16()
+        n = 64 * Hq
+        import memtrace as mt
+        bias = mt.TraceBias.from_coo(torch.arange(Hq, device="cuda").repeat_interleave(64),
+                                     torch.randint(0, Tq, (n,), device="cuda", generator=g),
+                                     torch.randint(0, Tk, (n,), device="cuda", generator=g),
+                                     2 * torch.rand(n, device="cuda", generator=g), num_heads=Hq, seq_len_q=Tq,
+                                     seq_len_k=Tk)
+        dense = torch.zeros(Hq, Tq, Tk, device="cuda")
+        dense.index_put_((bias.head, bias.q_idx, bias.k_idx), bias.value.float(), accumulate=True)
+        if causal:
+            dense.masked_fill_(torch.ones(Tq, Tk, dtype=torch.bool, device="cuda").triu_(Tk - Tq + 1), float("-inf"))
+        qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+        ref = torch.nn.functional.scaled_dot_product_attention(qf, kf.repeat_interleave(Hq // Hkv, 1),
+                                                               vf.repeat_interleave(Hq // Hkv, 1), attn_mask=dense[None])
+        ref.backward(do.float())
+        refs = (ref, qf.grad, kf.grad, vf.grad)
+        for tma in (False, True):
+            ka.USE_TMA = tma
+            for t in (q, k, v):
+                t.grad = None
+            out = mt.biased_attention(q, k, v, bias, causal=causal, backend="triton")
+            out.backward(do)
+            errs = [round(float((a.float() - r).abs().max() / r.abs().max()), 5)
+                    for a, r in zip((out, q.grad, k.grad, v.grad), refs)]
+            row(check=[B, Hq, Hkv, Tq, Tk, D, causal], tma=tma, rel_err_out_dq_dk_dv=errs)
+    ka.USE_TMA = True
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--causal", default="0,1")
+    p.add_argument("--shape", default="4,16,4096,128")
+    args = p.parse_args()
+    B, H, T, D = (int(x) for x in args.shape.split(","))
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v, dout = (torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "date": datetime.datetime.now(datetime.UTC).isoformat(), "shape": [B, H, T, D], "rows": []}
+
+    def row(**kw):
+        res["rows"].append(kw)
+        print(json.dumps(kw), flush=True)
+        with open(args.out, "w") as fh:
+            json.dump(res, fh, indent=1)
+
+    check(row)
+    for causal in (bool(int(c)) for c in args.causal.split(",")):
+        biases = {0: None}
+        for per_head in (2048, 16384):
+            biases[per_head] = ba.make_trace_bias(H, T, per_head, "random", causal, dev)
+        for backward in (False, True):
+            fl = ba.flops(B, H, T, D, causal, backward)
+            times = {}
+            for tma in (False, True):
+                ka.USE_TMA = tma
+                for per_head, bias in biases.items():
+                    ms, _ = ba.measure(lambda bias=bias: ba.memtrace_fn("triton", q, k, v, causal, bias),
+                                       q, k, v, dout, backward=backward, quick=False)
+                    times[(tma, per_head)] = ms
+                    row(impl="triton", tma=tma, traces=per_head, causal=causal, backward=backward, ms=round(ms, 4),
+                        tflops=round(fl / ms * 1e-9, 1))
+                for per_head in (2048, 16384):
+                    def timer(bias, backward=backward):
+                        return ba.measure(lambda: ba.memtrace_fn("triton", q, k, v, causal, bias), q, k, v, dout,
+                                          backward=backward, quick=True)[0]
+                    med, lo, hi = ba.interleaved_overhead(lambda: timer(None), lambda ph=per_head: timer(biases[ph]))
+                    row(impl="triton", tma=tma, traces=per_head, causal=causal, backward=backward,
+                        interleaved_overhead=[round(med, 4), round(lo, 4), round(hi, 4)])
+            ka.USE_TMA = True
+            for name, per_head in (("flex", 0), ("flex_dense_bias", 2048)):
+                dense = ba.dense_bias_of(biases[2048], T, causal, q.dtype) if per_head else None
+                try:
+                    if per_head:
+                        def make(causal=causal, dense=dense):
+                            return ba.peer_fn("flex_dense_bias", q, k, v, causal, dense)
+                    else:
+                        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+                        compiled = torch.compile(flex_attention, dynamic=False)
+                        bm = (create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, T, T, device=dev)
+                              if causal else None)
+
+                        def make(compiled=compiled, bm=bm):
+                            return lambda: compiled(q, k, v, block_mask=bm)
+                    ms, _ = ba.measure(make, q, k, v, dout, backward=backward, quick=False)
+                except Exception as exc:  # noqa: BLE001 - keep measuring
+                    row(impl=name, causal=causal, backward=backward, error=repr(exc)[:300])
+                    continue
+                row(impl=name, causal=causal, backward=backward, ms=round(ms, 4), tflops=round(fl / ms * 1e-9, 1),
+                    triton_2048_over_peer={str(t): round(ms / times[(t, 2048)], 3) for t in (False, True)}
+                    if per_head else {str(t): round(ms / times[(t, 0)], 3) for t in (False, True)})
+
+
+if __name__ == "__main__":
+    main()
