@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 MAX_TRITON_QUOTA = 8192
+GROUP_PREFIX_BLOCK = 1024   # slab counts the group kernel sums per step (tests make it small)
 _IDX_BITS = 14          # compact index bits in the sort key (quota <= 8192 < 2^14)
 _FLOAT32_MAX = 3.4028234663852886e38
 
@@ -447,7 +448,7 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
         grouped_meta = torch.empty(B * C, dtype=torch.int64, device=device)
         _group_kernel[(B, triton.cdiv(C, BLOCK_C))](cand_slab, cand_m, cand_meta, new_count, start, cursor,
                                                     grouped_m, grouped_meta, C, H, BLOCK_C=BLOCK_C, H_P2=H_P2,
-                                                    BLOCK_S=1024, num_warps=4)
+                                                    BLOCK_S=GROUP_PREFIX_BLOCK, num_warps=4)
     else:
         new_count = start = torch.zeros(n_slabs, dtype=torch.int32, device=device)
         grouped_m = torch.empty(1, dtype=torch.float64, device=device)

@@ -630,14 +630,17 @@ def test_triton_kernels_interpreted_many_new_candidates(merge_max, monkeypatch):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (the Triton kernels on CPU)")
-@pytest.mark.parametrize("merge_max", [64, 2])
-def test_triton_kernels_interpreted_many_blocks_odd_heads(merge_max, monkeypatch):
+@pytest.mark.parametrize(("merge_max", "prefix_block"), [(64, 1024), (2, 2)])
+def test_triton_kernels_interpreted_many_blocks_odd_heads(merge_max, prefix_block, monkeypatch):
     """Several candidate blocks per layer and a head count that is not a power of two: the match
     kernel's per-block head counts and the group kernel's block shares (one atomic per block and
     head) must place every new trace, as the vectorised torch path does; the select places the
-    new traces by merging (merge_max 64: every slab here) or by sorting (2: slabs with more)."""
+    new traces by merging (merge_max 64: every slab here) or by sorting (2: slabs with more).
+    prefix_block 2: the group kernel sums the counts of the slabs ahead of a layer in several
+    steps (layer 1 has 3 slabs ahead)."""
     from memtrace.kernels import trace_update as tu
     monkeypatch.setattr(tu, "SELECT_MERGE_MAX", merge_max)
+    monkeypatch.setattr(tu, "GROUP_PREFIX_BLOCK", prefix_block)
     L, H, Q, T, C = 2, 3, 8, 40, 1300          # C over the kernels' 512-edge blocks: 3 blocks a layer
     kw = dict(num_layers=L, num_heads=H, quota=Q, retention=0.6, decay=0.7, threshold=0.05, prune_eps=0.02,
               window=3, max_seq_len=T)
