@@ -21,8 +21,7 @@ from memtrace.kernels import attention as ka
 def check(row):
     """TMA off vs on against a float32 SDPA with the dense bias, at odd GQA shapes (Tq != Tk,
     lengths not multiples of any block): max |err| / max |ref| of out and the three gradients."""
-    for (B, Hq, Hkv, Tq, Tk, D, causal) in [(2, 8, 2, 1000, 1237, 128, False), (1, 4, 4, 777, 777, 64, True),
-                                             (2, 4, 2, 300, 517, 128, True)]:
+    for (B, Hq, Hkv, Tq, Tk, D, causal) in [(2, 8, 2, 1000, 1237, 128, False), (2, 4, 2, 300, 517, 128, True)]:
         g = torch.Generator(device="cuda").manual_seed(Tq)
         q = torch.randn(B, Hq, Tq, D, device="cuda", generator=g).bfloat16().requires_grad_(True)
         k, v = (torch.randn(B, Hkv, Tk, D, device="cuda", generator=g).bfloat16().requires_grad_(True)
@@ -50,7 +49,7 @@ def check(row):
                 t.grad = None
             out = mt.biased_attention(q, k, v, bias, causal=causal, backend="triton")
             out.backward(do)
-            errs = [round(float((a.float() - r).abs().max() / r.abs().max()), 5)
+            errs = [round(float((a.detach().float() - r).abs().max() / r.abs().max()), 5)
                     for a, r in zip((out, q.grad, k.grad, v.grad), refs)]
             row(check=[B, Hq, Hkv, Tq, Tk, D, causal], tma=tma, rel_err_out_dq_dk_dv=errs)
     ka.USE_TMA = True
@@ -77,7 +76,6 @@ def main():
         with open(args.out, "w") as fh:
             json.dump(res, fh, indent=1)
 
-    check(row)
     for causal in (bool(int(c)) for c in args.causal.split(",")):
         biases = {0: None}
         for per_head in (2048, 16384):
@@ -122,6 +120,8 @@ def main():
                 row(impl=name, causal=causal, backward=backward, ms=round(ms, 4), tflops=round(fl / ms * 1e-9, 1),
                     triton_2048_over_peer={str(t): round(ms / times[(t, 2048)], 3) for t in (False, True)}
                     if per_head else {str(t): round(ms / times[(t, 0)], 3) for t in (False, True)})
+    ka.TUNE = False     # the accuracy check's odd shapes compile one config per kernel, not all
+    check(row)
 
 
 if __name__ == "__main__":

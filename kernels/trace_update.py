@@ -4,19 +4,19 @@ State (see memtrace/memory.py): strength float32 [L, H, Q] (-1 = empty slot) and
 [L, H, Q] = pos << (W + A) | age << W | hist, pos = i * max_seq_len + j. In each (layer, head)
 slab the traces fill slots [0, n) sorted by pos; the rest are empty.
 
-One update of B layers (B x H slabs) is one memset and three Triton launches (launches are
-host time: an eager update is bound by the host's launch rate, see BENCHMARKS.md):
+One update of B layers (B x H slabs) is a memset, three Triton launches and a cumsum (launches
+are host time: an eager update waits on the host, see BENCHMARKS.md):
 
 1. `_match_kernel`, grid (cdiv(C, BLOCK_C), B): each candidate edge (head, i, j, S, a) of layer b
-   binary-searches its slab for pos over all Q slots (meta and strength, loaded side by side:
-   empty slots, strength < 0, sort last). A stored trace takes the edge's (S, a) into the slot score
-   buffers (unless the layer's slot scores came from the bias, `direct`). An edge that is not
+   binary-searches its slab for pos over all Q slots, reading meta only: an empty slot has meta 0
+   and a stored trace past slot 0 has pos > 0, so meta 0 past slot 0 sorts last (no slab-length
+   pass first; the strength is read once, at the end). A stored trace takes the edge's (S, a)
+   into the slot score buffers (unless the layer's slot scores came from the bias, `direct`). An edge that is not
    stored becomes a new trace when Sh = S ln(1 + [a > attn_eps]) > threshold and
    M = (1 - retention) Sh >= prune_eps; those are counted per slab (one atomic per block and head).
-2. `_group_kernel`, grid (B, cdiv(C, BLOCK_C)): each program sums the per-slab counts ahead of
-   its layer (an exclusive prefix, recomputed per program instead of a cumsum launch) and
-   scatters its new traces into their slab's range (order inside a range is arbitrary: step 3
-   does not depend on it); the first program of a layer stores its slabs' range starts.
+2. `torch.cumsum` of the per-slab counts gives each slab's range in a grouped buffer;
+   `_group_kernel`, grid (B, cdiv(C, BLOCK_C)): new traces are scattered into their slab's range
+   (order inside a range is arbitrary: step 3 does not depend on it).
 3. `_select_kernel`, grid (B * H,): one program per slab. Stored traces get history
    ((hist << 1) | [a > attn_eps]) & (2^W - 1), Sh = S ln(1 + popcount(hist)), reinforce
    (M = retention M + (1 - retention) Sh, age 0) or decay (M = decay M, age + 1, saturating),
@@ -48,7 +48,6 @@ import triton
 import triton.language as tl
 
 MAX_TRITON_QUOTA = 8192
-GROUP_PREFIX_BLOCK = 1024   # slab counts the group kernel sums per step (tests make it small)
 _IDX_BITS = 14          # compact index bits in the sort key (quota <= 8192 < 2^14)
 _FLOAT32_MAX = 3.4028234663852886e38
 
@@ -92,18 +91,18 @@ def _match_kernel(strength_ptr, meta_ptr, layers_ptr, head_ptr, q_ptr, k_ptr, s_
     base = (layer * H + h) * Q
     local_slab = b * H + h
 
-    # lower bound of pos over the slab's Q slots: the traces fill [0, n) sorted by pos and empty
-    # slots (strength < 0) count as +inf, so the keys are monotone without knowing n. Each step
-    # loads meta and strength side by side (one dependent step, as with a known n; a separate
-    # slab-length launch before this kernel cost more host time than the second load costs here)
+    # lower bound of pos over the slab's Q slots, meta only. The traces fill [0, n) sorted by
+    # unique pos and empty slots hold meta 0, so past slot 0 meta 0 means empty and sorts last
+    # (slot 0 reads as pos 0 either way): the keys are monotone without knowing n. (A search that
+    # also loaded the strength per step ran 295 instead of 149 us on the H100: the gathers are
+    # the kernel's cost; a slab-length launch before it cost host time.)
     lo = tl.zeros([BLOCK_C], dtype=tl.int64)
     hi = tl.zeros([BLOCK_C], dtype=tl.int64) + Q
     for _ in range(LOG_Q):
         active = valid & (lo < hi)
         mid = (lo + hi) // 2
         mm = tl.load(meta_ptr + base + mid, mask=active, other=0)
-        st = tl.load(strength_ptr + base + mid, mask=active, other=-1.0)
-        right = (st >= 0) & (((mm >> POS_SHIFT) & POS_MASK) < pos)
+        right = ((mm != 0) | (mid == 0)) & (((mm >> POS_SHIFT) & POS_MASK) < pos)
         lo = tl.where(active & right, mid + 1, lo)
         hi = tl.where(active & (~right), mid, hi)
     inside = valid & (lo < Q)
@@ -135,26 +134,14 @@ def _match_kernel(strength_ptr, meta_ptr, layers_ptr, head_ptr, q_ptr, k_ptr, s_
 
 
 @triton.jit
-def _group_kernel(cand_slab_ptr, cand_m_ptr, cand_meta_ptr, new_count_ptr, start_ptr, cursor_ptr,
-                  grouped_m_ptr, grouped_meta_ptr, C, H, BLOCK_C: tl.constexpr, H_P2: tl.constexpr,
-                  BLOCK_S: tl.constexpr):
+def _group_kernel(cand_slab_ptr, cand_m_ptr, cand_meta_ptr, new_count_ptr, new_end_ptr, cursor_ptr,
+                  grouped_m_ptr, grouped_meta_ptr, C, BLOCK_C: tl.constexpr):
     """Scatter the new traces of a block of edges into their slabs' ranges, one returning atomic
     per edge for its place. Grid (B, cdiv(C, BLOCK_C)): blocks launched together belong to
     different layers, so their atomics spread over all the layers' counters. (Block-local ranks
     from a cumsum of the one-hot [BLOCK, H] matrix, one atomic per block and head, on the
     match's layer-major grid, measured slower on the H100: 141 vs 76 us at 2M edges.)"""
     b = tl.program_id(0)
-    # where each slab of layer b starts: the new traces of the slabs ahead of the layer (b * H
-    # counts, a few KiB from L2), then an exclusive prefix over the layer's H heads
-    ahead = tl.zeros([BLOCK_S], dtype=tl.int32)
-    for s0 in range(0, b * H, BLOCK_S):
-        idx = s0 + tl.arange(0, BLOCK_S)
-        ahead += tl.load(new_count_ptr + idx, mask=idx < b * H, other=0)
-    heads = tl.arange(0, H_P2)
-    per_head = tl.load(new_count_ptr + b * H + heads, mask=heads < H, other=0)
-    head_start = tl.sum(ahead, axis=0) + tl.cumsum(per_head, axis=0) - per_head
-    if tl.program_id(1) == 0:
-        tl.store(start_ptr + b * H + heads, head_start, mask=heads < H)
     offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_buf = offs < C
     row = b.to(tl.int64) * C + offs
@@ -162,9 +149,7 @@ def _group_kernel(cand_slab_ptr, cand_m_ptr, cand_meta_ptr, new_count_ptr, start
     is_new = slab >= 0
     slab = tl.where(is_new, slab, 0)
     rank = tl.atomic_add(cursor_ptr + slab, tl.where(is_new, 1, 0), mask=is_new)
-    # the candidate's head-in-layer picks its start (one-hot over H_P2 heads: no register gather)
-    h = slab - b * H
-    start = tl.sum(tl.where(h[:, None] == heads[None, :], head_start[None, :], 0), axis=1)
+    start = tl.load(new_end_ptr + slab, mask=is_new, other=0) - tl.load(new_count_ptr + slab, mask=is_new, other=0)
     dst = (start + rank).to(tl.int64)
     tl.store(grouped_m_ptr + dst, tl.load(cand_m_ptr + row, mask=is_new, other=0.0), mask=is_new)
     tl.store(grouped_meta_ptr + dst, tl.load(cand_meta_ptr + row, mask=is_new, other=0), mask=is_new)
@@ -177,7 +162,7 @@ def _min_max(a_min, a_max, b_min, b_max):
 
 @triton.jit
 def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, params_ptr, ln1p_ptr,
-                   new_count_ptr, start_ptr, grouped_m_ptr, grouped_meta_ptr,
+                   new_count_ptr, new_end_ptr, grouped_m_ptr, grouped_meta_ptr,
                    scratch_m_ptr, scratch_meta_ptr, scratch_key_ptr,
                    H, Q,
                    W: tl.constexpr, AGE_MAX: tl.constexpr, POS_SHIFT: tl.constexpr, POS_MASK: tl.constexpr,
@@ -224,7 +209,7 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
     n_alive = tl.sum(alive.to(tl.int32), axis=0)
 
     n_new = tl.load(new_count_ptr + ls)
-    start = tl.load(start_ptr + ls)
+    start = tl.load(new_end_ptr + ls) - n_new
     chunk = tl.arange(0, BLOCK_N)
 
     # 6. the quota-th largest key T (only when over quota); keys are unique in a slab, so exactly
@@ -434,8 +419,8 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
     if C > 0:
         # only what the match needs is allocated before it is launched: the GPU waits on the host
         # until then, and the rest is allocated while it matches
-        counts = torch.zeros(3, n_slabs, dtype=torch.int32, device=device)   # new traces, cursor, start
-        new_count, cursor, start = counts[0], counts[1], counts[2]
+        counts = torch.zeros(2, n_slabs, dtype=torch.int32, device=device)   # new traces, group cursors
+        new_count, cursor = counts[0], counts[1]
         cand_slab = torch.empty(B * C, dtype=torch.int32, device=device)
         cand_m = torch.empty(B * C, dtype=torch.float64, device=device)
         cand_meta = torch.empty(B * C, dtype=torch.int64, device=device)
@@ -446,11 +431,11 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
             BLOCK_C=BLOCK_C, H_P2=H_P2, num_warps=4)
         grouped_m = torch.empty(B * C, dtype=torch.float64, device=device)
         grouped_meta = torch.empty(B * C, dtype=torch.int64, device=device)
-        _group_kernel[(B, triton.cdiv(C, BLOCK_C))](cand_slab, cand_m, cand_meta, new_count, start, cursor,
-                                                    grouped_m, grouped_meta, C, H, BLOCK_C=BLOCK_C, H_P2=H_P2,
-                                                    BLOCK_S=GROUP_PREFIX_BLOCK, num_warps=4)
+        new_end = torch.cumsum(new_count, 0, dtype=torch.int32)    # slab s's range: [end - count, end)
+        _group_kernel[(B, triton.cdiv(C, BLOCK_C))](cand_slab, cand_m, cand_meta, new_count, new_end, cursor,
+                                                    grouped_m, grouped_meta, C, BLOCK_C=BLOCK_C, num_warps=4)
     else:
-        new_count = start = torch.zeros(n_slabs, dtype=torch.int32, device=device)
+        new_count = new_end = torch.zeros(n_slabs, dtype=torch.int32, device=device)
         grouped_m = torch.empty(1, dtype=torch.float64, device=device)
         grouped_meta = torch.empty(1, dtype=torch.int64, device=device)
     scratch_m = torch.empty(n_slabs * Q, dtype=torch.float32, device=device)
@@ -460,7 +445,7 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
     # programs per SM, so one program's barriers and reductions overlap the other's work
     warps = SELECT_WARPS or max(4, min(16, BLOCK_Q // 256))
     options = dict(SELECT_OPTIONS) if SELECT_OPTIONS or SELECT_WARPS else ({"maxnreg": 128} if warps == 8 else {})
-    _select_kernel[(n_slabs,)](strength, meta, layers_t, slot_S, slot_a, params, ln1p, new_count, start,
+    _select_kernel[(n_slabs,)](strength, meta, layers_t, slot_S, slot_a, params, ln1p, new_count, new_end,
                                grouped_m, grouped_meta, scratch_m, scratch_meta, scratch_key, H, Q,
                                W=window, AGE_MAX=(1 << age_bits) - 1, POS_SHIFT=pos_shift, POS_MASK=pos_mask,
                                IDX_BITS=_IDX_BITS, BLOCK_Q=BLOCK_Q, BLOCK_N=min(BLOCK_Q, 1024),

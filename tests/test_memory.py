@@ -608,6 +608,31 @@ def test_triton_kernels_interpreted_match_reference(mode):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (the Triton kernels on CPU)")
+def test_triton_match_edge_at_origin():
+    """The match searches all Q slots reading meta only (meta 0 past slot 0 = empty): edge (0, 0)
+    (pos 0, in slot 0 when stored) against empty, partly filled and full slabs, its history
+    running out, next to the torch path."""
+    kw = dict(num_layers=1, num_heads=3, quota=4, retention=0.5, decay=0.9, threshold=0.05, prune_eps=1e-4,
+              window=2, max_seq_len=6)
+    tri, ref = mt.TraceMemory(**kw), mt.TraceMemory(**kw)
+    tri.backend, ref.backend = "triton", "torch"
+    steps = [  # (head, i, j, S, a) per step; head 0 gets (0, 0) then loses its history, head 2 fills up
+        [(0, 0, 0, 1.0, 0.9), (2, 0, 1, 1.0, 0.9), (2, 1, 1, 1.0, 0.9)],
+        [(1, 0, 0, 0.0, 0.0), (2, 0, 0, 1.0, 0.9), (2, 3, 3, 1.0, 0.9), (2, 5, 5, 1.0, 0.9)],
+        [(0, 0, 0, 0.0, 0.0), (1, 0, 0, 1.0, 0.9), (2, 0, 0, 0.5, 0.9), (2, 4, 4, 2.0, 0.9)],
+        [(0, 0, 0, 0.0, 0.0), (0, 2, 2, 1.0, 0.9), (2, 0, 1, 0.0, 0.0)],
+        [(0, 0, 0, 1.0, 0.9), (0, 0, 1, 1.0, 0.9), (1, 5, 5, 1.0, 0.9), (2, 0, 0, 3.0, 0.9)],
+    ]
+    for edges in steps:
+        cols = list(zip(*edges))
+        args = [torch.tensor([c], dtype=torch.int32) for c in cols[:3]] + [torch.tensor([c]) for c in cols[3:]]
+        tri.update_edges([0], *args)
+        ref.update_edges([0], *args)
+        assert torch.equal(tri.meta, ref.meta)
+        torch.testing.assert_close(tri.strength, ref.strength, rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (the Triton kernels on CPU)")
 @pytest.mark.parametrize("merge_max", [64, 2])
 def test_triton_kernels_interpreted_many_new_candidates(merge_max, monkeypatch):
     """More new candidates than quota in one head, ties included: the radix select path; new
@@ -630,17 +655,14 @@ def test_triton_kernels_interpreted_many_new_candidates(merge_max, monkeypatch):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (the Triton kernels on CPU)")
-@pytest.mark.parametrize(("merge_max", "prefix_block"), [(64, 1024), (2, 2)])
-def test_triton_kernels_interpreted_many_blocks_odd_heads(merge_max, prefix_block, monkeypatch):
+@pytest.mark.parametrize("merge_max", [64, 2])
+def test_triton_kernels_interpreted_many_blocks_odd_heads(merge_max, monkeypatch):
     """Several candidate blocks per layer and a head count that is not a power of two: the match
     kernel's per-block head counts and the group kernel's block shares (one atomic per block and
     head) must place every new trace, as the vectorised torch path does; the select places the
-    new traces by merging (merge_max 64: every slab here) or by sorting (2: slabs with more).
-    prefix_block 2: the group kernel sums the counts of the slabs ahead of a layer in several
-    steps (layer 1 has 3 slabs ahead)."""
+    new traces by merging (merge_max 64: every slab here) or by sorting (2: slabs with more)."""
     from memtrace.kernels import trace_update as tu
     monkeypatch.setattr(tu, "SELECT_MERGE_MAX", merge_max)
-    monkeypatch.setattr(tu, "GROUP_PREFIX_BLOCK", prefix_block)
     L, H, Q, T, C = 2, 3, 8, 40, 1300          # C over the kernels' 512-edge blocks: 3 blocks a layer
     kw = dict(num_layers=L, num_heads=H, quota=Q, retention=0.6, decay=0.7, threshold=0.05, prune_eps=0.02,
               window=3, max_seq_len=T)
