@@ -124,7 +124,7 @@ if want attention || want all; then
   # MEMTRACE_BENCH_SHAPES / MEMTRACE_BENCH_CAUSAL split the matrix over calls (10 minutes each);
   # join the parts with bench_attention.py --merge.
   # Compile first, side by side (compiling is single-threaded per process; 16 cores here): per
-  # (head dim, head counts, causal) 3 processes each autotune a third of the configs, and per
+  # (head dim, head counts, causal) 6 processes each autotune a sixth of the configs, and per
   # (shape, causal) one compiles FlexAttention; the benchmark then finds everything in the
   # on-disk caches.
   idx=$(python -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_attention as b; \
@@ -137,8 +137,8 @@ if want attention || want all; then
   causals=${MEMTRACE_BENCH_CAUSAL:-both}; [[ $causals == both ]] && causals="0 1"
   logs=$(mktemp -d)   # not under $OUT: the device tool brings back at most 8 files
   for c in $causals; do
-    for kd in $kinds; do for k in 0 1 2; do
-      MEMTRACE_ATTN_CONFIG_SLICE=$k/3 timeout 300 python benchmarks/prewarm_attention.py kernels "${kd%%:*}" "$c" \
+    for kd in $kinds; do for k in 0 1 2 3 4 5; do
+      MEMTRACE_ATTN_CONFIG_SLICE=$k/6 timeout 300 python benchmarks/prewarm_attention.py kernels "${kd%%:*}" "$c" \
         --heads "${kd#*:}" > "$logs/prewarm_kernels_${kd%%:*}_${kd#*:}_${c}_$k.log" 2>&1 &
     done; done
     for i in $idx; do
@@ -154,14 +154,14 @@ if want update; then
   update_bench
 fi
 if want tma; then
-  # TMA descriptors in the triton backend's dense loops, off and on (benchmarks/tma_probe.py):
-  # both variants compiled ahead (3 config slices each), then timed in one process.
+  # TMA descriptors in the triton backend's dense loops: off, forced, and the autotuner's choice
+  # (benchmarks/tma_probe.py); every config compiled ahead (6 slices), then timed in one process.
   c=${MEMTRACE_BENCH_CAUSAL:-0}
   logs=$(mktemp -d)
-  for tma in 0 1; do for k in 0 1 2; do
-    MEMTRACE_ATTN_TMA=$tma MEMTRACE_ATTN_CONFIG_SLICE=$k/3 timeout 300 python benchmarks/prewarm_attention.py \
-      kernels 128 "$c" --heads 16,16 > "$logs/prewarm_${tma}_$k.log" 2>&1 &
-  done; done
+  for k in 0 1 2 3 4 5; do
+    MEMTRACE_ATTN_CONFIG_SLICE=$k/6 timeout 300 python benchmarks/prewarm_attention.py \
+      kernels 128 "$c" --heads 16,16 > "$logs/prewarm_$k.log" 2>&1 &
+  done
   timeout 300 python benchmarks/prewarm_attention.py flex 0 "$c" > "$logs/prewarm_flex.log" 2>&1 &
   wait
   for f in "$logs"/prewarm_*.log; do tail -n 1 "$f"; done

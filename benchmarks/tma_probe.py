@@ -4,7 +4,7 @@
 
 For the issue-7 shape (B4 H16 T4096 D128 bf16 by default): memtrace's triton backend forward and
 forward+backward with bias=None, 2048 and 16384 random traces per head, with the kernels' TMA
-path (kernels/attention.py USE_TMA) off and on, against FlexAttention with and without a dense
+path (kernels/attention.py TMA) off ("0"), forced ("1") and left to the autotuner ("auto"), against FlexAttention with and without a dense
 bias score_mod in the same process. Medians of triton.testing.do_bench; the biased/unbiased
 overheads are interleaved (bench_attention.interleaved_overhead).
 """
@@ -43,8 +43,8 @@ def check(row):
                                                                vf.repeat_interleave(Hq // Hkv, 1), attn_mask=dense[None])
         ref.backward(do.float())
         refs = (ref, qf.grad, kf.grad, vf.grad)
-        for tma in (False, True):
-            ka.USE_TMA = tma
+        for tma in ("0", "1"):
+            ka.TMA = tma
             for t in (q, k, v):
                 t.grad = None
             out = mt.biased_attention(q, k, v, bias, causal=causal, backend="triton")
@@ -52,7 +52,7 @@ def check(row):
             errs = [round(float((a.detach().float() - r).abs().max() / r.abs().max()), 5)
                     for a, r in zip((out, q.grad, k.grad, v.grad), refs)]
             row(check=[B, Hq, Hkv, Tq, Tk, D, causal], tma=tma, rel_err_out_dq_dk_dv=errs)
-    ka.USE_TMA = True
+    ka.TMA = "auto"
 
 
 def main():
@@ -83,8 +83,8 @@ def main():
         for backward in (False, True):
             fl = ba.flops(B, H, T, D, causal, backward)
             times = {}
-            for tma in (False, True):
-                ka.USE_TMA = tma
+            for tma in ("0", "1", "auto"):
+                ka.TMA = tma
                 for per_head, bias in biases.items():
                     ms, _ = ba.measure(lambda bias=bias: ba.memtrace_fn("triton", q, k, v, causal, bias),
                                        q, k, v, dout, backward=backward, quick=False)
@@ -98,7 +98,7 @@ def main():
                     med, lo, hi = ba.interleaved_overhead(lambda: timer(None), lambda ph=per_head: timer(biases[ph]))
                     row(impl="triton", tma=tma, traces=per_head, causal=causal, backward=backward,
                         interleaved_overhead=[round(med, 4), round(lo, 4), round(hi, 4)])
-            ka.USE_TMA = True
+            ka.TMA = "auto"
             for name, per_head in (("flex", 0), ("flex_dense_bias", 2048)):
                 dense = ba.dense_bias_of(biases[2048], T, causal, q.dtype) if per_head else None
                 try:
@@ -118,8 +118,8 @@ def main():
                     row(impl=name, causal=causal, backward=backward, error=repr(exc)[:300])
                     continue
                 row(impl=name, causal=causal, backward=backward, ms=round(ms, 4), tflops=round(fl / ms * 1e-9, 1),
-                    triton_2048_over_peer={str(t): round(ms / times[(t, 2048)], 3) for t in (False, True)}
-                    if per_head else {str(t): round(ms / times[(t, 0)], 3) for t in (False, True)})
+                    triton_2048_over_peer={t: round(ms / times[(t, 2048)], 3) for t in ("0", "1", "auto")}
+                    if per_head else {t: round(ms / times[(t, 0)], 3) for t in ("0", "1", "auto")})
     ka.TUNE = False     # the accuracy check's odd shapes compile one config per kernel, not all
     check(row)
 

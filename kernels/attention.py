@@ -135,19 +135,22 @@ def _set_desc_blocks(nargs):
             desc.block_shape = [1, 1, nargs[block], desc.shape[3]]
 
 
+def _config(num_warps, num_stages, **kwargs):
+    return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages, pre_hook=_set_desc_blocks)
+
+
 def _fwd_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "CHUNK": 16, "PREFETCH": True}, num_warps=4, num_stages=1,
-                              pre_hook=_set_desc_blocks)]
+    if INTERPRET:   # one config (more would be benchmarked); the launch passes USE_DESC
+        return [_config(4, 1, BLOCK_M=16, BLOCK_N=16, CHUNK=16, PREFETCH=True)]
     dense = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 4),
              (64, 128, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
-    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "CHUNK": 32, "PREFETCH": False}, num_warps=w, num_stages=s,
-                          pre_hook=_set_desc_blocks)
-            for bm, bn, w, s in dense]
+    # TMA or pointer loads is a tuning choice: on the H100 (tma_probe_h100_session6.json) TMA lost
+    # 7% without a bias and won 11% at 16384 traces/head, with whatever tiles the tuner took
+    cfgs = [_config(w, s, BLOCK_M=bm, BLOCK_N=bn, CHUNK=32, PREFETCH=False, USE_DESC=d)
+            for d in (True, False) for bm, bn, w, s in (dense[:5] if d else dense)]
     # with a bias: where to issue the first chunk's gathers, and the chunk size
-    cfgs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "CHUNK": ch, "PREFETCH": True}, num_warps=w, num_stages=s,
-                           pre_hook=_set_desc_blocks)
-             for bm, bn, w, s in dense[:5] for ch in (32, 64)]
+    cfgs += [_config(w, s, BLOCK_M=bm, BLOCK_N=bn, CHUNK=ch, PREFETCH=True, USE_DESC=d)
+             for bm, bn, w, s in dense[:5] for ch in (32, 64) for d in (True, False) if not (d and ch == 64)]
     return cfgs
 
 
@@ -169,8 +172,29 @@ def _prune(configs, D, elsize, smem_of):
     return keep
 
 
+def _prune_tma(configs, desc):
+    """TMA configs only when the launch passed descriptors (the autotune key's TMA_OK says so);
+    MEMTRACE_ATTN_TMA=0 / 1 keeps only pointer / TMA configs. (The interpreter's single config
+    has no USE_DESC: its launches pass it, see _interpret_desc.)"""
+    if INTERPRET:
+        return configs
+    if not isinstance(desc, TensorDescriptor) or TMA == "0":
+        keep = [c for c in configs if not c.kwargs["USE_DESC"]]
+    elif TMA == "1":
+        keep = [c for c in configs if c.kwargs["USE_DESC"]]
+    else:
+        keep = configs
+    return keep
+
+
+def _interpret_desc(use_desc):
+    """Launch kwargs: under the interpreter USE_DESC comes with the launch, not the config."""
+    return {"USE_DESC": use_desc} if INTERPRET else {}
+
+
 def _prune_fwd(configs, named_args, **kwargs):
     D = kwargs["HEAD_DIM"]
+    configs = _prune_tma(configs, named_args["KDesc"])
     if not kwargs["HAS_BIAS"]:
         configs = [c for c in configs if not c.kwargs["PREFETCH"]] or configs
     return _prune(configs, D, _elsize(named_args),
@@ -178,14 +202,14 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_fwd_configs(),
-                 key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "USE_DESC"],
+                 key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "TMA_OK"],
                  prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _flash_fwd_kernel(Q, K, V, KDesc, VDesc, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
                       stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                       Hq, GROUP, Tq, Tk, TqMax, causal_off, qk_scale2, alpha2, cancel_tol,
-                      TQ_KEY, TK_KEY,
+                      TQ_KEY, TK_KEY, TMA_OK,
                       HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                       DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       CHUNK: tl.constexpr, PREFETCH: tl.constexpr, USE_DESC: tl.constexpr):
@@ -258,8 +282,11 @@ def _flash_fwd_kernel(Q, K, V, KDesc, VDesc, Out, Lse, EntryPos, EntryVal, QOffs
     tl.store(l_ptrs, lse2 * 0.6931471805599453, mask=offs_m < Tq)
 
 
-# TMA descriptors for the dense loops' tiles (MEMTRACE_ATTN_TMA=0: pointer loads everywhere)
-USE_TMA = os.environ.get("MEMTRACE_ATTN_TMA", "1") != "0"
+# TMA descriptors for the dense loops' tiles: "auto" (the autotuner picks TMA or pointer loads),
+# "0" (pointer loads everywhere), "1" (TMA wherever the tensors allow it)
+TMA = os.environ.get("MEMTRACE_ATTN_TMA", "auto").strip() or "auto"
+if TMA not in ("auto", "0", "1"):
+    raise ValueError(f"MEMTRACE_ATTN_TMA must be auto, 0 or 1, got {TMA!r}")
 
 
 def _desc_ok(t):
@@ -270,7 +297,7 @@ def _desc_ok(t):
 
 
 def _use_desc(*tensors):
-    return USE_TMA and all(_desc_ok(t) for t in tensors)
+    return TMA != "0" and all(_desc_ok(t) for t in tensors)
 
 
 def _desc4(t):
@@ -323,9 +350,9 @@ def flash_fwd(q, k, v, bias=None, entry_values=None, *, causal: bool, scale: flo
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         Hq, Hq // Hkv, Tq, Tk, tq_max, Tk - Tq, scale * LOG2E, alpha * LOG2E, CANCEL_THRESHOLD,
-        _len_key(Tq), _len_key(Tk),
+        _len_key(Tq), _len_key(Tk), int(use_desc),
         HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, DOT_PREC=dot_precision(q.dtype, allow_tf32),
-        USE_DESC=use_desc)
+        **_interpret_desc(use_desc))
     if has_bias and may_cancel:
         recompute_flagged_rows(q, k, v, out, lse, bias, entry_values, flags, causal=causal, scale=scale,
                                alpha=alpha, prec=dot_precision(q.dtype, allow_tf32))
@@ -403,31 +430,32 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, 
 
 def _bwd_configs(kind):
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1, pre_hook=_set_desc_blocks)]
+        return [_config(4, 1, BLOCK_M=16, BLOCK_N=16)]
     if kind == "dkdv":
         shapes = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4),
                   (64, 128, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)]
     else:
         shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4),
                   (128, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_set_desc_blocks)
-            for bm, bn, w, s in shapes]
+    return [_config(w, s, BLOCK_M=bm, BLOCK_N=bn, USE_DESC=d) for d in (True, False) for bm, bn, w, s in shapes]
 
 
 def _prune_dkdv(configs, named_args, **kwargs):
     D = kwargs["HEAD_DIM"]
+    configs = _prune_tma(configs, named_args["QDesc"])
     return _prune(configs, D, _elsize(named_args),
                   lambda c: 2 * c.kwargs["BLOCK_N"] * D + 2 * c.num_stages * c.kwargs["BLOCK_M"] * D)
 
 
 def _prune_dq(configs, named_args, **kwargs):
     D = kwargs["HEAD_DIM"]
+    configs = _prune_tma(configs, named_args["KDesc"])
     return _prune(configs, D, _elsize(named_args),
                   lambda c: 2 * c.kwargs["BLOCK_M"] * D + 2 * c.num_stages * c.kwargs["BLOCK_N"] * D)
 
 
 @triton.autotune(configs=_bwd_configs("dkdv"),
-                 key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "USE_DESC"],
+                 key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "TMA_OK"],
                  prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit
 def _flash_bwd_dkdv_kernel(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse2, Delta,
@@ -436,7 +464,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse2, Delta,
                            stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                            stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                            Hq, Hkv, GROUP, Tq, Tk, TqMax, TkMax, causal_off, scale, qk_scale2, alpha2,
-                           TQ_KEY, TK_KEY,
+                           TQ_KEY, TK_KEY, TMA_OK,
                            HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                            CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DESC: tl.constexpr):
@@ -528,7 +556,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, 
 
 
 @triton.autotune(configs=_bwd_configs("dq"),
-                 key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "USE_DESC"],
+                 key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "TMA_OK"],
                  prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit
 def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
@@ -537,7 +565,7 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
                          stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                          stride_dqb, stride_dqh, stride_dqm,
                          Hq, GROUP, Tq, Tk, TqMax, E, causal_off, scale, qk_scale2, alpha2, alpha,
-                         TQ_KEY, TK_KEY,
+                         TQ_KEY, TK_KEY, TMA_OK,
                          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                          CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, NEED_DVAL: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DESC: tl.constexpr):
@@ -641,21 +669,22 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
     use_desc = _use_desc(q, k, v, dout)
     q_desc, k_desc, v_desc, do_desc = ((_desc4(t) for t in (q, k, v, dout)) if use_desc else (q, k, v, dout))
-    common = dict(HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, CHUNK=chunk, DOT_PREC=prec, USE_DESC=use_desc)
+    common = dict(HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, CHUNK=chunk, DOT_PREC=prec,
+                  **_interpret_desc(use_desc))
     _flash_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)](
         q, k, v, dout, q_desc, do_desc, dk, dv, lse2, delta, ep, entry_values, ko, kof, qo, flags,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         Hq, Hkv, Hq // Hkv, Tq, Tk, tq_max, tk_max, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E,
-        _len_key(Tq), _len_key(Tk), **common)
+        _len_key(Tq), _len_key(Tk), int(use_desc), **common)
     _flash_bwd_dq_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)](
         q, k, v, dout, k_desc, v_desc, dq, lse2, delta, dval_part, ep, entry_values, qo,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         Hq, Hq // Hkv, Tq, Tk, tq_max, E, Tk - Tq, scale * sign, scale * LOG2E, alpha * LOG2E, alpha,
-        _len_key(Tq), _len_key(Tk), NEED_DVAL=need_dval, **common)
+        _len_key(Tq), _len_key(Tk), int(use_desc), NEED_DVAL=need_dval, **common)
     if has_bias:  # the cancelling rows, excluded above (lse2 = +inf), done exactly
         _exact_rows(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, row_flags,
                     dval_part if need_dval else None, causal=causal, scale=scale, dq_scale=scale * sign,

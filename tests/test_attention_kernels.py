@@ -339,3 +339,41 @@ def test_autotune_config_slice(monkeypatch):
     assert sorted((c.kwargs["BLOCK_M"] for p in parts for c in p)) == [c.kwargs["BLOCK_M"] for c in configs]
     monkeypatch.setattr(ka, "CONFIG_SLICE", None)
     assert ka._prune(configs, 64, 2, lambda c: 0) == configs
+
+
+@pytest.mark.parametrize("tma", ["0", "1"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[5]])
+def test_flash_pointer_and_tma_paths_match_oracle(case, tma, monkeypatch):
+    """The dense loops' tiles by pointer loads (MEMTRACE_ATTN_TMA=0) and by TMA descriptors
+    (=1; rows past Tq / Tk come back as zeros): both match the oracle, masked rows included."""
+    monkeypatch.setattr(ka, "TMA", tma)
+    B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
+    scale, alpha = 1.0 / math.sqrt(D), 0.7
+    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float16, seed=n + Tq + 1)
+    assert ka._use_desc(q, k, v, do) == (tma == "1")
+    bias, coo = make_bias(Hq, Tq_max, Tk_max, n, seed=Tk + 1, scale_vals=2.0)
+    ev = bias.entry_values()
+    out, lse = ka.flash_fwd(q, k, v, bias, ev, causal=causal, scale=scale, alpha=alpha)
+    dq, dk, dv, _ = ka.flash_bwd(q, k, v, out, lse, do, bias, ev, causal=causal, scale=scale, alpha=alpha,
+                                 need_dvalues=False)
+    r_out, _, r_dq, r_dk, r_dv, _ = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, scale, alpha)
+    for got, want in ((out, r_out), (dq, r_dq), (dk, r_dk), (dv, r_dv)):
+        assert rel(got, want) < TOL[torch.float16]
+
+
+def test_tma_config_pruning(monkeypatch):
+    """TMA configs run only with descriptors; MEMTRACE_ATTN_TMA=0 / 1 / auto keeps pointer / TMA /
+    both kinds (the interpreter then runs the first)."""
+    import triton
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    configs = [triton.Config({"USE_DESC": d, "BLOCK_M": m}, num_warps=4, num_stages=1)
+               for d in (True, False) for m in (16, 32)]
+    desc = TensorDescriptor(torch.zeros(1, 1, 16, 16), [1, 1, 16, 16], [256, 256, 16, 1], [1, 1, 16, 16])
+    plain = torch.zeros(1)
+    monkeypatch.setattr(ka, "INTERPRET", False)
+    for mode, with_desc, want in (("auto", True, [True, True, False, False]), ("1", True, [True, True]),
+                                  ("0", True, [False, False]), ("auto", False, [False, False]),
+                                  ("1", False, [False, False])):
+        monkeypatch.setattr(ka, "TMA", mode)
+        kept = ka._prune_tma(configs, desc if with_desc else plain)
+        assert [c.kwargs["USE_DESC"] for c in kept] == want, (mode, with_desc)
