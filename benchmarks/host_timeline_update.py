@@ -48,7 +48,7 @@ def main():
         inner(*args, **kwargs)
         STAMPS.append(("trace_update_slabs end", time.perf_counter()))
     tu.trace_update_slabs = slabs
-    for name in ("_match_kernel", "_group_kernel", "_select_kernel"):
+    for name in ("_match", "_group", "_select"):
         setattr(tu, name, Timed(name, getattr(tu, name)))
 
     def call():

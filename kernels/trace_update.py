@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import FastLaunch
+
 MAX_TRITON_QUOTA = 8192
 _IDX_BITS = 14          # compact index bits in the sort key (quota <= 8192 < 2^14)
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -390,6 +392,11 @@ def _tables(retention, decay, threshold, prune_eps, attn_eps, window, device):
     return t
 
 
+# the update's launches skip Triton's per-call dispatch after the first (kernels/launch.py): an
+# eager update's first kernel waits on the host's launch work
+_match, _group, _select = FastLaunch(_match_kernel), FastLaunch(_group_kernel), FastLaunch(_select_kernel)
+
+
 def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edges, slot_S, slot_a, direct, *,
                        quota, retention, decay, threshold, prune_eps, attn_eps, window, max_seq_len, age_bits,
                        pos_bits):
@@ -424,7 +431,7 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
         cand_slab = torch.empty(B * C, dtype=torch.int32, device=device)
         cand_m = torch.empty(B * C, dtype=torch.float64, device=device)
         cand_meta = torch.empty(B * C, dtype=torch.int64, device=device)
-        _match_kernel[(triton.cdiv(C, BLOCK_C), B)](
+        _match[(triton.cdiv(C, BLOCK_C), B)](
             strength, meta, layers_t, head, q_idx, k_idx, S, a, num_edges, direct_u8, slot_S, slot_a,
             params, ln1p, cand_slab, cand_m, cand_meta, new_count, C, H, Q, max_seq_len,
             POS_SHIFT=pos_shift, POS_MASK=pos_mask, LOG_Q=max(1, Q.bit_length()),
@@ -432,7 +439,7 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
         grouped_m = torch.empty(B * C, dtype=torch.float64, device=device)
         grouped_meta = torch.empty(B * C, dtype=torch.int64, device=device)
         new_end = torch.cumsum(new_count, 0, dtype=torch.int32)    # slab s's range: [end - count, end)
-        _group_kernel[(B, triton.cdiv(C, BLOCK_C))](cand_slab, cand_m, cand_meta, new_count, new_end, cursor,
+        _group[(B, triton.cdiv(C, BLOCK_C))](cand_slab, cand_m, cand_meta, new_count, new_end, cursor,
                                                     grouped_m, grouped_meta, C, BLOCK_C=BLOCK_C, num_warps=4)
     else:
         new_count = new_end = torch.zeros(n_slabs, dtype=torch.int32, device=device)
@@ -445,7 +452,7 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
     # programs per SM, so one program's barriers and reductions overlap the other's work
     warps = SELECT_WARPS or max(4, min(16, BLOCK_Q // 256))
     options = dict(SELECT_OPTIONS) if SELECT_OPTIONS or SELECT_WARPS else ({"maxnreg": 128} if warps == 8 else {})
-    _select_kernel[(n_slabs,)](strength, meta, layers_t, slot_S, slot_a, params, ln1p, new_count, new_end,
+    _select[(n_slabs,)](strength, meta, layers_t, slot_S, slot_a, params, ln1p, new_count, new_end,
                                grouped_m, grouped_meta, scratch_m, scratch_meta, scratch_key, H, Q,
                                W=window, AGE_MAX=(1 << age_bits) - 1, POS_SHIFT=pos_shift, POS_MASK=pos_mask,
                                IDX_BITS=_IDX_BITS, BLOCK_Q=BLOCK_Q, BLOCK_N=min(BLOCK_Q, 1024),

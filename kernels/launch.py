@@ -1,0 +1,88 @@
+"""Repeat launches of a @triton.jit kernel without Triton's per-call dispatch.
+
+`kernel[grid](...)` binds and specialises every argument, builds a cache key and looks the
+compiled kernel up on every call: about 50 us of host time per launch on the H100 machine's host
+for the trace update's 22-argument kernels (benchmarks/host_timeline_update.py), and an eager
+update waits on that host time before its first kernel starts. `FastLaunch(kernel)[grid](...)`
+sends the first launch of each argument kind through Triton (which compiles and caches) and keeps
+the CompiledKernel; later launches of the same kind call its launcher directly.
+
+The kind of an argument list is at least as fine as Triton's own specialisation (see
+tests/test_launch.py, which checks it against Triton's binder): per tensor its dtype and whether
+its address is 16-byte aligned, per int whether it is 1, divisible by 16 and its integer width,
+per bool / float / None its type, and every keyword (constexprs and launch options) by value.
+Arguments of any other type (tensor descriptors, ...) always take Triton's path; so do launches
+under the interpreter and those whose first argument is not a CUDA tensor.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from triton import knobs
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INT32 = (-(2**31), 2**31)
+_INT64 = (-(2**63), 2**63)
+
+
+def kind_key(args, kwargs):
+    """A hashable key of the arguments' specialisation, or None when an argument has a type
+    this module does not classify."""
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool):
+            key.append(bool)
+        elif isinstance(a, int):
+            width = 32 if _INT32[0] <= a < _INT32[1] else 64 if _INT64[0] <= a < _INT64[1] else 65
+            key.append((width, a == 1, a % 16 == 0))
+        elif isinstance(a, float):
+            key.append(float)
+        elif a is None:
+            key.append(None)
+        else:
+            return None
+    for name in sorted(kwargs):
+        value = kwargs[name]
+        if not isinstance(value, (bool, int, float, str, type(None))):
+            return None
+        key.append((name, type(value), value))
+    return tuple(key)
+
+
+class FastLaunch:
+    """Wraps a @triton.jit function: `FastLaunch(fn)[grid](*args, **kwargs)` launches like
+    `fn[grid](*args, **kwargs)` (grid a tuple; positional arguments first, then keywords)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._compiled = {}
+        if not INTERPRET:   # (the interpreter's function objects carry no params)
+            self._names = list(fn.arg_names)
+            self._defaults = {p.name: p.default for p in fn.params}
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self._launch(tuple(grid), args, kwargs)
+
+    def _launch(self, grid, args, kwargs):
+        first = args[0] if args else None
+        if INTERPRET or not (isinstance(first, torch.Tensor) and first.is_cuda):
+            return self.fn[grid](*args, **kwargs)
+        device = torch.cuda.current_device()    # where Triton launches, as in JITFunction.run
+        key = kind_key(args, kwargs)
+        kernel = None if key is None else self._compiled.get((device, key))
+        if kernel is None:
+            kernel = self.fn[grid](*args, **kwargs)
+            if key is not None:
+                self._compiled[(device, key)] = kernel
+            return kernel
+        params = list(args) + [kwargs[n] if n in kwargs else self._defaults[n] for n in self._names[len(args):]]
+        grid = grid + (1,) * (3 - len(grid))
+        stream = torch._C._cuda_getCurrentRawStream(device)
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        meta = kernel.launch_metadata(grid, stream, *params) if enter is not None else None
+        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, meta, enter, leave,
+                   *params)
+        return kernel
