@@ -318,7 +318,7 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
         tl.store(scratch_key_ptr + lbase + dst_old, (pos << IDX_BITS) | dst_old, mask=kept)
         tl.debug_barrier()
         shift = tl.zeros([BLOCK_Q], dtype=tl.int32)
-        for t in range(0, n_new_kept):
+        for t in range(n_new_kept):
             p_t = tl.load(scratch_key_ptr + lbase + n_kept_old + t) >> IDX_BITS
             shift += (p_t < pos).to(tl.int32)
         tl.store(strength_ptr + base + dst_old + shift, m32, mask=kept)
@@ -328,7 +328,7 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
         new_src = n_kept_old + mchunk
         p_x = tl.load(scratch_key_ptr + lbase + new_src, mask=new_in, other=0) >> IDX_BITS
         rank = tl.zeros([MERGE_MAX], dtype=tl.int32)
-        for t in range(0, n_new_kept):
+        for t in range(n_new_kept):
             p_t = tl.load(scratch_key_ptr + lbase + n_kept_old + t) >> IDX_BITS
             rank += (p_t < p_x).to(tl.int32)
         lo = tl.zeros([MERGE_MAX], dtype=tl.int32)      # first stored key with pos >= p_x
@@ -392,6 +392,39 @@ def _tables(retention, decay, threshold, prune_eps, attn_eps, window, device):
     return t
 
 
+_WORKSPACES = {}
+
+
+def _workspace(device, n_edges, n_slabs, Q):
+    """The update's scratch buffers. On CUDA they are kept between calls on the same stream
+    (their allocation and a zero fill were ~40 us of host time per call ahead of the first kernel
+    on the H100 machine; stream order makes the reuse safe), except while a CUDA graph is being
+    captured: the graph must own what it reads (this cache may drop its buffers). Holds
+    ~36 B per candidate + ~20 B per slot (~120 MiB at 2M candidates and 2M slots)."""
+    cached = device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+    if cached:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = (index, torch._C._cuda_getCurrentRawStream(index), n_edges, n_slabs, Q)
+        ws = _WORKSPACES.get(key)
+        if ws is not None:
+            return ws
+    n_edges = max(n_edges, 1)
+
+    def empty(n, dtype):
+        return torch.empty(n, dtype=dtype, device=device)
+    counts = torch.empty(2, n_slabs, dtype=torch.int32, device=device)
+    ws = {"counts": counts, "new_count": counts[0], "cursor": counts[1],
+          "cand_slab": empty(n_edges, torch.int32), "cand_m": empty(n_edges, torch.float64),
+          "cand_meta": empty(n_edges, torch.int64), "grouped_m": empty(n_edges, torch.float64),
+          "grouped_meta": empty(n_edges, torch.int64), "scratch_m": empty(n_slabs * Q, torch.float32),
+          "scratch_meta": empty(n_slabs * Q, torch.int64), "scratch_key": empty(n_slabs * Q, torch.int64)}
+    if cached:
+        if len(_WORKSPACES) >= 4:    # a few shapes / streams at a time
+            _WORKSPACES.clear()
+        _WORKSPACES[key] = ws
+    return ws
+
+
 # the update's launches skip Triton's per-call dispatch after the first (kernels/launch.py): an
 # eager update's first kernel waits on the host's launch work
 _match, _group, _select = FastLaunch(_match_kernel), FastLaunch(_group_kernel), FastLaunch(_select_kernel)
@@ -423,31 +456,24 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
     H_P2 = max(2, triton.next_power_of_2(H))
     BLOCK_C = 512
     BLOCK_Q = max(16, triton.next_power_of_2(Q))
+    ws = _workspace(device, B * C, n_slabs, Q)
+    counts, new_count, cursor = ws["counts"], ws["new_count"], ws["cursor"]
+    counts.zero_()                                       # new traces, group cursors
     if C > 0:
-        # only what the match needs is allocated before it is launched: the GPU waits on the host
-        # until then, and the rest is allocated while it matches
-        counts = torch.zeros(2, n_slabs, dtype=torch.int32, device=device)   # new traces, group cursors
-        new_count, cursor = counts[0], counts[1]
-        cand_slab = torch.empty(B * C, dtype=torch.int32, device=device)
-        cand_m = torch.empty(B * C, dtype=torch.float64, device=device)
-        cand_meta = torch.empty(B * C, dtype=torch.int64, device=device)
+        cand_slab, cand_m, cand_meta = ws["cand_slab"], ws["cand_m"], ws["cand_meta"]
         _match[(triton.cdiv(C, BLOCK_C), B)](
             strength, meta, layers_t, head, q_idx, k_idx, S, a, num_edges, direct_u8, slot_S, slot_a,
-            params, ln1p, cand_slab, cand_m, cand_meta, new_count, C, H, Q, max_seq_len,
+            params, ln1p, cand_slab, cand_m, cand_meta, counts, C, H, Q, max_seq_len,
             POS_SHIFT=pos_shift, POS_MASK=pos_mask, LOG_Q=max(1, Q.bit_length()),
-            BLOCK_C=BLOCK_C, H_P2=H_P2, num_warps=4)
-        grouped_m = torch.empty(B * C, dtype=torch.float64, device=device)
-        grouped_meta = torch.empty(B * C, dtype=torch.int64, device=device)
+            BLOCK_C=BLOCK_C, H_P2=H_P2, num_warps=4)       # (counts' row 0 is new_count)
+        grouped_m, grouped_meta = ws["grouped_m"], ws["grouped_meta"]
         new_end = torch.cumsum(new_count, 0, dtype=torch.int32)    # slab s's range: [end - count, end)
         _group[(B, triton.cdiv(C, BLOCK_C))](cand_slab, cand_m, cand_meta, new_count, new_end, cursor,
-                                                    grouped_m, grouped_meta, C, BLOCK_C=BLOCK_C, num_warps=4)
+                                             grouped_m, grouped_meta, C, BLOCK_C=BLOCK_C, num_warps=4)
     else:
-        new_count = new_end = torch.zeros(n_slabs, dtype=torch.int32, device=device)
-        grouped_m = torch.empty(1, dtype=torch.float64, device=device)
-        grouped_meta = torch.empty(1, dtype=torch.int64, device=device)
-    scratch_m = torch.empty(n_slabs * Q, dtype=torch.float32, device=device)
-    scratch_meta = torch.empty(n_slabs * Q, dtype=torch.int64, device=device)
-    scratch_key = torch.empty(n_slabs * Q, dtype=torch.int64, device=device)
+        new_end = new_count
+        grouped_m, grouped_meta = ws["grouped_m"], ws["grouped_meta"]
+    scratch_m, scratch_meta, scratch_key = ws["scratch_m"], ws["scratch_meta"], ws["scratch_key"]
     # quota 2048: 8 warps capped at 128 registers (no spills when compiled for sm_90) fit two
     # programs per SM, so one program's barriers and reductions overlap the other's work
     warps = SELECT_WARPS or max(4, min(16, BLOCK_Q // 256))
