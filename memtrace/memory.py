@@ -242,8 +242,8 @@ class TraceMemory:
         """
         if not isinstance(layers, (list, tuple)) or not layers:
             raise TypeError("layers must be a non-empty list of layer indices")
-        if all(type(layer) is int for layer in layers) and 0 <= min(layers) and max(layers) < self.num_layers:
-            layers = list(layers)     # the common case, checked without a call per layer (host time)
+        if set(map(type, layers)) == {int} and 0 <= min(layers) and max(layers) < self.num_layers:
+            layers = list(layers)     # the common case, checked in C loops (host time)
         else:
             layers = [self._check_layer(layer) for layer in layers]
         if len(set(layers)) != len(layers):
@@ -254,10 +254,13 @@ class TraceMemory:
         for name, t in (("salience", salience), ("attn", attn)):
             V.check_tensor(name, t, ndim=2, floating=True)
         C = head.shape[1]
+        device = self.strength.device
+        shape = (B, C)
         for name, t in (("head", head), ("q_idx", q_idx), ("k_idx", k_idx), ("salience", salience), ("attn", attn)):
-            if tuple(t.shape) != (B, C):
-                raise ValueError(f"{name} must have shape {(B, C)}, got {tuple(t.shape)}")
-            self._check_device(name, t)
+            if t.shape != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+            if t.device != device:
+                self._check_device(name, t)
         if num_edges is None:
             num_edges = torch.full((B,), C, dtype=torch.int32, device=self.device)
         else:
