@@ -79,8 +79,10 @@ class TraceBias:
 
     def entry_values(self) -> torch.Tensor:
         """float32 [E]: the value of each sorted entry, duplicates summed into their leader."""
+        # in place on fresh zeros with the int32 index: one kernel after the fill (the out-of-place
+        # form with an int64 copy of the index was three, on every attention call)
         out = torch.zeros(self.nnz, dtype=torch.float32, device=self.device)
-        return out.index_add(0, self.src_entry.long(), self.value.float())
+        return out.index_add_(0, self.src_entry, self.value.float())
 
     def entry_coords(self):
         """(head, q_idx, k_idx) int64 [E] of the sorted entries (followers repeat their leader's)."""
