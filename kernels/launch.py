@@ -12,7 +12,9 @@ tests/test_launch.py, which checks it against Triton's binder): per tensor its d
 its address is 16-byte aligned, per int whether it is 1, divisible by 16 and its integer width,
 per bool / float / None its type, and every keyword (constexprs and launch options) by value.
 Arguments of any other type (tensor descriptors, ...) always take Triton's path; so do launches
-under the interpreter and those whose first argument is not a CUDA tensor.
+under the interpreter and those whose first argument is not a CUDA tensor. Not re-checked on the
+fast path: module globals a kernel body reads (Triton's run raises when one changed since the
+compile); kernels launched this way must take every such value as an argument.
 """
 from __future__ import annotations
 
