@@ -43,6 +43,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 
 import torch
 
@@ -475,8 +476,14 @@ class TraceMemory:
             static = tuple(t.contiguous().clone() for t in inputs)
             trace_update_slabs(self.strength, self.meta, layers, *static, **params)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                trace_update_slabs(self.strength, self.meta, layers, *static, **params)
+            try:
+                with torch.cuda.graph(graph):
+                    trace_update_slabs(self.strength, self.meta, layers, *static, **params)
+            except RuntimeError as exc:   # this update is done (eagerly); later ones stay eager
+                self.cuda_graphs = False
+                warnings.warn(f"TraceMemory.cuda_graphs: the CUDA graph capture failed ({exc}); "
+                              "cuda_graphs is now False and updates run eagerly", stacklevel=4)
+                return
             if len(self._graphs) >= 2:
                 self._graphs.clear()
             self._graphs[key] = (graph, static)
