@@ -489,9 +489,9 @@ class TraceMemory:
             self._graphs[key] = (graph, static)
             return
         graph, static = entry
-        for dst, src in zip(static, inputs):
-            if dst.data_ptr() != src.data_ptr():
-                dst.copy_(src)
+        pairs = [(dst, src) for dst, src in zip(static, inputs) if dst.data_ptr() != src.data_ptr()]
+        if pairs:   # one multi-tensor launch per dtype, not a copy launch per input (host time)
+            torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
         graph.replay()
 
     # -- persistence -------------------------------------------------------------------------------
