@@ -14,8 +14,6 @@ Measured (median over iterations; the state is restored before each, outside the
   memtrace_graph      the batched call captured once in a CUDA graph and replayed: the GPU time of
                       the kernels alone, without the gaps where the GPU waits for the host's launches
                       (what a training step captured in a graph pays)
-  memtrace_cuda_graphs  the batched call with TraceMemory.cuda_graphs = True: the memory keeps a CUDA
-                      graph of its update per key and replays it (inputs copied into its buffers)
   memtrace_per_layer  32 calls of update_edges([layer], ...) with 65,536 candidates each
   memtrace_torch      the same batched update through memtrace's vectorised PyTorch path (the CPU
                       path, run on the GPU: torch.sort-based segmented selection, no host sync)
@@ -251,24 +249,6 @@ def main(argv=None):
         del graph
     except Exception as exc:  # capture unsupported here: record it, the other rows still count
         out["graph_error"] = f"{type(exc).__name__}: {exc}"
-    # the same eager call with TraceMemory.cuda_graphs = True (the memory's own graph per key; each
-    # call copies its inputs into the graph's buffers, then replays)
-    try:
-        mem.cuda_graphs = True
-        restore()
-        batched()               # the key's first call: an eager update, then the capture
-        res["memtrace_cuda_graphs"] = time_it(batched, restore, iters)
-        restore()
-        batched()
-        via = to_peer_state(mem)
-        out["cuda_graphs_match_eager"] = bool(via["key"].numel() == mt_after["key"].numel()
-                                              and (via["key"] == mt_after["key"]).all()
-                                              and (via["strength"] == mt_after["strength"]).all())
-    except Exception as exc:
-        out["cuda_graphs_error"] = f"{type(exc).__name__}: {exc}"
-    finally:
-        mem.cuda_graphs = False
-        mem._graphs.clear()
     pk = peer_out["state"]["key"]
     same = pk.numel() == mt_after["key"].numel() and bool((pk == mt_after["key"]).all())
     common = torch.isin(mt_after["key"], pk).sum().item()
@@ -279,16 +259,13 @@ def main(argv=None):
     base = res["peer_pytorch"]["ms"]
     out["ratios"] = {f"peer_pytorch / {k}": base / v["ms"] for k, v in res.items() if k != "peer_pytorch"}
     out["target"] = {"issue4_ms": 0.5, "met": res["memtrace_batched"]["ms"] <= 0.5, "spec_peer_ms": 3.1,
-                     "met_in_graph": res["memtrace_graph"]["ms"] <= 0.5 if "memtrace_graph" in res else None,
-                     "met_with_cuda_graphs": (res["memtrace_cuda_graphs"]["ms"] <= 0.5
-                                              if "memtrace_cuda_graphs" in res else None)}
+                     "met_in_graph": res["memtrace_graph"]["ms"] <= 0.5 if "memtrace_graph" in res else None}
     for k, v in res.items():
         print(f"{k:20s} {v['ms']:8.3f} ms (gpu, median)   {v['host_ms']:8.3f} ms (host)")
     for k, v in out["ratios"].items():
         print(f"{k:40s} {v:6.2f}x")
     print("agree:", out["agree"])
     print("graph:", out.get("graph_matches_eager", out.get("graph_error")))
-    print("cuda_graphs:", out.get("cuda_graphs_match_eager", out.get("cuda_graphs_error")))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 
 import torch
 
@@ -86,10 +85,6 @@ class TraceMemory:
         self.strength = torch.full(shape, EMPTY_STRENGTH, dtype=torch.float32, device=device)
         self.meta = torch.zeros(shape, dtype=torch.int64, device=device)
         self.backend = "auto"
-        # True: on CUDA the Triton update is replayed from a CUDA graph per (layers, shapes) after
-        # its first call (see _run_graphed); False: every call launches its kernels
-        self.cuda_graphs = False
-        self._graphs = {}
         self._token = object()
         self._versions = [0] * self.num_layers
         self._direct_ones = {}
@@ -443,10 +438,7 @@ class TraceMemory:
     def _run(self, layers, head, q_idx, k_idx, S, a, num_edges, slot_S, slot_a, direct):
         """Apply one update to `layers` (B of them); all tensors already checked and on device."""
         backend = self._resolved_backend()
-        if (backend == "triton" and self.cuda_graphs and self.device.type == "cuda"
-                and not torch.cuda.is_current_stream_capturing()):
-            self._run_graphed(layers, head, q_idx, k_idx, S, a, num_edges, slot_S, slot_a, direct)
-        elif backend == "triton":
+        if backend == "triton":
             from memtrace.kernels.trace_update import trace_update_slabs
             trace_update_slabs(self.strength, self.meta, layers, head, q_idx, k_idx, S, a, num_edges,
                                slot_S, slot_a, direct, **self._params())
@@ -458,41 +450,6 @@ class TraceMemory:
             self.meta[idx] = mt
         for layer in layers:
             self._versions[layer] += 1
-
-    def _run_graphed(self, layers, *inputs):
-        """The Triton update replayed from a CUDA graph: one launch of host work instead of ~20
-        (an eager update's first kernel waits ~100 us for the host; BENCHMARKS.md). The first call
-        of a (layers, input shapes, rates, state tensors) key copies its inputs into buffers the
-        graph owns, updates eagerly from them (compiling the kernels for exactly those buffers),
-        then captures the same launches (capturing runs nothing, so the state moves once); later
-        calls copy their inputs into those buffers and replay. Each key holds its buffers and the
-        update's scratch (~60 bytes per candidate + ~28 per slot); at most two keys are kept."""
-        from memtrace.kernels.trace_update import trace_update_slabs
-        params = self._params()
-        key = (tuple(layers), tuple((t.shape, t.dtype) for t in inputs), tuple(params.values()),
-               self.strength.data_ptr(), self.meta.data_ptr(), self.device)
-        entry = self._graphs.get(key)
-        if entry is None:
-            static = tuple(t.contiguous().clone() for t in inputs)
-            trace_update_slabs(self.strength, self.meta, layers, *static, **params)
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph):
-                    trace_update_slabs(self.strength, self.meta, layers, *static, **params)
-            except RuntimeError as exc:   # this update is done (eagerly); later ones stay eager
-                self.cuda_graphs = False
-                warnings.warn(f"TraceMemory.cuda_graphs: the CUDA graph capture failed ({exc}); "
-                              "cuda_graphs is now False and updates run eagerly", stacklevel=4)
-                return
-            if len(self._graphs) >= 2:
-                self._graphs.clear()
-            self._graphs[key] = (graph, static)
-            return
-        graph, static = entry
-        pairs = [(dst, src) for dst, src in zip(static, inputs) if dst.data_ptr() != src.data_ptr()]
-        if pairs:   # one multi-tensor launch per dtype, not a copy launch per input (host time)
-            torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
-        graph.replay()
 
     # -- persistence -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -580,7 +537,6 @@ class TraceMemory:
 
     def _bump_all(self):
         self._versions = [v + 1 for v in self._versions]
-        self._graphs = {}      # they point at the replaced state tensors
 
 
 # ---- checks --------------------------------------------------------------------------------------

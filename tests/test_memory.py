@@ -1029,18 +1029,3 @@ def test_hand_update_dense_float64_boundaries():
     mem.update_dense(0, S, a)
     assert mem.num_traces(0) == 0
 
-
-def test_cuda_graphs_flag_is_ignored_off_cuda():
-    """TraceMemory.cuda_graphs only changes how the CUDA Triton update launches: on the CPU the
-    flagged memory updates exactly as an unflagged one and keeps no graph."""
-    kw = dict(quota=4, retention=0.6, decay=0.7, threshold=0.05, prune_eps=0.02, window=3, max_seq_len=9)
-    plain, flagged = mt.TraceMemory(2, 2, **kw), mt.TraceMemory(2, 2, **kw)
-    flagged.cuda_graphs = True
-    rng = random.Random(5)
-    for _ in range(3):
-        S, a = random_maps(rng, 2, 6, 0.6, (0.3, 1.0, 2.0))
-        cap = fake_capture(candidates_of(S, a, nonzero_coords(S, a)), num_heads=2, seq_len=6)
-        plain.update(1, cap)
-        flagged.update(1, cap)
-    assert torch.equal(plain.meta, flagged.meta) and torch.equal(plain.strength, flagged.strength)
-    assert not flagged._graphs
