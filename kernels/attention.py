@@ -13,6 +13,10 @@ atomics).
 Layouts: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] (any strides, unit stride along D is made if
 missing), Hq % Hkv == 0, query head h reads kv head h // (Hq // Hkv). D in 16..256 (powers of 2).
 
+Dense tiles come by TMA (host descriptors over the 4-D tensors) or by pointer loads, per autotune
+config (USE_DESC): on the H100 TMA lost without a bias and won with many entries
+(benchmarks/notes_attention.md, session 6); MEMTRACE_ATTN_TMA=0 / 1 forces one form.
+
 Cancellation: where the corrected normaliser 1 + sum w of a row falls under
 CANCEL_THRESHOLD ("cancelling" rows), a second launch recomputes those rows with the bias applied
 inside the tile loop (skipped when no row can cancel), so out and lse stay accurate; the forward
