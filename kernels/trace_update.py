@@ -11,8 +11,8 @@ are host time: an eager update waits on the host, see BENCHMARKS.md):
    binary-searches its slab for pos over all Q slots, reading meta only: an empty slot has meta 0
    and a stored trace past slot 0 has pos > 0, so meta 0 past slot 0 sorts last (no slab-length
    pass first; the strength is read once, at the end). A stored trace takes the edge's (S, a)
-   into the slot score buffers (unless the layer's slot scores came from the bias, `direct`). An edge that is not
-   stored becomes a new trace when Sh = S ln(1 + [a > attn_eps]) > threshold and
+   into the slot score buffers (unless the layer's slot scores came from the bias, `direct`).
+   An edge that is not stored becomes a new trace when Sh = S ln(1 + [a > attn_eps]) > threshold and
    M = (1 - retention) Sh >= prune_eps; those are counted per slab (one atomic per block and head).
 2. `torch.cumsum` of the per-slab counts gives each slab's range in a grouped buffer;
    `_group_kernel`, grid (B, cdiv(C, BLOCK_C)): new traces are scattered into their slab's range
@@ -317,20 +317,20 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
         # stored keys, which are in pos order in scratch_key[0, n_kept_old)).
         tl.store(scratch_key_ptr + lbase + dst_old, (pos << IDX_BITS) | dst_old, mask=kept)
         tl.debug_barrier()
-        shift = tl.zeros([BLOCK_Q], dtype=tl.int32)
-        for t in range(n_new_kept):
-            p_t = tl.load(scratch_key_ptr + lbase + n_kept_old + t) >> IDX_BITS
-            shift += (p_t < pos).to(tl.int32)
-        tl.store(strength_ptr + base + dst_old + shift, m32, mask=kept)
-        tl.store(meta_ptr + base + dst_old + shift, meta, mask=kept)
         mchunk = tl.arange(0, MERGE_MAX)
         new_in = mchunk < n_new_kept
         new_src = n_kept_old + mchunk
         p_x = tl.load(scratch_key_ptr + lbase + new_src, mask=new_in, other=0) >> IDX_BITS
+        # one pass over the new positions gives both counts: the stored traces' shift and the
+        # new ones' rank among themselves
+        shift = tl.zeros([BLOCK_Q], dtype=tl.int32)
         rank = tl.zeros([MERGE_MAX], dtype=tl.int32)
         for t in range(n_new_kept):
             p_t = tl.load(scratch_key_ptr + lbase + n_kept_old + t) >> IDX_BITS
+            shift += (p_t < pos).to(tl.int32)
             rank += (p_t < p_x).to(tl.int32)
+        tl.store(strength_ptr + base + dst_old + shift, m32, mask=kept)
+        tl.store(meta_ptr + base + dst_old + shift, meta, mask=kept)
         lo = tl.zeros([MERGE_MAX], dtype=tl.int32)      # first stored key with pos >= p_x
         hi = tl.zeros([MERGE_MAX], dtype=tl.int32) + n_kept_old
         for _ in tl.static_range(LOG_Q):
@@ -397,8 +397,8 @@ _WORKSPACES = {}
 
 def _workspace(device, n_edges, n_slabs, Q):
     """The update's scratch buffers. On CUDA they are kept between calls on the same stream
-    (their allocation and a zero fill were ~40 us of host time per call ahead of the first kernel
-    on the H100 machine; stream order makes the reuse safe), except while a CUDA graph is being
+    (allocating them each call was ~25 us of host time ahead of the first kernel on the H100
+    machine; stream order makes the reuse safe), except while a CUDA graph is being
     captured: the graph must own what it reads (this cache may drop its buffers). Holds
     ~36 B per candidate + ~20 B per slot (~120 MiB at 2M candidates and 2M slots)."""
     cached = device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
@@ -459,6 +459,8 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
     ws = _workspace(device, B * C, n_slabs, Q)
     counts, new_count, cursor = ws["counts"], ws["new_count"], ws["cursor"]
     counts.zero_()                                       # new traces, group cursors
+    grouped_m, grouped_meta = ws["grouped_m"], ws["grouped_meta"]
+    new_end = new_count                                  # (no candidates: every slab's range is empty)
     if C > 0:
         cand_slab, cand_m, cand_meta = ws["cand_slab"], ws["cand_m"], ws["cand_meta"]
         _match[(triton.cdiv(C, BLOCK_C), B)](
@@ -466,20 +468,16 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
             params, ln1p, cand_slab, cand_m, cand_meta, counts, C, H, Q, max_seq_len,
             POS_SHIFT=pos_shift, POS_MASK=pos_mask, LOG_Q=max(1, Q.bit_length()),
             BLOCK_C=BLOCK_C, H_P2=H_P2, num_warps=4)       # (counts' row 0 is new_count)
-        grouped_m, grouped_meta = ws["grouped_m"], ws["grouped_meta"]
         new_end = torch.cumsum(new_count, 0, dtype=torch.int32)    # slab s's range: [end - count, end)
         _group[(B, triton.cdiv(C, BLOCK_C))](cand_slab, cand_m, cand_meta, new_count, new_end, cursor,
                                              grouped_m, grouped_meta, C, BLOCK_C=BLOCK_C, num_warps=4)
-    else:
-        new_end = new_count
-        grouped_m, grouped_meta = ws["grouped_m"], ws["grouped_meta"]
     scratch_m, scratch_meta, scratch_key = ws["scratch_m"], ws["scratch_meta"], ws["scratch_key"]
     # quota 2048: 8 warps capped at 128 registers (no spills when compiled for sm_90) fit two
     # programs per SM, so one program's barriers and reductions overlap the other's work
     warps = SELECT_WARPS or max(4, min(16, BLOCK_Q // 256))
     options = dict(SELECT_OPTIONS) if SELECT_OPTIONS or SELECT_WARPS else ({"maxnreg": 128} if warps == 8 else {})
     _select[(n_slabs,)](strength, meta, layers_t, slot_S, slot_a, params, ln1p, new_count, new_end,
-                               grouped_m, grouped_meta, scratch_m, scratch_meta, scratch_key, H, Q,
-                               W=window, AGE_MAX=(1 << age_bits) - 1, POS_SHIFT=pos_shift, POS_MASK=pos_mask,
-                               IDX_BITS=_IDX_BITS, BLOCK_Q=BLOCK_Q, BLOCK_N=min(BLOCK_Q, 1024),
-                               MERGE_MAX=SELECT_MERGE_MAX, LOG_Q=max(1, Q.bit_length()), num_warps=warps, **options)
+                        grouped_m, grouped_meta, scratch_m, scratch_meta, scratch_key, H, Q,
+                        W=window, AGE_MAX=(1 << age_bits) - 1, POS_SHIFT=pos_shift, POS_MASK=pos_mask,
+                        IDX_BITS=_IDX_BITS, BLOCK_Q=BLOCK_Q, BLOCK_N=min(BLOCK_Q, 1024),
+                        MERGE_MAX=SELECT_MERGE_MAX, LOG_Q=max(1, Q.bit_length()), num_warps=warps, **options)
