@@ -1,13 +1,16 @@
 """Where the host spends one trace-memory update (bench_update's workload, 32 x 32 x 2048, 2M
 candidates): the mean time from the call's start to each step, over 200 calls queued without a
-synchronisation, and the kernels' GPU start times from CUDA events recorded between the steps.
+synchronisation and over 200 calls each started on an idle GPU (queued calls outrun the GPU, so
+their launches include waiting for room in the launch queue), and the median GPU time of a call.
 
     python benchmarks/host_timeline_update.py [OUT.json]
 
 The eager update's GPU time is its kernels' sum plus the time the GPU waits for the host to
 launch the first of them; this shows how long that is and where it goes.
 """
+import cProfile
 import json
+import pstats
 import sys
 import time
 
@@ -69,6 +72,32 @@ def main():
     host_per_call = (time.perf_counter() - t_all) / n
     torch.cuda.synchronize()
     timeline = {name: round(1e6 * v / n, 1) for name, v in totals.items()}
+    # the same with the GPU idle at each call's start (as a timed eager call sees it): queued
+    # calls outrun the GPU, fill the launch queue and then block inside whichever launch comes
+    synced = {}
+    for _ in range(n):
+        torch.cuda.synchronize()
+        STAMPS.clear()
+        t0 = time.perf_counter()
+        call()
+        t1 = time.perf_counter()
+        for name, t in STAMPS + [("call end", t1)]:
+            synced[name] = synced.get(name, 0.0) + (t - t0)
+    torch.cuda.synchronize()
+    synced = {name: round(1e6 * v / n, 1) for name, v in synced.items()}
+    # where the host time goes, function by function (cProfile over the same synced calls; the
+    # profiler's own overhead inflates Python-heavy lines more than C calls)
+    prof = cProfile.Profile()
+    for _ in range(n):
+        torch.cuda.synchronize()
+        prof.enable()
+        call()
+        prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof)
+    top = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:14]
+    profile = [{"function": f"{fn[0].split('/')[-1]}:{fn[1]}({fn[2]})", "calls_per_update": round(v[1] / n, 1),
+                "own_us_per_update": round(1e6 * v[2] / n, 1)} for fn, v in top]
     # one synchronised call: event before the call and GPU time until done
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
     gpu = []
@@ -81,6 +110,7 @@ def main():
         gpu.append(ev[0].elapsed_time(ev[1]))
     gpu.sort()
     res = {"device": torch.cuda.get_device_name(), "host_us_from_call_start": timeline,
+           "host_us_from_call_start_synced": synced, "host_profile_synced": profile,
            "host_us_per_call_queued": round(1e6 * host_per_call, 1), "gpu_ms_median_synced": round(gpu[len(gpu) // 2], 4)}
     print(json.dumps(res, indent=1))
     if len(sys.argv) > 1:

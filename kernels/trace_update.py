@@ -4,8 +4,9 @@ State (see memtrace/memory.py): strength float32 [L, H, Q] (-1 = empty slot) and
 [L, H, Q] = pos << (W + A) | age << W | hist, pos = i * max_seq_len + j. In each (layer, head)
 slab the traces fill slots [0, n) sorted by pos; the rest are empty.
 
-One update of B layers (B x H slabs) is a memset, three Triton launches and a cumsum (launches
-are host time: an eager update waits on the host, see BENCHMARKS.md):
+One update of B layers (B x H slabs) is three Triton launches and a cumsum (launches are host
+time: an eager update waits on the host, see BENCHMARKS.md; the per-slab counters live in a
+workspace kept between calls and the select kernel leaves them at zero, so no memset comes first):
 
 1. `_match_kernel`, grid (cdiv(C, BLOCK_C), B): each candidate edge (head, i, j, S, a) of layer b
    binary-searches its slab for pos over all Q slots, reading meta only: an empty slot has meta 0
@@ -164,7 +165,7 @@ def _min_max(a_min, a_max, b_min, b_max):
 
 @triton.jit
 def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, params_ptr, ln1p_ptr,
-                   new_count_ptr, new_end_ptr, grouped_m_ptr, grouped_meta_ptr,
+                   new_count_ptr, new_end_ptr, cursor_ptr, grouped_m_ptr, grouped_meta_ptr,
                    scratch_m_ptr, scratch_meta_ptr, scratch_key_ptr,
                    H, Q,
                    W: tl.constexpr, AGE_MAX: tl.constexpr, POS_SHIFT: tl.constexpr, POS_MASK: tl.constexpr,
@@ -212,6 +213,11 @@ def _select_kernel(strength_ptr, meta_ptr, layers_ptr, slot_s_ptr, slot_a_ptr, p
 
     n_new = tl.load(new_count_ptr + ls)
     start = tl.load(new_end_ptr + ls) - n_new
+    # leave this slab's counters at zero for the next update (the workspace is kept between
+    # calls, so no memset launch ahead of the match): every thread has read them first
+    tl.debug_barrier()
+    tl.store(new_count_ptr + ls, 0)
+    tl.store(cursor_ptr + ls, 0)
     chunk = tl.arange(0, BLOCK_N)
 
     # 6. the quota-th largest key T (only when over quota); keys are unique in a slab, so exactly
@@ -392,6 +398,32 @@ def _tables(retention, decay, threshold, prune_eps, attn_eps, window, device):
     return t
 
 
+_BLOCK_C = 512
+_CONSTANTS: dict = {}
+
+
+def _launch_constants(H, Q, pos_bits, age_bits):
+    """The launches' constexprs and options for a slab shape, worked out once (plain integer
+    arithmetic: on the H100 machine's host each triton.cdiv / next_power_of_2 call cost ~5 us,
+    and the eager update waits on host time before its first kernel)."""
+    key = (H, Q, pos_bits, age_bits, SELECT_WARPS, tuple(sorted(SELECT_OPTIONS.items())), SELECT_MERGE_MAX)
+    k = _CONSTANTS.get(key)
+    if k is None:
+        pos_shift, pos_mask, log_q = 64 - pos_bits, (1 << pos_bits) - 1, max(1, Q.bit_length())
+        block_q = max(16, 1 << (Q - 1).bit_length())
+        # quota 2048: 8 warps capped at 128 registers (no spills when compiled for sm_90) fit two
+        # programs per SM, so one program's barriers and reductions overlap the other's work
+        warps = SELECT_WARPS or max(4, min(16, block_q // 256))
+        options = dict(SELECT_OPTIONS) if SELECT_OPTIONS or SELECT_WARPS else ({"maxnreg": 128} if warps == 8 else {})
+        k = _CONSTANTS[key] = {
+            "match": dict(POS_SHIFT=pos_shift, POS_MASK=pos_mask, LOG_Q=log_q, BLOCK_C=_BLOCK_C,
+                          H_P2=max(2, 1 << (H - 1).bit_length()), num_warps=4),
+            "select": dict(AGE_MAX=(1 << age_bits) - 1, POS_SHIFT=pos_shift, POS_MASK=pos_mask, IDX_BITS=_IDX_BITS,
+                           BLOCK_Q=block_q, BLOCK_N=min(block_q, 1024), MERGE_MAX=SELECT_MERGE_MAX, LOG_Q=log_q,
+                           num_warps=warps, **options)}
+    return k
+
+
 _WORKSPACES = {}
 
 
@@ -412,7 +444,7 @@ def _workspace(device, n_edges, n_slabs, Q):
 
     def empty(n, dtype):
         return torch.empty(n, dtype=dtype, device=device)
-    counts = torch.empty(2, n_slabs, dtype=torch.int32, device=device)
+    counts = torch.zeros(2, n_slabs, dtype=torch.int32, device=device)   # the select kernel re-zeroes them
     ws = {"counts": counts, "new_count": counts[0], "cursor": counts[1],
           "cand_slab": empty(n_edges, torch.int32), "cand_m": empty(n_edges, torch.float64),
           "cand_meta": empty(n_edges, torch.int64), "grouped_m": empty(n_edges, torch.float64),
@@ -443,6 +475,7 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
     B, C = head.shape
     if Q > MAX_TRITON_QUOTA:
         raise ValueError(f"quota {Q} is over the Triton path's {MAX_TRITON_QUOTA}; use backend='torch'")
+    k = _launch_constants(H, Q, pos_bits, age_bits)
     layers_t = _layers_tensor(layers, device)
     params, ln1p = _tables(retention, decay, threshold, prune_eps, attn_eps, window, device)
     head, q_idx, k_idx = head.contiguous(), q_idx.contiguous(), k_idx.contiguous()
@@ -451,33 +484,33 @@ def trace_update_slabs(strength, meta, layers, head, q_idx, k_idx, S, a, num_edg
     direct_u8 = direct.contiguous().view(torch.uint8)
     num_edges = num_edges.contiguous()
     n_slabs = B * H
-    pos_shift = 64 - pos_bits
-    pos_mask = (1 << pos_bits) - 1
-    H_P2 = max(2, triton.next_power_of_2(H))
-    BLOCK_C = 512
-    BLOCK_Q = max(16, triton.next_power_of_2(Q))
     ws = _workspace(device, B * C, n_slabs, Q)
+    try:
+        _launch_all(strength, meta, layers_t, head, q_idx, k_idx, S, a, num_edges, direct_u8, slot_S, slot_a,
+                    params, ln1p, ws, B, C, H, Q, n_slabs, window, max_seq_len, k)
+    except BaseException:
+        ws["counts"].zero_()    # the select kernel did not run: it did not clear the counters
+        raise
+
+
+def _launch_all(strength, meta, layers_t, head, q_idx, k_idx, S, a, num_edges, direct_u8, slot_S, slot_a,
+                params, ln1p, ws, B, C, H, Q, n_slabs, window, max_seq_len, k):
+    """match, cumsum, group, select on the workspace `ws`, whose counters are zero on entry and
+    on return (the select kernel clears them)."""
     counts, new_count, cursor = ws["counts"], ws["new_count"], ws["cursor"]
-    counts.zero_()                                       # new traces, group cursors
     grouped_m, grouped_meta = ws["grouped_m"], ws["grouped_meta"]
     new_end = new_count                                  # (no candidates: every slab's range is empty)
     if C > 0:
         cand_slab, cand_m, cand_meta = ws["cand_slab"], ws["cand_m"], ws["cand_meta"]
-        _match[(triton.cdiv(C, BLOCK_C), B)](
+        blocks = (C + _BLOCK_C - 1) // _BLOCK_C
+        _match[(blocks, B)](
             strength, meta, layers_t, head, q_idx, k_idx, S, a, num_edges, direct_u8, slot_S, slot_a,
-            params, ln1p, cand_slab, cand_m, cand_meta, counts, C, H, Q, max_seq_len,
-            POS_SHIFT=pos_shift, POS_MASK=pos_mask, LOG_Q=max(1, Q.bit_length()),
-            BLOCK_C=BLOCK_C, H_P2=H_P2, num_warps=4)       # (counts' row 0 is new_count)
+            params, ln1p, cand_slab, cand_m, cand_meta, counts, C, H, Q, max_seq_len, **k["match"])
+        # (counts' row 0 is new_count)
         new_end = torch.cumsum(new_count, 0, dtype=torch.int32)    # slab s's range: [end - count, end)
-        _group[(B, triton.cdiv(C, BLOCK_C))](cand_slab, cand_m, cand_meta, new_count, new_end, cursor,
-                                             grouped_m, grouped_meta, C, BLOCK_C=BLOCK_C, num_warps=4)
+        _group[(B, blocks)](cand_slab, cand_m, cand_meta, new_count, new_end, cursor,
+                            grouped_m, grouped_meta, C, BLOCK_C=_BLOCK_C, num_warps=4)
     scratch_m, scratch_meta, scratch_key = ws["scratch_m"], ws["scratch_meta"], ws["scratch_key"]
-    # quota 2048: 8 warps capped at 128 registers (no spills when compiled for sm_90) fit two
-    # programs per SM, so one program's barriers and reductions overlap the other's work
-    warps = SELECT_WARPS or max(4, min(16, BLOCK_Q // 256))
-    options = dict(SELECT_OPTIONS) if SELECT_OPTIONS or SELECT_WARPS else ({"maxnreg": 128} if warps == 8 else {})
-    _select[(n_slabs,)](strength, meta, layers_t, slot_S, slot_a, params, ln1p, new_count, new_end,
+    _select[(n_slabs,)](strength, meta, layers_t, slot_S, slot_a, params, ln1p, new_count, new_end, cursor,
                         grouped_m, grouped_meta, scratch_m, scratch_meta, scratch_key, H, Q,
-                        W=window, AGE_MAX=(1 << age_bits) - 1, POS_SHIFT=pos_shift, POS_MASK=pos_mask,
-                        IDX_BITS=_IDX_BITS, BLOCK_Q=BLOCK_Q, BLOCK_N=min(BLOCK_Q, 1024),
-                        MERGE_MAX=SELECT_MERGE_MAX, LOG_Q=max(1, Q.bit_length()), num_warps=warps, **options)
+                        W=window, **k["select"])

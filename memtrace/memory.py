@@ -61,6 +61,13 @@ _CONFIG_KEYS = ("num_layers", "num_heads", "quota", "retention", "decay", "thres
                 "attn_eps", "window", "max_seq_len")
 _STRUCTURE_KEYS = ("num_layers", "num_heads", "quota", "window", "max_seq_len")
 _BACKENDS = ("auto", "triton", "torch")
+_INDEX_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
+_SCORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _as(t, dtype):
+    """t in dtype (itself when it already is: no dispatcher call, host time per update)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _popcount(x: torch.Tensor) -> torch.Tensor:
@@ -249,20 +256,32 @@ class TraceMemory:
         if len(set(layers)) != len(layers):
             raise ValueError("layers must be distinct")
         B = len(layers)
-        for name, t in (("head", head), ("q_idx", q_idx), ("k_idx", k_idx)):
-            V.check_tensor(name, t, ndim=2, integer=True)
-        for name, t in (("salience", salience), ("attn", attn)):
-            V.check_tensor(name, t, ndim=2, floating=True)
-        C = head.shape[1]
         device = self.strength.device
-        shape = (B, C)
-        for name, t in (("head", head), ("q_idx", q_idx), ("k_idx", k_idx), ("salience", salience), ("attn", attn)):
+        named = (("head", head), ("q_idx", q_idx), ("k_idx", k_idx), ("salience", salience), ("attn", attn))
+        # the checks cost host time ahead of the update's first kernel: one pass for the common
+        # case (exact tensors of the expected dtypes on the memory's device), the full checks else
+        fast = all(type(t) is torch.Tensor for _, t in named)
+        if fast:
+            fast = (head.dtype in _INDEX_DTYPES and q_idx.dtype in _INDEX_DTYPES and k_idx.dtype in _INDEX_DTYPES
+                    and salience.dtype in _SCORE_DTYPES and attn.dtype in _SCORE_DTYPES)
+        if not fast:
+            for name, t in named[:3]:
+                V.check_tensor(name, t, ndim=2, integer=True)
+            for name, t in named[3:]:
+                V.check_tensor(name, t, ndim=2, floating=True)
+        shape = head.shape
+        if len(shape) != 2:
+            raise ValueError(f"head must have 2 dimensions, got shape {tuple(shape)}")
+        if shape[0] != B:
+            raise ValueError(f"head must have shape {(B, shape[1])}, got {tuple(shape)}")
+        C = shape[1]
+        for name, t in named:
             if t.shape != shape:
-                raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+                raise ValueError(f"{name} must have shape {(B, C)}, got {tuple(t.shape)}")
             if t.device != device:
                 self._check_device(name, t)
         if num_edges is None:
-            num_edges = torch.full((B,), C, dtype=torch.int32, device=self.device)
+            num_edges = torch.full((B,), C, dtype=torch.int32, device=device)
         else:
             V.check_tensor("num_edges", num_edges, ndim=1, integer=True)
             if num_edges.shape[0] != B:
@@ -281,7 +300,7 @@ class TraceMemory:
                 if tuple(t.shape) != shape:
                     raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
                 self._check_device(name, t)
-            slot_S, slot_a = trace_salience.float(), trace_attn.float()
+            slot_S, slot_a = _as(trace_salience, torch.float32), _as(trace_attn, torch.float32)
             direct = self._all_direct(B)
         if validate is None:
             validate = self.device.type == "cpu"
@@ -297,8 +316,9 @@ class TraceMemory:
             if trace_salience is not None:
                 V.check_finite("trace_salience", slot_S)
                 V.check_finite("trace_attn", slot_a)
-        self._run(layers, head.int(), q_idx.int(), k_idx.int(), salience.float(), attn.float(),
-                  num_edges.int(), slot_S, slot_a, direct)
+        self._run(layers, _as(head, torch.int32), _as(q_idx, torch.int32), _as(k_idx, torch.int32),
+                  _as(salience, torch.float32), _as(attn, torch.float32), _as(num_edges, torch.int32),
+                  slot_S, slot_a, direct)
 
     def update_dense(self, layer, salience, attn):
         """SPEC 4 with every edge of dense [H, Tq, Tk] maps a candidate (reference path; the maps

@@ -683,6 +683,43 @@ def test_triton_kernels_interpreted_many_blocks_odd_heads(merge_max, monkeypatch
     assert (tri.strength >= 0).sum() == L * H * Q     # every slab full: the select evicted
 
 
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (the Triton kernels on CPU)")
+def test_triton_kept_workspace_counters_return_to_zero(monkeypatch):
+    """On CUDA the update's workspace is kept between calls and no memset clears its per-slab
+    counters: the select kernel leaves them at zero. Here the workspace is kept on the CPU too,
+    over steps with and without candidates; every step must match the torch path and end with
+    zero counters."""
+    from memtrace.kernels import trace_update as tu
+    kept = {}
+    real = tu._workspace
+
+    def keep(device, n_edges, n_slabs, Q):
+        key = (n_edges, n_slabs, Q)
+        if key not in kept:
+            kept[key] = real(device, n_edges, n_slabs, Q)
+        return kept[key]
+    monkeypatch.setattr(tu, "_workspace", keep)
+    L, H, Q, T, C = 2, 3, 4, 12, 60
+    kw = dict(num_layers=L, num_heads=H, quota=Q, retention=0.6, decay=0.7, threshold=0.05, prune_eps=0.02,
+              window=3, max_seq_len=T)
+    tri, ref = mt.TraceMemory(**kw), mt.TraceMemory(**kw)
+    tri.backend, ref.backend = "triton", "torch"
+    g = torch.Generator().manual_seed(9)
+    for step in range(4):
+        c = 0 if step == 2 else C
+        cells = torch.stack([torch.randperm(H * T * T, generator=g)[:c] for _ in range(L)])
+        head, rest = (cells // (T * T)).int(), cells % (T * T)
+        S = torch.tensor([0.01, 0.3, 1.0, 2.0])[torch.randint(0, 4, (L, c), generator=g)]
+        a = torch.tensor([0.0, 0.9])[torch.randint(0, 2, (L, c), generator=g)]
+        args = (head, (rest // T).int(), (rest % T).int(), S, a)
+        tri.update_edges([0, 1], *args)
+        ref.update_edges([0, 1], *args)
+        assert torch.equal(tri.meta, ref.meta), step
+        torch.testing.assert_close(tri.strength, ref.strength, rtol=1e-6, atol=0)
+        assert kept and all(int(ws["counts"].abs().sum()) == 0 for ws in kept.values()), step
+    assert len(kept) == 2      # steps with C candidates reused one workspace
+
+
 # ---- with the real SalienceCapture ---------------------------------------------------------------
 
 def test_update_from_real_capture_matches_reference():
