@@ -654,6 +654,15 @@ def test_triton_kernels_interpreted_many_new_candidates(merge_max, monkeypatch):
         torch.testing.assert_close(tri.strength, ref_mem.strength, rtol=1e-6, atol=0)
 
 
+def _triton_and_torch(L, H, Q, T):
+    """Two memories of one shape (rates fixed), on the Triton and the torch update paths."""
+    kw = dict(num_layers=L, num_heads=H, quota=Q, retention=0.6, decay=0.7, threshold=0.05, prune_eps=0.02,
+              window=3, max_seq_len=T)
+    tri, ref = mt.TraceMemory(**kw), mt.TraceMemory(**kw)
+    tri.backend, ref.backend = "triton", "torch"
+    return tri, ref
+
+
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (the Triton kernels on CPU)")
 @pytest.mark.parametrize("merge_max", [64, 2])
 def test_triton_kernels_interpreted_many_blocks_odd_heads(merge_max, monkeypatch):
@@ -664,10 +673,7 @@ def test_triton_kernels_interpreted_many_blocks_odd_heads(merge_max, monkeypatch
     from memtrace.kernels import trace_update as tu
     monkeypatch.setattr(tu, "SELECT_MERGE_MAX", merge_max)
     L, H, Q, T, C = 2, 3, 8, 40, 1300          # C over the kernels' 512-edge blocks: 3 blocks a layer
-    kw = dict(num_layers=L, num_heads=H, quota=Q, retention=0.6, decay=0.7, threshold=0.05, prune_eps=0.02,
-              window=3, max_seq_len=T)
-    tri, ref = mt.TraceMemory(**kw), mt.TraceMemory(**kw)
-    tri.backend, ref.backend = "triton", "torch"
+    tri, ref = _triton_and_torch(L, H, Q, T)
     g = torch.Generator().manual_seed(5)
     for _ in range(3):
         cells = torch.stack([torch.randperm(H * T * T, generator=g)[:C] for _ in range(L)])
@@ -700,10 +706,7 @@ def test_triton_kept_workspace_counters_return_to_zero(monkeypatch):
         return kept[key]
     monkeypatch.setattr(tu, "_workspace", keep)
     L, H, Q, T, C = 2, 3, 4, 12, 60
-    kw = dict(num_layers=L, num_heads=H, quota=Q, retention=0.6, decay=0.7, threshold=0.05, prune_eps=0.02,
-              window=3, max_seq_len=T)
-    tri, ref = mt.TraceMemory(**kw), mt.TraceMemory(**kw)
-    tri.backend, ref.backend = "triton", "torch"
+    tri, ref = _triton_and_torch(L, H, Q, T)
     g = torch.Generator().manual_seed(9)
     for step in range(4):
         c = 0 if step == 2 else C
