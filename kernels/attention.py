@@ -621,7 +621,8 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
 
 
 def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: bool, scale: float,
-              alpha: float, need_dvalues: bool, allow_tf32: bool = False, chunk: int = 32, row_flags=None):
+              alpha: float, need_dvalues: bool, allow_tf32: bool = False, chunk: int = 32, row_flags=None,
+              may_cancel: bool = True):
     """Backward of flash_fwd: (dq, dk, dv, dvalues).
 
     out, lse are flash_fwd's results (biased O', natural LSE'); dout [B,Hq,Tq,D]. dq has q's
@@ -632,6 +633,10 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     over the entries). Launches: preprocess (delta, lse2; +inf on flagged rows), dK/dV by key
     block, dQ by query block (the entry terms in each epilogue), then with a bias the exact
     backward of the flagged rows (by query block, by key block; idle programs exit at once).
+    may_cancel=False makes flash_fwd's promise (alpha * every entry value >= ln(CANCEL_THRESHOLD),
+    so no row can cancel): the flags pass, their masking and the exact-row launches are skipped
+    (at B4 H16 T4096 D128 they took ~110 us of a ~4.6 ms forward+backward at 2048 traces/head,
+    ~180 us at 16384; benchmarks/results/profile_attention_h100_session4.json).
     """
     B, Hq, Hkv, Tq, Tk, D = _check_common(q, k, v, bias)
     q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
@@ -647,7 +652,9 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
             entry_values = bias.entry_values()
         ep, ko, kof, qo = bias.entry_pos, bias.k_order, bias.k_offsets, bias.q_offsets
         tq_max, tk_max = bias.seq_len_q, bias.seq_len_k
-        if row_flags is None:
+        if not may_cancel:
+            row_flags = torch.empty(1, dtype=torch.int8, device=dev)
+        elif row_flags is None:
             row_flags = _cancel_flags(q, k, lse, bias, entry_values, causal=causal, scale=scale, alpha=alpha,
                                       prec=prec)
         else:
@@ -664,7 +671,8 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     _bwd_pre_kernel[(triton.cdiv(Tq, pre_bm), B * Hq)](
         out, dout, lse, delta, lse2, row_flags,
         out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        lse.stride(0), lse.stride(1), lse.stride(2), Hq, Tq, HEAD_DIM=D, BLOCK_M=pre_bm, HAS_FLAGS=has_bias,
+        lse.stride(0), lse.stride(1), lse.stride(2), Hq, Tq, HEAD_DIM=D, BLOCK_M=pre_bm,
+        HAS_FLAGS=has_bias and may_cancel,
         num_warps=4)
     need_dval = bool(need_dvalues) and has_bias
     dval_part = torch.zeros((B, E) if need_dval else (1, 1), dtype=torch.float32, device=dev)
@@ -689,7 +697,7 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
         dq.stride(0), dq.stride(1), dq.stride(2),
         Hq, Hq // Hkv, Tq, Tk, tq_max, E, Tk - Tq, scale * sign, scale * LOG2E, alpha * LOG2E, alpha,
         _len_key(Tq), _len_key(Tk), int(use_desc), NEED_DVAL=need_dval, **common)
-    if has_bias:  # the cancelling rows, excluded above (lse2 = +inf), done exactly
+    if has_bias and may_cancel:  # the cancelling rows, excluded above (lse2 = +inf), done exactly
         _exact_rows(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, row_flags,
                     dval_part if need_dval else None, causal=causal, scale=scale, dq_scale=scale * sign,
                     alpha=alpha, prec=prec)

@@ -198,7 +198,7 @@ class TritonBackend(Backend):
     def backward(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, need_dvalues):
         module = _import_kernels("attention")[0]
         return module.flash_bwd(q, k, v, out, lse, dout, bias, entry_values, causal=causal, scale=scale,
-                                alpha=alpha, need_dvalues=need_dvalues)
+                                alpha=alpha, need_dvalues=need_dvalues, may_cancel=_may_cancel(bias, alpha))
 
 
 class _CorrectedDenseBackend(Backend):

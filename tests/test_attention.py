@@ -696,3 +696,26 @@ def test_may_cancel_follows_the_lowest_bias_logit():
                                 torch.zeros(2, dtype=torch.long), torch.tensor([floor / 2, floor / 2 - 1e-3]),
                                 num_heads=1, seq_len_q=1, seq_len_k=1)
     assert _may_cancel(dup, 1.0)
+
+
+def test_triton_backward_skips_the_cancellation_work_when_no_row_can_cancel(monkeypatch):
+    """Non-negative traces (alpha > 0) cannot cancel: the triton backend's backward must not run
+    the cancelling-row flags pass or the exact-row kernels (~2.5% of a forward+backward on the
+    H100); with a value under ln(0.25) / alpha it must."""
+    if not INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1 (the Triton kernels on CPU)")
+    from memtrace.kernels import attention as ka
+    calls = []
+    real_flags, real_exact = ka._cancel_flags, ka._exact_rows
+    monkeypatch.setattr(ka, "_cancel_flags", lambda *a, **kw: calls.append("flags") or real_flags(*a, **kw))
+    monkeypatch.setattr(ka, "_exact_rows", lambda *a, **kw: calls.append("exact") or real_exact(*a, **kw))
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 12, 16, generator=g, requires_grad=True) for _ in range(3))
+    head, i, j = torch.randint(0, 2, (20,), generator=g), torch.randint(0, 12, (20,), generator=g), \
+        torch.randint(0, 12, (20,), generator=g)
+    for low, expect in ((0.0, []), (-3.0, ["flags", "exact"])):
+        calls.clear()
+        value = torch.rand(20, generator=g) + low
+        bias = mt.TraceBias.from_coo(head, i, j, value, num_heads=2, seq_len_q=12, seq_len_k=12)
+        mt.biased_attention(q, k, v, bias, backend="triton").sum().backward()
+        assert calls == expect, (low, calls)

@@ -125,6 +125,31 @@ def test_flash_fwd_bwd_matches_oracle(case, dtype):
         assert rel(dvals.cpu(), want_dv) < tol
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[5]])
+def test_flash_bwd_without_possible_cancellation_skips_nothing_it_needs(case):
+    """may_cancel=False (alpha * every value >= ln(CANCEL_THRESHOLD), what the op passes for
+    non-negative traces) skips the flags pass and the exact-row launches: the gradients must be
+    bitwise those of the full path, and both must match the oracle."""
+    B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
+    scale, alpha = 1.0 / math.sqrt(D), 0.9
+    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=3 + n)
+    bias, (h, i, j, val) = make_bias(Hq, Tq_max, Tk_max, n, seed=5 + n, scale_vals=2.0)
+    bias, coo = make_bias(Hq, Tq_max, Tk_max, 0, seed=0, extra=(h, i, j, val.abs() - 0.4))   # duplicates add
+    ev = bias.entry_values()
+    assert alpha * float(ev.min()) >= math.log(kc.CANCEL_THRESHOLD)
+    out, lse = ka.flash_fwd(q, k, v, bias, ev, causal=causal, scale=scale, alpha=alpha, may_cancel=False)
+    full = ka.flash_bwd(q, k, v, out, lse, do, bias, ev, causal=causal, scale=scale, alpha=alpha,
+                        need_dvalues=True)
+    fast = ka.flash_bwd(q, k, v, out, lse, do, bias, ev, causal=causal, scale=scale, alpha=alpha,
+                        need_dvalues=True, may_cancel=False)
+    for a, b in zip(full, fast):
+        assert torch.equal(a, b)
+    r = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, scale, alpha)
+    for got, want in zip(fast[:3], r[2:5]):
+        assert rel(got, want) < TOL[torch.float32]
+    assert rel(fast[3].cpu(), expected_dvalues(bias, r[5])) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CASES[:3])
 def test_correction_after_dense_matches_oracle(case, dtype):
