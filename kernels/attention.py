@@ -46,7 +46,9 @@ from .correction import (
     _cancel_flags,
     _check_common,
     _dkdv_entries,
+    _dkdv_entries_rows,
     _dq_entries,
+    _dq_entries_rows,
     _exact_rows,
     _flags_2d,
     _fwd_entries,
@@ -293,6 +295,14 @@ if TMA not in ("auto", "0", "1"):
     raise ValueError(f"MEMTRACE_ATTN_TMA must be auto, 0 or 1, got {TMA!r}")
 
 
+# the backward's entry epilogues: "onehot" (s and dP of every row of the block against the
+# chunk's keys on the tensor cores, three / four dots per chunk) or "rows" (per-entry row dots
+# from gathered rows, one / two scatter dots per chunk): MEMTRACE_ATTN_BWD_ENTRIES
+BWD_ENTRIES = os.environ.get("MEMTRACE_ATTN_BWD_ENTRIES", "onehot").strip() or "onehot"
+if BWD_ENTRIES not in ("onehot", "rows"):
+    raise ValueError(f"MEMTRACE_ATTN_BWD_ENTRIES must be onehot or rows, got {BWD_ENTRIES!r}")
+
+
 def _desc_ok(t):
     """TMA needs a 16-byte aligned base and 16-byte aligned strides, unit stride along D."""
     el = t.element_size()
@@ -459,7 +469,7 @@ def _prune_dq(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_bwd_configs("dkdv"),
-                 key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "TMA_OK"],
+                 key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "TMA_OK", "ENTRY_FORM"],
                  prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit
 def _flash_bwd_dkdv_kernel(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse2, Delta,
@@ -470,7 +480,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse2, Delta,
                            Hq, Hkv, GROUP, Tq, Tk, TqMax, TkMax, causal_off, scale, qk_scale2, alpha2,
                            TQ_KEY, TK_KEY, TMA_OK,
                            HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
+                           CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, ENTRY_FORM: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DESC: tl.constexpr):
     """DK, DV [B,Hkv,Tk,D] for keys [n0, n0+BLOCK_N) of (b, kv head).
 
@@ -518,10 +528,18 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse2, Delta,
             h = hk * GROUP + g
             bh = b * Hq + h
             t_lo, t_hi = _block_range(KOffsets, h, n0, tl.minimum(n0 + BLOCK_N, Tk), TkMax)
-            dk, dv = _dkdv_entries(dk, dv, k, v, offs_n, t_lo, t_hi, KOrder, EntryPos, EntryVal,
-                                   Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
-                                   Lse2 + bh * Tq, Delta + bh * Tq, stride_qm, stride_dom, 1, offs_d,
-                                   Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC, False)
+            if ENTRY_FORM == 1:
+                dk, dv = _dkdv_entries_rows(dk, dv, offs_n, t_lo, t_hi, KOrder, EntryPos, EntryVal,
+                                            Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
+                                            Lse2 + bh * Tq, Delta + bh * Tq, K + b * stride_kb + hk * stride_kh,
+                                            V + b * stride_vb + hk * stride_vh, stride_qm, stride_dom,
+                                            stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2,
+                                            CAUSAL, CHUNK, DOT_PREC)
+            else:
+                dk, dv = _dkdv_entries(dk, dv, k, v, offs_n, t_lo, t_hi, KOrder, EntryPos, EntryVal,
+                                       Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
+                                       Lse2 + bh * Tq, Delta + bh * Tq, stride_qm, stride_dom, 1, offs_d,
+                                       Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC, False)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kmask)
@@ -560,7 +578,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, 
 
 
 @triton.autotune(configs=_bwd_configs("dq"),
-                 key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "TMA_OK"],
+                 key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "TMA_OK", "ENTRY_FORM"],
                  prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit
 def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
@@ -572,6 +590,7 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
                          TQ_KEY, TK_KEY, TMA_OK,
                          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                          CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, NEED_DVAL: tl.constexpr,
+                         ENTRY_FORM: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DESC: tl.constexpr):
     """DQ [B,Hq,Tq,D] for rows [m0, m0+BLOCK_M) of (b, h), and DvalPart[b, e] for their entries.
 
@@ -612,9 +631,16 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
                    CAUSAL, True, BLOCK_N, DOT_PREC, USE_DESC)
     if HAS_BIAS:
         e_lo, e_hi = _block_range(QOffsets, h, m0, tl.minimum(m0 + BLOCK_M, Tq), TqMax)
-        dq = _dq_entries(dq, q, do, lse2, delta, offs_m, e_lo, e_hi, EntryPos, EntryVal, DvalPart + b * E,
-                         k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
-                         qk_scale2, alpha2, alpha, CAUSAL, CHUNK, DOT_PREC, NEED_DVAL)
+        if ENTRY_FORM == 1:
+            dq = _dq_entries_rows(dq, offs_m, e_lo, e_hi, EntryPos, EntryVal, DvalPart + b * E,
+                                  Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
+                                  Lse2 + bh.to(tl.int64) * Tq, Delta + bh.to(tl.int64) * Tq, k_base, v_base,
+                                  stride_qm, stride_dom, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
+                                  qk_scale2, alpha2, alpha, CAUSAL, CHUNK, DOT_PREC, NEED_DVAL)
+        else:
+            dq = _dq_entries(dq, q, do, lse2, delta, offs_m, e_lo, e_hi, EntryPos, EntryVal, DvalPart + b * E,
+                             k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
+                             qk_scale2, alpha2, alpha, CAUSAL, CHUNK, DOT_PREC, NEED_DVAL)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
@@ -682,7 +708,7 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     use_desc = _use_desc(q, k, v, dout)
     q_desc, k_desc, v_desc, do_desc = ((_desc4(t) for t in (q, k, v, dout)) if use_desc else (q, k, v, dout))
     common = dict(HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, CHUNK=chunk, DOT_PREC=prec,
-                  **_interpret_desc(use_desc))
+                  ENTRY_FORM=int(has_bias and BWD_ENTRIES == "rows"), **_interpret_desc(use_desc))
     _flash_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)](
         q, k, v, dout, q_desc, do_desc, dk, dv, lse2, delta, ep, entry_values, ko, kof, qo, flags,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -230,6 +230,74 @@ def _dkdv_entries(dk, dv, k, v, offs_n, t_lo, t_hi,
 
 
 @triton.jit
+def _dq_entries_rows(dq, offs_m, e_lo, e_hi, EntryPos, EntryVal, DvalOut, q_base, do_base, lse2_base, delta_base,
+                     k_base, v_base, stride_qm, stride_dom, stride_kn, stride_vn, offs_d,
+                     Tq, Tk, causal_off, qk_scale2, alpha2, alpha,
+                     CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, NEED_DVAL: tl.constexpr):
+    """_dq_entries in the per-entry form: s = q_i . k_j and dP = dO_i . v_j per entry from gathered
+    rows (the row block's own q/dO rows come back from L1/L2), so the one-hot product is only the
+    scatter dq += R (ds k_j), R[r, e] = [r == i_e]: one [BM, C] x [C, D] dot per chunk instead of
+    three, and two exponentials per entry instead of per [BM, C] element. lse2_base / delta_base:
+    the (batch, head) rows of Lse2 (log2 units, +inf on rows to skip) and Delta."""
+    for e0 in range(e_lo, e_hi, CHUNK):
+        offs_e = e0 + tl.arange(0, CHUNK)
+        in_range = offs_e < e_hi
+        pos = tl.load(EntryPos + offs_e, mask=in_range, other=0)
+        val = tl.load(EntryVal + offs_e, mask=in_range, other=0.0)
+        i_e, j_e = _unpack(pos)
+        ok = _entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL)
+        kg = _gather(k_base, j_e, stride_kn, offs_d, ok)
+        vg = _gather(v_base, j_e, stride_vn, offs_d, ok)
+        qg = _gather(q_base, i_e, stride_qm, offs_d, ok)
+        dog = _gather(do_base, i_e, stride_dom, offs_d, ok)
+        lse_e = tl.load(lse2_base + i_e, mask=ok, other=float("inf"))
+        delta_e = tl.load(delta_base + i_e, mask=ok, other=0.0)
+        u = tl.sum(qg.to(tl.float32) * kg.to(tl.float32), 1) * qk_scale2 - lse_e
+        p_biased = tl.where(ok, tl.exp2(u + val * alpha2), 0.0)
+        g = tl.where(ok, p_biased - tl.exp2(u), 0.0)
+        dp = tl.sum(dog.to(tl.float32) * vg.to(tl.float32), 1) - delta_e
+        ds = g * dp
+        hit = tl.where(offs_m[:, None] == i_e[None, :], 1.0, 0.0)
+        dq = tl.dot(hit.to(kg.dtype), (ds[:, None] * kg.to(tl.float32)).to(kg.dtype), dq, input_precision=DOT_PREC)
+        if NEED_DVAL:
+            prev = tl.load(EntryPos + offs_e - 1, mask=in_range & (offs_e > e_lo), other=-1)
+            tl.store(DvalOut + offs_e, tl.where(prev == pos, 0.0, p_biased * dp * alpha), mask=in_range)
+    return dq
+
+
+@triton.jit
+def _dkdv_entries_rows(dk, dv, offs_n, t_lo, t_hi, KOrder, EntryPos, EntryVal, q_base, do_base, lse_base,
+                       delta_base, k_base, v_base, stride_qm, stride_dom, stride_kn, stride_vn, offs_d,
+                       Tq, Tk, causal_off, qk_scale2, alpha2,
+                       CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """_dkdv_entries in the per-entry form (lse in log2 units, +inf on rows to skip): the key
+    block's own K/V rows are gathered back per entry, s and dP are per-entry row dots, and the
+    scatter into the block is two [BN, C] x [C, D] dots (dv += R (g dO_i), dk += R (ds q_i)) instead
+    of four."""
+    for t0 in range(t_lo, t_hi, CHUNK):
+        offs_t = t0 + tl.arange(0, CHUNK)
+        in_range = offs_t < t_hi
+        idx = tl.load(KOrder + offs_t, mask=in_range, other=0)
+        pos = tl.load(EntryPos + idx, mask=in_range, other=0)
+        val = tl.load(EntryVal + idx, mask=in_range, other=0.0)
+        i_e, j_e = _unpack(pos)
+        ok = _entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL)
+        qg = _gather(q_base, i_e, stride_qm, offs_d, ok)
+        dog = _gather(do_base, i_e, stride_dom, offs_d, ok)
+        kg = _gather(k_base, j_e, stride_kn, offs_d, ok)
+        vg = _gather(v_base, j_e, stride_vn, offs_d, ok)
+        lse_e = tl.load(lse_base + i_e, mask=ok, other=float("inf"))
+        delta_e = tl.load(delta_base + i_e, mask=ok, other=0.0)
+        u = tl.sum(qg.to(tl.float32) * kg.to(tl.float32), 1) * qk_scale2 - lse_e
+        g = tl.where(ok, tl.exp2(u + val * alpha2) - tl.exp2(u), 0.0)
+        dp = tl.sum(dog.to(tl.float32) * vg.to(tl.float32), 1) - delta_e
+        hit = tl.where(offs_n[:, None] == j_e[None, :], 1.0, 0.0).to(qg.dtype)
+        dv = tl.dot(hit, (g[:, None] * dog.to(tl.float32)).to(dog.dtype), dv, input_precision=DOT_PREC)
+        dk = tl.dot(hit, ((g * dp)[:, None] * qg.to(tl.float32)).to(qg.dtype), dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
 def _bias_tile(offs_m, cols, e_lo, e_hi, EntryPos, EntryVal, alpha2,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
     """[BM, BN] alpha*M (log2 units) for rows offs_m and keys cols, from the row block's entries

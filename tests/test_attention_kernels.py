@@ -97,9 +97,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("form", ["onehot", "rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CASES)
-def test_flash_fwd_bwd_matches_oracle(case, dtype):
+def test_flash_fwd_bwd_matches_oracle(case, dtype, form, monkeypatch):
+    """Forward and backward against the float64 oracle, with both forms of the backward's entry
+    epilogues (ka.BWD_ENTRIES)."""
+    monkeypatch.setattr(ka, "BWD_ENTRIES", form)
     B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
     scale, alpha = 1.0 / math.sqrt(D), 0.7
     q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed=n + Tq)
