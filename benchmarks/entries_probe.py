@@ -1,12 +1,14 @@
 """The triton backend's backward entry epilogues, variant against variant, in one process.
 
-    python benchmarks/entries_probe.py OUT.json [--shape B,H,T,D] [--causal 0]
+    python benchmarks/entries_probe.py OUT.json [--shape B,H,T,D] [--causal 0] [--variants s6,onehot,rows]
 
 At the issue-7 shape (B4 H16 T4096 D128 bf16, random traces): forward+backward of
 memtrace.biased_attention(backend="triton") with bias=None, 2048 and 16384 traces per head, for
   s6      the session-6 backward: cancelling-row flags pass and exact-row launches always run
   onehot  those skipped when no row can cancel (non-negative traces), one-hot entry epilogues
-  rows    skipped too, per-entry ("rows") epilogues (kernels/attention.py BWD_ENTRIES)
+  rows    skipped too, per-entry ("rows") epilogues (kernels/attention.py BWD_ENTRIES);
+          rows:N[:C] with N software-pipeline stages on their chunk loops (ENTRY_STAGES), C
+          entries per chunk (BWD_CHUNK)
 plus the interleaved overhead over bias=None (bench_attention.interleaved_overhead) of the last
 two, and their accuracy against a float32 SDPA with the dense bias at odd GQA shapes.
 """
@@ -29,12 +31,19 @@ def _always_cancel_work(*args, **kwargs):
     return _FLASH_BWD(*args, **kwargs)
 
 
+_STAGES, _CHUNK = ka.ENTRY_STAGES, ka.BWD_CHUNK
+
+
 def set_variant(name):
+    """s6 | onehot | rows[:STAGES[:CHUNK]]"""
     ka.flash_bwd = _always_cancel_work if name == "s6" else _FLASH_BWD
-    ka.BWD_ENTRIES = "rows" if name == "rows" else "onehot"
+    form, stages, chunk = (name.split(":") + ["", ""])[:3]
+    ka.BWD_ENTRIES = "rows" if form == "rows" else "onehot"
+    ka.ENTRY_STAGES = int(stages) if stages else _STAGES
+    ka.BWD_CHUNK = int(chunk) if chunk else _CHUNK
 
 
-def check(row):
+def check(row, variants):
     """max |err| / max |ref| of out and the three gradients against float32 SDPA with the dense
     bias, per entry form, at odd GQA shapes (lengths not multiples of any block)."""
     for (B, Hq, Hkv, Tq, Tk, D, causal) in [(2, 8, 2, 1000, 1237, 128, False), (2, 4, 2, 300, 517, 64, True)]:
@@ -58,7 +67,7 @@ def check(row):
                                                                vf.repeat_interleave(Hq // Hkv, 1), attn_mask=dense[None])
         ref.backward(do.float())
         refs = (ref, qf.grad, kf.grad, vf.grad)
-        for name in ("onehot", "rows"):
+        for name in variants:
             set_variant(name)
             for t in (q, k, v):
                 t.grad = None
@@ -74,6 +83,8 @@ def main():
     p.add_argument("out")
     p.add_argument("--shape", default="4,16,4096,128")
     p.add_argument("--causal", default="0")
+    p.add_argument("--variants", default="s6,onehot,rows")
+    p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
     B, H, T, D = (int(x) for x in args.shape.split(","))
     dev = "cuda"
@@ -95,10 +106,11 @@ def main():
         for per_head in (2048, 16384):
             biases[per_head] = ba.make_trace_bias(H, T, per_head, "random", causal, dev)
         fl = ba.flops(B, H, T, D, causal, True)
-        for name in ("s6", "onehot", "rows"):
+        variants = args.variants.split(",")
+        for name in variants:
             set_variant(name)
             for per_head, bias in biases.items():
-                if per_head == 0 and name != "onehot":
+                if per_head == 0 and name != variants[0]:
                     continue        # bias=None runs the same kernels in every variant
                 ms, _ = ba.measure(lambda bias=bias: ba.memtrace_fn("triton", q, k, v, causal, bias),
                                    q, k, v, dout, backward=True, quick=False)
@@ -108,13 +120,14 @@ def main():
             for per_head in (2048, 16384):
                 def timer(bias):
                     return ba.measure(lambda: ba.memtrace_fn("triton", q, k, v, causal, bias), q, k, v, dout,
-                                      backward=True, quick=True)[0]
-                med, lo, hi = ba.interleaved_overhead(lambda: timer(None), lambda ph=per_head: timer(biases[ph]))
+                                      backward=True, quick=False)[0]
+                med, lo, hi = ba.interleaved_overhead(lambda: timer(None), lambda ph=per_head: timer(biases[ph]),
+                                                      rounds=args.rounds)
                 row(variant=name, traces=per_head, causal=causal,
                     interleaved_overhead=[round(med, 4), round(lo, 4), round(hi, 4)])
     set_variant("onehot")
     ka.TUNE = False     # the accuracy check's odd shapes compile one config per kernel, not all
-    check(row)
+    check(row, [v for v in variants if v != "s6"])
     set_variant("onehot")
 
 

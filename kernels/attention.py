@@ -301,6 +301,9 @@ if TMA not in ("auto", "0", "1"):
 BWD_ENTRIES = os.environ.get("MEMTRACE_ATTN_BWD_ENTRIES", "onehot").strip() or "onehot"
 if BWD_ENTRIES not in ("onehot", "rows"):
     raise ValueError(f"MEMTRACE_ATTN_BWD_ENTRIES must be onehot or rows, got {BWD_ENTRIES!r}")
+# software-pipeline stages of the "rows" entry loops (1: none) and the entries per chunk
+ENTRY_STAGES = int(os.environ.get("MEMTRACE_ATTN_ENTRY_STAGES", "1"))
+BWD_CHUNK = int(os.environ.get("MEMTRACE_ATTN_BWD_CHUNK", "32"))
 
 
 def _desc_ok(t):
@@ -469,7 +472,8 @@ def _prune_dq(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_bwd_configs("dkdv"),
-                 key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "TMA_OK", "ENTRY_FORM"],
+                 key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "TMA_OK", "ENTRY_FORM",
+                      "ENTRY_STAGES", "CHUNK"],
                  prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit
 def _flash_bwd_dkdv_kernel(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse2, Delta,
@@ -481,6 +485,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse2, Delta,
                            TQ_KEY, TK_KEY, TMA_OK,
                            HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                            CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, ENTRY_FORM: tl.constexpr,
+                           ENTRY_STAGES: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DESC: tl.constexpr):
     """DK, DV [B,Hkv,Tk,D] for keys [n0, n0+BLOCK_N) of (b, kv head).
 
@@ -534,7 +539,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse2, Delta,
                                             Lse2 + bh * Tq, Delta + bh * Tq, K + b * stride_kb + hk * stride_kh,
                                             V + b * stride_vb + hk * stride_vh, stride_qm, stride_dom,
                                             stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2,
-                                            CAUSAL, CHUNK, DOT_PREC)
+                                            CAUSAL, CHUNK, DOT_PREC, ENTRY_STAGES)
             else:
                 dk, dv = _dkdv_entries(dk, dv, k, v, offs_n, t_lo, t_hi, KOrder, EntryPos, EntryVal,
                                        Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
@@ -578,7 +583,8 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, 
 
 
 @triton.autotune(configs=_bwd_configs("dq"),
-                 key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "TMA_OK", "ENTRY_FORM"],
+                 key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "TMA_OK", "ENTRY_FORM",
+                      "ENTRY_STAGES", "CHUNK"],
                  prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit
 def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
@@ -590,7 +596,7 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
                          TQ_KEY, TK_KEY, TMA_OK,
                          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                          CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, NEED_DVAL: tl.constexpr,
-                         ENTRY_FORM: tl.constexpr,
+                         ENTRY_FORM: tl.constexpr, ENTRY_STAGES: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DESC: tl.constexpr):
     """DQ [B,Hq,Tq,D] for rows [m0, m0+BLOCK_M) of (b, h), and DvalPart[b, e] for their entries.
 
@@ -636,7 +642,7 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
                                   Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
                                   Lse2 + bh.to(tl.int64) * Tq, Delta + bh.to(tl.int64) * Tq, k_base, v_base,
                                   stride_qm, stride_dom, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
-                                  qk_scale2, alpha2, alpha, CAUSAL, CHUNK, DOT_PREC, NEED_DVAL)
+                                  qk_scale2, alpha2, alpha, CAUSAL, CHUNK, DOT_PREC, NEED_DVAL, ENTRY_STAGES)
         else:
             dq = _dq_entries(dq, q, do, lse2, delta, offs_m, e_lo, e_hi, EntryPos, EntryVal, DvalPart + b * E,
                              k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
@@ -647,7 +653,7 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
 
 
 def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: bool, scale: float,
-              alpha: float, need_dvalues: bool, allow_tf32: bool = False, chunk: int = 32, row_flags=None,
+              alpha: float, need_dvalues: bool, allow_tf32: bool = False, chunk: int | None = None, row_flags=None,
               may_cancel: bool = True):
     """Backward of flash_fwd: (dq, dk, dv, dvalues).
 
@@ -671,6 +677,7 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
         q, scale, sign = -q, -scale, -1.0
     prec = dot_precision(q.dtype, allow_tf32)
     dev = q.device
+    chunk = BWD_CHUNK if chunk is None else chunk
     has_bias = bias is not None and bias.nnz > 0
     E = bias.nnz if bias is not None else 0
     if has_bias:
@@ -708,7 +715,8 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     use_desc = _use_desc(q, k, v, dout)
     q_desc, k_desc, v_desc, do_desc = ((_desc4(t) for t in (q, k, v, dout)) if use_desc else (q, k, v, dout))
     common = dict(HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, CHUNK=chunk, DOT_PREC=prec,
-                  ENTRY_FORM=int(has_bias and BWD_ENTRIES == "rows"), **_interpret_desc(use_desc))
+                  ENTRY_FORM=int(has_bias and BWD_ENTRIES == "rows"), ENTRY_STAGES=ENTRY_STAGES if has_bias else 1,
+                  **_interpret_desc(use_desc))
     _flash_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)](
         q, k, v, dout, q_desc, do_desc, dk, dv, lse2, delta, ep, entry_values, ko, kof, qo, flags,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
