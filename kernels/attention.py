@@ -8,7 +8,9 @@ TFLOP/s): the forward runs plain flash attention over its row block, then folds 
 those rows with the exact identity of kernels/correction.py. The backward is the standard flash
 backward fed O', LSE' plus the entry terms, in the epilogue of the dQ program (by query block,
 also dvalues) and of the dK/dV program (by key block, all GQA heads of the kv head, so no
-atomics).
+atomics); there s and dP are per-entry row dots of gathered rows and only the scatter into the
+block is a (one-hot) dot (BWD_ENTRIES below). When no row can cancel (may_cancel=False, e.g.
+non-negative traces) the backward runs no cancelling-row work at all.
 
 Layouts: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] (any strides, unit stride along D is made if
 missing), Hq % Hkv == 0, query head h reads kv head h // (Hq // Hkv). D in 16..256 (powers of 2).
@@ -295,13 +297,17 @@ if TMA not in ("auto", "0", "1"):
     raise ValueError(f"MEMTRACE_ATTN_TMA must be auto, 0 or 1, got {TMA!r}")
 
 
-# the backward's entry epilogues: "onehot" (s and dP of every row of the block against the
-# chunk's keys on the tensor cores, three / four dots per chunk) or "rows" (per-entry row dots
-# from gathered rows, one / two scatter dots per chunk): MEMTRACE_ATTN_BWD_ENTRIES
-BWD_ENTRIES = os.environ.get("MEMTRACE_ATTN_BWD_ENTRIES", "onehot").strip() or "onehot"
+# The backward's entry epilogues (MEMTRACE_ATTN_BWD_ENTRIES): "rows" computes s and dP per entry
+# as row dots of gathered rows and scatters with one (dQ) / two (dK, dV) one-hot dots per chunk;
+# "onehot" computes s and dP of every row of the block against the chunk's keys on the tensor
+# cores (three / four dots per chunk, BM-fold redundant). On the H100 at B4 H16 T4096 D128,
+# 16384 traces/head, forward+backward over bias=None: rows +20% vs onehot +29%, 2048: both ~3.5%
+# (benchmarks/results/entries_probe_h100_session7c.json; equal accuracy).
+BWD_ENTRIES = os.environ.get("MEMTRACE_ATTN_BWD_ENTRIES", "rows").strip() or "rows"
 if BWD_ENTRIES not in ("onehot", "rows"):
     raise ValueError(f"MEMTRACE_ATTN_BWD_ENTRIES must be onehot or rows, got {BWD_ENTRIES!r}")
-# software-pipeline stages of the "rows" entry loops (1: none) and the entries per chunk
+# compiler software-pipeline stages of the rows loops (1: only their own one-chunk-ahead index
+# loads; 3 measured no better) and entries per chunk (16 measured no better than 32)
 ENTRY_STAGES = int(os.environ.get("MEMTRACE_ATTN_ENTRY_STAGES", "1"))
 BWD_CHUNK = int(os.environ.get("MEMTRACE_ATTN_BWD_CHUNK", "32"))
 
