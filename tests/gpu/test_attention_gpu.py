@@ -33,6 +33,13 @@ def make_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, *, per_head=256, seed=0, value_low
     return q, k, v, bias, (head, q_idx, k_idx, value)
 
 
+def grad_of(out, seed=1):
+    """A seeded upstream gradient like `out`: each test sees the same dO whatever ran before it
+    (with the global RNG, the dO, and so the case, depended on the tests run earlier)."""
+    g = torch.Generator(device=out.device).manual_seed(seed)
+    return torch.randn(out.shape, device=out.device, generator=g).to(out.dtype)
+
+
 def oracle(q, k, v, coo, dout, *, causal, alpha=1.0, scale=None):
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
     inputs = [q64, k64, v64]
@@ -82,7 +89,7 @@ def _check_backend(backend, dtype, case):
     *shape, causal = case
     q, k, v, bias, coo = make_inputs(*shape, dtype, seed=sum(shape))
     skip_unless_supported(backend, q, k, v, bias, causal)
-    dout = torch.randn_like(q)
+    dout = grad_of(q)
     got = run(q, k, v, bias, dout, causal=causal, backend=backend)
     want = oracle(q, k, v, coo, dout, causal=causal)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dvalue"), got, want):
@@ -105,7 +112,7 @@ def test_backend_parity_fp16(backend):
 def test_no_bias_parity(backend):
     q, k, v, _, _ = make_inputs(1, 8, 2, 1024, 1024, 128, torch.bfloat16, seed=3)
     skip_unless_supported(backend, q, k, v, None, True)
-    dout = torch.randn_like(q)
+    dout = grad_of(q)
     got = run(q, k, v, None, dout, causal=True, backend=backend)
     want = oracle(q, k, v, None, dout, causal=True)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
@@ -117,7 +124,7 @@ def test_triton_fp32(case):
     *shape, causal = case
     q, k, v, bias, coo = make_inputs(*shape, torch.float32, seed=7)
     skip_unless_supported("triton", q, k, v, bias, causal)
-    dout = torch.randn_like(q)
+    dout = grad_of(q)
     got = run(q, k, v, bias, dout, causal=causal, backend="triton")
     want = oracle(q, k, v, coo, dout, causal=causal)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dvalue"), got, want):
@@ -128,7 +135,7 @@ def test_triton_fp32(case):
 def test_triton_head_dims(D):
     q, k, v, bias, coo = make_inputs(1, 4, 2, 300, 300, D, torch.bfloat16, seed=D)
     skip_unless_supported("triton", q, k, v, bias, False)
-    dout = torch.randn_like(q)
+    dout = grad_of(q)
     got = run(q, k, v, bias, dout, causal=False, backend="triton", alpha=0.7)
     want = oracle(q, k, v, coo, dout, causal=False, alpha=0.7)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dvalue"), got, want):
@@ -149,7 +156,7 @@ def test_triton_large_biases(magnitude):
     idx = torch.arange(T, device=DEV).repeat(H)
     value = torch.full((H * T,), magnitude, device=DEV, requires_grad=True)
     bias = mt.TraceBias.from_coo(head, idx, idx, value, num_heads=H, seq_len_q=T, seq_len_k=T)
-    dout = torch.randn_like(q)
+    dout = grad_of(q)
     got = run(q, k, v, bias, dout, backend="auto")
     want = oracle(q, k, v, (head, idx, idx, value), dout, causal=False)
     assert rel_err(got[0], want[0]) < TOL[torch.bfloat16]
@@ -163,7 +170,7 @@ def test_auto_matches_its_choice_and_the_reference():
     q, k, v, bias, coo = make_inputs(1, 8, 2, 1024, 1024, 128, torch.bfloat16, seed=11)
     name, auto = A.select_backend(q, k, v, bias, causal=True)
     assert auto and name in ("cudnn", "triton", "flash", "flash_attn")
-    dout = torch.randn_like(q)
+    dout = grad_of(q)
     got = run(q, k, v, bias, dout, causal=True)
     explicit = run(*(t.detach().requires_grad_(True) for t in (q, k, v)), bias, dout, causal=True, backend=name)
     torch.testing.assert_close(got[0], explicit[0], rtol=0, atol=0)  # same kernels, same forward
@@ -179,7 +186,7 @@ def test_auto_on_gqa_and_unequal_causal_lengths():
     q, k, v, bias, coo = make_inputs(1, 4, 2, 200, 777, 64, torch.bfloat16, seed=13)
     name, _ = A.select_backend(q, k, v, bias, causal=True)
     assert name != "reference"
-    dout = torch.randn_like(q)
+    dout = grad_of(q)
     got = run(q, k, v, bias, dout, causal=True)
     want = oracle(q, k, v, coo, dout, causal=True)
     for a, b in zip(got, want):
