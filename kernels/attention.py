@@ -8,8 +8,8 @@ TFLOP/s): the forward runs plain flash attention over its row block, then folds 
 those rows with the exact identity of kernels/correction.py. The backward is the standard flash
 backward fed O', LSE' plus the entry terms, in the epilogue of the dQ program (by query block,
 also dvalues) and of the dK/dV program (by key block, all GQA heads of the kv head, so no
-atomics); there s and dP are per-entry row dots of gathered rows and only the scatter into the
-block is a (one-hot) dot (BWD_ENTRIES below). When no row can cancel (may_cancel=False, e.g.
+atomics); with dense biases s and dP there are per-entry row dots of gathered rows and only the
+scatter into the block is a (one-hot) dot (BWD_ENTRIES below). When no row can cancel (may_cancel=False, e.g.
 non-negative traces) the backward runs no cancelling-row work at all.
 
 Layouts: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] (any strides, unit stride along D is made if
@@ -300,12 +300,24 @@ if TMA not in ("auto", "0", "1"):
 # The backward's entry epilogues (MEMTRACE_ATTN_BWD_ENTRIES): "rows" computes s and dP per entry
 # as row dots of gathered rows and scatters with one (dQ) / two (dK, dV) one-hot dots per chunk;
 # "onehot" computes s and dP of every row of the block against the chunk's keys on the tensor
-# cores (three / four dots per chunk, BM-fold redundant). On the H100 at B4 H16 T4096 D128,
-# 16384 traces/head, forward+backward over bias=None: rows +20% vs onehot +29%, 2048: both ~3.5%
-# (benchmarks/results/entries_probe_h100_session7c.json; equal accuracy).
-BWD_ENTRIES = os.environ.get("MEMTRACE_ATTN_BWD_ENTRIES", "rows").strip() or "rows"
-if BWD_ENTRIES not in ("onehot", "rows"):
-    raise ValueError(f"MEMTRACE_ATTN_BWD_ENTRIES must be onehot or rows, got {BWD_ENTRIES!r}")
+# cores (three / four dots per chunk, BM-fold redundant, but no gathers of the block's own rows).
+# "auto" takes rows from ROWS_MIN_DENSITY entries per (head, query row) of the bias: on the H100,
+# forward+backward over bias=None, B4 H16 T4096 D128 at 4 entries/row: rows +20% vs onehot +29%
+# (entries_probe_h100_session7c.json); at 0.5/row both ~3.5%; B1 H32/8 T16384 causal at 1/row:
+# onehot +5.6% vs rows +10.5%, at 0.125/row +3.4% vs +7.8% (entries_probe_shape3_h100_session7.json).
+BWD_ENTRIES = os.environ.get("MEMTRACE_ATTN_BWD_ENTRIES", "auto").strip() or "auto"
+if BWD_ENTRIES not in ("auto", "onehot", "rows"):
+    raise ValueError(f"MEMTRACE_ATTN_BWD_ENTRIES must be auto, onehot or rows, got {BWD_ENTRIES!r}")
+ROWS_MIN_DENSITY = 2.0
+
+
+def _entry_form(bias):
+    """1 (rows) or 0 (onehot) for the backward's entry epilogues of a non-empty bias."""
+    if BWD_ENTRIES != "auto":
+        return int(BWD_ENTRIES == "rows")
+    return int(bias.nnz >= ROWS_MIN_DENSITY * bias.num_heads * bias.seq_len_q)
+
+
 # compiler software-pipeline stages of the rows loops (1: only their own one-chunk-ahead index
 # loads; 3 measured no better) and entries per chunk (16 measured no better than 32)
 ENTRY_STAGES = int(os.environ.get("MEMTRACE_ATTN_ENTRY_STAGES", "1"))
@@ -721,7 +733,7 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     use_desc = _use_desc(q, k, v, dout)
     q_desc, k_desc, v_desc, do_desc = ((_desc4(t) for t in (q, k, v, dout)) if use_desc else (q, k, v, dout))
     common = dict(HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, CHUNK=chunk, DOT_PREC=prec,
-                  ENTRY_FORM=int(has_bias and BWD_ENTRIES == "rows"), ENTRY_STAGES=ENTRY_STAGES if has_bias else 1,
+                  ENTRY_FORM=_entry_form(bias) if has_bias else 0, ENTRY_STAGES=ENTRY_STAGES if has_bias else 1,
                   **_interpret_desc(use_desc))
     _flash_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)](
         q, k, v, dout, q_desc, do_desc, dk, dv, lse2, delta, ep, entry_values, ko, kof, qo, flags,

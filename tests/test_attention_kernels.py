@@ -129,6 +129,19 @@ def test_flash_fwd_bwd_matches_oracle(case, dtype, form, monkeypatch):
         assert rel(dvals.cpu(), want_dv) < tol
 
 
+def test_backward_entry_form_follows_density(monkeypatch):
+    """BWD_ENTRIES=auto: the per-entry (rows) epilogues from ROWS_MIN_DENSITY entries per
+    (head, query row) of the bias, the one-hot ones below; an explicit setting wins."""
+    sparse, _ = make_bias(2, 10, 12, 30, seed=1)          # 1.5 per row
+    dense_, _ = make_bias(2, 10, 12, 40, seed=2)          # 2.0 per row
+    monkeypatch.setattr(ka, "BWD_ENTRIES", "auto")
+    assert (ka._entry_form(sparse), ka._entry_form(dense_)) == (0, 1)
+    monkeypatch.setattr(ka, "BWD_ENTRIES", "rows")
+    assert ka._entry_form(sparse) == 1
+    monkeypatch.setattr(ka, "BWD_ENTRIES", "onehot")
+    assert ka._entry_form(dense_) == 0
+
+
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[5]])
 def test_flash_bwd_without_possible_cancellation_skips_nothing_it_needs(case):
     """may_cancel=False (alpha * every value >= ln(CANCEL_THRESHOLD), what the op passes for
