@@ -186,6 +186,64 @@ def interleaved_overhead(time_base, time_biased, rounds=5):
     return ratios[len(ratios) // 2], ratios[0], ratios[-1]
 
 
+def probe_log(path, **header):
+    """(doc, row) for the probes: row(**fields) appends a result row, prints it and rewrites the
+    JSON at `path` (so a probe cut short by a time limit keeps what it measured)."""
+    import triton
+    doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "date": datetime.datetime.now(datetime.UTC).isoformat(), **header, "rows": []}
+
+    def row(**fields):
+        doc["rows"].append(fields)
+        print(json.dumps(fields), flush=True)
+        with open(path, "w") as fh:
+            json.dump(doc, fh, indent=1)
+    return doc, row
+
+
+def probe_biases(H, T, causal, device):
+    """{0: None, 2048: ..., 16384: ...}: the probes' random TraceBias per traces/head."""
+    return {0: None, **{n: make_trace_bias(H, T, n, "random", causal, device) for n in (2048, 16384)}}
+
+
+def accuracy_vs_dense(variants, apply, row, *, per_head=64, value_scale=2.0,
+                      cases=((2, 8, 2, 1000, 1237, 128, False), (2, 4, 2, 300, 517, 128, True))):
+    """Probes' accuracy check: the triton backend's out and three gradients under each variant
+    (apply(name) switches to it) against float32 SDPA with the dense bias, at odd GQA shapes
+    (lengths not multiples of any block); row(...) gets max |err| / max |ref| of each."""
+    import memtrace as mt
+    for (B, Hq, Hkv, Tq, Tk, D, causal) in cases:
+        g = torch.Generator(device="cuda").manual_seed(Tq)
+        q = torch.randn(B, Hq, Tq, D, device="cuda", generator=g).bfloat16().requires_grad_(True)
+        k, v = (torch.randn(B, Hkv, Tk, D, device="cuda", generator=g).bfloat16().requires_grad_(True)
+                for _ in range(2))
+        do = torch.randn(B, Hq, Tq, D, device="cuda", generator=g).bfloat16()
+        n = per_head * Hq
+        bias = mt.TraceBias.from_coo(torch.arange(Hq, device="cuda").repeat_interleave(per_head),
+                                     torch.randint(0, Tq, (n,), device="cuda", generator=g),
+                                     torch.randint(0, Tk, (n,), device="cuda", generator=g),
+                                     value_scale * torch.rand(n, device="cuda", generator=g), num_heads=Hq,
+                                     seq_len_q=Tq, seq_len_k=Tk)
+        dense = torch.zeros(Hq, Tq, Tk, device="cuda")
+        dense.index_put_((bias.head, bias.q_idx, bias.k_idx), bias.value.float(), accumulate=True)
+        if causal:
+            dense.masked_fill_(torch.ones(Tq, Tk, dtype=torch.bool, device="cuda").triu_(Tk - Tq + 1), float("-inf"))
+        qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+        ref = torch.nn.functional.scaled_dot_product_attention(qf, kf.repeat_interleave(Hq // Hkv, 1),
+                                                               vf.repeat_interleave(Hq // Hkv, 1), attn_mask=dense[None])
+        ref.backward(do.float())
+        refs = (ref.detach(), qf.grad, kf.grad, vf.grad)
+        for name in variants:
+            apply(name)
+            for t in (q, k, v):
+                t.grad = None
+            out = mt.biased_attention(q, k, v, bias, causal=causal, backend="triton")
+            out.backward(do)
+            errs = [round(float((a.detach().float() - r).abs().max() / r.abs().max()), 5)
+                    for a, r in zip((out, q.grad, k.grad, v.grad), refs)]
+            row(check=[B, Hq, Hkv, Tq, Tk, D, causal], variant=name, rel_err_out_dq_dk_dv=errs)
+
+
 OVERHEAD_BACKENDS = ("auto", "triton")
 OVERHEAD_TRACES = ((2048, "random"), (16384, "random"))
 

@@ -9,49 +9,17 @@ bias score_mod in the same process. Medians of triton.testing.do_bench; the bias
 overheads are interleaved (bench_attention.interleaved_overhead).
 """
 import argparse
-import datetime
-import json
 
 import bench_attention as ba
 import torch
-import triton
 from memtrace.kernels import attention as ka
 
 
 def check(row):
-    """TMA off vs on against a float32 SDPA with the dense bias, at odd GQA shapes (Tq != Tk,
-    lengths not multiples of any block): max |err| / max |ref| of out and the three gradients."""
-    for (B, Hq, Hkv, Tq, Tk, D, causal) in [(2, 8, 2, 1000, 1237, 128, False), (2, 4, 2, 300, 517, 128, True)]:
-        g = torch.Generator(device="cuda").manual_seed(Tq)
-        q = torch.randn(B, Hq, Tq, D, device="cuda", generator=g).bfloat16().requires_grad_(True)
-        k, v = (torch.randn(B, Hkv, Tk, D, device="cuda", generator=g).bfloat16().requires_grad_(True)
-                for _ in range(2))
-        do = torch.randn(B, Hq, Tq, D, device="cuda", generator=g).bfloat16()
-        n = 64 * Hq
-        import memtrace as mt
-        bias = mt.TraceBias.from_coo(torch.arange(Hq, device="cuda").repeat_interleave(64),
-                                     torch.randint(0, Tq, (n,), device="cuda", generator=g),
-                                     torch.randint(0, Tk, (n,), device="cuda", generator=g),
-                                     2 * torch.rand(n, device="cuda", generator=g), num_heads=Hq, seq_len_q=Tq,
-                                     seq_len_k=Tk)
-        dense = torch.zeros(Hq, Tq, Tk, device="cuda")
-        dense.index_put_((bias.head, bias.q_idx, bias.k_idx), bias.value.float(), accumulate=True)
-        if causal:
-            dense.masked_fill_(torch.ones(Tq, Tk, dtype=torch.bool, device="cuda").triu_(Tk - Tq + 1), float("-inf"))
-        qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
-        ref = torch.nn.functional.scaled_dot_product_attention(qf, kf.repeat_interleave(Hq // Hkv, 1),
-                                                               vf.repeat_interleave(Hq // Hkv, 1), attn_mask=dense[None])
-        ref.backward(do.float())
-        refs = (ref, qf.grad, kf.grad, vf.grad)
-        for tma in ("0", "1"):
-            ka.TMA = tma
-            for t in (q, k, v):
-                t.grad = None
-            out = mt.biased_attention(q, k, v, bias, causal=causal, backend="triton")
-            out.backward(do)
-            errs = [round(float((a.detach().float() - r).abs().max() / r.abs().max()), 5)
-                    for a, r in zip((out, q.grad, k.grad, v.grad), refs)]
-            row(check=[B, Hq, Hkv, Tq, Tk, D, causal], tma=tma, rel_err_out_dq_dk_dv=errs)
+    """TMA off vs on against a float32 SDPA with the dense bias, at odd GQA shapes."""
+    def apply(tma):
+        ka.TMA = tma
+    ba.accuracy_vs_dense(("0", "1"), apply, row)
     ka.TMA = "auto"
 
 
@@ -67,19 +35,10 @@ def main():
     q, k, v, dout = (torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(4))
     for t in (q, k, v):
         t.requires_grad_(True)
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "date": datetime.datetime.now(datetime.UTC).isoformat(), "shape": [B, H, T, D], "rows": []}
-
-    def row(**kw):
-        res["rows"].append(kw)
-        print(json.dumps(kw), flush=True)
-        with open(args.out, "w") as fh:
-            json.dump(res, fh, indent=1)
+    _, row = ba.probe_log(args.out, shape=[B, H, T, D])
 
     for causal in (bool(int(c)) for c in args.causal.split(",")):
-        biases = {0: None}
-        for per_head in (2048, 16384):
-            biases[per_head] = ba.make_trace_bias(H, T, per_head, "random", causal, dev)
+        biases = ba.probe_biases(H, T, causal, dev)
         for backward in (False, True):
             fl = ba.flops(B, H, T, D, causal, backward)
             times = {}

@@ -230,6 +230,29 @@ def _dkdv_entries(dk, dv, k, v, offs_n, t_lo, t_hi,
 
 
 @triton.jit
+def _entry_rows(pos, val, in_range, q_base, do_base, k_base, v_base, lse2_base, delta_base, stride_qm, stride_dom,
+                stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL: tl.constexpr):
+    """The per-entry terms of a chunk of entries (pos, val) for the rows-form epilogues: the
+    gathered q_i / dO_i / k_j rows, P' = exp2(s + alpha b - lse2), g = P' - P and dP - D, with
+    s = q_i . k_j and dP = dO_i . v_j as row dots in float32 (entries not ok: P' = g = 0).
+    lse2_base / delta_base: the (batch, head) rows of Lse2 (log2 units, +inf on rows to skip) and
+    Delta."""
+    i_e, j_e = _unpack(pos)
+    ok = _entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL)
+    qg = _gather(q_base, i_e, stride_qm, offs_d, ok)
+    dog = _gather(do_base, i_e, stride_dom, offs_d, ok)
+    kg = _gather(k_base, j_e, stride_kn, offs_d, ok)
+    vg = _gather(v_base, j_e, stride_vn, offs_d, ok)
+    lse_e = tl.load(lse2_base + i_e, mask=ok, other=float("inf"))
+    delta_e = tl.load(delta_base + i_e, mask=ok, other=0.0)
+    u = tl.sum(qg.to(tl.float32) * kg.to(tl.float32), 1) * qk_scale2 - lse_e
+    p_biased = tl.where(ok, tl.exp2(u + val * alpha2), 0.0)
+    g = tl.where(ok, p_biased - tl.exp2(u), 0.0)
+    dp = tl.sum(dog.to(tl.float32) * vg.to(tl.float32), 1) - delta_e
+    return i_e, j_e, qg, dog, kg, p_biased, g, dp
+
+
+@triton.jit
 def _dq_entries_rows(dq, offs_m, e_lo, e_hi, EntryPos, EntryVal, DvalOut, q_base, do_base, lse2_base, delta_base,
                      k_base, v_base, stride_qm, stride_dom, stride_kn, stride_vn, offs_d,
                      Tq, Tk, causal_off, qk_scale2, alpha2, alpha,
@@ -238,8 +261,7 @@ def _dq_entries_rows(dq, offs_m, e_lo, e_hi, EntryPos, EntryVal, DvalOut, q_base
     """_dq_entries in the per-entry form: s = q_i . k_j and dP = dO_i . v_j per entry from gathered
     rows (the row block's own q/dO rows come back from L1/L2), so the one-hot product is only the
     scatter dq += R (ds k_j), R[r, e] = [r == i_e]: one [BM, C] x [C, D] dot per chunk instead of
-    three, and two exponentials per entry instead of per [BM, C] element. lse2_base / delta_base:
-    the (batch, head) rows of Lse2 (log2 units, +inf on rows to skip) and Delta. STAGES > 1: the
+    three, and two exponentials per entry instead of per [BM, C] element (_entry_rows). STAGES > 1: the
     compiler's software pipeline issues later chunks' loads ahead (the chain index -> rows is
     latency, at the end of every program)."""
     offs_c = tl.arange(0, CHUNK)
@@ -252,18 +274,9 @@ def _dq_entries_rows(dq, offs_m, e_lo, e_hi, EntryPos, EntryVal, DvalOut, q_base
         nxt = offs_e + CHUNK
         pos_next = tl.load(EntryPos + nxt, mask=nxt < e_hi, other=0)
         val_next = tl.load(EntryVal + nxt, mask=nxt < e_hi, other=0.0)
-        i_e, j_e = _unpack(pos)
-        ok = _entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL)
-        kg = _gather(k_base, j_e, stride_kn, offs_d, ok)
-        vg = _gather(v_base, j_e, stride_vn, offs_d, ok)
-        qg = _gather(q_base, i_e, stride_qm, offs_d, ok)
-        dog = _gather(do_base, i_e, stride_dom, offs_d, ok)
-        lse_e = tl.load(lse2_base + i_e, mask=ok, other=float("inf"))
-        delta_e = tl.load(delta_base + i_e, mask=ok, other=0.0)
-        u = tl.sum(qg.to(tl.float32) * kg.to(tl.float32), 1) * qk_scale2 - lse_e
-        p_biased = tl.where(ok, tl.exp2(u + val * alpha2), 0.0)
-        g = tl.where(ok, p_biased - tl.exp2(u), 0.0)
-        dp = tl.sum(dog.to(tl.float32) * vg.to(tl.float32), 1) - delta_e
+        i_e, j_e, qg, dog, kg, p_biased, g, dp = _entry_rows(
+            pos, val, in_range, q_base, do_base, k_base, v_base, lse2_base, delta_base, stride_qm, stride_dom,
+            stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL)
         ds = g * dp
         hit = tl.where(offs_m[:, None] == i_e[None, :], 1.0, 0.0)
         dq = tl.dot(hit.to(kg.dtype), (ds[:, None] * kg.to(tl.float32)).to(kg.dtype), dq, input_precision=DOT_PREC)
@@ -299,17 +312,9 @@ def _dkdv_entries_rows(dk, dv, offs_n, t_lo, t_hi, KOrder, EntryPos, EntryVal, q
         pos_next = tl.load(EntryPos + idx_after, mask=ok_next, other=0)
         val_next = tl.load(EntryVal + idx_after, mask=ok_next, other=0.0)
         idx_after = tl.load(KOrder + offs_t + 2 * CHUNK, mask=offs_t + 2 * CHUNK < t_hi, other=0)
-        i_e, j_e = _unpack(pos)
-        ok = _entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL)
-        qg = _gather(q_base, i_e, stride_qm, offs_d, ok)
-        dog = _gather(do_base, i_e, stride_dom, offs_d, ok)
-        kg = _gather(k_base, j_e, stride_kn, offs_d, ok)
-        vg = _gather(v_base, j_e, stride_vn, offs_d, ok)
-        lse_e = tl.load(lse_base + i_e, mask=ok, other=float("inf"))
-        delta_e = tl.load(delta_base + i_e, mask=ok, other=0.0)
-        u = tl.sum(qg.to(tl.float32) * kg.to(tl.float32), 1) * qk_scale2 - lse_e
-        g = tl.where(ok, tl.exp2(u + val * alpha2) - tl.exp2(u), 0.0)
-        dp = tl.sum(dog.to(tl.float32) * vg.to(tl.float32), 1) - delta_e
+        i_e, j_e, qg, dog, kg, p_biased, g, dp = _entry_rows(
+            pos, val, in_range, q_base, do_base, k_base, v_base, lse_base, delta_base, stride_qm, stride_dom,
+            stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL)
         hit = tl.where(offs_n[:, None] == j_e[None, :], 1.0, 0.0).to(qg.dtype)
         dv = tl.dot(hit, (g[:, None] * dog.to(tl.float32)).to(dog.dtype), dv, input_precision=DOT_PREC)
         dk = tl.dot(hit, ((g * dp)[:, None] * qg.to(tl.float32)).to(qg.dtype), dk, input_precision=DOT_PREC)
