@@ -7,8 +7,8 @@ memtrace.biased_attention(backend="triton") with bias=None, 2048 and 16384 trace
   s6      the session-6 backward: cancelling-row flags pass and exact-row launches always run
   onehot  those skipped when no row can cancel (non-negative traces), one-hot entry epilogues
   rows    skipped too, per-entry ("rows") epilogues (kernels/attention.py BWD_ENTRIES);
-          rows:N[:C] with N software-pipeline stages on their chunk loops (ENTRY_STAGES), C
-          entries per chunk (BWD_CHUNK)
+          any variant:C with C entries per chunk (BWD_CHUNK; session 7's rows:N:C runs also
+          varied the rows loops' compiler pipelining, since fixed at none)
 plus the interleaved overhead over bias=None (bench_attention.interleaved_overhead) of the last
 two, and their accuracy against a float32 SDPA with the dense bias at odd GQA shapes.
 """
@@ -27,15 +27,14 @@ def _always_cancel_work(*args, **kwargs):
     return _FLASH_BWD(*args, **kwargs)
 
 
-_STAGES, _CHUNK = ka.ENTRY_STAGES, ka.BWD_CHUNK
+_CHUNK = ka.BWD_CHUNK
 
 
 def set_variant(name):
-    """s6 | onehot | rows[:STAGES[:CHUNK]]"""
+    """s6 | onehot | rows, each optionally :CHUNK"""
     ka.flash_bwd = _always_cancel_work if name == "s6" else _FLASH_BWD
-    form, stages, chunk = (name.split(":") + ["", ""])[:3]
+    form, _, chunk = name.partition(":")
     ka.BWD_ENTRIES = "rows" if form == "rows" else "onehot"
-    ka.ENTRY_STAGES = int(stages) if stages else _STAGES
     ka.BWD_CHUNK = int(chunk) if chunk else _CHUNK
 
 

@@ -60,31 +60,29 @@ def main():
     for _ in range(20):
         call()
     torch.cuda.synchronize()
-    totals, n = {}, 200
-    t_all = time.perf_counter()
-    for _ in range(n):
-        STAMPS.clear()
-        t0 = time.perf_counter()
-        call()
-        t1 = time.perf_counter()
-        for name, t in STAMPS + [("call end", t1)]:
-            totals[name] = totals.get(name, 0.0) + (t - t0)
-    host_per_call = (time.perf_counter() - t_all) / n
-    torch.cuda.synchronize()
-    timeline = {name: round(1e6 * v / n, 1) for name, v in totals.items()}
-    # the same with the GPU idle at each call's start (as a timed eager call sees it): queued
-    # calls outrun the GPU, fill the launch queue and then block inside whichever launch comes
-    synced = {}
-    for _ in range(n):
+    n = 200
+
+    def stamps(synced):
+        """Mean µs from the call's start to each stamp over n calls; synced: each call starts
+        on an idle GPU (as a timed eager call sees it), else they queue (they outrun the GPU,
+        fill the launch queue and then block inside whichever launch comes)."""
+        totals = {}
+        for _ in range(n):
+            if synced:
+                torch.cuda.synchronize()
+            STAMPS.clear()
+            t0 = time.perf_counter()
+            call()
+            t1 = time.perf_counter()
+            for name, t in STAMPS + [("call end", t1)]:
+                totals[name] = totals.get(name, 0.0) + (t - t0)
         torch.cuda.synchronize()
-        STAMPS.clear()
-        t0 = time.perf_counter()
-        call()
-        t1 = time.perf_counter()
-        for name, t in STAMPS + [("call end", t1)]:
-            synced[name] = synced.get(name, 0.0) + (t - t0)
-    torch.cuda.synchronize()
-    synced = {name: round(1e6 * v / n, 1) for name, v in synced.items()}
+        return {name: round(1e6 * v / n, 1) for name, v in totals.items()}
+
+    t_all = time.perf_counter()
+    timeline = stamps(synced=False)
+    host_per_call = (time.perf_counter() - t_all) / n
+    synced = stamps(synced=True)
     # where the host time goes, function by function (cProfile over the same synced calls; the
     # profiler's own overhead inflates Python-heavy lines more than C calls)
     prof = cProfile.Profile()

@@ -318,9 +318,7 @@ def _entry_form(bias):
     return int(bias.nnz >= ROWS_MIN_DENSITY * bias.num_heads * bias.seq_len_q)
 
 
-# compiler software-pipeline stages of the rows loops (1: only their own one-chunk-ahead index
-# loads; 3 measured no better) and entries per chunk (16 measured no better than 32)
-ENTRY_STAGES = int(os.environ.get("MEMTRACE_ATTN_ENTRY_STAGES", "1"))
+# entries per chunk of the entry epilogues (16 measured no better than 32)
 BWD_CHUNK = int(os.environ.get("MEMTRACE_ATTN_BWD_CHUNK", "32"))
 
 
@@ -491,7 +489,7 @@ def _prune_dq(configs, named_args, **kwargs):
 
 @triton.autotune(configs=_bwd_configs("dkdv"),
                  key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "TMA_OK", "ENTRY_FORM",
-                      "ENTRY_STAGES", "CHUNK"],
+                      "CHUNK"],
                  prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit
 def _flash_bwd_dkdv_kernel(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse2, Delta,
@@ -503,7 +501,6 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse2, Delta,
                            TQ_KEY, TK_KEY, TMA_OK,
                            HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                            CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, ENTRY_FORM: tl.constexpr,
-                           ENTRY_STAGES: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DESC: tl.constexpr):
     """DK, DV [B,Hkv,Tk,D] for keys [n0, n0+BLOCK_N) of (b, kv head).
 
@@ -557,7 +554,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse2, Delta,
                                             Lse2 + bh * Tq, Delta + bh * Tq, K + b * stride_kb + hk * stride_kh,
                                             V + b * stride_vb + hk * stride_vh, stride_qm, stride_dom,
                                             stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2,
-                                            CAUSAL, CHUNK, DOT_PREC, ENTRY_STAGES)
+                                            CAUSAL, CHUNK, DOT_PREC)
             else:
                 dk, dv = _dkdv_entries(dk, dv, k, v, offs_n, t_lo, t_hi, KOrder, EntryPos, EntryVal,
                                        Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
@@ -602,7 +599,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, 
 
 @triton.autotune(configs=_bwd_configs("dq"),
                  key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "TMA_OK", "ENTRY_FORM",
-                      "ENTRY_STAGES", "CHUNK"],
+                      "CHUNK"],
                  prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit
 def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
@@ -614,7 +611,7 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
                          TQ_KEY, TK_KEY, TMA_OK,
                          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                          CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, NEED_DVAL: tl.constexpr,
-                         ENTRY_FORM: tl.constexpr, ENTRY_STAGES: tl.constexpr,
+                         ENTRY_FORM: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DESC: tl.constexpr):
     """DQ [B,Hq,Tq,D] for rows [m0, m0+BLOCK_M) of (b, h), and DvalPart[b, e] for their entries.
 
@@ -660,7 +657,7 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
                                   Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
                                   Lse2 + bh.to(tl.int64) * Tq, Delta + bh.to(tl.int64) * Tq, k_base, v_base,
                                   stride_qm, stride_dom, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
-                                  qk_scale2, alpha2, alpha, CAUSAL, CHUNK, DOT_PREC, NEED_DVAL, ENTRY_STAGES)
+                                  qk_scale2, alpha2, alpha, CAUSAL, CHUNK, DOT_PREC, NEED_DVAL)
         else:
             dq = _dq_entries(dq, q, do, lse2, delta, offs_m, e_lo, e_hi, EntryPos, EntryVal, DvalPart + b * E,
                              k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
@@ -733,7 +730,7 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     use_desc = _use_desc(q, k, v, dout)
     q_desc, k_desc, v_desc, do_desc = ((_desc4(t) for t in (q, k, v, dout)) if use_desc else (q, k, v, dout))
     common = dict(HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, CHUNK=chunk, DOT_PREC=prec,
-                  ENTRY_FORM=_entry_form(bias) if has_bias else 0, ENTRY_STAGES=ENTRY_STAGES if has_bias else 1,
+                  ENTRY_FORM=_entry_form(bias) if has_bias else 0,
                   **_interpret_desc(use_desc))
     _flash_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)](
         q, k, v, dout, q_desc, do_desc, dk, dv, lse2, delta, ep, entry_values, ko, kof, qo, flags,

@@ -256,18 +256,18 @@ def _entry_rows(pos, val, in_range, q_base, do_base, k_base, v_base, lse2_base, 
 def _dq_entries_rows(dq, offs_m, e_lo, e_hi, EntryPos, EntryVal, DvalOut, q_base, do_base, lse2_base, delta_base,
                      k_base, v_base, stride_qm, stride_dom, stride_kn, stride_vn, offs_d,
                      Tq, Tk, causal_off, qk_scale2, alpha2, alpha,
-                     CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, NEED_DVAL: tl.constexpr,
-                     STAGES: tl.constexpr = 1):
+                     CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, NEED_DVAL: tl.constexpr):
     """_dq_entries in the per-entry form: s = q_i . k_j and dP = dO_i . v_j per entry from gathered
     rows (the row block's own q/dO rows come back from L1/L2), so the one-hot product is only the
     scatter dq += R (ds k_j), R[r, e] = [r == i_e]: one [BM, C] x [C, D] dot per chunk instead of
-    three, and two exponentials per entry instead of per [BM, C] element (_entry_rows). STAGES > 1: the
-    compiler's software pipeline issues later chunks' loads ahead (the chain index -> rows is
-    latency, at the end of every program)."""
+    three, and two exponentials per entry instead of per [BM, C] element (_entry_rows). The
+    chunk loop is not software-pipelined by the compiler (num_stages=1): its own next-chunk index
+    loads hide part of the index -> rows latency, and 2-3 compiler stages measured no better on the
+    H100 (benchmarks/notes_attention.md, session 7)."""
     offs_c = tl.arange(0, CHUNK)
     pos_next = tl.load(EntryPos + e_lo + offs_c, mask=e_lo + offs_c < e_hi, other=0)
     val_next = tl.load(EntryVal + e_lo + offs_c, mask=e_lo + offs_c < e_hi, other=0.0)
-    for e0 in tl.range(e_lo, e_hi, CHUNK, num_stages=STAGES):
+    for e0 in tl.range(e_lo, e_hi, CHUNK, num_stages=1):
         offs_e = e0 + offs_c
         in_range = offs_e < e_hi
         pos, val = pos_next, val_next       # the next chunk's entries load while this one computes
@@ -290,12 +290,11 @@ def _dq_entries_rows(dq, offs_m, e_lo, e_hi, EntryPos, EntryVal, DvalOut, q_base
 def _dkdv_entries_rows(dk, dv, offs_n, t_lo, t_hi, KOrder, EntryPos, EntryVal, q_base, do_base, lse_base,
                        delta_base, k_base, v_base, stride_qm, stride_dom, stride_kn, stride_vn, offs_d,
                        Tq, Tk, causal_off, qk_scale2, alpha2,
-                       CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
-                       STAGES: tl.constexpr = 1):
+                       CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr):
     """_dkdv_entries in the per-entry form (lse in log2 units, +inf on rows to skip): the key
     block's own K/V rows are gathered back per entry, s and dP are per-entry row dots, and the
     scatter into the block is two [BN, C] x [C, D] dots (dv += R (g dO_i), dk += R (ds q_i)) instead
-    of four. STAGES as in _dq_entries_rows."""
+    of four. Not compiler-pipelined, as _dq_entries_rows."""
     offs_c = tl.arange(0, CHUNK)
     # the index chain KOrder -> (pos, val) -> rows runs ahead: chunk c+2's KOrder and chunk c+1's
     # entries load while chunk c computes (a few registers; the rows themselves are not carried)
@@ -304,7 +303,7 @@ def _dkdv_entries_rows(dk, dv, offs_n, t_lo, t_hi, KOrder, EntryPos, EntryVal, q
     pos_next = tl.load(EntryPos + idx_next, mask=ok_next, other=0)
     val_next = tl.load(EntryVal + idx_next, mask=ok_next, other=0.0)
     idx_after = tl.load(KOrder + t_lo + CHUNK + offs_c, mask=t_lo + CHUNK + offs_c < t_hi, other=0)
-    for t0 in tl.range(t_lo, t_hi, CHUNK, num_stages=STAGES):
+    for t0 in tl.range(t_lo, t_hi, CHUNK, num_stages=1):
         offs_t = t0 + offs_c
         in_range = offs_t < t_hi
         pos, val = pos_next, val_next
