@@ -5,7 +5,11 @@ Measured per shape (bf16, non-causal, D=128):
   base_sdpa      SDPA flash forward+backward (aten op that also returns the LSE), no capture
   capture_sdpa   the same + SalienceCapture._fill (the capture memtrace's backward runs)
   base_mt        memtrace.biased_attention forward+backward, capture=None   (when it runs here)
-  capture_mt     memtrace.biased_attention(..., capture=cap) forward+backward
+  capture_mt     memtrace.biased_attention(..., capture=cap) forward+backward ("auto": the Triton
+                 backend when the capture can be fused)
+  base_triton / capture_triton_fused / capture_triton_unfused   backend="triton" without a capture,
+                 with the fused capture (the backward's dQ kernel bounds the salience per 64-key
+                 segment, the fill rescores the segments that pass), with the unfused one
   fill           SalienceCapture._fill alone (out/lse precomputed), threshold regime
   fill_overflow  _fill with threshold 0: every edge is a candidate, the buffer overflows and the
                  strongest `capacity` are kept (the seeds' top-k semantics)
@@ -180,9 +184,15 @@ def run_shape(B, H, T, D, capacity, quick, notes):
     t["fill_bias"] = bench(lambda: capb._fill(q.detach(), k.detach(), v.detach(), out0, lse0, dout, bias, ev,
                                               scale=scale))
 
-    # memtrace.biased_attention, when it runs here.
+    # memtrace.biased_attention, when it runs here: "auto" (cuDNN without a capture; with one, the
+    # Triton backend and its fused capture), and the Triton backend with the capture fused (the
+    # backward bounds the salience per 64-key segment, the fill rescores the segments that pass)
+    # or not (MEMTRACE_CAPTURE_FUSED=0: every tile scored after the backward).
+    import os
     try:
         capm = SalienceCapture(threshold=threshold, capacity=capacity)
+        capt = SalienceCapture(threshold=threshold, capacity=capacity)
+        capu = SalienceCapture(threshold=threshold, capacity=capacity)
 
         def base_mt():
             memtrace.biased_attention(q, k, v, scale=scale).backward(dout)
@@ -190,14 +200,46 @@ def run_shape(B, H, T, D, capacity, quick, notes):
         def capture_mt():
             memtrace.biased_attention(q, k, v, scale=scale, capture=capm).backward(dout)
 
-        base_mt()
-        capture_mt()
+        def base_triton():
+            memtrace.biased_attention(q, k, v, scale=scale, backend="triton").backward(dout)
+
+        def capture_triton_fused():
+            memtrace.biased_attention(q, k, v, scale=scale, capture=capt, backend="triton").backward(dout)
+
+        def capture_triton_unfused():
+            os.environ["MEMTRACE_CAPTURE_FUSED"] = "0"
+            try:
+                memtrace.biased_attention(q, k, v, scale=scale, capture=capu, backend="triton").backward(dout)
+            finally:
+                os.environ.pop("MEMTRACE_CAPTURE_FUSED", None)
+
+        runs = {"base_mt": base_mt, "capture_mt": capture_mt, "base_triton": base_triton,
+                "capture_triton_fused": capture_triton_fused, "capture_triton_unfused": capture_triton_unfused}
+        for fn in runs.values():
+            fn()
         torch.cuda.synchronize()
-        t["base_mt"] = bench(base_mt, grads)
-        t["capture_mt"] = bench(capture_mt, grads)
-        mem["base_mt"] = peak_mib(base_mt, grads)
-        mem["capture_mt"] = peak_mib(capture_mt, grads)
+        for name, fn in runs.items():
+            t[name] = bench(fn, grads)
+        for name, fn in runs.items():
+            mem[name] = peak_mib(fn, grads)
         res["mt_capture_num_edges"] = int(capm.num_edges)
+        # The fused and the unfused capture must agree (same edges, values within float32 noise).
+        n_f, n_u = int(capt.num_edges), int(capu.num_edges)
+        same = n_f == n_u and all(torch.equal(a[:n_f], b[:n_u]) for a, b in zip(capt.edges[:3], capu.edges[:3]))
+        s_err = ((capt.edges[3][:n_f] - capu.edges[3][:n_f]).abs().max().item() if same and n_f else None)
+        res["fused_vs_unfused"] = {"edges_fused": n_f, "edges_unfused": n_u, "same_edges": same,
+                                   "max_abs_S_difference": s_err,
+                                   "num_candidates": [int(capt.stats["num_candidates"]),
+                                                      int(capu.stats["num_candidates"])]}
+        # How much of the (row, 64-key segment) grid the bound lets through.
+        from memtrace.kernels import attention as ka
+        seg_bound = capt._fused_bound(q, k)
+        if seg_bound is not None:
+            out1, lse1 = ka.flash_fwd(q.detach(), k.detach(), v.detach(), causal=False, scale=scale, alpha=1.0)
+            ka.flash_bwd(q.detach(), k.detach(), v.detach(), out1, lse1, dout, causal=False, scale=scale,
+                         alpha=1.0, need_dvalues=False, capture_bound=seg_bound)
+            cut = capture_mod._kernel_threshold(threshold) * (1 - capture_mod._BOUND_MARGIN)
+            res["fused_segments_passing"] = float((seg_bound > cut).float().mean())
     except Exception as exc:
         notes.append(f"B{B} H{H} T{T}: memtrace.biased_attention not measured: {type(exc).__name__}: {exc}"[:400])
 
@@ -220,6 +262,14 @@ def run_shape(B, H, T, D, capacity, quick, notes):
     if "base_mt" in t:
         r["capture_over_base_mt"] = t["capture_mt"] / t["base_mt"]
         r["mem_capture_over_base_mt"] = mem["capture_mt"] / mem["base_mt"]
+    if "base_triton" in t:
+        r["fused_capture_over_base_triton"] = t["capture_triton_fused"] / t["base_triton"]
+        r["unfused_capture_over_base_triton"] = t["capture_triton_unfused"] / t["base_triton"]
+        r["mem_fused_capture_over_base_triton"] = mem["capture_triton_fused"] / mem["base_triton"]
+        if "eager" in t:
+            r["eager_over_capture_triton_fused"] = t["eager"] / t["capture_triton_fused"]
+            extra = t["capture_triton_fused"] - t["base_triton"]
+            r["eager_over_fused_capture_extra"] = t["eager"] / extra if extra > 0 else float("inf")
     if "eager" in t:
         r["eager_over_fill"] = t["eager"] / t["fill"]
         r["eager_over_fill_overflow"] = t["eager"] / t["fill_overflow"]

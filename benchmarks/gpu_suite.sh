@@ -3,6 +3,7 @@
 # Usage: bash benchmarks/gpu_suite.sh [MODE...]   (default all; several modes run in one call)
 #   all        install, GPU tests, every benchmark (far over one 10-minute call: split it into the modes below)
 #   capture    capture only: GPU parity, per-kernel profile of both emission modes, bench_capture
+#   fused      capture GPU parity beside a compile-ahead of the D=128 attention kernels, then bench_capture
 #   profile    per-kernel GPU time of one trace-memory update and of capture fills
 #   tma        the triton backend with and without TMA descriptors (benchmarks/tma_probe.py; causal
 #              from MEMTRACE_BENCH_CAUSAL, default 0)
@@ -42,7 +43,7 @@ PY
 capture_tests() {
   # tests/gpu/test_capture_gpu.py in three background pytest processes (compiling dominates: one
   # process took > 280 s); the caller waits.
-  for sel in "parity" "realistic" "not parity and not realistic"; do
+  for sel in "parity" "realistic" "fused" "not parity and not realistic and not fused"; do
     timeout 300 python -m pytest tests/gpu/test_capture_gpu.py -q -p no:cacheprovider -p no:warnings -k "$sel" \
       > "$OUT/gpu_tests_capture_${sel// /_}.log" 2>&1 &
   done
@@ -86,6 +87,22 @@ if want check; then
   update_bench
   timeout 240 python benchmarks/bench_capture.py --no-sweep --json "$OUT/capture.json" 2>&1 | grep -v -i warn | tail -30 \
     || status=1
+fi
+if want fused; then
+  # The fused capture (Triton backward + segment rescoring): capture GPU parity in four processes
+  # while six more compile the D=128 attention kernels (capture variants included) ahead of
+  # bench_capture, whose first triton calls would otherwise autotune from a cold cache.
+  capture_tests
+  logs=$(mktemp -d)
+  for k in 0 1 2 3 4 5; do
+    MEMTRACE_ATTN_CONFIG_SLICE=$k/6 timeout 280 python benchmarks/prewarm_attention.py \
+      kernels 128 0 --heads 16,16 > "$logs/prewarm_$k.log" 2>&1 &
+  done
+  wait || status=1
+  for f in "$logs"/prewarm_*.log; do tail -n 1 "$f"; done
+  merge_capture_logs
+  timeout 300 python benchmarks/bench_capture.py --no-sweep --json "$OUT/capture.json" 2>&1 | grep -v -i warn \
+    | tail -60 || status=1
 fi
 if want capture; then
   # Capture only: GPU parity (three pytest processes side by side: compiling dominates) while the

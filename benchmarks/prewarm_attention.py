@@ -34,10 +34,12 @@ def warm_kernels(D, causal, dtype, Hq=16, Hkv=16):
     bias = mt.TraceBias.from_coo(*coo, torch.rand(n, device="cuda"), num_heads=Hq, seq_len_q=T, seq_len_k=T)
     for backend in [b for b in ("triton", "cudnn", "flash") if b in A._REGISTRY]:
         for b in (None, bias):
-            try:
-                mt.biased_attention(q, k, v, b, causal=causal, backend=backend).sum().backward()
-            except Exception as exc:  # an unsupported combination: the benchmark records it
-                print(f"prewarm D={D} causal={causal} {backend}: {type(exc).__name__}: {exc}", flush=True)
+            # the Triton backend also with a capture (its dQ kernel's capture variant, the fill)
+            for capture in ((None, mt.SalienceCapture(1e-3)) if backend == "triton" else (None,)):
+                try:
+                    mt.biased_attention(q, k, v, b, causal=causal, backend=backend, capture=capture).sum().backward()
+                except Exception as exc:  # an unsupported combination: the benchmark records it
+                    print(f"prewarm D={D} causal={causal} {backend}: {type(exc).__name__}: {exc}", flush=True)
 
 
 def warm_flex(shape, causal, dtype):

@@ -320,6 +320,9 @@ def _entry_form(bias):
 
 # entries per chunk of the entry epilogues (16 measured no better than 32)
 BWD_CHUNK = int(os.environ.get("MEMTRACE_ATTN_BWD_CHUNK", "32"))
+# The salience capture's segment width: keys per entry of flash_bwd's capture bound, which is the
+# dq kernel's key block while capturing (configs with another BLOCK_N are pruned then).
+CAPTURE_SEG = 16 if INTERPRET else 64
 
 
 def _desc_ok(t):
@@ -483,6 +486,8 @@ def _prune_dkdv(configs, named_args, **kwargs):
 def _prune_dq(configs, named_args, **kwargs):
     D = kwargs["HEAD_DIM"]
     configs = _prune_tma(configs, named_args["KDesc"])
+    if kwargs["CAPTURE"]:    # the capture bound's segments are the dq kernel's key blocks
+        configs = [c for c in configs if c.kwargs["BLOCK_N"] == CAPTURE_SEG]
     return _prune(configs, D, _elsize(named_args),
                   lambda c: 2 * c.kwargs["BLOCK_M"] * D + 2 * c.num_stages * c.kwargs["BLOCK_N"] * D)
 
@@ -570,11 +575,13 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse2, Delta,
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, hi,
               offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, k_desc, v_desc, b, hk,
+              cap_bound, cap_scale, Tq,
               CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-              USE_DESC: tl.constexpr):
+              USE_DESC: tl.constexpr, CAPTURE: tl.constexpr):
     """dQ (unscaled) of one row block over key blocks [lo, hi). Keys past Tk are loaded as zero
     rows, which add nothing to dq; MASKED applies the causal mask. USE_DESC: K/V tiles by TMA
-    (as in _fwd_tiles)."""
+    (as in _fwd_tiles). CAPTURE: also add cap_scale * max over the block's keys of P*|dP| per row
+    into cap_bound[key block, row] (the salience capture's segment bound, see flash_bwd)."""
     for n0 in range(lo, hi, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         cols = n0 + offs_n
@@ -594,16 +601,22 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, 
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+        if CAPTURE:
+            # Fire-and-forget adds (the result is unused): the B programs of (h, rows) sum their
+            # batch element's row maxima, so the bound is mean_b max_j P*|dP| >= max_j S.
+            seg_max = tl.max(p * tl.abs(dp), 1)
+            tl.atomic_add(cap_bound + (n0 // BLOCK_N) * Tq + offs_m, seg_max * cap_scale,
+                          mask=offs_m < Tq, sem="relaxed")
     return dq
 
 
 @triton.autotune(configs=_bwd_configs("dq"),
                  key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "TMA_OK", "ENTRY_FORM",
-                      "CHUNK"],
-                 prune_configs_by={"early_config_prune": _prune_dq})
+                      "CHUNK", "CAPTURE"],
+                 prune_configs_by={"early_config_prune": _prune_dq}, reset_to_zero=["CapBound"])
 @triton.jit
 def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
-                         EntryPos, EntryVal, QOffsets,
+                         EntryPos, EntryVal, QOffsets, CapBound, cap_scale, cap_blocks,
                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                          stride_dqb, stride_dqh, stride_dqm,
@@ -611,12 +624,14 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
                          TQ_KEY, TK_KEY, TMA_OK,
                          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                          CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, NEED_DVAL: tl.constexpr,
-                         ENTRY_FORM: tl.constexpr,
+                         ENTRY_FORM: tl.constexpr, CAPTURE: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DESC: tl.constexpr):
     """DQ [B,Hq,Tq,D] for rows [m0, m0+BLOCK_M) of (b, h), and DvalPart[b, e] for their entries.
 
     Grid (cdiv(Tq, BLOCK_M), B*Hq). Dense loop over the visible key blocks (unmasked, then the
     diagonal/tail blocks masked), then the entry terms of the block's entries (entry_pos order).
+    CAPTURE: CapBound float32 [Hq, cap_blocks, Tq] (BLOCK_N == the capture's segment width)
+    receives the salience bound of every (row, key block) the loops visit.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -644,12 +659,13 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
         full = Tk
     full = (full // BLOCK_N) * BLOCK_N
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    cap_bound = CapBound + h.to(tl.int64) * cap_blocks * Tq
     dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, 0, full,
                    offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, KDesc, VDesc, b, hk,
-                   CAUSAL, False, BLOCK_N, DOT_PREC, USE_DESC)
+                   cap_bound, cap_scale, Tq, CAUSAL, False, BLOCK_N, DOT_PREC, USE_DESC, CAPTURE)
     dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, full, hi,
                    offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, KDesc, VDesc, b, hk,
-                   CAUSAL, True, BLOCK_N, DOT_PREC, USE_DESC)
+                   cap_bound, cap_scale, Tq, CAUSAL, True, BLOCK_N, DOT_PREC, USE_DESC, CAPTURE)
     if HAS_BIAS:
         e_lo, e_hi = _block_range(QOffsets, h, m0, tl.minimum(m0 + BLOCK_M, Tq), TqMax)
         if ENTRY_FORM == 1:
@@ -669,7 +685,7 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
 
 def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: bool, scale: float,
               alpha: float, need_dvalues: bool, allow_tf32: bool = False, chunk: int | None = None, row_flags=None,
-              may_cancel: bool = True):
+              may_cancel: bool = True, capture_bound=None):
     """Backward of flash_fwd: (dq, dk, dv, dvalues).
 
     out, lse are flash_fwd's results (biased O', natural LSE'); dout [B,Hq,Tq,D]. dq has q's
@@ -684,6 +700,14 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     so no row can cancel): the flags pass, their masking and the exact-row launches are skipped
     (at B4 H16 T4096 D128 they took ~110 us of a ~4.6 ms forward+backward at 2048 traces/head,
     ~180 us at 16384; benchmarks/results/profile_attention_h100_session4.json).
+
+    capture_bound: None, or a zeroed float32 [Hq, cdiv(Tk, CAPTURE_SEG), Tq] tensor that the dQ
+    kernel fills, for the salience capture (memtrace.capture), with
+    bound[h, n, i] = mean_b max over keys j of segment n of P[b,h,i,j] * |dP[b,h,i,j]|, an upper
+    bound of the salience S[h, i, j] of every such edge that is not a bias entry (+inf on rows the
+    cancelling-row path recomputes, whose P the dense loops do not see). It costs one row max and
+    one fire-and-forget atomic add per tile; the capture then recomputes only the segments whose
+    bound passes its threshold.
     """
     B, Hq, Hkv, Tq, Tk, D = _check_common(q, k, v, bias)
     q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
@@ -713,6 +737,15 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
         entry_values = torch.empty(1, dtype=torch.float32, device=dev)
         tq_max = tk_max = 1
         row_flags = torch.empty(1, dtype=torch.int8, device=dev)
+    capture = capture_bound is not None
+    if capture:
+        want = (Hq, triton.cdiv(Tk, CAPTURE_SEG), Tq)
+        if (tuple(capture_bound.shape) != want or capture_bound.dtype != torch.float32
+                or not capture_bound.is_contiguous() or capture_bound.device != dev):
+            raise ValueError(f"capture_bound must be a contiguous float32 tensor of shape {want} on {dev}, got "
+                             f"{capture_bound.dtype} {tuple(capture_bound.shape)} on {capture_bound.device}")
+    else:
+        capture_bound = torch.empty(1, dtype=torch.float32, device=dev)
     delta = torch.empty((B * Hq, Tq), dtype=torch.float32, device=dev)
     lse2 = torch.empty((B * Hq, Tq), dtype=torch.float32, device=dev)
     pre_bm = 64 if D <= 128 else 32
@@ -741,12 +774,16 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
         _len_key(Tq), _len_key(Tk), int(use_desc), **common)
     _flash_bwd_dq_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)](
         q, k, v, dout, k_desc, v_desc, dq, lse2, delta, dval_part, ep, entry_values, qo,
+        capture_bound, 1.0 / B, triton.cdiv(Tk, CAPTURE_SEG),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         Hq, Hq // Hkv, Tq, Tk, tq_max, E, Tk - Tq, scale * sign, scale * LOG2E, alpha * LOG2E, alpha,
-        _len_key(Tq), _len_key(Tk), int(use_desc), NEED_DVAL=need_dval, **common)
+        _len_key(Tq), _len_key(Tk), int(use_desc), NEED_DVAL=need_dval, CAPTURE=capture, **common)
     if has_bias and may_cancel:  # the cancelling rows, excluded above (lse2 = +inf), done exactly
+        if capture:   # their P was 0 in the loops: no bound, so every segment of theirs is rescored
+            flagged = row_flags.view(B, Hq, Tq).ne(0).any(0)
+            capture_bound.masked_fill_(flagged[:, None, :], float("inf"))
         _exact_rows(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, row_flags,
                     dval_part if need_dval else None, causal=causal, scale=scale, dq_scale=scale * sign,
                     alpha=alpha, prec=prec)

@@ -22,7 +22,7 @@ Two kernels, both reading the backward's inputs directly (nothing of size Tq x T
               (bits 30..19: exponent and the top 4 mantissa bits, a bin is <= 1/16 relative wide).
     PASS = 1  histogram only (the overflow path when PASS 0 ran without HIST).
     PASS = 2  refine (overflow only): with the boundary bin b* (the bin holding the
-              capacity-th strongest candidate) read from ``bound``, write the candidates of bins
+              capacity-th strongest candidate, from the histogram), write the candidates of bins
               above b* (the sure winners, fewer than capacity) into the edge buffer from slot 0
               (cnt[1]) and those of bin b* into a staging buffer (cnt[2]); tiles whose tile_max
               falls below bin b* are skipped. The host side then picks the strongest of the
@@ -43,10 +43,16 @@ Layouts: q, dout [B, Hq, Tq, D]; k, v [B, Hkv, Tk, D]; lse float32 [B, Hq, Tq] n
 import triton
 import triton.language as tl
 
+from .launch import FastLaunch
+
 HIST_BINS = 4096
 HIST_SHIFT = 19          # float32 bits >> 19 -> 12 bits: 8 exponent + 4 mantissa bits
 INDEX_TILE = 128         # bias entries are bucketed by 128 x 128 index tiles
 LAST_COMPILED = {}
+# The segment kernel's (ROWS_BLOCK, num_warps, num_stages) on the GPU; MEMTRACE_CAPTURE_SEGMENT_CONFIG
+# ("128,8,2") overrides it for probes.
+SEGMENT_CONFIG = tuple(int(x) for x in (__import__("os").environ.get("MEMTRACE_CAPTURE_SEGMENT_CONFIG", "")
+                                         or "128,8,2").split(","))
 
 
 @triton.jit
@@ -163,7 +169,7 @@ def _add_histogram(S, cand, HIST, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 def _epilogue(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
               ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
               CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
-              STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, HIST, BOUND,
+              STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, HIST, bstar,
               PASS: tl.constexpr, HIST_IN_MAIN: tl.constexpr, HAS_ENTRIES: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IDX_TILE: tl.constexpr,
               NUM_BINS: tl.constexpr, SHIFT: tl.constexpr, SPARSE_EMIT: tl.constexpr = 0):
@@ -193,7 +199,6 @@ def _epilogue(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, thresho
         _add_histogram(S, cand, HIST, BLOCK_M, BLOCK_N, NUM_BINS, SHIFT)
     else:
         bins = S.to(tl.int32, bitcast=True) >> SHIFT
-        bstar = tl.load(BOUND)
         _emit(cand & (bins > bstar), S, A, offs_m, offs_n, h, CNT + 1, capacity,
               OUT_H, OUT_I, OUT_J, OUT_S, OUT_A)
         _emit(cand & (bins == bstar), S, A, offs_m, offs_n, h, CNT + 2, stg_capacity,
@@ -210,7 +215,7 @@ def _salience_tile_kernel(
         ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
         CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
         STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity,
-        TILE_MAX, HIST, BOUND,
+        TILE_MAX, HIST,
         PASS: tl.constexpr, HIST_IN_MAIN: tl.constexpr, HAS_ENTRIES: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         PRECISION: tl.constexpr, IDX_TILE: tl.constexpr,
@@ -224,9 +229,18 @@ def _salience_tile_kernel(
     first = tl.program_id(0)
     stop = first + 1
     step = 1
+    bstar = 0
     if PASS > 0:
         step = tl.num_programs(0)
         stop = tl.where(tl.load(CNT) > capacity, num_heads * num_q_tiles * num_k_tiles, 0)
+        if PASS == 2:
+            if stop > 0:
+                # The cut bin b*: the highest bin whose count from the top reaches capacity (every
+                # program reads the finished histogram of PASS 1; 16 KB, only on overflow).
+                bins = tl.arange(0, NUM_BINS)
+                counts = tl.load(HIST + bins)
+                from_top = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
+                bstar = tl.max(tl.where(from_top >= capacity, bins, 0), axis=0)
     for t in range(first, stop, step):
         _tile_program(Q, K, V, DO, LSE,
                       sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
@@ -234,7 +248,7 @@ def _salience_tile_kernel(
                       t, B, Tq, Tk, group, num_q_tiles, num_k_tiles, qk_scale, inv_batch, causal_offset,
                       threshold, ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
                       CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
-                      STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, TILE_MAX, HIST, BOUND,
+                      STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, TILE_MAX, HIST, bstar,
                       PASS, HIST_IN_MAIN, HAS_ENTRIES, BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION,
                       IDX_TILE, NUM_BINS, SHIFT, USE_DESC)
 
@@ -246,7 +260,7 @@ def _tile_program(Q, K, V, DO, LSE,
                   tile_id, B, Tq, Tk, group, num_q_tiles, num_k_tiles, qk_scale, inv_batch, causal_offset,
                   threshold, ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
                   CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
-                  STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, TILE_MAX, HIST, BOUND,
+                  STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, TILE_MAX, HIST, bstar,
                   PASS: tl.constexpr, HIST_IN_MAIN: tl.constexpr, HAS_ENTRIES: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                   PRECISION: tl.constexpr, IDX_TILE: tl.constexpr,
@@ -264,7 +278,6 @@ def _tile_program(Q, K, V, DO, LSE,
         tmax = tl.load(TILE_MAX + tile_id)
         live = live & (tmax > threshold)
         if PASS == 2:
-            bstar = tl.load(BOUND)
             tbin = tmax.to(tl.int32, bitcast=True) >> SHIFT
             live = live & (tbin >= bstar)
     if live:
@@ -276,7 +289,7 @@ def _tile_program(Q, K, V, DO, LSE,
         tile_best = _epilogue(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
                               ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
                               CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
-                              STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, HIST, BOUND,
+                              STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, HIST, bstar,
                               PASS, HIST_IN_MAIN, HAS_ENTRIES, BLOCK_M, BLOCK_N, IDX_TILE,
                               NUM_BINS, SHIFT)
         if PASS == 0:
@@ -349,13 +362,100 @@ def _salience_stream_kernel(
             best = _epilogue(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
                              ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
                              CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
-                             OUT_H, OUT_I, OUT_J, OUT_S, OUT_A, capacity, CNT, CNT,
+                             OUT_H, OUT_I, OUT_J, OUT_S, OUT_A, capacity, CNT, 0,
                              0, False, HAS_ENTRIES, BLOCK_M, BLOCK_N, IDX_TILE, NUM_BINS, SHIFT,
                              SPARSE_EMIT)
             tl.store(TILE_MAX + tile_id, best)
             # Reset here, not after the if: the old sums die inside the epilogue (registers).
             acc_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+
+@triton.jit
+def _drop_entry_edges(valid, rows, live, cols, h, ENT_POS, Q_OFF, TqMax):
+    """valid & not a bias entry, for gathered query rows `rows` (live ones) and key columns
+    `cols`: each row scans its own entries (the bias's (head, query) CSR; usually 0..2)."""
+    has = live & (rows < TqMax)
+    r = tl.where(has, rows, 0)
+    e_lo = tl.load(Q_OFF + h * TqMax + r, mask=has, other=0)
+    e_n = tl.where(has, tl.load(Q_OFF + h * TqMax + r + 1, mask=has, other=0) - e_lo, 0)
+    for t in range(tl.max(e_n, axis=0)):
+        hit = t < e_n
+        kj = tl.load(ENT_POS + e_lo + t, mask=hit, other=0) & 0xFFFF
+        valid = valid & ~(hit[:, None] & (cols[None, :] == kj[:, None]))
+    return valid
+
+
+@triton.jit
+def _salience_segment_kernel(
+        Q, K, V, DO, LSE,
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+        sob, soh, som, sod, slb, slh, slm,
+        BOUND, ROWS, B, Tq, Tk, group, num_blocks, qk_scale, inv_batch, causal_offset, threshold, bound_threshold,
+        ENT_POS, Q_OFF, TqMax,
+        CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
+        HAS_ENTRIES: tl.constexpr, SEG: tl.constexpr, ROWS_BLOCK: tl.constexpr, SCAN: tl.constexpr,
+        HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, SPARSE_EMIT: tl.constexpr):
+    """PASS 0 after the Triton backward filled the segment bound (kernels/attention.py,
+    flash_bwd's capture_bound): program (n, h) owns keys [n*SEG, (n+1)*SEG) of query head h.
+
+    1. It compacts the rows i whose bound[h, n, i] > bound_threshold (the only rows whose edges
+       in this segment can have S > threshold) into the front of the same column, in row order
+       (ROWS is BOUND's memory as int32: row r0.. is read before any write reaches it).
+    2. It scores those rows' edges exactly, ROWS_BLOCK gathered rows at a time with the batch loop
+       inside (as the tile kernels do), and emits the candidates like PASS 0."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // group
+    column = (h * num_blocks + n).to(tl.int64) * Tq
+    count = 0
+    for r0 in range(0, Tq, SCAN):
+        offs = r0 + tl.arange(0, SCAN)
+        keep = tl.load(BOUND + column + offs, mask=offs < Tq, other=0.0) > bound_threshold
+        k = keep.to(tl.int32)
+        rank = tl.cumsum(k, axis=0) - k
+        tl.debug_barrier()           # the whole block has read these slots before any is rewritten
+        tl.store(ROWS + column + count + rank, offs, mask=keep)
+        count += tl.sum(k, axis=0)
+    tl.debug_barrier()
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols = n * SEG + tl.arange(0, SEG)
+    col_ok = cols < Tk
+    k_ptrs = K + hk * skh + cols[:, None] * skn + offs_d[None, :] * skd
+    v_ptrs = V + hk * svh + cols[:, None] * svn + offs_d[None, :] * svd
+    # One flat loop over (row chunk, batch element), as in the streaming kernel: the compiler
+    # pipelines the next step's gathers under this step's dots (a batch loop alone is 1..4 long).
+    acc_s = tl.zeros([ROWS_BLOCK, SEG], dtype=tl.float32)
+    acc_a = tl.zeros([ROWS_BLOCK, SEG], dtype=tl.float32)
+    steps = tl.cdiv(count, ROWS_BLOCK) * B
+    for step in range(steps):
+        b = step % B
+        idx = (step // B) * ROWS_BLOCK + tl.arange(0, ROWS_BLOCK)
+        live = idx < count
+        rows = tl.load(ROWS + column + idx, mask=live, other=0)
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd, mask=live[:, None],
+                    other=0.0)
+        do = tl.load(DO + b * sob + h * soh + rows[:, None] * som + offs_d[None, :] * sod, mask=live[:, None],
+                     other=0.0)
+        k = tl.load(k_ptrs + b * skb, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs + b * svb, mask=col_ok[:, None], other=0.0)
+        lse = tl.load(LSE + b * slb + h * slh + rows * slm, mask=live, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        acc_a += p
+        acc_s += p * tl.abs(dp)
+        if b == B - 1:
+            S = acc_s * inv_batch
+            A = acc_a * inv_batch
+            valid = live[:, None] & col_ok[None, :] & (cols[None, :] <= rows[:, None] + causal_offset)
+            if HAS_ENTRIES:
+                valid = _drop_entry_edges(valid, rows, live, cols, h, ENT_POS, Q_OFF, TqMax)
+            _emit(valid & (S > threshold), S, A, rows, cols, h, CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
+                  SPARSE_EMIT)
+            acc_s = tl.zeros([ROWS_BLOCK, SEG], dtype=tl.float32)
+            acc_a = tl.zeros([ROWS_BLOCK, SEG], dtype=tl.float32)
 
 
 @triton.jit
@@ -403,6 +503,11 @@ def _salience_entry_kernel(
     tl.store(OUT_A + offs_e, tl.where(ok, acc_a * inv_batch, 0.0), mask=in_e)
 
 
+def _interpreting():
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _num_sms(device):
     if device.type != "cuda":
         return 8                   # the interpreter: tiny shapes still get split key ranges
@@ -429,7 +534,7 @@ def _strides(t, ndim):
 
 
 def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offset, entries, cnt,
-                 capacity, out, staging, stg_capacity, tile_max, hist, bound, config, precision,
+                 capacity, out, staging, stg_capacity, tile_max, hist, config, precision,
                  hist_in_main, use_desc=False, sparse_emit=0):
     """Launch one pass. `entries` = (off, i, j, tiles_m, tiles_n) or None; `out`/`staging` =
     (h, i, j, S, a) buffers; config = (BLOCK_M, BLOCK_N, warps, stages, per_tile): per_tile 1,
@@ -475,16 +580,47 @@ def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offse
             SPARSE_EMIT=sparse_emit, num_warps=warps, num_stages=stages)
         LAST_COMPILED[pass_] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))
         return
-    compiled = _salience_tile_kernel[grid](
+    # Triton's per-call dispatch costs ~0.1-0.2 ms of host time a launch on the H100 machine's host,
+    # and the overflow passes launch on every fill (no-ops without overflow): FastLaunch skips it
+    # whenever no tensor descriptor is passed.
+    launcher = _salience_tile_kernel if use_desc else _TILE_FAST
+    compiled = launcher[grid](
         tensors[0], tensors[1], tensors[2], tensors[3], lse, *strides, *_strides(lse, 3),
         B, Tq, Tk, Hq // Hkv, num_q_tiles, num_k_tiles, Hq, qk_scale, 1.0 / B, causal_offset, threshold,
         ent_off, ent_i, ent_j, tiles_m, tiles_n,
-        cnt, capacity, *out, *staging, stg_capacity, tile_max, hist, bound,
+        cnt, capacity, *out, *staging, stg_capacity, tile_max, hist,
         PASS=pass_, HIST_IN_MAIN=hist_in_main, HAS_ENTRIES=entries is not None,
         BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, PRECISION=precision, IDX_TILE=INDEX_TILE,
         NUM_BINS=HIST_BINS, SHIFT=HIST_SHIFT, USE_DESC=use_desc, num_warps=warps, num_stages=stages)
     # Registers / spills of the last compiled launch, for the benchmark's report (GPU only).
     LAST_COMPILED[pass_] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))
+
+
+def launch_segments(q, k, v, dout, lse, bound, *, seg, threshold, bound_threshold, qk_scale, causal_offset,
+                    bias, cnt, capacity, out, precision, sparse_emit=0, config=None):
+    """PASS 0 from a filled segment bound (see `_salience_segment_kernel`); `bound` float32
+    [Hq, cdiv(Tk, seg), Tq] is overwritten (its columns end up holding row lists); `bias` a
+    TraceBias or None (its entries are not edges)."""
+    import torch
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    num_blocks = triton.cdiv(Tk, seg)
+    if config is None:
+        config = (16, 4, 1) if _interpreting() else SEGMENT_CONFIG
+    rows_block, num_warps, num_stages = config
+    has_entries = bias is not None and bias.nnz > 0
+    if has_entries:
+        ent_pos, q_off, tq_max = bias.entry_pos, bias.q_offsets, bias.seq_len_q
+    else:
+        ent_pos = q_off = cnt
+        tq_max = 1
+    _SEGMENT_FAST[(num_blocks, Hq)](
+        q, k, v, dout, lse, *_strides(q, 4), *_strides(k, 4), *_strides(v, 4), *_strides(dout, 4),
+        *_strides(lse, 3), bound, bound.view(torch.int32), B, Tq, Tk, Hq // Hkv, num_blocks, qk_scale, 1.0 / B,
+        causal_offset, threshold, bound_threshold, ent_pos, q_off, tq_max,
+        cnt, capacity, *out, HAS_ENTRIES=has_entries, SEG=seg, ROWS_BLOCK=rows_block,
+        SCAN=min(1024, triton.next_power_of_2(max(Tq, 16))), HEAD_DIM=D, PRECISION=precision,
+        SPARSE_EMIT=sparse_emit, num_warps=num_warps, num_stages=num_stages)
 
 
 def launch_entries(q, k, v, dout, lse, ent_h, ent_i, ent_j, ent_val, out_s, out_a, *, qk_scale,
@@ -496,9 +632,14 @@ def launch_entries(q, k, v, dout, lse, ent_h, ent_i, ent_j, ent_val, out_s, out_
     if E == 0:
         return
     grid = (triton.cdiv(E, block_e),)
-    _salience_entry_kernel[grid](
+    _ENTRY_FAST[grid](
         q, k, v, dout, lse,
         *_strides(q, 4), *_strides(k, 4), *_strides(v, 4), *_strides(dout, 4), *_strides(lse, 3),
         ent_h, ent_i, ent_j, ent_val, E,
         B, Tq, Tk, Hq // Hkv, qk_scale, alpha_log2, 1.0 / B, causal_offset,
         out_s, out_a, BLOCK_E=block_e, HEAD_DIM=D, num_warps=num_warps)
+
+
+_TILE_FAST = FastLaunch(_salience_tile_kernel)
+_SEGMENT_FAST = FastLaunch(_salience_segment_kernel)
+_ENTRY_FAST = FastLaunch(_salience_entry_kernel)

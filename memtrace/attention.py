@@ -195,10 +195,12 @@ class TritonBackend(Backend):
         return module.flash_fwd(q, k, v, bias, entry_values, causal=causal, scale=scale, alpha=alpha,
                                 may_cancel=_may_cancel(bias, alpha))
 
-    def backward(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, need_dvalues):
+    def backward(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, need_dvalues,
+                 capture_bound=None):
         module = _import_kernels("attention")[0]
         return module.flash_bwd(q, k, v, out, lse, dout, bias, entry_values, causal=causal, scale=scale,
-                                alpha=alpha, need_dvalues=need_dvalues, may_cancel=_may_cancel(bias, alpha))
+                                alpha=alpha, need_dvalues=need_dvalues, may_cancel=_may_cancel(bias, alpha),
+                                capture_bound=capture_bound)
 
 
 class _CorrectedDenseBackend(Backend):
@@ -768,21 +770,24 @@ def _run_forward(backend, auto, q, k, v, bias, entry_values, causal, scale, alph
 
 
 def _run_backward(backend, auto, q, k, v, out, lse, dout, bias, entry_values, causal, scale, alpha,
-                  need_dvalues):
+                  need_dvalues, capture_bound=None):
+    """(dq, dk, dv, dvalues, the backend that ran). capture_bound reaches the Triton backend only
+    (the caller's capture may use it only when that backend ran)."""
     full_entries = entry_values
     if bias is not None and bias.nnz == 0:
         bias, entry_values = None, None
     while True:
+        extra = {"capture_bound": capture_bound} if backend == "triton" and capture_bound is not None else {}
         try:
             dq, dk, dv, dvalues = _REGISTRY[backend].backward(
                 q, k, v, out, lse, dout, bias, entry_values, causal=causal, scale=scale, alpha=alpha,
-                need_dvalues=need_dvalues and entry_values is not None)
+                need_dvalues=need_dvalues and entry_values is not None, **extra)
             break
         except (RuntimeError, NotImplementedError) as exc:
             backend = _fall_back(backend, auto, exc, q, k, v, bias, causal, alpha)
     if need_dvalues and full_entries is not None and dvalues is None:
         dvalues = torch.zeros_like(full_entries)
-    return _match_layout(q, dq), _match_layout(k, dk), _match_layout(v, dv), dvalues
+    return _match_layout(q, dq), _match_layout(k, dk), _match_layout(v, dv), dvalues, backend
 
 
 def _fall_back(backend, auto, exc, q, k, v, bias, causal, alpha):
@@ -848,8 +853,8 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """(dq, dk, dv laid out like q, k, v; d entry_values [E] float32, or [0] when not needed)."""
     bias = _bias_from_tensors(bias_tensors, bias_shape)
     name, auto = _resolve(backend, q, k, v, bias, causal, alpha)
-    dq, dk, dv, dvalues = _run_backward(name, auto, q, k, v, out, lse, dout, bias, entry_values, causal, scale,
-                                        alpha, need_dvalues)
+    dq, dk, dv, dvalues, _ = _run_backward(name, auto, q, k, v, out, lse, dout, bias, entry_values, causal, scale,
+                                           alpha, need_dvalues)
     if dvalues is None:
         dvalues = q.new_zeros(0, dtype=torch.float32)
     return dq, dk, dv, dvalues.float().contiguous()
@@ -914,11 +919,15 @@ class _EagerAttention(torch.autograd.Function):
         causal, scale, alpha, backend, auto = ctx.args
         need_dvalues = entry_values is not None and ctx.needs_input_grad[3]
         dout = dout.contiguous() if dout.stride(-1) != 1 else dout
-        dq, dk, dv, dvalues = _run_backward(backend, auto, q, k, v, out, lse, dout, ctx.bias, entry_values, causal,
-                                            scale, alpha, need_dvalues)
+        # The Triton backward can bound the capture's salience on the way (see memtrace.capture).
+        make_bound = getattr(ctx.capture, "_fused_bound", None) if backend == "triton" else None
+        bound = make_bound(q, k) if make_bound is not None else None
+        dq, dk, dv, dvalues, ran = _run_backward(backend, auto, q, k, v, out, lse, dout, ctx.bias, entry_values,
+                                                 causal, scale, alpha, need_dvalues, capture_bound=bound)
         if ctx.capture is not None:
+            fused = {"bound": bound} if bound is not None and ran == "triton" else {}
             ctx.capture._fill(q, k, v, out, lse, dout, ctx.bias, entry_values, causal=causal, scale=scale,
-                              alpha=alpha)
+                              alpha=alpha, **fused)
         grads = (dq, dk, dv, (dvalues if need_dvalues else None))
         if backend != "reference" and torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (dout, q, k, v, entry_values)):
@@ -968,11 +977,27 @@ def biased_attention(q, k, v, bias=None, *, causal=False, scale=None, alpha=1.0,
     if capture is not None or not _tracing(q):
         # eager: the autograd.Function directly (about 25 us less per call than the op's dispatch)
         name, auto = _resolve(backend, q, k, v, bias, causal, alpha)
+        if capture is not None and auto and name != "triton" and _fused_capture_fits(q, k, v, bias, causal, capture):
+            name = "triton"
         out, _ = _EagerAttention.apply(q, k, v, entry_values, bias, causal, scale, alpha, name, auto, capture)
         return out
     bias_shape = [bias.num_heads, bias.seq_len_q, bias.seq_len_k] if bias is not None else [0, 0, 0]
     out, _ = _fwd_op(q, k, v, _bias_tensors(bias), entry_values, bias_shape, causal, scale, alpha, backend)
     return out
+
+
+def _fused_capture_fits(q, k, v, bias, causal, capture) -> bool:
+    """Whether "auto" should run a capturing call on the Triton backend: its backward bounds the
+    salience on the way, so the capture rescores a few segments instead of recomputing every
+    tile (B2 H16 T4096 D128 on the H100: ~0.4 ms instead of ~2.8 ms; BENCHMARKS.md), which
+    outweighs the faster dense kernels of the other backends. Not when MEMTRACE_BACKEND forces
+    one (select_backend already honoured it) or the fused fill does not apply."""
+    if os.environ.get(ENV_VAR, "").strip() not in ("", "auto"):
+        return False
+    applies = getattr(capture, "_fused_bound_applies", None)
+    if applies is None or _reasons("triton", _Call(q, k, v, bias, causal, None)):
+        return False
+    return applies(q, k)
 
 
 def _tracing(q) -> bool:

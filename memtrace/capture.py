@@ -83,7 +83,28 @@ def _env_int(name, default):
 # H100 (benchmarks/profile_capture.py); MEMTRACE_CAPTURE_EMIT overrides it. (A third way, one
 # atomic per row and a scan along it, spilled and was slower: profile_capture_h100_emit_modes.json.)
 _SPARSE_EMIT = _env_int("MEMTRACE_CAPTURE_EMIT", 512)
+# The same choice for the fused fill's segment kernel (MEMTRACE_CAPTURE_SEGMENT_EMIT). Measured on
+# the H100 (profile_fused_capture_h100_session8_configs.json): both modes take the same time there,
+# and the ranked one spills at 128-row chunks (ptxas stack 56 B).
+_SEGMENT_EMIT = _env_int("MEMTRACE_CAPTURE_SEGMENT_EMIT", 512)
 _USE_DESC = True             # TMA descriptors for q/k/v/dO when their rows are contiguous (else pointers)
+
+
+# The fused path (memtrace.biased_attention with the Triton backend): the backward's dQ kernel
+# bounds each (head, row, 64-key segment), and the fill rescores only the segments whose bound
+# passes the threshold. "auto" takes it while the bound (4 bytes per row and segment) is at most
+# half of q's bytes; MEMTRACE_CAPTURE_FUSED=1 / 0 forces it on / off.
+_FUSED_MAX_BOUND_OVER_Q = 0.5
+# The bound is compared with threshold * (1 - 1/64): the dQ kernel's P*|dP| and the rescoring's
+# differ by float32 rounding (and the order of the batch's atomic adds), far below that margin.
+_BOUND_MARGIN = 1.0 / 64
+
+
+def _fused_mode() -> str:
+    raw = os.environ.get("MEMTRACE_CAPTURE_FUSED", "auto").strip().lower() or "auto"
+    if raw not in ("auto", "0", "1"):
+        raise ValueError(f"environment variable MEMTRACE_CAPTURE_FUSED must be auto, 0 or 1, got {raw!r}")
+    return raw
 
 
 def _use_interpreter() -> bool:
@@ -161,11 +182,35 @@ class SalienceCapture:
         return f"SalienceCapture(threshold={self.threshold}, capacity={self.capacity}, {state})"
 
     # -- filling (called by the attention backward) -------------------------------------------------
+    @staticmethod
+    def _bound_shape(q, k):
+        """The segment bound's shape for this call when the fused fill applies, else None."""
+        mode = _fused_mode()
+        if mode == "0" or not (q.is_cuda or (_use_interpreter() and q.dtype != torch.float64)):
+            return None
+        from memtrace.kernels.attention import CAPTURE_SEG
+        shape = (q.shape[1], -(-k.shape[2] // CAPTURE_SEG), q.shape[2])
+        if mode == "auto" and 4 * math.prod(shape) > _FUSED_MAX_BOUND_OVER_Q * q.numel() * q.element_size():
+            return None
+        return shape
+
+    def _fused_bound_applies(self, q, k) -> bool:
+        return self._bound_shape(q, k) is not None
+
+    def _fused_bound(self, q, k):
+        """A zeroed segment bound for the Triton backward (kernels.attention.flash_bwd's
+        capture_bound) when the fused fill applies to this call, else None."""
+        shape = self._bound_shape(q, k)
+        return None if shape is None else torch.zeros(shape, dtype=torch.float32, device=q.device)
+
     @torch.no_grad()
-    def _fill(self, q, k, v, out, lse, dout, bias, entry_values, *, causal=False, scale=None, alpha=1.0):
+    def _fill(self, q, k, v, out, lse, dout, bias, entry_values, *, causal=False, scale=None, alpha=1.0,
+              bound=None):
         """Fill from the backward's tensors. out / lse: the BIASED forward output and natural-log
         log-sum-exp (float32 [B, Hq, Tq], -inf on fully masked rows); dout: the output gradient;
-        bias: TraceBias or None; entry_values: bias.entry_values() or None."""
+        bias: TraceBias or None; entry_values: bias.entry_values() or None; bound: the segment
+        bound that the Triton backward filled (from `_fused_bound`), or None (then every tile
+        is scored)."""
         V.check_capture_fill_inputs(q, k, v, lse, dout, bias)
         B, Hq, Tq, D = q.shape
         Tk = k.shape[2]
@@ -176,9 +221,10 @@ class SalienceCapture:
         if q.is_cuda or (_use_interpreter() and q.dtype != torch.float64):
             if q.is_cuda:
                 with torch.cuda.device(q.device):
-                    result = _fill_triton(self, q, k, v, lse, dout, bias, entry_values, causal, scale, alpha)
+                    result = _fill_triton(self, q, k, v, lse, dout, bias, entry_values, causal, scale, alpha,
+                                          bound)
             else:
-                result = _fill_triton(self, q, k, v, lse, dout, bias, entry_values, causal, scale, alpha)
+                result = _fill_triton(self, q, k, v, lse, dout, bias, entry_values, causal, scale, alpha, bound)
         else:
             result = _fill_dense(self, q, k, v, dout, bias, causal, scale, alpha)
         self._edges, self._num_edges, self._bias_scores, self._stats = result
@@ -188,19 +234,31 @@ class SalienceCapture:
 
 # ---- shared helpers ------------------------------------------------------------------------------
 
-def _sort_edges(buffers, num_edges, capacity, Tq, Tk):
-    """Order the first `num_edges` slots by (head, q, k) and zero the rest (device-only)."""
-    h, i, j, s, a = (t[:capacity] for t in buffers)
-    slot = torch.arange(capacity, device=h.device)
-    valid = slot < num_edges
+def _edge_keys(h, i, j, live, Tq, Tk, num_heads=None):
+    """(head, q, k) as one sortable integer, the largest value where not `live`: int32 when every
+    key fits (num_heads * Tq * Tk < 2^31; a radix sort of 4-byte keys takes about half the time
+    of 8-byte ones), else int64."""
+    if num_heads is not None and num_heads * Tq * Tk < 2**31 - 1:
+        key = (h * Tq + i) * Tk + j
+        return torch.where(live, key, torch.full_like(key, 2**31 - 1))
     key = (h.long() * Tq + i.long()) * Tk + j.long()
-    key = torch.where(valid, key, torch.full_like(key, _INT64_MAX))
-    _, perm = torch.sort(key)
-    out = []
-    for t in (h, i, j, s, a):
-        t = t[perm]
-        out.append(torch.where(valid, t, torch.zeros_like(t)))
-    return tuple(out)
+    return torch.where(live, key, torch.full_like(key, _INT64_MAX))
+
+
+def _edge_rows(rows):
+    """(h, i, j int32, S, a float32) views of an int32 [5, n] edge buffer (S and a as float bits)."""
+    return rows[0], rows[1], rows[2], rows[3].view(torch.float32), rows[4].view(torch.float32)
+
+
+def _sort_edges(rows, num_edges, capacity, Tq, Tk, num_heads=None):
+    """Order the first `num_edges` edges of `rows` (int32 [5, >= capacity]: h, i, j and the bits of
+    S, a) by (head, q, k), zero the rest, and return them as (h, i, j, S, a) (device-only; the
+    five rows move together, so each step is one op whatever the number of fields)."""
+    rows = rows[:, :capacity]
+    slot = torch.arange(capacity, device=rows.device)
+    valid = slot < num_edges
+    _, perm = torch.sort(_edge_keys(rows[0], rows[1], rows[2], valid, Tq, Tk, num_heads))
+    return _edge_rows(torch.where(valid, rows[:, perm], 0))
 
 
 def _make_stats(edges, num_edges, num_candidates, capacity, exact):
@@ -249,7 +307,7 @@ def _kernel_threshold(threshold: float) -> float:
     return float(t32)
 
 
-def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alpha):
+def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alpha, seg_bound=None):
     from memtrace.kernels import salience as K
 
     B, Hq, Tq, D = q.shape
@@ -267,18 +325,21 @@ def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alp
     causal_offset = (Tk - Tq) if causal else Tk
     lse = lse.float() if lse.dtype != torch.float32 else lse
 
-    cnt = torch.zeros(3, dtype=torch.int64, device=device)           # candidates, winners, staged
-    i32 = {"dtype": torch.int32, "device": device}
-    f32 = {"dtype": torch.float32, "device": device}
-    # No zero fill: slots past the count are never read unmasked (_sort_edges zeroes them).
-    out = (torch.empty(capacity + 1, **i32), torch.empty(capacity + 1, **i32),
-           torch.empty(capacity + 1, **i32), torch.empty(capacity + 1, **f32),
-           torch.empty(capacity + 1, **f32))
-    staging = tuple(torch.empty_like(t) for t in out)
+    # Few, large host ops: on the lent H100's host each torch call costs tens of microseconds and the
+    # fill's glue, not its kernels, bounded a capturing step. One zeroed scratch holds the counters
+    # (candidates, winners, staged) and the histogram; one int32 [5, capacity + 1] buffer each holds
+    # the edges and the staged ones (h, i, j, and the bits of S and a), so that a gather or scatter
+    # moves all five fields at once. No zero fill: slots past a count are never read unmasked.
+    scratch = torch.zeros(3 + K.HIST_BINS // 2, dtype=torch.int64, device=device)
+    cnt = scratch[:3]
+    hist = scratch[3:].view(torch.int32)
+    out_rows = torch.empty((5, capacity + 1), dtype=torch.int32, device=device)
+    stg_rows = torch.empty_like(out_rows)
+    out, staging = _edge_rows(out_rows), _edge_rows(stg_rows)
     n_tiles = Hq * (-(-Tq // bm)) * (-(-Tk // bn))
-    tile_max = torch.full((n_tiles,), -1.0, **f32)
-    hist = torch.zeros(K.HIST_BINS, **i32)
-    bound = torch.zeros(1, **i32)
+    # The fused PASS 0 does not record tile maxima: +inf sends every tile to the overflow passes.
+    tile_max = torch.full((n_tiles,), -1.0 if seg_bound is None else float("inf"), dtype=torch.float32,
+                          device=device)
     entries = None
     if bias is not None and bias.nnz > 0:
         entries = _entry_tiles(bias, Hq, Tq, Tk, K.INDEX_TILE)
@@ -286,25 +347,30 @@ def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alp
     hist_in_main = _HIST_IN_MAIN and config[4] != 0      # the streaming kernel never histograms
     common = dict(threshold=threshold, qk_scale=qk_scale, causal_offset=causal_offset,
                   entries=entries, cnt=cnt, capacity=capacity, out=out, staging=staging,
-                  stg_capacity=capacity, tile_max=tile_max, hist=hist, bound=bound, config=config,
+                  stg_capacity=capacity, tile_max=tile_max, hist=hist, config=config,
                   precision=precision, hist_in_main=hist_in_main, use_desc=_USE_DESC,
                   sparse_emit=_SPARSE_EMIT)
-    K.launch_tiles(0, q, k, v, dout, lse, **common)
+    if seg_bound is None:
+        K.launch_tiles(0, q, k, v, dout, lse, **common)
+    else:
+        # The backward's dots ran in IEEE float32 for float32 inputs (flash_bwd's default): the
+        # rescoring uses the same, so that the bound holds for the values it produces.
+        from memtrace.kernels.attention import CAPTURE_SEG
+        K.launch_segments(q, k, v, dout, lse, seg_bound, seg=CAPTURE_SEG, threshold=threshold,
+                          bound_threshold=threshold * (1.0 - _BOUND_MARGIN), qk_scale=qk_scale,
+                          causal_offset=causal_offset, bias=bias, cnt=cnt, capacity=capacity, out=out,
+                          precision="ieee", sparse_emit=_SEGMENT_EMIT)
+    # The overflow passes (no-ops without overflow) read through pointers: no descriptors to build,
+    # so their launches take FastLaunch's short path.
+    overflow_common = {**common, "use_desc": False}
     if not hist_in_main:
-        K.launch_tiles(1, q, k, v, dout, lse, **common)
-    # The cut bin b*: the bin (from the top) where the cumulative count reaches capacity.
-    from_top = torch.cumsum(hist.flip(0).to(torch.int64), 0)
-    r = torch.searchsorted(from_top, torch.full((1,), capacity, dtype=torch.int64, device=device))
-    r = r.clamp(max=K.HIST_BINS - 1)
-    bound.copy_((K.HIST_BINS - 1 - r).to(torch.int32))
-    K.launch_tiles(2, q, k, v, dout, lse, **common)
+        K.launch_tiles(1, q, k, v, dout, lse, **overflow_common)
+    K.launch_tiles(2, q, k, v, dout, lse, **overflow_common)   # finds the cut bin in the histogram itself
 
     overflow = cnt[0] > capacity
-    winners = cnt[1]
-    staged = cnt[2].clamp(max=capacity)
-    _merge_staging(out, staging, winners, staged, overflow, capacity, Tq, Tk)
+    _merge_staging(out_rows, stg_rows, cnt[1], cnt[2].clamp(max=capacity), overflow, capacity, Tq, Tk, Hq)
     num_edges = torch.clamp(cnt[0], max=capacity).to(torch.int32)
-    edges = _sort_edges(out, num_edges, capacity, Tq, Tk)
+    edges = _sort_edges(out_rows, num_edges, capacity, Tq, Tk, Hq)
     exact = ~overflow | (cnt[2] <= capacity)
     stats = _make_stats(edges, num_edges, cnt[0].clone(), capacity, exact)
 
@@ -315,24 +381,20 @@ def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alp
     return edges, num_edges, bias_scores, stats
 
 
-def _merge_staging(out, staging, winners, staged, overflow, capacity, Tq, Tk):
-    """On overflow: slots [winners, capacity) get the strongest staged edges (S descending, ties
-    by the smaller (head, q, k)); without overflow nothing moves (all on the device)."""
-    device = out[0].device
-    slot = torch.arange(capacity, device=device)
-    h, i, j, s, a = (t[:capacity] for t in staging)
+def _merge_staging(out_rows, stg_rows, winners, staged, overflow, capacity, Tq, Tk, num_heads=None):
+    """On overflow: edge slots [winners, capacity) get the strongest staged edges (S descending,
+    ties by the smaller (head, q, k)); without overflow nothing moves (all on the device). Both
+    buffers are int32 [5, capacity + 1] edge rows (see _fill_triton)."""
+    stg = stg_rows[:, :capacity]
+    slot = torch.arange(capacity, device=stg.device)
     live = slot < staged
-    key = (h.long() * Tq + i.long()) * Tk + j.long()
-    key = torch.where(live, key, torch.full_like(key, _INT64_MAX))
-    _, by_key = torch.sort(key, stable=True)
-    s_by_key = torch.where(live, s, torch.full_like(s, -1.0))[by_key]
-    _, by_s = torch.sort(-s_by_key, stable=True)
+    _, by_key = torch.sort(_edge_keys(stg[0], stg[1], stg[2], live, Tq, Tk, num_heads), stable=True)
+    s_by_key = torch.where(live, stg[3].view(torch.float32), -1.0)[by_key]
+    _, by_s = torch.sort(s_by_key, descending=True, stable=True)
     perm = by_key[by_s]
-    need = torch.where(overflow, capacity - winners, torch.zeros_like(winners))
-    take = slot < torch.minimum(need, staged)
-    dest = torch.where(take, winners + slot, torch.full_like(slot, capacity))   # capacity: dump slot
-    for dst, src in zip(out, (h, i, j, s, a)):
-        dst.scatter_(0, dest, src[perm])
+    take = slot < torch.minimum((capacity - winners) * overflow, staged)
+    dest = torch.where(take, winners + slot, capacity)          # capacity: the dump slot
+    out_rows.scatter_(1, dest.expand(5, -1), stg[:, perm])
 
 
 def _score_entries_triton(q, k, v, lse, dout, bias, entry_values, scale, alpha, causal_offset):
@@ -376,12 +438,12 @@ def _fill_dense(cap, q, k, v, dout, bias, causal, scale, alpha):
         order = torch.sort(-vals, stable=True).indices[:capacity]   # ties: smaller key first
         h, i, j = h[order], i[order], j[order]
     n = min(n_cand, capacity)
-    buffers = [torch.zeros(capacity, dtype=torch.int32, device=device) for _ in range(3)]
-    buffers += [torch.zeros(capacity, dtype=torch.float32, device=device) for _ in range(2)]
+    rows = torch.zeros((5, capacity), dtype=torch.int32, device=device)
+    buffers = _edge_rows(rows)
     for dst, src in zip(buffers, (h, i, j, S[h, i, j], a[h, i, j])):
         dst[:n] = src.to(dst.dtype)
     num_edges = torch.tensor(n, dtype=torch.int32, device=device)
-    edges = _sort_edges(buffers, num_edges, capacity, Tq, Tk)
+    edges = _sort_edges(rows, num_edges, capacity, Tq, Tk, Hq)
     num_candidates = torch.tensor(n_cand, dtype=torch.int64, device=device)
     stats = _make_stats(edges, num_edges, num_candidates, capacity, torch.tensor(True, device=device))
     bias_scores = None

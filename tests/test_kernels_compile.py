@@ -43,7 +43,7 @@ TIMEOUT_S = 300
 CASES = [
     "attention-dense", "attention-dense-causal", "attention-bias", "attention-bias-causal",
     "correction-bias", "correction-bias-causal",
-    "salience-capture", "salience-capture-bias",
+    "salience-capture", "salience-capture-bias", "salience-fused", "salience-fused-bias-causal",
     "trace-update",
     "bias-index", "bias-index-key64", "bias-index-sort", "bias-index-sort-key64", "bias-index-chunk2048",
 ]
@@ -205,6 +205,16 @@ def _run_case(case):
         kc.cancelling_rows(q, k, lse, bias, ev, **kw)
         kc.exact_rows_bwd(q, k, v, out, lse, do, bias, ev, *grads, flags, **kw,
                           dval_part=torch.zeros(B, bias.nnz))
+    elif case.startswith("salience-fused"):
+        from memtrace import capture
+        ka = K["attention"]
+        b = bias if "-bias" in case else None
+        cap = types.SimpleNamespace(capacity=4096, threshold=1e-3)
+        out, lse = ka.flash_fwd(q, k, v, b, **kw)
+        seg_bound = torch.zeros(Hq, T // ka.CAPTURE_SEG, T)
+        ka.flash_bwd(q, k, v, out, lse, do, b, **kw, need_dvalues=False, capture_bound=seg_bound)
+        capture._fill_triton(cap, q, k, v, lse, do, b, ev if b is not None else None, causal, D ** -0.5, 1.0,
+                             seg_bound)
     elif case.startswith("salience-"):
         from memtrace import capture
         capture._CONFIG_OVERRIDE = capture._CUDA_CONFIGS[D]    # the CUDA tiles, not the interpreter's

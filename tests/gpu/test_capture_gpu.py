@@ -166,3 +166,66 @@ def test_fully_masked_rows_and_biased_attention():
     _check(cap, S, a, bias, threshold, torch.bfloat16, margin=1e-2)
     assert torch.isfinite(cap.bias_scores[0]).all()
     assert float(cap.stats["kept_min_salience"]) > threshold
+
+
+def _capture_via_op(q, k, v, do, bias, causal, threshold, fused, monkeypatch, capacity=1 << 17):
+    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "1" if fused else "0")
+    cap = SalienceCapture(threshold=threshold, capacity=capacity)
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    mt.biased_attention(qq, kk, vv, bias, causal=causal, capture=cap, backend="triton").backward(do)
+    return cap, (qq.grad, kk.grad, vv.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 300, 517, 64), (4, 4, 4, 1024, 1024, 128)])
+def test_fused_capture_through_triton(shape, causal, dtype, monkeypatch):
+    """The Triton backward's salience bound + segment rescoring against the oracle and against
+    the unfused fill (every tile scored): the same edges up to float32 noise at the threshold,
+    the same gradients."""
+    B, Hq, Hkv, Tq, Tk, D = shape
+    q, k, v, do = _inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed=Tq + D)
+    bias = _bias(Hq, Tq + 50, Tk + 50, 4 * Tq, seed=Tk)
+    out, lse, S, a = _oracle(q, k, v, do, bias, causal)
+    threshold = float(torch.quantile(S.flatten()[::13].float(), 0.999))
+    fused, g_f = _capture_via_op(q, k, v, do, bias, causal, threshold, True, monkeypatch)
+    plain, g_p = _capture_via_op(q, k, v, do, bias, causal, threshold, False, monkeypatch)
+    _check(fused, S, a, bias, threshold, dtype, margin=1e-2)
+    assert not bool(fused.stats["overflow"])
+    for x, y in zip(g_f, g_p):
+        assert torch.equal(x, y)
+    keys = []
+    for cap in (fused, plain):
+        n = int(cap.num_edges)
+        h, i, j = (t[:n].long() for t in cap.edges[:3])
+        keys.append(dict(zip(((h * Tq + i) * Tk + j).tolist(), cap.edges[3][:n].tolist())))
+    for key in set(keys[0]) ^ set(keys[1]):
+        s = keys[0].get(key, keys[1].get(key))
+        assert abs(s - threshold) <= 1e-5 * threshold, "fused and unfused differ away from the threshold"
+    for key in set(keys[0]) & set(keys[1]):
+        assert abs(keys[0][key] - keys[1][key]) <= 1e-5 * keys[1][key] + 1e-12
+    bf, bp = fused.bias_scores, plain.bias_scores
+    assert torch.equal(bf[0], bp[0]) and torch.equal(bf[1], bp[1])
+
+
+def test_fused_capture_overflow(monkeypatch):
+    """Threshold 0: everything is a candidate; the fused fill overflows into the exact passes."""
+    B, H, T, D = 2, 2, 512, 64
+    q, k, v, do = _inputs(B, H, H, T, T, D, torch.bfloat16, seed=8)
+    out, lse, S, a = _oracle(q, k, v, do, None, True)
+    fused, _ = _capture_via_op(q, k, v, do, None, True, 0.0, True, monkeypatch, capacity=5000)
+    assert bool(fused.stats["overflow"]) and int(fused.num_edges) == 5000
+    _check(fused, S, a, None, 0.0, torch.bfloat16, margin=1e-2)
+    n = int(fused.num_edges)
+    h, i, j = (t[:n].long() for t in fused.edges[:3])
+    rest = S.clone()
+    rest[h, i, j] = -1
+    assert S[h, i, j].min() >= rest.max() * (1 - 2e-2)
+
+
+def test_auto_runs_a_capture_on_triton(monkeypatch):
+    monkeypatch.delenv("MEMTRACE_BACKEND", raising=False)
+    monkeypatch.delenv("MEMTRACE_CAPTURE_FUSED", raising=False)
+    from memtrace import attention as A
+    q, k, v, do = _inputs(2, 4, 4, 512, 512, 128, torch.bfloat16, seed=9)
+    assert A._fused_capture_fits(q, k, v, None, False, SalienceCapture(1e-3))

@@ -1,0 +1,169 @@
+"""The fused salience capture (issue 4): the Triton backward's dQ kernel bounds the salience per
+(head, query row, key segment), and the fill rescores only the segments that pass. Checked in the
+interpreter against the float64 oracle, against the unfused fill, and the bound itself.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import memtrace as mt
+from memtrace import attention as attn_mod
+from memtrace import reference as R
+from memtrace.capture import SalienceCapture
+from test_capture import check_capture, make_bias, make_inputs, oracle, quantile_threshold
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+K = pytest.importorskip("memtrace.kernels.attention")
+
+
+def capture_through_attention(q, k, v, do, bias, causal, threshold, *, capacity=1 << 17, alpha=1.0,
+                              scale=None, backend="triton"):
+    cap = SalienceCapture(threshold=threshold, capacity=capacity)
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    out = mt.biased_attention(qq, kk, vv, bias, causal=causal, alpha=alpha, scale=scale, capture=cap,
+                              backend=backend)
+    out.backward(do)
+    return cap, (qq.grad, kk.grad, vv.grad)
+
+
+CASES = [
+    # B, Hq, Hkv, Tq, Tk, D, dtype, causal, bias entries, quantile of S for the threshold
+    (2, 2, 2, 37, 53, 16, torch.float32, False, 0, 0.9),
+    (1, 4, 2, 40, 40, 32, torch.float16, True, 40, 0.95),     # GQA, causal, square
+    (3, 2, 1, 50, 29, 16, torch.float16, True, 60, 0.8),      # causal with Tq > Tk: masked rows
+    (2, 3, 1, 21, 70, 16, torch.float32, True, 60, 0.97),     # causal with Tq < Tk
+    (4, 2, 2, 64, 64, 16, torch.float32, False, 80, 0.99),    # sparse: most segments pruned
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Tq,Tk,D,dtype,causal,n_bias,quant", CASES)
+def test_fused_parity(monkeypatch, B, Hq, Hkv, Tq, Tk, D, dtype, causal, n_bias, quant):
+    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "1")
+    q, k, v, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed=Tq * 11 + Tk + B)
+    bias = make_bias(Hq, Tq + 3, Tk + 7, n_bias, seed=Tk) if n_bias else None
+    S, a = oracle(q, k, v, do, bias, causal)[2:]
+    threshold = quantile_threshold(S, quant)
+    cap, grads = capture_through_attention(q, k, v, do, bias, causal, threshold)
+    check_capture(cap, S, a, bias, threshold, dtype)
+    assert not bool(cap.stats["overflow"]) and bool(cap.stats["exact"])
+    # the same capture without the fused bound (every tile scored): the same edges
+    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "0")
+    ref, ref_grads = capture_through_attention(q, k, v, do, bias, causal, threshold)
+    n = int(cap.num_edges)
+    assert n == int(ref.num_edges)
+    for got, want in zip(cap.edges[:3], ref.edges[:3]):
+        assert torch.equal(got[:n], want[:n])
+    for got, want in zip(grads, ref_grads):        # the bound does not touch the gradients
+        assert torch.equal(got, want)
+
+
+def test_fused_overflow_keeps_strongest(monkeypatch):
+    """Threshold 0 and a small capacity: the fused pass overflows and the overflow passes (every
+    tile, since the fused pass records no tile maxima) keep the strongest."""
+    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "1")
+    q, k, v, do = make_inputs(2, 2, 1, 33, 45, 16, torch.float32, seed=5)
+    bias = make_bias(2, 33, 45, 30, seed=5)
+    S, a = oracle(q, k, v, do, bias, True)[2:]
+    cap, _ = capture_through_attention(q, k, v, do, bias, True, 0.0, capacity=100)
+    assert bool(cap.stats["overflow"]) and int(cap.num_edges) == 100
+    check_capture(cap, S, a, bias, 0.0, torch.float32)
+    h, i, j = (t.long() for t in cap.edges[:3])
+    kept = S[h, i, j]
+    dropped = S.clone()
+    dropped[h, i, j] = -1.0
+    from test_capture import entry_mask
+    dropped[entry_mask(bias, S)] = -1.0
+    assert kept.min() >= dropped.max() * (1 - 1e-5)
+
+
+def test_fused_cancelling_rows(monkeypatch):
+    """Large negative biases make rows cancel: the backward recomputes them on a slow path whose P
+    the dQ loops never see, so their bound must be +inf (every segment rescored)."""
+    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "1")
+    B, Hq, T, D = 2, 2, 24, 16
+    q, k, v, do = make_inputs(B, Hq, Hq, T, T, D, torch.float32, seed=9)
+    g = torch.Generator().manual_seed(9)
+    heads = torch.arange(Hq).repeat_interleave(T)
+    rows = torch.arange(T).repeat(Hq)
+    # Strong edges turned off by a -12 bias: each row's largest logit.
+    s = torch.einsum("bhid,bhjd->bhij", q.double().cpu(), k.double().cpu()) / math.sqrt(D)
+    cols = s[0].argmax(-1).flatten()
+    vals = torch.full((Hq * T,), -12.0) + 0.1 * torch.rand(Hq * T, generator=g)
+    bias = mt.TraceBias.from_coo(heads.to(DEV), rows.to(DEV), cols.to(DEV), vals.to(DEV), num_heads=Hq,
+                                 seq_len_q=T, seq_len_k=T)
+    assert attn_mod._may_cancel(bias, 1.0)
+    S, a = oracle(q, k, v, do, bias, False)[2:]
+    threshold = quantile_threshold(S, 0.9)
+    cap, _ = capture_through_attention(q, k, v, do, bias, False, threshold)
+    check_capture(cap, S, a, bias, threshold, torch.float32)
+
+
+def test_bound_is_the_segment_maximum():
+    """flash_bwd's capture_bound against the float64 oracle: mean_b max over the segment."""
+    B, Hq, Hkv, Tq, Tk, D = 3, 2, 1, 30, 41, 16
+    q, k, v, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=3)
+    for causal in (False, True):
+        out, lse = R.attention_with_lse(q.double(), k.double(), v.double(), None, causal=causal)
+        seg = K.CAPTURE_SEG
+        nb = -(-Tk // seg)
+        bound = torch.zeros(Hq, nb, Tq, dtype=torch.float32, device=DEV)
+        scale = 1 / math.sqrt(D)
+        K.flash_bwd(q, k, v, out.float(), lse.float(), do, causal=causal, scale=scale, alpha=1.0,
+                    need_dvalues=False, capture_bound=bound)
+        g = Hq // Hkv
+        kk, vv = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+        logits = torch.einsum("bhid,bhjd->bhij", q.double(), kk) * scale
+        P = torch.exp(logits - lse.double()[..., None])
+        if causal:
+            keep = torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq)
+            P = torch.where(keep, P, torch.zeros_like(P))
+        x = P * torch.einsum("bhid,bhjd->bhij", do.double(), vv).abs()
+        x = torch.nn.functional.pad(x, (0, nb * seg - Tk))
+        want = x.view(B, Hq, Tq, nb, seg).amax(-1).mean(0).permute(0, 2, 1)
+        torch.testing.assert_close(bound.double(), want, rtol=1e-4, atol=1e-9)
+
+
+def test_bound_shape_is_checked():
+    q, k, v, do = make_inputs(1, 2, 2, 8, 8, 16, torch.float32, seed=1)
+    out, lse = R.attention_with_lse(q.double(), k.double(), v.double(), None, causal=False)
+    with pytest.raises(ValueError, match="capture_bound"):
+        K.flash_bwd(q, k, v, out.float(), lse.float(), do, causal=False, scale=0.25, alpha=1.0,
+                    need_dvalues=False, capture_bound=torch.zeros(2, 1, 7, device=DEV))
+
+
+def test_fused_mode_env(monkeypatch):
+    q, k = make_inputs(1, 2, 2, 16, 16, 16, torch.float32, seed=2)[:2]
+    cap = SalienceCapture(0.1)
+    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "0")
+    assert cap._fused_bound(q, k) is None
+    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "1")
+    bound = cap._fused_bound(q, k)
+    assert bound.shape == (2, -(-16 // K.CAPTURE_SEG), 16) and bound.dtype == torch.float32
+    assert not bound.any()
+    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "sometimes")
+    with pytest.raises(ValueError, match="MEMTRACE_CAPTURE_FUSED"):
+        cap._fused_bound(q, k)
+    # auto: the bound (4 bytes per row and segment) may be at most half of q's bytes
+    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "auto")
+    small_q = make_inputs(1, 2, 2, 16, 2048, 16, torch.float32, seed=2)
+    assert cap._fused_bound(small_q[0], small_q[1]) is None
+    wide = make_inputs(8, 2, 2, 16, 16, 64, torch.float32, seed=2)
+    assert cap._fused_bound(wide[0], wide[1]) is not None
+
+
+def test_auto_takes_triton_for_a_fused_capture(monkeypatch):
+    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "1")
+    monkeypatch.delenv("MEMTRACE_BACKEND", raising=False)
+    q, k, v = make_inputs(1, 2, 2, 16, 16, 16, torch.float32, seed=4)[:3]
+    cap = SalienceCapture(0.1)
+    assert attn_mod._fused_capture_fits(q, k, v, None, False, cap)
+    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "0")
+    assert not attn_mod._fused_capture_fits(q, k, v, None, False, cap)
+    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "1")
+    monkeypatch.setenv("MEMTRACE_BACKEND", "reference")
+    assert not attn_mod._fused_capture_fits(q, k, v, None, False, cap)
