@@ -4,6 +4,7 @@
 #   all        install, GPU tests, every benchmark (far over one 10-minute call: split it into the modes below)
 #   capture    capture only: GPU parity, per-kernel profile of both emission modes, bench_capture
 #   fused      capture GPU parity beside a compile-ahead of the D=128 attention kernels, then bench_capture
+#   fused-tests  GPU parity of the fused capture and the attention kernels, eleven processes (~8 minutes)
 #   profile    per-kernel GPU time of one trace-memory update and of capture fills
 #   tma        the triton backend with and without TMA descriptors (benchmarks/tma_probe.py; causal
 #              from MEMTRACE_BENCH_CAUSAL, default 0)
@@ -103,6 +104,25 @@ if want fused; then
   merge_capture_logs
   timeout 300 python benchmarks/bench_capture.py --no-sweep --json "$OUT/capture.json" 2>&1 | grep -v -i warn \
     | tail -60 || status=1
+fi
+if want fused-tests; then
+  # GPU parity of the fused capture and of the attention kernels (both backward entry forms), in
+  # eleven pytest processes side by side with the first tuning config (compiling dominates).
+  export MEMTRACE_ATTN_TUNE=0
+  run_k() { timeout 500 python -m pytest "$1" -q -p no:cacheprovider -p no:warnings -k "$2" > "$OUT/t_$3.log" 2>&1; }
+  for s in shape0 shape1; do for d in dtype0 dtype1 dtype2; do
+    run_k tests/gpu/test_capture_gpu.py "fused_capture_through_triton and $s and $d" "fused_${s}_$d" &
+  done; done
+  run_k tests/gpu/test_capture_gpu.py "fused_capture_overflow or auto_runs or fully_masked" fused_rest &
+  run_k tests/gpu/test_attention_kernels_gpu.py "fused_fwd_bwd and (dtype0 or dtype1 or dtype2 or dtype3 or dtype4)" attn_a &
+  run_k tests/gpu/test_attention_kernels_gpu.py "fused_fwd_bwd and (dtype5 or dtype6 or dtype7 or dtype8 or dtype9)" attn_b &
+  MEMTRACE_ATTN_BWD_ENTRIES=rows run_k tests/gpu/test_attention_kernels_gpu.py "fused_fwd_bwd or cancelling" attn_rows &
+  run_k tests/gpu/test_attention_kernels_gpu.py "not fused_fwd_bwd" attn_rest &
+  wait
+  for f in "$OUT"/t_*.log; do echo "== $f"; cat "$f"; done > "$OUT/gpu_tests_session8.txt"
+  rm -f "$OUT"/t_*.log
+  grep -E "^==|passed|failed|error" "$OUT/gpu_tests_session8.txt"
+  unset MEMTRACE_ATTN_TUNE
 fi
 if want capture; then
   # Capture only: GPU parity (three pytest processes side by side: compiling dominates) while the

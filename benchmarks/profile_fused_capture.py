@@ -13,11 +13,11 @@ import time
 
 import torch
 import triton.testing
+from profile_capture import kernel_times
 
 import memtrace
 from memtrace import capture as capture_mod
 from memtrace.capture import SalienceCapture
-from profile_capture import kernel_times
 
 
 def main(argv):

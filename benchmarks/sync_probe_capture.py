@@ -1,5 +1,5 @@
 """Find host-device synchronisations and host time in one capturing forward+backward (H100):
-torch.cuda.set_sync_debug_mode("warn") reports each synchronising call with its stack, and
+torch.cuda.set_sync_debug_mode("error") makes the first synchronising call raise, with its stack, and
 cProfile shows where the host spends the step.
 
     python benchmarks/sync_probe_capture.py [--unfused]

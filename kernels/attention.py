@@ -483,6 +483,23 @@ def _prune_dkdv(configs, named_args, **kwargs):
                   lambda c: 2 * c.kwargs["BLOCK_N"] * D + 2 * c.num_stages * c.kwargs["BLOCK_M"] * D)
 
 
+def capture_supported(head_dim: int, element_size: int) -> bool:
+    """Whether the dq kernel has a config with BLOCK_N == CAPTURE_SEG that fits (the same shared
+    memory estimate and D=256 rule as the pruning), i.e. whether flash_bwd can fill a capture
+    bound for this head dim and element size (float32 at D=128 cannot: every such config's
+    tiles exceed the shared memory)."""
+    if INTERPRET:
+        return True
+    D = head_dim
+    for c in _bwd_configs("dq"):
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if bn != CAPTURE_SEG or (D >= 256 and bm * bn > 64 * 64):
+            continue
+        if (2 * bm * D + 2 * c.num_stages * bn * D) * element_size <= SMEM_BYTES:
+            return True
+    return False
+
+
 def _prune_dq(configs, named_args, **kwargs):
     D = kwargs["HEAD_DIM"]
     configs = _prune_tma(configs, named_args["KDesc"])

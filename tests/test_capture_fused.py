@@ -11,11 +11,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from test_capture import check_capture, make_bias, make_inputs, oracle, quantile_threshold
+
 import memtrace as mt
 from memtrace import attention as attn_mod
 from memtrace import reference as R
 from memtrace.capture import SalienceCapture
-from test_capture import check_capture, make_bias, make_inputs, oracle, quantile_threshold
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 K = pytest.importorskip("memtrace.kernels.attention")
@@ -167,3 +168,16 @@ def test_auto_takes_triton_for_a_fused_capture(monkeypatch):
     monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "1")
     monkeypatch.setenv("MEMTRACE_BACKEND", "reference")
     assert not attn_mod._fused_capture_fits(q, k, v, None, False, cap)
+
+
+def test_capture_supported_follows_the_dq_configs(monkeypatch):
+    """The fused bound needs a dq config whose key block is the segment; float32 at D=128 has none
+    that fits the H100's shared memory (the capture then scores every tile instead)."""
+    monkeypatch.setattr(K, "INTERPRET", False)
+    monkeypatch.setattr(K, "CAPTURE_SEG", 64)
+    monkeypatch.setattr(K, "_bwd_configs", lambda kind: [
+        K._config(8, 2, BLOCK_M=128, BLOCK_N=64, USE_DESC=False), K._config(4, 3, BLOCK_M=64, BLOCK_N=64, USE_DESC=False),
+        K._config(4, 3, BLOCK_M=128, BLOCK_N=32, USE_DESC=False)])
+    assert K.capture_supported(128, 2) and K.capture_supported(64, 4)
+    assert not K.capture_supported(128, 4)
+    assert not K.capture_supported(256, 2)
