@@ -181,3 +181,42 @@ def test_capture_supported_follows_the_dq_configs(monkeypatch):
     assert K.capture_supported(128, 2) and K.capture_supported(64, 4)
     assert not K.capture_supported(128, 4)
     assert not K.capture_supported(256, 2)
+
+
+@pytest.mark.parametrize("num_heads,Tq,Tk", [(2, 50, 70), (40, 40000, 40000)])   # int32 / int64 keys
+def test_edge_rows_sort_and_merge(num_heads, Tq, Tk):
+    """The fill's glue on int32 [5, capacity + 1] edge rows: _sort_edges orders the valid edges by
+    (head, q, k) and zeroes the rest, _merge_staging moves the strongest staged edges (ties to the
+    smaller key) behind the winners only on overflow; with keys past int32 (H*Tq*Tk >= 2^31) too."""
+    from memtrace import capture as C
+    cap, n = 12, 9
+
+    def rows_of(m, seed):
+        gg = torch.Generator().manual_seed(seed)
+        r = torch.zeros(5, cap + 1, dtype=torch.int32)
+        r[0, :m] = torch.randint(0, num_heads, (m,), generator=gg, dtype=torch.int32)
+        r[1, :m] = torch.randint(0, Tq, (m,), generator=gg, dtype=torch.int32)
+        r[2, :m] = torch.randint(0, Tk, (m,), generator=gg, dtype=torch.int32)
+        r[3, :m] = torch.randint(1, 5, (m,), generator=gg).float().view(torch.int32)   # ties in S
+        r[4, :m] = torch.rand(m, generator=gg).view(torch.int32)
+        r[:, m:] = 12345                                                            # garbage past the count
+        return r
+
+    rows = rows_of(n, 1)
+    h, i, j, S, a = C._sort_edges(rows, torch.tensor(n), cap, Tq, Tk, num_heads)
+    key = (h[:n].long() * Tq + i[:n].long()) * Tk + j[:n].long()
+    want = ((rows[0, :n].long() * Tq + rows[1, :n].long()) * Tk + rows[2, :n].long()).sort().values
+    assert torch.equal(key, want) and torch.all(key[1:] >= key[:-1])
+    assert all(torch.all(t[n:] == 0) for t in (h, i, j, S, a))
+    assert S.dtype == torch.float32 and torch.equal(S[:n].sort().values, rows[3, :n].view(torch.float32).sort().values)
+    # overflow: 5 winners already placed, 9 staged, room for 7 more
+    out = rows_of(5, 2)
+    stg = rows_of(n, 3)
+    before = out.clone()
+    C._merge_staging(out, stg, torch.tensor(5), torch.tensor(n), torch.tensor(False), cap, Tq, Tk, num_heads)
+    assert torch.equal(out[:, :cap], before[:, :cap]), "no overflow: nothing moves"
+    C._merge_staging(out, stg, torch.tensor(5), torch.tensor(n), torch.tensor(True), cap, Tq, Tk, num_heads)
+    sk = (stg[0, :n].long() * Tq + stg[1, :n].long()) * Tk + stg[2, :n].long()
+    order = sorted(range(n), key=lambda e: (-float(stg[3, e].view(torch.float32)), int(sk[e])))[:cap - 5]
+    assert torch.equal(out[:, 5:cap], stg[:, order])
+    assert torch.equal(out[:, :5], before[:, :5])
