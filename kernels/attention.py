@@ -33,6 +33,7 @@ backward recomputes the flags from LSE' (one extra pass over the entries).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -483,6 +484,7 @@ def _prune_dkdv(configs, named_args, **kwargs):
                   lambda c: 2 * c.kwargs["BLOCK_N"] * D + 2 * c.num_stages * c.kwargs["BLOCK_M"] * D)
 
 
+@functools.lru_cache(maxsize=None)     # asked on every capturing call; the answer is fixed per process
 def capture_supported(head_dim: int, element_size: int) -> bool:
     """Whether the dq kernel has a config with BLOCK_N == CAPTURE_SEG that fits (the same shared
     memory estimate and D=256 rule as the pruning), i.e. whether flash_bwd can fill a capture

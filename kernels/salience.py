@@ -40,10 +40,12 @@ Two kernels, both reading the backward's inputs directly (nothing of size Tq x T
 Layouts: q, dout [B, Hq, Tq, D]; k, v [B, Hkv, Tk, D]; lse float32 [B, Hq, Tq] natural log,
 -inf for fully masked rows (P = 0 there); any strides. Outputs are int32 / float32 1-D buffers.
 """
+import os
+
 import triton
 import triton.language as tl
 
-from .launch import FastLaunch
+from .launch import INTERPRET, FastLaunch
 
 HIST_BINS = 4096
 HIST_SHIFT = 19          # float32 bits >> 19 -> 12 bits: 8 exponent + 4 mantissa bits
@@ -51,7 +53,7 @@ INDEX_TILE = 128         # bias entries are bucketed by 128 x 128 index tiles
 LAST_COMPILED = {}
 # The segment kernel's (ROWS_BLOCK, num_warps, num_stages) on the GPU; MEMTRACE_CAPTURE_SEGMENT_CONFIG
 # ("128,8,2") overrides it for probes.
-SEGMENT_CONFIG = tuple(int(x) for x in (__import__("os").environ.get("MEMTRACE_CAPTURE_SEGMENT_CONFIG", "")
+SEGMENT_CONFIG = tuple(int(x) for x in (os.environ.get("MEMTRACE_CAPTURE_SEGMENT_CONFIG", "").strip()
                                          or "128,8,2").split(","))
 
 
@@ -503,11 +505,6 @@ def _salience_entry_kernel(
     tl.store(OUT_A + offs_e, tl.where(ok, acc_a * inv_batch, 0.0), mask=in_e)
 
 
-def _interpreting():
-    import os
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _num_sms(device):
     if device.type != "cuda":
         return 8                   # the interpreter: tiny shapes still get split key ranges
@@ -606,7 +603,7 @@ def launch_segments(q, k, v, dout, lse, bound, *, seg, threshold, bound_threshol
     Hkv, Tk = k.shape[1], k.shape[2]
     num_blocks = triton.cdiv(Tk, seg)
     if config is None:
-        config = (16, 4, 1) if _interpreting() else SEGMENT_CONFIG
+        config = (16, 4, 1) if INTERPRET else SEGMENT_CONFIG
     rows_block, num_warps, num_stages = config
     has_entries = bias is not None and bias.nnz > 0
     if has_entries:

@@ -173,14 +173,18 @@ def test_auto_takes_triton_for_a_fused_capture(monkeypatch):
 def test_capture_supported_follows_the_dq_configs(monkeypatch):
     """The fused bound needs a dq config whose key block is the segment; float32 at D=128 has none
     that fits the H100's shared memory (the capture then scores every tile instead)."""
+    K.capture_supported.cache_clear()          # answers cached under the interpreter's configs
     monkeypatch.setattr(K, "INTERPRET", False)
     monkeypatch.setattr(K, "CAPTURE_SEG", 64)
     monkeypatch.setattr(K, "_bwd_configs", lambda kind: [
         K._config(8, 2, BLOCK_M=128, BLOCK_N=64, USE_DESC=False), K._config(4, 3, BLOCK_M=64, BLOCK_N=64, USE_DESC=False),
         K._config(4, 3, BLOCK_M=128, BLOCK_N=32, USE_DESC=False)])
-    assert K.capture_supported(128, 2) and K.capture_supported(64, 4)
-    assert not K.capture_supported(128, 4)
-    assert not K.capture_supported(256, 2)
+    try:
+        assert K.capture_supported(128, 2) and K.capture_supported(64, 4)
+        assert not K.capture_supported(128, 4)
+        assert not K.capture_supported(256, 2)
+    finally:
+        K.capture_supported.cache_clear()      # not to leave these answers to later tests
 
 
 @pytest.mark.parametrize("num_heads,Tq,Tk", [(2, 50, 70), (40, 40000, 40000)])   # int32 / int64 keys
