@@ -233,13 +233,14 @@ def run_shape(B, H, T, D, capacity, quick, notes):
                                                       int(capu.stats["num_candidates"])]}
         # How much of the (row, 64-key segment) grid the bound lets through.
         from memtrace.kernels import attention as ka
-        seg_bound = capt._fused_bound(q, k)
-        if seg_bound is not None:
+        fused = capt._fused_bound(q, k)
+        if fused is not None:
+            words, cut = fused
             out1, lse1 = ka.flash_fwd(q.detach(), k.detach(), v.detach(), causal=False, scale=scale, alpha=1.0)
             ka.flash_bwd(q.detach(), k.detach(), v.detach(), out1, lse1, dout, causal=False, scale=scale,
-                         alpha=1.0, need_dvalues=False, capture_bound=seg_bound)
-            cut = capture_mod._kernel_threshold(threshold) * (1 - capture_mod._BOUND_MARGIN)
-            res["fused_segments_passing"] = float((seg_bound > cut).float().mean())
+                         alpha=1.0, need_dvalues=False, capture_bound=words, capture_threshold=cut)
+            res["fused_segments_passing"] = float(ka.capture_bound_passing(words, B).float().mean())
+            res["fused_bound_bits"] = ka.capture_bound_format(B)[0]
     except Exception as exc:
         notes.append(f"B{B} H{H} T{T}: memtrace.biased_attention not measured: {type(exc).__name__}: {exc}"[:400])
 

@@ -4,6 +4,7 @@
 #   all        install, GPU tests, every benchmark (far over one 10-minute call: split it into the modes below)
 #   capture    capture only: GPU parity, per-kernel profile of both emission modes, bench_capture
 #   fused      capture GPU parity beside a compile-ahead of the D=128 attention kernels, then bench_capture
+#   fused-bench  compile-ahead, bench_capture and profile_fused_capture (no tests)
 #   fused-tests  GPU parity of the fused capture and the attention kernels, eleven processes (~8 minutes)
 #   profile    per-kernel GPU time of one trace-memory update and of capture fills
 #   tma        the triton backend with and without TMA descriptors (benchmarks/tma_probe.py; causal
@@ -55,6 +56,15 @@ update_bench() {
   timeout 120 python benchmarks/bench_update.py --json "$OUT/update.json" 2>&1 | tail -14 || status=1
   timeout 90 python benchmarks/profile_update.py "$OUT/profile_update.json" 2>&1 | grep -v -i warn | tail -20 || status=1
 }
+prewarm_d128() {
+  # six background processes compile the D=128 attention kernels (capture variants included), so
+  # that a benchmark's first triton calls do not autotune from a cold cache; the caller waits
+  PREWARM_LOGS=$(mktemp -d)
+  for k in 0 1 2 3 4 5; do
+    MEMTRACE_ATTN_CONFIG_SLICE=$k/6 timeout 280 python benchmarks/prewarm_attention.py \
+      kernels 128 0 --heads 16,16 > "$PREWARM_LOGS/prewarm_$k.log" 2>&1 &
+  done
+}
 merge_capture_logs() {
   # one file instead of three: the device tool brings back at most 8 files
   for f in "$OUT"/gpu_tests_capture_*.log; do [[ -e $f ]] && { echo "== $f"; cat "$f"; }; done > "$OUT/capture_tests.txt"
@@ -95,16 +105,23 @@ if want fused; then
   # while six more compile the D=128 attention kernels (capture variants included) ahead of
   # bench_capture, whose first triton calls would otherwise autotune from a cold cache.
   capture_tests
-  logs=$(mktemp -d)
-  for k in 0 1 2 3 4 5; do
-    MEMTRACE_ATTN_CONFIG_SLICE=$k/6 timeout 280 python benchmarks/prewarm_attention.py \
-      kernels 128 0 --heads 16,16 > "$logs/prewarm_$k.log" 2>&1 &
-  done
+  prewarm_d128
   wait || status=1
-  for f in "$logs"/prewarm_*.log; do tail -n 1 "$f"; done
+  for f in "$PREWARM_LOGS"/prewarm_*.log; do tail -n 1 "$f"; done
   merge_capture_logs
   timeout 300 python benchmarks/bench_capture.py --no-sweep --json "$OUT/capture.json" 2>&1 | grep -v -i warn \
     | tail -60 || status=1
+fi
+if want fused-bench; then
+  # The fused capture's numbers only: compile-ahead of the D=128 attention kernels in six
+  # processes, then bench_capture and the per-kernel split (profile_fused_capture.py).
+  prewarm_d128
+  wait || status=1
+  for f in "$PREWARM_LOGS"/prewarm_*.log; do tail -n 1 "$f"; done
+  timeout 300 python benchmarks/bench_capture.py --no-sweep --json "$OUT/capture.json" 2>&1 | grep -v -i warn \
+    | tail -40 || status=1
+  timeout 200 python benchmarks/profile_fused_capture.py "$OUT/profile_fused_capture.json" 2>&1 \
+    | grep -v -i warn | cut -c1-300 | tail -30 || status=1
 fi
 if want fused-tests; then
   # GPU parity of the fused capture and of the attention kernels (both backward entry forms), in

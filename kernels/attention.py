@@ -321,9 +321,53 @@ def _entry_form(bias):
 
 # entries per chunk of the entry epilogues (16 measured no better than 32)
 BWD_CHUNK = int(os.environ.get("MEMTRACE_ATTN_BWD_CHUNK", "32"))
-# The salience capture's segment width: keys per entry of flash_bwd's capture bound, which is the
+# The salience capture's segment width: keys per word of flash_bwd's capture bound, which is the
 # dq kernel's key block while capturing (configs with another BLOCK_N are pruned then).
 CAPTURE_SEG = 16 if INTERPRET else 64
+# Each bound word packs 32 / bits integer fields (one per CAPTURE_SEG * bits / 32 keys); a field's
+# largest value, and the fewest levels per threshold that keep the bound tight (below 8 the
+# ceilings loosen it a lot: benchmarks/notes_attention.md, session 9).
+CAPTURE_FIELD_MAX = {8: 255, 16: 65535, 32: 2**31 - 1}
+CAPTURE_MIN_LEVELS = 8
+
+
+def capture_bound_format(batch: int) -> tuple[int, int]:
+    """(bits, levels) of the capture bound's fields for a batch of `batch`: the narrowest field
+    (8, 16 or 32 bits: 4, 2 or 1 fields per word, so narrower fields bound shorter key ranges)
+    whose levels K = field_max // batch^2 are at least CAPTURE_MIN_LEVELS. Each batch element adds
+    at most K * batch to a field, so a field never carries into the next."""
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    for bits in (8, 16, 32):
+        levels = CAPTURE_FIELD_MAX[bits] // (batch * batch)
+        if levels >= CAPTURE_MIN_LEVELS:
+            return bits, min(levels, 2**20)
+    raise ValueError(f"batch {batch} is too large for the capture bound's fields")
+
+
+def capture_bound_fields(words, batch: int):
+    """The fields of flash_bwd's capture bound words, int64 [..., 32 / bits] (for tests and
+    benchmarks; the kernels decode them in place)."""
+    bits, _ = capture_bound_format(batch)
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(0, 32, bits, device=words.device)
+    return (w[..., None] >> shifts) & ((1 << bits) - 1)
+
+
+def capture_bound_passing(words, batch: int):
+    """bool: the bound words with a field at the limit (the rows the capture rescores)."""
+    _, levels = capture_bound_format(batch)
+    return (capture_bound_fields(words, batch) >= levels * batch).any(-1)
+
+
+def capture_all_pass_word(batch: int) -> int:
+    """The bound word whose every field passes (the int32 value, for the rows the bound cannot
+    see): each field at the limit levels * batch."""
+    bits, levels = capture_bound_format(batch)
+    word = 0
+    for f in range(32 // bits):
+        word |= (levels * batch) << (f * bits)
+    return word - 2**32 if word >= 2**31 else word
 
 
 def _desc_ok(t):
@@ -594,13 +638,14 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse2, Delta,
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, hi,
               offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, k_desc, v_desc, b, hk,
-              cap_bound, cap_scale, Tq,
+              cap_bound, cap_scale, cap_limit, Tq,
               CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
               USE_DESC: tl.constexpr, CAPTURE: tl.constexpr):
     """dQ (unscaled) of one row block over key blocks [lo, hi). Keys past Tk are loaded as zero
     rows, which add nothing to dq; MASKED applies the causal mask. USE_DESC: K/V tiles by TMA
-    (as in _fwd_tiles). CAPTURE: also add cap_scale * max over the block's keys of P*|dP| per row
-    into cap_bound[key block, row] (the salience capture's segment bound, see flash_bwd)."""
+    (as in _fwd_tiles). CAPTURE (the field width in bits, 0 = off): also add, per row, the levels
+    ceil(min(cap_scale * max P*|dP|, cap_limit)) of each field's keys into that field of
+    cap_bound[key block, row] (the salience capture's segment bound, see flash_bwd)."""
     for n0 in range(lo, hi, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         cols = n0 + offs_n
@@ -620,12 +665,26 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, 
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
-        if CAPTURE:
-            # Fire-and-forget adds (the result is unused): the B programs of (h, rows) sum their
-            # batch element's row maxima, so the bound is mean_b max_j P*|dP| >= max_j S.
-            seg_max = tl.max(p * tl.abs(dp), 1)
-            tl.atomic_add(cap_bound + (n0 // BLOCK_N) * Tq + offs_m, seg_max * cap_scale,
-                          mask=offs_m < Tq, sem="relaxed")
+        if CAPTURE != 0:
+            # Fire-and-forget integer adds (the result is unused): the B programs of (h, rows) sum
+            # their batch element's rounded-up field maxima, so a field reaches cap_limit whenever
+            # mean_b max_j P*|dP| (>= max_j S) reaches the threshold. NaN and inf clamp to the limit.
+            FIELDS: tl.constexpr = 32 // CAPTURE
+            sal = p * tl.abs(dp)
+            if FIELDS == 1:
+                top = tl.max(sal, 1) * cap_scale
+                word = tl.ceil(tl.where(top < cap_limit, top, cap_limit)).to(tl.int32)
+            else:
+                # Field f holds the keys j of the block with (j // 2) % FIELDS == f: in the wgmma
+                # accumulator a thread's columns are 8g + 2 * (lane % 4) + {0, 1}, so a field's
+                # maximum needs no shuffles (contiguous 16-key fields needed four per row and value,
+                # +25% dq time on the H100). The fill rescores a whole block when any field passes,
+                # so which keys share a field changes only how tight the bound is.
+                top = tl.reshape(sal, [sal.shape[0], BLOCK_N // (2 * FIELDS), FIELDS, 2])
+                top = tl.max(tl.max(top, 3), 1) * cap_scale
+                level = tl.ceil(tl.where(top < cap_limit, top, cap_limit)).to(tl.int32)
+                word = tl.sum(level << (tl.arange(0, FIELDS) * CAPTURE)[None, :], 1)
+            tl.atomic_add(cap_bound + (n0 // BLOCK_N) * Tq + offs_m, word, mask=offs_m < Tq, sem="relaxed")
     return dq
 
 
@@ -635,7 +694,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, 
                  prune_configs_by={"early_config_prune": _prune_dq}, reset_to_zero=["CapBound"])
 @triton.jit
 def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
-                         EntryPos, EntryVal, QOffsets, CapBound, cap_scale, cap_blocks,
+                         EntryPos, EntryVal, QOffsets, CapBound, cap_scale, cap_limit, cap_blocks,
                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                          stride_dqb, stride_dqh, stride_dqm,
@@ -649,8 +708,8 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
 
     Grid (cdiv(Tq, BLOCK_M), B*Hq). Dense loop over the visible key blocks (unmasked, then the
     diagonal/tail blocks masked), then the entry terms of the block's entries (entry_pos order).
-    CAPTURE: CapBound float32 [Hq, cap_blocks, Tq] (BLOCK_N == the capture's segment width)
-    receives the salience bound of every (row, key block) the loops visit.
+    CAPTURE (field bits, 0 = off): CapBound int32 [Hq, cap_blocks, Tq] (BLOCK_N == the capture's
+    segment width) receives the salience bound of every (row, key block) the loops visit.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -681,10 +740,10 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
     cap_bound = CapBound + h.to(tl.int64) * cap_blocks * Tq
     dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, 0, full,
                    offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, KDesc, VDesc, b, hk,
-                   cap_bound, cap_scale, Tq, CAUSAL, False, BLOCK_N, DOT_PREC, USE_DESC, CAPTURE)
+                   cap_bound, cap_scale, cap_limit, Tq, CAUSAL, False, BLOCK_N, DOT_PREC, USE_DESC, CAPTURE)
     dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, full, hi,
                    offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, KDesc, VDesc, b, hk,
-                   cap_bound, cap_scale, Tq, CAUSAL, True, BLOCK_N, DOT_PREC, USE_DESC, CAPTURE)
+                   cap_bound, cap_scale, cap_limit, Tq, CAUSAL, True, BLOCK_N, DOT_PREC, USE_DESC, CAPTURE)
     if HAS_BIAS:
         e_lo, e_hi = _block_range(QOffsets, h, m0, tl.minimum(m0 + BLOCK_M, Tq), TqMax)
         if ENTRY_FORM == 1:
@@ -704,7 +763,7 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
 
 def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: bool, scale: float,
               alpha: float, need_dvalues: bool, allow_tf32: bool = False, chunk: int | None = None, row_flags=None,
-              may_cancel: bool = True, capture_bound=None):
+              may_cancel: bool = True, capture_bound=None, capture_threshold=None):
     """Backward of flash_fwd: (dq, dk, dv, dvalues).
 
     out, lse are flash_fwd's results (biased O', natural LSE'); dout [B,Hq,Tq,D]. dq has q's
@@ -720,13 +779,16 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     (at B4 H16 T4096 D128 they took ~110 us of a ~4.6 ms forward+backward at 2048 traces/head,
     ~180 us at 16384; benchmarks/results/profile_attention_h100_session4.json).
 
-    capture_bound: None, or a zeroed float32 [Hq, cdiv(Tk, CAPTURE_SEG), Tq] tensor that the dQ
-    kernel fills, for the salience capture (memtrace.capture), with
-    bound[h, n, i] = mean_b max over keys j of segment n of P[b,h,i,j] * |dP[b,h,i,j]|, an upper
-    bound of the salience S[h, i, j] of every such edge that is not a bias entry (+inf on rows the
-    cancelling-row path recomputes, whose P the dense loops do not see). It costs one row max and
-    one fire-and-forget atomic add per tile; the capture then recomputes only the segments whose
-    bound passes its threshold.
+    capture_bound: None, or a zeroed int32 [Hq, cdiv(Tk, CAPTURE_SEG), Tq] tensor that the dQ
+    kernel fills, for the salience capture (memtrace.capture), against capture_threshold t > 0.
+    With (bits, K) = capture_bound_format(B), word [h, n, i] packs 32 / bits fields, field f for
+    the keys of segment n's f-th part, each holding
+        sum_b ceil(min(K / t * max_j P[b,h,i,j] * |dP[b,h,i,j]|, K * B))    (j in the part)
+    which reaches K * B whenever mean_b max_j P*|dP| >= t, so whenever some edge there that is not
+    a bias entry has salience S >= t. Rows the cancelling-row path recomputes (their P is 0 in the
+    dense loops) get every field at K * B. Cost: a row max per field and one fire-and-forget
+    integer atomic add per row and tile; the capture then rescores only the words with a passing
+    field (a float bound of the whole segment let 2-4x more rows through at B4 on random data).
     """
     B, Hq, Hkv, Tq, Tk, D = _check_common(q, k, v, bias)
     q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
@@ -757,14 +819,20 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
         tq_max = tk_max = 1
         row_flags = torch.empty(1, dtype=torch.int8, device=dev)
     capture = capture_bound is not None
+    cap_bits, cap_scale, cap_limit = 0, 1.0, 1.0
     if capture:
         want = (Hq, triton.cdiv(Tk, CAPTURE_SEG), Tq)
-        if (tuple(capture_bound.shape) != want or capture_bound.dtype != torch.float32
+        if (tuple(capture_bound.shape) != want or capture_bound.dtype != torch.int32
                 or not capture_bound.is_contiguous() or capture_bound.device != dev):
-            raise ValueError(f"capture_bound must be a contiguous float32 tensor of shape {want} on {dev}, got "
+            raise ValueError(f"capture_bound must be a contiguous int32 tensor of shape {want} on {dev}, got "
                              f"{capture_bound.dtype} {tuple(capture_bound.shape)} on {capture_bound.device}")
+        t = capture_threshold
+        if not isinstance(t, (int, float)) or not (1e-30 < t < float("inf")):
+            raise ValueError(f"capture_threshold must be a finite float > 1e-30 with capture_bound, got {t!r}")
+        cap_bits, levels = capture_bound_format(B)
+        cap_scale, cap_limit = levels / float(t), float(levels * B)
     else:
-        capture_bound = torch.empty(1, dtype=torch.float32, device=dev)
+        capture_bound = torch.empty(1, dtype=torch.int32, device=dev)
     delta = torch.empty((B * Hq, Tq), dtype=torch.float32, device=dev)
     lse2 = torch.empty((B * Hq, Tq), dtype=torch.float32, device=dev)
     pre_bm = 64 if D <= 128 else 32
@@ -793,16 +861,16 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
         _len_key(Tq), _len_key(Tk), int(use_desc), **common)
     _flash_bwd_dq_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)](
         q, k, v, dout, k_desc, v_desc, dq, lse2, delta, dval_part, ep, entry_values, qo,
-        capture_bound, 1.0 / B, triton.cdiv(Tk, CAPTURE_SEG),
+        capture_bound, cap_scale, cap_limit, triton.cdiv(Tk, CAPTURE_SEG),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         Hq, Hq // Hkv, Tq, Tk, tq_max, E, Tk - Tq, scale * sign, scale * LOG2E, alpha * LOG2E, alpha,
-        _len_key(Tq), _len_key(Tk), int(use_desc), NEED_DVAL=need_dval, CAPTURE=capture, **common)
+        _len_key(Tq), _len_key(Tk), int(use_desc), NEED_DVAL=need_dval, CAPTURE=cap_bits, **common)
     if has_bias and may_cancel:  # the cancelling rows, excluded above (lse2 = +inf), done exactly
         if capture:   # their P was 0 in the loops: no bound, so every segment of theirs is rescored
             flagged = row_flags.view(B, Hq, Tq).ne(0).any(0)
-            capture_bound.masked_fill_(flagged[:, None, :], float("inf"))
+            capture_bound.masked_fill_(flagged[:, None, :], capture_all_pass_word(B))
         _exact_rows(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, row_flags,
                     dval_part if need_dval else None, causal=causal, scale=scale, dq_scale=scale * sign,
                     alpha=alpha, prec=prec)

@@ -389,21 +389,33 @@ def _drop_entry_edges(valid, rows, live, cols, h, ENT_POS, Q_OFF, TqMax):
 
 
 @triton.jit
+def _word_passes(word, limit, BITS: tl.constexpr):
+    """Whether any BITS-wide field of the int32 bound words reaches `limit`."""
+    if BITS == 32:
+        return word >= limit
+    passes = ((word >> 0) & ((1 << BITS) - 1)) >= limit
+    for f in tl.static_range(1, 32 // BITS):
+        passes = passes | (((word >> (f * BITS)) & ((1 << BITS) - 1)) >= limit)
+    return passes
+
+
+@triton.jit
 def _salience_segment_kernel(
         Q, K, V, DO, LSE,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
         sob, soh, som, sod, slb, slh, slm,
-        BOUND, ROWS, B, Tq, Tk, group, num_blocks, qk_scale, inv_batch, causal_offset, threshold, bound_threshold,
+        BOUND, B, Tq, Tk, group, num_blocks, qk_scale, inv_batch, causal_offset, threshold, bound_limit,
         ENT_POS, Q_OFF, TqMax,
         CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
-        HAS_ENTRIES: tl.constexpr, SEG: tl.constexpr, ROWS_BLOCK: tl.constexpr, SCAN: tl.constexpr,
-        HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, SPARSE_EMIT: tl.constexpr):
+        HAS_ENTRIES: tl.constexpr, SEG: tl.constexpr, BITS: tl.constexpr, ROWS_BLOCK: tl.constexpr,
+        SCAN: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, SPARSE_EMIT: tl.constexpr):
     """PASS 0 after the Triton backward filled the segment bound (kernels/attention.py,
     flash_bwd's capture_bound): program (n, h) owns keys [n*SEG, (n+1)*SEG) of query head h.
 
-    1. It compacts the rows i whose bound[h, n, i] > bound_threshold (the only rows whose edges
-       in this segment can have S > threshold) into the front of the same column, in row order
-       (ROWS is BOUND's memory as int32: row r0.. is read before any write reaches it).
+    1. It compacts the rows i whose bound word [h, n, i] has a field (BITS wide) at or above
+       bound_limit (the only rows whose edges in this segment can have S > threshold) into the
+       front of the same column, in row order (each block of words is read before any write
+       reaches it).
     2. It scores those rows' edges exactly, ROWS_BLOCK gathered rows at a time with the batch loop
        inside (as the tile kernels do), and emits the candidates like PASS 0."""
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -414,11 +426,11 @@ def _salience_segment_kernel(
     count = 0
     for r0 in range(0, Tq, SCAN):
         offs = r0 + tl.arange(0, SCAN)
-        keep = tl.load(BOUND + column + offs, mask=offs < Tq, other=0.0) > bound_threshold
+        keep = _word_passes(tl.load(BOUND + column + offs, mask=offs < Tq, other=0), bound_limit, BITS)
         k = keep.to(tl.int32)
         rank = tl.cumsum(k, axis=0) - k
         tl.debug_barrier()           # the whole block has read these slots before any is rewritten
-        tl.store(ROWS + column + count + rank, offs, mask=keep)
+        tl.store(BOUND + column + count + rank, offs, mask=keep)
         count += tl.sum(k, axis=0)
     tl.debug_barrier()
     offs_d = tl.arange(0, HEAD_DIM)
@@ -435,7 +447,7 @@ def _salience_segment_kernel(
         b = step % B
         idx = (step // B) * ROWS_BLOCK + tl.arange(0, ROWS_BLOCK)
         live = idx < count
-        rows = tl.load(ROWS + column + idx, mask=live, other=0)
+        rows = tl.load(BOUND + column + idx, mask=live, other=0)
         q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd, mask=live[:, None],
                     other=0.0)
         do = tl.load(DO + b * sob + h * soh + rows[:, None] * som + offs_d[None, :] * sod, mask=live[:, None],
@@ -593,12 +605,12 @@ def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offse
     LAST_COMPILED[pass_] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))
 
 
-def launch_segments(q, k, v, dout, lse, bound, *, seg, threshold, bound_threshold, qk_scale, causal_offset,
+def launch_segments(q, k, v, dout, lse, bound, *, seg, bits, bound_limit, threshold, qk_scale, causal_offset,
                     bias, cnt, capacity, out, precision, sparse_emit=0, config=None):
-    """PASS 0 from a filled segment bound (see `_salience_segment_kernel`); `bound` float32
-    [Hq, cdiv(Tk, seg), Tq] is overwritten (its columns end up holding row lists); `bias` a
-    TraceBias or None (its entries are not edges)."""
-    import torch
+    """PASS 0 from a filled segment bound (see `_salience_segment_kernel`); `bound` int32
+    [Hq, cdiv(Tk, seg), Tq] words of `bits`-wide fields that pass at `bound_limit` (flash_bwd's
+    format) is overwritten (its columns end up holding row lists); `bias` a TraceBias or None
+    (its entries are not edges)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     num_blocks = triton.cdiv(Tk, seg)
@@ -613,9 +625,9 @@ def launch_segments(q, k, v, dout, lse, bound, *, seg, threshold, bound_threshol
         tq_max = 1
     _SEGMENT_FAST[(num_blocks, Hq)](
         q, k, v, dout, lse, *_strides(q, 4), *_strides(k, 4), *_strides(v, 4), *_strides(dout, 4),
-        *_strides(lse, 3), bound, bound.view(torch.int32), B, Tq, Tk, Hq // Hkv, num_blocks, qk_scale, 1.0 / B,
-        causal_offset, threshold, bound_threshold, ent_pos, q_off, tq_max,
-        cnt, capacity, *out, HAS_ENTRIES=has_entries, SEG=seg, ROWS_BLOCK=rows_block,
+        *_strides(lse, 3), bound, B, Tq, Tk, Hq // Hkv, num_blocks, qk_scale, 1.0 / B,
+        causal_offset, threshold, int(bound_limit), ent_pos, q_off, tq_max,
+        cnt, capacity, *out, HAS_ENTRIES=has_entries, SEG=seg, BITS=bits, ROWS_BLOCK=rows_block,
         SCAN=min(1024, triton.next_power_of_2(max(Tq, 16))), HEAD_DIM=D, PRECISION=precision,
         SPARSE_EMIT=sparse_emit, num_warps=num_warps, num_stages=num_stages)
 

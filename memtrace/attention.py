@@ -203,7 +203,15 @@ class TritonBackend(Backend):
         module = _import_kernels("attention")[0]
         return module.flash_bwd(q, k, v, out, lse, dout, bias, entry_values, causal=causal, scale=scale,
                                 alpha=alpha, need_dvalues=need_dvalues, may_cancel=_may_cancel(bias, alpha),
-                                capture_bound=capture_bound)
+                                **_capture_kwargs(capture_bound))
+
+
+def _capture_kwargs(capture_bound):
+    """flash_bwd's capture arguments from SalienceCapture._fused_bound's (words, threshold)."""
+    if capture_bound is None:
+        return {}
+    words, threshold = capture_bound
+    return {"capture_bound": words, "capture_threshold": threshold}
 
 
 class _CorrectedDenseBackend(Backend):
@@ -928,7 +936,9 @@ class _EagerAttention(torch.autograd.Function):
         dq, dk, dv, dvalues, ran = _run_backward(backend, auto, q, k, v, out, lse, dout, ctx.bias, entry_values,
                                                  causal, scale, alpha, need_dvalues, capture_bound=bound)
         if ctx.capture is not None:
-            fused = {"bound": bound} if bound is not None and ran == "triton" else {}
+            # In a list the fill can drop the bound's last reference once it has been read.
+            fused = {"bound": [bound[0]]} if bound is not None and ran == "triton" else {}
+            bound = None
             ctx.capture._fill(q, k, v, out, lse, dout, ctx.bias, entry_values, causal=causal, scale=scale,
                               alpha=alpha, **fused)
         grads = (dq, dk, dv, (dvalues if need_dvalues else None))

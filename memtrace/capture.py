@@ -101,12 +101,14 @@ _USE_DESC = True             # TMA descriptors for q/k/v/dO when their rows are 
 
 
 # The fused path (memtrace.biased_attention with the Triton backend): the backward's dQ kernel
-# bounds each (head, row, 64-key segment), and the fill rescores only the segments whose bound
-# passes the threshold. "auto" takes it while the bound (4 bytes per row and segment) is at most
-# half of q's bytes; MEMTRACE_CAPTURE_FUSED=1 / 0 forces it on / off.
+# bounds each (head, row, 64-key segment) in an int32 word of 1-4 fields, and the fill rescores
+# only the segments whose word has a passing field. "auto" takes it while the bound (4 bytes per
+# row and segment) is at most half of q's bytes; MEMTRACE_CAPTURE_FUSED=1 / 0 forces it on / off.
+# Not below a threshold of 1e-30 (every row passes such a bound: the unfused fill is faster).
 _FUSED_MAX_BOUND_OVER_Q = 0.5
-# The bound is compared with threshold * (1 - 1/64): the dQ kernel's P*|dP| and the rescoring's
-# differ by float32 rounding (and the order of the batch's atomic adds), far below that margin.
+_FUSED_MIN_THRESHOLD = 1e-30
+# The bound is filled against threshold * (1 - 1/64): the dQ kernel's P*|dP| and the rescoring's
+# differ by float32 rounding, far below that margin.
 _BOUND_MARGIN = 1.0 / 64
 
 
@@ -192,11 +194,12 @@ class SalienceCapture:
         return f"SalienceCapture(threshold={self.threshold}, capacity={self.capacity}, {state})"
 
     # -- filling (called by the attention backward) -------------------------------------------------
-    @staticmethod
-    def _bound_shape(q, k):
+    def _bound_shape(self, q, k):
         """The segment bound's shape for this call when the fused fill applies, else None."""
         mode = _fused_mode()
         if mode == "0" or not (q.is_cuda or (_use_interpreter() and q.dtype != torch.float64)):
+            return None
+        if not self.threshold > _FUSED_MIN_THRESHOLD:
             return None
         from memtrace.kernels.attention import CAPTURE_SEG, capture_supported
         if not capture_supported(q.shape[-1], q.element_size()):
@@ -210,10 +213,13 @@ class SalienceCapture:
         return self._bound_shape(q, k) is not None
 
     def _fused_bound(self, q, k):
-        """A zeroed segment bound for the Triton backward (kernels.attention.flash_bwd's
-        capture_bound) when the fused fill applies to this call, else None."""
+        """(a zeroed int32 segment bound, the threshold to fill it against) for the Triton backward
+        (kernels.attention.flash_bwd's capture_bound and capture_threshold) when the fused fill
+        applies to this call, else None."""
         shape = self._bound_shape(q, k)
-        return None if shape is None else torch.zeros(shape, dtype=torch.float32, device=q.device)
+        if shape is None:
+            return None
+        return torch.zeros(shape, dtype=torch.int32, device=q.device), _bound_threshold(self.threshold)
 
     @torch.no_grad()
     def _fill(self, q, k, v, out, lse, dout, bias, entry_values, *, causal=False, scale=None, alpha=1.0,
@@ -221,8 +227,9 @@ class SalienceCapture:
         """Fill from the backward's tensors. out / lse: the BIASED forward output and natural-log
         log-sum-exp (float32 [B, Hq, Tq], -inf on fully masked rows); dout: the output gradient;
         bias: TraceBias or None; entry_values: bias.entry_values() or None; bound: the segment
-        bound that the Triton backward filled (from `_fused_bound`), or None (then every tile
-        is scored)."""
+        bound that the Triton backward filled (the words of `_fused_bound`), or a one-element list
+        holding it, which the fill empties once the segments are scored (so that the bound's
+        memory is free for the sort); None: every tile is scored."""
         V.check_capture_fill_inputs(q, k, v, lse, dout, bias)
         B, Hq, Tq, D = q.shape
         Tk = k.shape[2]
@@ -255,6 +262,11 @@ def _edge_keys(h, i, j, live, Tq, Tk, num_heads=None):
         return torch.where(live, key, torch.full_like(key, 2**31 - 1))
     key = (h.long() * Tq + i.long()) * Tk + j.long()
     return torch.where(live, key, torch.full_like(key, _INT64_MAX))
+
+
+def _bound_threshold(threshold: float) -> float:
+    """The threshold that the fused bound is filled and read against (see _BOUND_MARGIN)."""
+    return _kernel_threshold(threshold) * (1.0 - _BOUND_MARGIN)
 
 
 def _edge_rows(rows):
@@ -374,11 +386,13 @@ def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alp
     else:
         # The backward's dots ran in IEEE float32 for float32 inputs (flash_bwd's default): the
         # rescoring uses the same, so that the bound holds for the values it produces.
-        from memtrace.kernels.attention import CAPTURE_SEG
-        K.launch_segments(q, k, v, dout, lse, seg_bound, seg=CAPTURE_SEG, threshold=threshold,
-                          bound_threshold=threshold * (1.0 - _BOUND_MARGIN), qk_scale=qk_scale,
-                          causal_offset=causal_offset, bias=bias, cnt=cnt, capacity=capacity, out=out,
-                          precision="ieee", sparse_emit=_SEGMENT_EMIT)
+        from memtrace.kernels.attention import CAPTURE_SEG, capture_bound_format
+        words = seg_bound.pop() if isinstance(seg_bound, list) else seg_bound
+        bits, levels = capture_bound_format(B)
+        K.launch_segments(q, k, v, dout, lse, words, seg=CAPTURE_SEG, bits=bits, bound_limit=levels * B,
+                          threshold=threshold, qk_scale=qk_scale, causal_offset=causal_offset, bias=bias,
+                          cnt=cnt, capacity=capacity, out=out, precision="ieee", sparse_emit=_SEGMENT_EMIT)
+        del words, seg_bound       # the last reference when the caller passed a list: free for the sort
     # The overflow passes (no-ops without overflow) read through pointers: no descriptors to build,
     # so their launches take FastLaunch's short path.
     overflow_common = {**common, "use_desc": False}
@@ -407,10 +421,18 @@ def _merge_staging(out_rows, stg_rows, winners, staged, overflow, capacity, Tq, 
     stg = stg_rows[:, :capacity]
     slot = torch.arange(capacity, device=stg.device)
     live = slot < staged
-    _, by_key = torch.sort(_edge_keys(stg[0], stg[1], stg[2], live, Tq, Tk, num_heads), stable=True)
-    s_by_key = torch.where(live, stg[3].view(torch.float32), -1.0)[by_key]
-    _, by_s = torch.sort(s_by_key, descending=True, stable=True)
-    perm = by_key[by_s]
+    key = _edge_keys(stg[0], stg[1], stg[2], live, Tq, Tk, num_heads)
+    if key.dtype == torch.int32:
+        # One sort: S >= 0, so its float bits order like S; descending S in the high 33 bits,
+        # the 31-bit edge key below (it runs every fill, overflow or not: two sorts cost ~35 us).
+        desc = (0x7FFFFFFF - stg[3].clamp(min=0)).long()
+        order = torch.where(live, (desc << 31) | key.long(), torch.full_like(desc, _INT64_MAX))
+        perm = torch.sort(order).indices
+    else:
+        _, by_key = torch.sort(key, stable=True)
+        s_by_key = torch.where(live, stg[3].view(torch.float32), -1.0)[by_key]
+        _, by_s = torch.sort(s_by_key, descending=True, stable=True)
+        perm = by_key[by_s]
     take = slot < torch.minimum((capacity - winners) * overflow, staged)
     dest = torch.where(take, winners + slot, capacity)          # capacity: the dump slot
     out_rows.scatter_(1, dest.expand(5, -1), stg[:, perm])

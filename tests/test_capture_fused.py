@@ -104,37 +104,82 @@ def test_fused_cancelling_rows(monkeypatch):
     check_capture(cap, S, a, bias, threshold, torch.float32)
 
 
-def test_bound_is_the_segment_maximum():
-    """flash_bwd's capture_bound against the float64 oracle: mean_b max over the segment."""
-    B, Hq, Hkv, Tq, Tk, D = 3, 2, 1, 30, 41, 16
-    q, k, v, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=3)
+def _oracle_field_max(q, k, v, do, lse, causal, fields):
+    """float64 [B, Hq, Tq, words, fields]: max over each field's keys of P * |dP| per batch element
+    (field f of a word: its keys j with (j // 2) % fields == f, see kernels/attention.py _dq_tiles)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    seg = K.CAPTURE_SEG
+    nb = -(-Tk // seg)
+    g = Hq // Hkv
+    kk, vv = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    P = torch.exp(torch.einsum("bhid,bhjd->bhij", q.double(), kk) / math.sqrt(D) - lse.double()[..., None])
+    if causal:
+        keep = torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq)
+        P = torch.where(keep, P, torch.zeros_like(P))
+    x = P * torch.einsum("bhid,bhjd->bhij", do.double(), vv).abs()
+    x = torch.nn.functional.pad(x, (0, nb * seg - Tk))
+    return x.view(B, Hq, Tq, nb, seg // (2 * fields), fields, 2).amax(-1).amax(-2)
+
+
+@pytest.mark.parametrize("B,min_levels", [(3, None), (1, None), (6, None), (2, 300), (2, 70000)])
+def test_bound_fields_against_the_oracle(monkeypatch, B, min_levels):
+    """flash_bwd's capture bound words against the float64 oracle, in each field width (8 bits
+    for B <= 5, 16 above; min_levels forces 16 or 32 bits): every field holds
+    sum_b ceil(min(K / t * max P*|dP|, K * B)) (within one level per batch element for the
+    float32 rounding), so a field passes wherever the oracle's mean_b max reaches t."""
+    if min_levels is not None:
+        monkeypatch.setattr(K, "CAPTURE_MIN_LEVELS", min_levels)
+    bits, levels = K.capture_bound_format(B)
+    fields = 32 // bits
+    Hq, Hkv, Tq, Tk, D = 2, 1, 30, 41, 16
+    q, k, v, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=3 + B)
     for causal in (False, True):
         out, lse = R.attention_with_lse(q.double(), k.double(), v.double(), None, causal=causal)
-        seg = K.CAPTURE_SEG
-        nb = -(-Tk // seg)
-        bound = torch.zeros(Hq, nb, Tq, dtype=torch.float32, device=DEV)
-        scale = 1 / math.sqrt(D)
-        K.flash_bwd(q, k, v, out.float(), lse.float(), do, causal=causal, scale=scale, alpha=1.0,
-                    need_dvalues=False, capture_bound=bound)
-        g = Hq // Hkv
-        kk, vv = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
-        logits = torch.einsum("bhid,bhjd->bhij", q.double(), kk) * scale
-        P = torch.exp(logits - lse.double()[..., None])
-        if causal:
-            keep = torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq)
-            P = torch.where(keep, P, torch.zeros_like(P))
-        x = P * torch.einsum("bhid,bhjd->bhij", do.double(), vv).abs()
-        x = torch.nn.functional.pad(x, (0, nb * seg - Tk))
-        want = x.view(B, Hq, Tq, nb, seg).amax(-1).mean(0).permute(0, 2, 1)
-        torch.testing.assert_close(bound.double(), want, rtol=1e-4, atol=1e-9)
+        m = _oracle_field_max(q, k, v, do, lse, causal, fields)
+        t = float(m.mean(0).flatten().quantile(0.7))        # some fields pass, most do not
+        words = torch.zeros(Hq, m.shape[3], Tq, dtype=torch.int32, device=DEV)
+        K.flash_bwd(q, k, v, out.float(), lse.float(), do, causal=causal, scale=1 / math.sqrt(D), alpha=1.0,
+                    need_dvalues=False, capture_bound=words, capture_threshold=t)
+        got = K.capture_bound_fields(words, B).cpu()                        # [Hq, words, Tq, fields]
+        want = torch.ceil((m * levels / t).clamp(max=levels * B)).sum(0).permute(0, 2, 1, 3)
+        assert (got - want).abs().max() <= B
+        mean_max = m.mean(0).permute(0, 2, 1, 3)
+        passing = got >= levels * B
+        assert passing[mean_max >= t * (1 + 1e-5)].all()
+        assert not passing[want < levels * B - B].any()
+        assert 0 < passing.sum() < passing.numel()
+        assert torch.equal(K.capture_bound_passing(words, B).cpu(), passing.any(-1))
+
+
+def test_bound_format():
+    assert K.capture_bound_format(1) == (8, 255) and K.capture_bound_format(4) == (8, 15)
+    assert K.capture_bound_format(5) == (8, 10) and K.capture_bound_format(6) == (16, 1820)
+    assert K.capture_bound_format(90) == (16, 8) and K.capture_bound_format(91)[0] == 32
+    for B in (1, 4, 6, 91, 1000):     # B programs of at most K * B each never carry out of a field
+        bits, levels = K.capture_bound_format(B)
+        assert levels * B * B <= K.CAPTURE_FIELD_MAX[bits] and levels >= K.CAPTURE_MIN_LEVELS
+        word = torch.tensor([K.capture_all_pass_word(B)], dtype=torch.int32)
+        assert (K.capture_bound_fields(word, B) == levels * B).all() and K.capture_bound_passing(word, B).all()
+    for bad in (0, -1, 2.0, 10**6):
+        with pytest.raises(ValueError, match="batch"):
+            K.capture_bound_format(bad)
 
 
 def test_bound_shape_is_checked():
     q, k, v, do = make_inputs(1, 2, 2, 8, 8, 16, torch.float32, seed=1)
     out, lse = R.attention_with_lse(q.double(), k.double(), v.double(), None, causal=False)
+    args = (q, k, v, out.float(), lse.float(), do)
+    kw = dict(causal=False, scale=0.25, alpha=1.0, need_dvalues=False)
     with pytest.raises(ValueError, match="capture_bound"):
-        K.flash_bwd(q, k, v, out.float(), lse.float(), do, causal=False, scale=0.25, alpha=1.0,
-                    need_dvalues=False, capture_bound=torch.zeros(2, 1, 7, device=DEV))
+        K.flash_bwd(*args, **kw, capture_bound=torch.zeros(2, 1, 7, dtype=torch.int32, device=DEV),
+                    capture_threshold=0.1)
+    good = torch.zeros(2, 1, 8, dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="capture_bound"):
+        K.flash_bwd(*args, **kw, capture_bound=good.float(), capture_threshold=0.1)
+    for bad in (None, 0.0, float("nan"), float("inf"), "0.1"):
+        with pytest.raises(ValueError, match="capture_threshold"):
+            K.flash_bwd(*args, **kw, capture_bound=good, capture_threshold=bad)
 
 
 def test_fused_mode_env(monkeypatch):
@@ -143,9 +188,10 @@ def test_fused_mode_env(monkeypatch):
     monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "0")
     assert cap._fused_bound(q, k) is None
     monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "1")
-    bound = cap._fused_bound(q, k)
-    assert bound.shape == (2, -(-16 // K.CAPTURE_SEG), 16) and bound.dtype == torch.float32
-    assert not bound.any()
+    bound, t = cap._fused_bound(q, k)
+    assert bound.shape == (2, -(-16 // K.CAPTURE_SEG), 16) and bound.dtype == torch.int32
+    assert not bound.any() and 0.1 * (1 - 1 / 32) < t < 0.1
+    assert SalienceCapture(0.0)._fused_bound(q, k) is None     # every row would pass: unfused
     monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "sometimes")
     with pytest.raises(ValueError, match="MEMTRACE_CAPTURE_FUSED"):
         cap._fused_bound(q, k)

@@ -81,6 +81,12 @@ def _install_compile_only_launch(log):
         consts = {self.arg_names[k[0]]: (v if isinstance(v, (bool, int, float, str)) else str(v))
                   for k, v in constexprs.items() if len(k) == 1}
         md = kernel.metadata
+        dump = os.environ.get("MEMTRACE_COMPILE_DUMP")      # a directory: keep each kernel's TTGIR and PTX
+        if dump:
+            os.makedirs(dump, exist_ok=True)
+            for stage in ("ttgir", "ptx"):
+                with open(os.path.join(dump, f"{self.fn.__name__}_{len(log)}.{stage}"), "w") as fh:
+                    fh.write(kernel.asm[stage])
         log.append({"kernel": self.fn.__name__, "constexprs": consts, "num_warps": md.num_warps,
                     "num_stages": md.num_stages, "shared": md.shared, "stages": sorted(kernel.asm.keys()),
                     "seconds": round(time.perf_counter() - t0, 2), **_resource_usage(kernel)})
@@ -211,8 +217,9 @@ def _run_case(case):
         b = bias if "-bias" in case else None
         cap = types.SimpleNamespace(capacity=4096, threshold=1e-3)
         out, lse = ka.flash_fwd(q, k, v, b, **kw)
-        seg_bound = torch.zeros(Hq, T // ka.CAPTURE_SEG, T)
-        ka.flash_bwd(q, k, v, out, lse, do, b, **kw, need_dvalues=False, capture_bound=seg_bound)
+        seg_bound = torch.zeros(Hq, T // ka.CAPTURE_SEG, T, dtype=torch.int32)
+        ka.flash_bwd(q, k, v, out, lse, do, b, **kw, need_dvalues=False, capture_bound=seg_bound,
+                     capture_threshold=1e-3)
         capture._fill_triton(cap, q, k, v, lse, do, b, ev if b is not None else None, causal, D ** -0.5, 1.0,
                              seg_bound)
     elif case.startswith("salience-"):
