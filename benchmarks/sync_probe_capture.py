@@ -48,7 +48,9 @@ def main(argv):
         step()
     prof.disable()
     torch.cuda.synchronize()
-    pstats.Stats(prof).sort_stats("cumulative").print_stats(28)
+    stats = pstats.Stats(prof)
+    stats.sort_stats("cumulative").print_stats(45)
+    stats.sort_stats("tottime").print_stats(30)
 
 
 if __name__ == "__main__":
