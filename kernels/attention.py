@@ -360,6 +360,19 @@ def capture_bound_passing(words, batch: int):
     return (capture_bound_fields(words, batch) >= levels * batch).any(-1)
 
 
+class CaptureBound:
+    """flash_bwd's salience-capture bound (memtrace.capture builds it): `words`, a zeroed int32
+    [Hq, cdiv(Tk, CAPTURE_SEG), Tq] tensor, the `threshold` it is filled against, and `after_dq`,
+    None or a callable that flash_bwd runs with the filled words between the dQ kernel and the
+    dK/dV kernels, after dropping its own references (`words` becomes None): the capture rescores
+    its segments there, so the bound's memory is free again before dK and dV are allocated and
+    the capture adds nothing to the backward's peak. `scored` is for the callable to set."""
+
+    def __init__(self, words, threshold, after_dq=None):
+        self.words, self.threshold, self.after_dq = words, threshold, after_dq
+        self.scored = False
+
+
 def capture_all_pass_word(batch: int) -> int:
     """The bound word whose every field passes (the int32 value, for the rows the bound cannot
     see): each field at the limit levels * batch."""
@@ -763,7 +776,7 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
 
 def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: bool, scale: float,
               alpha: float, need_dvalues: bool, allow_tf32: bool = False, chunk: int | None = None, row_flags=None,
-              may_cancel: bool = True, capture_bound=None, capture_threshold=None):
+              may_cancel: bool = True, capture_bound: CaptureBound | None = None):
     """Backward of flash_fwd: (dq, dk, dv, dvalues).
 
     out, lse are flash_fwd's results (biased O', natural LSE'); dout [B,Hq,Tq,D]. dq has q's
@@ -771,18 +784,19 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     (per sorted entry, alpha * sum_b of the logit gradient; duplicate followers 0) when
     need_dvalues, else None. row_flags: the cancelling rows from flash_fwd(return_flags=True)
     (int8/bool [B,Hq,Tq]); when None and there is a bias they are recomputed from lse (one pass
-    over the entries). Launches: preprocess (delta, lse2; +inf on flagged rows), dK/dV by key
-    block, dQ by query block (the entry terms in each epilogue), then with a bias the exact
+    over the entries). Launches: preprocess (delta, lse2; +inf on flagged rows), dQ by query
+    block, dK/dV by key block (the entry terms in each epilogue), then with a bias the exact
     backward of the flagged rows (by query block, by key block; idle programs exit at once).
     may_cancel=False makes flash_fwd's promise (alpha * every entry value >= ln(CANCEL_THRESHOLD),
     so no row can cancel): the flags pass, their masking and the exact-row launches are skipped
     (at B4 H16 T4096 D128 they took ~110 us of a ~4.6 ms forward+backward at 2048 traces/head,
     ~180 us at 16384; benchmarks/results/profile_attention_h100_session4.json).
 
-    capture_bound: None, or a zeroed int32 [Hq, cdiv(Tk, CAPTURE_SEG), Tq] tensor that the dQ
-    kernel fills, for the salience capture (memtrace.capture), against capture_threshold t > 0.
-    With (bits, K) = capture_bound_format(B), word [h, n, i] packs 32 / bits fields, field f for
-    the keys of segment n's f-th part, each holding
+    capture_bound: None, or a CaptureBound whose words the dQ kernel fills, for the salience
+    capture (memtrace.capture), against its threshold t > 0; then its after_dq runs, then the
+    dK/dV kernel (dQ runs first so that the bound is gone before dK/dV exist). With
+    (bits, K) = capture_bound_format(B), word [h, n, i] packs 32 / bits fields, field f for the
+    keys j of segment n with (j // 2) % (32 / bits) == f, each holding
         sum_b ceil(min(K / t * max_j P[b,h,i,j] * |dP[b,h,i,j]|, K * B))    (j in the part)
     which reaches K * B whenever mean_b max_j P*|dP| >= t, so whenever some edge there that is not
     a bias entry has salience S >= t. Rows the cancelling-row path recomputes (their P is 0 in the
@@ -821,18 +835,23 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     capture = capture_bound is not None
     cap_bits, cap_scale, cap_limit = 0, 1.0, 1.0
     if capture:
+        if not isinstance(capture_bound, CaptureBound):
+            raise TypeError(f"capture_bound must be a CaptureBound or None, got {type(capture_bound).__name__}")
         want = (Hq, triton.cdiv(Tk, CAPTURE_SEG), Tq)
-        if (tuple(capture_bound.shape) != want or capture_bound.dtype != torch.int32
-                or not capture_bound.is_contiguous() or capture_bound.device != dev):
-            raise ValueError(f"capture_bound must be a contiguous int32 tensor of shape {want} on {dev}, got "
-                             f"{capture_bound.dtype} {tuple(capture_bound.shape)} on {capture_bound.device}")
-        t = capture_threshold
+        w = capture_bound.words
+        if (not isinstance(w, torch.Tensor) or tuple(w.shape) != want or w.dtype != torch.int32
+                or not w.is_contiguous() or w.device != dev):
+            got = f"{w.dtype} {tuple(w.shape)} on {w.device}" if isinstance(w, torch.Tensor) else repr(w)
+            raise ValueError(f"capture_bound.words must be a contiguous int32 tensor of shape {want} on {dev}, "
+                             f"got {got}")
+        t = capture_bound.threshold
         if not isinstance(t, (int, float)) or not (1e-30 < t < float("inf")):
-            raise ValueError(f"capture_threshold must be a finite float > 1e-30 with capture_bound, got {t!r}")
+            raise ValueError(f"capture_bound.threshold must be a finite float > 1e-30, got {t!r}")
+        if capture_bound.after_dq is not None and not callable(capture_bound.after_dq):
+            raise TypeError("capture_bound.after_dq must be callable or None")
         cap_bits, levels = capture_bound_format(B)
         cap_scale, cap_limit = levels / float(t), float(levels * B)
-    else:
-        capture_bound = torch.empty(1, dtype=torch.int32, device=dev)
+        del w
     delta = torch.empty((B * Hq, Tq), dtype=torch.float32, device=dev)
     lse2 = torch.empty((B * Hq, Tq), dtype=torch.float32, device=dev)
     pre_bm = 64 if D <= 128 else 32
@@ -845,13 +864,32 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     need_dval = bool(need_dvalues) and has_bias
     dval_part = torch.zeros((B, E) if need_dval else (1, 1), dtype=torch.float32, device=dev)
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
     use_desc = _use_desc(q, k, v, dout)
     q_desc, k_desc, v_desc, do_desc = ((_desc4(t) for t in (q, k, v, dout)) if use_desc else (q, k, v, dout))
     common = dict(HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, CHUNK=chunk, DOT_PREC=prec,
                   ENTRY_FORM=_entry_form(bias) if has_bias else 0,
                   **_interpret_desc(use_desc))
+    cap_words = capture_bound.words if capture else torch.empty(1, dtype=torch.int32, device=dev)
+    _flash_bwd_dq_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)](
+        q, k, v, dout, k_desc, v_desc, dq, lse2, delta, dval_part, ep, entry_values, qo,
+        cap_words, cap_scale, cap_limit, triton.cdiv(Tk, CAPTURE_SEG),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        Hq, Hq // Hkv, Tq, Tk, tq_max, E, Tk - Tq, scale * sign, scale * LOG2E, alpha * LOG2E, alpha,
+        _len_key(Tq), _len_key(Tk), int(use_desc), NEED_DVAL=need_dval, CAPTURE=cap_bits, **common)
+    del cap_words
+    if capture:
+        if has_bias and may_cancel:
+            # the cancelling rows' P was 0 in the loops: no bound, so every segment of theirs is rescored
+            flagged = row_flags.view(B, Hq, Tq).ne(0).any(0)
+            capture_bound.words.masked_fill_(flagged[:, None, :], capture_all_pass_word(B))
+        if capture_bound.after_dq is not None:
+            words, capture_bound.words = capture_bound.words, None
+            capture_bound.after_dq(words)
+            del words        # the bound's memory is free (stream-ordered) for dK and dV
+    dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
     _flash_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)](
         q, k, v, dout, q_desc, do_desc, dk, dv, lse2, delta, ep, entry_values, ko, kof, qo, flags,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -859,18 +897,7 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         Hq, Hkv, Hq // Hkv, Tq, Tk, tq_max, tk_max, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E,
         _len_key(Tq), _len_key(Tk), int(use_desc), **common)
-    _flash_bwd_dq_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)](
-        q, k, v, dout, k_desc, v_desc, dq, lse2, delta, dval_part, ep, entry_values, qo,
-        capture_bound, cap_scale, cap_limit, triton.cdiv(Tk, CAPTURE_SEG),
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        Hq, Hq // Hkv, Tq, Tk, tq_max, E, Tk - Tq, scale * sign, scale * LOG2E, alpha * LOG2E, alpha,
-        _len_key(Tq), _len_key(Tk), int(use_desc), NEED_DVAL=need_dval, CAPTURE=cap_bits, **common)
     if has_bias and may_cancel:  # the cancelling rows, excluded above (lse2 = +inf), done exactly
-        if capture:   # their P was 0 in the loops: no bound, so every segment of theirs is rescored
-            flagged = row_flags.view(B, Hq, Tq).ne(0).any(0)
-            capture_bound.masked_fill_(flagged[:, None, :], capture_all_pass_word(B))
         _exact_rows(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, row_flags,
                     dval_part if need_dval else None, causal=causal, scale=scale, dq_scale=scale * sign,
                     alpha=alpha, prec=prec)

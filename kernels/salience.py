@@ -628,7 +628,7 @@ def launch_segments(q, k, v, dout, lse, bound, *, seg, bits, bound_limit, thresh
         *_strides(lse, 3), bound, B, Tq, Tk, Hq // Hkv, num_blocks, qk_scale, 1.0 / B,
         causal_offset, threshold, int(bound_limit), ent_pos, q_off, tq_max,
         cnt, capacity, *out, HAS_ENTRIES=has_entries, SEG=seg, BITS=bits, ROWS_BLOCK=rows_block,
-        SCAN=min(1024, triton.next_power_of_2(max(Tq, 16))), HEAD_DIM=D, PRECISION=precision,
+        SCAN=min(4096, triton.next_power_of_2(max(Tq, 16))), HEAD_DIM=D, PRECISION=precision,
         SPARSE_EMIT=sparse_emit, num_warps=num_warps, num_stages=num_stages)
 
 

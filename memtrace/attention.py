@@ -47,6 +47,7 @@ Triton backend when that applies (see memtrace.capture and `_fused_capture_fits`
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -203,15 +204,7 @@ class TritonBackend(Backend):
         module = _import_kernels("attention")[0]
         return module.flash_bwd(q, k, v, out, lse, dout, bias, entry_values, causal=causal, scale=scale,
                                 alpha=alpha, need_dvalues=need_dvalues, may_cancel=_may_cancel(bias, alpha),
-                                **_capture_kwargs(capture_bound))
-
-
-def _capture_kwargs(capture_bound):
-    """flash_bwd's capture arguments from SalienceCapture._fused_bound's (words, threshold)."""
-    if capture_bound is None:
-        return {}
-    words, threshold = capture_bound
-    return {"capture_bound": words, "capture_threshold": threshold}
+                                capture_bound=capture_bound)
 
 
 class _CorrectedDenseBackend(Backend):
@@ -933,12 +926,16 @@ class _EagerAttention(torch.autograd.Function):
         # The Triton backward can bound the capture's salience on the way (see memtrace.capture).
         make_bound = getattr(ctx.capture, "_fused_bound", None) if backend == "triton" else None
         bound = make_bound(q, k) if make_bound is not None else None
+        if bound is not None:
+            # rescored between the dQ and dK/dV kernels, so that the bound is gone before dK/dV exist
+            bound.after_dq = functools.partial(ctx.capture._score_segments, q, k, v, lse, dout, ctx.bias,
+                                               causal=causal, scale=scale, bound=bound)
         dq, dk, dv, dvalues, ran = _run_backward(backend, auto, q, k, v, out, lse, dout, ctx.bias, entry_values,
                                                  causal, scale, alpha, need_dvalues, capture_bound=bound)
         if ctx.capture is not None:
-            # In a list the fill can drop the bound's last reference once it has been read.
-            fused = {"bound": [bound[0]]} if bound is not None and ran == "triton" else {}
-            bound = None
+            fused = {"bound": bound} if bound is not None and ran == "triton" else {}
+            if bound is not None:
+                bound.after_dq = None       # the partial refers to the bound: no reference cycle left
             ctx.capture._fill(q, k, v, out, lse, dout, ctx.bias, entry_values, causal=causal, scale=scale,
                               alpha=alpha, **fused)
         grads = (dq, dk, dv, (dvalues if need_dvalues else None))

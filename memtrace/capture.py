@@ -52,6 +52,7 @@ reference (memtrace.reference.salience) fills the same fields.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -213,23 +214,32 @@ class SalienceCapture:
         return self._bound_shape(q, k) is not None
 
     def _fused_bound(self, q, k):
-        """(a zeroed int32 segment bound, the threshold to fill it against) for the Triton backward
-        (kernels.attention.flash_bwd's capture_bound and capture_threshold) when the fused fill
-        applies to this call, else None."""
+        """A kernels.attention.CaptureBound (zeroed int32 words, the threshold to fill them against)
+        for the Triton backward when the fused fill applies to this call, else None."""
         shape = self._bound_shape(q, k)
         if shape is None:
             return None
-        return torch.zeros(shape, dtype=torch.int32, device=q.device), _bound_threshold(self.threshold)
+        from memtrace.kernels.attention import CaptureBound
+        return CaptureBound(torch.zeros(shape, dtype=torch.int32, device=q.device), _bound_threshold(self.threshold))
+
+    @torch.no_grad()
+    def _score_segments(self, q, k, v, lse, dout, bias, words, *, causal, scale, bound):
+        """The fused fill's PASS 0, for flash_bwd's after_dq: rescore the segments that the filled
+        bound `words` lets through, into the shared glue (the `_fill` that follows, given `bound`,
+        does the rest); `words` is not kept."""
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        _score_segments(self, q, k, v, lse, dout, bias, causal, scale, words)
+        bound.scored = True
+        bound.after_dq = None            # (a partial of this method holding the bound)
 
     @torch.no_grad()
     def _fill(self, q, k, v, out, lse, dout, bias, entry_values, *, causal=False, scale=None, alpha=1.0,
               bound=None):
         """Fill from the backward's tensors. out / lse: the BIASED forward output and natural-log
         log-sum-exp (float32 [B, Hq, Tq], -inf on fully masked rows); dout: the output gradient;
-        bias: TraceBias or None; entry_values: bias.entry_values() or None; bound: the segment
-        bound that the Triton backward filled (the words of `_fused_bound`), or a one-element list
-        holding it, which the fill empties once the segments are scored (so that the bound's
-        memory is free for the sort); None: every tile is scored."""
+        bias: TraceBias or None; entry_values: bias.entry_values() or None; bound: the
+        CaptureBound of `_fused_bound` that the Triton backward filled (and whose segments its
+        after_dq may have scored already, see `_score_segments`); None: every tile is scored."""
         V.check_capture_fill_inputs(q, k, v, lse, dout, bias)
         B, Hq, Tq, D = q.shape
         Tk = k.shape[2]
@@ -253,11 +263,16 @@ class SalienceCapture:
 
 # ---- shared helpers ------------------------------------------------------------------------------
 
-def _edge_keys(h, i, j, live, Tq, Tk, num_heads=None):
-    """(head, q, k) as one sortable integer, the largest value where not `live`: int32 when every
-    key fits (num_heads * Tq * Tk < 2^31; a radix sort of 4-byte keys takes about half the time
-    of 8-byte ones), else int64."""
-    if num_heads is not None and num_heads * Tq * Tk < 2**31 - 1:
+def _narrow_keys(num_heads, Tq, Tk) -> bool:
+    """Whether every (head, q, k) key fits an int32 (a radix sort of 4-byte keys takes about half
+    the time of 8-byte ones)."""
+    return num_heads * Tq * Tk < 2**31 - 1
+
+
+def _edge_keys(h, i, j, live, Tq, Tk, narrow):
+    """(head, q, k) as one sortable integer, the largest value where not `live`: int32 when
+    `narrow` (see _narrow_keys), else int64. Tq, Tk: ints or 0-d integer tensors."""
+    if narrow:
         key = (h * Tq + i) * Tk + j
         return torch.where(live, key, torch.full_like(key, 2**31 - 1))
     key = (h.long() * Tq + i.long()) * Tk + j.long()
@@ -274,28 +289,139 @@ def _edge_rows(rows):
     return rows[0], rows[1], rows[2], rows[3].view(torch.float32), rows[4].view(torch.float32)
 
 
-def _sort_edges(rows, num_edges, capacity, Tq, Tk, num_heads=None):
-    """Order the first `num_edges` edges of `rows` (int32 [5, >= capacity]: h, i, j and the bits of
-    S, a) by (head, q, k), zero the rest, and return them as (h, i, j, S, a) (device-only; the
+def _sorted_rows(rows, num_edges, capacity, Tq, Tk, narrow):
+    """The first `num_edges` edges of `rows` (int32 [5, >= capacity]: h, i, j and the bits of S, a)
+    ordered by (head, q, k), the rest zero, as a new int32 [5, capacity] tensor (device-only; the
     five rows move together, so each step is one op whatever the number of fields)."""
     rows = rows[:, :capacity]
     slot = torch.arange(capacity, device=rows.device)
     valid = slot < num_edges
-    _, perm = torch.sort(_edge_keys(rows[0], rows[1], rows[2], valid, Tq, Tk, num_heads))
-    return _edge_rows(torch.where(valid, rows[:, perm], 0))
+    _, perm = torch.sort(_edge_keys(rows[0], rows[1], rows[2], valid, Tq, Tk, narrow))
+    return torch.where(valid, rows[:, perm], 0)
 
 
-def _make_stats(edges, num_edges, num_candidates, capacity, exact):
-    S = edges[3]
+def _sort_edges(rows, num_edges, capacity, Tq, Tk, narrow):
+    """_sorted_rows as (h, i, j, S, a)."""
+    return _edge_rows(_sorted_rows(rows, num_edges, capacity, Tq, Tk, narrow))
+
+
+def _kept_min(S, num_edges):
+    """The smallest S of the first num_edges slots (0 when there are none)."""
     slot = torch.arange(S.shape[0], device=S.device)
     kept = torch.where(slot < num_edges, S, torch.full_like(S, float("inf"))).min() if S.numel() else \
         torch.tensor(float("inf"), device=S.device)
-    kept = torch.where(num_edges > 0, kept, torch.zeros_like(kept))
+    return torch.where(num_edges > 0, kept, torch.zeros_like(kept))
+
+
+def _make_stats(edges, num_edges, num_candidates, capacity, exact):
     return {"num_candidates": num_candidates, "overflow": num_candidates > capacity,
-            "kept_min_salience": kept, "exact": exact}
+            "kept_min_salience": _kept_min(edges[3], num_edges), "exact": exact}
 
 
 # ---- Triton path (CUDA or interpreter) ------------------------------------------------------------
+
+# The glue after the fill's kernels as a CUDA graph (MEMTRACE_CAPTURE_GRAPH=0: eager torch ops).
+_GRAPH_GLUE = os.environ.get("MEMTRACE_CAPTURE_GRAPH", "1").strip() != "0"
+_GLUE_CACHE: dict = {}
+_GLUE_CACHE_SIZE = 8
+
+
+class _FillGlue:
+    """The buffers that a fill's kernels write and the device-side glue after them, shared by every
+    capture of one (device, stream, capacity, key width): fills on one stream run in order, and
+    each takes copies of the glue's outputs.
+
+    Buffers: one int64 scratch (counters: candidates, winners, staged; then the histogram), and
+    int32 [5, capacity + 1] edge rows and staged rows (h, i, j and the bits of S and a, so that a
+    gather or scatter moves all five fields at once; slots past a count are never read unmasked).
+    Glue: merge the strongest staged edges on overflow, sort the edges by (head, q, k), the stats.
+    On CUDA it is captured once into a CUDA graph and replayed: its ~60 small torch ops took
+    ~1 ms of host time a fill on the H100 machine's host, more than their GPU time, and bounded a
+    capturing step. Tq and Tk reach it as device scalars, so one graph serves every length."""
+
+    def __init__(self, device, capacity, narrow):
+        from memtrace.kernels.salience import HIST_BINS
+
+        self.capacity, self.narrow = capacity, narrow
+        self.scratch = torch.zeros(3 + HIST_BINS // 2, dtype=torch.int64, device=device)
+        self.cnt = self.scratch[:3]
+        self.hist = self.scratch[3:].view(torch.int32)
+        self.out_rows = torch.empty((5, capacity + 1), dtype=torch.int32, device=device)
+        self.stg_rows = torch.empty_like(self.out_rows)
+        self.out, self.staging = _edge_rows(self.out_rows), _edge_rows(self.stg_rows)
+        self.dims = torch.zeros(2, dtype=torch.int64, device=device)
+        self._dims_now = None
+        self._graph = None
+        self._static = None
+        self._all_tiles = None
+
+    def all_tiles(self, n_tiles):
+        """Tile maxima of +inf for n_tiles tiles (read only: the overflow passes then visit every
+        tile), kept for the next fill of the same tiles."""
+        if self._all_tiles is None or self._all_tiles.numel() != n_tiles:
+            self._all_tiles = torch.full((n_tiles,), float("inf"), dtype=torch.float32, device=self.scratch.device)
+        return self._all_tiles
+
+    def begin(self, Tq, Tk):
+        """Before the kernels: zero the counters and histogram, set the lengths."""
+        self.scratch.zero_()
+        if self._dims_now != (Tq, Tk):
+            self.dims[0].fill_(Tq)
+            self.dims[1].fill_(Tk)
+            self._dims_now = (Tq, Tk)
+
+    def _body(self):
+        cap, cnt = self.capacity, self.cnt
+        Tq, Tk = self.dims[0], self.dims[1]
+        overflow = cnt[0] > cap
+        _merge_staging(self.out_rows, self.stg_rows, cnt[1], cnt[2].clamp(max=cap), overflow, cap, Tq, Tk,
+                       self.narrow)
+        num_edges = torch.clamp(cnt[0], max=cap).to(torch.int32)
+        rows = _sorted_rows(self.out_rows, num_edges, cap, Tq, Tk, self.narrow)
+        exact = ~overflow | (cnt[2] <= cap)
+        return rows, num_edges, cnt[0].clone(), overflow, _kept_min(rows[3].view(torch.float32), num_edges), exact
+
+    def finish(self):
+        """After the kernels: (edges, num_edges, stats), tensors of their own."""
+        if not (_GRAPH_GLUE and self.scratch.is_cuda) or torch.cuda.is_current_stream_capturing():
+            outs = self._body()          # eager (also inside a caller's own graph capture)
+        else:
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()
+            outs = [t.clone() for t in self._static]
+        rows, num_edges, num_candidates, overflow, kept, exact = outs
+        stats = {"num_candidates": num_candidates, "overflow": overflow, "kept_min_salience": kept,
+                 "exact": exact}
+        return _edge_rows(rows), num_edges, stats
+
+    def _capture(self):
+        stream = torch.cuda.current_stream(self.scratch.device)
+        side = torch.cuda.Stream(self.scratch.device)
+        side.wait_stream(stream)
+        with torch.cuda.stream(side):
+            self._body()             # warm-up before capture (the merge is idempotent)
+        stream.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+            static = self._body()
+        stream.wait_stream(side)
+        self._graph, self._static = graph, static
+
+
+def _fill_glue(device, capacity, narrow) -> _FillGlue:
+    """The shared _FillGlue for this device, current stream, capacity and key width (a few are
+    kept; the oldest is dropped)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (str(device), stream, capacity, narrow)
+    glue = _GLUE_CACHE.pop(key, None)
+    if glue is None:
+        glue = _FillGlue(device, capacity, narrow)
+        while len(_GLUE_CACHE) >= _GLUE_CACHE_SIZE:
+            _GLUE_CACHE.pop(next(iter(_GLUE_CACHE)))
+    _GLUE_CACHE[key] = glue            # most recent last
+    return glue
+
 
 # float32 inputs: the tiles above need more shared memory than the H100 has at D >= 128 (sm_90
 # compile: 262 KB at D=128); these fit (197 KB).
@@ -327,6 +453,7 @@ def _entry_tiles(bias, Hq, Tq, Tk, index_tile):
     return offsets, i[perm].to(torch.int32), j[perm].to(torch.int32), tiles_m, tiles_n
 
 
+@functools.lru_cache(maxsize=64)       # on every fill: a few CPU tensor ops of host time
 def _kernel_threshold(threshold: float) -> float:
     """The threshold as the kernels must receive it. Triton passes a Python float as float32, and
     round-to-nearest can move it up onto an S value just above it (2 - 1e-12 -> 2.0f): an edge
@@ -338,10 +465,31 @@ def _kernel_threshold(threshold: float) -> float:
     return float(t32)
 
 
-def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alpha, seg_bound=None):
+def _score_segments(cap, q, k, v, lse, dout, bias, causal, scale, words):
+    """PASS 0 of a fused fill from the filled bound words (see `_salience_segment_kernel`): reset
+    the shared glue's counters and rescore the segments that pass. The backward's dots ran in IEEE
+    float32 for float32 inputs (flash_bwd's default); the rescoring uses the same, so that the
+    bound holds for the values it produces."""
+    from memtrace.kernels import salience as K
+    from memtrace.kernels.attention import CAPTURE_SEG, capture_bound_format
+
+    B, Hq, Tq, _ = q.shape
+    Tk = k.shape[2]
+    glue = _fill_glue(q.device, cap.capacity, _narrow_keys(Hq, Tq, Tk))
+    glue.begin(Tq, Tk)
+    bits, levels = capture_bound_format(B)
+    K.launch_segments(q, k, v, dout, lse.float(), words, seg=CAPTURE_SEG, bits=bits, bound_limit=levels * B,
+                      threshold=_kernel_threshold(cap.threshold), qk_scale=scale * LOG2E,
+                      causal_offset=(Tk - Tq) if causal else Tk, bias=bias, cnt=glue.cnt, capacity=cap.capacity,
+                      out=glue.out, precision="ieee", sparse_emit=_SEGMENT_EMIT)
+
+
+def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alpha, bound=None):
+    """bound: None (PASS 0 scores every tile) or the fused path's CaptureBound: its segments already
+    scored by the backward (bound.scored), or still to score from bound.words."""
     from memtrace.kernels import salience as K
 
-    B, Hq, Tq, D = q.shape
+    _, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     device = q.device
     capacity = cap.capacity
@@ -356,21 +504,20 @@ def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alp
     causal_offset = (Tk - Tq) if causal else Tk
     lse = lse.float() if lse.dtype != torch.float32 else lse
 
-    # Few, large host ops: on the lent H100's host each torch call costs tens of microseconds and the
-    # fill's glue, not its kernels, bounded a capturing step. One zeroed scratch holds the counters
-    # (candidates, winners, staged) and the histogram; one int32 [5, capacity + 1] buffer each holds
-    # the edges and the staged ones (h, i, j, and the bits of S and a), so that a gather or scatter
-    # moves all five fields at once. No zero fill: slots past a count are never read unmasked.
-    scratch = torch.zeros(3 + K.HIST_BINS // 2, dtype=torch.int64, device=device)
-    cnt = scratch[:3]
-    hist = scratch[3:].view(torch.int32)
-    out_rows = torch.empty((5, capacity + 1), dtype=torch.int32, device=device)
-    stg_rows = torch.empty_like(out_rows)
-    out, staging = _edge_rows(out_rows), _edge_rows(stg_rows)
+    # The kernels write into the shared glue's buffers (see _FillGlue): counters, histogram, edge
+    # rows and staged rows; its glue then merges, sorts and counts them.
+    glue = _fill_glue(device, capacity, _narrow_keys(Hq, Tq, Tk))
+    if bound is not None and not bound.scored:
+        words, bound.words = bound.words, None
+        _score_segments(cap, q, k, v, lse, dout, bias, causal, scale, words)
+        del words
+    elif bound is None:
+        glue.begin(Tq, Tk)
+    cnt, hist, out, staging = glue.cnt, glue.hist, glue.out, glue.staging
     n_tiles = Hq * (-(-Tq // bm)) * (-(-Tk // bn))
     # The fused PASS 0 does not record tile maxima: +inf sends every tile to the overflow passes.
-    tile_max = torch.full((n_tiles,), -1.0 if seg_bound is None else float("inf"), dtype=torch.float32,
-                          device=device)
+    tile_max = glue.all_tiles(n_tiles) if bound is not None else \
+        torch.full((n_tiles,), -1.0, dtype=torch.float32, device=device)
     entries = None
     if bias is not None and bias.nnz > 0:
         entries = _entry_tiles(bias, Hq, Tq, Tk, K.INDEX_TILE)
@@ -381,18 +528,8 @@ def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alp
                   stg_capacity=capacity, tile_max=tile_max, hist=hist, config=config,
                   precision=precision, hist_in_main=hist_in_main, use_desc=_USE_DESC,
                   sparse_emit=_SPARSE_EMIT)
-    if seg_bound is None:
+    if bound is None:
         K.launch_tiles(0, q, k, v, dout, lse, **common)
-    else:
-        # The backward's dots ran in IEEE float32 for float32 inputs (flash_bwd's default): the
-        # rescoring uses the same, so that the bound holds for the values it produces.
-        from memtrace.kernels.attention import CAPTURE_SEG, capture_bound_format
-        words = seg_bound.pop() if isinstance(seg_bound, list) else seg_bound
-        bits, levels = capture_bound_format(B)
-        K.launch_segments(q, k, v, dout, lse, words, seg=CAPTURE_SEG, bits=bits, bound_limit=levels * B,
-                          threshold=threshold, qk_scale=qk_scale, causal_offset=causal_offset, bias=bias,
-                          cnt=cnt, capacity=capacity, out=out, precision="ieee", sparse_emit=_SEGMENT_EMIT)
-        del words, seg_bound       # the last reference when the caller passed a list: free for the sort
     # The overflow passes (no-ops without overflow) read through pointers: no descriptors to build,
     # so their launches take FastLaunch's short path.
     overflow_common = {**common, "use_desc": False}
@@ -400,12 +537,7 @@ def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alp
         K.launch_tiles(1, q, k, v, dout, lse, **overflow_common)
     K.launch_tiles(2, q, k, v, dout, lse, **overflow_common)   # finds the cut bin in the histogram itself
 
-    overflow = cnt[0] > capacity
-    _merge_staging(out_rows, stg_rows, cnt[1], cnt[2].clamp(max=capacity), overflow, capacity, Tq, Tk, Hq)
-    num_edges = torch.clamp(cnt[0], max=capacity).to(torch.int32)
-    edges = _sort_edges(out_rows, num_edges, capacity, Tq, Tk, Hq)
-    exact = ~overflow | (cnt[2] <= capacity)
-    stats = _make_stats(edges, num_edges, cnt[0].clone(), capacity, exact)
+    edges, num_edges, stats = glue.finish()
 
     bias_scores = None
     if bias is not None:
@@ -414,15 +546,15 @@ def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alp
     return edges, num_edges, bias_scores, stats
 
 
-def _merge_staging(out_rows, stg_rows, winners, staged, overflow, capacity, Tq, Tk, num_heads=None):
+def _merge_staging(out_rows, stg_rows, winners, staged, overflow, capacity, Tq, Tk, narrow):
     """On overflow: edge slots [winners, capacity) get the strongest staged edges (S descending,
     ties by the smaller (head, q, k)); without overflow nothing moves (all on the device). Both
     buffers are int32 [5, capacity + 1] edge rows (see _fill_triton)."""
     stg = stg_rows[:, :capacity]
     slot = torch.arange(capacity, device=stg.device)
     live = slot < staged
-    key = _edge_keys(stg[0], stg[1], stg[2], live, Tq, Tk, num_heads)
-    if key.dtype == torch.int32:
+    key = _edge_keys(stg[0], stg[1], stg[2], live, Tq, Tk, narrow)
+    if narrow:
         # One sort: S >= 0, so its float bits order like S; descending S in the high 33 bits,
         # the 31-bit edge key below (it runs every fill, overflow or not: two sorts cost ~35 us).
         desc = (0x7FFFFFFF - stg[3].clamp(min=0)).long()
@@ -484,7 +616,7 @@ def _fill_dense(cap, q, k, v, dout, bias, causal, scale, alpha):
     for dst, src in zip(buffers, (h, i, j, S[h, i, j], a[h, i, j])):
         dst[:n] = src.to(dst.dtype)
     num_edges = torch.tensor(n, dtype=torch.int32, device=device)
-    edges = _sort_edges(rows, num_edges, capacity, Tq, Tk, Hq)
+    edges = _sort_edges(rows, num_edges, capacity, Tq, Tk, _narrow_keys(Hq, Tq, Tk))
     num_candidates = torch.tensor(n_cand, dtype=torch.int64, device=device)
     stats = _make_stats(edges, num_edges, num_candidates, capacity, torch.tensor(True, device=device))
     bias_scores = None

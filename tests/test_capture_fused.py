@@ -140,7 +140,7 @@ def test_bound_fields_against_the_oracle(monkeypatch, B, min_levels):
         t = float(m.mean(0).flatten().quantile(0.7))        # some fields pass, most do not
         words = torch.zeros(Hq, m.shape[3], Tq, dtype=torch.int32, device=DEV)
         K.flash_bwd(q, k, v, out.float(), lse.float(), do, causal=causal, scale=1 / math.sqrt(D), alpha=1.0,
-                    need_dvalues=False, capture_bound=words, capture_threshold=t)
+                    need_dvalues=False, capture_bound=K.CaptureBound(words, t))
         got = K.capture_bound_fields(words, B).cpu()                        # [Hq, words, Tq, fields]
         want = torch.ceil((m * levels / t).clamp(max=levels * B)).sum(0).permute(0, 2, 1, 3)
         assert (got - want).abs().max() <= B
@@ -171,15 +171,36 @@ def test_bound_shape_is_checked():
     out, lse = R.attention_with_lse(q.double(), k.double(), v.double(), None, causal=False)
     args = (q, k, v, out.float(), lse.float(), do)
     kw = dict(causal=False, scale=0.25, alpha=1.0, need_dvalues=False)
-    with pytest.raises(ValueError, match="capture_bound"):
-        K.flash_bwd(*args, **kw, capture_bound=torch.zeros(2, 1, 7, dtype=torch.int32, device=DEV),
-                    capture_threshold=0.1)
+    with pytest.raises(ValueError, match="capture_bound.words"):
+        K.flash_bwd(*args, **kw, capture_bound=K.CaptureBound(torch.zeros(2, 1, 7, dtype=torch.int32, device=DEV), 0.1))
     good = torch.zeros(2, 1, 8, dtype=torch.int32, device=DEV)
-    with pytest.raises(ValueError, match="capture_bound"):
-        K.flash_bwd(*args, **kw, capture_bound=good.float(), capture_threshold=0.1)
+    with pytest.raises(ValueError, match="capture_bound.words"):
+        K.flash_bwd(*args, **kw, capture_bound=K.CaptureBound(good.float(), 0.1))
     for bad in (None, 0.0, float("nan"), float("inf"), "0.1"):
-        with pytest.raises(ValueError, match="capture_threshold"):
-            K.flash_bwd(*args, **kw, capture_bound=good, capture_threshold=bad)
+        with pytest.raises(ValueError, match="capture_bound.threshold"):
+            K.flash_bwd(*args, **kw, capture_bound=K.CaptureBound(good, bad))
+    with pytest.raises(TypeError, match="capture_bound"):
+        K.flash_bwd(*args, **kw, capture_bound=good)
+    with pytest.raises(TypeError, match="after_dq"):
+        K.flash_bwd(*args, **kw, capture_bound=K.CaptureBound(good, 0.1, after_dq=3))
+
+
+def test_after_dq_runs_before_dk_dv_exist():
+    """flash_bwd hands the filled words to after_dq and drops its own references before it
+    allocates dK and dV (the capture rescores there, and the bound's memory is free again)."""
+    q, k, v, do = make_inputs(2, 2, 1, 20, 20, 16, torch.float32, seed=8)
+    out, lse = R.attention_with_lse(q.double(), k.double(), v.double(), None, causal=False)
+    seen = {}
+    words = torch.zeros(2, -(-20 // K.CAPTURE_SEG), 20, dtype=torch.int32, device=DEV)
+    bound = K.CaptureBound(words, 1e-3, after_dq=lambda w: seen.update(words=w))
+    del words
+    dq, dk, dv, _ = K.flash_bwd(q, k, v, out.float(), lse.float(), do, causal=False, scale=0.25, alpha=1.0,
+                                need_dvalues=False, capture_bound=bound)
+    assert bound.words is None and seen["words"].dtype == torch.int32 and seen["words"].any()
+    ref = K.flash_bwd(q, k, v, out.float(), lse.float(), do, causal=False, scale=0.25, alpha=1.0,
+                      need_dvalues=False)
+    for got, want in zip((dq, dk, dv), ref[:3]):       # the bound changes no gradient
+        assert torch.equal(got, want)
 
 
 def test_fused_mode_env(monkeypatch):
@@ -188,9 +209,10 @@ def test_fused_mode_env(monkeypatch):
     monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "0")
     assert cap._fused_bound(q, k) is None
     monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "1")
-    bound, t = cap._fused_bound(q, k)
+    fused = cap._fused_bound(q, k)
+    bound, t = fused.words, fused.threshold
     assert bound.shape == (2, -(-16 // K.CAPTURE_SEG), 16) and bound.dtype == torch.int32
-    assert not bound.any() and 0.1 * (1 - 1 / 32) < t < 0.1
+    assert not bound.any() and 0.1 * (1 - 1 / 32) < t < 0.1 and not fused.scored
     assert SalienceCapture(0.0)._fused_bound(q, k) is None     # every row would pass: unfused
     monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "sometimes")
     with pytest.raises(ValueError, match="MEMTRACE_CAPTURE_FUSED"):
@@ -253,7 +275,8 @@ def test_edge_rows_sort_and_merge(num_heads, Tq, Tk):
         return r
 
     rows = rows_of(n, 1)
-    h, i, j, S, a = C._sort_edges(rows, torch.tensor(n), cap, Tq, Tk, num_heads)
+    narrow = C._narrow_keys(num_heads, Tq, Tk)
+    h, i, j, S, a = C._sort_edges(rows, torch.tensor(n), cap, Tq, Tk, narrow)
     key = (h[:n].long() * Tq + i[:n].long()) * Tk + j[:n].long()
     want = ((rows[0, :n].long() * Tq + rows[1, :n].long()) * Tk + rows[2, :n].long()).sort().values
     assert torch.equal(key, want) and torch.all(key[1:] >= key[:-1])
@@ -263,9 +286,9 @@ def test_edge_rows_sort_and_merge(num_heads, Tq, Tk):
     out = rows_of(5, 2)
     stg = rows_of(n, 3)
     before = out.clone()
-    C._merge_staging(out, stg, torch.tensor(5), torch.tensor(n), torch.tensor(False), cap, Tq, Tk, num_heads)
+    C._merge_staging(out, stg, torch.tensor(5), torch.tensor(n), torch.tensor(False), cap, Tq, Tk, narrow)
     assert torch.equal(out[:, :cap], before[:, :cap]), "no overflow: nothing moves"
-    C._merge_staging(out, stg, torch.tensor(5), torch.tensor(n), torch.tensor(True), cap, Tq, Tk, num_heads)
+    C._merge_staging(out, stg, torch.tensor(5), torch.tensor(n), torch.tensor(True), cap, Tq, Tk, narrow)
     sk = (stg[0, :n].long() * Tq + stg[1, :n].long()) * Tk + stg[2, :n].long()
     order = sorted(range(n), key=lambda e: (-float(stg[3, e].view(torch.float32)), int(sk[e])))[:cap - 5]
     assert torch.equal(out[:, 5:cap], stg[:, order])

@@ -179,7 +179,7 @@ def _run_case(case):
     K = {n: importlib.import_module(f"memtrace.kernels.{n}")
          for n in ("attention", "correction", "salience", "trace_update", "bias_index")}
     g = torch.Generator().manual_seed(0)
-    B, Hq, Hkv, T, D, dt = 2, 4, 2, 256, 128, torch.bfloat16
+    B, Hq, Hkv, T, D, dt = 2, 4, 2, int(os.environ.get("MEMTRACE_COMPILE_T", "256")), 128, torch.bfloat16
     q = torch.randn(B, Hq, T, D, generator=g).to(dt)
     k = torch.randn(B, Hkv, T, D, generator=g).to(dt)
     v = torch.randn(B, Hkv, T, D, generator=g).to(dt)
@@ -217,11 +217,10 @@ def _run_case(case):
         b = bias if "-bias" in case else None
         cap = types.SimpleNamespace(capacity=4096, threshold=1e-3)
         out, lse = ka.flash_fwd(q, k, v, b, **kw)
-        seg_bound = torch.zeros(Hq, T // ka.CAPTURE_SEG, T, dtype=torch.int32)
-        ka.flash_bwd(q, k, v, out, lse, do, b, **kw, need_dvalues=False, capture_bound=seg_bound,
-                     capture_threshold=1e-3)
+        bound = ka.CaptureBound(torch.zeros(Hq, T // ka.CAPTURE_SEG, T, dtype=torch.int32), 1e-3)
+        ka.flash_bwd(q, k, v, out, lse, do, b, **kw, need_dvalues=False, capture_bound=bound)
         capture._fill_triton(cap, q, k, v, lse, do, b, ev if b is not None else None, causal, D ** -0.5, 1.0,
-                             seg_bound)
+                             bound)
     elif case.startswith("salience-"):
         from memtrace import capture
         capture._CONFIG_OVERRIDE = capture._CUDA_CONFIGS[D]    # the CUDA tiles, not the interpreter's

@@ -229,3 +229,32 @@ def test_auto_runs_a_capture_on_triton(monkeypatch):
     from memtrace import attention as A
     q, k, v, do = _inputs(2, 4, 4, 512, 512, 128, torch.bfloat16, seed=9)
     assert A._fused_capture_fits(q, k, v, None, False, SalienceCapture(1e-3))
+
+
+def test_fill_glue_graph_matches_eager(monkeypatch):
+    """The fill's glue replayed as a CUDA graph, shared by captures across shapes, thresholds and an
+    overflow, gives exactly what the eager glue gives (and each capture keeps its own results)."""
+    calls = [  # B, Hq, Tq, Tk, quantile of S for the threshold (None: 0, overflowing), capacity
+        (2, 4, 300, 500, 0.995, 4096), (1, 4, 200, 700, 0.995, 4096), (2, 4, 300, 500, None, 4096),
+        (2, 4, 300, 500, 0.98, 4096), (2, 2, 128, 64, 0.9, 1000)]
+    results = {}
+    for graph in (False, True):
+        monkeypatch.setattr(capture_mod, "_GRAPH_GLUE", graph)
+        capture_mod._GLUE_CACHE.clear()
+        caps = []
+        for n, (B, Hq, Tq, Tk, quant, capacity) in enumerate(calls):
+            q, k, v, do = _inputs(B, Hq, Hq, Tq, Tk, 64, torch.bfloat16, seed=40 + n)
+            out, lse, S, _ = _oracle(q, k, v, do, None, False)
+            thr = 0.0 if quant is None else float(S.flatten().quantile(quant))
+            cap = SalienceCapture(threshold=thr, capacity=capacity)
+            cap._fill(q, k, v, out.to(q.dtype), lse.float(), do, None, None)
+            caps.append(cap)
+        assert bool(caps[2].stats["overflow"]) and not bool(caps[0].stats["overflow"])
+        results[graph] = caps
+    for eager, replayed in zip(results[False], results[True]):
+        for a, b in zip(eager.edges, replayed.edges):
+            assert torch.equal(a, b)
+        assert torch.equal(eager.num_edges, replayed.num_edges)
+        for name in eager.stats:
+            assert torch.equal(eager.stats[name], replayed.stats[name]), name
+    assert capture_mod._GLUE_CACHE        # the graph path kept its shared glue
