@@ -131,15 +131,15 @@ if want fused-tests; then
   for s in shape0 shape1; do for d in dtype0 dtype1 dtype2; do
     run_k tests/gpu/test_capture_gpu.py "fused_capture_through_triton and $s and $d" "fused_${s}_$d" &
   done; done
-  run_k tests/gpu/test_capture_gpu.py "fused_capture_overflow or auto_runs or fully_masked" fused_rest &
+  run_k tests/gpu/test_capture_gpu.py "fused_capture_overflow or auto_runs or fully_masked or fill_glue" fused_rest &
   run_k tests/gpu/test_attention_kernels_gpu.py "fused_fwd_bwd and (dtype0 or dtype1 or dtype2 or dtype3 or dtype4)" attn_a &
   run_k tests/gpu/test_attention_kernels_gpu.py "fused_fwd_bwd and (dtype5 or dtype6 or dtype7 or dtype8 or dtype9)" attn_b &
   MEMTRACE_ATTN_BWD_ENTRIES=rows run_k tests/gpu/test_attention_kernels_gpu.py "fused_fwd_bwd or cancelling" attn_rows &
   run_k tests/gpu/test_attention_kernels_gpu.py "not fused_fwd_bwd" attn_rest &
   wait
-  for f in "$OUT"/t_*.log; do echo "== $f"; cat "$f"; done > "$OUT/gpu_tests_session8.txt"
+  for f in "$OUT"/t_*.log; do echo "== $f"; cat "$f"; done > "$OUT/gpu_tests_fused.txt"
   rm -f "$OUT"/t_*.log
-  grep -E "^==|passed|failed|error" "$OUT/gpu_tests_session8.txt"
+  grep -E "^==|passed|failed|error" "$OUT/gpu_tests_fused.txt"
   unset MEMTRACE_ATTN_TUNE
 fi
 if want capture; then

@@ -51,8 +51,8 @@ HIST_BINS = 4096
 HIST_SHIFT = 19          # float32 bits >> 19 -> 12 bits: 8 exponent + 4 mantissa bits
 INDEX_TILE = 128         # bias entries are bucketed by 128 x 128 index tiles
 LAST_COMPILED = {}
-# The segment kernel's (ROWS_BLOCK, num_warps, num_stages) on the GPU; MEMTRACE_CAPTURE_SEGMENT_CONFIG
-# ("128,8,2") overrides it for probes.
+# The segment kernel's (ROWS_BLOCK, num_warps, num_stages[, maxnreg]) on the GPU;
+# MEMTRACE_CAPTURE_SEGMENT_CONFIG ("128,8,2") overrides it for probes (benchmarks/tune_segment.py).
 SEGMENT_CONFIG = tuple(int(x) for x in (os.environ.get("MEMTRACE_CAPTURE_SEGMENT_CONFIG", "").strip()
                                          or "128,8,2").split(","))
 
@@ -616,7 +616,8 @@ def launch_segments(q, k, v, dout, lse, bound, *, seg, bits, bound_limit, thresh
     num_blocks = triton.cdiv(Tk, seg)
     if config is None:
         config = (16, 4, 1) if INTERPRET else SEGMENT_CONFIG
-    rows_block, num_warps, num_stages = config
+    rows_block, num_warps, num_stages = config[:3]
+    extra = {"maxnreg": config[3]} if len(config) > 3 and config[3] and not INTERPRET else {}
     has_entries = bias is not None and bias.nnz > 0
     if has_entries:
         ent_pos, q_off, tq_max = bias.entry_pos, bias.q_offsets, bias.seq_len_q
@@ -629,7 +630,7 @@ def launch_segments(q, k, v, dout, lse, bound, *, seg, bits, bound_limit, thresh
         causal_offset, threshold, int(bound_limit), ent_pos, q_off, tq_max,
         cnt, capacity, *out, HAS_ENTRIES=has_entries, SEG=seg, BITS=bits, ROWS_BLOCK=rows_block,
         SCAN=min(4096, triton.next_power_of_2(max(Tq, 16))), HEAD_DIM=D, PRECISION=precision,
-        SPARSE_EMIT=sparse_emit, num_warps=num_warps, num_stages=num_stages)
+        SPARSE_EMIT=sparse_emit, num_warps=num_warps, num_stages=num_stages, **extra)
 
 
 def launch_entries(q, k, v, dout, lse, ent_h, ent_i, ent_j, ent_val, out_s, out_a, *, qk_scale,
