@@ -41,9 +41,11 @@ plain autograd.Function (so under torch.compile it is a graph break: capture is 
 whose backward, after computing the gradients, calls
 `capture._fill(q, k, v, out, lse, dout, bias, entry_values, causal=, scale=, alpha=)` with the
 biased `out` and `lse` of the forward. On the Triton backend the backward also fills the capture's
-salience bound (`capture._fused_bound`, `bound=` to `_fill`), so the fill rescores only the key
-segments that can hold edges over the threshold; "auto" therefore runs capturing calls on the
-Triton backend when that applies (see memtrace.capture and `_fused_capture_fits`).
+salience bound (`capture._fused_bound`, a kernels.attention.CaptureBound whose `after_dq` runs
+`capture._score_segments` between the dQ and dK/dV kernels; `bound=` to `_fill`), so the fill
+rescores only the key blocks that can hold edges over the threshold; "auto" therefore runs
+capturing calls on the Triton backend when that applies (see memtrace.capture and
+`_fused_capture_fits`).
 """
 from __future__ import annotations
 

@@ -30,13 +30,22 @@ bin: every kept S >= every dropped S / (1 + 1/16).
 
 Fused with the Triton backward (memtrace.biased_attention with backend "triton", which "auto"
 takes for capturing calls): the backward's dQ kernel, which has P and dP of every tile anyway,
-adds mean_b max_j P*|dP| over each 64-key segment j of each query row into a float32
-[Hq, Tk/64, Tq] bound (fire-and-forget atomics; S <= the bound for every edge of the segment that
-is not a bias entry), and PASS 0 below becomes a segment kernel: a program per (segment, head)
-compacts the rows whose bound passes threshold * (1 - 1/64) and scores only their edges, exactly,
-as the tile kernels do. Random data at B2 / B4 H16 T4096 let 8% / 33% of the rows through. Used
-while the bound is at most half of q's bytes and a dQ tile of 64 keys fits (not float32 at D=128,
-nor D=256); MEMTRACE_CAPTURE_FUSED=0 / 1 forces it off / on. Everything after PASS 0 is shared.
+bounds the salience of each (head, query row, 64-key block) in an int32 word of 1-4 integer fields
+(kernels.attention.capture_bound_format: 8-bit fields for a batch of at most 5; each field sums
+over the batch the rounded-up levels of max P*|dP| over its keys, so it reaches its limit whenever
+some edge there that is not a bias entry can have S > threshold). flash_bwd runs dQ before dK/dV
+and hands the filled words to `_score_segments` before dK and dV are allocated: PASS 0 below becomes
+a segment kernel (a program per (block, head) compacts the rows with a passing field and scores
+only their edges, exactly, as the tile kernels do), and the bound's memory is free again before
+dK/dV take theirs. Random data at B2 / B4 H16 T4096 let 5.6% / 15% of the rows through. Used while
+the threshold is > 1e-30, the bound is at most half of q's bytes and a dQ tile of 64 keys fits
+(not float32 at D=128, nor D=256); MEMTRACE_CAPTURE_FUSED=0 / 1 forces it off / on. Everything after
+PASS 0 is shared.
+
+The buffers the kernels write and the glue after them (staging merge, sort, stats) belong to a
+`_FillGlue` shared by every capture of one (device, stream, capacity): 7.5 MiB at the default
+capacity, kept between fills; on CUDA the glue is one CUDA-graph replay (MEMTRACE_CAPTURE_GRAPH=0:
+eager torch ops), and each fill takes copies of its outputs.
 
 How (CUDA, or the Triton interpreter on the CPU with TRITON_INTERPRET=1): one fused pass
 (kernels/salience.py) computes S and a tile by tile with the batch loop inside (q/k/v/dO through
