@@ -293,3 +293,26 @@ def test_edge_rows_sort_and_merge(num_heads, Tq, Tk):
     order = sorted(range(n), key=lambda e: (-float(stg[3, e].view(torch.float32)), int(sk[e])))[:cap - 5]
     assert torch.equal(out[:, 5:cap], stg[:, order])
     assert torch.equal(out[:, :5], before[:, :5])
+
+
+def test_fill_glue_is_shared_and_outputs_are_copies(monkeypatch):
+    """Captures of one (device, capacity) share the fill's buffers and glue; a later fill leaves an
+    earlier capture's results alone; a few glues are kept, the oldest dropped."""
+    from memtrace import capture as C
+    monkeypatch.setattr(C, "_GLUE_CACHE", {})
+    q, k, v, do = make_inputs(2, 2, 2, 24, 40, 16, torch.float32, seed=12)
+    S, a = oracle(q, k, v, do, None, False)[2:]
+    caps = []
+    for quant in (0.9, 0.97):
+        threshold = quantile_threshold(S, quant)
+        cap, _ = capture_through_attention(q, k, v, do, None, False, threshold, capacity=512)
+        caps.append((cap, threshold, [t.clone() for t in cap.edges]))
+    assert len(C._GLUE_CACHE) == 1
+    for cap, threshold, edges in caps:
+        check_capture(cap, S, a, None, threshold, torch.float32)
+        assert all(torch.equal(x, y) for x, y in zip(cap.edges, edges))
+    assert int(caps[0][0].num_edges) > int(caps[1][0].num_edges)
+    monkeypatch.setattr(C, "_GLUE_CACHE_SIZE", 2)
+    for capacity in (100, 200, 300):
+        C._fill_glue(q.device, capacity, True)
+    assert [key[2] for key in C._GLUE_CACHE] == [200, 300]
