@@ -81,11 +81,12 @@ def _install_compile_only_launch(log):
         consts = {self.arg_names[k[0]]: (v if isinstance(v, (bool, int, float, str)) else str(v))
                   for k, v in constexprs.items() if len(k) == 1}
         md = kernel.metadata
-        dump = os.environ.get("MEMTRACE_COMPILE_DUMP")      # a directory: keep each kernel's TTGIR and PTX
+        dump = os.environ.get("MEMTRACE_COMPILE_DUMP")      # a directory: keep each kernel's TTGIR, PTX, cubin
         if dump:
             os.makedirs(dump, exist_ok=True)
-            for stage in ("ttgir", "ptx"):
-                with open(os.path.join(dump, f"{self.fn.__name__}_{len(log)}.{stage}"), "w") as fh:
+            for stage in ("ttgir", "ptx", "cubin"):
+                with open(os.path.join(dump, f"{self.fn.__name__}_{len(log)}.{stage}"),
+                          "wb" if stage == "cubin" else "w") as fh:
                     fh.write(kernel.asm[stage])
         log.append({"kernel": self.fn.__name__, "constexprs": consts, "num_warps": md.num_warps,
                     "num_stages": md.num_stages, "shared": md.shared, "stages": sorted(kernel.asm.keys()),
