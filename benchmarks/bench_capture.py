@@ -304,6 +304,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-sweep", action="store_true", help="time the default capture tiles only")
+    ap.add_argument("--batches", default="2,4", help="batch sizes at H16 T4096 D128 (the issue's: 2,4)")
     args = ap.parse_args(argv)
     global NO_SWEEP
     NO_SWEEP = args.no_sweep
@@ -311,7 +312,7 @@ def main(argv=None):
         print("bench_capture: no CUDA device; nothing to measure (the CPU tests cover correctness)")
         return 0
     import triton
-    shapes = [(2, 16, 4096, 128), (4, 16, 4096, 128)]
+    shapes = [(int(b), 16, 4096, 128) for b in args.batches.split(",")]
     if args.quick:
         shapes = [(1, 4, 1024, 64)]
     capacity = 1 << 17
