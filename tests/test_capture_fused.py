@@ -39,6 +39,7 @@ CASES = [
     (3, 2, 1, 50, 29, 16, torch.float16, True, 60, 0.8),      # causal with Tq > Tk: masked rows
     (2, 3, 1, 21, 70, 16, torch.float32, True, 60, 0.97),     # causal with Tq < Tk
     (4, 2, 2, 64, 64, 16, torch.float32, False, 80, 0.99),    # sparse: most segments pruned
+    (6, 2, 1, 33, 47, 16, torch.float32, True, 20, 0.95),     # B6: 16-bit fields of the bound
 ]
 
 
