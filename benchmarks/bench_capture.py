@@ -227,7 +227,13 @@ def run_shape(B, H, T, D, capacity, quick, notes):
             fn()
         torch.cuda.synchronize()
         for name, fn in runs.items():
+            stats0 = torch.cuda.memory_stats()
             t[name] = bench(fn, grads)
+            stats1 = torch.cuda.memory_stats()
+            # cudaMalloc calls during the timing (the caching allocator missing): each one stalls
+            res.setdefault("device_allocs_during_timing", {})[name] = (
+                stats1.get("num_device_alloc", 0) - stats0.get("num_device_alloc", 0))
+        t["capture_triton_fused_again"] = bench(capture_triton_fused, grads)
         for name, fn in runs.items():
             mem[name] = peak_mib(fn, grads)
         # The same ratio from alternating short runs (the GPU's clocks drift by a few % between
