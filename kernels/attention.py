@@ -797,7 +797,7 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     dK/dV kernel (dQ runs first so that the bound is gone before dK/dV exist). With
     (bits, K) = capture_bound_format(B), word [h, n, i] packs 32 / bits fields, field f for the
     keys j of segment n with (j // 2) % (32 / bits) == f, each holding
-        sum_b ceil(min(K / t * max_j P[b,h,i,j] * |dP[b,h,i,j]|, K * B))    (j in the part)
+        sum_b ceil(min(K / t * max_j P[b,h,i,j] * |dP[b,h,i,j]|, K * B))    (j: the field's keys)
     which reaches K * B whenever mean_b max_j P*|dP| >= t, so whenever some edge there that is not
     a bias entry has salience S >= t. Rows the cancelling-row path recomputes (their P is 0 in the
     dense loops) get every field at K * B. Cost: a row max per field and one fire-and-forget

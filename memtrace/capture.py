@@ -239,7 +239,6 @@ class SalienceCapture:
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         _score_segments(self, q, k, v, lse, dout, bias, causal, scale, words)
         bound.scored = True
-        bound.after_dq = None            # (a partial of this method holding the bound)
 
     @torch.no_grad()
     def _fill(self, q, k, v, out, lse, dout, bias, entry_values, *, causal=False, scale=None, alpha=1.0,
