@@ -7,8 +7,9 @@
 #   fused-bench  compile-ahead, bench_capture and profile_fused_capture (no tests)
 #   fused-tests  GPU parity of the fused capture and the attention kernels, eleven processes (~8 minutes)
 #   profile    per-kernel GPU time of one trace-memory update and of capture fills
-#   tma        the triton backend with and without TMA descriptors (benchmarks/tma_probe.py; causal
-#              from MEMTRACE_BENCH_CAUSAL, default 0)
+#   tma        the triton backend with a switch off and on (benchmarks/tma_probe.py): TMA descriptors,
+#              or the warp-specialized dense forward with MEMTRACE_PROBE_KNOB=WS; causal from
+#              MEMTRACE_BENCH_CAUSAL, default 0; MEMTRACE_PROBE_PASSES=fwd times the forward alone
 #   attention-profile  per-kernel GPU time of biased attention (cudnn, triton; 0 / 2048 / 16384 traces)
 #   update     trace-memory GPU parity, bench_update (eager and CUDA-graph) and its kernel split; with
 #              `attention` its tests run while the attention kernels compile
@@ -209,18 +210,21 @@ if want update; then
   update_bench
 fi
 if want tma; then
-  # TMA descriptors in the triton backend's dense loops: off, forced, and the autotuner's choice
-  # (benchmarks/tma_probe.py); every config compiled ahead (6 slices), then timed in one process.
+  # a switch of the triton backend (TMA descriptors; the warp-specialized forward): off, on, and
+  # its default (benchmarks/tma_probe.py); every config of the unspecialized kernels compiled
+  # ahead (6 slices), then timed in one process.
   c=${MEMTRACE_BENCH_CAUSAL:-0}
   logs=$(mktemp -d)
   for k in 0 1 2 3 4 5; do
-    MEMTRACE_ATTN_CONFIG_SLICE=$k/6 timeout 300 python benchmarks/prewarm_attention.py \
+    MEMTRACE_ATTN_WS=0 MEMTRACE_ATTN_CONFIG_SLICE=$k/6 timeout 300 python benchmarks/prewarm_attention.py \
       kernels 128 "$c" --heads 16,16 > "$logs/prewarm_$k.log" 2>&1 &
   done
   timeout 300 python benchmarks/prewarm_attention.py flex 0 "$c" > "$logs/prewarm_flex.log" 2>&1 &
   wait
   for f in "$logs"/prewarm_*.log; do tail -n 1 "$f"; done
-  (cd benchmarks && timeout 400 python tma_probe.py "$OUT/tma_probe.json" --causal "$c" 2>&1 \
+  knob=${MEMTRACE_PROBE_KNOB:-TMA}
+  (cd benchmarks && timeout 400 python tma_probe.py "$OUT/${knob,,}_probe.json" --knob "$knob" --causal "$c" \
+    --passes "${MEMTRACE_PROBE_PASSES:-fwd,fwd+bwd}" 2>&1 \
     | grep -v -i warn | cut -c1-400) || status=1
 fi
 if want attention-profile; then

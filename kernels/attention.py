@@ -57,9 +57,11 @@ from .correction import (
     _fwd_entries,
     _fwd_prologue,
     _last_dim_contiguous,
+    correct_fwd,
     dot_precision,
     recompute_flagged_rows,
 )
+from .launch import FastLaunch
 
 __all__ = ["flash_bwd", "flash_fwd"]
 
@@ -291,6 +293,98 @@ def _flash_fwd_kernel(Q, K, V, KDesc, VDesc, Out, Lse, EntryPos, EntryVal, QOffs
     tl.store(l_ptrs, lse2 * 0.6931471805599453, mask=offs_m < Tq)
 
 
+# Hopper warp specialization of the dense forward (MEMTRACE_ATTN_WS): "auto" runs non-causal
+# fp16/bf16 calls whose Tk is a multiple of the key tile through _flash_fwd_ws_kernel on sm_90
+# (then the bias, if any, through the standalone correction), "0" never, "1" wherever it can run.
+# Triton 3.6's Hopper pass splits the loop into a TMA producer warp and two consumer warpgroups of
+# 64 rows each; it fails to compile when any dot follows the specialized loop (a masked tail loop
+# or the fused entry epilogue), which is why the bias is applied by a second launch here.
+# H100, B4 H16 T4096 D128 bf16: 554 TFLOP/s against 467 for _flash_fwd_kernel's best config
+# (ws_probe_h100_session10.json); three pipeline stages gave NaNs, so only two are configured.
+WS = os.environ.get("MEMTRACE_ATTN_WS", "auto").strip() or "auto"
+if WS not in ("auto", "0", "1"):
+    raise ValueError(f"MEMTRACE_ATTN_WS must be auto, 0 or 1, got {WS!r}")
+# One config, no autotuner (so the launch takes FastLaunch's short host path): 128 x 128 tiles, 4
+# warps per consumer warpgroup, 2 stages. In the sweep (ws_probe_h100_session10.json) 128 x 64 gave
+# 492 TFLOP/s, 256-row tiles 495, 8 warps no specialization (and 431-468).
+WS_BLOCK_M, WS_BLOCK_N = 128, 128
+WS_KEY_MULTIPLE = WS_BLOCK_N    # Tk must be a multiple of the key tile (no masked tail)
+
+
+@triton.jit
+def _flash_fwd_ws_kernel(Q, K, V, Out, Lse, stride_ob, stride_oh, stride_om, B, Hq, Hkv, GROUP, Tq, Tk, qk_scale2,
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Unbiased, non-causal Out [B,Hq,Tq,D] and Lse [B*Hq, Tq] (natural) with a warp-specialized
+    key loop. q, k, v contiguous; their tiles all come by TMA through descriptors made on the
+    device (the Hopper pass needs q by TMA too). Tk % BLOCK_N == 0, so no key is masked."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    # 2-D descriptors over the rows of the contiguous tensors, the same in every program: on the
+    # H100 per-(b, h) descriptors gave wrong, run-to-run different outputs, and [B, H, T, D]
+    # ones (made on the host or the device) hung. Rows past Tq read the next head's (or TMA's
+    # zeros) and are not stored.
+    q_desc = tl.make_tensor_descriptor(Q, shape=[B * Hq * Tq, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                       block_shape=[BLOCK_M, HEAD_DIM])
+    k_desc = tl.make_tensor_descriptor(K, shape=[B * Hkv * Tk, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                       block_shape=[BLOCK_N, HEAD_DIM])
+    v_desc = tl.make_tensor_descriptor(V, shape=[B * Hkv * Tk, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                       block_shape=[BLOCK_N, HEAD_DIM])
+    q = q_desc.load([bh * Tq + m0, 0])
+    kv_row0 = (b * Hkv + hk) * Tk
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for n0 in tl.range(0, Tk, BLOCK_N, warp_specialize=True):
+        k = k_desc.load([kv_row0 + n0, 0])
+        qk = tl.dot(q, k.T)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale2)
+        p = tl.math.exp2(qk * qk_scale2 - m_new[:, None])
+        corr = tl.math.exp2(m_i - m_new)
+        acc = acc * corr[:, None]
+        v = v_desc.load([kv_row0 + n0, 0])
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        l_i = l_i * corr + tl.sum(p, 1)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    o_ptrs = (Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om
+              + offs_d[None, :])
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < Tq)[:, None])
+    tl.store(Lse + bh.to(tl.int64) * Tq + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=offs_m < Tq)
+
+
+_WS_FAST = FastLaunch(_flash_fwd_ws_kernel)
+
+
+def _torch_scratch(size, alignment, stream):
+    """Triton's allocator for the global scratch of descriptors made on the device."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator():
+    """Device-side descriptors need an allocator (triton.set_allocator); set ours only where the
+    caller has not set one (Triton's default raises at launch)."""
+    from triton.runtime import _allocation
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_torch_scratch)
+
+
+def _ws_usable(q, k, v, causal, D, Tk):
+    """The warp-specialized dense forward runs this call (see WS above)."""
+    if WS == "0" or INTERPRET or causal or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if D not in (64, 128) or Tk % WS_KEY_MULTIPLE != 0 or Tk == 0 or q.shape[2] == 0:
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v))
+
+
 # TMA descriptors for the dense loops' tiles: "auto" (the autotuner picks TMA or pointer loads),
 # "0" (pointer loads everywhere), "1" (TMA wherever the tensors allow it)
 TMA = os.environ.get("MEMTRACE_ATTN_TMA", "auto").strip() or "auto"
@@ -423,6 +517,19 @@ def flash_fwd(q, k, v, bias=None, entry_values=None, *, causal: bool, scale: flo
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
     has_bias = bias is not None and bias.nnz > 0
+    if _ws_usable(q, k, v, causal, D, Tk):
+        # the dense pass warp-specialized, then the entries by the standalone correction (in place)
+        _ensure_allocator()
+        _WS_FAST[(triton.cdiv(Tq, WS_BLOCK_M), B * Hq)](
+            q, k, v, out, lse, out.stride(0), out.stride(1), out.stride(2), B, Hq, Hkv, Hq // Hkv, Tq, Tk,
+            scale * LOG2E, HEAD_DIM=D, BLOCK_M=WS_BLOCK_M, BLOCK_N=WS_BLOCK_N, num_warps=4, num_stages=2)
+        if not has_bias:
+            return (out, lse, torch.zeros((B, Hq, Tq), dtype=torch.int8, device=q.device)) if return_flags else (out, lse)
+        if entry_values is None:
+            entry_values = bias.entry_values()
+        out, lse, flags = correct_fwd(q, k, v, out, lse, bias, entry_values, causal=False, scale=scale,
+                                      alpha=alpha, return_flags=True, may_cancel=may_cancel)
+        return (out, lse, flags) if return_flags else (out, lse)
     if has_bias:
         if entry_values is None:
             entry_values = bias.entry_values()

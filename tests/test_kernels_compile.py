@@ -41,7 +41,7 @@ TIMEOUT_S = 300
 
 # case name -> the launchers it calls (see _run_case); bf16, D = 128, GQA (Hq = 4, Hkv = 2)
 CASES = [
-    "attention-dense", "attention-dense-causal", "attention-bias", "attention-bias-causal",
+    "attention-dense", "attention-dense-causal", "attention-bias", "attention-bias-causal", "attention-ws",
     "correction-bias", "correction-bias-causal",
     "salience-capture", "salience-capture-bias", "salience-fused", "salience-fused-bias-causal",
     "trace-update",
@@ -193,7 +193,13 @@ def _run_case(case):
     causal = case.endswith("-causal")
     kw = {"causal": causal, "scale": D ** -0.5, "alpha": 1.0}
 
-    if case.startswith("attention-"):
+    if case == "attention-ws":
+        # the warp-specialized dense forward (sm_90 only, so forced here) and its correction launch
+        ka = K["attention"]
+        ka._ws_usable = lambda *args: True
+        ka.flash_fwd(q, k, v, None, **{**kw, "causal": False})
+        ka.flash_fwd(q, k, v, bias, **{**kw, "causal": False}, return_flags=True)
+    elif case.startswith("attention-"):
         ka = K["attention"]
         b = bias if "-bias" in case else None
         out, lse = ka.flash_fwd(q, k, v, b, **kw)

@@ -250,3 +250,61 @@ def test_capture_hook_gets_biased_out_and_lse():
     assert rel_err(cap_out, ref_out) < TOL[torch.bfloat16]
     assert rel_err(cap_lse, ref_lse) < 1e-4
     assert causal is True and scale == pytest.approx(1 / 8) and alpha == 1.0
+
+
+# ---- the warp-specialized dense forward (kernels/attention.py WS) -------------------------------
+WS_CASES = [  # B, Hq, Hkv, Tq, Tk, D, dtype: non-causal, Tk a multiple of 128 (the WS path's calls)
+    (2, 8, 2, 1000, 1280, 128, torch.bfloat16),   # GQA, Tq not a multiple of the 128-row tile
+    (1, 4, 4, 512, 512, 64, torch.float16),
+    (2, 4, 2, 200, 384, 128, torch.bfloat16),     # Tq < Tk
+]
+
+
+def _ws_runs(q, k, v):
+    from memtrace.kernels import attention as ka
+    return ka._ws_usable(q, k, v, False, q.shape[-1], k.shape[2])
+
+
+@pytest.mark.parametrize("case", WS_CASES, ids=lambda c: "x".join(map(str, c[:6])))
+@pytest.mark.parametrize("values", [(-1.0, 2.0), (-40.0, -20.0)], ids=["mild", "cancelling"])
+def test_triton_ws_forward_parity(case, values):
+    """The specialized dense pass + standalone correction: out, the gradients and the bias
+    gradient against the float64 reference (cancelling rows too), bitwise repeatable, and close to
+    the unspecialized fused kernel (MEMTRACE_ATTN_WS=0)."""
+    from memtrace.kernels import attention as ka
+    *shape, dtype = case
+    q, k, v, bias, coo = make_inputs(*shape, dtype, seed=sum(shape), value_low=values[0], value_high=values[1])
+    if not _ws_runs(q, k, v):
+        pytest.skip("the warp-specialized forward needs an sm_90 GPU")
+    dout = grad_of(q)
+    got = run(q, k, v, bias, dout, causal=False, backend="triton")
+    want = oracle(q, k, v, coo, dout, causal=False)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dvalue"), got, want):
+        assert rel_err(a, b) < TOL[dtype], name
+    with torch.no_grad():
+        again = mt.biased_attention(q, k, v, bias, backend="triton")
+        assert torch.equal(again, got[0].detach()), "the specialized forward is not repeatable"
+        saved = ka.WS
+        ka.WS = "0"
+        try:
+            fused = mt.biased_attention(q, k, v, bias, backend="triton")
+        finally:
+            ka.WS = saved
+        assert rel_err(again, fused) < TOL[dtype]
+
+
+def test_triton_ws_declines_what_it_cannot_run():
+    """Causal calls, Tk not a multiple of 128, non-contiguous inputs and float32 take the fused kernel."""
+    q, k, v, _, _ = make_inputs(1, 4, 4, 256, 256, 128, torch.bfloat16)
+    if not _ws_runs(q, k, v):
+        pytest.skip("the warp-specialized forward needs an sm_90 GPU")
+    from memtrace.kernels import attention as ka
+    assert not ka._ws_usable(q, k, v, True, 128, 256)
+    assert not ka._ws_usable(q, k[:, :, :200], v[:, :, :200], False, 128, 200)
+    qt = q.detach().transpose(1, 2).contiguous().transpose(1, 2)
+    assert not ka._ws_usable(qt, k, v, False, 128, 256)
+    assert not ka._ws_usable(q.float(), k.float(), v.float(), False, 128, 256)
+    # and the transposed layout still computes the right thing through the fused kernel
+    out = mt.biased_attention(qt, k, v, None, backend="triton")
+    ref = torch.nn.functional.scaled_dot_product_attention(q.detach().float(), k.detach().float(), v.detach().float())
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
