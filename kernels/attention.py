@@ -19,6 +19,11 @@ Dense tiles come by TMA (host descriptors over the 4-D tensors) or by pointer lo
 config (USE_DESC): on the H100 TMA lost without a bias and won with many entries
 (benchmarks/notes_attention.md, session 6); MEMTRACE_ATTN_TMA=0 / 1 forces one form.
 
+On sm_90, non-causal fp16/bf16 calls with contiguous inputs and Tk % 128 == 0 take another
+forward (WS below): a dense kernel whose key loop Triton's Hopper pass warp-specializes (544
+against ~470 TFLOP/s), then the bias through correction.correct_fwd, in place; the backward is
+the same for both forwards.
+
 Cancellation: where the corrected normaliser 1 + sum w of a row falls under
 CANCEL_THRESHOLD ("cancelling" rows), a second launch recomputes those rows with the bias applied
 inside the tile loop (skipped when no row can cancel), so out and lse stay accurate; the forward
