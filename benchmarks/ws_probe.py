@@ -8,11 +8,12 @@
 shapes, with and without a bias, twice each (bitwise equal: a race would show), one shape at a
 time with its wall time printed (a hang shows as the last line).
 
-A minimal dense, non-causal forward (the online-softmax loop of kernels/attention.py, no bias,
-T a multiple of the tiles) whose K/V loop is `tl.range(..., warp_specialize=WS)` over
-device-side tensor descriptors (Triton's Hopper warp specialization needs them), swept over
-tiles, warps and stages with WS on and off, against memtrace's triton forward (bias=None) and
-SDPA cuDNN in the same process. Medians of triton.testing.do_bench, checked against SDPA.
+The sweep: kernels/attention.py's dense, non-causal _flash_fwd_ws_kernel (K/V loop
+`tl.range(..., warp_specialize=WS)` over device-made tensor descriptors) over tiles, warps and
+stages with WS on and off, against memtrace's triton forward (bias=None) and SDPA cuDNN in the
+same process. (ws_sweep_h100_session10.json was measured with this script's earlier copy of that
+loop, which stored out by TMA; the library kernel stores it by pointer.) Medians of
+triton.testing.do_bench, checked against SDPA.
 `--compile-only` compiles every config for sm_90 on a CPU machine and reports whether the
 TTGIR holds a warp_specialize op (no GPU needed).
 """
@@ -24,80 +25,44 @@ import time
 
 import torch
 import triton
-import triton.language as tl
-
-
-@triton.jit
-def _dense_fwd_probe(Q, K, V, Out, Lse, T, NROWS, qk_scale2,
-                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     WS: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    row0 = bh * T
-    q_desc = tl.make_tensor_descriptor(Q, shape=[NROWS, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                       block_shape=[BLOCK_M, HEAD_DIM])
-    k_desc = tl.make_tensor_descriptor(K, shape=[NROWS, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                       block_shape=[BLOCK_N, HEAD_DIM])
-    v_desc = tl.make_tensor_descriptor(V, shape=[NROWS, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                       block_shape=[BLOCK_N, HEAD_DIM])
-    o_desc = tl.make_tensor_descriptor(Out, shape=[NROWS, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                       block_shape=[BLOCK_M, HEAD_DIM])
-    q = q_desc.load([row0 + pid_m * BLOCK_M, 0])
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for n0 in tl.range(0, T, BLOCK_N, warp_specialize=WS):
-        k = k_desc.load([row0 + n0, 0])
-        qk = tl.dot(q, k.T)
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale2)
-        p = tl.math.exp2(qk * qk_scale2 - m_new[:, None])
-        corr = tl.math.exp2(m_i - m_new)
-        acc = acc * corr[:, None]
-        v = v_desc.load([row0 + n0, 0])
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        l_i = l_i * corr + tl.sum(p, 1)
-        m_i = m_new
-    acc = acc / l_i[:, None]
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    tl.store(Lse + row0 + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
-    o_desc.store([row0 + pid_m * BLOCK_M, 0], acc.to(Out.dtype.element_ty))
-
 
 CONFIGS = [(bm, bn, w, s, ws) for ws in (True, False) for bm in (128, 256) for bn in (64, 128)
            for w in (4, 8) for s in (2, 3) if not (bm == 256 and w == 4 and not ws)]
 
 
-def _alloc(size, alignment, stream):
-    return torch.empty(size, device="cuda", dtype=torch.int8)
-
-
 def launch(q, k, v, cfg):
+    """kernels/attention.py's _flash_fwd_ws_kernel (bias-free, non-causal) under one config."""
+    from memtrace.kernels import attention as ka
     bm, bn, w, s, ws = cfg
     B, H, T, D = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(B * H * T, device=q.device, dtype=torch.float32)
     scale2 = 1.0 / math.sqrt(D) * 1.4426950408889634
-    _dense_fwd_probe[(T // bm, B * H)](q, k, v, out, lse, T, B * H * T, scale2, HEAD_DIM=D, BLOCK_M=bm,
-                                       BLOCK_N=bn, WS=ws, num_warps=w, num_stages=s)
+    ka._ensure_allocator()
+    ka._flash_fwd_ws_kernel[(triton.cdiv(T, bm), B * H)](
+        q, k, v, out, lse, out.stride(0), out.stride(1), out.stride(2), B, H, H, 1, T, T, scale2,
+        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, WS=ws, num_warps=w, num_stages=s)
     return out
 
 
 def compile_only(D=128):
+    from memtrace.kernels import attention as ka
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     target = GPUTarget("cuda", 90, 32)
+    sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32",
+           **{n: "i32" for n in ("stride_ob", "stride_oh", "stride_om", "B", "Hq", "Hkv", "GROUP", "Tq", "Tk")},
+           "qk_scale2": "fp32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+           "WS": "constexpr"}
     for cfg in CONFIGS:
         bm, bn, w, s, ws = cfg
-        sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32", "T": "i32",
-               "NROWS": "i32", "qk_scale2": "fp32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr",
-               "BLOCK_N": "constexpr", "WS": "constexpr"}
         consts = {"HEAD_DIM": D, "BLOCK_M": bm, "BLOCK_N": bn, "WS": ws}
         t0 = time.perf_counter()
         try:
-            kern = triton.compile(ASTSource(_dense_fwd_probe, sig, consts), target=target,
+            kern = triton.compile(ASTSource(ka._flash_fwd_ws_kernel, sig, consts), target=target,
                                   options={"num_warps": w, "num_stages": s})
             ttgir = kern.asm["ttgir"]
-            print(f"{cfg}: ok {time.perf_counter() - t0:.1f}s regs~? ws_op={'ttg.warp_specialize' in ttgir} "
+            print(f"{cfg}: ok {time.perf_counter() - t0:.1f}s ws_op={'ttg.warp_specialize' in ttgir} "
                   f"smem={kern.metadata.shared} warps_total={kern.metadata.num_warps}", flush=True)
         except Exception as exc:    # report and go on: the sweep wants every config's fate
             print(f"{cfg}: FAIL {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
@@ -162,7 +127,6 @@ def main():
     from triton.testing import do_bench
 
     import memtrace as mt
-    triton.set_allocator(_alloc)
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
     flops = 4 * B * H * T * T * D

@@ -299,29 +299,29 @@ def _flash_fwd_kernel(Q, K, V, KDesc, VDesc, Out, Lse, EntryPos, EntryVal, QOffs
 
 
 # Hopper warp specialization of the dense forward (MEMTRACE_ATTN_WS): "auto" runs non-causal
-# fp16/bf16 calls whose Tk is a multiple of the key tile through _flash_fwd_ws_kernel on sm_90
-# (then the bias, if any, through the standalone correction), "0" never, "1" wherever it can run.
-# Triton 3.6's Hopper pass splits the loop into a TMA producer warp and two consumer warpgroups of
-# 64 rows each; it fails to compile when any dot follows the specialized loop (a masked tail loop
-# or the fused entry epilogue), which is why the bias is applied by a second launch here.
-# H100, B4 H16 T4096 D128 bf16: 554 TFLOP/s against 467 for _flash_fwd_kernel's best config
-# (ws_probe_h100_session10.json); three pipeline stages gave NaNs, so only two are configured.
+# fp16/bf16 calls with contiguous inputs and Tk a multiple of the key tile through
+# _flash_fwd_ws_kernel on sm_90 (then the bias, if any, through the standalone correction); "0"
+# never. Triton 3.6's Hopper pass splits the loop into a TMA producer warp and two consumer
+# warpgroups of 64 rows each; it fails to compile when any dot follows the specialized loop (a
+# masked tail loop or the fused entry epilogue), which is why the bias needs a second launch.
 WS = os.environ.get("MEMTRACE_ATTN_WS", "auto").strip() or "auto"
-if WS not in ("auto", "0", "1"):
-    raise ValueError(f"MEMTRACE_ATTN_WS must be auto, 0 or 1, got {WS!r}")
-# One config, no autotuner (so the launch takes FastLaunch's short host path): 128 x 128 tiles, 4
-# warps per consumer warpgroup, 2 stages. In the sweep (ws_probe_h100_session10.json) 128 x 64 gave
-# 492 TFLOP/s, 256-row tiles 495, 8 warps no specialization (and 431-468).
+if WS not in ("auto", "0"):
+    raise ValueError(f"MEMTRACE_ATTN_WS must be auto or 0, got {WS!r}")
+# One config, no autotuner (so the launch takes FastLaunch's short host path). H100, B4 H16 T4096
+# D128 bf16 (ws_sweep_h100_session10.json), specialized: 128 x 128 tiles, 4 warps, 2 stages 554
+# TFLOP/s; 128 x 64 492; 256 x 64 495; 3 stages gave NaNs; 8 warps are not specialized (431-468,
+# as _flash_fwd_kernel's best config, 467).
 WS_BLOCK_M, WS_BLOCK_N = 128, 128
-WS_KEY_MULTIPLE = WS_BLOCK_N    # Tk must be a multiple of the key tile (no masked tail)
 
 
 @triton.jit
 def _flash_fwd_ws_kernel(Q, K, V, Out, Lse, stride_ob, stride_oh, stride_om, B, Hq, Hkv, GROUP, Tq, Tk, qk_scale2,
-                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         WS: tl.constexpr = True):
     """Unbiased, non-causal Out [B,Hq,Tq,D] and Lse [B*Hq, Tq] (natural) with a warp-specialized
     key loop. q, k, v contiguous; their tiles all come by TMA through descriptors made on the
-    device (the Hopper pass needs q by TMA too). Tk % BLOCK_N == 0, so no key is masked."""
+    device (the Hopper pass needs q by TMA too). Tk % BLOCK_N == 0, so no key is masked.
+    WS=False (benchmarks/ws_probe.py's sweep) runs the same loop unspecialized."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -343,7 +343,7 @@ def _flash_fwd_ws_kernel(Q, K, V, Out, Lse, stride_ob, stride_oh, stride_om, B, 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for n0 in tl.range(0, Tk, BLOCK_N, warp_specialize=True):
+    for n0 in tl.range(0, Tk, BLOCK_N, warp_specialize=WS):
         k = k_desc.load([kv_row0 + n0, 0])
         qk = tl.dot(q, k.T)
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale2)
@@ -383,7 +383,7 @@ def _ws_usable(q, k, v, causal, D, Tk):
     """The warp-specialized dense forward runs this call (see WS above)."""
     if WS == "0" or INTERPRET or causal or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if D not in (64, 128) or Tk % WS_KEY_MULTIPLE != 0 or Tk == 0 or q.shape[2] == 0:
+    if D not in (64, 128) or Tk % WS_BLOCK_N != 0 or Tk == 0 or q.shape[2] == 0:
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
