@@ -25,7 +25,9 @@ python - "$OUT/ncu_details.csv" <<'PY' | tee "$OUT/ncu_summary.txt"
 import csv, sys, collections
 want = ["Duration", "Registers Per Thread", "Theoretical Occupancy", "Achieved Occupancy", "Memory Throughput",
         "DRAM Throughput", "Compute (SM) Throughput", "L2 Hit Rate", "Warp Cycles Per Issued Instruction",
-        "Block Limit Registers", "Block Limit Shared Mem", "Dynamic Shared Memory Per Block", "Grid Size", "Block Size"]
+        "Block Limit Registers", "Block Limit Shared Mem", "Dynamic Shared Memory Per Block", "Grid Size", "Block Size",
+        "L1/TEX Cache Throughput", "L2 Cache Throughput", "L1/TEX Hit Rate", "Issue Slots Busy",
+        "Executed Ipc Active", "Local Memory Spilling Requests"]
 rows = collections.OrderedDict()
 for r in csv.DictReader(open(sys.argv[1])):
     key = (r["ID"], r["Kernel Name"][:40])

@@ -3,7 +3,8 @@ shape B4 H16 T4096 D128 bf16, non-causal, random traces), after cuDNN's forward:
 
     python benchmarks/tune_correction.py [OUT.json] [--fwd 64/32/4,64/32/4/168,...] [--bwd 16/16/2,...]
 
-A config is BLOCK_M/CHUNK/num_warps[/maxnreg]. Each forward config's output is compared with the
+A config is BLOCK_M/CHUNK/num_warps[/maxnreg][/sN]; sN (forward only) runs the entry loop as the
+plain loop Triton pipelines over N stages (STAGES=N), without it the hand-carried loop. Each forward config's output is compared with the
 first one's (a kernel that spills wrongly or drops a chunk shows up as a difference), and the
 empty launch of the cancelling-row recompute (may_cancel=True on biases that cannot cancel) is
 timed separately. Times are do_bench medians in microseconds.
@@ -30,6 +31,7 @@ def main(argv):
     out_path = argv[0] if argv and not argv[0].startswith("--") else None
     fwd_cfgs = (argv[argv.index("--fwd") + 1] if "--fwd" in argv else FWD).split(",")
     bwd_cfgs = (argv[argv.index("--bwd") + 1] if "--bwd" in argv else BWD).split(",")
+    bwd_cfgs = [] if bwd_cfgs == ["none"] else bwd_cfgs
     B, H, T, D = 4, 16, 4096, 128
     scale = D ** -0.5
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -43,8 +45,10 @@ def main(argv):
         ev = bias.entry_values().float()
         ref = None
         for cfg in fwd_cfgs:
-            bm, ch, w, *mr = (int(x) for x in cfg.split("/"))
-            opts = dict(block_m=bm, chunk=ch, num_warps=w, maxnreg=mr[0] if mr else None)
+            parts = cfg.split("/")
+            stages = int(parts.pop()[1:]) if parts[-1].startswith("s") else 0
+            bm, ch, w, *mr = (int(x) for x in parts)
+            opts = dict(block_m=bm, chunk=ch, num_warps=w, maxnreg=mr[0] if mr else None, stages=stages)
             o1, l1 = kc.correct_fwd(q, k, v, out0, lse0, bias, ev, causal=False, scale=scale, alpha=1.0,
                                     inplace=False, may_cancel=False, **opts)
             if ref is None:

@@ -62,6 +62,7 @@ from .correction import (
     _fwd_entries,
     _fwd_prologue,
     _last_dim_contiguous,
+    correct_bwd,
     correct_fwd,
     dot_precision,
     recompute_flagged_rows,
@@ -416,6 +417,28 @@ def _entry_form(bias):
     if BWD_ENTRIES != "auto":
         return int(BWD_ENTRIES == "rows")
     return int(bias.nnz >= ROWS_MIN_DENSITY * bias.num_heads * bias.seq_len_q)
+
+
+# The backward's entry terms at high density: the fused epilogues run inside the dense kernels'
+# programs (1-2 per SM, their registers held by the dense tiles); correct_bwd's standalone kernels
+# run many light programs per SM. From SPLIT_MIN_DENSITY entries per (head, query row) flash_bwd
+# runs the dense backward fed (O', LSE') and then correct_bwd, as the cudnn backend does (measured
+# on the H100 at B4 H16 T4096 D128 bf16: benchmarks/notes_attention.md, session 11).
+# MEMTRACE_ATTN_BWD_SPLIT: auto (by density), 0 (always fused), 1 (always split, where allowed).
+BWD_SPLIT = os.environ.get("MEMTRACE_ATTN_BWD_SPLIT", "auto").strip() or "auto"
+if BWD_SPLIT not in ("auto", "0", "1"):
+    raise ValueError(f"MEMTRACE_ATTN_BWD_SPLIT must be auto, 0 or 1, got {BWD_SPLIT!r}")
+SPLIT_MIN_DENSITY = 2.0
+
+
+def _split_backward(bias, may_cancel, capture_bound):
+    """Whether flash_bwd takes the split form (dense backward + correct_bwd) for this call. Never
+    with rows that may cancel (the dense backward fed O', LSE' would amplify its rounding on
+    their entries; the fused form recomputes them) nor with a capture bound (the fused dQ kernel
+    fills it)."""
+    if bias is None or bias.nnz == 0 or may_cancel or capture_bound is not None or BWD_SPLIT == "0":
+        return False
+    return BWD_SPLIT == "1" or bias.nnz >= SPLIT_MIN_DENSITY * bias.num_heads * bias.seq_len_q
 
 
 # entries per chunk of the entry epilogues (16 measured no better than 32)
@@ -902,7 +925,9 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     may_cancel=False makes flash_fwd's promise (alpha * every entry value >= ln(CANCEL_THRESHOLD),
     so no row can cancel): the flags pass, their masking and the exact-row launches are skipped
     (at B4 H16 T4096 D128 they took ~110 us of a ~4.6 ms forward+backward at 2048 traces/head,
-    ~180 us at 16384; benchmarks/results/profile_attention_h100_session4.json).
+    ~180 us at 16384; benchmarks/results/profile_attention_h100_session4.json). With
+    may_cancel=False, no capture_bound and a dense bias (_split_backward) the entry terms come
+    from correct_bwd after an unbiased pass instead of the fused epilogues.
 
     capture_bound: None, or a CaptureBound whose words the dQ kernel fills, for the salience
     capture (memtrace.capture), against its threshold t > 0; then its after_dq runs, then the
@@ -917,6 +942,12 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     field (a float bound of the whole segment let 2-4x more rows through at B4 on random data).
     """
     B, Hq, Hkv, Tq, Tk, D = _check_common(q, k, v, bias)
+    if _split_backward(bias, may_cancel, capture_bound):
+        dq, dk, dv, _ = flash_bwd(q, k, v, out, lse, dout, None, causal=causal, scale=scale, alpha=alpha,
+                                  need_dvalues=False, allow_tf32=allow_tf32, chunk=chunk)
+        ev = bias.entry_values() if entry_values is None else entry_values
+        return correct_bwd(q, k, v, out, lse, dout, bias, ev, dq, dk, dv, causal=causal, scale=scale,
+                           alpha=alpha, need_dvalues=need_dvalues, allow_tf32=allow_tf32)
     q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
     sign = 1.0
     if scale < 0:

@@ -156,6 +156,35 @@ def _fwd_entries(acc_o, den, c2, q, lse2, offs_m, e_lo, e_hi, val0, i0, ok0, kg0
 
 
 @triton.jit
+def _fwd_entries_piped(acc_o, den, c2, q, lse2, offs_m, e_lo, e_hi,
+                       EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d,
+                       Tq, Tk, causal_off, qk_scale2, alpha2,
+                       CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, STAGES: tl.constexpr):
+    """_fwd_entries as a plain loop (each chunk's index loads, gathers and dots in one iteration)
+    that Triton's software pipeliner can take: with STAGES >= 2 it turns the gathers into
+    asynchronous copies straight into shared memory, several chunks in flight, instead of
+    loads into registers and a store to shared memory before every dot."""
+    offs_c = tl.arange(0, CHUNK)
+    for e0 in tl.range(e_lo, e_hi, CHUNK, num_stages=STAGES):
+        val, i_e, j_e, ok = _load_entries(EntryPos, EntryVal, e0 + offs_c, e_hi, Tq, Tk, causal_off, CAUSAL)
+        kg = _gather(k_base, j_e, stride_kn, offs_d, ok)
+        vg = _gather(v_base, j_e, stride_vn, offs_d, ok)
+        s2 = tl.dot(q, tl.trans(kg), input_precision=DOT_PREC) * qk_scale2
+        hit = (offs_m[:, None] == i_e[None, :]) & ok[None, :]
+        u = s2 - lse2[:, None]
+        t = tl.where(hit, u + (val * alpha2)[None, :], float("-inf"))
+        c_new = tl.maximum(c2, tl.max(t, 1))
+        rescale = tl.exp2(c2 - c_new)
+        acc_o = acc_o * rescale[:, None]
+        den = den * rescale
+        w = tl.where(hit, tl.exp2(t - c_new[:, None]) - tl.exp2(u - c_new[:, None]), 0.0)
+        acc_o = tl.dot(w.to(vg.dtype), vg, acc_o, input_precision=DOT_PREC)
+        den = den + tl.sum(w, 1)
+        c2 = c_new
+    return acc_o, den, c2
+
+
+@triton.jit
 def _dq_entries(dq, q, do, lse2, delta, offs_m, e_lo, e_hi,
                 EntryPos, EntryVal, DvalOut, k_base, v_base, stride_kn, stride_vn, offs_d,
                 Tq, Tk, causal_off, qk_scale2, alpha2, alpha,
@@ -402,7 +431,8 @@ def _correct_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
                         stride_lb, stride_lh, stride_lm,
                         Hq, GROUP, Tq, Tk, TqMax, causal_off, qk_scale2, alpha2, cancel_tol,
                         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                        CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, STORE_FLAGS: tl.constexpr):
+                        CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, STORE_FLAGS: tl.constexpr,
+                        STAGES: tl.constexpr = 0):
     """In place: Out, Lse (unbiased O [B,Hq,Tq,D], natural LSE [B,Hq,Tq]) -> biased O', LSE'.
 
     Grid (cdiv(Tq, BLOCK_M), B*Hq). A program owns rows [m0, m0+BLOCK_M) of (b, h); blocks with
@@ -412,7 +442,9 @@ def _correct_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
     took BM=64, D=128 from 255 registers to 196, and _fwd_config caps it at 128: more programs
     per SM to hide the gathers' latency). STORE_FLAGS: Flags[bh, i] (int8) = 1 where 1 + sum w <
     cancel_tol (the identity cancelled: _correct_fwd_slow_kernel recomputes those rows), 0 on
-    every other row < Tq, so the caller need not zero it.
+    every other row < Tq, so the caller need not zero it. STAGES: 0 runs the hand-carried entry
+    loop (_fwd_entries), n >= 1 the plain loop that Triton pipelines over n stages
+    (_fwd_entries_piped); _fwd_config picks by entries per row.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -435,13 +467,18 @@ def _correct_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
         c2 = tl.zeros([BLOCK_M], tl.float32)
         k_base = K + b * stride_kb + hk * stride_kh
         v_base = V + b * stride_vb + hk * stride_vh
-        val0, i0, ok0, kg0, vg0 = _fwd_prologue(
-            EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi, Tq, Tk, causal_off,
-            CAUSAL, CHUNK)
-        acc, den, c2 = _fwd_entries(acc, den, c2, q, lse2, offs_m, e_lo, e_hi,
-                                    val0, i0, ok0, kg0, vg0, EntryPos, EntryVal,
-                                    k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
-                                    qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC)
+        if STAGES == 0:
+            val0, i0, ok0, kg0, vg0 = _fwd_prologue(
+                EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi, Tq, Tk, causal_off,
+                CAUSAL, CHUNK)
+            acc, den, c2 = _fwd_entries(acc, den, c2, q, lse2, offs_m, e_lo, e_hi,
+                                        val0, i0, ok0, kg0, vg0, EntryPos, EntryVal,
+                                        k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
+                                        qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC)
+        else:
+            acc, den, c2 = _fwd_entries_piped(acc, den, c2, q, lse2, offs_m, e_lo, e_hi, EntryPos, EntryVal,
+                                              k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
+                                              qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC, STAGES)
         # acc = e^-c2 sum w v, den = e^-c2 (1 + sum w): add the dense e^-c2 O now
         o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
         o = tl.load(o_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
@@ -834,14 +871,17 @@ def _fwd_block(D):
 
 
 def _fwd_config(D, entries_per_row):
-    """(BLOCK_M, CHUNK, register cap) of _correct_fwd_kernel. The kernel is bound by the latency
-    of its gathers, so what pays is programs in flight: capped at 128 registers (4 programs of 4
-    warps per SM instead of 2 at the uncapped 196; a few bytes spill). Measured on the H100 at B4
-    H16 T4096 D128 bf16 (benchmarks/tune_correction.py): 2048 entries/head (0.5 per row) 79 us at
-    64/16/128 vs 101 us uncapped at 64/32; 16384/head (4 per row) 252 us at 32/32/128 vs 306."""
+    """(BLOCK_M, CHUNK, register cap, STAGES) of _correct_fwd_kernel. The kernel is bound by the
+    latency of its gathers, so what pays is programs in flight: capped at 128 registers (4 programs
+    of 4 warps per SM instead of 2 at the uncapped 196; a few bytes spill). Measured on the H100 at
+    B4 H16 T4096 D128 bf16 (benchmarks/tune_correction.py): 2048 entries/head (0.5 per row) 79 us
+    at 64/16/128 with the hand-carried loop (STAGES=0; the pipelined loop 83-85 us: two chunks per
+    block leave it nothing to overlap) vs 101 us uncapped at 64/32; 16384/head (4 per row) 236 us
+    at 64/32/128 with the loop pipelined over 3 stages (gathers as asynchronous copies into shared
+    memory) vs 252 us at 32/32/128 hand-carried and 306 uncapped."""
     if D > 128:
-        return 32, 32, None
-    return (64, 16, 128) if entries_per_row < 2 else (32, 32, 128)
+        return 32, 32, None, 0
+    return (64, 16, 128, 0) if entries_per_row < 2 else (64, 32, 128, 3)
 
 
 def _reg_cap(maxnreg):
@@ -852,7 +892,7 @@ def _reg_cap(maxnreg):
 def correct_fwd(q, k, v, out, lse, bias, entry_values, *, causal, scale, alpha,
                 inplace: bool = True, allow_tf32: bool = False, block_m: int | None = None,
                 chunk: int | None = None, num_warps: int = 4, return_flags: bool = False, may_cancel: bool = True,
-                maxnreg: int | None = None):
+                maxnreg: int | None = None, stages: int | None = None):
     """Apply the sparse correction to the UNBIASED attention (out, lse) -> (out', lse').
 
     q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D]; out [B,Hq,Tq,D] (any float dtype), lse [B,Hq,Tq] float32
@@ -878,9 +918,10 @@ def correct_fwd(q, k, v, out, lse, bias, entry_values, *, causal, scale, alpha,
         raise ValueError("out must have unit stride along D for the in-place correction")
     if scale < 0:  # the kernels assume a positive logit scale; fold the sign into q
         q, scale = -q, -scale
-    auto_m, auto_chunk, auto_reg = _fwd_config(D, bias.nnz / (bias.num_heads * bias.seq_len_q))
+    auto_m, auto_chunk, auto_reg, auto_stages = _fwd_config(D, bias.nnz / (bias.num_heads * bias.seq_len_q))
     block_m, chunk = block_m or auto_m, chunk or auto_chunk
     maxnreg = maxnreg or auto_reg
+    stages = auto_stages if stages is None else int(stages)
     grid = (triton.cdiv(Tq, block_m), B * Hq)
     store_flags = bool(return_flags or may_cancel)
     # every row < Tq gets its flag written: no zeroing launch
@@ -892,7 +933,8 @@ def correct_fwd(q, k, v, out, lse, bias, entry_values, *, causal, scale, alpha,
             Hq, Hq // Hkv, Tq, Tk, bias.seq_len_q, Tk - Tq, scale * LOG2E, alpha * LOG2E)
     prec = dot_precision(q.dtype, allow_tf32)
     _CORRECT_FWD_FAST[grid](*args, CANCEL_THRESHOLD, HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_M=block_m,
-                              CHUNK=chunk, DOT_PREC=prec, STORE_FLAGS=store_flags, num_warps=num_warps,
+                              CHUNK=chunk, DOT_PREC=prec, STORE_FLAGS=store_flags,
+                              STAGES=stages, num_warps=num_warps,
                               **_reg_cap(maxnreg))
     if may_cancel:
         recompute_flagged_rows(q, k, v, out, lse, bias, entry_values, flags, causal=causal, scale=scale,

@@ -143,10 +143,12 @@ def test_backward_entry_form_follows_density(monkeypatch):
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[5]])
-def test_flash_bwd_without_possible_cancellation_skips_nothing_it_needs(case):
+def test_flash_bwd_without_possible_cancellation_skips_nothing_it_needs(case, monkeypatch):
     """may_cancel=False (alpha * every value >= ln(CANCEL_THRESHOLD), what the op passes for
     non-negative traces) skips the flags pass and the exact-row launches: the gradients must be
-    bitwise those of the full path, and both must match the oracle."""
+    bitwise those of the full path, and both must match the oracle (the fused form: the split
+    one, which such calls may take, is test_flash_bwd_split_form_matches_oracle's)."""
+    monkeypatch.setattr(ka, "BWD_SPLIT", "0")
     B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
     scale, alpha = 1.0 / math.sqrt(D), 0.9
     q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=3 + n)
@@ -165,6 +167,52 @@ def test_flash_bwd_without_possible_cancellation_skips_nothing_it_needs(case):
     for got, want in zip(fast[:3], r[2:5]):
         assert rel(got, want) < TOL[torch.float32]
     assert rel(fast[3].cpu(), expected_dvalues(bias, r[5])) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[5]])
+def test_flash_bwd_split_form_matches_oracle(case, dtype, monkeypatch):
+    """flash_bwd's split form (an unbiased pass fed O', LSE', then correct_bwd) against the
+    oracle and the fused form, GQA and causal included, negative logit scale too."""
+    monkeypatch.setattr(ka, "BWD_SPLIT", "1")
+    B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
+    alpha = 0.8
+    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed=17 + n)
+    bias, (h, i, j, val) = make_bias(Hq, Tq_max, Tk_max, n, seed=19 + n, scale_vals=2.0)
+    bias, coo = make_bias(Hq, Tq_max, Tk_max, 0, seed=0, extra=(h, i, j, val.abs() - 0.3))
+    ev = bias.entry_values()
+    assert alpha * float(ev.min()) >= math.log(kc.CANCEL_THRESHOLD)
+    for scale in (1.0 / math.sqrt(D), -0.5 / math.sqrt(D)):
+        out, lse = ka.flash_fwd(q, k, v, bias, ev, causal=causal, scale=scale, alpha=alpha, may_cancel=False)
+        split = ka.flash_bwd(q, k, v, out, lse, do, bias, ev, causal=causal, scale=scale, alpha=alpha,
+                             need_dvalues=True, may_cancel=False)
+        monkeypatch.setattr(ka, "BWD_SPLIT", "0")
+        fused = ka.flash_bwd(q, k, v, out, lse, do, bias, ev, causal=causal, scale=scale, alpha=alpha,
+                             need_dvalues=True, may_cancel=False)
+        monkeypatch.setattr(ka, "BWD_SPLIT", "1")
+        r = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, scale, alpha)
+        for got, other, want in zip(split[:3], fused[:3], r[2:5]):
+            assert got.dtype == dtype and got.shape == want.shape
+            assert rel(got, want) < TOL[dtype]
+            assert rel(got, other.float()) < 2 * TOL[dtype]
+        assert rel(split[3].cpu(), expected_dvalues(bias, r[5])) < TOL[dtype]
+
+
+def test_backward_split_follows_density_and_safety(monkeypatch):
+    """BWD_SPLIT=auto splits from SPLIT_MIN_DENSITY entries per (head, query row), never when a
+    row may cancel or a capture bound is passed; 0 and 1 force it (within those limits)."""
+    sparse, _ = make_bias(2, 10, 12, 30, seed=1)          # 1.5 per row
+    dense_, _ = make_bias(2, 10, 12, 40, seed=2)          # 2.0 per row
+    bound = object()
+    monkeypatch.setattr(ka, "BWD_SPLIT", "auto")
+    assert (ka._split_backward(sparse, False, None), ka._split_backward(dense_, False, None)) == (False, True)
+    assert not ka._split_backward(dense_, True, None)
+    assert not ka._split_backward(dense_, False, bound)
+    assert not ka._split_backward(None, False, None)
+    monkeypatch.setattr(ka, "BWD_SPLIT", "1")
+    assert ka._split_backward(sparse, False, None) and not ka._split_backward(sparse, True, None)
+    monkeypatch.setattr(ka, "BWD_SPLIT", "0")
+    assert not ka._split_backward(dense_, False, None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -191,6 +239,26 @@ def test_correction_after_dense_matches_oracle(case, dtype):
     for got, want in ((dq, r_dq), (dk, r_dk), (dv, r_dv)):
         assert rel(got, want) < tol
     assert rel(dvals.cpu(), expected_dvalues(bias, r_db)) < tol
+
+
+@pytest.mark.parametrize("stages", [1, 3])
+@pytest.mark.parametrize("case", [CASES[1], CASES[5]])
+def test_correct_fwd_pipelined_loop(case, stages):
+    """The forward correction's plain (compiler-pipelined) entry loop gives the hand-carried
+    loop's result and the oracle's, with 16-entry chunks so a block runs several."""
+    B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
+    scale, alpha = 1.0 / math.sqrt(D), 0.7
+    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=41 + n)
+    bias, coo = make_bias(Hq, Tq_max, Tk_max, n, seed=43 + n, scale_vals=1.5)
+    ev = bias.entry_values()
+    out0, lse0 = ka.flash_fwd(q, k, v, None, causal=causal, scale=scale, alpha=alpha)
+    kw = {"causal": causal, "scale": scale, "alpha": alpha, "inplace": False, "block_m": 16, "chunk": 16}
+    base = kc.correct_fwd(q, k, v, out0, lse0, bias, ev, **kw, stages=0)
+    got = kc.correct_fwd(q, k, v, out0, lse0, bias, ev, **kw, stages=stages)
+    assert torch.allclose(got[0], base[0], atol=1e-6, rtol=1e-6)
+    assert torch.allclose(got[1], base[1], atol=1e-6, rtol=1e-6, equal_nan=True)
+    r_out = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, scale, alpha)[0]
+    assert rel(got[0], r_out) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("big", [40.0, -40.0])

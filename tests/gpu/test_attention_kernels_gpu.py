@@ -96,12 +96,13 @@ def test_fused_fwd_bwd(shape, dtype):
     assert rel(dval, expected_dvalues(bias, r[5])) < tol
 
 
+@pytest.mark.parametrize("per_head", [300, 2400])   # < 2 and >= 2 entries per row: both entry loops
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES[:4])
-def test_standalone_correction(shape, dtype):
+def test_standalone_correction(shape, dtype, per_head):
     B, Hq, Hkv, Tq, Tk, D, causal = shape
     scale, alpha = 1.0 / math.sqrt(D), 1.2
-    q, k, v, do, bias, coo = setup(B, Hq, Hkv, Tq, Tk, D, dtype, 300, seed=3 * Tq + D)
+    q, k, v, do, bias, coo = setup(B, Hq, Hkv, Tq, Tk, D, dtype, per_head, seed=3 * Tq + D + per_head)
     ev = bias.entry_values()
     out0, lse0 = ka.flash_fwd(q, k, v, None, causal=causal, scale=scale, alpha=alpha)
     out, lse = kc.correct_fwd(q, k, v, out0, lse0, bias, ev, causal=causal, scale=scale, alpha=alpha)
