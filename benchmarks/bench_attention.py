@@ -174,6 +174,21 @@ def measure(make_fn, q, k, v, dout, *, backward, quick):
     return ms, peak
 
 
+def short_timer(fn, backward, dout, inputs):
+    """A callable returning the do_bench median (ms, short window) of fn() or fn().backward(dout):
+    one side of interleaved_overhead."""
+    import triton.testing
+
+    def step():
+        if backward:
+            fn().backward(dout)
+        else:
+            with torch.no_grad():
+                fn()
+    return lambda: triton.testing.do_bench(step, warmup=5, rep=25, grad_to_none=list(inputs) if backward else None,
+                                           return_mode="median")
+
+
 def interleaved_overhead(time_base, time_biased, rounds=5):
     """(median, min, max) over `rounds` of time_biased() / time_base() - 1, the two timed back to
     back in every round: drift of the clock or the machine between separate measurements (the
@@ -352,36 +367,16 @@ def run_gpu(args):
                         bias = make_trace_bias(Hq, T, per_head, pattern, causal, device)
                         for phase, backward in (("fwd", False), ("fwdbwd", True)):
                             def timer(b, backward=backward, backend=backend):
-                                fn = memtrace_fn(backend, q, k, v, causal, b)
-
-                                def step():
-                                    if backward:
-                                        fn().backward(dout)
-                                    else:
-                                        with torch.no_grad():
-                                            fn()
-                                return lambda: triton.testing.do_bench(
-                                    step, warmup=5, rep=25, grad_to_none=[q, k, v] if backward else None,
-                                    return_mode="median")
+                                return short_timer(memtrace_fn(backend, q, k, v, causal, b), backward, dout, (q, k, v))
                             med, lo, hi = interleaved_overhead(timer(None), timer(bias))
                             row[f"{phase}_overhead"] = med
                             row[f"{phase}_overhead_range"] = [lo, hi]
                             if backend == "auto" and Hq == Hkv:
                                 # issue 7's auto target (>= 0.9x / 0.85x SDPA cuDNN without bias),
                                 # also back to back: SDPA cuDNN's time over auto's with the bias
-                                def peer_timer(backward=backward):
-                                    fn = peer_fn("sdpa_cudnn", q, k, v, causal, None)
-
-                                    def step():
-                                        if backward:
-                                            fn().backward(dout)
-                                        else:
-                                            with torch.no_grad():
-                                                fn()
-                                    return lambda: triton.testing.do_bench(
-                                        step, warmup=5, rep=25, grad_to_none=[q, k, v] if backward else None,
-                                        return_mode="median")
-                                med, lo, hi = interleaved_overhead(timer(bias), peer_timer())
+                                peer = short_timer(peer_fn("sdpa_cudnn", q, k, v, causal, None), backward, dout,
+                                                   (q, k, v))
+                                med, lo, hi = interleaved_overhead(timer(bias), peer)
                                 row[f"{phase}_vs_sdpa_cudnn"] = 1.0 + med
                                 row[f"{phase}_vs_sdpa_cudnn_range"] = [1.0 + lo, 1.0 + hi]
                         del bias

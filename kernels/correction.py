@@ -116,6 +116,24 @@ def _fwd_prologue(EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs
 
 
 @triton.jit
+def _fwd_chunk(acc_o, den, c2, q, lse2, offs_m, val, i_e, ok, kg, vg, qk_scale2, alpha2, DOT_PREC: tl.constexpr):
+    """One chunk of entries (values val, rows i_e, valid ok, gathered K/V rows kg/vg) folded into
+    the shifted-frame state (acc_o, den, c2) of _fwd_entries."""
+    # [BM, C] logits of every row against the chunk's keys; only (row == i_e) is kept
+    s2 = tl.dot(q, tl.trans(kg), input_precision=DOT_PREC) * qk_scale2
+    hit = (offs_m[:, None] == i_e[None, :]) & ok[None, :]
+    u = s2 - lse2[:, None]
+    t = tl.where(hit, u + (val * alpha2)[None, :], float("-inf"))
+    c_new = tl.maximum(c2, tl.max(t, 1))
+    rescale = tl.exp2(c2 - c_new)
+    acc_o = acc_o * rescale[:, None]
+    den = den * rescale
+    w = tl.where(hit, tl.exp2(t - c_new[:, None]) - tl.exp2(u - c_new[:, None]), 0.0)
+    acc_o = tl.dot(w.to(vg.dtype), vg, acc_o, input_precision=DOT_PREC)
+    return acc_o, den + tl.sum(w, 1), c_new
+
+
+@triton.jit
 def _fwd_entries(acc_o, den, c2, q, lse2, offs_m, e_lo, e_hi, val0, i0, ok0, kg0, vg0,
                  EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d,
                  Tq, Tk, causal_off, qk_scale2, alpha2,
@@ -136,19 +154,8 @@ def _fwd_entries(acc_o, den, c2, q, lse2, offs_m, e_lo, e_hi, val0, i0, ok0, kg0
     """
     offs_c = tl.arange(0, CHUNK)
     for e0 in range(e_lo, e_hi, CHUNK):
-        # [BM, C] logits of every row against the chunk's keys; only (row == i_e) is kept
-        s2 = tl.dot(q, tl.trans(kg0), input_precision=DOT_PREC) * qk_scale2
-        hit = (offs_m[:, None] == i0[None, :]) & ok0[None, :]
-        u = s2 - lse2[:, None]
-        t = tl.where(hit, u + (val0 * alpha2)[None, :], float("-inf"))
-        c_new = tl.maximum(c2, tl.max(t, 1))
-        rescale = tl.exp2(c2 - c_new)
-        acc_o = acc_o * rescale[:, None]
-        den = den * rescale
-        w = tl.where(hit, tl.exp2(t - c_new[:, None]) - tl.exp2(u - c_new[:, None]), 0.0)
-        acc_o = tl.dot(w.to(vg0.dtype), vg0, acc_o, input_precision=DOT_PREC)
-        den = den + tl.sum(w, 1)
-        c2 = c_new
+        acc_o, den, c2 = _fwd_chunk(acc_o, den, c2, q, lse2, offs_m, val0, i0, ok0, kg0, vg0, qk_scale2, alpha2,
+                                    DOT_PREC)
         val0, i0, j0, ok0 = _load_entries(EntryPos, EntryVal, e0 + CHUNK + offs_c, e_hi, Tq, Tk, causal_off, CAUSAL)
         kg0 = _gather(k_base, j0, stride_kn, offs_d, ok0)
         vg0 = _gather(v_base, j0, stride_vn, offs_d, ok0)
@@ -169,18 +176,8 @@ def _fwd_entries_piped(acc_o, den, c2, q, lse2, offs_m, e_lo, e_hi,
         val, i_e, j_e, ok = _load_entries(EntryPos, EntryVal, e0 + offs_c, e_hi, Tq, Tk, causal_off, CAUSAL)
         kg = _gather(k_base, j_e, stride_kn, offs_d, ok)
         vg = _gather(v_base, j_e, stride_vn, offs_d, ok)
-        s2 = tl.dot(q, tl.trans(kg), input_precision=DOT_PREC) * qk_scale2
-        hit = (offs_m[:, None] == i_e[None, :]) & ok[None, :]
-        u = s2 - lse2[:, None]
-        t = tl.where(hit, u + (val * alpha2)[None, :], float("-inf"))
-        c_new = tl.maximum(c2, tl.max(t, 1))
-        rescale = tl.exp2(c2 - c_new)
-        acc_o = acc_o * rescale[:, None]
-        den = den * rescale
-        w = tl.where(hit, tl.exp2(t - c_new[:, None]) - tl.exp2(u - c_new[:, None]), 0.0)
-        acc_o = tl.dot(w.to(vg.dtype), vg, acc_o, input_precision=DOT_PREC)
-        den = den + tl.sum(w, 1)
-        c2 = c_new
+        acc_o, den, c2 = _fwd_chunk(acc_o, den, c2, q, lse2, offs_m, val, i_e, ok, kg, vg, qk_scale2, alpha2,
+                                    DOT_PREC)
     return acc_o, den, c2
 
 
