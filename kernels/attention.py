@@ -380,13 +380,20 @@ def _ensure_allocator():
         triton.set_allocator(_torch_scratch)
 
 
+@functools.lru_cache(maxsize=None)
+def _capability_major(device_index: int) -> int:
+    """The compute capability's major number of a CUDA device (asked once: _ws_usable runs on
+    every forward)."""
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
 def _ws_usable(q, k, v, causal, D, Tk):
     """The warp-specialized dense forward runs this call (see WS above)."""
     if WS == "0" or INTERPRET or causal or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     if D not in (64, 128) or Tk % WS_BLOCK_N != 0 or Tk == 0 or q.shape[2] == 0:
         return False
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
+    if _capability_major(q.device.index if q.device.index is not None else torch.cuda.current_device()) != 9:
         return False
     return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v))
 
