@@ -429,7 +429,7 @@ def _correct_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
                         Hq, GROUP, Tq, Tk, TqMax, causal_off, qk_scale2, alpha2, cancel_tol,
                         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                         CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, STORE_FLAGS: tl.constexpr,
-                        STAGES: tl.constexpr):
+                        STAGES: tl.constexpr, REVERSE: tl.constexpr):
     """In place: Out, Lse (unbiased O [B,Hq,Tq,D], natural LSE [B,Hq,Tq]) -> biased O', LSE'.
 
     Grid (cdiv(Tq, BLOCK_M), B*Hq). A program owns rows [m0, m0+BLOCK_M) of (b, h); blocks with
@@ -443,8 +443,7 @@ def _correct_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
     loop (_fwd_entries), n >= 1 the plain loop that Triton pipelines over n stages
     (_fwd_entries_piped); _fwd_config picks by entries per row.
     """
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _launch_order(REVERSE)
     b = (bh // Hq).to(tl.int64)
     h = bh % Hq
     hk = (h // GROUP).to(tl.int64)
@@ -486,6 +485,98 @@ def _correct_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
         tl.store(l_ptrs, (lse2 + c2 + tl.log2(den)) * 0.6931471805599453, mask=live)
     if STORE_FLAGS:
         tl.store(Flags + bh.to(tl.int64) * Tq + offs_m, cancelled.to(tl.int8), mask=offs_m < Tq)
+
+
+@triton.jit
+def _launch_order(REVERSE: tl.constexpr):
+    """(program_id(0), program_id(1)), both counted from the end when REVERSE. Blocks start in
+    launch order, so a reversed grid reads first what a dense pass over (b, h) in order wrote last,
+    while it may still be in L2."""
+    if REVERSE:
+        return tl.num_programs(0) - 1 - tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1)
+    return tl.program_id(0), tl.program_id(1)
+
+
+@triton.jit
+def _window_of(QOffsets, pid, Hq, TqMax, WINDOW: tl.constexpr, HP: tl.constexpr):
+    """(head, head's first entry, window's first entry, head's end) of window `pid` in the list of
+    every head's windows of WINDOW consecutive entries, heads in order (head = Hq: past the list)."""
+    hs = tl.arange(0, HP)
+    ok = hs < Hq
+    start = tl.load(QOffsets + hs * TqMax, mask=ok, other=0)
+    end = tl.load(QOffsets + (hs + 1) * TqMax, mask=ok, other=0)
+    n_win = (end - start + WINDOW - 1) // WINDOW
+    last = tl.cumsum(n_win, 0)                        # windows of heads 0..h
+    h = tl.sum((last <= pid).to(tl.int32), 0)
+    sel = hs == h
+    h_start = tl.sum(tl.where(sel, start, 0), 0)
+    w = pid - tl.sum(tl.where(sel, last - n_win, 0), 0)
+    return h, h_start, h_start + w * WINDOW, tl.sum(tl.where(sel, end, 0), 0)
+
+
+@triton.jit
+def _correct_fwd_window_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
+                               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                               stride_lb, stride_lh, stride_lm,
+                               Hq, GROUP, Tq, Tk, TqMax, causal_off, qk_scale2, alpha2, cancel_tol,
+                               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                               HP: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
+                               STORE_FLAGS: tl.constexpr, STAGES: tl.constexpr, REVERSE: tl.constexpr):
+    """_correct_fwd_kernel by windows of entries instead of blocks of rows, for sparse biases.
+
+    Grid (>= windows, B). Each head's sorted entries are cut into windows of WINDOW; a program
+    owns the rows whose first entry falls in its window (slot s: the row starting at entry w0+s,
+    -1 if none) and folds in all their entries, which may run past the window's end. With 0.5
+    entries per row a row block of 64 holds ~25 live rows and 32 entries; a window holds ~50 rows
+    and 64 entries: half the programs, each with twice the useful loads in flight. Rows holding no
+    entry are not touched (their cancelling flags stay as the caller zeroed them)."""
+    pid_w, b = _launch_order(REVERSE)
+    h, h_start, w0, h_end = _window_of(QOffsets, pid_w, Hq, TqMax, WINDOW, HP)
+    # past the list (h = Hq) the window is empty: no starts, e_lo = h_end, nothing to do
+    b = b.to(tl.int64)
+    hk = (h // GROUP).to(tl.int64)
+    offs_w = w0 + tl.arange(0, WINDOW)
+    in_w = offs_w < h_end
+    i_w = (tl.load(EntryPos + offs_w, mask=in_w, other=0) >> 16) & 0xFFFF
+    i_prev = (tl.load(EntryPos + offs_w - 1, mask=in_w & (offs_w > h_start), other=0) >> 16) & 0xFFFF
+    starts = in_w & ((offs_w == h_start) | (i_w != i_prev))
+    rows = tl.where(starts & (i_w < Tq), i_w, -1)
+    live = rows >= 0
+    e_lo = tl.min(tl.where(starts, offs_w, h_end), 0)
+    if e_lo < h_end:
+        # the window's last row (sorted: the largest i) owns the entries up to its end
+        e_hi = tl.load(QOffsets + h * TqMax + tl.max(tl.where(in_w, i_w, 0), 0) + 1)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
+                    mask=live[:, None], other=0.0)
+        l_base = Lse + b * stride_lb + h * stride_lh
+        lse2 = tl.load(l_base + rows * stride_lm, mask=live, other=float("-inf")) * 1.4426950408889634
+        acc = tl.zeros([WINDOW, HEAD_DIM], tl.float32)
+        den = tl.full([WINDOW], 1.0, tl.float32)
+        c2 = tl.zeros([WINDOW], tl.float32)
+        k_base = K + b * stride_kb + hk * stride_kh
+        v_base = V + b * stride_vb + hk * stride_vh
+        if STAGES == 0:
+            val0, i0, ok0, kg0, vg0 = _fwd_prologue(
+                EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi, Tq, Tk,
+                causal_off, CAUSAL, CHUNK)
+            acc, den, c2 = _fwd_entries(acc, den, c2, q, lse2, rows, e_lo, e_hi,
+                                        val0, i0, ok0, kg0, vg0, EntryPos, EntryVal,
+                                        k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
+                                        qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC)
+        else:
+            acc, den, c2 = _fwd_entries_piped(acc, den, c2, q, lse2, rows, e_lo, e_hi, EntryPos, EntryVal,
+                                              k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk,
+                                              causal_off, qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC, STAGES)
+        o_ptrs = Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :]
+        o = tl.load(o_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
+        scale_o = tl.exp2(-c2)
+        acc = o * scale_o[:, None] + acc
+        tl.store(o_ptrs, (acc / den[:, None]).to(Out.dtype.element_ty), mask=live[:, None])
+        tl.store(l_base + rows * stride_lm, (lse2 + c2 + tl.log2(den)) * 0.6931471805599453, mask=live)
+        if STORE_FLAGS:
+            tl.store(Flags + (b * Hq + h) * Tq + rows, (den < cancel_tol * scale_o).to(tl.int8), mask=live)
 
 
 @triton.jit
@@ -868,17 +959,27 @@ def _fwd_block(D):
 
 
 def _fwd_config(D, entries_per_row):
-    """(BLOCK_M, CHUNK, register cap, STAGES) of _correct_fwd_kernel. The kernel is bound by the
-    latency of its gathers, so what pays is programs in flight: capped at 128 registers (4 programs
+    """(form, BLOCK_M or WINDOW, CHUNK, register cap, STAGES) of the forward correction. The
+    kernel is bound by the latency of its gathers, so what pays is programs in flight: capped at
+    128 registers (4 programs
     of 4 warps per SM instead of 2 at the uncapped 196; a few bytes spill). Measured on the H100 at
     B4 H16 T4096 D128 bf16 (benchmarks/tune_correction.py): 2048 entries/head (0.5 per row) 79 us
     at 64/16/128 with the hand-carried loop (STAGES=0; the pipelined loop 83-85 us: two chunks per
     block leave it nothing to overlap) vs 101 us uncapped at 64/32; 16384/head (4 per row) 236 us
     at 64/32/128 with the loop pipelined over 3 stages (gathers as asynchronous copies into shared
-    memory) vs 252 us at 32/32/128 hand-carried and 306 uncapped."""
+    memory) vs 252 us at 32/32/128 hand-carried and 306 uncapped.
+
+    Below one entry per row most rows of a block hold none, so the window form takes over: at 0.5
+    per row a 64-row block had ~25 live rows and 32 entries, a 64-entry window has ~50 rows and 64
+    entries. Timed right after cuDNN's forward (tune_correction.py after_dense_us): 69 us at
+    window 64 / chunk 32 / cap 168 / 3 stages, run in reverse (its first programs find what the
+    dense pass wrote last still in L2: 72 us in order), against 81.5 us for the rows form. At 4
+    per row the window form is slower (~400 us) and the rows form gains nothing from reversing."""
     if D > 128:
-        return 32, 32, None, 0
-    return (64, 16, 128, 0) if entries_per_row < 2 else (64, 32, 128, 3)
+        return "rows", 32, 32, None, 0
+    if entries_per_row < 1:
+        return "window", 64, 32, 168, 3
+    return ("rows", 64, 16, 128, 0) if entries_per_row < 2 else ("rows", 64, 32, 128, 3)
 
 
 def _reg_cap(maxnreg):
@@ -889,7 +990,8 @@ def _reg_cap(maxnreg):
 def correct_fwd(q, k, v, out, lse, bias, entry_values, *, causal, scale, alpha,
                 inplace: bool = True, allow_tf32: bool = False, block_m: int | None = None,
                 chunk: int | None = None, num_warps: int = 4, return_flags: bool = False, may_cancel: bool = True,
-                maxnreg: int | None = None, stages: int | None = None):
+                maxnreg: int | None = None, stages: int | None = None, form: str | None = None,
+                reverse: bool | None = None):
     """Apply the sparse correction to the UNBIASED attention (out, lse) -> (out', lse').
 
     q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D]; out [B,Hq,Tq,D] (any float dtype), lse [B,Hq,Tq] float32
@@ -900,6 +1002,9 @@ def correct_fwd(q, k, v, out, lse, bias, entry_values, *, causal, scale, alpha,
     (out', lse', flags) with flags int8 [B, Hq, Tq] = 1 on those rows, for correct_bwd(row_flags=).
     may_cancel=False promises alpha * (every entry value) >= ln(CANCEL_THRESHOLD), so no row can
     cancel (1 + sum w >= exp(min alpha b)): the recompute launch is skipped.
+    form: "rows" (programs own blocks of block_m rows) or "window" (programs own the rows that
+    start in a window of block_m sorted entries: for sparse biases); None picks by density.
+    reverse: run the grid from its last program (default: for the window form, see _fwd_config).
     """
     B, Hq, Hkv, Tq, Tk, D = _check_common(q, k, v, bias)
     if not inplace:
@@ -915,24 +1020,32 @@ def correct_fwd(q, k, v, out, lse, bias, entry_values, *, causal, scale, alpha,
         raise ValueError("out must have unit stride along D for the in-place correction")
     if scale < 0:  # the kernels assume a positive logit scale; fold the sign into q
         q, scale = -q, -scale
-    auto_m, auto_chunk, auto_reg, auto_stages = _fwd_config(D, bias.nnz / (bias.num_heads * bias.seq_len_q))
+    auto_form, auto_m, auto_chunk, auto_reg, auto_stages = _fwd_config(D, bias.nnz / (bias.num_heads * bias.seq_len_q))
+    form = form or auto_form
+    if form not in ("rows", "window"):
+        raise ValueError(f"form must be 'rows' or 'window', got {form!r}")
     block_m, chunk = block_m or auto_m, chunk or auto_chunk
     maxnreg = maxnreg or auto_reg
     stages = auto_stages if stages is None else int(stages)
-    grid = (triton.cdiv(Tq, block_m), B * Hq)
     store_flags = bool(return_flags or may_cancel)
-    # every row < Tq gets its flag written: no zeroing launch
-    flags = torch.empty((B, Hq, Tq) if store_flags else (1,), dtype=torch.int8, device=q.device)
+    # the rows form writes every row's flag (no zeroing launch); the window form only live rows'
+    alloc = torch.empty if form == "rows" else torch.zeros
+    flags = alloc((B, Hq, Tq) if store_flags else (1,), dtype=torch.int8, device=q.device)
     args = (q, k, v, out, lse, bias.entry_pos, entry_values, bias.q_offsets, flags,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0), lse.stride(1), lse.stride(2),
             Hq, Hq // Hkv, Tq, Tk, bias.seq_len_q, Tk - Tq, scale * LOG2E, alpha * LOG2E)
     prec = dot_precision(q.dtype, allow_tf32)
-    _CORRECT_FWD_FAST[grid](*args, CANCEL_THRESHOLD, HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_M=block_m,
-                              CHUNK=chunk, DOT_PREC=prec, STORE_FLAGS=store_flags,
-                              STAGES=stages, num_warps=num_warps,
-                              **_reg_cap(maxnreg))
+    common = dict(HEAD_DIM=D, CAUSAL=bool(causal), CHUNK=chunk, DOT_PREC=prec, STORE_FLAGS=store_flags,
+                  STAGES=stages, REVERSE=(form == "window") if reverse is None else bool(reverse),
+                  num_warps=num_warps, **_reg_cap(maxnreg))
+    if form == "rows":
+        _CORRECT_FWD_FAST[(triton.cdiv(Tq, block_m), B * Hq)](*args, CANCEL_THRESHOLD, BLOCK_M=block_m, **common)
+    else:
+        # every head's windows fit in cdiv(nnz, window) + Hq programs; the extra ones exit
+        _CORRECT_FWD_WINDOW_FAST[(triton.cdiv(bias.nnz, block_m) + Hq, B)](
+            *args, CANCEL_THRESHOLD, WINDOW=block_m, HP=max(2, triton.next_power_of_2(Hq)), **common)
     if may_cancel:
         recompute_flagged_rows(q, k, v, out, lse, bias, entry_values, flags, causal=causal, scale=scale,
                                alpha=alpha, prec=prec)
@@ -942,6 +1055,7 @@ def correct_fwd(q, k, v, out, lse, bias, entry_values, *, causal, scale, alpha,
 
 
 _CORRECT_FWD_FAST = FastLaunch(_correct_fwd_kernel)   # its host dispatch showed beside a 0.9 ms dense pass
+_CORRECT_FWD_WINDOW_FAST = FastLaunch(_correct_fwd_window_kernel)
 
 
 def recompute_flagged_rows(q, k, v, out, lse, bias, entry_values, flags, *, causal, scale, alpha, prec):

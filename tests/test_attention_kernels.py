@@ -261,6 +261,39 @@ def test_correct_fwd_pipelined_loop(case, stages):
     assert rel(got[0], r_out) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[7] > 0])
+def test_correct_fwd_window_form(case):
+    """The window form (programs own the rows that start in a window of sorted entries) gives
+    the rows form's outputs and cancelling flags, in launch order and reversed, with windows
+    smaller than a row's entries (the dense case) and windows that end mid-row."""
+    B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
+    scale, alpha = 1.0 / math.sqrt(D), -0.8
+    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=51 + n)
+    bias, coo = make_bias(Hq, Tq_max, Tk_max, n, seed=53 + n, scale_vals=2.0)
+    ev = bias.entry_values()
+    out0, lse0 = ka.flash_fwd(q, k, v, None, causal=causal, scale=scale, alpha=alpha)
+    kw = {"causal": causal, "scale": scale, "alpha": alpha, "inplace": False, "chunk": 16, "return_flags": True}
+    base = kc.correct_fwd(q, k, v, out0, lse0, bias, ev, **kw, block_m=16, form="rows")
+    for window, stages, reverse in ((16, 0, False), (16, 2, True), (32, 3, None)):
+        got = kc.correct_fwd(q, k, v, out0, lse0, bias, ev, **kw, block_m=window, stages=stages, form="window",
+                             reverse=reverse)
+        assert torch.allclose(got[0], base[0], atol=1e-6, rtol=1e-6)
+        assert torch.allclose(got[1], base[1], atol=1e-6, rtol=1e-6, equal_nan=True)
+        assert torch.equal(got[2], base[2])
+    r_out = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, scale, alpha)[0]
+    assert rel(got[0], r_out) < TOL[torch.float32]
+
+
+def test_correct_fwd_picks_window_form_when_sparse():
+    assert kc._fwd_config(128, 0.5)[0] == "window" and kc._fwd_config(128, 1.5)[0] == "rows"
+    assert kc._fwd_config(256, 0.5)[0] == "rows"
+    q = torch.zeros(1, 1, 4, 16, device=DEV)
+    bias, _ = make_bias(1, 4, 4, 3, seed=0)
+    with pytest.raises(ValueError, match="form"):
+        kc.correct_fwd(q, q, q, q.clone(), torch.zeros(1, 1, 4, device=DEV), bias, bias.entry_values(),
+                       causal=False, scale=1.0, alpha=1.0, form="cols")
+
+
 @pytest.mark.parametrize("big", [40.0, -40.0])
 def test_large_biases(big):
     """Large positive biases (no overflow in the shifted frame) and large negative ones on

@@ -213,6 +213,8 @@ def _run_case(case):
         out, lse, flags = kc.correct_fwd(q, k, v, out, lse, bias, ev, **kw, return_flags=True)
         kc.correct_fwd(q, k, v, out, lse, bias, ev, **kw)
         kc.correct_fwd(q, k, v, out, lse, bias, ev, **kw, stages=3)     # the pipelined entry loop
+        kc.correct_fwd(q, k, v, out, lse, bias, ev, **kw, form="window", return_flags=True)
+        kc.correct_fwd(q, k, v, out, lse, bias, ev, **kw, form="window", stages=3)
         grads = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         kc.correct_bwd(q, k, v, out, lse, do, bias, ev, *grads, **kw, need_dvalues=True)
         kc.correct_bwd(q, k, v, out, lse, do, bias, ev, *grads, **kw, need_dvalues=True, row_flags=flags)
