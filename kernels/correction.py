@@ -958,28 +958,29 @@ def _fwd_block(D):
     return 64 if D <= 128 else 32
 
 
-def _fwd_config(D, entries_per_row):
-    """(form, BLOCK_M or WINDOW, CHUNK, register cap, STAGES) of the forward correction. The
-    kernel is bound by the latency of its gathers, so what pays is programs in flight: capped at
-    128 registers (4 programs
-    of 4 warps per SM instead of 2 at the uncapped 196; a few bytes spill). Measured on the H100 at
-    B4 H16 T4096 D128 bf16 (benchmarks/tune_correction.py): 2048 entries/head (0.5 per row) 79 us
-    at 64/16/128 with the hand-carried loop (STAGES=0; the pipelined loop 83-85 us: two chunks per
-    block leave it nothing to overlap) vs 101 us uncapped at 64/32; 16384/head (4 per row) 236 us
-    at 64/32/128 with the loop pipelined over 3 stages (gathers as asynchronous copies into shared
-    memory) vs 252 us at 32/32/128 hand-carried and 306 uncapped.
+def _fwd_config(D, entries_per_row, form=None):
+    """(form, BLOCK_M or WINDOW, CHUNK, num_warps, register cap, STAGES) of the forward correction
+    (form None: picked by density).
 
-    Below one entry per row most rows of a block hold none, so the window form takes over: at 0.5
-    per row a 64-row block had ~25 live rows and 32 entries, a 64-entry window has ~50 rows and 64
-    entries. Timed right after cuDNN's forward (tune_correction.py after_dense_us): 69 us at
-    window 64 / chunk 32 / cap 168 / 3 stages, run in reverse (its first programs find what the
-    dense pass wrote last still in L2: 72 us in order), against 81.5 us for the rows form. At 4
-    per row the window form is slower (~400 us) and the rows form gains nothing from reversing."""
+    The kernel is bound by the latency of its gathers, so what pays is programs in flight: small
+    tiles, few warps, a 128-register cap. Timed on the H100 right after cuDNN's forward
+    (benchmarks/tune_correction.py, after_dense_us; B4 H16 T4096 D128 bf16, random traces):
+    - 4 entries per row (16384/head): rows of 16, chunks of 32, 2 warps, the entry loop pipelined
+      over 2 stages (gathers as asynchronous copies into shared memory): 183-189 us, against 236
+      at 64 rows / 4 warps / 3 stages (session 11) and 306 uncapped;
+    - 0.5 per row (2048/head): most rows of a block hold no entry, so the window form (programs own
+      the rows that start in a window of sorted entries) with windows of 16, one warp, 2 stages,
+      in reverse launch order (the first programs find what the dense pass wrote last still in
+      L2): 59.5-60.4 us, against 63 in order, 69 with windows of 64 and 81.5 for the rows form
+      at 64/16/4 (session 11's choice, kept between 1 and 2 entries per row, where it was not
+      re-measured). At 4 per row the window form is slower (~300 us)."""
+    if form is None:
+        form = "window" if entries_per_row < 1 and D <= 128 else "rows"
     if D > 128:
-        return "rows", 32, 32, None, 0
-    if entries_per_row < 1:
-        return "window", 64, 32, 168, 3
-    return ("rows", 64, 16, 128, 0) if entries_per_row < 2 else ("rows", 64, 32, 128, 3)
+        return form, 32, 32, 4, None, 0
+    if form == "window":
+        return form, 16, 16, 1, 128, 2
+    return (form, 64, 16, 4, 128, 0) if entries_per_row < 2 else (form, 16, 32, 2, 128, 2)
 
 
 def _reg_cap(maxnreg):
@@ -989,7 +990,8 @@ def _reg_cap(maxnreg):
 
 def correct_fwd(q, k, v, out, lse, bias, entry_values, *, causal, scale, alpha,
                 inplace: bool = True, allow_tf32: bool = False, block_m: int | None = None,
-                chunk: int | None = None, num_warps: int = 4, return_flags: bool = False, may_cancel: bool = True,
+                chunk: int | None = None, num_warps: int | None = None, return_flags: bool = False,
+                may_cancel: bool = True,
                 maxnreg: int | None = None, stages: int | None = None, form: str | None = None,
                 reverse: bool | None = None):
     """Apply the sparse correction to the UNBIASED attention (out, lse) -> (out', lse').
@@ -1020,10 +1022,11 @@ def correct_fwd(q, k, v, out, lse, bias, entry_values, *, causal, scale, alpha,
         raise ValueError("out must have unit stride along D for the in-place correction")
     if scale < 0:  # the kernels assume a positive logit scale; fold the sign into q
         q, scale = -q, -scale
-    auto_form, auto_m, auto_chunk, auto_reg, auto_stages = _fwd_config(D, bias.nnz / (bias.num_heads * bias.seq_len_q))
-    form = form or auto_form
-    if form not in ("rows", "window"):
+    if form not in (None, "rows", "window"):
         raise ValueError(f"form must be 'rows' or 'window', got {form!r}")
+    form, auto_m, auto_chunk, auto_warps, auto_reg, auto_stages = _fwd_config(
+        D, bias.nnz / (bias.num_heads * bias.seq_len_q), form)
+    num_warps = num_warps or auto_warps
     block_m, chunk = block_m or auto_m, chunk or auto_chunk
     maxnreg = maxnreg or auto_reg
     stages = auto_stages if stages is None else int(stages)

@@ -212,9 +212,11 @@ def _run_case(case):
         out, lse = torch.zeros_like(q), torch.zeros(B, Hq, T)
         out, lse, flags = kc.correct_fwd(q, k, v, out, lse, bias, ev, **kw, return_flags=True)
         kc.correct_fwd(q, k, v, out, lse, bias, ev, **kw)
-        kc.correct_fwd(q, k, v, out, lse, bias, ev, **kw, stages=3)     # the pipelined entry loop
-        kc.correct_fwd(q, k, v, out, lse, bias, ev, **kw, form="window", return_flags=True)
-        kc.correct_fwd(q, k, v, out, lse, bias, ev, **kw, form="window", stages=3)
+        # both forms, each with the hand-carried (stages=0) and the pipelined entry loop
+        for form, stages in (("rows", 0), ("rows", 2), ("window", 0), ("window", 2)):
+            kc.correct_fwd(q, k, v, out, lse, bias, ev, **kw, form=form, stages=stages)
+        kc.correct_fwd(q, k, v, out, lse, bias, ev, **kw, form="rows", block_m=16, chunk=32, num_warps=2,
+                       stages=2)   # the default from 2 entries per row
         grads = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         kc.correct_bwd(q, k, v, out, lse, do, bias, ev, *grads, **kw, need_dvalues=True)
         kc.correct_bwd(q, k, v, out, lse, do, bias, ev, *grads, **kw, need_dvalues=True, row_flags=flags)
