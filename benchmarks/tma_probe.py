@@ -1,8 +1,8 @@
 """A switch of the Triton attention kernels, each setting in one process: TMA descriptors in the
-dense loops (--knob TMA), the warp-specialized dense forward (--knob WS) or the backward's split
-form, an unbiased pass + correct_bwd (--knob BWD_SPLIT).
+dense loops (--knob TMA), the warp-specialized dense forward (--knob WS) or the backward's / the
+forward's split form, an unbiased pass + correct_bwd / correct_fwd (--knob BWD_SPLIT / FWD_SPLIT).
 
-    python benchmarks/tma_probe.py OUT.json [--knob TMA|WS|BWD_SPLIT] [--passes fwd,fwd+bwd] [--causal 0,1]
+    python benchmarks/tma_probe.py OUT.json [--knob TMA|WS|BWD_SPLIT|FWD_SPLIT] [--passes fwd,fwd+bwd] [--causal 0,1]
                                    [--shape B,H,T,D]
 
 For the issue-7 shape (B4 H16 T4096 D128 bf16 by default): memtrace's triton backend forward and
@@ -19,8 +19,8 @@ from memtrace.kernels import attention as ka
 
 
 # the settings of each switch, and an accuracy case of its own (WS needs Tk % 128 == 0)
-KNOBS = {"TMA": ("0", "1", "auto"), "WS": ("0", "auto"), "BWD_SPLIT": ("0", "1")}
-CHECK_CASES = {"TMA": (), "WS": ((2, 8, 2, 1000, 1280, 128, False),), "BWD_SPLIT": ()}
+KNOBS = {"TMA": ("0", "1", "auto"), "WS": ("0", "auto"), "BWD_SPLIT": ("0", "1"), "FWD_SPLIT": ("0", "1")}
+CHECK_CASES = {"TMA": (), "WS": ((2, 8, 2, 1000, 1280, 128, False),), "BWD_SPLIT": (), "FWD_SPLIT": ()}
 
 
 def check(row, knob):

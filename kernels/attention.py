@@ -438,6 +438,22 @@ if BWD_SPLIT not in ("auto", "0", "1"):
 SPLIT_MIN_DENSITY = 2.0
 
 
+# The forward alike (MEMTRACE_ATTN_FWD_SPLIT auto/0/1): from SPLIT_MIN_DENSITY entries per row the
+# fused kernel's epilogue (which shares the dense kernel's few programs per SM) costs more than the
+# unbiased pass followed by correct_fwd (small programs, many per SM). The warp-specialized
+# forward always splits (no dot may follow its loop).
+FWD_SPLIT = os.environ.get("MEMTRACE_ATTN_FWD_SPLIT", "auto").strip() or "auto"
+if FWD_SPLIT not in ("auto", "0", "1"):
+    raise ValueError(f"MEMTRACE_ATTN_FWD_SPLIT must be auto, 0 or 1, got {FWD_SPLIT!r}")
+
+
+def _split_forward(bias):
+    """Whether flash_fwd (unspecialized path) runs the unbiased pass + correct_fwd for this bias."""
+    if bias is None or bias.nnz == 0 or FWD_SPLIT == "0":
+        return False
+    return FWD_SPLIT == "1" or bias.nnz >= SPLIT_MIN_DENSITY * bias.num_heads * bias.seq_len_q
+
+
 def _split_backward(bias, may_cancel, capture_bound):
     """Whether flash_bwd takes the split form (dense backward + correct_bwd) for this call. Never
     with rows that may cancel (the dense backward fed O', LSE' would amplify its rounding on
@@ -562,9 +578,15 @@ def flash_fwd(q, k, v, bias=None, entry_values=None, *, causal: bool, scale: flo
             return (out, lse, torch.zeros((B, Hq, Tq), dtype=torch.int8, device=q.device)) if return_flags else (out, lse)
         if entry_values is None:
             entry_values = bias.entry_values()
-        out, lse, flags = correct_fwd(q, k, v, out, lse, bias, entry_values, causal=False, scale=scale,
-                                      alpha=alpha, return_flags=True, may_cancel=may_cancel)
-        return (out, lse, flags) if return_flags else (out, lse)
+        # flags only when asked for (or needed for the recompute): the window form zeroes them first
+        return correct_fwd(q, k, v, out, lse, bias, entry_values, causal=False, scale=scale, alpha=alpha,
+                           return_flags=return_flags, may_cancel=may_cancel)
+    if has_bias and _split_forward(bias):
+        out, lse = flash_fwd(q, k, v, None, causal=causal, scale=scale, alpha=alpha, allow_tf32=allow_tf32)
+        if entry_values is None:
+            entry_values = bias.entry_values()
+        return correct_fwd(q, k, v, out, lse, bias, entry_values, causal=causal, scale=scale, alpha=alpha,
+                           allow_tf32=allow_tf32, return_flags=return_flags, may_cancel=may_cancel)
     if has_bias:
         if entry_values is None:
             entry_values = bias.entry_values()

@@ -198,6 +198,37 @@ def test_flash_bwd_split_form_matches_oracle(case, dtype, monkeypatch):
         assert rel(split[3].cpu(), expected_dvalues(bias, r[5])) < TOL[dtype]
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[5]])
+def test_flash_fwd_split_form_matches_oracle(case, monkeypatch):
+    """flash_fwd's split form (the unbiased pass, then correct_fwd) against the fused form and the
+    oracle, with large negative biases (cancelling rows recomputed) and flags returned."""
+    B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
+    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=23 + n)
+    bias, coo = make_bias(Hq, Tq_max, Tk_max, n, seed=29 + n, scale_vals=4.0)
+    ev = bias.entry_values()
+    kw = {"causal": causal, "scale": -0.7 / math.sqrt(D), "alpha": 1.5, "return_flags": True}
+    monkeypatch.setattr(ka, "FWD_SPLIT", "1")
+    split = ka.flash_fwd(q, k, v, bias, ev, **kw)
+    monkeypatch.setattr(ka, "FWD_SPLIT", "0")
+    fused = ka.flash_fwd(q, k, v, bias, ev, **kw)
+    r_out, r_lse = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, kw["scale"], kw["alpha"])[:2]
+    assert rel(split[0], r_out) < TOL[torch.float32] and rel(split[0], fused[0]) < TOL[torch.float32]
+    finite = torch.isfinite(r_lse)
+    assert rel(split[1].cpu()[finite], r_lse[finite]) < 1e-5
+    assert torch.equal(split[2], fused[2])
+
+
+def test_forward_split_follows_density(monkeypatch):
+    sparse, _ = make_bias(2, 10, 12, 30, seed=1)          # 1.5 per row
+    dense_, _ = make_bias(2, 10, 12, 40, seed=2)          # 2.0 per row
+    monkeypatch.setattr(ka, "FWD_SPLIT", "auto")
+    assert (ka._split_forward(sparse), ka._split_forward(dense_), ka._split_forward(None)) == (False, True, False)
+    monkeypatch.setattr(ka, "FWD_SPLIT", "1")
+    assert ka._split_forward(sparse)
+    monkeypatch.setattr(ka, "FWD_SPLIT", "0")
+    assert not ka._split_forward(dense_)
+
+
 def test_backward_split_follows_density_and_safety(monkeypatch):
     """BWD_SPLIT=auto splits from SPLIT_MIN_DENSITY entries per (head, query row), never when a
     row may cancel or a capture bound is passed; 0 and 1 force it (within those limits)."""
