@@ -2,6 +2,7 @@
 shape B4 H16 T4096 D128 bf16, non-causal, random traces), after cuDNN's forward:
 
     python benchmarks/tune_correction.py [OUT.json] [--fwd 64/32/4,64/32/4/168,...] [--bwd 16/16/2,...]
+                                         [--traces 2048,16384]   (traces per head, T = 4096)
 
 A config is BLOCK_M/CHUNK/num_warps[/maxnreg][/sN]; sN (forward only) runs the entry loop as the
 plain loop Triton pipelines over N stages (STAGES=N), without it the hand-carried loop; a leading
@@ -53,6 +54,7 @@ def main(argv):
     fwd_cfgs = (argv[argv.index("--fwd") + 1] if "--fwd" in argv else FWD).split(",")
     bwd_cfgs = (argv[argv.index("--bwd") + 1] if "--bwd" in argv else BWD).split(",")
     bwd_cfgs = [] if bwd_cfgs == ["none"] else bwd_cfgs
+    densities = [int(x) for x in (argv[argv.index("--traces") + 1] if "--traces" in argv else "2048,16384").split(",")]
     B, H, T, D = 4, 16, 4096, 128
     scale = D ** -0.5
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -61,7 +63,7 @@ def main(argv):
     out0, lse0 = dense.dense_forward(q, k, v, causal=False, scale=scale)
     rows = [{"what": "cudnn fwd", "us": us(lambda: dense.dense_forward(q, k, v, causal=False, scale=scale))}]
     print(rows[-1], flush=True)
-    for per_head in (2048, 16384):
+    for per_head in densities:
         bias = make_trace_bias(H, T, per_head, "random", False, "cuda")
         ev = bias.entry_values().float()
         ref = None

@@ -972,15 +972,16 @@ def _fwd_config(D, entries_per_row, form=None):
       the rows that start in a window of sorted entries) with windows of 16, one warp, 2 stages,
       in reverse launch order (the first programs find what the dense pass wrote last still in
       L2): 59.5-60.4 us, against 63 in order, 69 with windows of 64 and 81.5 for the rows form
-      at 64/16/4 (session 11's choice, kept between 1 and 2 entries per row, where it was not
-      re-measured). At 4 per row the window form is slower (~300 us)."""
+      at 64/16/4 (session 11's choice). At 4 per row the window form is slower (~300 us);
+    - 0.75 per row: window 79 us, rows 98-106; 1.5 per row: rows 16/32/2 122.5 us, window 127,
+      rows 64/16/4 145 (tune_correction_mid_h100_session12.json): the switch sits at 1."""
     if form is None:
         form = "window" if entries_per_row < 1 and D <= 128 else "rows"
     if D > 128:
         return form, 32, 32, 4, None, 0
     if form == "window":
         return form, 16, 16, 1, 128, 2
-    return (form, 64, 16, 4, 128, 0) if entries_per_row < 2 else (form, 16, 32, 2, 128, 2)
+    return form, 16, 32, 2, 128, 2
 
 
 def _reg_cap(maxnreg):

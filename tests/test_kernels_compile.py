@@ -216,7 +216,7 @@ def _run_case(case):
         for form, stages in (("rows", 0), ("rows", 2), ("window", 0), ("window", 2)):
             kc.correct_fwd(q, k, v, out, lse, bias, ev, **kw, form=form, stages=stages)
         kc.correct_fwd(q, k, v, out, lse, bias, ev, **kw, form="rows", block_m=16, chunk=32, num_warps=2,
-                       stages=2)   # the default from 2 entries per row
+                       stages=2)   # the rows form's default
         grads = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         kc.correct_bwd(q, k, v, out, lse, do, bias, ev, *grads, **kw, need_dvalues=True)
         kc.correct_bwd(q, k, v, out, lse, do, bias, ev, *grads, **kw, need_dvalues=True, row_flags=flags)
