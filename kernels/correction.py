@@ -528,9 +528,10 @@ def _correct_fwd_window_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, 
     Grid (>= windows, B). Each head's sorted entries are cut into windows of WINDOW; a program
     owns the rows whose first entry falls in its window (slot s: the row starting at entry w0+s,
     -1 if none) and folds in all their entries, which may run past the window's end. With 0.5
-    entries per row a row block of 64 holds ~25 live rows and 32 entries; a window holds ~50 rows
-    and 64 entries: half the programs, each with twice the useful loads in flight. Rows holding no
-    entry are not touched (their cancelling flags stay as the caller zeroed them)."""
+    entries per row a row block of 64 holds ~25 live rows and 32 entries; a window of 64 holds ~50
+    rows and 64 entries: the q/O tile is ~80% live instead of ~39% (_fwd_config's default window
+    is 16, on one warp). Rows holding no entry are not touched (their cancelling flags stay as the
+    caller zeroed them)."""
     pid_w, b = _launch_order(REVERSE)
     h, h_start, w0, h_end = _window_of(QOffsets, pid_w, Hq, TqMax, WINDOW, HP)
     # past the list (h = Hq) the window is empty: no starts, e_lo = h_end, nothing to do
