@@ -6,7 +6,8 @@ shape B4 H16 T4096 D128 bf16, non-causal, random traces), after cuDNN's forward:
 
 A config is BLOCK_M/CHUNK/num_warps[/maxnreg][/sN]; sN (forward only) runs the entry loop as the
 plain loop Triton pipelines over N stages (STAGES=N), without it the hand-carried loop; a leading
-w (forward only, e.g. w64/16/4/168) runs the window form (programs own windows of BLOCK_M entries);
+w (e.g. w64/16/4/168) runs the window form (programs own windows of BLOCK_M entries; in the
+backward only its query-side launch has one);
 a trailing /r runs the grid in reverse (last (b, h) first), /f forward. "after_dense_us" is the
 time of cuDNN's forward followed by the correction, less cuDNN's forward alone. Each forward config's output is compared with the
 first one's (a kernel that spills wrongly or drops a chunk shows up as a difference), and the
@@ -98,13 +99,26 @@ def main(argv):
                      "traces": per_head, "us": round(t_with, 1)})
         print(rows[-1], flush=True)
         o1, l1 = kc.correct_fwd(q, k, v, out0, lse0, bias, ev, causal=False, scale=scale, alpha=1.0, inplace=False)
+        ref_b = None
         for cfg in bwd_cfgs:
-            bm, ch, w, *mr = (int(x) for x in cfg.split("/"))
+            # wW/...: the query-side launch by windows of W entries (q_warps = the warps given)
+            window = cfg.startswith("w")
+            bm, ch, w, *mr = (int(x) for x in cfg.lstrip("w").split("/"))
+            opts = dict(chunk=ch, maxnreg=mr[0] if mr else None)
+            if window:
+                opts.update(q_form="window", q_window=bm, q_warps=w)
+            else:
+                opts.update(q_form="rows", block_m=bm, block_n=bm, num_warps=w)
             dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
+            got = kc.correct_bwd(q, k, v, o1, l1, do, bias, ev, dq, dk, dv, causal=False, scale=scale, alpha=1.0,
+                                 need_dvalues=True, **opts)
+            got = [x.float().clone() for x in got]
+            ref_b = ref_b or got
+            diff = max((a - r).abs().max().item() for a, r in zip(got, ref_b))
             t = us(lambda: kc.correct_bwd(q, k, v, o1, l1, do, bias, ev, dq, dk, dv, causal=False, scale=scale,
-                                          alpha=1.0, need_dvalues=True, block_m=bm, block_n=bm, chunk=ch,
-                                          num_warps=w, maxnreg=mr[0] if mr else None))
-            rows.append({"what": "correct_bwd", "traces": per_head, "cfg": cfg, "us": round(t, 1)})
+                                          alpha=1.0, need_dvalues=True, **opts))
+            rows.append({"what": "correct_bwd", "traces": per_head, "cfg": cfg, "us": round(t, 1),
+                         "max_diff_vs_first": diff})
             print(rows[-1], flush=True)
     doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "shape": [B, H, T, D], "rows": rows}

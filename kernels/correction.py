@@ -515,6 +515,25 @@ def _window_of(QOffsets, pid, Hq, TqMax, WINDOW: tl.constexpr, HP: tl.constexpr)
 
 
 @triton.jit
+def _window_rows(EntryPos, QOffsets, pid_w, Hq, Tq, TqMax, WINDOW: tl.constexpr, HP: tl.constexpr):
+    """The rows a window program owns (_correct_fwd_window_kernel): (head, rows [WINDOW] with -1 on
+    slots that start no row, e_lo, e_hi); e_lo = e_hi when the program owns no row."""
+    h, h_start, w0, h_end = _window_of(QOffsets, pid_w, Hq, TqMax, WINDOW, HP)
+    offs_w = w0 + tl.arange(0, WINDOW)
+    in_w = offs_w < h_end
+    i_w = (tl.load(EntryPos + offs_w, mask=in_w, other=0) >> 16) & 0xFFFF
+    i_prev = (tl.load(EntryPos + offs_w - 1, mask=in_w & (offs_w > h_start), other=0) >> 16) & 0xFFFF
+    starts = in_w & ((offs_w == h_start) | (i_w != i_prev))
+    rows = tl.where(starts & (i_w < Tq), i_w, -1)
+    e_lo = tl.min(tl.where(starts, offs_w, h_end), 0)
+    e_hi = h_end
+    if e_lo < h_end:
+        # the window's last row (sorted: the largest i) owns the entries up to its end
+        e_hi = tl.load(QOffsets + h * TqMax + tl.max(tl.where(in_w, i_w, 0), 0) + 1)
+    return h, rows, e_lo, e_hi
+
+
+@triton.jit
 def _correct_fwd_window_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
                                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                                stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
@@ -533,21 +552,12 @@ def _correct_fwd_window_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, 
     is 16, on one warp). Rows holding no entry are not touched (their cancelling flags stay as the
     caller zeroed them)."""
     pid_w, b = _launch_order(REVERSE)
-    h, h_start, w0, h_end = _window_of(QOffsets, pid_w, Hq, TqMax, WINDOW, HP)
-    # past the list (h = Hq) the window is empty: no starts, e_lo = h_end, nothing to do
     b = b.to(tl.int64)
-    hk = (h // GROUP).to(tl.int64)
-    offs_w = w0 + tl.arange(0, WINDOW)
-    in_w = offs_w < h_end
-    i_w = (tl.load(EntryPos + offs_w, mask=in_w, other=0) >> 16) & 0xFFFF
-    i_prev = (tl.load(EntryPos + offs_w - 1, mask=in_w & (offs_w > h_start), other=0) >> 16) & 0xFFFF
-    starts = in_w & ((offs_w == h_start) | (i_w != i_prev))
-    rows = tl.where(starts & (i_w < Tq), i_w, -1)
-    live = rows >= 0
-    e_lo = tl.min(tl.where(starts, offs_w, h_end), 0)
-    if e_lo < h_end:
-        # the window's last row (sorted: the largest i) owns the entries up to its end
-        e_hi = tl.load(QOffsets + h * TqMax + tl.max(tl.where(in_w, i_w, 0), 0) + 1)
+    # past the list (h = Hq) the window is empty: no row starts, nothing to do
+    h, rows, e_lo, e_hi = _window_rows(EntryPos, QOffsets, pid_w, Hq, Tq, TqMax, WINDOW, HP)
+    if e_lo < e_hi:
+        hk = (h // GROUP).to(tl.int64)
+        live = rows >= 0
         offs_d = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
                     mask=live[:, None], other=0.0)
@@ -667,6 +677,46 @@ def _correct_bwd_q_kernel(Q, K, V, Out, Lse, DO, DQ, Delta, DvalPart,
                          stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2, alpha,
                          CAUSAL, CHUNK, DOT_PREC, NEED_DVAL)
         dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
+        dq_old = tl.load(dq_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
+        tl.store(dq_ptrs, (dq_old + scale * dq).to(DQ.dtype.element_ty), mask=live[:, None])
+
+
+@triton.jit
+def _correct_bwd_q_window_kernel(Q, K, V, Out, Lse, DO, DQ, Delta, DvalPart,
+                                 EntryPos, EntryVal, QOffsets,
+                                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                                 stride_lb, stride_lh, stride_lm, stride_dob, stride_doh, stride_dom,
+                                 stride_dqb, stride_dqh, stride_dqm,
+                                 Hq, GROUP, Tq, Tk, TqMax, E, causal_off, scale, qk_scale2, alpha2, alpha,
+                                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                                 HP: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
+                                 NEED_DVAL: tl.constexpr, REVERSE: tl.constexpr):
+    """_correct_bwd_q_kernel by windows of entries (_correct_fwd_window_kernel's rows), for
+    sparse biases. Grid (>= windows, B)."""
+    pid_w, b = _launch_order(REVERSE)
+    b = b.to(tl.int64)
+    h, rows, e_lo, e_hi = _window_rows(EntryPos, QOffsets, pid_w, Hq, Tq, TqMax, WINDOW, HP)
+    if e_lo < e_hi:
+        hk = (h // GROUP).to(tl.int64)
+        live = rows >= 0
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
+                    mask=live[:, None], other=0.0)
+        do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+                     mask=live[:, None], other=0.0)
+        o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
+                    mask=live[:, None], other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(Delta + (b * Hq + h) * Tq + rows, delta, mask=live)
+        lse = tl.load(Lse + b * stride_lb + h * stride_lh + rows * stride_lm, mask=live, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        dq = tl.zeros([WINDOW, HEAD_DIM], tl.float32)
+        dq = _dq_entries(dq, q, do, lse2, delta, rows, e_lo, e_hi, EntryPos, EntryVal, DvalPart + b * E,
+                         K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
+                         stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2, alpha,
+                         CAUSAL, CHUNK, DOT_PREC, NEED_DVAL)
+        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :]
         dq_old = tl.load(dq_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
         tl.store(dq_ptrs, (dq_old + scale * dq).to(DQ.dtype.element_ty), mask=live[:, None])
 
@@ -985,6 +1035,14 @@ def _fwd_config(D, entries_per_row, form=None):
     return form, 16, 32, 2, 128, 2
 
 
+def _bwd_q_config(D, entries_per_row, form=None):
+    """(form, WINDOW, num_warps) of correct_bwd's query-side launch: the window form below one
+    entry per row (for the forward's reason, _fwd_config), else blocks of block_m rows."""
+    if form is None:
+        form = "window" if entries_per_row < 1 and D <= 128 else "rows"
+    return form, 16, 2
+
+
 def _reg_cap(maxnreg):
     """Launch options capping registers per thread (not understood by the interpreter)."""
     return {"maxnreg": int(maxnreg)} if maxnreg and not INTERPRET else {}
@@ -1084,7 +1142,8 @@ def recompute_flagged_rows(q, k, v, out, lse, bias, entry_values, flags, *, caus
 
 def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, causal, scale, alpha,
                 need_dvalues, allow_tf32: bool = False, block_m: int = 16, block_n: int = 16,
-                chunk: int = 16, num_warps: int = 2, row_flags=None, maxnreg: int | None = None):
+                chunk: int = 16, num_warps: int = 2, row_flags=None, maxnreg: int | None = None,
+                q_form: str | None = None, q_window: int | None = None, q_warps: int | None = None):
     """Add the entry terms to a dense backward's (dq, dk, dv) (computed from O', LSE'), in place.
 
     out, lse are the BIASED O', natural LSE' (unmasked). Returns (dq, dk, dv, dvalues) with
@@ -1126,15 +1185,24 @@ def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, caus
     # 508 vs 588 at 16384 (B4 H16 T4096 D128 bf16, benchmarks/tune_correction.py)
     # with q negated, dq must come out negated: run on -dq and flip back (rare path)
     dq_work = dq if sign > 0 else dq.neg_()
-    _correct_bwd_q_kernel[(triton.cdiv(Tq, block_m), B * Hq)](
-        q, k, v, out, lse, dout, dq_work, delta, dval_part, bias.entry_pos, entry_values, bias.q_offsets,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1), lse.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        dq_work.stride(0), dq_work.stride(1), dq_work.stride(2),
-        Hq, Hq // Hkv, Tq, Tk, bias.seq_len_q, E, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E, alpha,
-        HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_M=block_m, CHUNK=chunk, DOT_PREC=prec,
-        NEED_DVAL=bool(need_dvalues), num_warps=num_warps, **launch)
+    q_args = (q, k, v, out, lse, dout, dq_work, delta, dval_part, bias.entry_pos, entry_values, bias.q_offsets,
+              q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+              v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+              lse.stride(0), lse.stride(1), lse.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+              dq_work.stride(0), dq_work.stride(1), dq_work.stride(2),
+              Hq, Hq // Hkv, Tq, Tk, bias.seq_len_q, E, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E, alpha)
+    if q_form not in (None, "rows", "window"):
+        raise ValueError(f"q_form must be 'rows' or 'window', got {q_form!r}")
+    q_form, auto_window, auto_warps = _bwd_q_config(D, E / (bias.num_heads * bias.seq_len_q), q_form)
+    q_const = dict(HEAD_DIM=D, CAUSAL=bool(causal), CHUNK=chunk, DOT_PREC=prec, NEED_DVAL=bool(need_dvalues))
+    if q_form == "rows":
+        _correct_bwd_q_kernel[(triton.cdiv(Tq, block_m), B * Hq)](*q_args, BLOCK_M=block_m, **q_const,
+                                                                  num_warps=num_warps, **launch)
+    else:
+        window = q_window or auto_window
+        _correct_bwd_q_window_kernel[(triton.cdiv(E, window) + Hq, B)](
+            *q_args, WINDOW=window, HP=max(2, triton.next_power_of_2(Hq)), REVERSE=True, **q_const,
+            num_warps=q_warps or auto_warps, **launch)
     if sign < 0:
         dq.neg_()
     _correct_bwd_k_kernel[(triton.cdiv(Tk, block_n), B * Hkv)](

@@ -315,9 +315,37 @@ def test_correct_fwd_window_form(case):
     assert rel(got[0], r_out) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[7] > 0])
+def test_correct_bwd_window_form(case):
+    """correct_bwd's query-side launch by windows of entries gives the rows form's dq, dk, dv and
+    dvalues (duplicates included) and the oracle's, with windows smaller than a row's entries."""
+    B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
+    scale, alpha = 1.0 / math.sqrt(D), 0.9
+    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=61 + n)
+    bias, coo = make_bias(Hq, Tq_max, Tk_max, n, seed=67 + n, scale_vals=1.5)
+    ev = bias.entry_values()
+    out, lse = ka.flash_fwd(q, k, v, bias, ev, causal=causal, scale=scale, alpha=alpha)
+    dense = ka.flash_bwd(q, k, v, out, lse, do, None, causal=causal, scale=scale, alpha=alpha, need_dvalues=False)
+
+    def run(**kw):
+        grads = [t.clone() for t in dense[:3]]
+        return kc.correct_bwd(q, k, v, out, lse, do, bias, ev, *grads, causal=causal, scale=scale, alpha=alpha,
+                              need_dvalues=True, **kw)
+    base = run(q_form="rows")
+    r = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, scale, alpha)
+    for window in (16, 32):
+        got = run(q_form="window", q_window=window)
+        for a, want in zip(got, base):
+            assert torch.allclose(a, want, atol=1e-5, rtol=1e-5)
+    for a, want in zip(got[:3], r[2:5]):
+        assert rel(a, want) < TOL[torch.float32]
+    assert rel(got[3].cpu(), expected_dvalues(bias, r[5])) < TOL[torch.float32]
+
+
 def test_correct_fwd_picks_window_form_when_sparse():
     assert kc._fwd_config(128, 0.5)[0] == "window" and kc._fwd_config(128, 1.5)[0] == "rows"
     assert kc._fwd_config(256, 0.5)[0] == "rows"
+    assert kc._bwd_q_config(128, 0.5)[0] == "window" and kc._bwd_q_config(128, 1.0)[0] == "rows"
     q = torch.zeros(1, 1, 4, 16, device=DEV)
     bias, _ = make_bias(1, 4, 4, 3, seed=0)
     with pytest.raises(ValueError, match="form"):

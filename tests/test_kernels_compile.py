@@ -219,6 +219,8 @@ def _run_case(case):
                        stages=2)   # the rows form's default
         grads = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         kc.correct_bwd(q, k, v, out, lse, do, bias, ev, *grads, **kw, need_dvalues=True)
+        for q_form in ("rows", "window"):   # the query-side launch in both forms
+            kc.correct_bwd(q, k, v, out, lse, do, bias, ev, *grads, **kw, need_dvalues=True, q_form=q_form)
         kc.correct_bwd(q, k, v, out, lse, do, bias, ev, *grads, **kw, need_dvalues=True, row_flags=flags)
         kc.cancelling_rows(q, k, lse, bias, ev, **kw)
         kc.exact_rows_bwd(q, k, v, out, lse, do, bias, ev, *grads, flags, **kw,
