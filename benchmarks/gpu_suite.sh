@@ -9,7 +9,8 @@
 #   profile    per-kernel GPU time of one trace-memory update and of capture fills
 #   tma        the triton backend with a switch off and on (benchmarks/tma_probe.py): TMA descriptors,
 #              or the warp-specialized dense forward with MEMTRACE_PROBE_KNOB=WS; causal from
-#              MEMTRACE_BENCH_CAUSAL, default 0; MEMTRACE_PROBE_PASSES=fwd times the forward alone
+#              MEMTRACE_BENCH_CAUSAL, default 0; MEMTRACE_PROBE_PASSES=fwd times the forward alone;
+#              MEMTRACE_PROBE_SET=BWD_SPLIT=1 holds other switches, MEMTRACE_PROBE_NO_PEERS=1 skips Flex
 #   attention-profile  per-kernel GPU time of biased attention (cudnn, triton; 0 / 2048 / 16384 traces)
 #   update     trace-memory GPU parity, bench_update (eager and CUDA-graph) and its kernel split; with
 #              `attention` its tests run while the attention kernels compile
@@ -224,7 +225,8 @@ if want tma; then
   for f in "$logs"/prewarm_*.log; do tail -n 1 "$f"; done
   knob=${MEMTRACE_PROBE_KNOB:-TMA}
   (cd benchmarks && timeout 400 python tma_probe.py "$OUT/${knob,,}_probe.json" --knob "$knob" --causal "$c" \
-    --passes "${MEMTRACE_PROBE_PASSES:-fwd,fwd+bwd}" 2>&1 \
+    --passes "${MEMTRACE_PROBE_PASSES:-fwd,fwd+bwd}" ${MEMTRACE_PROBE_SET:+--set "$MEMTRACE_PROBE_SET"} \
+    ${MEMTRACE_PROBE_NO_PEERS:+--no-peers} 2>&1 \
     | grep -v -i warn | cut -c1-400) || status=1
 fi
 if want attention-profile; then

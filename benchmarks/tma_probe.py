@@ -1,9 +1,13 @@
 """A switch of the Triton attention kernels, each setting in one process: TMA descriptors in the
 dense loops (--knob TMA), the warp-specialized dense forward (--knob WS) or the backward's / the
-forward's split form, an unbiased pass + correct_bwd / correct_fwd (--knob BWD_SPLIT / FWD_SPLIT).
+forward's split form, an unbiased pass + correct_bwd / correct_fwd (--knob BWD_SPLIT / FWD_SPLIT), or
+the split backward's key-side correction beside the dense dQ kernel (--knob BWD_OVERLAP).
 
-    python benchmarks/tma_probe.py OUT.json [--knob TMA|WS|BWD_SPLIT|FWD_SPLIT] [--passes fwd,fwd+bwd] [--causal 0,1]
-                                   [--shape B,H,T,D]
+    python benchmarks/tma_probe.py OUT.json [--knob TMA|WS|BWD_SPLIT|FWD_SPLIT|BWD_OVERLAP]
+                                   [--passes fwd,fwd+bwd] [--causal 0,1] [--shape B,H,T,D]
+                                   [--set BWD_SPLIT=1,...] [--no-peers]
+
+--set fixes other switches for the whole run; --no-peers skips FlexAttention.
 
 For the issue-7 shape (B4 H16 T4096 D128 bf16 by default): memtrace's triton backend forward and
 forward+backward with bias=None, 2048 and 16384 random traces per head, with the switch
@@ -19,8 +23,10 @@ from memtrace.kernels import attention as ka
 
 
 # the settings of each switch, and an accuracy case of its own (WS needs Tk % 128 == 0)
-KNOBS = {"TMA": ("0", "1", "auto"), "WS": ("0", "auto"), "BWD_SPLIT": ("0", "1"), "FWD_SPLIT": ("0", "1")}
-CHECK_CASES = {"TMA": (), "WS": ((2, 8, 2, 1000, 1280, 128, False),), "BWD_SPLIT": (), "FWD_SPLIT": ()}
+KNOBS = {"TMA": ("0", "1", "auto"), "WS": ("0", "auto"), "BWD_SPLIT": ("0", "1"), "FWD_SPLIT": ("0", "1"),
+         "BWD_OVERLAP": ("0", "1")}
+CHECK_CASES = {"TMA": (), "WS": ((2, 8, 2, 1000, 1280, 128, False),), "BWD_SPLIT": (), "FWD_SPLIT": (),
+               "BWD_OVERLAP": ()}
 
 
 def check(row, knob):
@@ -32,6 +38,16 @@ def check(row, knob):
     setattr(ka, knob, "auto")
 
 
+def set_fixed(spec):
+    """--set NAME=VALUE,...: module switches of kernels/attention.py held for the whole run."""
+    fixed = dict(item.split("=", 1) for item in spec.split(",") if item) if spec else {}
+    for name, value in fixed.items():
+        if name not in KNOBS:
+            raise SystemExit(f"--set: unknown switch {name!r} (one of {sorted(KNOBS)})")
+        setattr(ka, name, value)
+    return fixed
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("out")
@@ -39,7 +55,10 @@ def main():
     p.add_argument("--shape", default="4,16,4096,128")
     p.add_argument("--knob", default="TMA", choices=sorted(KNOBS))
     p.add_argument("--passes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both")
+    p.add_argument("--set", default="", help="NAME=VALUE,... switches held fixed")
+    p.add_argument("--no-peers", action="store_true")
     args = p.parse_args()
+    fixed = set_fixed(args.set)
     knob, settings = args.knob, KNOBS[args.knob]
     B, H, T, D = (int(x) for x in args.shape.split(","))
     dev = "cuda"
@@ -47,7 +66,7 @@ def main():
     q, k, v, dout = (torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(4))
     for t in (q, k, v):
         t.requires_grad_(True)
-    _, row = ba.probe_log(args.out, shape=[B, H, T, D], knob=knob)
+    _, row = ba.probe_log(args.out, shape=[B, H, T, D], knob=knob, fixed=fixed)
 
     for causal in (bool(int(c)) for c in args.causal.split(",")):
         biases = ba.probe_biases(H, T, causal, dev)
@@ -70,7 +89,7 @@ def main():
                     row(impl="triton", setting=tma, traces=per_head, causal=causal, backward=backward,
                         interleaved_overhead=[round(med, 4), round(lo, 4), round(hi, 4)])
             setattr(ka, knob, "auto")
-            for name, per_head in (("flex", 0), ("flex_dense_bias", 2048)):
+            for name, per_head in () if args.no_peers else (("flex", 0), ("flex_dense_bias", 2048)):
                 dense = ba.dense_bias_of(biases[2048], T, causal, q.dtype) if per_head else None
                 try:
                     if per_head:

@@ -464,6 +464,30 @@ def _split_backward(bias, may_cancel, capture_bound):
     return BWD_SPLIT == "1" or bias.nnz >= SPLIT_MIN_DENSITY * bias.num_heads * bias.seq_len_q
 
 
+# The split backward's two correction launches meet the dense kernels differently: the key side
+# (dK, dV) touches nothing the dense dQ kernel writes, and that kernel leaves registers free on
+# every SM (8 warps x 168), where the light correction programs fit. So the split backward runs
+# the dense dK/dV kernel first, then the dense dQ kernel on a high-priority stream (its blocks
+# take every freed slot first) beside the key-side correction on the caller's stream; the query
+# side follows once dQ exists. Both read the preprocess's delta. MEMTRACE_ATTN_BWD_OVERLAP: auto
+# (on for CUDA tensors), 0 (one stream, same order), 1.
+BWD_OVERLAP = os.environ.get("MEMTRACE_ATTN_BWD_OVERLAP", "auto").strip() or "auto"
+if BWD_OVERLAP not in ("auto", "0", "1"):
+    raise ValueError(f"MEMTRACE_ATTN_BWD_OVERLAP must be auto, 0 or 1, got {BWD_OVERLAP!r}")
+_PRIORITY_STREAMS: dict = {}
+
+
+def _priority_stream(device):
+    """A cached highest-priority CUDA stream of `device` (None when BWD_OVERLAP is off, under the
+    interpreter or off CUDA)."""
+    if BWD_OVERLAP == "0" or INTERPRET or device.type != "cuda":
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _PRIORITY_STREAMS:
+        _PRIORITY_STREAMS[idx] = torch.cuda.Stream(device=idx, priority=-100)   # clamped to the highest
+    return _PRIORITY_STREAMS[idx]
+
+
 # entries per chunk of the entry epilogues (16 measured no better than 32)
 BWD_CHUNK = int(os.environ.get("MEMTRACE_ATTN_BWD_CHUNK", "32"))
 # The salience capture's segment width: keys per word of flash_bwd's capture bound, which is the
@@ -940,7 +964,7 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
 
 def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: bool, scale: float,
               alpha: float, need_dvalues: bool, allow_tf32: bool = False, chunk: int | None = None, row_flags=None,
-              may_cancel: bool = True, capture_bound: CaptureBound | None = None):
+              may_cancel: bool = True, capture_bound: CaptureBound | None = None, beside_dq=None):
     """Backward of flash_fwd: (dq, dk, dv, dvalues).
 
     out, lse are flash_fwd's results (biased O', natural LSE'); dout [B,Hq,Tq,D]. dq has q's
@@ -969,14 +993,28 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     dense loops) get every field at K * B. Cost: a row max per field and one fire-and-forget
     integer atomic add per row and tile; the capture then rescores only the words with a passing
     field (a float bound of the whole segment let 2-4x more rows through at B4 on random data).
+
+    beside_dq (internal, the split form; bias=None and no capture only): a callable
+    f(delta, dk, dv) launched on the caller's stream right after the dK/dV kernel, which then runs
+    BEFORE the dQ kernel; the dQ kernel runs meanwhile on a high-priority stream
+    (_priority_stream), joined before return. delta: the preprocess's float32 [B*Hq, Tq].
     """
     B, Hq, Hkv, Tq, Tk, D = _check_common(q, k, v, bias)
+    if beside_dq is not None and (bias is not None or capture_bound is not None):
+        raise ValueError("beside_dq needs bias=None and no capture_bound")
     if _split_backward(bias, may_cancel, capture_bound):
-        dq, dk, dv, _ = flash_bwd(q, k, v, out, lse, dout, None, causal=causal, scale=scale, alpha=alpha,
-                                  need_dvalues=False, allow_tf32=allow_tf32, chunk=chunk)
         ev = bias.entry_values() if entry_values is None else entry_values
-        return correct_bwd(q, k, v, out, lse, dout, bias, ev, dq, dk, dv, causal=causal, scale=scale,
-                           alpha=alpha, need_dvalues=need_dvalues, allow_tf32=allow_tf32)
+        kw = dict(causal=causal, scale=scale, alpha=alpha, allow_tf32=allow_tf32)
+        dense_delta = []
+
+        def key_side(delta, dk, dv):     # beside the dense dQ kernel (BWD_OVERLAP)
+            dense_delta.append(delta)
+            correct_bwd(q, k, v, out, lse, dout, bias, ev, None, dk, dv, need_dvalues=False, delta=delta,
+                        parts="kv", **kw)
+        dq, dk, dv, _ = flash_bwd(q, k, v, out, lse, dout, None, need_dvalues=False, chunk=chunk,
+                                  beside_dq=key_side, **kw)
+        return correct_bwd(q, k, v, out, lse, dout, bias, ev, dq, dk, dv, need_dvalues=need_dvalues,
+                           delta=dense_delta[0], parts="q", **kw)
     q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
     sign = 1.0
     if scale < 0:
@@ -1041,16 +1079,45 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     common = dict(HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, CHUNK=chunk, DOT_PREC=prec,
                   ENTRY_FORM=_entry_form(bias) if has_bias else 0,
                   **_interpret_desc(use_desc))
-    cap_words = capture_bound.words if capture else torch.empty(1, dtype=torch.int32, device=dev)
-    _flash_bwd_dq_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)](
-        q, k, v, dout, k_desc, v_desc, dq, lse2, delta, dval_part, ep, entry_values, qo,
-        cap_words, cap_scale, cap_limit, triton.cdiv(Tk, CAPTURE_SEG),
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        Hq, Hq // Hkv, Tq, Tk, tq_max, E, Tk - Tq, scale * sign, scale * LOG2E, alpha * LOG2E, alpha,
-        _len_key(Tq), _len_key(Tk), int(use_desc), NEED_DVAL=need_dval, CAPTURE=cap_bits, **common)
-    del cap_words
+    def launch_dq():
+        cap_words = capture_bound.words if capture else torch.empty(1, dtype=torch.int32, device=dev)
+        _flash_bwd_dq_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)](
+            q, k, v, dout, k_desc, v_desc, dq, lse2, delta, dval_part, ep, entry_values, qo,
+            cap_words, cap_scale, cap_limit, triton.cdiv(Tk, CAPTURE_SEG),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            Hq, Hq // Hkv, Tq, Tk, tq_max, E, Tk - Tq, scale * sign, scale * LOG2E, alpha * LOG2E, alpha,
+            _len_key(Tq), _len_key(Tk), int(use_desc), NEED_DVAL=need_dval, CAPTURE=cap_bits, **common)
+
+    def launch_dkdv(dk, dv):
+        _flash_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)](
+            q, k, v, dout, q_desc, do_desc, dk, dv, lse2, delta, ep, entry_values, ko, kof, qo, flags,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            Hq, Hkv, Hq // Hkv, Tq, Tk, tq_max, tk_max, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E,
+            _len_key(Tq), _len_key(Tk), int(use_desc), **common)
+
+    if beside_dq is not None:
+        dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
+        launch_dkdv(dk, dv)
+        side = _priority_stream(dev)
+        if side is None:
+            beside_dq(delta, dk, dv)
+            launch_dq()
+        else:
+            # every tensor the side stream touches was made on the caller's stream, which waits for
+            # the side stream below, before any of them can be freed and reused
+            main = torch.cuda.current_stream(dev)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                launch_dq()
+            beside_dq(delta, dk, dv)
+            main.wait_stream(side)
+        return dq, dk, dv, None
+    launch_dq()
     if capture:
         if has_bias and may_cancel:
             # the cancelling rows' P was 0 in the loops: no bound, so every segment of theirs is rescored
@@ -1062,13 +1129,7 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
             del words        # the bound's memory is free (stream-ordered) for dK and dV
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
-    _flash_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, dout, q_desc, do_desc, dk, dv, lse2, delta, ep, entry_values, ko, kof, qo, flags,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        Hq, Hkv, Hq // Hkv, Tq, Tk, tq_max, tk_max, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E,
-        _len_key(Tq), _len_key(Tk), int(use_desc), **common)
+    launch_dkdv(dk, dv)
     if has_bias and may_cancel:  # the cancelling rows, excluded above (lse2 = +inf), done exactly
         _exact_rows(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, row_flags,
                     dval_part if need_dval else None, causal=causal, scale=scale, dq_scale=scale * sign,

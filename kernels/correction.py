@@ -635,6 +635,18 @@ def _correct_fwd_slow_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Fl
 
 
 @triton.jit
+def _row_delta(o_base, delta_base, do, rows, live, stride_om, offs_d, DELTA_GIVEN: tl.constexpr):
+    """delta = rowsum(dO * O') of rows `rows` where live: read from delta_base when DELTA_GIVEN
+    (a dense backward's preprocess computed it), else computed from O' and stored there."""
+    if DELTA_GIVEN:
+        return tl.load(delta_base + rows, mask=live, other=0.0)
+    o = tl.load(o_base + rows[:, None] * stride_om + offs_d[None, :], mask=live[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(delta_base + rows, delta, mask=live)
+    return delta
+
+
+@triton.jit
 def _correct_bwd_q_kernel(Q, K, V, Out, Lse, DO, DQ, Delta, DvalPart,
                           EntryPos, EntryVal, QOffsets,
                           stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
@@ -643,12 +655,14 @@ def _correct_bwd_q_kernel(Q, K, V, Out, Lse, DO, DQ, Delta, DvalPart,
                           stride_dqb, stride_dqh, stride_dqm,
                           Hq, GROUP, Tq, Tk, TqMax, E, causal_off, scale, qk_scale2, alpha2, alpha,
                           HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                          CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, NEED_DVAL: tl.constexpr):
+                          CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, NEED_DVAL: tl.constexpr,
+                          DELTA_GIVEN: tl.constexpr):
     """dQ += scale * entry terms (in place), Delta = rowsum(dO*O') on rows with entries, and
     DvalPart[b, e] = alpha * P'(dP - D) for this batch element.
 
     Grid (cdiv(Tq, BLOCK_M), B*Hq). Out/Lse are the biased O', natural LSE'. Delta is [B*Hq, Tq]
-    float32 and is read by _correct_bwd_k_kernel for the same rows.
+    float32 and is read by _correct_bwd_k_kernel for the same rows; DELTA_GIVEN: the caller's
+    dense backward already computed it (Out is not read).
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -665,10 +679,8 @@ def _correct_bwd_q_kernel(Q, K, V, Out, Lse, DO, DQ, Delta, DvalPart,
                     mask=live[:, None], other=0.0)
         do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
                      mask=live[:, None], other=0.0)
-        o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-                    mask=live[:, None], other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        tl.store(Delta + bh.to(tl.int64) * Tq + offs_m, delta, mask=live)
+        delta = _row_delta(Out + b * stride_ob + h * stride_oh, Delta + bh.to(tl.int64) * Tq, do, offs_m, live,
+                           stride_om, offs_d, DELTA_GIVEN)
         lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m * stride_lm, mask=live, other=float("-inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -691,7 +703,7 @@ def _correct_bwd_q_window_kernel(Q, K, V, Out, Lse, DO, DQ, Delta, DvalPart,
                                  Hq, GROUP, Tq, Tk, TqMax, E, causal_off, scale, qk_scale2, alpha2, alpha,
                                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                                  HP: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
-                                 NEED_DVAL: tl.constexpr, REVERSE: tl.constexpr):
+                                 NEED_DVAL: tl.constexpr, REVERSE: tl.constexpr, DELTA_GIVEN: tl.constexpr):
     """_correct_bwd_q_kernel by windows of entries (_correct_fwd_window_kernel's rows), for
     sparse biases. Grid (>= windows, B)."""
     pid_w, b = _launch_order(REVERSE)
@@ -705,10 +717,8 @@ def _correct_bwd_q_window_kernel(Q, K, V, Out, Lse, DO, DQ, Delta, DvalPart,
                     mask=live[:, None], other=0.0)
         do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
                      mask=live[:, None], other=0.0)
-        o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
-                    mask=live[:, None], other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        tl.store(Delta + (b * Hq + h) * Tq + rows, delta, mask=live)
+        delta = _row_delta(Out + b * stride_ob + h * stride_oh, Delta + (b * Hq + h) * Tq, do, rows, live,
+                           stride_om, offs_d, DELTA_GIVEN)
         lse = tl.load(Lse + b * stride_lb + h * stride_lh + rows * stride_lm, mask=live, other=float("-inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         dq = tl.zeros([WINDOW, HEAD_DIM], tl.float32)
@@ -1146,7 +1156,8 @@ def recompute_flagged_rows(q, k, v, out, lse, bias, entry_values, flags, *, caus
 def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, causal, scale, alpha,
                 need_dvalues, allow_tf32: bool = False, block_m: int = 16, block_n: int = 16,
                 chunk: int = 16, num_warps: int = 2, row_flags=None, maxnreg: int | None = None,
-                q_form: str | None = None, q_window: int | None = None, q_warps: int | None = None):
+                q_form: str | None = None, q_window: int | None = None, q_warps: int | None = None,
+                delta: torch.Tensor | None = None, parts: str = "all"):
     """Add the entry terms to a dense backward's (dq, dk, dv) (computed from O', LSE'), in place.
 
     out, lse are the BIASED O', natural LSE' (unmasked). Returns (dq, dk, dv, dvalues) with
@@ -1161,16 +1172,31 @@ def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, caus
     row_flags=None nothing is special-cased: on a cancelling row the dense backward's entry edges
     carry P = exp(s - LSE') >> 1 and the terms added here cancel them, losing about log2 of that
     factor in bits (dvalues stay exact: P' is computed directly).
+
+    delta: float32 [B*Hq, Tq] (contiguous) = rowsum(dO * O'), when the caller's dense backward has
+    it (its preprocess): the query-side launch then reads it instead of O'. parts: "all", "q" (the
+    query-side launch: dq, dvalues) or "kv" (the key-side launch: dk, dv; needs delta), so that a
+    caller can run the key side beside its dense dQ kernel (kernels/attention.py, BWD_OVERLAP);
+    the exact-row launches of row_flags need parts="all".
     """
     B, Hq, Hkv, Tq, Tk, D = _check_common(q, k, v, bias)
+    if parts not in ("all", "q", "kv"):
+        raise ValueError(f"parts must be 'all', 'q' or 'kv', got {parts!r}")
+    if delta is not None and (not isinstance(delta, torch.Tensor) or delta.dtype != torch.float32
+                              or tuple(delta.shape) != (B * Hq, Tq) or not delta.is_contiguous()):
+        raise ValueError(f"delta must be a contiguous float32 tensor of shape {(B * Hq, Tq)}")
+    if parts == "kv" and delta is None:
+        raise ValueError("parts='kv' needs delta (the query-side launch computes it otherwise)")
+    if parts != "all" and row_flags is not None:
+        raise ValueError("row_flags needs parts='all' (the exact-row launches cover both sides)")
     E = 0 if bias is None else bias.nnz
     if bias is None or E == 0:
-        dvals = torch.zeros(E, dtype=torch.float32, device=q.device) if need_dvalues else None
+        dvals = torch.zeros(E, dtype=torch.float32, device=q.device) if need_dvalues and parts != "kv" else None
         return dq, dk, dv, dvals
     q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
-    for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have unit stride along D for the in-place correction")
+    for name, t, used in (("dq", dq, parts != "kv"), ("dk", dk, parts != "q"), ("dv", dv, parts != "q")):
+        if used and (not isinstance(t, torch.Tensor) or t.stride(-1) != 1):
+            raise ValueError(f"{name} must be a tensor with unit stride along D for the in-place correction")
     sign = 1.0
     if scale < 0:
         q, scale, sign = -q, -scale, -1.0
@@ -1180,43 +1206,49 @@ def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, caus
         flags = _flags_2d(row_flags, B, Hq, Tq)
         lse = mask_lse(lse, flags.view(B, Hq, Tq))   # the entry terms skip the flagged rows
     launch = _reg_cap(maxnreg if maxnreg is not None else (128 if D <= 128 else None))
-    delta = torch.empty((B * Hq, Tq), dtype=torch.float32, device=q.device)
+    delta_given = delta is not None
+    if not delta_given:
+        delta = torch.empty((B * Hq, Tq), dtype=torch.float32, device=q.device)
+    need_dvalues = bool(need_dvalues) and parts != "kv"
     dval_part = torch.zeros((B, E) if need_dvalues else (1, 1), dtype=torch.float32, device=q.device)
     # small blocks (16 rows/keys, 2 warps) measured fastest on the H100: many light programs hide
     # the gathers' latency (16384 traces/head: 0.58 ms vs 0.85 ms at 64/32/4); a 128-register cap
     # fits more of them per SM (the dK/dV kernel needs 184 uncapped): 239 vs 297 us at 2048/head,
     # 508 vs 588 at 16384 (B4 H16 T4096 D128 bf16, benchmarks/tune_correction.py)
-    # with q negated, dq must come out negated: run on -dq and flip back (rare path)
-    dq_work = dq if sign > 0 else dq.neg_()
-    q_args = (q, k, v, out, lse, dout, dq_work, delta, dval_part, bias.entry_pos, entry_values, bias.q_offsets,
-              q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-              v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-              lse.stride(0), lse.stride(1), lse.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-              dq_work.stride(0), dq_work.stride(1), dq_work.stride(2),
-              Hq, Hq // Hkv, Tq, Tk, bias.seq_len_q, E, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E, alpha)
-    if q_form not in (None, "rows", "window"):
-        raise ValueError(f"q_form must be 'rows' or 'window', got {q_form!r}")
-    q_form, auto_window, auto_warps = _bwd_q_config(D, E / (bias.num_heads * bias.seq_len_q), q_form)
-    q_const = dict(HEAD_DIM=D, CAUSAL=bool(causal), CHUNK=chunk, DOT_PREC=prec, NEED_DVAL=bool(need_dvalues))
-    if q_form == "rows":
-        _correct_bwd_q_kernel[(triton.cdiv(Tq, block_m), B * Hq)](*q_args, BLOCK_M=block_m, **q_const,
-                                                                  num_warps=num_warps, **launch)
-    else:
-        window = q_window or auto_window
-        _correct_bwd_q_window_kernel[(triton.cdiv(E, window) + Hq, B)](
-            *q_args, WINDOW=window, HP=max(2, triton.next_power_of_2(Hq)), REVERSE=True, **q_const,
-            num_warps=q_warps or auto_warps, **launch)
-    if sign < 0:
-        dq.neg_()
-    _correct_bwd_k_kernel[(triton.cdiv(Tk, block_n), B * Hkv)](
-        q, k, v, lse, dout, dk, dv, delta, bias.entry_pos, entry_values, bias.k_order, bias.k_offsets,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        Hq, Hkv, Hq // Hkv, Tq, Tk, bias.seq_len_k, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E,
-        HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_N=block_n, CHUNK=chunk, DOT_PREC=prec, num_warps=num_warps,
-        **launch)
+    if parts != "kv":
+        # with q negated, dq must come out negated: run on -dq and flip back (rare path)
+        dq_work = dq if sign > 0 else dq.neg_()
+        q_args = (q, k, v, out, lse, dout, dq_work, delta, dval_part, bias.entry_pos, entry_values,
+                  bias.q_offsets, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                  v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                  lse.stride(0), lse.stride(1), lse.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+                  dq_work.stride(0), dq_work.stride(1), dq_work.stride(2),
+                  Hq, Hq // Hkv, Tq, Tk, bias.seq_len_q, E, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E, alpha)
+        if q_form not in (None, "rows", "window"):
+            raise ValueError(f"q_form must be 'rows' or 'window', got {q_form!r}")
+        q_form, auto_window, auto_warps = _bwd_q_config(D, E / (bias.num_heads * bias.seq_len_q), q_form)
+        q_const = dict(HEAD_DIM=D, CAUSAL=bool(causal), CHUNK=chunk, DOT_PREC=prec, NEED_DVAL=need_dvalues,
+                       DELTA_GIVEN=delta_given)
+        if q_form == "rows":
+            _correct_bwd_q_kernel[(triton.cdiv(Tq, block_m), B * Hq)](*q_args, BLOCK_M=block_m, **q_const,
+                                                                      num_warps=num_warps, **launch)
+        else:
+            window = q_window or auto_window
+            _correct_bwd_q_window_kernel[(triton.cdiv(E, window) + Hq, B)](
+                *q_args, WINDOW=window, HP=max(2, triton.next_power_of_2(Hq)), REVERSE=True, **q_const,
+                num_warps=q_warps or auto_warps, **launch)
+        if sign < 0:
+            dq.neg_()
+    if parts != "q":
+        _correct_bwd_k_kernel[(triton.cdiv(Tk, block_n), B * Hkv)](
+            q, k, v, lse, dout, dk, dv, delta, bias.entry_pos, entry_values, bias.k_order, bias.k_offsets,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            Hq, Hkv, Hq // Hkv, Tq, Tk, bias.seq_len_k, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E,
+            HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_N=block_n, CHUNK=chunk, DOT_PREC=prec, num_warps=num_warps,
+            **launch)
     if row_flags is not None:
         _exact_rows(q, k, v, out, lse_real, dout, bias, entry_values, dq, dk, dv, flags,
                     dval_part if need_dvalues else None, causal=causal, scale=scale, dq_scale=scale * sign,

@@ -342,6 +342,41 @@ def test_correct_bwd_window_form(case):
     assert rel(got[3].cpu(), expected_dvalues(bias, r[5])) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[2]])
+def test_correct_bwd_parts_with_given_delta(case):
+    """correct_bwd split in its two launches ("kv" first, as the split backward runs it beside the
+    dense dQ kernel, then "q"), both reading a given delta, matches the one call that computes
+    delta itself, in both query-side forms; bad delta / parts are refused before any launch."""
+    B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
+    scale, alpha = 1.0 / math.sqrt(D), 0.7
+    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=71 + n)
+    bias, _ = make_bias(Hq, Tq_max, Tk_max, n, seed=73 + n, scale_vals=1.5)
+    ev = bias.entry_values()
+    out, lse = ka.flash_fwd(q, k, v, bias, ev, causal=causal, scale=scale, alpha=alpha)
+    dense = ka.flash_bwd(q, k, v, out, lse, do, None, causal=causal, scale=scale, alpha=alpha, need_dvalues=False)
+    delta = (do.double() * out.double()).sum(-1).float().reshape(B * Hq, Tq).contiguous()
+    kw = {"causal": causal, "scale": scale, "alpha": alpha}
+    for q_form in ("rows", "window"):
+        grads = [t.clone() for t in dense[:3]]
+        want = kc.correct_bwd(q, k, v, out, lse, do, bias, ev, *grads, need_dvalues=True, q_form=q_form, **kw)
+        dq, dk, dv = (t.clone() for t in dense[:3])
+        none = kc.correct_bwd(q, k, v, out, lse, do, bias, ev, None, dk, dv, need_dvalues=True, delta=delta,
+                              parts="kv", **kw)
+        assert none[0] is None and none[3] is None
+        got = kc.correct_bwd(q, k, v, out, lse, do, bias, ev, dq, dk, dv, need_dvalues=True, delta=delta.clone(),
+                             parts="q", q_form=q_form, **kw)
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    dq, dk, dv = (t.clone() for t in dense[:3])
+    for bad, match in ((dict(parts="kv"), "needs delta"), (dict(parts="dq"), "parts"),
+                       (dict(delta=delta.double()), "delta"), (dict(delta=delta[:, :-1]), "delta"),
+                       (dict(parts="q", row_flags=torch.zeros(B, Hq, Tq, dtype=torch.int8)), "row_flags")):
+        with pytest.raises(ValueError, match=match):
+            kc.correct_bwd(q, k, v, out, lse, do, bias, ev, dq, dk, dv, need_dvalues=True, **kw, **bad)
+    for a, b in zip((dq, dk, dv), dense[:3]):
+        assert torch.equal(a, b)
+
+
 def test_correct_fwd_picks_window_form_when_sparse():
     assert kc._fwd_config(128, 0.5)[0] == "window" and kc._fwd_config(128, 1.5)[0] == "rows"
     assert kc._fwd_config(256, 0.5)[0] == "rows"

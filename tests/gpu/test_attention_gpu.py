@@ -119,6 +119,29 @@ def test_no_bias_parity(backend):
         assert rel_err(a, b) < TOL[torch.bfloat16], name
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_triton_split_backward_overlap(case, monkeypatch):
+    """The split backward (dense pass + correct_bwd, taken from 2 entries per row) with the
+    key-side correction on the caller's stream beside the dense dQ kernel on a high-priority
+    stream (BWD_OVERLAP) and without: both match the float64 reference, bitwise alike (the same
+    kernels, only their order and streams differ)."""
+    from memtrace.kernels import attention as ka
+    *shape, causal = case
+    q, k, v, bias, coo = make_inputs(*shape, torch.bfloat16, seed=11 + sum(shape), per_head=3 * shape[3])
+    assert ka._split_backward(bias, False, None)
+    dout = grad_of(q)
+    want = oracle(q, k, v, coo, dout, causal=causal)
+    got = {}
+    for overlap in ("0", "1"):
+        monkeypatch.setattr(ka, "BWD_OVERLAP", overlap)
+        got[overlap] = [t.detach().clone() for t in run(q, k, v, bias, dout, causal=causal, backend="triton")]
+        for name, a, b in zip(("out", "dq", "dk", "dv", "dvalue"), got[overlap], want):
+            err = rel_err(a, b)
+            assert err < TOL[torch.bfloat16], f"overlap={overlap} {name}: {err:.3g}"
+    for a, b in zip(got["0"], got["1"]):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("case", CASES[1:2], ids=lambda c: "x".join(map(str, c)))
 def test_triton_fp32(case):
     *shape, causal = case
