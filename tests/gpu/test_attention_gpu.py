@@ -123,8 +123,9 @@ def test_no_bias_parity(backend):
 def test_triton_split_backward_overlap(case, monkeypatch):
     """The split backward (dense pass + correct_bwd, taken from 2 entries per row) with the
     key-side correction on the caller's stream beside the dense dQ kernel on a high-priority
-    stream (BWD_OVERLAP) and without: both match the float64 reference, bitwise alike (the same
-    kernels, only their order and streams differ)."""
+    stream (BWD_OVERLAP) and without: both match the float64 reference, and out / dq / dk / dv
+    bitwise alike (the same kernels, only their order and streams differ; the bias gradient
+    goes through autograd's scatter of duplicates, whose float atomics may sum in any order)."""
     from memtrace.kernels import attention as ka
     *shape, causal = case
     q, k, v, bias, coo = make_inputs(*shape, torch.bfloat16, seed=11 + sum(shape), per_head=3 * shape[3])
@@ -138,8 +139,9 @@ def test_triton_split_backward_overlap(case, monkeypatch):
         for name, a, b in zip(("out", "dq", "dk", "dv", "dvalue"), got[overlap], want):
             err = rel_err(a, b)
             assert err < TOL[torch.bfloat16], f"overlap={overlap} {name}: {err:.3g}"
-    for a, b in zip(got["0"], got["1"]):
+    for a, b in zip(got["0"][:4], got["1"][:4]):
         assert torch.equal(a, b)
+    assert torch.allclose(got["0"][4], got["1"][4], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", CASES[1:2], ids=lambda c: "x".join(map(str, c)))
