@@ -428,14 +428,18 @@ def _entry_form(bias):
 
 # The backward's entry terms at high density: the fused epilogues run inside the dense kernels'
 # programs (1-2 per SM, their registers held by the dense tiles); correct_bwd's standalone kernels
-# run many light programs per SM. From SPLIT_MIN_DENSITY entries per (head, query row) flash_bwd
-# runs the dense backward fed (O', LSE') and then correct_bwd, as the cudnn backend does (measured
-# on the H100 at B4 H16 T4096 D128 bf16: benchmarks/notes_attention.md, session 11).
+# run many light programs per SM. From BWD_SPLIT_MIN_DENSITY entries per (head, query row)
+# flash_bwd runs the dense backward fed (O', LSE') and then correct_bwd, as the cudnn backend does
+# (H100, B4 H16 T4096 D128 bf16, benchmarks/notes_attention.md: session 11 split from 2 per row;
+# with the key side beside the dense dQ kernel (BWD_OVERLAP, session 13) the split form at 0.5 per
+# row ties the fused one non-causal (+6.6% vs +6.8% over the unbiased backward) and beats it
+# causal (+7.1% vs +12.6%), so it starts there).
 # MEMTRACE_ATTN_BWD_SPLIT: auto (by density), 0 (always fused), 1 (always split, where allowed).
 BWD_SPLIT = os.environ.get("MEMTRACE_ATTN_BWD_SPLIT", "auto").strip() or "auto"
 if BWD_SPLIT not in ("auto", "0", "1"):
     raise ValueError(f"MEMTRACE_ATTN_BWD_SPLIT must be auto, 0 or 1, got {BWD_SPLIT!r}")
-SPLIT_MIN_DENSITY = 2.0
+SPLIT_MIN_DENSITY = 2.0          # the forward's switch (FWD_SPLIT)
+BWD_SPLIT_MIN_DENSITY = 0.5
 
 
 # The forward alike (MEMTRACE_ATTN_FWD_SPLIT auto/0/1): from SPLIT_MIN_DENSITY entries per row the
@@ -461,7 +465,7 @@ def _split_backward(bias, may_cancel, capture_bound):
     fills it)."""
     if bias is None or bias.nnz == 0 or may_cancel or capture_bound is not None or BWD_SPLIT == "0":
         return False
-    return BWD_SPLIT == "1" or bias.nnz >= SPLIT_MIN_DENSITY * bias.num_heads * bias.seq_len_q
+    return BWD_SPLIT == "1" or bias.nnz >= BWD_SPLIT_MIN_DENSITY * bias.num_heads * bias.seq_len_q
 
 
 # The split backward's two correction launches meet the dense kernels differently: the key side

@@ -400,6 +400,45 @@ def _fwd_biased_rows(q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, of
 
 
 @triton.jit
+def _fwd_rows(q_base, o_base, l_base, k_base, v_base, rows, live, e_lo, e_hi, EntryPos, EntryVal,
+              stride_qm, stride_om, stride_lm, stride_kn, stride_vn, Tq, Tk, causal_off, qk_scale2, alpha2,
+              cancel_tol, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+              CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, STAGES: tl.constexpr):
+    """The forward correction, in place, of rows `rows` [BLOCK_M] of one (batch, head) slice
+    (bases; only `live` rows are read or written) from its entries e_lo..e_hi. Returns the rows'
+    cancelling flags (1 + sum w < cancel_tol). The loop sums only the entry terms (from 0); O is
+    read after it, so neither O nor its [BM, D] pointers hold registers during the gathers.
+    STAGES: 0 runs the hand-carried entry loop (_fwd_entries), n >= 1 the plain loop that Triton
+    pipelines over n stages (_fwd_entries_piped)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=live[:, None], other=0.0)
+    lse2 = tl.load(l_base + rows * stride_lm, mask=live, other=float("-inf")) * 1.4426950408889634
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    den = tl.full([BLOCK_M], 1.0, tl.float32)
+    c2 = tl.zeros([BLOCK_M], tl.float32)
+    if STAGES == 0:
+        val0, i0, ok0, kg0, vg0 = _fwd_prologue(
+            EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi, Tq, Tk, causal_off,
+            CAUSAL, CHUNK)
+        acc, den, c2 = _fwd_entries(acc, den, c2, q, lse2, rows, e_lo, e_hi,
+                                    val0, i0, ok0, kg0, vg0, EntryPos, EntryVal,
+                                    k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
+                                    qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC)
+    else:
+        acc, den, c2 = _fwd_entries_piped(acc, den, c2, q, lse2, rows, e_lo, e_hi, EntryPos, EntryVal,
+                                          k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
+                                          qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC, STAGES)
+    # acc = e^-c2 sum w v, den = e^-c2 (1 + sum w): add the dense e^-c2 O now
+    o_ptrs = o_base + rows[:, None] * stride_om + offs_d[None, :]
+    o = tl.load(o_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
+    scale_o = tl.exp2(-c2)
+    acc = o * scale_o[:, None] + acc
+    tl.store(o_ptrs, (acc / den[:, None]).to(o_base.dtype.element_ty), mask=live[:, None])
+    tl.store(l_base + rows * stride_lm, (lse2 + c2 + tl.log2(den)) * 0.6931471805599453, mask=live)
+    return live & (den < cancel_tol * scale_o)
+
+
+@triton.jit
 def _block_range(Offsets, head, lo, hi, TMax):
     """Entry range of rows [lo, hi) of `head` in a CSR table built for TMax rows per head."""
     lo_c = tl.minimum(lo, TMax)
@@ -433,15 +472,12 @@ def _correct_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
     """In place: Out, Lse (unbiased O [B,Hq,Tq,D], natural LSE [B,Hq,Tq]) -> biased O', LSE'.
 
     Grid (cdiv(Tq, BLOCK_M), B*Hq). A program owns rows [m0, m0+BLOCK_M) of (b, h); blocks with
-    no entries return at once, and only rows holding entries are read or written. The loop sums
-    only the entry terms (from 0); O is read after it, so neither O nor its [BM, D] pointers hold
-    registers during the gathers (with the cancelling-row recompute moved to its own kernel, that
-    took BM=64, D=128 from 255 registers to 196, and _fwd_config caps it at 128: more programs
-    per SM to hide the gathers' latency). STORE_FLAGS: Flags[bh, i] (int8) = 1 where 1 + sum w <
-    cancel_tol (the identity cancelled: _correct_fwd_slow_kernel recomputes those rows), 0 on
-    every other row < Tq, so the caller need not zero it. STAGES: 0 runs the hand-carried entry
-    loop (_fwd_entries), n >= 1 the plain loop that Triton pipelines over n stages
-    (_fwd_entries_piped); _fwd_config picks by entries per row.
+    no entries return at once, and only rows holding entries are read or written (_fwd_rows; with
+    the cancelling-row recompute moved to its own kernel, BM=64, D=128 went from 255 registers to
+    196, and _fwd_config caps them: more programs per SM to hide the gathers' latency).
+    STORE_FLAGS: Flags[bh, i] (int8) = 1 where 1 + sum w < cancel_tol (the identity cancelled:
+    _correct_fwd_slow_kernel recomputes those rows), 0 on every other row < Tq, so the caller need
+    not zero it. STAGES: see _fwd_rows.
     """
     pid_m, bh = _launch_order(REVERSE)
     b = (bh // Hq).to(tl.int64)
@@ -452,37 +488,12 @@ def _correct_fwd_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
     e_lo, e_hi = _block_range(QOffsets, h, m0, tl.minimum(m0 + BLOCK_M, Tq), TqMax)
     cancelled = offs_m < 0
     if e_hi > e_lo:
-        offs_d = tl.arange(0, HEAD_DIM)
         live = _rows_with_entries(QOffsets, h, offs_m, Tq, TqMax)
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                    mask=live[:, None], other=0.0)
-        l_ptrs = Lse + b * stride_lb + h * stride_lh + offs_m * stride_lm
-        lse2 = tl.load(l_ptrs, mask=live, other=float("-inf")) * 1.4426950408889634
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        den = tl.full([BLOCK_M], 1.0, tl.float32)
-        c2 = tl.zeros([BLOCK_M], tl.float32)
-        k_base = K + b * stride_kb + hk * stride_kh
-        v_base = V + b * stride_vb + hk * stride_vh
-        if STAGES == 0:
-            val0, i0, ok0, kg0, vg0 = _fwd_prologue(
-                EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi, Tq, Tk, causal_off,
-                CAUSAL, CHUNK)
-            acc, den, c2 = _fwd_entries(acc, den, c2, q, lse2, offs_m, e_lo, e_hi,
-                                        val0, i0, ok0, kg0, vg0, EntryPos, EntryVal,
-                                        k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
-                                        qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC)
-        else:
-            acc, den, c2 = _fwd_entries_piped(acc, den, c2, q, lse2, offs_m, e_lo, e_hi, EntryPos, EntryVal,
-                                              k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
-                                              qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC, STAGES)
-        # acc = e^-c2 sum w v, den = e^-c2 (1 + sum w): add the dense e^-c2 O now
-        o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-        o = tl.load(o_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
-        scale_o = tl.exp2(-c2)
-        acc = o * scale_o[:, None] + acc
-        cancelled = live & (den < cancel_tol * scale_o)
-        tl.store(o_ptrs, (acc / den[:, None]).to(Out.dtype.element_ty), mask=live[:, None])
-        tl.store(l_ptrs, (lse2 + c2 + tl.log2(den)) * 0.6931471805599453, mask=live)
+        cancelled = _fwd_rows(Q + b * stride_qb + h * stride_qh, Out + b * stride_ob + h * stride_oh,
+                              Lse + b * stride_lb + h * stride_lh, K + b * stride_kb + hk * stride_kh,
+                              V + b * stride_vb + hk * stride_vh, offs_m, live, e_lo, e_hi, EntryPos, EntryVal,
+                              stride_qm, stride_om, stride_lm, stride_kn, stride_vn, Tq, Tk, causal_off,
+                              qk_scale2, alpha2, cancel_tol, HEAD_DIM, CAUSAL, BLOCK_M, CHUNK, DOT_PREC, STAGES)
     if STORE_FLAGS:
         tl.store(Flags + bh.to(tl.int64) * Tq + offs_m, cancelled.to(tl.int8), mask=offs_m < Tq)
 
@@ -558,36 +569,13 @@ def _correct_fwd_window_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, 
     if e_lo < e_hi:
         hk = (h // GROUP).to(tl.int64)
         live = rows >= 0
-        offs_d = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
-                    mask=live[:, None], other=0.0)
-        l_base = Lse + b * stride_lb + h * stride_lh
-        lse2 = tl.load(l_base + rows * stride_lm, mask=live, other=float("-inf")) * 1.4426950408889634
-        acc = tl.zeros([WINDOW, HEAD_DIM], tl.float32)
-        den = tl.full([WINDOW], 1.0, tl.float32)
-        c2 = tl.zeros([WINDOW], tl.float32)
-        k_base = K + b * stride_kb + hk * stride_kh
-        v_base = V + b * stride_vb + hk * stride_vh
-        if STAGES == 0:
-            val0, i0, ok0, kg0, vg0 = _fwd_prologue(
-                EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi, Tq, Tk,
-                causal_off, CAUSAL, CHUNK)
-            acc, den, c2 = _fwd_entries(acc, den, c2, q, lse2, rows, e_lo, e_hi,
-                                        val0, i0, ok0, kg0, vg0, EntryPos, EntryVal,
-                                        k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
-                                        qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC)
-        else:
-            acc, den, c2 = _fwd_entries_piped(acc, den, c2, q, lse2, rows, e_lo, e_hi, EntryPos, EntryVal,
-                                              k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk,
-                                              causal_off, qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC, STAGES)
-        o_ptrs = Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :]
-        o = tl.load(o_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
-        scale_o = tl.exp2(-c2)
-        acc = o * scale_o[:, None] + acc
-        tl.store(o_ptrs, (acc / den[:, None]).to(Out.dtype.element_ty), mask=live[:, None])
-        tl.store(l_base + rows * stride_lm, (lse2 + c2 + tl.log2(den)) * 0.6931471805599453, mask=live)
+        cancelled = _fwd_rows(Q + b * stride_qb + h * stride_qh, Out + b * stride_ob + h * stride_oh,
+                              Lse + b * stride_lb + h * stride_lh, K + b * stride_kb + hk * stride_kh,
+                              V + b * stride_vb + hk * stride_vh, rows, live, e_lo, e_hi, EntryPos, EntryVal,
+                              stride_qm, stride_om, stride_lm, stride_kn, stride_vn, Tq, Tk, causal_off,
+                              qk_scale2, alpha2, cancel_tol, HEAD_DIM, CAUSAL, WINDOW, CHUNK, DOT_PREC, STAGES)
         if STORE_FLAGS:
-            tl.store(Flags + (b * Hq + h) * Tq + rows, (den < cancel_tol * scale_o).to(tl.int8), mask=live)
+            tl.store(Flags + (b * Hq + h) * Tq + rows, cancelled.to(tl.int8), mask=live)
 
 
 @triton.jit
@@ -647,6 +635,30 @@ def _row_delta(o_base, delta_base, do, rows, live, stride_om, offs_d, DELTA_GIVE
 
 
 @triton.jit
+def _dq_rows(q_base, do_base, o_base, l_base, dq_base, delta_base, k_base, v_base, dval_base, rows, live,
+             e_lo, e_hi, EntryPos, EntryVal, stride_qm, stride_dom, stride_om, stride_lm, stride_dqm,
+             stride_kn, stride_vn, Tq, Tk, causal_off, scale, qk_scale2, alpha2, alpha,
+             HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+             DOT_PREC: tl.constexpr, NEED_DVAL: tl.constexpr, DELTA_GIVEN: tl.constexpr):
+    """correct_bwd's query side for rows `rows` [BLOCK_M] of one (batch, head) slice (only `live`
+    rows read or written): delta = rowsum(dO * O') (_row_delta), dq += scale * entry terms in
+    place, the entries' dvalues to dval_base."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=live[:, None], other=0.0)
+    do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :], mask=live[:, None], other=0.0)
+    delta = _row_delta(o_base, delta_base, do, rows, live, stride_om, offs_d, DELTA_GIVEN)
+    lse = tl.load(l_base + rows * stride_lm, mask=live, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = _dq_entries(dq, q, do, lse2, delta, rows, e_lo, e_hi, EntryPos, EntryVal, dval_base, k_base, v_base,
+                     stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2, alpha,
+                     CAUSAL, CHUNK, DOT_PREC, NEED_DVAL)
+    dq_ptrs = dq_base + rows[:, None] * stride_dqm + offs_d[None, :]
+    dq_old = tl.load(dq_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
+    tl.store(dq_ptrs, (dq_old + scale * dq).to(dq_base.dtype.element_ty), mask=live[:, None])
+
+
+@triton.jit
 def _correct_bwd_q_kernel(Q, K, V, Out, Lse, DO, DQ, Delta, DvalPart,
                           EntryPos, EntryVal, QOffsets,
                           stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
@@ -673,24 +685,13 @@ def _correct_bwd_q_kernel(Q, K, V, Out, Lse, DO, DQ, Delta, DvalPart,
     e_lo, e_hi = _block_range(QOffsets, h, m0, tl.minimum(m0 + BLOCK_M, Tq), TqMax)
     if e_hi > e_lo:
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, HEAD_DIM)
         live = _rows_with_entries(QOffsets, h, offs_m, Tq, TqMax)
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                    mask=live[:, None], other=0.0)
-        do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                     mask=live[:, None], other=0.0)
-        delta = _row_delta(Out + b * stride_ob + h * stride_oh, Delta + bh.to(tl.int64) * Tq, do, offs_m, live,
-                           stride_om, offs_d, DELTA_GIVEN)
-        lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m * stride_lm, mask=live, other=float("-inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        dq = _dq_entries(dq, q, do, lse2, delta, offs_m, e_lo, e_hi, EntryPos, EntryVal, DvalPart + b * E,
-                         K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
-                         stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2, alpha,
-                         CAUSAL, CHUNK, DOT_PREC, NEED_DVAL)
-        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
-        dq_old = tl.load(dq_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
-        tl.store(dq_ptrs, (dq_old + scale * dq).to(DQ.dtype.element_ty), mask=live[:, None])
+        _dq_rows(Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
+                 Out + b * stride_ob + h * stride_oh, Lse + b * stride_lb + h * stride_lh,
+                 DQ + b * stride_dqb + h * stride_dqh, Delta + (b * Hq + h) * Tq, K + b * stride_kb + hk * stride_kh,
+                 V + b * stride_vb + hk * stride_vh, DvalPart + b * E, offs_m, live, e_lo, e_hi, EntryPos, EntryVal,
+                 stride_qm, stride_dom, stride_om, stride_lm, stride_dqm, stride_kn, stride_vn, Tq, Tk, causal_off,
+                 scale, qk_scale2, alpha2, alpha, HEAD_DIM, CAUSAL, BLOCK_M, CHUNK, DOT_PREC, NEED_DVAL, DELTA_GIVEN)
 
 
 @triton.jit
@@ -712,23 +713,12 @@ def _correct_bwd_q_window_kernel(Q, K, V, Out, Lse, DO, DQ, Delta, DvalPart,
     if e_lo < e_hi:
         hk = (h // GROUP).to(tl.int64)
         live = rows >= 0
-        offs_d = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
-                    mask=live[:, None], other=0.0)
-        do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
-                     mask=live[:, None], other=0.0)
-        delta = _row_delta(Out + b * stride_ob + h * stride_oh, Delta + (b * Hq + h) * Tq, do, rows, live,
-                           stride_om, offs_d, DELTA_GIVEN)
-        lse = tl.load(Lse + b * stride_lb + h * stride_lh + rows * stride_lm, mask=live, other=float("-inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        dq = tl.zeros([WINDOW, HEAD_DIM], tl.float32)
-        dq = _dq_entries(dq, q, do, lse2, delta, rows, e_lo, e_hi, EntryPos, EntryVal, DvalPart + b * E,
-                         K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
-                         stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2, alpha,
-                         CAUSAL, CHUNK, DOT_PREC, NEED_DVAL)
-        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :]
-        dq_old = tl.load(dq_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
-        tl.store(dq_ptrs, (dq_old + scale * dq).to(DQ.dtype.element_ty), mask=live[:, None])
+        _dq_rows(Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
+                 Out + b * stride_ob + h * stride_oh, Lse + b * stride_lb + h * stride_lh,
+                 DQ + b * stride_dqb + h * stride_dqh, Delta + (b * Hq + h) * Tq, K + b * stride_kb + hk * stride_kh,
+                 V + b * stride_vb + hk * stride_vh, DvalPart + b * E, rows, live, e_lo, e_hi, EntryPos, EntryVal,
+                 stride_qm, stride_dom, stride_om, stride_lm, stride_dqm, stride_kn, stride_vn, Tq, Tk, causal_off,
+                 scale, qk_scale2, alpha2, alpha, HEAD_DIM, CAUSAL, WINDOW, CHUNK, DOT_PREC, NEED_DVAL, DELTA_GIVEN)
 
 
 @triton.jit

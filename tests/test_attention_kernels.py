@@ -230,10 +230,10 @@ def test_forward_split_follows_density(monkeypatch):
 
 
 def test_backward_split_follows_density_and_safety(monkeypatch):
-    """BWD_SPLIT=auto splits from SPLIT_MIN_DENSITY entries per (head, query row), never when a
-    row may cancel or a capture bound is passed; 0 and 1 force it (within those limits)."""
-    sparse, _ = make_bias(2, 10, 12, 30, seed=1)          # 1.5 per row
-    dense_, _ = make_bias(2, 10, 12, 40, seed=2)          # 2.0 per row
+    """BWD_SPLIT=auto splits from BWD_SPLIT_MIN_DENSITY (0.5) entries per (head, query row), never
+    when a row may cancel or a capture bound is passed; 0 and 1 force it (within those limits)."""
+    sparse, _ = make_bias(2, 10, 12, 9, seed=1)           # 0.45 per row
+    dense_, _ = make_bias(2, 10, 12, 10, seed=2)          # 0.5 per row
     bound = object()
     monkeypatch.setattr(ka, "BWD_SPLIT", "auto")
     assert (ka._split_backward(sparse, False, None), ka._split_backward(dense_, False, None)) == (False, True)
