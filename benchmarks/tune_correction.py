@@ -7,7 +7,7 @@ shape B4 H16 T4096 D128 bf16, non-causal, random traces), after cuDNN's forward:
 A config is BLOCK_M/CHUNK/num_warps[/maxnreg][/sN]; sN (forward only) runs the entry loop as the
 plain loop Triton pipelines over N stages (STAGES=N), without it the hand-carried loop; a leading
 w (e.g. w64/16/4/168) runs the window form (programs own windows of BLOCK_M entries; in the
-backward only its query-side launch has one);
+backward the query-side launch only, ww both launches);
 a trailing /r runs the grid in reverse (last (b, h) first), /f forward. "after_dense_us" is the
 time of cuDNN's forward followed by the correction, less cuDNN's forward alone. Each forward config's output is compared with the
 first one's (a kernel that spills wrongly or drops a chunk shows up as a difference), and the
@@ -101,12 +101,13 @@ def main(argv):
         o1, l1 = kc.correct_fwd(q, k, v, out0, lse0, bias, ev, causal=False, scale=scale, alpha=1.0, inplace=False)
         ref_b = None
         for cfg in bwd_cfgs:
-            # wW/...: the query-side launch by windows of W entries (q_warps = the warps given)
-            window = cfg.startswith("w")
+            # wW/...: the query-side launch by windows of W entries (q_warps = the warps given), the
+            # key side by blocks; wwW/...: both sides by windows; otherwise both by blocks
+            window = 2 if cfg.startswith("ww") else int(cfg.startswith("w"))
             bm, ch, w, *mr = (int(x) for x in cfg.lstrip("w").split("/"))
-            opts = dict(chunk=ch, maxnreg=mr[0] if mr else None)
+            opts = dict(chunk=ch, maxnreg=mr[0] if mr else None, kv_form="window" if window == 2 else "rows")
             if window:
-                opts.update(q_form="window", q_window=bm, q_warps=w)
+                opts.update(q_form="window", q_window=bm, q_warps=w, kv_window=bm)
             else:
                 opts.update(q_form="rows", block_m=bm, block_n=bm, num_warps=w)
             dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))

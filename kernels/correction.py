@@ -529,19 +529,34 @@ def _window_of(QOffsets, pid, Hq, TqMax, WINDOW: tl.constexpr, HP: tl.constexpr)
 def _window_rows(EntryPos, QOffsets, pid_w, Hq, Tq, TqMax, WINDOW: tl.constexpr, HP: tl.constexpr):
     """The rows a window program owns (_correct_fwd_window_kernel): (head, rows [WINDOW] with -1 on
     slots that start no row, e_lo, e_hi); e_lo = e_hi when the program owns no row."""
-    h, h_start, w0, h_end = _window_of(QOffsets, pid_w, Hq, TqMax, WINDOW, HP)
+    return _window_slots(EntryPos, EntryPos, QOffsets, pid_w, Hq, Tq, TqMax, WINDOW, HP, False)
+
+
+@triton.jit
+def _window_slots(EntryPos, KOrder, Offsets, pid_w, H, T, TMax, WINDOW: tl.constexpr, HP: tl.constexpr,
+                  BY_KEY: tl.constexpr):
+    """_window_rows over either order: BY_KEY=False, the q order (entry t is EntryPos[t], its slot
+    its row i); BY_KEY=True, the k order (entry t is EntryPos[KOrder[t]], its slot its key j;
+    Offsets = k_offsets). (head, slots [WINDOW] with -1 where no slot starts, t_lo, t_hi)."""
+    h, h_start, w0, h_end = _window_of(Offsets, pid_w, H, TMax, WINDOW, HP)
     offs_w = w0 + tl.arange(0, WINDOW)
     in_w = offs_w < h_end
-    i_w = (tl.load(EntryPos + offs_w, mask=in_w, other=0) >> 16) & 0xFFFF
-    i_prev = (tl.load(EntryPos + offs_w - 1, mask=in_w & (offs_w > h_start), other=0) >> 16) & 0xFFFF
-    starts = in_w & ((offs_w == h_start) | (i_w != i_prev))
-    rows = tl.where(starts & (i_w < Tq), i_w, -1)
-    e_lo = tl.min(tl.where(starts, offs_w, h_end), 0)
-    e_hi = h_end
-    if e_lo < h_end:
-        # the window's last row (sorted: the largest i) owns the entries up to its end
-        e_hi = tl.load(QOffsets + h * TqMax + tl.max(tl.where(in_w, i_w, 0), 0) + 1)
-    return h, rows, e_lo, e_hi
+    has_prev = in_w & (offs_w > h_start)
+    if BY_KEY:
+        s_w = tl.load(EntryPos + tl.load(KOrder + offs_w, mask=in_w, other=0), mask=in_w, other=0) & 0xFFFF
+        s_prev = tl.load(EntryPos + tl.load(KOrder + offs_w - 1, mask=has_prev, other=0), mask=has_prev,
+                         other=0) & 0xFFFF
+    else:
+        s_w = (tl.load(EntryPos + offs_w, mask=in_w, other=0) >> 16) & 0xFFFF
+        s_prev = (tl.load(EntryPos + offs_w - 1, mask=has_prev, other=0) >> 16) & 0xFFFF
+    starts = in_w & ((offs_w == h_start) | (s_w != s_prev))
+    slots = tl.where(starts & (s_w < T), s_w, -1)
+    t_lo = tl.min(tl.where(starts, offs_w, h_end), 0)
+    t_hi = h_end
+    if t_lo < h_end:
+        # the window's last slot (sorted: the largest) owns the entries up to its end
+        t_hi = tl.load(Offsets + h * TMax + tl.max(tl.where(in_w, s_w, 0), 0) + 1)
+    return h, slots, t_lo, t_hi
 
 
 @triton.jit
@@ -769,6 +784,46 @@ def _correct_bwd_k_kernel(Q, K, V, Lse, DO, DK, DV, Delta,
                                    Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC, True)
         dk_ptrs = DK + b * stride_dkb + hk64 * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
         dv_ptrs = DV + b * stride_dvb + hk64 * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
+        dk_old = tl.load(dk_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
+        dv_old = tl.load(dv_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
+        tl.store(dk_ptrs, (dk_old + scale * dk).to(DK.dtype.element_ty), mask=live[:, None])
+        tl.store(dv_ptrs, (dv_old + dv).to(DV.dtype.element_ty), mask=live[:, None])
+
+
+@triton.jit
+def _correct_bwd_k_window_kernel(Q, K, V, Lse, DO, DK, DV, Delta,
+                                 EntryPos, EntryVal, KOrder, KOffsets,
+                                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                                 stride_vb, stride_vh, stride_vn, stride_lb, stride_lh, stride_lm,
+                                 stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn,
+                                 stride_dvb, stride_dvh, stride_dvn,
+                                 Hq, Tq, Tk, TkMax, causal_off, scale, qk_scale2, alpha2,
+                                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                                 HP: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
+                                 REVERSE: tl.constexpr):
+    """_correct_bwd_k_kernel by windows of k-ordered entries (the keys that start in a window of
+    WINDOW entries of one head, with all their entries), for sparse biases, WITHOUT GQA: a kv head
+    is one query head here, so no two programs touch the same dK/dV rows. Grid (>= windows, B)."""
+    pid_w, b = _launch_order(REVERSE)
+    b = b.to(tl.int64)
+    h, keys, t_lo, t_hi = _window_slots(EntryPos, KOrder, KOffsets, pid_w, Hq, Tk, TkMax, WINDOW, HP, True)
+    if t_lo < t_hi:
+        h64 = h.to(tl.int64)
+        live = keys >= 0
+        offs_d = tl.arange(0, HEAD_DIM)
+        k = tl.load(K + b * stride_kb + h64 * stride_kh + keys[:, None] * stride_kn + offs_d[None, :],
+                    mask=live[:, None], other=0.0)
+        v = tl.load(V + b * stride_vb + h64 * stride_vh + keys[:, None] * stride_vn + offs_d[None, :],
+                    mask=live[:, None], other=0.0)
+        dk = tl.zeros([WINDOW, HEAD_DIM], tl.float32)
+        dv = tl.zeros([WINDOW, HEAD_DIM], tl.float32)
+        dk, dv = _dkdv_entries(dk, dv, k, v, keys, t_lo, t_hi, KOrder, EntryPos, EntryVal,
+                               Q + b * stride_qb + h64 * stride_qh, DO + b * stride_dob + h64 * stride_doh,
+                               Lse + b * stride_lb + h64 * stride_lh, Delta + (b * Hq + h64) * Tq,
+                               stride_qm, stride_dom, stride_lm, offs_d,
+                               Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC, True)
+        dk_ptrs = DK + b * stride_dkb + h64 * stride_dkh + keys[:, None] * stride_dkn + offs_d[None, :]
+        dv_ptrs = DV + b * stride_dvb + h64 * stride_dvh + keys[:, None] * stride_dvn + offs_d[None, :]
         dk_old = tl.load(dk_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
         dv_old = tl.load(dv_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
         tl.store(dk_ptrs, (dk_old + scale * dk).to(DK.dtype.element_ty), mask=live[:, None])
@@ -1046,6 +1101,16 @@ def _bwd_q_config(D, entries_per_row, form=None):
     return form, 16, 2
 
 
+def _bwd_kv_config(D, entries_per_key, group, form=None):
+    """(form, WINDOW, num_warps) of correct_bwd's key-side launch: the window form (keys that start
+    in a window of k-ordered entries) below one entry per key, as the query side, but only without
+    GQA (its programs would share dK/dV rows across the query heads of a kv head); else blocks of
+    block_n keys summing every query head of their kv head."""
+    if form is None:
+        form = "window" if entries_per_key < 1 and D <= 128 and group == 1 else "rows"
+    return form, 16, 2
+
+
 def _reg_cap(maxnreg):
     """Launch options capping registers per thread (not understood by the interpreter)."""
     return {"maxnreg": int(maxnreg)} if maxnreg and not INTERPRET else {}
@@ -1147,7 +1212,8 @@ def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, caus
                 need_dvalues, allow_tf32: bool = False, block_m: int = 16, block_n: int = 16,
                 chunk: int = 16, num_warps: int = 2, row_flags=None, maxnreg: int | None = None,
                 q_form: str | None = None, q_window: int | None = None, q_warps: int | None = None,
-                delta: torch.Tensor | None = None, parts: str = "all"):
+                delta: torch.Tensor | None = None, parts: str = "all", kv_form: str | None = None,
+                kv_window: int | None = None):
     """Add the entry terms to a dense backward's (dq, dk, dv) (computed from O', LSE'), in place.
 
     out, lse are the BIASED O', natural LSE' (unmasked). Returns (dq, dk, dv, dvalues) with
@@ -1167,7 +1233,9 @@ def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, caus
     it (its preprocess): the query-side launch then reads it instead of O'. parts: "all", "q" (the
     query-side launch: dq, dvalues) or "kv" (the key-side launch: dk, dv; needs delta), so that a
     caller can run the key side beside its dense dQ kernel (kernels/attention.py, BWD_OVERLAP);
-    the exact-row launches of row_flags need parts="all".
+    the exact-row launches of row_flags need parts="all". q_form / kv_form: "rows" or "window" for
+    each side's launch (None: by density, _bwd_q_config / _bwd_kv_config); q_window / kv_window
+    their window sizes, q_warps the warps of both window launches.
     """
     B, Hq, Hkv, Tq, Tk, D = _check_common(q, k, v, bias)
     if parts not in ("all", "q", "kv"):
@@ -1179,6 +1247,11 @@ def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, caus
         raise ValueError("parts='kv' needs delta (the query-side launch computes it otherwise)")
     if parts != "all" and row_flags is not None:
         raise ValueError("row_flags needs parts='all' (the exact-row launches cover both sides)")
+    for name, form in (("q_form", q_form), ("kv_form", kv_form)):
+        if form not in (None, "rows", "window"):
+            raise ValueError(f"{name} must be 'rows' or 'window', got {form!r}")
+    if kv_form == "window" and Hq != Hkv:
+        raise ValueError("kv_form='window' needs Hq == Hkv (no GQA)")
     E = 0 if bias is None else bias.nnz
     if bias is None or E == 0:
         dvals = torch.zeros(E, dtype=torch.float32, device=q.device) if need_dvalues and parts != "kv" else None
@@ -1214,8 +1287,6 @@ def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, caus
                   lse.stride(0), lse.stride(1), lse.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
                   dq_work.stride(0), dq_work.stride(1), dq_work.stride(2),
                   Hq, Hq // Hkv, Tq, Tk, bias.seq_len_q, E, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E, alpha)
-        if q_form not in (None, "rows", "window"):
-            raise ValueError(f"q_form must be 'rows' or 'window', got {q_form!r}")
         q_form, auto_window, auto_warps = _bwd_q_config(D, E / (bias.num_heads * bias.seq_len_q), q_form)
         q_const = dict(HEAD_DIM=D, CAUSAL=bool(causal), CHUNK=chunk, DOT_PREC=prec, NEED_DVAL=need_dvalues,
                        DELTA_GIVEN=delta_given)
@@ -1230,15 +1301,24 @@ def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, caus
         if sign < 0:
             dq.neg_()
     if parts != "q":
-        _correct_bwd_k_kernel[(triton.cdiv(Tk, block_n), B * Hkv)](
-            q, k, v, lse, dout, dk, dv, delta, bias.entry_pos, entry_values, bias.k_order, bias.k_offsets,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
-            Hq, Hkv, Hq // Hkv, Tq, Tk, bias.seq_len_k, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E,
-            HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_N=block_n, CHUNK=chunk, DOT_PREC=prec, num_warps=num_warps,
-            **launch)
+        kv_form, auto_window, auto_warps = _bwd_kv_config(D, E / (bias.num_heads * bias.seq_len_k), Hq // Hkv,
+                                                          kv_form)
+        kv_args = (q, k, v, lse, dout, dk, dv, delta, bias.entry_pos, entry_values, bias.k_order, bias.k_offsets,
+                   q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                   v.stride(0), v.stride(1), v.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+                   dout.stride(0), dout.stride(1), dout.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+                   dv.stride(0), dv.stride(1), dv.stride(2))
+        kv_const = dict(HEAD_DIM=D, CAUSAL=bool(causal), CHUNK=chunk, DOT_PREC=prec, **launch)
+        if kv_form == "rows":
+            _correct_bwd_k_kernel[(triton.cdiv(Tk, block_n), B * Hkv)](
+                *kv_args, Hq, Hkv, Hq // Hkv, Tq, Tk, bias.seq_len_k, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E,
+                BLOCK_N=block_n, num_warps=num_warps, **kv_const)
+        else:
+            window = kv_window or auto_window
+            _correct_bwd_k_window_kernel[(triton.cdiv(E, window) + Hq, B)](
+                *kv_args, Hq, Tq, Tk, bias.seq_len_k, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E,
+                WINDOW=window, HP=max(2, triton.next_power_of_2(Hq)), REVERSE=True,
+                num_warps=q_warps or auto_warps, **kv_const)
     if row_flags is not None:
         _exact_rows(q, k, v, out, lse_real, dout, bias, entry_values, dq, dk, dv, flags,
                     dval_part if need_dvalues else None, causal=causal, scale=scale, dq_scale=scale * sign,

@@ -317,8 +317,9 @@ def test_correct_fwd_window_form(case):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[7] > 0])
 def test_correct_bwd_window_form(case):
-    """correct_bwd's query-side launch by windows of entries gives the rows form's dq, dk, dv and
-    dvalues (duplicates included) and the oracle's, with windows smaller than a row's entries."""
+    """correct_bwd's launches by windows of entries (the query side; the key side where there is
+    no GQA) give the rows forms' dq, dk, dv and dvalues (duplicates included) and the oracle's,
+    with windows smaller than a row's or a key's entries."""
     B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
     scale, alpha = 1.0 / math.sqrt(D), 0.9
     q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=61 + n)
@@ -331,10 +332,15 @@ def test_correct_bwd_window_form(case):
         grads = [t.clone() for t in dense[:3]]
         return kc.correct_bwd(q, k, v, out, lse, do, bias, ev, *grads, causal=causal, scale=scale, alpha=alpha,
                               need_dvalues=True, **kw)
-    base = run(q_form="rows")
+    base = run(q_form="rows", kv_form="rows")
     r = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, scale, alpha)
+    kv_forms = ("rows", "window") if Hq == Hkv else ("rows",)
     for window in (16, 32):
-        got = run(q_form="window", q_window=window)
+        for kv_form in kv_forms:
+            got = run(q_form="window", q_window=window, kv_form=kv_form, kv_window=window)
+            for a, want in zip(got, base):
+                assert torch.allclose(a, want, atol=1e-5, rtol=1e-5)
+        got = run(q_form="rows", kv_form=kv_forms[-1], kv_window=window)
         for a, want in zip(got, base):
             assert torch.allclose(a, want, atol=1e-5, rtol=1e-5)
     for a, want in zip(got[:3], r[2:5]):
@@ -370,6 +376,8 @@ def test_correct_bwd_parts_with_given_delta(case):
     dq, dk, dv = (t.clone() for t in dense[:3])
     for bad, match in ((dict(parts="kv"), "needs delta"), (dict(parts="dq"), "parts"),
                        (dict(delta=delta.double()), "delta"), (dict(delta=delta[:, :-1]), "delta"),
+                       (dict(kv_form="cols"), "kv_form"), (dict(q_form="cols"), "q_form"),
+                       (dict(kv_form="window"), "GQA") if Hq != Hkv else (dict(parts="x"), "parts"),
                        (dict(parts="q", row_flags=torch.zeros(B, Hq, Tq, dtype=torch.int8)), "row_flags")):
         with pytest.raises(ValueError, match=match):
             kc.correct_bwd(q, k, v, out, lse, do, bias, ev, dq, dk, dv, need_dvalues=True, **kw, **bad)
@@ -381,6 +389,8 @@ def test_correct_fwd_picks_window_form_when_sparse():
     assert kc._fwd_config(128, 0.5)[0] == "window" and kc._fwd_config(128, 1.5)[0] == "rows"
     assert kc._fwd_config(256, 0.5)[0] == "rows"
     assert kc._bwd_q_config(128, 0.5)[0] == "window" and kc._bwd_q_config(128, 1.0)[0] == "rows"
+    assert kc._bwd_kv_config(128, 0.5, 1)[0] == "window" and kc._bwd_kv_config(128, 0.5, 2)[0] == "rows"
+    assert kc._bwd_kv_config(128, 1.0, 1)[0] == "rows" and kc._bwd_kv_config(256, 0.5, 1)[0] == "rows"
     q = torch.zeros(1, 1, 4, 16, device=DEV)
     bias, _ = make_bias(1, 4, 4, 3, seed=0)
     with pytest.raises(ValueError, match="form"):

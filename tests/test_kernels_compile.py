@@ -221,6 +221,11 @@ def _run_case(case):
         kc.correct_bwd(q, k, v, out, lse, do, bias, ev, *grads, **kw, need_dvalues=True)
         for q_form in ("rows", "window"):   # the query-side launch in both forms
             kc.correct_bwd(q, k, v, out, lse, do, bias, ev, *grads, **kw, need_dvalues=True, q_form=q_form)
+        # the key-side window form (no GQA) and the query side reading a given delta
+        kv1 = k.repeat_interleave(Hq // Hkv, 1)
+        grads1 = torch.zeros_like(q), torch.zeros_like(kv1), torch.zeros_like(kv1)
+        kc.correct_bwd(q, kv1, kv1, out, lse, do, bias, ev, *grads1, **kw, need_dvalues=True, kv_form="window",
+                       delta=torch.zeros(B * Hq, T))
         kc.correct_bwd(q, k, v, out, lse, do, bias, ev, *grads, **kw, need_dvalues=True, row_flags=flags)
         kc.cancelling_rows(q, k, lse, bias, ev, **kw)
         kc.exact_rows_bwd(q, k, v, out, lse, do, bias, ev, *grads, flags, **kw,
