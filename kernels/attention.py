@@ -468,13 +468,15 @@ def _split_backward(bias, may_cancel, capture_bound):
     return BWD_SPLIT == "1" or bias.nnz >= BWD_SPLIT_MIN_DENSITY * bias.num_heads * bias.seq_len_q
 
 
-# The split backward's two correction launches meet the dense kernels differently: the key side
-# (dK, dV) touches nothing the dense dQ kernel writes, and that kernel leaves registers free on
-# every SM (8 warps x 168), where the light correction programs fit. So the split backward runs
-# the dense dK/dV kernel first, then the dense dQ kernel on a high-priority stream (its blocks
-# take every freed slot first) beside the key-side correction on the caller's stream; the query
-# side follows once dQ exists. Both read the preprocess's delta. MEMTRACE_ATTN_BWD_OVERLAP: auto
-# (on for CUDA tensors), 0 (one stream, same order), 1.
+# The split backward's key-side correction (dK, dV) touches nothing the dense dQ kernel writes.
+# So the split backward runs the dense dK/dV kernel first, then the dense dQ kernel on a
+# high-priority stream (its blocks take every freed slot first) beside the key-side correction on
+# the caller's stream, whose light programs fill what the dQ kernel leaves on each SM; the query
+# side follows once dQ exists. Both read the preprocess's delta. On the H100 (B4 H16 T4096 D128
+# bf16) this hid 40-50 us of the key side's 150-280 (the autotuned dQ kernel holds most of each
+# SM): the backward's overhead at 16384 traces/head went from +15.2% to +14.0%, at 2048 from
+# +8.1% to +6.6% (benchmarks/results/bwd_overlap_probe_h100_session13.json).
+# MEMTRACE_ATTN_BWD_OVERLAP: auto (on for CUDA tensors), 0 (one stream, same order), 1.
 BWD_OVERLAP = os.environ.get("MEMTRACE_ATTN_BWD_OVERLAP", "auto").strip() or "auto"
 if BWD_OVERLAP not in ("auto", "0", "1"):
     raise ValueError(f"MEMTRACE_ATTN_BWD_OVERLAP must be auto, 0 or 1, got {BWD_OVERLAP!r}")
