@@ -1003,7 +1003,8 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     beside_dq (internal, the split form; bias=None and no capture only): a callable
     f(delta, dk, dv) launched on the caller's stream right after the dK/dV kernel, which then runs
     BEFORE the dQ kernel; the dQ kernel runs meanwhile on a high-priority stream
-    (_priority_stream), joined before return. delta: the preprocess's float32 [B*Hq, Tq].
+    (_priority_stream), joined before return. delta: the preprocess's float32 [B*Hq, Tq], which
+    then also takes the place of dvalues in the result: (dq, dk, dv, delta).
     """
     B, Hq, Hkv, Tq, Tk, D = _check_common(q, k, v, bias)
     if beside_dq is not None and (bias is not None or capture_bound is not None):
@@ -1011,16 +1012,14 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     if _split_backward(bias, may_cancel, capture_bound):
         ev = bias.entry_values() if entry_values is None else entry_values
         kw = dict(causal=causal, scale=scale, alpha=alpha, allow_tf32=allow_tf32)
-        dense_delta = []
 
         def key_side(delta, dk, dv):     # beside the dense dQ kernel (BWD_OVERLAP)
-            dense_delta.append(delta)
             correct_bwd(q, k, v, out, lse, dout, bias, ev, None, dk, dv, need_dvalues=False, delta=delta,
                         parts="kv", **kw)
-        dq, dk, dv, _ = flash_bwd(q, k, v, out, lse, dout, None, need_dvalues=False, chunk=chunk,
-                                  beside_dq=key_side, **kw)
+        dq, dk, dv, delta = flash_bwd(q, k, v, out, lse, dout, None, need_dvalues=False, chunk=chunk,
+                                      beside_dq=key_side, **kw)
         return correct_bwd(q, k, v, out, lse, dout, bias, ev, dq, dk, dv, need_dvalues=need_dvalues,
-                           delta=dense_delta[0], parts="q", **kw)
+                           delta=delta, parts="q", **kw)
     q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
     sign = 1.0
     if scale < 0:
@@ -1122,7 +1121,7 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
                 launch_dq()
             beside_dq(delta, dk, dv)
             main.wait_stream(side)
-        return dq, dk, dv, None
+        return dq, dk, dv, delta
     launch_dq()
     if capture:
         if has_bias and may_cancel:

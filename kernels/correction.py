@@ -105,6 +105,15 @@ def _gather(base, rows, stride, offs_d, ok):
 
 
 @triton.jit
+def _add_to_rows(base, rows, stride, offs_d, live, add):
+    """base[rows] += add ([R, D] float32) in base's dtype, on `live` rows only (the correction
+    kernels' read-modify-write of a dense pass's dQ / dK / dV rows)."""
+    ptrs = base + rows[:, None] * stride + offs_d[None, :]
+    old = tl.load(ptrs, mask=live[:, None], other=0.0).to(tl.float32)
+    tl.store(ptrs, (old + add).to(base.dtype.element_ty), mask=live[:, None])
+
+
+@triton.jit
 def _fwd_prologue(EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi,
                   Tq, Tk, causal_off, CAUSAL: tl.constexpr, CHUNK: tl.constexpr):
     """The first chunk of entries with its gathered K/V rows: the state _fwd_entries starts
@@ -668,9 +677,7 @@ def _dq_rows(q_base, do_base, o_base, l_base, dq_base, delta_base, k_base, v_bas
     dq = _dq_entries(dq, q, do, lse2, delta, rows, e_lo, e_hi, EntryPos, EntryVal, dval_base, k_base, v_base,
                      stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2, alpha,
                      CAUSAL, CHUNK, DOT_PREC, NEED_DVAL)
-    dq_ptrs = dq_base + rows[:, None] * stride_dqm + offs_d[None, :]
-    dq_old = tl.load(dq_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
-    tl.store(dq_ptrs, (dq_old + scale * dq).to(dq_base.dtype.element_ty), mask=live[:, None])
+    _add_to_rows(dq_base, rows, stride_dqm, offs_d, live, scale * dq)
 
 
 @triton.jit
@@ -767,10 +774,8 @@ def _correct_bwd_k_kernel(Q, K, V, Lse, DO, DK, DV, Delta,
         live = live | _rows_with_entries(KOffsets, h, offs_n, Tk, TkMax)
     if total > 0:
         hk64 = hk.to(tl.int64)
-        k = tl.load(K + b * stride_kb + hk64 * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                    mask=live[:, None], other=0.0)
-        v = tl.load(V + b * stride_vb + hk64 * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=live[:, None], other=0.0)
+        k = _gather(K + b * stride_kb + hk64 * stride_kh, offs_n, stride_kn, offs_d, live)
+        v = _gather(V + b * stride_vb + hk64 * stride_vh, offs_n, stride_vn, offs_d, live)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         for g in range(GROUP):
@@ -782,12 +787,8 @@ def _correct_bwd_k_kernel(Q, K, V, Lse, DO, DK, DV, Delta,
                                    Lse + b * stride_lb + h64 * stride_lh, Delta + (b * Hq + h64) * Tq,
                                    stride_qm, stride_dom, stride_lm, offs_d,
                                    Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC, True)
-        dk_ptrs = DK + b * stride_dkb + hk64 * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
-        dv_ptrs = DV + b * stride_dvb + hk64 * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
-        dk_old = tl.load(dk_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
-        dv_old = tl.load(dv_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
-        tl.store(dk_ptrs, (dk_old + scale * dk).to(DK.dtype.element_ty), mask=live[:, None])
-        tl.store(dv_ptrs, (dv_old + dv).to(DV.dtype.element_ty), mask=live[:, None])
+        _add_to_rows(DK + b * stride_dkb + hk64 * stride_dkh, offs_n, stride_dkn, offs_d, live, scale * dk)
+        _add_to_rows(DV + b * stride_dvb + hk64 * stride_dvh, offs_n, stride_dvn, offs_d, live, dv)
 
 
 @triton.jit
@@ -811,10 +812,8 @@ def _correct_bwd_k_window_kernel(Q, K, V, Lse, DO, DK, DV, Delta,
         h64 = h.to(tl.int64)
         live = keys >= 0
         offs_d = tl.arange(0, HEAD_DIM)
-        k = tl.load(K + b * stride_kb + h64 * stride_kh + keys[:, None] * stride_kn + offs_d[None, :],
-                    mask=live[:, None], other=0.0)
-        v = tl.load(V + b * stride_vb + h64 * stride_vh + keys[:, None] * stride_vn + offs_d[None, :],
-                    mask=live[:, None], other=0.0)
+        k = _gather(K + b * stride_kb + h64 * stride_kh, keys, stride_kn, offs_d, live)
+        v = _gather(V + b * stride_vb + h64 * stride_vh, keys, stride_vn, offs_d, live)
         dk = tl.zeros([WINDOW, HEAD_DIM], tl.float32)
         dv = tl.zeros([WINDOW, HEAD_DIM], tl.float32)
         dk, dv = _dkdv_entries(dk, dv, k, v, keys, t_lo, t_hi, KOrder, EntryPos, EntryVal,
@@ -822,12 +821,8 @@ def _correct_bwd_k_window_kernel(Q, K, V, Lse, DO, DK, DV, Delta,
                                Lse + b * stride_lb + h64 * stride_lh, Delta + (b * Hq + h64) * Tq,
                                stride_qm, stride_dom, stride_lm, offs_d,
                                Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC, True)
-        dk_ptrs = DK + b * stride_dkb + h64 * stride_dkh + keys[:, None] * stride_dkn + offs_d[None, :]
-        dv_ptrs = DV + b * stride_dvb + h64 * stride_dvh + keys[:, None] * stride_dvn + offs_d[None, :]
-        dk_old = tl.load(dk_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
-        dv_old = tl.load(dv_ptrs, mask=live[:, None], other=0.0).to(tl.float32)
-        tl.store(dk_ptrs, (dk_old + scale * dk).to(DK.dtype.element_ty), mask=live[:, None])
-        tl.store(dv_ptrs, (dv_old + dv).to(DV.dtype.element_ty), mask=live[:, None])
+        _add_to_rows(DK + b * stride_dkb + h64 * stride_dkh, keys, stride_dkn, offs_d, live, scale * dk)
+        _add_to_rows(DV + b * stride_dvb + h64 * stride_dvh, keys, stride_dvn, offs_d, live, dv)
 
 
 # ----------------------------------------------------------------------------------------------

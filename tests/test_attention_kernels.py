@@ -315,6 +315,19 @@ def test_correct_fwd_window_form(case):
     assert rel(got[0], r_out) < TOL[torch.float32]
 
 
+def biased_pass_and_dense_grads(case, seed, alpha):
+    """fp32 inputs and a bias (values scaled by 1.5) for `case`, the biased forward (out, lse) and
+    a dense backward fed them: what correct_bwd's tests add the entry terms to."""
+    B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
+    scale = 1.0 / math.sqrt(D)
+    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=seed)
+    bias, coo = make_bias(Hq, Tq_max, Tk_max, n, seed=seed + 6, scale_vals=1.5)
+    ev = bias.entry_values()
+    out, lse = ka.flash_fwd(q, k, v, bias, ev, causal=causal, scale=scale, alpha=alpha)
+    dense = ka.flash_bwd(q, k, v, out, lse, do, None, causal=causal, scale=scale, alpha=alpha, need_dvalues=False)
+    return q, k, v, do, bias, coo, ev, out, lse, dense
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c[7] > 0])
 def test_correct_bwd_window_form(case):
     """correct_bwd's launches by windows of entries (the query side; the key side where there is
@@ -322,11 +335,7 @@ def test_correct_bwd_window_form(case):
     with windows smaller than a row's or a key's entries."""
     B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
     scale, alpha = 1.0 / math.sqrt(D), 0.9
-    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=61 + n)
-    bias, coo = make_bias(Hq, Tq_max, Tk_max, n, seed=67 + n, scale_vals=1.5)
-    ev = bias.entry_values()
-    out, lse = ka.flash_fwd(q, k, v, bias, ev, causal=causal, scale=scale, alpha=alpha)
-    dense = ka.flash_bwd(q, k, v, out, lse, do, None, causal=causal, scale=scale, alpha=alpha, need_dvalues=False)
+    q, k, v, do, bias, coo, ev, out, lse, dense = biased_pass_and_dense_grads(case, 61 + n, alpha)
 
     def run(**kw):
         grads = [t.clone() for t in dense[:3]]
@@ -355,11 +364,7 @@ def test_correct_bwd_parts_with_given_delta(case):
     delta itself, in both query-side forms; bad delta / parts are refused before any launch."""
     B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
     scale, alpha = 1.0 / math.sqrt(D), 0.7
-    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=71 + n)
-    bias, _ = make_bias(Hq, Tq_max, Tk_max, n, seed=73 + n, scale_vals=1.5)
-    ev = bias.entry_values()
-    out, lse = ka.flash_fwd(q, k, v, bias, ev, causal=causal, scale=scale, alpha=alpha)
-    dense = ka.flash_bwd(q, k, v, out, lse, do, None, causal=causal, scale=scale, alpha=alpha, need_dvalues=False)
+    q, k, v, do, bias, _, ev, out, lse, dense = biased_pass_and_dense_grads(case, 71 + n, alpha)
     delta = (do.double() * out.double()).sum(-1).float().reshape(B * Hq, Tq).contiguous()
     kw = {"causal": causal, "scale": scale, "alpha": alpha}
     for q_form in ("rows", "window"):
