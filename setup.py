@@ -38,8 +38,11 @@ setup(
     name="memtrace",
     version="0.1.0",
     description="Persistent attention traces and routing-path crystallization as GPU kernels for PyTorch",
-    packages=["memtrace", "memtrace.reference", "memtrace.kernels"],
-    package_dir={"memtrace": "memtrace", "memtrace.reference": "memtrace/reference", "memtrace.kernels": "kernels"},
+    packages=["memtrace", "memtrace.backends", "memtrace.reference", "memtrace.kernels",
+              "memtrace.kernels.attention", "memtrace.kernels.salience"],
+    package_dir={"memtrace": "memtrace", "memtrace.backends": "memtrace/backends",
+                 "memtrace.reference": "memtrace/reference", "memtrace.kernels": "kernels",
+                 "memtrace.kernels.attention": "kernels/attention", "memtrace.kernels.salience": "kernels/salience"},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

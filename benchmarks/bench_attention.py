@@ -20,13 +20,13 @@ when TRITON_INTERPRET=1).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
 import sys
 import time
 
+import _harness
 import torch
 
 SHAPES = [  # (B, Hq, Hkv, T, D)
@@ -39,6 +39,7 @@ QUICK_SHAPES = [(4, 16, 16, 4096, 128)]
 TRACES = [(2048, "random"), (2048, "clustered"), (16384, "random"), (16384, "clustered")]
 QUICK_TRACES = [(2048, "random"), (16384, "clustered")]
 REP_MS = 100   # do_bench's timing window per measurement (--rep)
+SHAPE_KEYS = ("B", "Hq", "Hkv", "T", "D", "causal")   # what identifies a row's shape and causal setting
 PEERS = ["sdpa_flash", "sdpa_cudnn", "flex_dense_bias", "sdpa_efficient_dense_bias", "sdpa_cudnn_dense_bias",
          "eager_dense_bias"]
 
@@ -153,40 +154,31 @@ def memtrace_fn(backend, q, k, v, causal, bias):
 
 def measure(make_fn, q, k, v, dout, *, backward, quick):
     """(median ms, peak MiB above what was allocated before make_fn) of fn() or fn().backward()."""
-    import triton.testing
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn = make_fn()
-    if backward:
-        def step():
-            fn().backward(dout)
-    else:
-        def step():
-            with torch.no_grad():
-                fn()
-    step()  # compile / autotune, and the memory high-water mark
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    ms = triton.testing.do_bench(step, warmup=10 if quick else 25, rep=40 if quick else REP_MS,
-                                 grad_to_none=[q, k, v] if backward else None, return_mode="median")
-    return ms, peak
+    with _harness.PeakMemory() as peak:
+        fn = make_fn()
+        if backward:
+            def step():
+                fn().backward(dout)
+        else:
+            def step():
+                with torch.no_grad():
+                    fn()
+        step()  # compile / autotune, and the memory high-water mark
+    ms = _harness.median_ms(step, warmup=10 if quick else 25, rep=40 if quick else REP_MS,
+                            grad_to_none=[q, k, v] if backward else None)
+    return ms, peak.mib
 
 
 def short_timer(fn, backward, dout, inputs):
     """A callable returning the do_bench median (ms, short window) of fn() or fn().backward(dout):
     one side of interleaved_overhead."""
-    import triton.testing
-
     def step():
         if backward:
             fn().backward(dout)
         else:
             with torch.no_grad():
                 fn()
-    return lambda: triton.testing.do_bench(step, warmup=5, rep=25, grad_to_none=list(inputs) if backward else None,
-                                           return_mode="median")
+    return lambda: _harness.median_ms(step, warmup=5, rep=25, grad_to_none=list(inputs) if backward else None)
 
 
 def interleaved_overhead(time_base, time_biased, rounds=5):
@@ -201,69 +193,17 @@ def interleaved_overhead(time_base, time_biased, rounds=5):
     return ratios[len(ratios) // 2], ratios[0], ratios[-1]
 
 
-def probe_log(path, **header):
-    """(doc, row) for the probes: row(**fields) appends a result row, prints it and rewrites the
-    JSON at `path` (so a probe cut short by a time limit keeps what it measured)."""
-    import triton
-    doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "date": datetime.datetime.now(datetime.UTC).isoformat(), **header, "rows": []}
-
-    def row(**fields):
-        doc["rows"].append(fields)
-        print(json.dumps(fields), flush=True)
-        with open(path, "w") as fh:
-            json.dump(doc, fh, indent=1)
-    return doc, row
-
-
-def probe_biases(H, T, causal, device):
-    """{0: None, 2048: ..., 16384: ...}: the probes' random TraceBias per traces/head."""
-    return {0: None, **{n: make_trace_bias(H, T, n, "random", causal, device) for n in (2048, 16384)}}
-
-
-def accuracy_vs_dense(variants, apply, row, *, per_head=64, value_scale=2.0,
-                      cases=((2, 8, 2, 1000, 1237, 128, False), (2, 4, 2, 300, 517, 128, True))):
-    """Probes' accuracy check: the triton backend's out and three gradients under each variant
-    (apply(name) switches to it) against float32 SDPA with the dense bias, at odd GQA shapes
-    (lengths not multiples of any block); row(...) gets max |err| / max |ref| of each."""
-    import memtrace as mt
-    for (B, Hq, Hkv, Tq, Tk, D, causal) in cases:
-        g = torch.Generator(device="cuda").manual_seed(Tq)
-        q = torch.randn(B, Hq, Tq, D, device="cuda", generator=g).bfloat16().requires_grad_(True)
-        k, v = (torch.randn(B, Hkv, Tk, D, device="cuda", generator=g).bfloat16().requires_grad_(True)
-                for _ in range(2))
-        do = torch.randn(B, Hq, Tq, D, device="cuda", generator=g).bfloat16()
-        n = per_head * Hq
-        bias = mt.TraceBias.from_coo(torch.arange(Hq, device="cuda").repeat_interleave(per_head),
-                                     torch.randint(0, Tq, (n,), device="cuda", generator=g),
-                                     torch.randint(0, Tk, (n,), device="cuda", generator=g),
-                                     value_scale * torch.rand(n, device="cuda", generator=g), num_heads=Hq,
-                                     seq_len_q=Tq, seq_len_k=Tk)
-        dense = torch.zeros(Hq, Tq, Tk, device="cuda")
-        dense.index_put_((bias.head, bias.q_idx, bias.k_idx), bias.value.float(), accumulate=True)
-        if causal:
-            dense.masked_fill_(torch.ones(Tq, Tk, dtype=torch.bool, device="cuda").triu_(Tk - Tq + 1), float("-inf"))
-        qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
-        ref = torch.nn.functional.scaled_dot_product_attention(qf, kf.repeat_interleave(Hq // Hkv, 1),
-                                                               vf.repeat_interleave(Hq // Hkv, 1), attn_mask=dense[None])
-        ref.backward(do.float())
-        refs = (ref.detach(), qf.grad, kf.grad, vf.grad)
-        for name in variants:
-            apply(name)
-            for t in (q, k, v):
-                t.grad = None
-            out = mt.biased_attention(q, k, v, bias, causal=causal, backend="triton")
-            out.backward(do)
-            errs = [round(float((a.detach().float() - r).abs().max() / r.abs().max()), 5)
-                    for a, r in zip((out, q.grad, k.grad, v.grad), refs)]
-            row(check=[B, Hq, Hkv, Tq, Tk, D, causal], variant=name, rel_err_out_dq_dk_dv=errs)
-
-
 OVERHEAD_BACKENDS = ("auto", "triton")
 OVERHEAD_TRACES = ((2048, "random"), (16384, "random"))
 
 
 # ---- the run ------------------------------------------------------------------------------------
+
+def error_text(exc):
+    """'Type: first line of the message' for a row that could not run."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
 
 def memtrace_backends():
     import memtrace.attention as A
@@ -271,7 +211,6 @@ def memtrace_backends():
 
 
 def run_gpu(args):
-    import triton.testing
 
     import memtrace.attention as A
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -288,12 +227,12 @@ def run_gpu(args):
     def record(row):
         rows.append(row)
         if args.json:  # keep what was measured even if the run is cut short
-            with open(args.json, "w") as fh:
-                json.dump({"benchmark": "attention", "env": environment(), "quick": args.quick, "partial": True,
-                           "rows": rows}, fh, indent=1)
+            _harness.write_json(args.json, {"benchmark": "attention", "env": environment(), "quick": args.quick,
+                                            "partial": True, "rows": rows})
         if "fwd_overhead" in row or "fwdbwd_overhead" in row:
             print(f"  {row['impl']:<28} {row['traces']:>6} {row['pattern']:<9} interleaved overhead over bias=None: "
-                  + " ".join(f"{ph} {row[ph + '_overhead']:+.1%}" for ph in ("fwd", "fwdbwd") if ph + "_overhead" in row)
+                  + " ".join(f"{ph} {row[ph + '_overhead']:+.1%}" for ph in ("fwd", "fwdbwd")
+                             if ph + "_overhead" in row)
                   + "".join(f"; {ph} speed vs SDPA cuDNN without bias {row[ph + '_vs_sdpa_cudnn']:.3f}x"
                             for ph in ("fwd", "fwdbwd") if ph + "_vs_sdpa_cudnn" in row),
                   flush=True)
@@ -312,7 +251,7 @@ def run_gpu(args):
             k = torch.randn(B, Hkv, T, D, device=device, dtype=dtype, generator=g).requires_grad_(True)
             v = torch.randn(B, Hkv, T, D, device=device, dtype=dtype, generator=g).requires_grad_(True)
             dout = torch.randn(B, Hq, T, D, device=device, dtype=dtype, generator=g)
-            common = dict(B=B, Hq=Hq, Hkv=Hkv, T=T, D=D, causal=causal, dtype=args.dtype)
+            common = {"B": B, "Hq": Hq, "Hkv": Hkv, "T": T, "D": D, "causal": causal, "dtype": args.dtype}
             f_fwd, f_bwd = flops(B, Hq, T, D, causal, False), flops(B, Hq, T, D, causal, True)
 
             def bench(impl, make_fn, extra):
@@ -325,7 +264,7 @@ def run_gpu(args):
                         row[f"{key}_tflops"] = (f_bwd if backward else f_fwd) / ms / 1e9
                         row["peak_mib"] = max(row.get("peak_mib", 0.0), peak)
                 except Exception as exc:  # OOM, unsupported: record and go on
-                    row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                    row["error"] = error_text(exc)
                     torch.cuda.empty_cache()
                 record(row)
                 return row
@@ -337,8 +276,8 @@ def run_gpu(args):
                 if reasons:
                     record(dict(common, impl=f"memtrace[{backend}] no bias", error="; ".join(reasons)))
                     continue
-                bench(f"memtrace[{backend}] no bias", lambda backend=backend: memtrace_fn(backend, q, k, v, causal, None),
-                      {})
+                bench(f"memtrace[{backend}] no bias",
+                      lambda backend=backend: memtrace_fn(backend, q, k, v, causal, None), {})
             # memtrace with trace biases
             for per_head, pattern in (traces if only != "peers" else []):
                 for backend in memtrace_backends():
@@ -381,7 +320,7 @@ def run_gpu(args):
                                 row[f"{phase}_vs_sdpa_cudnn_range"] = [1.0 + lo, 1.0 + hi]
                         del bias
                     except Exception as exc:
-                        row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                        row["error"] = error_text(exc)
                     record(row)
             # peers: the dense bias is built inside make_fn so its memory counts in the peak
             probe_bias = make_trace_bias(Hq, T, traces[0][0], traces[0][1], causal, device)
@@ -397,14 +336,14 @@ def run_gpu(args):
                 if peer in ("sdpa_flash", "sdpa_cudnn"):
                     bench(peer, lambda peer=peer: peer_fn(peer, q, k, v, causal, None), {})
                 else:
-                    if peer == "eager_dense_bias" and B * Hq * T * T * 6 > 0.6 * torch.cuda.get_device_properties(0).total_memory:
+                    total = torch.cuda.get_device_properties(0).total_memory
+                    if peer == "eager_dense_bias" and B * Hq * T * T * 6 > 0.6 * total:
                         record(dict(common, impl=peer, error="skipped: the materialised scores would not fit"))
                         continue
                     bench(peer, lambda peer=peer: peer_fn(peer, q, k, v, causal,
                                                           dense_bias_of(probe_bias, T, causal, dtype)),
                           {"traces": traces[0][0], "pattern": traces[0][1]})
-            del probe_bias
-            del q, k, v, dout
+            probe_bias = q = k = v = dout = None   # free them before the next shape's inputs
             torch.cuda.empty_cache()
     add_ratios(rows)
     return rows
@@ -414,7 +353,7 @@ def add_ratios(rows):
     """For every memtrace row: its TFLOP/s over each peer's of the same shape and causal setting,
     and its time over bias=None of the same backend."""
     def key(r):
-        return (r["B"], r["Hq"], r["Hkv"], r["T"], r["D"], r["causal"])
+        return tuple(r[n] for n in SHAPE_KEYS)
     peers = {}
     nobias = {}
     for r in rows:
@@ -434,33 +373,24 @@ def add_ratios(rows):
         base = nobias.get((key(r), r["impl"]))
         if base:
             r["overhead_vs_no_bias"] = {phase: r[f"{phase}_ms"] / base[f"{phase}_ms"] - 1.0
-                                        for phase in ("fwd", "fwdbwd") if r.get(f"{phase}_ms") and base.get(f"{phase}_ms")}
+                                        for phase in ("fwd", "fwdbwd")
+                                        if r.get(f"{phase}_ms") and base.get(f"{phase}_ms")}
 
 
 def environment():
-    import triton
-    env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-           "triton": triton.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
+    env = _harness.header(python=sys.version.split()[0])
     if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name()
         env["cudnn"] = torch.backends.cudnn.version()
-    else:
-        env["device"] = "cpu"
-    try:
-        import memtrace
-        env["memtrace"] = memtrace.__version__
-    except Exception:
-        pass
     return env
 
 
 def markdown(rows, env):
     """A table per shape and causal setting: time, TFLOP/s, ratios to cuDNN (no bias) and Flex +
     dense bias, overhead over bias=None, peak memory."""
-    out = [f"## Attention ({env.get('device')}, torch {env.get('torch')}, triton {env.get('triton')}, "
-           f"cuDNN {env.get('cudnn')}, {env.get('date')})", "",
-           "TFLOP/s: 4*B*Hq*T^2*D forward, 3.5x for forward+backward, halved when causal. Ratios are TFLOP/s "
-           "over the peer's in the same run. Peak: memory above the inputs, bias included.", ""]
+    out = [(f"## Attention ({env.get('device')}, torch {env.get('torch')}, triton {env.get('triton')}, "
+           f"cuDNN {env.get('cudnn')}, {env.get('date')})"), "",
+           ("TFLOP/s: 4*B*Hq*T^2*D forward, 3.5x for forward+backward, halved when causal. Ratios are TFLOP/s "
+           "over the peer's in the same run. Peak: memory above the inputs, bias included."), ""]
     groups = {}
     for r in rows:
         groups.setdefault((r["B"], r["Hq"], r["Hkv"], r["T"], r["D"], r["causal"], r["dtype"]), []).append(r)
@@ -468,7 +398,8 @@ def markdown(rows, env):
         out.append(f"### B={B} Hq={Hq} Hkv={Hkv} T={T} D={D} {'causal' if causal else 'non-causal'} {dtype}")
         out.append("")
         out.append("| impl | traces/head | pattern | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | "
-                   "fwd vs cuDNN | f+b vs cuDNN | fwd vs Flex+bias | f+b vs Flex+bias | over bias=None f / f+b | peak MiB |")
+                   "fwd vs cuDNN | f+b vs cuDNN | fwd vs Flex+bias | f+b vs Flex+bias | over bias=None f / f+b | "
+                   "peak MiB |")
         out.append("|" + "---|" * 13)
         interleaved = [r for r in rs if r["impl"].startswith("overhead[")]
         for r in rs:
@@ -490,13 +421,15 @@ def markdown(rows, env):
                 f"{f(r.get('fwdbwd_tflops'), '{:.0f}')} | {f(ra.get('fwd_vs_sdpa_cudnn'))} | "
                 f"{f(ra.get('fwdbwd_vs_sdpa_cudnn'))} | {f(ra.get('fwd_vs_flex_dense_bias'))} | "
                 f"{f(ra.get('fwdbwd_vs_flex_dense_bias'))} | "
-                f"{f(ov.get('fwd'), '{:+.1%}')} / {f(ov.get('fwdbwd'), '{:+.1%}')} | {f(r.get('peak_mib'), '{:.0f}')} |")
+                f"{f(ov.get('fwd'), '{:+.1%}')} / {f(ov.get('fwdbwd'), '{:+.1%}')} | "
+                f"{f(r.get('peak_mib'), '{:.0f}')} |")
         out.append("")
         if interleaved:
             out.append("Overhead over bias=None of the same backend, the two timed back to back in each of 5 rounds "
                        "(median, range):")
             out.append("")
-            out.append("| backend | traces/head | pattern | fwd | fwd+bwd | speed vs SDPA cuDNN without bias, fwd / f+b |")
+            out.append("| backend | traces/head | pattern | fwd | fwd+bwd "
+                       "| speed vs SDPA cuDNN without bias, fwd / f+b |")
             out.append("|---|---|---|---|---|---|")
             for r in interleaved:
                 cells = []
@@ -529,8 +462,9 @@ def run_cpu(args):
             v = torch.randn(B, Hkv, T, D, requires_grad=True)
             bias = make_trace_bias(Hq, T, 64, "clustered", causal, torch.device("cpu"))
             for backend in ("reference", "triton"):
-                row = dict(B=B, Hq=Hq, Hkv=Hkv, T=T, D=D, causal=causal, dtype="fp32", impl=f"memtrace[{backend}]",
-                           traces=64, pattern="clustered")
+                row = {"B": B, "Hq": Hq, "Hkv": Hkv, "T": T, "D": D, "causal": causal, "dtype": "fp32",
+                       "impl": f"memtrace[{backend}]",
+                           "traces": 64, "pattern": "clustered"}
                 reasons = A.backend_reasons(q, k, v, bias, causal=causal)[backend]
                 if reasons:
                     row["error"] = "; ".join(reasons)
@@ -571,27 +505,29 @@ def main(argv=None):
     global REP_MS
     REP_MS = args.rep
     if args.merge:
-        docs = [json.load(open(path)) for path in args.merge]
+        docs = []
+        for path in args.merge:
+            with open(path) as fh:
+                docs.append(json.load(fh))
         rows = [r for d in docs for r in d["rows"]]
         add_ratios(rows)
         result = {"benchmark": "attention", "env": docs[0]["env"], "quick": False, "rows": rows,
-                  "merged_from": [d["env"].get("date") for d in docs]}
+                  "merged_from": [d["env"].get("date") for d in docs],
+                  # which run each shape's rows come from (their env: device, versions, date)
+                  "parts": [{"file": os.path.basename(path), "env": d["env"],
+                             "shapes": sorted({tuple(r[n] for n in SHAPE_KEYS) for r in d["rows"]})}
+                            for path, d in zip(args.merge, docs)]}
         if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(result, fh, indent=1)
+            _harness.write_json(args.json, result)
         if args.markdown:
             with open(args.markdown, "w") as fh:
                 fh.write(markdown(rows, docs[0]["env"]))
         return result
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     env = environment()
     rows = run_gpu(args) if torch.cuda.is_available() else run_cpu(args)
     result = {"benchmark": "attention", "env": env, "quick": args.quick, "rows": rows}
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+        _harness.write_json(args.json, result)
         print(f"wrote {args.json}")
     if args.markdown:
         with open(args.markdown, "w") as fh:

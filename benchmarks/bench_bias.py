@@ -22,15 +22,13 @@ Usage: python benchmarks/bench_bias.py [--json PATH] [--quick]
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import sys
 import time
 
+import _harness
 import torch
 
-import memtrace
 from memtrace import bias as bias_mod
 from memtrace.bias import TraceBias
 
@@ -51,8 +49,7 @@ def make_coo(heads, per_head, T, device, seed=0):
 
 
 def bench(fn, rep):
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+    return _harness.median_ms(fn, warmup=25, rep=rep)
 
 
 def wall_us(fn, iters):
@@ -126,16 +123,12 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     a = ap.parse_args(argv)
 
-    result = {"bench": "bias_index", "date": datetime.date.today().isoformat(),
-              "torch": torch.__version__, "memtrace": getattr(memtrace, "__version__", None),
-              "quick": a.quick, "target_ms": TARGET_MS, "rows": []}
+    result = {"bench": "bias_index", **_harness.header(), "quick": a.quick, "target_ms": TARGET_MS, "rows": []}
     if not torch.cuda.is_available():
         msg = "bench_bias: no CUDA device: timings skipped (the Triton builder runs on CUDA only)"
         print(msg)
         result["skipped"] = msg
     else:
-        import triton
-        result.update(device=torch.cuda.get_device_name(), cuda=torch.version.cuda, triton=triton.__version__)
         print(f"# TraceBias index build on {result['device']}, {HEADS} heads, T={T} "
               f"(do_bench medians; wall = host time per call, back to back)")
         print(f"{'entries/head':>12} {'nnz':>8} {'triton ms':>10} {'torch ms':>9} {'speedup':>8} "
@@ -157,8 +150,7 @@ def main(argv=None):
             print("ERROR: the Triton and torch builders disagree", file=sys.stderr)
             result["error"] = "builders disagree"
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
+        _harness.write_json(a.json, result)
     return 1 if result.get("error") else 0
 
 

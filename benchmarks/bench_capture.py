@@ -3,17 +3,17 @@ seeds' eager capture, in one process on one GPU.
 
 Measured per shape (bf16, non-causal, D=128):
   base_sdpa      SDPA flash forward+backward (aten op that also returns the LSE), no capture
-  capture_sdpa   the same + SalienceCapture._fill (the capture memtrace's backward runs)
+  capture_sdpa   the same + SalienceCapture.fill (the capture memtrace's backward runs)
   base_mt        memtrace.biased_attention forward+backward, capture=None   (when it runs here)
   capture_mt     memtrace.biased_attention(..., capture=cap) forward+backward ("auto": the Triton
                  backend when the capture can be fused)
   base_triton / capture_triton_fused / capture_triton_unfused   backend="triton" without a capture,
                  with the fused capture (the backward's dQ kernel bounds the salience per 64-key
                  segment, the fill rescores the segments that pass), with the unfused one
-  fill           SalienceCapture._fill alone (out/lse precomputed), threshold regime
-  fill_overflow  _fill with threshold 0: every edge is a candidate, the buffer overflows and the
+  fill           SalienceCapture.fill alone (out/lse precomputed), threshold regime
+  fill_overflow  fill with threshold 0: every edge is a candidate, the buffer overflows and the
                  strongest `capacity` are kept (the seeds' top-k semantics)
-  fill_bias      _fill with a 2048-entries-per-head TraceBias (scores every entry exactly)
+  fill_bias      fill with a 2048-entries-per-head TraceBias (scores every entry exactly)
   eager          the seeds' capture: materialise A = softmax(QK^T) (fp32 softmax, bf16 A),
                  retain_grad, backward, S = mean_b A*|dA|, topk(capacity)
 Times are medians of triton.testing.do_bench; peak memory is torch.cuda.max_memory_allocated
@@ -25,38 +25,31 @@ Usage: python benchmarks/bench_capture.py [--json PATH] [--quick]
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import sys
 import traceback
 
+import _harness
 import torch
 
 import memtrace
 from memtrace import capture as capture_mod
 from memtrace.capture import SalienceCapture
 
-
 _PREVIOUS_SWEEP = {}
 NO_SWEEP = False                  # --no-sweep: the default tile configuration only
 
 
 def bench(fn, grad_to_none=None, rep=200):
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=25, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+    return _harness.median_ms(fn, warmup=25, rep=rep, grad_to_none=grad_to_none)
 
 
 def peak_mib(fn, grads=()):
     for t in grads:
         t.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with _harness.PeakMemory() as peak:
+        fn()
+    return peak.mib
 
 
 def sdpa_fwd(q, k, v, scale):
@@ -90,7 +83,7 @@ def run_shape(B, H, T, D, capacity, quick, notes):
     grads = [q, k, v]
     flops_fb = 3.5 * 4 * B * H * T * T * D
     flops_cap = 4 * B * H * T * T * D
-    res = {"shape": dict(B=B, H=H, T=T, D=D, dtype="bf16", causal=False), "capacity": capacity}
+    res = {"shape": {"B": B, "H": H, "T": T, "D": D, "dtype": "bf16", "causal": False}, "capacity": capacity}
 
     with torch.no_grad():
         out0, lse0 = sdpa_fwd(q, k, v, scale)
@@ -102,7 +95,7 @@ def run_shape(B, H, T, D, capacity, quick, notes):
     capture_mod._GLUE_CACHE.clear()
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    probe._fill(q.detach(), k.detach(), v.detach(), out0, lse0, dout, None, None, scale=scale)
+    probe.fill(q.detach(), k.detach(), v.detach(), out0, lse0, dout, None, None, scale=scale)
     torch.cuda.synchronize()
     held = probe.edges[0].numel() * 20 + 6 * 512      # its edge rows and 6 small tensors
     res["glue_workspace_mib"] = (torch.cuda.memory_allocated() - before - held) / 2**20
@@ -110,26 +103,26 @@ def run_shape(B, H, T, D, capacity, quick, notes):
     res["threshold"] = threshold
     res["probe_num_candidates"] = int(probe.stats["num_candidates"])
     cap = SalienceCapture(threshold=threshold, capacity=capacity)
-    cap._fill(q.detach(), k.detach(), v.detach(), out0, lse0, dout, None, None, scale=scale)
+    cap.fill(q.detach(), k.detach(), v.detach(), out0, lse0, dout, None, None, scale=scale)
     res["fill_num_candidates"] = int(cap.stats["num_candidates"])
     res["fill_num_edges"] = int(cap.num_edges)
 
     def base_sdpa():
-        out, lse = sdpa_fwd(q, k, v, scale)
+        out, _ = sdpa_fwd(q, k, v, scale)
         out.backward(dout)
 
     def capture_sdpa():
         out, lse = sdpa_fwd(q, k, v, scale)
         out.backward(dout)
-        cap._fill(q.detach(), k.detach(), v.detach(), out.detach(), lse, dout, None, None, scale=scale)
+        cap.fill(q.detach(), k.detach(), v.detach(), out.detach(), lse, dout, None, None, scale=scale)
 
     def fill():
-        cap._fill(q.detach(), k.detach(), v.detach(), out0, lse0, dout, None, None, scale=scale)
+        cap.fill(q.detach(), k.detach(), v.detach(), out0, lse0, dout, None, None, scale=scale)
 
     over = SalienceCapture(threshold=0.0, capacity=capacity)
 
     def fill_overflow():
-        over._fill(q.detach(), k.detach(), v.detach(), out0, lse0, dout, None, None, scale=scale)
+        over.fill(q.detach(), k.detach(), v.detach(), out0, lse0, dout, None, None, scale=scale)
 
     t = {}
     t["base_sdpa"] = bench(base_sdpa, grads)
@@ -189,7 +182,7 @@ def run_shape(B, H, T, D, capacity, quick, notes):
     bias = memtrace.TraceBias.from_coo(bh, bi, bj, bval, num_heads=H, seq_len_q=T, seq_len_k=T)
     ev = bias.entry_values()
     capb = SalienceCapture(threshold=threshold, capacity=capacity)
-    t["fill_bias"] = bench(lambda: capb._fill(q.detach(), k.detach(), v.detach(), out0, lse0, dout, bias, ev,
+    t["fill_bias"] = bench(lambda: capb.fill(q.detach(), k.detach(), v.detach(), out0, lse0, dout, bias, ev,
                                               scale=scale))
 
     # memtrace.biased_attention, when it runs here: "auto" (cuDNN without a capture; with one, the
@@ -251,7 +244,7 @@ def run_shape(B, H, T, D, capacity, quick, notes):
                                                       int(capu.stats["num_candidates"])]}
         # How much of the (row, 64-key segment) grid the bound lets through.
         from memtrace.kernels import attention as ka
-        fused = capt._fused_bound(q, k)
+        fused = capt.fused_bound(q, k)
         if fused is not None:
             words = fused.words
             out1, lse1 = ka.flash_fwd(q.detach(), k.detach(), v.detach(), causal=False, scale=scale, alpha=1.0)
@@ -317,16 +310,13 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("bench_capture: no CUDA device; nothing to measure (the CPU tests cover correctness)")
         return 0
-    import triton
     shapes = [(int(b), 16, 4096, 128) for b in args.batches.split(",")]
     if args.quick:
         shapes = [(1, 4, 1024, 64)]
     capacity = 1 << 17
     notes = []
     results = []
-    doc = {"benchmark": "bench_capture", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "cuda": torch.version.cuda, "triton": triton.__version__, "memtrace": memtrace.__version__,
-           "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
+    doc = {"benchmark": "bench_capture", **_harness.header(), "quick": args.quick,
            "sparse_emit": capture_mod._SPARSE_EMIT,
            "baseline": "SDPA flash fwd+bwd (aten _scaled_dot_product_flash_attention, returns the LSE the "
                        "capture needs); memtrace.biased_attention too where it ran (base_mt / capture_mt)",
@@ -335,8 +325,7 @@ def main(argv=None):
 
     def save():
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(doc, f, indent=1)
+            _harness.write_json(args.json, doc)
 
     for B, H, T, D in shapes:
         try:
@@ -354,8 +343,7 @@ def main(argv=None):
               f"capture config {r['best_config']} (default {r['default_config']})", flush=True)
         for name, ms in r["ms"].items():
             print(f"  {name:22s} {ms:9.3f} ms   peak {r['peak_mib'].get(name, float('nan')):9.1f} MiB")
-        for name, x in r["ratios"].items():
-            print(f"  {name:34s} {x:8.3f}")
+        _harness.print_ratios(r["ratios"])
         for name, x in r["tflops"].items():
             print(f"  TFLOP/s {name:26s} {x:8.1f}")
         print(f"  shared fill glue (persistent): {r['glue_workspace_mib']:.1f} MiB; fused segments passing: "

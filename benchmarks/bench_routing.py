@@ -15,21 +15,19 @@ a tree that already holds one batch, which adds the merge cost).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import platform
 import time
 
+import _harness
 import torch
 
 import memtrace as mt
 from memtrace.routing import BYTES_PER_NODE
 
-
 # ---- the seeds' trie (semantic-crystallization-plan.md, RoutingPathTree), in our words -------------
 
 class _SeedNode:
-    __slots__ = ("expert", "layer", "count", "reward", "children")
+    __slots__ = ("children", "count", "expert", "layer", "reward")
 
     def __init__(self, expert, layer):
         self.expert, self.layer, self.count, self.reward, self.children = expert, layer, 0, 0.0, {}
@@ -203,7 +201,7 @@ def print_row(r):
           f"{r['cpu_steps_per_s']:>11.3g}{r['cpu_vs_python']:>8.0f}"
           + (f"{cuda:>11.3g}{r['cuda_vs_python']:>9.0f}{r['cuda_second_update_seconds'] * 1e3:>8.1f}ms"
              if cuda else f"{'-':>11}{'-':>9}{'-':>10}")
-          + f"{r['num_nodes']:>11}{r['bytes_per_node']:>7.1f}{str(r.get('cuda_table_equals_cpu', '-')):>6}",
+          + f"{r['num_nodes']:>11}{r['bytes_per_node']:>7.1f}{r.get('cuda_table_equals_cpu', '-')!s:>6}",
           flush=True)
 
 
@@ -213,24 +211,15 @@ def main(argv=None):
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     rows = run(args.quick)
-    env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-           "cuda": torch.version.cuda, "platform": platform.platform(), "cpu": platform.processor(),
-           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "bytes_per_node_layout": BYTES_PER_NODE, "quick": args.quick}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
+    env = _harness.header(platform=platform.platform(), cpu=platform.processor(),
+                          bytes_per_node_layout=BYTES_PER_NODE, quick=args.quick)
     for r in rows:
         extra = [f"{b} suffix/prefix time {r[f'{b}_suffix_over_prefix_time']:.2f}x"
                  for b in ("cpu", "cuda") if f"{b}_suffix_over_prefix_time" in r]
         if extra:
             print(f"E={r['num_experts']}: " + ", ".join(extra))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "results": rows}, f, indent=2)
+        _harness.write_json(args.json, {"env": env, "results": rows}, indent=2)
         print("wrote", args.json)
 
 

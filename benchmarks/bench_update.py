@@ -29,15 +29,13 @@ Usage: python benchmarks/bench_update.py [--json PATH] [--quick]
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import time
 
+import _harness
 import torch
 
 import memtrace as mt
-
 
 # ---- workload ------------------------------------------------------------------------------------
 
@@ -131,7 +129,7 @@ def peer_update(state, cand_key, cand_S, cand_a, trace_S, trace_a, *, H, Q, T, r
     slab = key[order] // (T * T)
     order = order[torch.argsort(slab, stable=True)]
     slab_sorted = key[order] // (T * T)
-    uniq, counts = torch.unique_consecutive(slab_sorted, return_counts=True)
+    _, counts = torch.unique_consecutive(slab_sorted, return_counts=True)
     starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
     rank = torch.arange(order.numel(), device=key.device) - starts
     order = order[rank < Q]
@@ -173,9 +171,7 @@ def main(argv=None):
         L, H, Q, T, C, iters = 4, 8, 256, 1024, 4096, 5
     else:
         L, H, Q, T, C, iters = 32, 32, 2048, 4096, 65536, 30
-    import triton
-    out = {"benchmark": "trace_update", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "triton": triton.__version__, "cuda": torch.version.cuda, "date": datetime.date.today().isoformat(),
+    out = {"benchmark": "trace_update", **_harness.header(),
            "workload": {"layers": L, "heads": H, "quota": Q, "max_seq_len": T, "candidates_per_layer": C,
                         "candidates_total": L * C, "trace_slots": L * H * Q,
                         "mapping": f"one batched update of all {L} layers: {L} x {C} candidate edges "
@@ -218,8 +214,8 @@ def main(argv=None):
                 + cand[1].long() * T + cand[2].long()).reshape(-1)
     trace_S = tS.reshape(-1)[(s0 >= 0).reshape(-1)]
     trace_a = tA.reshape(-1)[(s0 >= 0).reshape(-1)]
-    kw = dict(H=H, Q=Q, T=T, retention=mem.retention, decay=mem.decay, threshold=mem.threshold,
-              prune_eps=mem.prune_eps, attn_eps=mem.attn_eps, window=mem.window)
+    kw = {"H": H, "Q": Q, "T": T, "retention": mem.retention, "decay": mem.decay, "threshold": mem.threshold,
+              "prune_eps": mem.prune_eps, "attn_eps": mem.attn_eps, "window": mem.window}
     flat_S, flat_a = cand[3].reshape(-1), cand[4].reshape(-1)
     peer_out = {}
 
@@ -262,13 +258,11 @@ def main(argv=None):
                      "met_in_graph": res["memtrace_graph"]["ms"] <= 0.5 if "memtrace_graph" in res else None}
     for k, v in res.items():
         print(f"{k:20s} {v['ms']:8.3f} ms (gpu, median)   {v['host_ms']:8.3f} ms (host)")
-    for k, v in out["ratios"].items():
-        print(f"{k:40s} {v:6.2f}x")
+    _harness.print_ratios(out["ratios"], width=40, fmt="{:6.2f}x", indent="")
     print("agree:", out["agree"])
     print("graph:", out.get("graph_matches_eager", out.get("graph_error")))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        _harness.write_json(args.json, out, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,1 +1,1 @@
-"""memtrace.kernels: the Triton kernels (no autograd here; memtrace/ wraps them)."""
+"""memtrace.kernels: the Triton kernels only (no autograd: memtrace/ wraps them; no MEMTRACE_* reads: settings.py)."""

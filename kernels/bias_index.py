@@ -39,11 +39,11 @@ The torch builder: ~35 launches including two int64 sorts: 0.80 ms measured.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from . import settings
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -347,10 +347,8 @@ def build_index(head, q_idx, k_idx, num_heads, seq_len_q, seq_len_k, *, method=N
     n = head.shape[0]
     H, Tq, Tk = int(num_heads), int(seq_len_q), int(seq_len_k)
     if method is None:
-        # MEMTRACE_BIAS_INDEX=sort forces the path measured on the H100 (the fast one is not yet).
-        method = os.environ.get("MEMTRACE_BIAS_INDEX") or "fast"
-        if method not in ("fast", "sort"):
-            raise ValueError(f"MEMTRACE_BIAS_INDEX must be 'fast' or 'sort', got {method!r}")
+        # settings bias_index_method "sort" forces the path measured on the H100 (the fast one is not yet)
+        method = settings.current().bias_index_method
         if method == "fast" and not _fast_ok(n, H, Tq, Tk):
             method = "sort"
     if method == "fast" and max(Tq, Tk) > 1 << 16:

@@ -21,12 +21,11 @@ compile); kernels launched this way must take every such value as an argument.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from triton import knobs
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._common import INTERPRET
+
 _INT32 = (-(2**31), 2**31)
 _INT64 = (-(2**63), 2**63)
 _TENSOR = torch.Tensor

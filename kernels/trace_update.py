@@ -416,8 +416,8 @@ def _launch_constants(H, Q, pos_bits, age_bits):
         warps = SELECT_WARPS or max(4, min(16, block_q // 256))
         options = dict(SELECT_OPTIONS) if SELECT_OPTIONS or SELECT_WARPS else ({"maxnreg": 128} if warps == 8 else {})
         k = _CONSTANTS[key] = {
-            "match": dict(POS_SHIFT=pos_shift, POS_MASK=pos_mask, LOG_Q=log_q, BLOCK_C=_BLOCK_C,
-                          H_P2=max(2, 1 << (H - 1).bit_length()), num_warps=4),
+            "match": {"POS_SHIFT": pos_shift, "POS_MASK": pos_mask, "LOG_Q": log_q, "BLOCK_C": _BLOCK_C,
+                          "H_P2": max(2, 1 << (H - 1).bit_length()), "num_warps": 4},
             "select": dict(AGE_MAX=(1 << age_bits) - 1, POS_SHIFT=pos_shift, POS_MASK=pos_mask, IDX_BITS=_IDX_BITS,
                            BLOCK_Q=block_q, BLOCK_N=min(block_q, 1024), MERGE_MAX=SELECT_MERGE_MAX, LOG_Q=log_q,
                            num_warps=warps, **options)}

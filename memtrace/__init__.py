@@ -19,7 +19,8 @@ _EXPORTS = {
     "MotifRegistry": "memtrace.crystallize",
     "CompositeExpert": "memtrace.crystallize",
 }
-_SUBMODULES = ("reference", "kernels")
+_SUBMODULES = ("attention", "backends", "bias", "capture", "config", "crystallize", "kernels", "memory",
+               "reference", "routing")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

@@ -34,7 +34,7 @@ bounds the salience of each (head, query row, 64-key block) in an int32 word of 
 (kernels.attention.capture_bound_format: 8-bit fields for a batch of at most 5; each field sums
 over the batch the rounded-up levels of max P*|dP| over its keys, so it reaches its limit whenever
 some edge there that is not a bias entry can have S > threshold). flash_bwd runs dQ before dK/dV
-and hands the filled words to `_score_segments` before dK and dV are allocated: PASS 0 below becomes
+and hands the filled words to `score_segments` before dK and dV are allocated: PASS 0 below becomes
 a segment kernel (a program per (block, head) compacts the rows with a passing field and scores
 only their edges, exactly, as the tile kernels do), and the bound's memory is free again before
 dK/dV take theirs. Random data at B2 / B4 H16 T4096 let 5.6% / 15% of the rows through. Used while
@@ -63,11 +63,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
 from . import _validate as V
+from .config import settings as _settings
+from .config import triton_interpreter as _triton_interpreter
 
 __all__ = ["DEFAULT_CAPACITY", "SalienceCapture"]
 
@@ -90,23 +91,12 @@ _CONFIG_OVERRIDE = None      # set by benchmarks / tests to try other tiles
 _HIST_IN_MAIN = False
 
 
-def _env_int(name, default):
-    raw = os.environ.get(name, "").strip()
-    try:
-        return int(raw) if raw else default
-    except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
-
-
-# How a streamed tile appends its candidates: N > 0, one atomic per candidate when the tile has at
-# most N (else one atomic per tile and a tile-wide scan); 0, always the latter. Measured on the
-# H100 (benchmarks/profile_capture.py); MEMTRACE_CAPTURE_EMIT overrides it. (A third way, one
-# atomic per row and a scan along it, spilled and was slower: profile_capture_h100_emit_modes.json.)
-_SPARSE_EMIT = _env_int("MEMTRACE_CAPTURE_EMIT", 512)
-# The same choice for the fused fill's segment kernel (MEMTRACE_CAPTURE_SEGMENT_EMIT). Measured on
-# the H100 (profile_fused_capture_h100_session8_configs.json): both modes take the same time there,
-# and the ranked one spills at 128-row chunks (ptxas stack 56 B).
-_SEGMENT_EMIT = _env_int("MEMTRACE_CAPTURE_SEGMENT_EMIT", 512)
+# How a streamed tile appends its candidates (memtrace.config: capture_emit, default 512): N > 0,
+# one atomic per candidate when the tile has at most N (else one atomic per tile and a tile-wide
+# scan); 0, always the latter. Measured on the H100 (docs/perf-log.md; a third way, one atomic per
+# row and a scan along it, spilled and was slower). capture_segment_emit makes the same choice for
+# the fused fill's segment kernel: both modes take the same time there, and the ranked one spills
+# at 128-row chunks.
 _USE_DESC = True             # TMA descriptors for q/k/v/dO when their rows are contiguous (else pointers)
 
 
@@ -123,14 +113,11 @@ _BOUND_MARGIN = 1.0 / 64
 
 
 def _fused_mode() -> str:
-    raw = os.environ.get("MEMTRACE_CAPTURE_FUSED", "auto").strip().lower() or "auto"
-    if raw not in ("auto", "0", "1"):
-        raise ValueError(f"environment variable MEMTRACE_CAPTURE_FUSED must be auto, 0 or 1, got {raw!r}")
-    return raw
+    return _settings().capture_fused
 
 
 def _use_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _triton_interpreter()
 
 
 class SalienceCapture:
@@ -219,10 +206,10 @@ class SalienceCapture:
             return None
         return shape
 
-    def _fused_bound_applies(self, q, k) -> bool:
+    def fused_bound_applies(self, q, k) -> bool:
         return self._bound_shape(q, k) is not None
 
-    def _fused_bound(self, q, k):
+    def fused_bound(self, q, k):
         """A kernels.attention.CaptureBound (zeroed int32 words, the threshold to fill them against)
         for the Triton backward when the fused fill applies to this call, else None."""
         shape = self._bound_shape(q, k)
@@ -232,22 +219,22 @@ class SalienceCapture:
         return CaptureBound(torch.zeros(shape, dtype=torch.int32, device=q.device), _bound_threshold(self.threshold))
 
     @torch.no_grad()
-    def _score_segments(self, q, k, v, lse, dout, bias, words, *, causal, scale, bound):
+    def score_segments(self, q, k, v, lse, dout, bias, words, *, causal, scale, bound):
         """The fused fill's PASS 0, for flash_bwd's after_dq: rescore the segments that the filled
-        bound `words` lets through, into the shared glue (the `_fill` that follows, given `bound`,
+        bound `words` lets through, into the shared glue (the `fill` that follows, given `bound`,
         does the rest); `words` is not kept."""
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         _score_segments(self, q, k, v, lse, dout, bias, causal, scale, words)
         bound.scored = True
 
     @torch.no_grad()
-    def _fill(self, q, k, v, out, lse, dout, bias, entry_values, *, causal=False, scale=None, alpha=1.0,
+    def fill(self, q, k, v, out, lse, dout, bias, entry_values, *, causal=False, scale=None, alpha=1.0,
               bound=None):
         """Fill from the backward's tensors. out / lse: the BIASED forward output and natural-log
         log-sum-exp (float32 [B, Hq, Tq], -inf on fully masked rows); dout: the output gradient;
         bias: TraceBias or None; entry_values: bias.entry_values() or None; bound: the
-        CaptureBound of `_fused_bound` that the Triton backward filled (and whose segments its
-        after_dq may have scored already, see `_score_segments`); None: every tile is scored."""
+        CaptureBound of `fused_bound` that the Triton backward filled (and whose segments its
+        after_dq may have scored already, see `score_segments`); None: every tile is scored."""
         V.check_capture_fill_inputs(q, k, v, lse, dout, bias)
         B, Hq, Tq, D = q.shape
         Tk = k.shape[2]
@@ -328,8 +315,7 @@ def _make_stats(edges, num_edges, num_candidates, capacity, exact):
 
 # ---- Triton path (CUDA or interpreter) ------------------------------------------------------------
 
-# The glue after the fill's kernels as a CUDA graph (MEMTRACE_CAPTURE_GRAPH=0: eager torch ops).
-_GRAPH_GLUE = os.environ.get("MEMTRACE_CAPTURE_GRAPH", "1").strip() != "0"
+# The glue after the fill's kernels runs as a CUDA graph (config capture_graph; False: eager ops).
 _GLUE_CACHE: dict = {}
 _GLUE_CACHE_SIZE = 8
 
@@ -391,7 +377,7 @@ class _FillGlue:
 
     def finish(self):
         """After the kernels: (edges, num_edges, stats), tensors of their own."""
-        if not (_GRAPH_GLUE and self.scratch.is_cuda) or torch.cuda.is_current_stream_capturing():
+        if not (_settings().capture_graph and self.scratch.is_cuda) or torch.cuda.is_current_stream_capturing():
             outs = self._body()          # eager (also inside a caller's own graph capture)
         else:
             if self._graph is None:
@@ -489,7 +475,7 @@ def _score_segments(cap, q, k, v, lse, dout, bias, causal, scale, words):
     K.launch_segments(q, k, v, dout, lse.float(), words, seg=CAPTURE_SEG, bits=bits, bound_limit=levels * B,
                       threshold=_kernel_threshold(cap.threshold), qk_scale=scale * LOG2E,
                       causal_offset=(Tk - Tq) if causal else Tk, bias=bias, cnt=glue.cnt, capacity=cap.capacity,
-                      out=glue.out, precision="ieee", sparse_emit=_SEGMENT_EMIT)
+                      out=glue.out, precision="ieee", sparse_emit=_settings().capture_segment_emit)
 
 
 def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alpha, bound=None):
@@ -535,7 +521,7 @@ def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alp
                   entries=entries, cnt=cnt, capacity=capacity, out=out, staging=staging,
                   stg_capacity=capacity, tile_max=tile_max, hist=hist, config=config,
                   precision=precision, hist_in_main=hist_in_main, use_desc=_USE_DESC,
-                  sparse_emit=_SPARSE_EMIT)
+                  sparse_emit=_settings().capture_emit)
     if bound is None:
         K.launch_tiles(0, q, k, v, dout, lse, **common)
     # The overflow passes (no-ops without overflow) read through pointers: no descriptors to build,

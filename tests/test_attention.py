@@ -15,6 +15,9 @@ import torch
 
 import memtrace as mt
 from memtrace import attention as A
+from memtrace import config
+from memtrace.backends import base as backend_base
+from memtrace.backends import registry, torch_ops
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2, torch.float64: 1e-7}  # bias values and their gradients are float32
@@ -105,7 +108,7 @@ def cpu_backends():
     return names
 
 
-class _CorrectedReferenceBackend(A._CorrectedDenseBackend):
+class _CorrectedReferenceBackend(backend_base.CorrectedDenseBackend):
     """CPU stand-in for "cudnn"/"flash": unbiased reference attention + kernels/correction.py
     (runs under the Triton interpreter), exercising the corrected-dense code path of the op."""
 
@@ -115,7 +118,7 @@ class _CorrectedReferenceBackend(A._CorrectedDenseBackend):
     def not_supported_reasons(self, call):
         if not INTERPRET:
             return ["needs TRITON_INTERPRET=1"]
-        err = A._import_kernels("correction")[1]
+        err = backend_base.attention_kernels()[1]
         return [err] if err else self.correction_reasons(call)
 
     def dense_forward(self, q, k, v, *, causal, scale):
@@ -144,14 +147,26 @@ class _CorrectedReferenceBackend(A._CorrectedDenseBackend):
 @pytest.fixture(autouse=True)
 def _registry(monkeypatch):
     """The CPU stand-in backend, registered for each test and removed after it."""
-    monkeypatch.setitem(A._REGISTRY, "corrected_cpu", _CorrectedReferenceBackend())
-    monkeypatch.setattr(A, "BACKENDS", A.BACKENDS + ("corrected_cpu",))
-    monkeypatch.delenv(A.ENV_VAR, raising=False)
-    A._RESOLVED.clear()
-    A._FAILED.clear()
-    yield
-    A._RESOLVED.clear()
-    A._FAILED.clear()
+    registry.register_backend(_CorrectedReferenceBackend())
+    registry.reset()
+    with config.override(backend="auto"):
+        yield
+    registry.unregister_backend("corrected_cpu")
+    registry.reset()
+
+
+@pytest.fixture
+def add_backend():
+    """register_backend for one test; unregistered after it, pass or fail."""
+    added = []
+
+    def add(backend, **kwargs):
+        registry.register_backend(backend, **kwargs)
+        added.append(backend.name)
+    yield add
+    for name in added:
+        registry.unregister_backend(name)
+    registry.reset()
 
 
 # ---- parity -------------------------------------------------------------------------------------
@@ -335,7 +350,7 @@ class _RecordingCapture:
     def __init__(self):
         self.calls = []
 
-    def _fill(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha):
+    def fill(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, bound=None):
         self.calls.append(dict(q=q, k=k, v=v, out=out.detach().clone(), lse=lse.detach().clone(), dout=dout,
                                bias=bias, entry_values=entry_values, causal=causal, scale=scale, alpha=alpha))
 
@@ -479,20 +494,27 @@ def test_auto_on_cpu():
 
 def test_environment_variable_forces_a_backend(monkeypatch):
     q, k, v, bias = _good()
-    monkeypatch.setenv(A.ENV_VAR, "reference")
-    assert A.select_backend(q, k, v, bias) == ("reference", False)
-    monkeypatch.setenv(A.ENV_VAR, "cudnn")
-    with pytest.raises(ValueError, match="MEMTRACE_BACKEND"):
-        mt.biased_attention(q, k, v, bias)
-    monkeypatch.setenv(A.ENV_VAR, "nonsense")
-    with pytest.raises(ValueError, match="MEMTRACE_BACKEND"):
-        mt.biased_attention(q, k, v, bias)
-    # an explicit argument wins over the variable
-    monkeypatch.setenv(A.ENV_VAR, "cudnn")
-    assert A.select_backend(q, k, v, bias, backend="reference") == ("reference", False)
+    try:
+        monkeypatch.setenv("MEMTRACE_BACKEND", "reference")
+        config.reload()
+        assert A.select_backend(q, k, v, bias) == ("reference", False)
+        monkeypatch.setenv("MEMTRACE_BACKEND", "cudnn")
+        config.reload()
+        with pytest.raises(ValueError, match="MEMTRACE_BACKEND"):
+            mt.biased_attention(q, k, v, bias)
+        monkeypatch.setenv("MEMTRACE_BACKEND", "nonsense")
+        with pytest.raises(ValueError, match="MEMTRACE_BACKEND"):
+            config.reload()
+        # an explicit argument wins over the variable
+        monkeypatch.setenv("MEMTRACE_BACKEND", "cudnn")
+        config.reload()
+        assert A.select_backend(q, k, v, bias, backend="reference") == ("reference", False)
+    finally:
+        monkeypatch.delenv("MEMTRACE_BACKEND")
+        config.reload()
 
 
-class _Broken(A.Backend):
+class _Broken(backend_base.Backend):
     name = "broken"
 
     def not_supported_reasons(self, call):
@@ -505,11 +527,8 @@ class _Broken(A.Backend):
         raise RuntimeError("backward exploded")
 
 
-def test_auto_falls_back_once_with_a_warning(monkeypatch):
-    monkeypatch.setitem(A._REGISTRY, "broken", _Broken())
-    monkeypatch.setattr(A, "BACKENDS", A.BACKENDS + ("broken",))
-    monkeypatch.setattr(A, "AUTO_PRIORITY", ("broken",) + A.AUTO_PRIORITY)
-    monkeypatch.setattr(A, "_WARNED", set())
+def test_auto_falls_back_once_with_a_warning(add_backend):
+    add_backend(_Broken(), priority=0)
     q, k, v, bias, coo = make_inputs(1, 2, 2, 5, 5, 16, seed=43)
     with pytest.warns(RuntimeWarning, match="broken"):
         out = mt.biased_attention(q, k, v, bias)
@@ -523,9 +542,8 @@ def test_auto_falls_back_once_with_a_warning(monkeypatch):
         mt.biased_attention(q, k, v, bias, backend="broken")
 
 
-def test_explicit_backend_raises_the_real_error(monkeypatch):
-    monkeypatch.setitem(A._REGISTRY, "broken", _Broken())
-    monkeypatch.setattr(A, "BACKENDS", A.BACKENDS + ("broken",))
+def test_explicit_backend_raises_the_real_error(add_backend):
+    add_backend(_Broken())
     q, k, v, bias, _ = make_inputs(1, 2, 2, 5, 5, 16, seed=47)
     with pytest.raises(RuntimeError, match="kernel exploded"):
         mt.biased_attention(q, k, v, bias, backend="broken")
@@ -533,13 +551,13 @@ def test_explicit_backend_raises_the_real_error(monkeypatch):
 
 def test_private_torch_op_schema_guard(monkeypatch):
     """A changed schema of PyTorch's private ops turns the backend off with a reason."""
-    monkeypatch.setitem(A._TORCH_OP_SCHEMAS, "_scaled_dot_product_flash_attention",
+    monkeypatch.setitem(torch_ops._TORCH_OP_SCHEMAS, "_scaled_dot_product_flash_attention",
                         ([("query", "Tensor"), ("renamed", "Tensor")], 9))
-    monkeypatch.setattr(A, "_SCHEMA_CHECKS", {})
-    assert "does not know" in A._torch_op_mismatch("_scaled_dot_product_flash_attention")
-    assert A._torch_op_mismatch("_scaled_dot_product_cudnn_attention") is None
-    assert A._torch_op_mismatch("_scaled_dot_product_cudnn_attention_backward") is None
-    assert A._torch_op_mismatch("_scaled_dot_product_flash_attention_backward") is None
+    monkeypatch.setattr(torch_ops, "_SCHEMA_CHECKS", {})
+    assert "does not know" in torch_ops.torch_op_mismatch("_scaled_dot_product_flash_attention")
+    assert torch_ops.torch_op_mismatch("_scaled_dot_product_cudnn_attention") is None
+    assert torch_ops.torch_op_mismatch("_scaled_dot_product_cudnn_attention_backward") is None
+    assert torch_ops.torch_op_mismatch("_scaled_dot_product_flash_attention_backward") is None
 
 
 def test_negative_biases_steer_auto_away_from_the_standalone_correction(monkeypatch):
@@ -549,16 +567,16 @@ def test_negative_biases_steer_auto_away_from_the_standalone_correction(monkeypa
         pytest.skip("needs TRITON_INTERPRET=1 for the corrected CPU stand-in")
     q, k, v, bias, _ = make_inputs(1, 2, 2, 5, 5, 16, seed=53, value_scale=1.0)
     assert A.select_backend(q, k, v, bias, backend="corrected_cpu")[0] == "corrected_cpu"
-    A._RESOLVED.clear()
+    registry.reset()
     with pytest.raises(ValueError, match="cancel"):
         mt.biased_attention(q, k, v, bias, alpha=100.0, backend="corrected_cpu")
     # "auto" with the corrected stand-in first in line: it takes the mild call, not the cancelling one
-    monkeypatch.setattr(A, "AUTO_PRIORITY", ("corrected_cpu",) + A.AUTO_PRIORITY)
+    monkeypatch.setattr(registry, "AUTO_PRIORITY", ("corrected_cpu", *registry.AUTO_PRIORITY))
     used = []
     for name in ("corrected_cpu", "triton", "reference"):
         backend = A.get_backend(name)
         monkeypatch.setattr(backend, "forward", lambda *a, _f=backend.forward, _n=name, **kw: used.append(_n) or _f(*a, **kw))
-    A._RESOLVED.clear()
+    registry.reset()
     with torch.no_grad():
         mt.biased_attention(q, k, v, bias)
         assert used[0] == "corrected_cpu", used     # (its dense part runs the reference forward)
@@ -628,7 +646,7 @@ def test_custom_op_path_in_eager(backend, monkeypatch):
 
 # ---- double backward ----------------------------------------------------------------------------
 
-class _Opaque(A.Backend):
+class _Opaque(backend_base.Backend):
     """A kernel-like backend: the reference math run under no_grad, so the gradients it returns
     carry no graph (as those of the Triton / cuDNN / flash kernels)."""
 
@@ -646,12 +664,11 @@ class _Opaque(A.Backend):
             return A.get_backend("reference").backward(*args, **kwargs)
 
 
-def test_double_backward_is_exact_on_the_reference_and_refused_elsewhere(monkeypatch):
+def test_double_backward_is_exact_on_the_reference_and_refused_elsewhere(add_backend):
     """A gradient penalty (create_graph=True, then backward through dq): the reference backward is
     plain torch math and differentiates exactly; a kernel backend must raise, not silently treat
     its first-order gradients as constants (which dropped the penalty's second-order term)."""
-    monkeypatch.setitem(A._REGISTRY, "opaque", _Opaque())
-    monkeypatch.setattr(A, "BACKENDS", A.BACKENDS + ("opaque",))
+    add_backend(_Opaque())
     q, k, v, bias, coo = make_inputs(1, 2, 1, 4, 6, 16, seed=79)
 
     def penalised(attend, q, k, v, bias):
@@ -677,8 +694,9 @@ def test_double_backward_is_exact_on_the_reference_and_refused_elsewhere(monkeyp
 def test_may_cancel_follows_the_lowest_bias_logit():
     """The forwards skip the cancelled-row recompute only when no row can cancel: 1 + sum w >=
     exp(alpha * min value) >= CANCEL_THRESHOLD, i.e. alpha * min value >= ln(CANCEL_THRESHOLD)."""
-    from memtrace.attention import _may_cancel
-    from memtrace.kernels.correction import CANCEL_THRESHOLD
+    from memtrace.kernels.attention import CANCEL_THRESHOLD
+
+    from memtrace.backends.base import may_cancel as _may_cancel
     floor = math.log(CANCEL_THRESHOLD)
 
     def bias_of(values):
@@ -704,11 +722,11 @@ def test_triton_backward_skips_the_cancellation_work_when_no_row_can_cancel(monk
     H100); with a value under ln(0.25) / alpha it must."""
     if not INTERPRET:
         pytest.skip("needs TRITON_INTERPRET=1 (the Triton kernels on CPU)")
-    from memtrace.kernels import attention as ka
+    from memtrace.kernels.attention import bwd as kbwd
     calls = []
-    real_flags, real_exact = ka._cancel_flags, ka._exact_rows
-    monkeypatch.setattr(ka, "_cancel_flags", lambda *a, **kw: calls.append("flags") or real_flags(*a, **kw))
-    monkeypatch.setattr(ka, "_exact_rows", lambda *a, **kw: calls.append("exact") or real_exact(*a, **kw))
+    real_flags, real_exact = kbwd.cancel_flags, kbwd.exact_rows
+    monkeypatch.setattr(kbwd, "cancel_flags", lambda *a, **kw: calls.append("flags") or real_flags(*a, **kw))
+    monkeypatch.setattr(kbwd, "exact_rows", lambda *a, **kw: calls.append("exact") or real_exact(*a, **kw))
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 2, 12, 16, generator=g, requires_grad=True) for _ in range(3))
     head, i, j = torch.randint(0, 2, (20,), generator=g), torch.randint(0, 12, (20,), generator=g), \

@@ -1,8 +1,9 @@
-"""Interpreter parity of kernels/attention.py and kernels/correction.py against the float64 oracle.
+"""Interpreter parity of kernels/attention/ (fused and standalone correction) against the float64 oracle.
 
 Runs on the CPU under TRITON_INTERPRET=1 (set below when no GPU is present). Shapes are tiny: the
 interpreter is slow. fp16 and fp32 only (the interpreter cannot do a bf16 tl.dot).
 """
+import contextlib
 import math
 import os
 
@@ -12,14 +13,24 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from memtrace.bias import TraceBias  # noqa: E402
 import importlib  # noqa: E402
+
+from memtrace.bias import TraceBias  # noqa: E402
+
 ref = importlib.import_module("memtrace.reference.attention")
 from memtrace.kernels import attention as ka  # noqa: E402
-from memtrace.kernels import correction as kc  # noqa: E402
+from memtrace.kernels import settings  # noqa: E402
+from memtrace.kernels.attention import config as kcfg  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
+
+
+@pytest.fixture
+def knobs():
+    """knobs(**changes): kernel settings for the rest of the test (settings.override, undone at teardown)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(settings.override(**changes))
 
 
 def rel(a, b):
@@ -100,10 +111,10 @@ CASES = [
 @pytest.mark.parametrize("form", ["onehot", "rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CASES)
-def test_flash_fwd_bwd_matches_oracle(case, dtype, form, monkeypatch):
+def test_flash_fwd_bwd_matches_oracle(case, dtype, form, knobs):
     """Forward and backward against the float64 oracle, with both forms of the backward's entry
-    epilogues (ka.BWD_ENTRIES)."""
-    monkeypatch.setattr(ka, "BWD_ENTRIES", form)
+    epilogues (settings attn_bwd_entries)."""
+    knobs(attn_bwd_entries=form)
     B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
     scale, alpha = 1.0 / math.sqrt(D), 0.7
     q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed=n + Tq)
@@ -129,33 +140,33 @@ def test_flash_fwd_bwd_matches_oracle(case, dtype, form, monkeypatch):
         assert rel(dvals.cpu(), want_dv) < tol
 
 
-def test_backward_entry_form_follows_density(monkeypatch):
-    """BWD_ENTRIES=auto: the per-entry (rows) epilogues from ROWS_MIN_DENSITY entries per
+def test_backward_entry_form_follows_density(knobs):
+    """attn_bwd_entries="auto": the per-entry (rows) epilogues from ROWS_MIN_DENSITY entries per
     (head, query row) of the bias, the one-hot ones below; an explicit setting wins."""
     sparse, _ = make_bias(2, 10, 12, 30, seed=1)          # 1.5 per row
     dense_, _ = make_bias(2, 10, 12, 40, seed=2)          # 2.0 per row
-    monkeypatch.setattr(ka, "BWD_ENTRIES", "auto")
-    assert (ka._entry_form(sparse), ka._entry_form(dense_)) == (0, 1)
-    monkeypatch.setattr(ka, "BWD_ENTRIES", "rows")
-    assert ka._entry_form(sparse) == 1
-    monkeypatch.setattr(ka, "BWD_ENTRIES", "onehot")
-    assert ka._entry_form(dense_) == 0
+    knobs(attn_bwd_entries="auto")
+    assert (kcfg.entry_form(sparse), kcfg.entry_form(dense_)) == (0, 1)
+    knobs(attn_bwd_entries="rows")
+    assert kcfg.entry_form(sparse) == 1
+    knobs(attn_bwd_entries="onehot")
+    assert kcfg.entry_form(dense_) == 0
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[5]])
-def test_flash_bwd_without_possible_cancellation_skips_nothing_it_needs(case, monkeypatch):
+def test_flash_bwd_without_possible_cancellation_skips_nothing_it_needs(case, knobs):
     """may_cancel=False (alpha * every value >= ln(CANCEL_THRESHOLD), what the op passes for
     non-negative traces) skips the flags pass and the exact-row launches: the gradients must be
     bitwise those of the full path, and both must match the oracle (the fused form: the split
     one, which such calls may take, is test_flash_bwd_split_form_matches_oracle's)."""
-    monkeypatch.setattr(ka, "BWD_SPLIT", "0")
+    knobs(attn_bwd_split="0")
     B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
     scale, alpha = 1.0 / math.sqrt(D), 0.9
     q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=3 + n)
     bias, (h, i, j, val) = make_bias(Hq, Tq_max, Tk_max, n, seed=5 + n, scale_vals=2.0)
     bias, coo = make_bias(Hq, Tq_max, Tk_max, 0, seed=0, extra=(h, i, j, val.abs() - 0.4))   # duplicates add
     ev = bias.entry_values()
-    assert alpha * float(ev.min()) >= math.log(kc.CANCEL_THRESHOLD)
+    assert alpha * float(ev.min()) >= math.log(ka.CANCEL_THRESHOLD)
     out, lse = ka.flash_fwd(q, k, v, bias, ev, causal=causal, scale=scale, alpha=alpha, may_cancel=False)
     full = ka.flash_bwd(q, k, v, out, lse, do, bias, ev, causal=causal, scale=scale, alpha=alpha,
                         need_dvalues=True)
@@ -171,25 +182,25 @@ def test_flash_bwd_without_possible_cancellation_skips_nothing_it_needs(case, mo
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[5]])
-def test_flash_bwd_split_form_matches_oracle(case, dtype, monkeypatch):
+def test_flash_bwd_split_form_matches_oracle(case, dtype, knobs):
     """flash_bwd's split form (an unbiased pass fed O', LSE', then correct_bwd) against the
     oracle and the fused form, GQA and causal included, negative logit scale too."""
-    monkeypatch.setattr(ka, "BWD_SPLIT", "1")
+    knobs(attn_bwd_split="1")
     B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
     alpha = 0.8
     q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed=17 + n)
     bias, (h, i, j, val) = make_bias(Hq, Tq_max, Tk_max, n, seed=19 + n, scale_vals=2.0)
     bias, coo = make_bias(Hq, Tq_max, Tk_max, 0, seed=0, extra=(h, i, j, val.abs() - 0.3))
     ev = bias.entry_values()
-    assert alpha * float(ev.min()) >= math.log(kc.CANCEL_THRESHOLD)
+    assert alpha * float(ev.min()) >= math.log(ka.CANCEL_THRESHOLD)
     for scale in (1.0 / math.sqrt(D), -0.5 / math.sqrt(D)):
         out, lse = ka.flash_fwd(q, k, v, bias, ev, causal=causal, scale=scale, alpha=alpha, may_cancel=False)
         split = ka.flash_bwd(q, k, v, out, lse, do, bias, ev, causal=causal, scale=scale, alpha=alpha,
                              need_dvalues=True, may_cancel=False)
-        monkeypatch.setattr(ka, "BWD_SPLIT", "0")
+        knobs(attn_bwd_split="0")
         fused = ka.flash_bwd(q, k, v, out, lse, do, bias, ev, causal=causal, scale=scale, alpha=alpha,
                              need_dvalues=True, may_cancel=False)
-        monkeypatch.setattr(ka, "BWD_SPLIT", "1")
+        knobs(attn_bwd_split="1")
         r = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, scale, alpha)
         for got, other, want in zip(split[:3], fused[:3], r[2:5]):
             assert got.dtype == dtype and got.shape == want.shape
@@ -199,7 +210,7 @@ def test_flash_bwd_split_form_matches_oracle(case, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[5]])
-def test_flash_fwd_split_form_matches_oracle(case, monkeypatch):
+def test_flash_fwd_split_form_matches_oracle(case, knobs):
     """flash_fwd's split form (the unbiased pass, then correct_fwd) against the fused form and the
     oracle, with large negative biases (cancelling rows recomputed) and flags returned."""
     B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
@@ -207,9 +218,9 @@ def test_flash_fwd_split_form_matches_oracle(case, monkeypatch):
     bias, coo = make_bias(Hq, Tq_max, Tk_max, n, seed=29 + n, scale_vals=4.0)
     ev = bias.entry_values()
     kw = {"causal": causal, "scale": -0.7 / math.sqrt(D), "alpha": 1.5, "return_flags": True}
-    monkeypatch.setattr(ka, "FWD_SPLIT", "1")
+    knobs(attn_fwd_split="1")
     split = ka.flash_fwd(q, k, v, bias, ev, **kw)
-    monkeypatch.setattr(ka, "FWD_SPLIT", "0")
+    knobs(attn_fwd_split="0")
     fused = ka.flash_fwd(q, k, v, bias, ev, **kw)
     r_out, r_lse = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, kw["scale"], kw["alpha"])[:2]
     assert rel(split[0], r_out) < TOL[torch.float32] and rel(split[0], fused[0]) < TOL[torch.float32]
@@ -218,32 +229,32 @@ def test_flash_fwd_split_form_matches_oracle(case, monkeypatch):
     assert torch.equal(split[2], fused[2])
 
 
-def test_forward_split_follows_density(monkeypatch):
+def test_forward_split_follows_density(knobs):
     sparse, _ = make_bias(2, 10, 12, 30, seed=1)          # 1.5 per row
     dense_, _ = make_bias(2, 10, 12, 40, seed=2)          # 2.0 per row
-    monkeypatch.setattr(ka, "FWD_SPLIT", "auto")
-    assert (ka._split_forward(sparse), ka._split_forward(dense_), ka._split_forward(None)) == (False, True, False)
-    monkeypatch.setattr(ka, "FWD_SPLIT", "1")
-    assert ka._split_forward(sparse)
-    monkeypatch.setattr(ka, "FWD_SPLIT", "0")
-    assert not ka._split_forward(dense_)
+    knobs(attn_fwd_split="auto")
+    assert (kcfg.split_forward(sparse), kcfg.split_forward(dense_), kcfg.split_forward(None)) == (False, True, False)
+    knobs(attn_fwd_split="1")
+    assert kcfg.split_forward(sparse)
+    knobs(attn_fwd_split="0")
+    assert not kcfg.split_forward(dense_)
 
 
-def test_backward_split_follows_density_and_safety(monkeypatch):
-    """BWD_SPLIT=auto splits from BWD_SPLIT_MIN_DENSITY (0.5) entries per (head, query row), never
+def test_backward_split_follows_density_and_safety(knobs):
+    """attn_bwd_split="auto" splits from BWD_SPLIT_MIN_DENSITY (0.5) entries per (head, query row), never
     when a row may cancel or a capture bound is passed; 0 and 1 force it (within those limits)."""
     sparse, _ = make_bias(2, 10, 12, 9, seed=1)           # 0.45 per row
     dense_, _ = make_bias(2, 10, 12, 10, seed=2)          # 0.5 per row
     bound = object()
-    monkeypatch.setattr(ka, "BWD_SPLIT", "auto")
-    assert (ka._split_backward(sparse, False, None), ka._split_backward(dense_, False, None)) == (False, True)
-    assert not ka._split_backward(dense_, True, None)
-    assert not ka._split_backward(dense_, False, bound)
-    assert not ka._split_backward(None, False, None)
-    monkeypatch.setattr(ka, "BWD_SPLIT", "1")
-    assert ka._split_backward(sparse, False, None) and not ka._split_backward(sparse, True, None)
-    monkeypatch.setattr(ka, "BWD_SPLIT", "0")
-    assert not ka._split_backward(dense_, False, None)
+    knobs(attn_bwd_split="auto")
+    assert (kcfg.split_backward(sparse, False, None), kcfg.split_backward(dense_, False, None)) == (False, True)
+    assert not kcfg.split_backward(dense_, True, None)
+    assert not kcfg.split_backward(dense_, False, bound)
+    assert not kcfg.split_backward(None, False, None)
+    knobs(attn_bwd_split="1")
+    assert kcfg.split_backward(sparse, False, None) and not kcfg.split_backward(sparse, True, None)
+    knobs(attn_bwd_split="0")
+    assert not kcfg.split_backward(dense_, False, None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -256,7 +267,7 @@ def test_correction_after_dense_matches_oracle(case, dtype):
     bias, coo = make_bias(Hq, Tq_max, Tk_max, n, seed=11 + n, scale_vals=2.0)
     ev = bias.entry_values()
     out0, lse0 = ka.flash_fwd(q, k, v, None, causal=causal, scale=scale, alpha=alpha)
-    out, lse = kc.correct_fwd(q, k, v, out0, lse0, bias, ev, causal=causal, scale=scale, alpha=alpha)
+    out, lse = ka.correct_fwd(q, k, v, out0, lse0, bias, ev, causal=causal, scale=scale, alpha=alpha)
     assert out.data_ptr() == out0.data_ptr()  # in place
     r_out, r_lse, r_dq, r_dk, r_dv, r_db = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, scale, alpha)
     tol = TOL[dtype]
@@ -265,7 +276,7 @@ def test_correction_after_dense_matches_oracle(case, dtype):
     assert rel(lse.cpu()[finite], r_lse[finite]) < 1e-5
     dq, dk, dv, _ = ka.flash_bwd(q, k, v, out, lse, do, None, causal=causal, scale=scale, alpha=alpha,
                                  need_dvalues=False)
-    dq, dk, dv, dvals = kc.correct_bwd(q, k, v, out, lse, do, bias, ev, dq, dk, dv, causal=causal,
+    dq, dk, dv, dvals = ka.correct_bwd(q, k, v, out, lse, do, bias, ev, dq, dk, dv, causal=causal,
                                        scale=scale, alpha=alpha, need_dvalues=True)
     for got, want in ((dq, r_dq), (dk, r_dk), (dv, r_dv)):
         assert rel(got, want) < tol
@@ -284,8 +295,8 @@ def test_correct_fwd_pipelined_loop(case, stages):
     ev = bias.entry_values()
     out0, lse0 = ka.flash_fwd(q, k, v, None, causal=causal, scale=scale, alpha=alpha)
     kw = {"causal": causal, "scale": scale, "alpha": alpha, "inplace": False, "block_m": 16, "chunk": 16}
-    base = kc.correct_fwd(q, k, v, out0, lse0, bias, ev, **kw, stages=0)
-    got = kc.correct_fwd(q, k, v, out0, lse0, bias, ev, **kw, stages=stages)
+    base = ka.correct_fwd(q, k, v, out0, lse0, bias, ev, **kw, stages=0)
+    got = ka.correct_fwd(q, k, v, out0, lse0, bias, ev, **kw, stages=stages)
     assert torch.allclose(got[0], base[0], atol=1e-6, rtol=1e-6)
     assert torch.allclose(got[1], base[1], atol=1e-6, rtol=1e-6, equal_nan=True)
     r_out = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, scale, alpha)[0]
@@ -304,9 +315,9 @@ def test_correct_fwd_window_form(case):
     ev = bias.entry_values()
     out0, lse0 = ka.flash_fwd(q, k, v, None, causal=causal, scale=scale, alpha=alpha)
     kw = {"causal": causal, "scale": scale, "alpha": alpha, "inplace": False, "chunk": 16, "return_flags": True}
-    base = kc.correct_fwd(q, k, v, out0, lse0, bias, ev, **kw, block_m=16, form="rows")
+    base = ka.correct_fwd(q, k, v, out0, lse0, bias, ev, **kw, block_m=16, form="rows")
     for window, stages, reverse in ((16, 0, False), (16, 2, True), (32, 3, None)):
-        got = kc.correct_fwd(q, k, v, out0, lse0, bias, ev, **kw, block_m=window, stages=stages, form="window",
+        got = ka.correct_fwd(q, k, v, out0, lse0, bias, ev, **kw, block_m=window, stages=stages, form="window",
                              reverse=reverse)
         assert torch.allclose(got[0], base[0], atol=1e-6, rtol=1e-6)
         assert torch.allclose(got[1], base[1], atol=1e-6, rtol=1e-6, equal_nan=True)
@@ -339,7 +350,7 @@ def test_correct_bwd_window_form(case):
 
     def run(**kw):
         grads = [t.clone() for t in dense[:3]]
-        return kc.correct_bwd(q, k, v, out, lse, do, bias, ev, *grads, causal=causal, scale=scale, alpha=alpha,
+        return ka.correct_bwd(q, k, v, out, lse, do, bias, ev, *grads, causal=causal, scale=scale, alpha=alpha,
                               need_dvalues=True, **kw)
     base = run(q_form="rows", kv_form="rows")
     r = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, scale, alpha)
@@ -369,12 +380,12 @@ def test_correct_bwd_parts_with_given_delta(case):
     kw = {"causal": causal, "scale": scale, "alpha": alpha}
     for q_form in ("rows", "window"):
         grads = [t.clone() for t in dense[:3]]
-        want = kc.correct_bwd(q, k, v, out, lse, do, bias, ev, *grads, need_dvalues=True, q_form=q_form, **kw)
+        want = ka.correct_bwd(q, k, v, out, lse, do, bias, ev, *grads, need_dvalues=True, q_form=q_form, **kw)
         dq, dk, dv = (t.clone() for t in dense[:3])
-        none = kc.correct_bwd(q, k, v, out, lse, do, bias, ev, None, dk, dv, need_dvalues=True, delta=delta,
+        none = ka.correct_bwd(q, k, v, out, lse, do, bias, ev, None, dk, dv, need_dvalues=True, delta=delta,
                               parts="kv", **kw)
         assert none[0] is None and none[3] is None
-        got = kc.correct_bwd(q, k, v, out, lse, do, bias, ev, dq, dk, dv, need_dvalues=True, delta=delta.clone(),
+        got = ka.correct_bwd(q, k, v, out, lse, do, bias, ev, dq, dk, dv, need_dvalues=True, delta=delta.clone(),
                              parts="q", q_form=q_form, **kw)
         for a, b in zip(got, want):
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
@@ -385,21 +396,21 @@ def test_correct_bwd_parts_with_given_delta(case):
                        (dict(kv_form="window"), "GQA") if Hq != Hkv else (dict(parts="x"), "parts"),
                        (dict(parts="q", row_flags=torch.zeros(B, Hq, Tq, dtype=torch.int8)), "row_flags")):
         with pytest.raises(ValueError, match=match):
-            kc.correct_bwd(q, k, v, out, lse, do, bias, ev, dq, dk, dv, need_dvalues=True, **kw, **bad)
+            ka.correct_bwd(q, k, v, out, lse, do, bias, ev, dq, dk, dv, need_dvalues=True, **kw, **bad)
     for a, b in zip((dq, dk, dv), dense[:3]):
         assert torch.equal(a, b)
 
 
 def test_correct_fwd_picks_window_form_when_sparse():
-    assert kc._fwd_config(128, 0.5)[0] == "window" and kc._fwd_config(128, 1.5)[0] == "rows"
-    assert kc._fwd_config(256, 0.5)[0] == "rows"
-    assert kc._bwd_q_config(128, 0.5)[0] == "window" and kc._bwd_q_config(128, 1.0)[0] == "rows"
-    assert kc._bwd_kv_config(128, 0.5, 1)[0] == "window" and kc._bwd_kv_config(128, 0.5, 2)[0] == "rows"
-    assert kc._bwd_kv_config(128, 1.0, 1)[0] == "rows" and kc._bwd_kv_config(256, 0.5, 1)[0] == "rows"
+    assert kcfg.fwd_config(128, 0.5)[0] == "window" and kcfg.fwd_config(128, 1.5)[0] == "rows"
+    assert kcfg.fwd_config(256, 0.5)[0] == "rows"
+    assert kcfg.bwd_q_config(128, 0.5)[0] == "window" and kcfg.bwd_q_config(128, 1.0)[0] == "rows"
+    assert kcfg.bwd_kv_config(128, 0.5, 1)[0] == "window" and kcfg.bwd_kv_config(128, 0.5, 2)[0] == "rows"
+    assert kcfg.bwd_kv_config(128, 1.0, 1)[0] == "rows" and kcfg.bwd_kv_config(256, 0.5, 1)[0] == "rows"
     q = torch.zeros(1, 1, 4, 16, device=DEV)
     bias, _ = make_bias(1, 4, 4, 3, seed=0)
     with pytest.raises(ValueError, match="form"):
-        kc.correct_fwd(q, q, q, q.clone(), torch.zeros(1, 1, 4, device=DEV), bias, bias.entry_values(),
+        ka.correct_fwd(q, q, q, q.clone(), torch.zeros(1, 1, 4, device=DEV), bias, bias.entry_values(),
                        causal=False, scale=1.0, alpha=1.0, form="cols")
 
 
@@ -454,7 +465,7 @@ def test_cancellation_standalone_correction_falls_back():
     q, k, v = (t.to(DEV) for t in (q, k, v))
     bias = TraceBias.from_coo(*(t.to(DEV) for t in coo), num_heads=1, seq_len_q=Tq, seq_len_k=Tk)
     out0, lse0 = ka.flash_fwd(q, k, v, None, causal=True, scale=1.0, alpha=1.0)
-    out, lse = kc.correct_fwd(q, k, v, out0, lse0, bias, bias.entry_values(), causal=True, scale=1.0, alpha=1.0)
+    out, lse = ka.correct_fwd(q, k, v, out0, lse0, bias, bias.entry_values(), causal=True, scale=1.0, alpha=1.0)
     r_out, r_lse, *_ = oracle(q, k, v, v, coo, 1, Tq, Tk, True, 1.0, 1.0)
     assert rel(out, r_out) < 1e-5 and rel(lse.cpu(), r_lse) < 1e-5
 
@@ -510,7 +521,7 @@ def test_cancelling_rows_backward_fused(case, dtype):
     assert flags.shape == (B, Hq, Tq) and flags.dtype == torch.int8
     # the planted rows, and maybe rows where a random entry pushed a dominant edge down too
     assert (flags.cpu() >= want_flags).all() and flags.sum() < 2 * want_flags.sum()
-    recomputed = kc.cancelling_rows(q, k, lse, bias, ev, causal=causal, scale=scale, alpha=alpha)
+    recomputed = ka.cancelling_rows(q, k, lse, bias, ev, causal=causal, scale=scale, alpha=alpha)
     assert torch.equal(recomputed.cpu(), flags.cpu())
     r_out, r_lse, r_dq, r_dk, r_dv, r_db = oracle(q, k, v, do, coo, Hq, Tq, Tk, causal, scale, alpha)
     tol = TOL[dtype]
@@ -540,19 +551,19 @@ def test_cancelling_rows_backward_standalone(case, dtype):
         q = -q
     ev = bias.entry_values()
     out0, lse0 = ka.flash_fwd(q, k, v, None, causal=causal, scale=scale, alpha=alpha)
-    out, lse, flags = kc.correct_fwd(q, k, v, out0, lse0, bias, ev, causal=causal, scale=scale, alpha=alpha,
+    out, lse, flags = ka.correct_fwd(q, k, v, out0, lse0, bias, ev, causal=causal, scale=scale, alpha=alpha,
                                      return_flags=True)
     assert (flags.cpu() >= want_flags).all()
     r_out, r_lse, r_dq, r_dk, r_dv, r_db = oracle(q, k, v, do, coo, Hq, Tq, Tk, causal, scale, alpha)
     tol = TOL[dtype]
     assert rel(out, r_out) < tol
-    variants = [(kc.mask_lse(lse, flags), do)]
+    variants = [(ka.mask_lse(lse, flags), do)]
     if dtype == torch.float32:  # dO masking alone: fp16 would hold P = exp(s - LSE') > 65504 there
-        variants.append((lse, kc.mask_dout(do, flags)))
+        variants.append((lse, ka.mask_dout(do, flags)))
     for lse_dense, do_dense in variants:
         dq, dk, dv, _ = ka.flash_bwd(q, k, v, out, lse_dense, do_dense, None, causal=causal, scale=scale,
                                      alpha=alpha, need_dvalues=False)
-        dq, dk, dv, dvals = kc.correct_bwd(q, k, v, out, lse, do, bias, ev, dq, dk, dv, causal=causal,
+        dq, dk, dv, dvals = ka.correct_bwd(q, k, v, out, lse, do, bias, ev, dq, dk, dv, causal=causal,
                                            scale=scale, alpha=alpha, need_dvalues=True, row_flags=flags)
         for name, got, want in (("dq", dq, r_dq), ("dk", dk, r_dk), ("dv", dv, r_dv)):
             assert rel(got, want) < tol, (name, rel(got, want))
@@ -567,42 +578,42 @@ def test_no_cancelling_rows_flags_are_zero():
     ev = bias.entry_values()
     out, lse, flags = ka.flash_fwd(q, k, v, bias, ev, causal=causal, scale=0.25, alpha=1.0, return_flags=True)
     assert flags.sum() == 0
-    assert kc.cancelling_rows(q, k, lse, bias, ev, causal=causal, scale=0.25, alpha=1.0).sum() == 0
+    assert ka.cancelling_rows(q, k, lse, bias, ev, causal=causal, scale=0.25, alpha=1.0).sum() == 0
     _, _, flags0 = ka.flash_fwd(q, k, v, None, causal=causal, scale=0.25, alpha=1.0, return_flags=True)
     assert flags0.shape == (B, Hq, Tq) and flags0.sum() == 0
 
 
-def test_autotune_config_slice(monkeypatch):
-    """MEMTRACE_ATTN_CONFIG_SLICE=k/n (compiling ahead in n processes) keeps every n-th config that
-    fits from the k-th; n slices together cover every config once; bad values name the variable."""
+def test_autotune_config_slice(knobs):
+    """attn_config_slice (k, n) (compiling ahead in n processes) keeps every n-th config that fits
+    from the k-th; n slices together cover every config once; bad values name the setting."""
     import triton
-    monkeypatch.setenv("MEMTRACE_ATTN_CONFIG_SLICE", "1/3")
-    assert ka._config_slice() == (1, 3)
-    for bad in ("3/3", "x", "1/0", "-1/2"):
-        monkeypatch.setenv("MEMTRACE_ATTN_CONFIG_SLICE", bad)
-        with pytest.raises(ValueError, match="MEMTRACE_ATTN_CONFIG_SLICE"):
-            ka._config_slice()
+    knobs(attn_config_slice=(1, 3))
+    assert settings.current().attn_config_slice == (1, 3)
+    for bad in ((3, 3), "x", (1, 0), (-1, 2)):
+        with pytest.raises(ValueError, match="attn_config_slice"):
+            settings.configure(settings.KernelSettings(attn_config_slice=bad))
+    assert settings.current().attn_config_slice == (1, 3)      # a rejected value changes nothing
     configs = [triton.Config({"BLOCK_M": 16 * (i + 1), "BLOCK_N": 16}, num_warps=4, num_stages=1) for i in range(7)]
-    monkeypatch.setattr(ka, "TUNE", True)
+    knobs(attn_tune=True)
     parts = []
     for k in range(3):
-        monkeypatch.setattr(ka, "CONFIG_SLICE", (k, 3))
-        parts.append(ka._prune(configs, 64, 2, lambda c: 0))
+        knobs(attn_config_slice=(k, 3))
+        parts.append(kcfg._prune(configs, 64, 2, lambda c: 0))
     assert sorted((c.kwargs["BLOCK_M"] for p in parts for c in p)) == [c.kwargs["BLOCK_M"] for c in configs]
-    monkeypatch.setattr(ka, "CONFIG_SLICE", None)
-    assert ka._prune(configs, 64, 2, lambda c: 0) == configs
+    knobs(attn_config_slice=None)
+    assert kcfg._prune(configs, 64, 2, lambda c: 0) == configs
 
 
 @pytest.mark.parametrize("tma", ["0", "1"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[5]])
-def test_flash_pointer_and_tma_paths_match_oracle(case, tma, monkeypatch):
-    """The dense loops' tiles by pointer loads (MEMTRACE_ATTN_TMA=0) and by TMA descriptors
+def test_flash_pointer_and_tma_paths_match_oracle(case, tma, knobs):
+    """The dense loops' tiles by pointer loads (attn_tma="0") and by TMA descriptors
     (=1; rows past Tq / Tk come back as zeros): both match the oracle, masked rows included."""
-    monkeypatch.setattr(ka, "TMA", tma)
+    knobs(attn_tma=tma)
     B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
     scale, alpha = 1.0 / math.sqrt(D), 0.7
     q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float16, seed=n + Tq + 1)
-    assert ka._use_desc(q, k, v, do) == (tma == "1")
+    assert kcfg.use_tma(q, k, v, do) == (tma == "1")
     bias, coo = make_bias(Hq, Tq_max, Tk_max, n, seed=Tk + 1, scale_vals=2.0)
     ev = bias.entry_values()
     out, lse = ka.flash_fwd(q, k, v, bias, ev, causal=causal, scale=scale, alpha=alpha)
@@ -613,8 +624,8 @@ def test_flash_pointer_and_tma_paths_match_oracle(case, tma, monkeypatch):
         assert rel(got, want) < TOL[torch.float16]
 
 
-def test_tma_config_pruning(monkeypatch):
-    """TMA configs run only with descriptors; MEMTRACE_ATTN_TMA=0 / 1 / auto keeps pointer / TMA /
+def test_tma_config_pruning(monkeypatch, knobs):
+    """TMA configs run only with descriptors; attn_tma "0" / "1" / "auto" keeps pointer / TMA /
     both kinds (the interpreter then runs the first)."""
     import triton
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -622,10 +633,10 @@ def test_tma_config_pruning(monkeypatch):
                for d in (True, False) for m in (16, 32)]
     desc = TensorDescriptor(torch.zeros(1, 1, 16, 16), [1, 1, 16, 16], [256, 256, 16, 1], [1, 1, 16, 16])
     plain = torch.zeros(1)
-    monkeypatch.setattr(ka, "INTERPRET", False)
+    monkeypatch.setattr(kcfg, "INTERPRET", False)
     for mode, with_desc, want in (("auto", True, [True, True, False, False]), ("1", True, [True, True]),
                                   ("0", True, [False, False]), ("auto", False, [False, False]),
                                   ("1", False, [False, False])):
-        monkeypatch.setattr(ka, "TMA", mode)
-        kept = ka._prune_tma(configs, desc if with_desc else plain)
+        knobs(attn_tma=mode)
+        kept = kcfg._prune_tma(configs, desc if with_desc else plain)
         assert [c.kwargs["USE_DESC"] for c in kept] == want, (mode, with_desc)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from memtrace.kernels import settings
 
 from memtrace.bias import _build_index_torch
 
@@ -70,7 +71,7 @@ def test_dispatch_sizes():
 
 
 def test_env_forces_the_sort_path(monkeypatch):
-    """MEMTRACE_BIAS_INDEX picks the path; a bad value is a ValueError naming the variable."""
+    """settings bias_index_method picks the path; a bad value is a ValueError naming the setting."""
     bi = _module()
     n, H, T = 40, 2, 32
     args = (*_coo(n, H, T, T, seed=5), H, T, T)
@@ -80,14 +81,15 @@ def test_env_forces_the_sort_path(monkeypatch):
         monkeypatch.setattr(bi, name, lambda *a, _real=real, _name=name: ran.append(_name) or _real(*a))
     a = bi.build_index(*args)                       # unset: the small index takes the fast path
     assert ran == ["_build_index_fast"]
-    monkeypatch.setenv("MEMTRACE_BIAS_INDEX", "sort")
-    b = bi.build_index(*args)
+    with settings.override(bias_index_method="sort"):
+        b = bi.build_index(*args)
     assert ran[1:] == ["_build_index_sorted"]
-    monkeypatch.setenv("MEMTRACE_BIAS_INDEX", "fast")
-    c = bi.build_index(*args, method="sort")        # an explicit method wins over the variable
+    with settings.override(bias_index_method="fast"):
+        c = bi.build_index(*args, method="sort")    # an explicit method wins over the setting
     assert ran[2:] == ["_build_index_sorted"]
     for x, y, z in zip(a, b, c):
         assert torch.equal(x, y) and torch.equal(x, z)
-    monkeypatch.setenv("MEMTRACE_BIAS_INDEX", "quick")
-    with pytest.raises(ValueError, match="MEMTRACE_BIAS_INDEX"):
-        bi.build_index(*args)
+    with pytest.raises(ValueError, match="bias_index_method"):
+        with settings.override(bias_index_method="quick"):
+            bi.build_index(*args)
+    assert settings.current().bias_index_method == "fast"

@@ -56,7 +56,7 @@ def oracle(q, k, v, do, bias, causal, scale=None, alpha=1.0):
 def fill(cap, q, k, v, do, bias, causal, scale=None, alpha=1.0):
     out, lse, S, a = oracle(q, k, v, do, bias, causal, scale, alpha)
     ev = bias.entry_values() if bias is not None else None
-    cap._fill(q, k, v, out.to(q.dtype), lse.float(), do, bias, ev, causal=causal, scale=scale, alpha=alpha)
+    cap.fill(q, k, v, out.to(q.dtype), lse.float(), do, bias, ev, causal=causal, scale=scale, alpha=alpha)
     return S, a
 
 
@@ -317,16 +317,16 @@ def test_bad_fill_inputs():
     lse = torch.zeros(B, H, T, device=DEV)
     cap = SalienceCapture()
     with pytest.raises(ValueError, match="lse"):
-        cap._fill(q, k, v, q, lse[:, :, :-1], do, None, None)
+        cap.fill(q, k, v, q, lse[:, :, :-1], do, None, None)
     with pytest.raises(ValueError, match="dout"):
-        cap._fill(q, k, v, q, lse, do[:, :1], None, None)
+        cap.fill(q, k, v, q, lse, do[:, :1], None, None)
     with pytest.raises(ValueError, match="head dim"):
-        cap._fill(q[..., :12], k[..., :12], v[..., :12], q, lse, do[..., :12], None, None)
+        cap.fill(q[..., :12], k[..., :12], v[..., :12], q, lse, do[..., :12], None, None)
     bias = mt.TraceBias.empty(num_heads=H + 1, seq_len_q=T, seq_len_k=T, device=DEV)
     with pytest.raises(ValueError, match="heads"):
-        cap._fill(q, k, v, q, lse, do, bias, None)
+        cap.fill(q, k, v, q, lse, do, bias, None)
     with pytest.raises(TypeError, match="bias"):
-        cap._fill(q, k, v, q, lse, do, "bias", None)
+        cap.fill(q, k, v, q, lse, do, "bias", None)
     assert not cap.filled                                # a failed fill leaves it as it was
 
 
@@ -354,7 +354,7 @@ def test_through_biased_attention():
 @pytest.mark.parametrize("use_desc,hist_in_main,config,sparse_emit", [
     (False, True, (32, 32, 4, 1, 1), 0), (True, True, (16, 16, 4, 1, 1), 64), (False, False, (16, 32, 4, 1, 1), 0),
     (False, True, (32, 32, 4, 1, 0), 0), (True, False, (16, 16, 4, 1, 0), 64), (False, False, (16, 16, 4, 1, 0), 10**6)])
-def test_kernel_variants(monkeypatch, use_desc, hist_in_main, config, sparse_emit):
+def test_kernel_variants(monkeypatch, memtrace_settings, use_desc, hist_in_main, config, sparse_emit):
     """Pointer loads vs TMA descriptors, histogram in the main pass vs its own overflow pass,
     per-tile programs (last config field 1) vs streaming programs (0, key ranges split over
     programs), ranked emission vs one atomic per candidate (sparse_emit: always, up to 64 per
@@ -362,7 +362,7 @@ def test_kernel_variants(monkeypatch, use_desc, hist_in_main, config, sparse_emi
     monkeypatch.setattr(capture_mod, "_USE_DESC", use_desc)
     monkeypatch.setattr(capture_mod, "_HIST_IN_MAIN", hist_in_main)
     monkeypatch.setattr(capture_mod, "_CONFIG_OVERRIDE", config)
-    monkeypatch.setattr(capture_mod, "_SPARSE_EMIT", sparse_emit)
+    memtrace_settings(capture_emit=sparse_emit)
     B, Hq, Hkv, Tq, Tk, D = 2, 2, 1, 40, 45, 16
     q, k, v, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, torch.float16, seed=31)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)          # [B, Tq, H, D] memory, [B, H, Tq, D] view

@@ -16,10 +16,13 @@ from test_capture import check_capture, make_bias, make_inputs, oracle, quantile
 import memtrace as mt
 from memtrace import attention as attn_mod
 from memtrace import reference as R
+from memtrace.backends.base import may_cancel
 from memtrace.capture import SalienceCapture
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 K = pytest.importorskip("memtrace.kernels.attention")
+bound_format = pytest.importorskip("memtrace.kernels.salience.bound")
+KC = pytest.importorskip("memtrace.kernels.attention.config")
 
 
 def capture_through_attention(q, k, v, do, bias, causal, threshold, *, capacity=1 << 17, alpha=1.0,
@@ -44,8 +47,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,Tq,Tk,D,dtype,causal,n_bias,quant", CASES)
-def test_fused_parity(monkeypatch, B, Hq, Hkv, Tq, Tk, D, dtype, causal, n_bias, quant):
-    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "1")
+def test_fused_parity(memtrace_env, monkeypatch, B, Hq, Hkv, Tq, Tk, D, dtype, causal, n_bias, quant):
+    memtrace_env.set("MEMTRACE_CAPTURE_FUSED", "1")
     q, k, v, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed=Tq * 11 + Tk + B)
     bias = make_bias(Hq, Tq + 3, Tk + 7, n_bias, seed=Tk) if n_bias else None
     S, a = oracle(q, k, v, do, bias, causal)[2:]
@@ -54,7 +57,7 @@ def test_fused_parity(monkeypatch, B, Hq, Hkv, Tq, Tk, D, dtype, causal, n_bias,
     check_capture(cap, S, a, bias, threshold, dtype)
     assert not bool(cap.stats["overflow"]) and bool(cap.stats["exact"])
     # the same capture without the fused bound (every tile scored): the same edges
-    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "0")
+    memtrace_env.set("MEMTRACE_CAPTURE_FUSED", "0")
     ref, ref_grads = capture_through_attention(q, k, v, do, bias, causal, threshold)
     n = int(cap.num_edges)
     assert n == int(ref.num_edges)
@@ -64,10 +67,10 @@ def test_fused_parity(monkeypatch, B, Hq, Hkv, Tq, Tk, D, dtype, causal, n_bias,
         assert torch.equal(got, want)
 
 
-def test_fused_overflow_keeps_strongest(monkeypatch):
+def test_fused_overflow_keeps_strongest(memtrace_env, monkeypatch):
     """Threshold 0 and a small capacity: the fused pass overflows and the overflow passes (every
     tile, since the fused pass records no tile maxima) keep the strongest."""
-    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "1")
+    memtrace_env.set("MEMTRACE_CAPTURE_FUSED", "1")
     q, k, v, do = make_inputs(2, 2, 1, 33, 45, 16, torch.float32, seed=5)
     bias = make_bias(2, 33, 45, 30, seed=5)
     S, a = oracle(q, k, v, do, bias, True)[2:]
@@ -83,10 +86,10 @@ def test_fused_overflow_keeps_strongest(monkeypatch):
     assert kept.min() >= dropped.max() * (1 - 1e-5)
 
 
-def test_fused_cancelling_rows(monkeypatch):
+def test_fused_cancelling_rows(memtrace_env, monkeypatch):
     """Large negative biases make rows cancel: the backward recomputes them on a slow path whose P
     the dQ loops never see, so their bound must be +inf (every segment rescored)."""
-    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "1")
+    memtrace_env.set("MEMTRACE_CAPTURE_FUSED", "1")
     B, Hq, T, D = 2, 2, 24, 16
     q, k, v, do = make_inputs(B, Hq, Hq, T, T, D, torch.float32, seed=9)
     g = torch.Generator().manual_seed(9)
@@ -98,7 +101,7 @@ def test_fused_cancelling_rows(monkeypatch):
     vals = torch.full((Hq * T,), -12.0) + 0.1 * torch.rand(Hq * T, generator=g)
     bias = mt.TraceBias.from_coo(heads.to(DEV), rows.to(DEV), cols.to(DEV), vals.to(DEV), num_heads=Hq,
                                  seq_len_q=T, seq_len_k=T)
-    assert attn_mod._may_cancel(bias, 1.0)
+    assert may_cancel(bias, 1.0)
     S, a = oracle(q, k, v, do, bias, False)[2:]
     threshold = quantile_threshold(S, 0.9)
     cap, _ = capture_through_attention(q, k, v, do, bias, False, threshold)
@@ -130,7 +133,7 @@ def test_bound_fields_against_the_oracle(monkeypatch, B, min_levels):
     sum_b ceil(min(K / t * max P*|dP|, K * B)) (within one level per batch element for the
     float32 rounding), so a field passes wherever the oracle's mean_b max reaches t."""
     if min_levels is not None:
-        monkeypatch.setattr(K, "CAPTURE_MIN_LEVELS", min_levels)
+        monkeypatch.setattr(bound_format, "CAPTURE_MIN_LEVELS", min_levels)
     bits, levels = K.capture_bound_format(B)
     fields = 32 // bits
     Hq, Hkv, Tq, Tk, D = 2, 1, 30, 41, 16
@@ -204,50 +207,49 @@ def test_after_dq_runs_before_dk_dv_exist():
         assert torch.equal(got, want)
 
 
-def test_fused_mode_env(monkeypatch):
+def test_fused_mode_env(memtrace_env, monkeypatch):
     q, k = make_inputs(1, 2, 2, 16, 16, 16, torch.float32, seed=2)[:2]
     cap = SalienceCapture(0.1)
-    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "0")
-    assert cap._fused_bound(q, k) is None
-    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "1")
-    fused = cap._fused_bound(q, k)
+    memtrace_env.set("MEMTRACE_CAPTURE_FUSED", "0")
+    assert cap.fused_bound(q, k) is None
+    memtrace_env.set("MEMTRACE_CAPTURE_FUSED", "1")
+    fused = cap.fused_bound(q, k)
     bound, t = fused.words, fused.threshold
     assert bound.shape == (2, -(-16 // K.CAPTURE_SEG), 16) and bound.dtype == torch.int32
     assert not bound.any() and 0.1 * (1 - 1 / 32) < t < 0.1 and not fused.scored
-    assert SalienceCapture(0.0)._fused_bound(q, k) is None     # every row would pass: unfused
-    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "sometimes")
+    assert SalienceCapture(0.0).fused_bound(q, k) is None     # every row would pass: unfused
     with pytest.raises(ValueError, match="MEMTRACE_CAPTURE_FUSED"):
-        cap._fused_bound(q, k)
+        memtrace_env.set("MEMTRACE_CAPTURE_FUSED", "sometimes")
     # auto: the bound (4 bytes per row and segment) may be at most half of q's bytes
-    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "auto")
+    memtrace_env.set("MEMTRACE_CAPTURE_FUSED", "auto")
     small_q = make_inputs(1, 2, 2, 16, 2048, 16, torch.float32, seed=2)
-    assert cap._fused_bound(small_q[0], small_q[1]) is None
+    assert cap.fused_bound(small_q[0], small_q[1]) is None
     wide = make_inputs(8, 2, 2, 16, 16, 64, torch.float32, seed=2)
-    assert cap._fused_bound(wide[0], wide[1]) is not None
+    assert cap.fused_bound(wide[0], wide[1]) is not None
 
 
-def test_auto_takes_triton_for_a_fused_capture(monkeypatch):
-    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "1")
-    monkeypatch.delenv("MEMTRACE_BACKEND", raising=False)
+def test_auto_takes_triton_for_a_fused_capture(memtrace_env, monkeypatch):
+    memtrace_env.set("MEMTRACE_CAPTURE_FUSED", "1")
+    memtrace_env.unset("MEMTRACE_BACKEND")
     q, k, v = make_inputs(1, 2, 2, 16, 16, 16, torch.float32, seed=4)[:3]
     cap = SalienceCapture(0.1)
-    assert attn_mod._fused_capture_fits(q, k, v, None, False, cap)
-    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "0")
-    assert not attn_mod._fused_capture_fits(q, k, v, None, False, cap)
-    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "1")
-    monkeypatch.setenv("MEMTRACE_BACKEND", "reference")
-    assert not attn_mod._fused_capture_fits(q, k, v, None, False, cap)
+    assert attn_mod._prefers_triton(q, k, v, None, False, cap)
+    memtrace_env.set("MEMTRACE_CAPTURE_FUSED", "0")
+    assert not attn_mod._prefers_triton(q, k, v, None, False, cap)
+    memtrace_env.set("MEMTRACE_CAPTURE_FUSED", "1")
+    memtrace_env.set("MEMTRACE_BACKEND", "reference")
+    assert not attn_mod._prefers_triton(q, k, v, None, False, cap)
 
 
 def test_capture_supported_follows_the_dq_configs(monkeypatch):
     """The fused bound needs a dq config whose key block is the segment; float32 at D=128 has none
     that fits the H100's shared memory (the capture then scores every tile instead)."""
     K.capture_supported.cache_clear()          # answers cached under the interpreter's configs
-    monkeypatch.setattr(K, "INTERPRET", False)
-    monkeypatch.setattr(K, "CAPTURE_SEG", 64)
-    monkeypatch.setattr(K, "_bwd_configs", lambda kind: [
-        K._config(8, 2, BLOCK_M=128, BLOCK_N=64, USE_DESC=False), K._config(4, 3, BLOCK_M=64, BLOCK_N=64, USE_DESC=False),
-        K._config(4, 3, BLOCK_M=128, BLOCK_N=32, USE_DESC=False)])
+    monkeypatch.setattr(KC, "INTERPRET", False)
+    monkeypatch.setattr(KC, "CAPTURE_SEG", 64)
+    monkeypatch.setattr(KC, "bwd_configs", lambda kind: [
+        KC._config(8, 2, BLOCK_M=128, BLOCK_N=64, USE_DESC=False), KC._config(4, 3, BLOCK_M=64, BLOCK_N=64, USE_DESC=False),
+        KC._config(4, 3, BLOCK_M=128, BLOCK_N=32, USE_DESC=False)])
     try:
         assert K.capture_supported(128, 2) and K.capture_supported(64, 4)
         assert not K.capture_supported(128, 4)

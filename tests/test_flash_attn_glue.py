@@ -16,10 +16,11 @@ import types
 
 import pytest
 import torch
+from test_attention import TOL, _CorrectedReferenceBackend, make_inputs, oracle, rel_err, run_and_grad  # noqa: E402
 
 from memtrace import attention as A
-
-from test_attention import TOL, _CorrectedReferenceBackend, make_inputs, oracle, rel_err, run_and_grad  # noqa: E402
+from memtrace.backends import registry
+from memtrace.backends.flash_attn import FlashAttnBackend
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="the correction kernels need TRITON_INTERPRET=1 on the CPU")
@@ -81,7 +82,7 @@ def _interface(version):
     return module, calls
 
 
-class _FlashAttnOnCpu(A.FlashAttnBackend):
+class _FlashAttnOnCpu(FlashAttnBackend):
     """The real backend class with the CUDA requirement lifted (the stand-in runs on the CPU)."""
 
     name = "flash_attn_cpu"
@@ -99,13 +100,13 @@ def stand_in(monkeypatch, request):
     package.flash_attn_interface = module
     monkeypatch.setitem(sys.modules, "flash_attn", package)
     monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", module)
-    monkeypatch.setattr(A.FlashAttnBackend, "_api", None)          # re-read the (stand-in) package
+    monkeypatch.setattr(FlashAttnBackend, "_api", None)          # re-read the (stand-in) package
     monkeypatch.setattr(_FlashAttnOnCpu, "_api", None)
-    monkeypatch.setitem(A._REGISTRY, "flash_attn_cpu", _FlashAttnOnCpu())
-    monkeypatch.setattr(A, "BACKENDS", A.BACKENDS + ("flash_attn_cpu",))
-    A._RESOLVED.clear()
+    registry.register_backend(_FlashAttnOnCpu())
+    registry.reset()
     yield calls
-    A._RESOLVED.clear()
+    registry.unregister_backend("flash_attn_cpu")
+    registry.reset()
 
 
 @pytest.mark.parametrize("stand_in", ["2.7", "2.4"], indirect=True)
@@ -132,6 +133,6 @@ def test_flash_attn_backend_matches_the_oracle(stand_in, shape, causal):
 def test_unknown_signature_is_declined(stand_in, monkeypatch):
     module = sys.modules["flash_attn.flash_attn_interface"]
     monkeypatch.setattr(module, "_flash_attn_forward", lambda q, k, v, p, scale: None)
-    monkeypatch.setattr(A.FlashAttnBackend, "_api", None)
-    assert "signature" in A.FlashAttnBackend._load()[1]
+    monkeypatch.setattr(FlashAttnBackend, "_api", None)
+    assert "signature" in FlashAttnBackend._load()[1]
     assert "softmax_scale" not in inspect.signature(module._flash_attn_forward).parameters

@@ -9,7 +9,7 @@ replaced by `triton.compile(..., target=GPUTarget("cuda", 90, 32))`: the launche
 arguments and constexprs go through the binder a GPU launch uses (dtypes, divisibility-by-16
 attributes), the kernel goes source -> TTIR -> TTGIR -> LLVM IR -> PTX -> cubin (Triton's
 bundled ptxas), and nothing runs. Autotuned kernels compile the
-first config left after their pruning (what MEMTRACE_ATTN_TUNE=0 launches), not every config.
+first config left after their pruning (what settings attn_tune=False launches), not every config.
 Shared memory is checked against the H100's 227 KB per block (a launch-time error otherwise).
 
 Why a subprocess: with TRITON_INTERPRET=1 set when triton was imported, every @triton.jit
@@ -178,7 +178,7 @@ def _run_case(case):
     from memtrace.bias import TraceBias
 
     K = {n: importlib.import_module(f"memtrace.kernels.{n}")
-         for n in ("attention", "correction", "salience", "trace_update", "bias_index")}
+         for n in ("attention", "attention.fwd_ws", "salience", "trace_update", "bias_index")}
     g = torch.Generator().manual_seed(0)
     B, Hq, Hkv, T, D, dt = 2, 4, 2, int(os.environ.get("MEMTRACE_COMPILE_T", "256")), 128, torch.bfloat16
     q = torch.randn(B, Hq, T, D, generator=g).to(dt)
@@ -196,7 +196,7 @@ def _run_case(case):
     if case == "attention-ws":
         # the warp-specialized dense forward (sm_90 only, so forced here) and its correction launch
         ka = K["attention"]
-        ka._ws_usable = lambda *args: True
+        K["attention.fwd_ws"].ws_usable = lambda *args: True
         ka.flash_fwd(q, k, v, None, **{**kw, "causal": False})
         ka.flash_fwd(q, k, v, bias, **{**kw, "causal": False}, return_flags=True)
     elif case.startswith("attention-"):
@@ -208,7 +208,7 @@ def _run_case(case):
             out, lse, flags = ka.flash_fwd(q, k, v, b, **kw, return_flags=True)
             ka.flash_bwd(q, k, v, out, lse, do, b, **kw, need_dvalues=True, row_flags=flags)
     elif case.startswith("correction-"):
-        kc = K["correction"]
+        kc = K["attention"]
         out, lse = torch.zeros_like(q), torch.zeros(B, Hq, T)
         out, lse, flags = kc.correct_fwd(q, k, v, out, lse, bias, ev, **kw, return_flags=True)
         kc.correct_fwd(q, k, v, out, lse, bias, ev, **kw)
@@ -373,8 +373,8 @@ def test_every_kernel_is_compiled(report):
     """Each @triton.jit kernel that a launcher launches appears in some case (helpers are inlined)."""
     compiled = {x["kernel"] for r in report["cases"].values() for x in r["kernels"]}
     launched = set()
-    for name in ("attention", "correction", "salience", "trace_update", "bias_index"):
-        launched |= set(re.findall(r"\b(_\w+_kernel)\[", (REPO / "kernels" / f"{name}.py").read_text()))
+    for path in sorted((REPO / "kernels").rglob("*.py")):
+        launched |= set(re.findall(r"\b(_\w+_kernel)\[", path.read_text()))
     assert launched, "found no kernel launches in kernels/"
     assert launched <= compiled, f"never compiled: {sorted(launched - compiled)}"
 

@@ -123,19 +123,20 @@ def test_no_bias_parity(backend):
 def test_triton_split_backward_overlap(case, monkeypatch):
     """The split backward (dense pass + correct_bwd, taken from 2 entries per row) with the
     key-side correction on the caller's stream beside the dense dQ kernel on a high-priority
-    stream (BWD_OVERLAP) and without: both match the float64 reference, and out / dq / dk / dv
+    stream (settings attn_bwd_overlap) and without: both match the float64 reference, and out / dq / dk / dv
     bitwise alike (the same kernels, only their order and streams differ; the bias gradient
     goes through autograd's scatter of duplicates, whose float atomics may sum in any order)."""
-    from memtrace.kernels import attention as ka
+    from memtrace.kernels import settings
+    from memtrace.kernels.attention import config as kcfg
     *shape, causal = case
     q, k, v, bias, coo = make_inputs(*shape, torch.bfloat16, seed=11 + sum(shape), per_head=3 * shape[3])
-    assert ka._split_backward(bias, False, None)
+    assert kcfg.split_backward(bias, False, None)
     dout = grad_of(q)
     want = oracle(q, k, v, coo, dout, causal=causal)
     got = {}
     for overlap in ("0", "1"):
-        monkeypatch.setattr(ka, "BWD_OVERLAP", overlap)
-        got[overlap] = [t.detach().clone() for t in run(q, k, v, bias, dout, causal=causal, backend="triton")]
+        with settings.override(attn_bwd_overlap=overlap):
+            got[overlap] = [t.detach().clone() for t in run(q, k, v, bias, dout, causal=causal, backend="triton")]
         for name, a, b in zip(("out", "dq", "dk", "dv", "dvalue"), got[overlap], want):
             err = rel_err(a, b)
             assert err < TOL[torch.bfloat16], f"overlap={overlap} {name}: {err:.3g}"
@@ -286,8 +287,8 @@ WS_CASES = [  # B, Hq, Hkv, Tq, Tk, D, dtype: non-causal, Tk a multiple of 128 (
 
 
 def _ws_runs(q, k, v):
-    from memtrace.kernels import attention as ka
-    return ka._ws_usable(q, k, v, False, q.shape[-1], k.shape[2])
+    from memtrace.kernels.attention import fwd_ws
+    return fwd_ws.ws_usable(q, k, v, False, q.shape[-1], k.shape[2])
 
 
 @pytest.mark.parametrize("case", WS_CASES, ids=lambda c: "x".join(map(str, c[:6])))
@@ -295,8 +296,8 @@ def _ws_runs(q, k, v):
 def test_triton_ws_forward_parity(case, values):
     """The specialized dense pass + standalone correction: out, the gradients and the bias
     gradient against the float64 reference (cancelling rows too), bitwise repeatable, and close to
-    the unspecialized fused kernel (MEMTRACE_ATTN_WS=0)."""
-    from memtrace.kernels import attention as ka
+    the unspecialized fused kernel (settings attn_ws="0")."""
+    from memtrace.kernels import settings
     *shape, dtype = case
     q, k, v, bias, coo = make_inputs(*shape, dtype, seed=sum(shape), value_low=values[0], value_high=values[1])
     if not _ws_runs(q, k, v):
@@ -309,12 +310,8 @@ def test_triton_ws_forward_parity(case, values):
     with torch.no_grad():
         again = mt.biased_attention(q, k, v, bias, backend="triton")
         assert torch.equal(again, got[0].detach()), "the specialized forward is not repeatable"
-        saved = ka.WS
-        ka.WS = "0"
-        try:
+        with settings.override(attn_ws="0"):
             fused = mt.biased_attention(q, k, v, bias, backend="triton")
-        finally:
-            ka.WS = saved
         assert rel_err(again, fused) < TOL[dtype]
 
 
@@ -323,12 +320,12 @@ def test_triton_ws_declines_what_it_cannot_run():
     q, k, v, _, _ = make_inputs(1, 4, 4, 256, 256, 128, torch.bfloat16)
     if not _ws_runs(q, k, v):
         pytest.skip("the warp-specialized forward needs an sm_90 GPU")
-    from memtrace.kernels import attention as ka
-    assert not ka._ws_usable(q, k, v, True, 128, 256)
-    assert not ka._ws_usable(q, k[:, :, :200], v[:, :, :200], False, 128, 200)
+    from memtrace.kernels.attention import fwd_ws
+    assert not fwd_ws.ws_usable(q, k, v, True, 128, 256)
+    assert not fwd_ws.ws_usable(q, k[:, :, :200], v[:, :, :200], False, 128, 200)
     qt = q.detach().transpose(1, 2).contiguous().transpose(1, 2)
-    assert not ka._ws_usable(qt, k, v, False, 128, 256)
-    assert not ka._ws_usable(q.float(), k.float(), v.float(), False, 128, 256)
+    assert not fwd_ws.ws_usable(qt, k, v, False, 128, 256)
+    assert not fwd_ws.ws_usable(q.float(), k.float(), v.float(), False, 128, 256)
     # and the transposed layout still computes the right thing through the fused kernel
     out = mt.biased_attention(qt, k, v, None, backend="triton")
     ref = torch.nn.functional.scaled_dot_product_attention(q.detach().float(), k.detach().float(), v.detach().float())

@@ -2,18 +2,22 @@
 shapes against the float64 oracle (SPEC 7 tolerances). Skipped without CUDA (see conftest)."""
 import importlib
 import math
-import os
 
 import pytest
 import torch
-
-os.environ.setdefault("MEMTRACE_ATTN_TUNE", "0")  # one config per kernel: tests compile, not tune
+from memtrace.kernels import attention as ka
+from memtrace.kernels import settings
 
 from memtrace.bias import TraceBias
-from memtrace.kernels import attention as ka
-from memtrace.kernels import correction as kc
 
 ref = importlib.import_module("memtrace.reference.attention")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _first_config_only():
+    """One config per kernel (settings attn_tune=False): these tests compile, not tune."""
+    with settings.override(attn_tune=False):
+        yield
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 
 
@@ -105,10 +109,10 @@ def test_standalone_correction(shape, dtype, per_head):
     q, k, v, do, bias, coo = setup(B, Hq, Hkv, Tq, Tk, D, dtype, per_head, seed=3 * Tq + D + per_head)
     ev = bias.entry_values()
     out0, lse0 = ka.flash_fwd(q, k, v, None, causal=causal, scale=scale, alpha=alpha)
-    out, lse = kc.correct_fwd(q, k, v, out0, lse0, bias, ev, causal=causal, scale=scale, alpha=alpha)
+    out, lse = ka.correct_fwd(q, k, v, out0, lse0, bias, ev, causal=causal, scale=scale, alpha=alpha)
     dq, dk, dv, _ = ka.flash_bwd(q, k, v, out, lse, do, None, causal=causal, scale=scale, alpha=alpha,
                                  need_dvalues=False)
-    dq, dk, dv, dval = kc.correct_bwd(q, k, v, out, lse, do, bias, ev, dq, dk, dv, causal=causal, scale=scale,
+    dq, dk, dv, dval = ka.correct_bwd(q, k, v, out, lse, do, bias, ev, dq, dk, dv, causal=causal, scale=scale,
                                       alpha=alpha, need_dvalues=True)
     r = oracle(q, k, v, do, coo, Hq, causal, scale, alpha)
     tol = TOL[dtype]
@@ -196,15 +200,15 @@ def test_standalone_backward_cancelling_rows(shape):
     q, k, v, do, bias, coo, planted = cancel_setup(B, Hq, Hkv, Tq, Tk, D, dtype, 0.05, seed=2 * Tq + D)
     ev = bias.entry_values()
     out0, lse0 = ka.flash_fwd(q, k, v, None, causal=causal, scale=scale, alpha=alpha)
-    out, lse, flags = kc.correct_fwd(q, k, v, out0, lse0, bias, ev, causal=causal, scale=scale, alpha=alpha,
+    out, lse, flags = ka.correct_fwd(q, k, v, out0, lse0, bias, ev, causal=causal, scale=scale, alpha=alpha,
                                      return_flags=True)
     assert bool((flags.bool() | ~planted).all())
     # from LSE' (the backward's view): the same criterion; equal up to rows right at the threshold
-    recomputed = kc.cancelling_rows(q, k, lse, bias, ev, causal=causal, scale=scale, alpha=alpha).bool()
+    recomputed = ka.cancelling_rows(q, k, lse, bias, ev, causal=causal, scale=scale, alpha=alpha).bool()
     assert bool((recomputed | ~planted).all())
-    dq, dk, dv, _ = ka.flash_bwd(q, k, v, out, kc.mask_lse(lse, flags), do, None, causal=causal, scale=scale,
+    dq, dk, dv, _ = ka.flash_bwd(q, k, v, out, ka.mask_lse(lse, flags), do, None, causal=causal, scale=scale,
                                  alpha=alpha, need_dvalues=False)
-    dq, dk, dv, dval = kc.correct_bwd(q, k, v, out, lse, do, bias, ev, dq, dk, dv, causal=causal, scale=scale,
+    dq, dk, dv, dval = ka.correct_bwd(q, k, v, out, lse, do, bias, ev, dq, dk, dv, causal=causal, scale=scale,
                                       alpha=alpha, need_dvalues=True, row_flags=flags)
     r = oracle(q, k, v, do, coo, Hq, causal, scale, alpha)
     tol = TOL[dtype]
@@ -229,13 +233,13 @@ def test_torch_flash_backward_accepts_masked_lse():
         pytest.skip(f"aten flash attention unavailable: {exc}")
     out0, lse0 = res[0], res[1]
     lse0 = (lse0[..., 0] if lse0.dim() == 4 else lse0)[..., :T].float().contiguous()
-    out, lse, flags = kc.correct_fwd(q, k, v, out0, lse0, bias, ev, causal=False, scale=scale, alpha=alpha,
+    out, lse, flags = ka.correct_fwd(q, k, v, out0, lse0, bias, ev, causal=False, scale=scale, alpha=alpha,
                                      return_flags=True)
     seed = torch.zeros(2, dtype=torch.uint64, device="cuda")
     offset = torch.zeros((), dtype=torch.uint64, device="cuda")
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        do, q, k, v, out, kc.mask_lse(lse, flags), None, None, T, T, 0.0, False, seed, offset, scale=scale)
-    dq, dk, dv, dval = kc.correct_bwd(q, k, v, out, lse, do, bias, ev, dq, dk, dv, causal=False, scale=scale,
+        do, q, k, v, out, ka.mask_lse(lse, flags), None, None, T, T, 0.0, False, seed, offset, scale=scale)
+    dq, dk, dv, dval = ka.correct_bwd(q, k, v, out, lse, do, bias, ev, dq, dk, dv, causal=False, scale=scale,
                                       alpha=alpha, need_dvalues=True, row_flags=flags)
     r = oracle(q, k, v, do, coo, Hq, False, scale, alpha)
     for got, want in zip((dq, dk, dv), r[2:5]):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import memtrace as mt
+from memtrace import capture as capture_mod
 from memtrace import reference as R
 from memtrace.capture import SalienceCapture
-from memtrace import capture as capture_mod
 
 DEV = "cuda"
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
@@ -89,7 +89,7 @@ def test_fill_parity(dtype, causal):
     out, lse, S, a = _oracle(q, k, v, do, bias, causal)
     threshold = float(torch.quantile(S.flatten()[::7].float(), 0.995))
     cap = SalienceCapture(threshold=threshold)
-    cap._fill(q, k, v, out.to(dtype), lse.float(), do, bias, bias.entry_values(), causal=causal)
+    cap.fill(q, k, v, out.to(dtype), lse.float(), do, bias, bias.entry_values(), causal=causal)
     _check(cap, S, a, bias, threshold, dtype)
     assert not bool(cap.stats["overflow"]) and bool(cap.stats["exact"])
     bS, ba = cap.bias_scores
@@ -103,15 +103,15 @@ def test_fill_parity(dtype, causal):
 
 @pytest.mark.parametrize("sparse_emit", [512, 0])
 @pytest.mark.parametrize("D", [32, 128])
-def test_fill_realistic_bf16(D, sparse_emit, monkeypatch):
+def test_fill_realistic_bf16(D, sparse_emit, memtrace_settings):
     """Per-candidate (512) and ranked (0) emission of the streaming kernel."""
-    monkeypatch.setattr(capture_mod, "_SPARSE_EMIT", sparse_emit)
+    memtrace_settings(capture_emit=sparse_emit)
     B, H, T = 2, 4, 1024
     q, k, v, do = _inputs(B, H, H, T, T, D, torch.bfloat16, seed=3)
     out, lse, S, a = _oracle(q, k, v, do, None, False)
     threshold = float(torch.quantile(S.flatten()[::11].float(), 0.999))
     cap = SalienceCapture(threshold=threshold)
-    cap._fill(q, k, v, out.bfloat16(), lse.float(), do, None, None)
+    cap.fill(q, k, v, out.bfloat16(), lse.float(), do, None, None)
     _check(cap, S, a, None, threshold, torch.bfloat16)
     assert cap.bias_scores is None
 
@@ -126,19 +126,19 @@ def test_per_tile_kernel(monkeypatch):
     out, lse, S, a = _oracle(q, k, v, do, bias, True)
     threshold = float(torch.quantile(S.flatten()[::7].float(), 0.998))
     cap = SalienceCapture(threshold=threshold)
-    cap._fill(q, k, v, out.bfloat16(), lse.float(), do, bias, bias.entry_values(), causal=True)
+    cap.fill(q, k, v, out.bfloat16(), lse.float(), do, bias, bias.entry_values(), causal=True)
     _check(cap, S, a, bias, threshold, torch.bfloat16)
 
 
 @pytest.mark.parametrize("sparse_emit", [512, 0])
-def test_overflow_keeps_strongest(sparse_emit, monkeypatch):
-    monkeypatch.setattr(capture_mod, "_SPARSE_EMIT", sparse_emit)
+def test_overflow_keeps_strongest(sparse_emit, memtrace_settings):
+    memtrace_settings(capture_emit=sparse_emit)
     B, H, T, D = 2, 4, 512, 64
     q, k, v, do = _inputs(B, H, H, T, T, D, torch.float16, seed=4)
     out, lse, S, a = _oracle(q, k, v, do, None, False)
     capacity = 5000
     cap = SalienceCapture(threshold=0.0, capacity=capacity)
-    cap._fill(q, k, v, out.half(), lse.float(), do, None, None)
+    cap.fill(q, k, v, out.half(), lse.float(), do, None, None)
     assert bool(cap.stats["overflow"]) and bool(cap.stats["exact"])
     assert int(cap.num_edges) == capacity
     assert int(cap.stats["num_candidates"]) == int((S > 0).sum())
@@ -168,8 +168,8 @@ def test_fully_masked_rows_and_biased_attention():
     assert float(cap.stats["kept_min_salience"]) > threshold
 
 
-def _capture_via_op(q, k, v, do, bias, causal, threshold, fused, monkeypatch, capacity=1 << 17):
-    monkeypatch.setenv("MEMTRACE_CAPTURE_FUSED", "1" if fused else "0")
+def _capture_via_op(q, k, v, do, bias, causal, threshold, fused, memtrace_env, capacity=1 << 17):
+    memtrace_env.set("MEMTRACE_CAPTURE_FUSED", "1" if fused else "0")
     cap = SalienceCapture(threshold=threshold, capacity=capacity)
     qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
     mt.biased_attention(qq, kk, vv, bias, causal=causal, capture=cap, backend="triton").backward(do)
@@ -179,7 +179,7 @@ def _capture_via_op(q, k, v, do, bias, causal, threshold, fused, monkeypatch, ca
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", [(2, 4, 2, 300, 517, 64), (4, 4, 4, 1024, 1024, 128)])
-def test_fused_capture_through_triton(shape, causal, dtype, monkeypatch):
+def test_fused_capture_through_triton(shape, causal, dtype, memtrace_env):
     """The Triton backward's salience bound + segment rescoring against the oracle and against
     the unfused fill (every tile scored): the same edges up to float32 noise at the threshold,
     the same gradients."""
@@ -188,8 +188,8 @@ def test_fused_capture_through_triton(shape, causal, dtype, monkeypatch):
     bias = _bias(Hq, Tq + 50, Tk + 50, 4 * Tq, seed=Tk)
     out, lse, S, a = _oracle(q, k, v, do, bias, causal)
     threshold = float(torch.quantile(S.flatten()[::13].float(), 0.999))
-    fused, g_f = _capture_via_op(q, k, v, do, bias, causal, threshold, True, monkeypatch)
-    plain, g_p = _capture_via_op(q, k, v, do, bias, causal, threshold, False, monkeypatch)
+    fused, g_f = _capture_via_op(q, k, v, do, bias, causal, threshold, True, memtrace_env)
+    plain, g_p = _capture_via_op(q, k, v, do, bias, causal, threshold, False, memtrace_env)
     _check(fused, S, a, bias, threshold, dtype, margin=1e-2)
     assert not bool(fused.stats["overflow"])
     for x, y in zip(g_f, g_p):
@@ -208,12 +208,12 @@ def test_fused_capture_through_triton(shape, causal, dtype, monkeypatch):
     assert torch.equal(bf[0], bp[0]) and torch.equal(bf[1], bp[1])
 
 
-def test_fused_capture_overflow(monkeypatch):
+def test_fused_capture_overflow(memtrace_env):
     """Threshold 0: everything is a candidate; the fused fill overflows into the exact passes."""
     B, H, T, D = 2, 2, 512, 64
     q, k, v, do = _inputs(B, H, H, T, T, D, torch.bfloat16, seed=8)
     out, lse, S, a = _oracle(q, k, v, do, None, True)
-    fused, _ = _capture_via_op(q, k, v, do, None, True, 0.0, True, monkeypatch, capacity=5000)
+    fused, _ = _capture_via_op(q, k, v, do, None, True, 0.0, True, memtrace_env, capacity=5000)
     assert bool(fused.stats["overflow"]) and int(fused.num_edges) == 5000
     _check(fused, S, a, None, 0.0, torch.bfloat16, margin=1e-2)
     n = int(fused.num_edges)
@@ -223,15 +223,15 @@ def test_fused_capture_overflow(monkeypatch):
     assert S[h, i, j].min() >= rest.max() * (1 - 2e-2)
 
 
-def test_auto_runs_a_capture_on_triton(monkeypatch):
-    monkeypatch.delenv("MEMTRACE_BACKEND", raising=False)
-    monkeypatch.delenv("MEMTRACE_CAPTURE_FUSED", raising=False)
+def test_auto_runs_a_capture_on_triton(memtrace_env, monkeypatch):
+    memtrace_env.unset("MEMTRACE_BACKEND")
+    memtrace_env.unset("MEMTRACE_CAPTURE_FUSED")
     from memtrace import attention as A
     q, k, v, do = _inputs(2, 4, 4, 512, 512, 128, torch.bfloat16, seed=9)
-    assert A._fused_capture_fits(q, k, v, None, False, SalienceCapture(1e-3))
+    assert A._prefers_triton(q, k, v, None, False, SalienceCapture(1e-3))
 
 
-def test_fill_glue_graph_matches_eager(monkeypatch):
+def test_fill_glue_graph_matches_eager(monkeypatch, memtrace_settings):
     """The fill's glue replayed as a CUDA graph, shared by captures across shapes, thresholds and an
     overflow, gives exactly what the eager glue gives (and each capture keeps its own results)."""
     calls = [  # B, Hq, Tq, Tk, quantile of S for the threshold (None: 0, overflowing), capacity
@@ -239,7 +239,7 @@ def test_fill_glue_graph_matches_eager(monkeypatch):
         (2, 4, 300, 500, 0.98, 4096), (2, 2, 128, 64, 0.9, 1000)]
     results = {}
     for graph in (False, True):
-        monkeypatch.setattr(capture_mod, "_GRAPH_GLUE", graph)
+        memtrace_settings(capture_graph=graph)
         capture_mod._GLUE_CACHE.clear()
         caps = []
         for n, (B, Hq, Tq, Tk, quant, capacity) in enumerate(calls):
@@ -247,7 +247,7 @@ def test_fill_glue_graph_matches_eager(monkeypatch):
             out, lse, S, _ = _oracle(q, k, v, do, None, False)
             thr = 0.0 if quant is None else float(S.flatten().quantile(quant))
             cap = SalienceCapture(threshold=thr, capacity=capacity)
-            cap._fill(q, k, v, out.to(q.dtype), lse.float(), do, None, None)
+            cap.fill(q, k, v, out.to(q.dtype), lse.float(), do, None, None)
             caps.append(cap)
         assert bool(caps[2].stats["overflow"]) and not bool(caps[0].stats["overflow"])
         results[graph] = caps

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from memtrace.kernels.launch import FastLaunch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -89,3 +89,59 @@ def test_cuda_bad_input_and_persistence(tmp_path):
     again.update(paths.cuda(), rewards.cuda(), 5)
     gpu.update(paths.cuda(), rewards.cuda(), 5)
     assert_same(gpu.to_table(), again.to_table())
+
+
+# ---- issue 28 ------------------------------------------------------------------------------------
+
+_TRIE_KEYS = ("parent", "expert", "count", "reward_sum", "first_seen", "last_seen")
+
+
+def _empty_trie_cuda():
+    return tuple(torch.zeros(0, dtype=dt, device="cuda")
+                 for dt in (torch.int32, torch.int16, torch.int64, torch.float64, torch.int32, torch.int32))
+
+
+@pytest.mark.parametrize("bad", [4, 7, 100, 10**8, -2, -(10**8)])
+def test_cuda_op_rejects_expert_ids_out_of_range(bad):
+    """Issue 28.7 on CUDA: the op counts ids outside [-1, num_experts) into a device flag read with
+    the depth-1 item count (no extra sync) and raises ValueError before any kernel indexes with
+    them; the CUDA context stays usable."""
+    ops = mt.routing._ops()
+    paths = torch.full((40, 2), bad, device="cuda")
+    paths[::3, 1] = 1
+    rewards = torch.zeros(40, dtype=torch.float64, device="cuda")
+    with pytest.raises(ValueError, match=r"expert ids in \[0, 4\)"):
+        ops.routing_update(*_empty_trie_cuda(), [], paths, rewards, 0, 8, 4, True)
+    torch.cuda.synchronize()          # no sticky CUDA error
+    good = torch.tensor([[0, 1], [-1, 3]], device="cuda")
+    zero = torch.zeros(2, dtype=torch.float64, device="cuda")
+    out = ops.routing_update(*_empty_trie_cuda(), [], good, zero, 0, 8, 4, True)
+    cpu = ops.routing_update(*(t.cpu() for t in _empty_trie_cuda()), [], good.cpu(),
+                             torch.zeros(2, dtype=torch.float64), 0, 8, 4, True)
+    for a, b in zip(out, cpu):
+        assert torch.equal(a.cpu(), b)
+
+
+def test_cuda_op_rejects_bad_trie_arrays_and_saturates_counts():
+    """Trie arrays that break the invariants are refused (CPU and CUDA alike); counts near 2^63
+    saturate instead of wrapping."""
+    ops = mt.routing._ops()
+    tree = mt.RoutingTree(2, 4, max_depth=2, mode="prefix", device="cuda")
+    tree.update(torch.tensor([[0, 1], [2, 3]], device="cuda"))
+    arrays = {k: t.clone() for k, t in tree._arrays.items()}
+    paths = torch.tensor([[0, 1]], device="cuda")
+    rewards = torch.zeros(1, dtype=torch.float64, device="cuda")
+    for key, index, value in (("parent", 2, 5), ("parent", 0, 3), ("expert", 1, 9), ("expert", 0, -1),
+                              ("count", 3, -1), ("expert", 0, 2)):
+        bad = dict(arrays)
+        bad[key] = arrays[key].clone()
+        bad[key][index] = value
+        for dev in ("cuda", "cpu"):
+            with pytest.raises(ValueError, match="routing_update"):
+                ops.routing_update(*(bad[k].to(dev) for k in _TRIE_KEYS), tree._level_sizes, paths.to(dev),
+                                   rewards.to(dev), 1, 2, 4, False)
+    torch.cuda.synchronize()
+    big = 2**63 - 1
+    sat = dict(arrays, count=torch.full_like(arrays["count"], big))
+    out = ops.routing_update(*(sat[k] for k in _TRIE_KEYS), tree._level_sizes, paths, rewards, 1, 2, 4, False)
+    assert out[2].cpu().tolist() == [big, big, big, big]

@@ -1,0 +1,241 @@
+"""What every attention backend shares: the facts of a call, the Backend interface, the facts of
+a bias that decide how it may run, and the dense-kernel-plus-correction scheme of the backends
+built on someone else's dense attention.
+
+Every backend computes the biased output O' and log-sum-exp LSE' in its forward, and in its
+backward the gradients of q, k, v (and of the bias entry values) from O', LSE' and dO.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+
+from .. import config
+
+class Call:
+    """The facts about a call that decide which backends can take it (metadata only: works on
+    fake tensors)."""
+
+    __slots__ = ("device", "dtype", "batch", "q_heads", "kv_heads", "seq_len_q", "seq_len_k",
+                 "head_dim", "causal", "has_bias", "last_dim_contiguous", "min_bias_logit")
+
+    def __init__(self, q, k, v, bias, causal, min_bias_logit=None):
+        self.device = q.device
+        self.dtype = q.dtype
+        self.batch, self.q_heads, self.seq_len_q, self.head_dim = q.shape
+        self.kv_heads, self.seq_len_k = k.shape[1], k.shape[2]
+        self.causal = bool(causal)
+        self.has_bias = bias is not None and bias.nnz > 0
+        self.last_dim_contiguous = all(t.stride(-1) == 1 for t in (q, k, v))
+        # alpha * (lowest merged entry value), when known: below ln(CANCEL_THRESHOLD) the
+        # correction identity O' = (O + sum w v) / (1 + sum w) can cancel (see kernels/attention/cancel.py)
+        self.min_bias_logit = min_bias_logit if self.has_bias else None
+
+    def kind(self):
+        """A key for 'this kind of call' (used to remember run-time failures of a backend)."""
+        return (self.device.type, self.dtype, self.head_dim, self.q_heads != self.kv_heads, self.causal,
+                self.seq_len_q == self.seq_len_k)
+
+
+def dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def interpreting() -> bool:
+    return config.triton_interpreter()
+
+
+def cuda_capability(device):
+    try:
+        return torch.cuda.get_device_capability(device)
+    except Exception:  # pragma: no cover - no driver
+        return (0, 0)
+
+
+class Backend:
+    """One implementation of biased attention. Subclasses set `name` and implement the three
+    methods; `forward` returns (out [B, Hq, Tq, D] in q's dtype, lse [B, Hq, Tq] float32, -inf on
+    fully masked rows), `backward` returns (dq, dk, dv, dvalues or None)."""
+
+    name = "?"
+
+    def not_supported_reasons(self, call: Call) -> list:
+        raise NotImplementedError
+
+    def forward(self, q, k, v, bias, entry_values, *, causal, scale, alpha):
+        raise NotImplementedError
+
+    def backward(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, need_dvalues):
+        raise NotImplementedError
+
+
+def attention_kernels():
+    """(memtrace.kernels.attention, None), or (None, the reason it cannot be imported); cached."""
+    if not _KERNELS:
+        try:
+            from ..kernels import attention as module
+            _KERNELS.append((module, None))
+        except Exception as exc:  # an auto-selected backend falls back quietly on import errors
+            _KERNELS.append((None, f"memtrace.kernels.attention cannot be imported ({type(exc).__name__}: {exc})"))
+    return _KERNELS[0]
+
+
+_KERNELS: list = []
+
+
+class CorrectedDenseBackend(Backend):
+    """A dense attention kernel that returns its LSE, plus the standalone sparse correction.
+
+    forward:  O, LSE = dense(q, k, v);  O', LSE' = correct_fwd(O, LSE, entries)
+    backward: dq, dk, dv = dense_backward(dO, q, k, v, O', LSE');  then correct_bwd adds the terms
+              of the biased edges (and returns d entry_values).
+    """
+
+    dtypes = (torch.float16, torch.bfloat16)
+    max_head_dim = 128
+    supports_causal_unequal = False   # bottom-right causal with Tq != Tk
+    supports_gqa = True
+
+    def _dense_reasons(self, call):
+        raise NotImplementedError
+
+    @staticmethod
+    def correction_reasons(call):
+        """Why the standalone correction cannot serve this call: not importable, or biases so
+        negative that 1 + sum w can cancel (1 + sum w >= exp(min alpha * b), so a lowest logit
+        above ln(CANCEL_THRESHOLD) can never cancel)."""
+        if not call.has_bias:
+            return []
+        err = attention_kernels()[1]
+        if err:
+            return [err]
+        floor = cancel_floor()
+        if call.min_bias_logit is not None and call.min_bias_logit < floor:
+            return [f"alpha * bias reaches {call.min_bias_logit:.3g} < ln({math.exp(floor):.3g}): the dense backward "
+                    "fed O', LSE' would amplify its rounding by up to exp(-alpha * bias) on such entries, and the "
+                    "forward identity can cancel (the triton backend recomputes such rows)"]
+        return []
+
+    def not_supported_reasons(self, call):
+        reasons = []
+        if call.device.type != "cuda":
+            reasons.append(f"needs a CUDA device, got {call.device.type}")
+        if call.dtype not in self.dtypes:
+            names = ", ".join(dtype_name(d) for d in self.dtypes)
+            reasons.append(f"dtype {dtype_name(call.dtype)} ({names} only)")
+        if call.head_dim > self.max_head_dim:
+            reasons.append(f"head dim {call.head_dim} (at most {self.max_head_dim})")
+        if call.causal and call.seq_len_q != call.seq_len_k and not self.supports_causal_unequal:
+            reasons.append(f"causal with seq_len_q != seq_len_k ({call.seq_len_q} vs {call.seq_len_k}): "
+                           "its causal mask is not bottom-right aligned")
+        if call.q_heads != call.kv_heads and not self.supports_gqa:
+            reasons.append("grouped-query attention (Hq != Hkv)")
+        reasons.extend(self.correction_reasons(call))
+        if call.device.type == "cuda" and not reasons:
+            reasons.extend(self._dense_reasons(call))
+        return reasons
+
+    # dense part, implemented per backend: (out, lse [B, Hq, Tq] float32) and (dq, dk, dv)
+    def dense_forward(self, q, k, v, *, causal, scale):
+        raise NotImplementedError
+
+    def dense_backward(self, q, k, v, out, lse, dout, *, causal, scale):
+        raise NotImplementedError
+
+    def forward(self, q, k, v, bias, entry_values, *, causal, scale, alpha):
+        out, lse = self.dense_forward(q, k, v, causal=causal, scale=scale)
+        if bias is None or bias.nnz == 0:
+            return out, lse
+        return attention_kernels()[0].correct_fwd(q, k, v, out, lse, bias, entry_values, causal=causal, scale=scale,
+                                      alpha=alpha, may_cancel=may_cancel(bias, alpha))
+
+    def backward(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, need_dvalues):
+        dq, dk, dv = self.dense_backward(q, k, v, out, lse, dout, causal=causal, scale=scale)
+        if bias is None or bias.nnz == 0:
+            dvalues = entry_values.new_zeros(entry_values.shape) if need_dvalues and entry_values is not None else None
+            return dq, dk, dv, dvalues
+        return attention_kernels()[0].correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, causal=causal,
+                                      scale=scale, alpha=alpha, need_dvalues=need_dvalues)
+
+
+# |alpha * bias| above this is refused: the kernels add it to scale * q.k and multiply by log2(e) in
+# float32, which overflows to Inf (then NaN) near float32's max (3.4e38); softmax saturates long before.
+MAX_BIAS_LOGIT = torch.finfo(torch.float32).max / 16
+
+# id(value tensor) -> (weak reference, version, lowest and highest merged entry value). A value that
+# was seen and not modified since (no optimizer step, no in-place write) is not read again, so
+# steady-state calls do no device sync for it.
+_BIAS_RANGES: dict = {}
+
+
+def bias_range(bias):
+    """(min, max) of the merged entry values (one device sync per new or modified value tensor);
+    ValueError when a value is NaN or Inf (SPEC 6)."""
+    value = bias.value
+    version = getattr(value, "_version", None)
+    seen = _BIAS_RANGES.get(id(value))
+    if seen is not None and seen[0]() is value and seen[1] == version:
+        return seen[2]
+    merged = bias.entry_values().detach()
+    low, high = torch.stack([merged.min(), merged.max()]).tolist()
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("bias values contain NaN or Inf")
+    if version is not None:
+        key = id(value)
+        if len(_BIAS_RANGES) > 4096:
+            _BIAS_RANGES.clear()
+        _BIAS_RANGES[key] = (weakref.ref(value, lambda _ref, key=key: _BIAS_RANGES.pop(key, None)), version,
+                             (low, high))
+    return low, high
+
+
+def min_bias_logit(bias, alpha):
+    """alpha * (lowest merged entry value), or None without entries; ValueError when
+    |alpha * bias| passes MAX_BIAS_LOGIT."""
+    if bias is None or bias.nnz == 0:
+        return None
+    low, high = bias_range(bias)
+    if abs(alpha) * max(abs(low), abs(high)) > MAX_BIAS_LOGIT:
+        raise ValueError(f"alpha * bias reaches {max(abs(alpha * low), abs(alpha * high)):.3g} (alpha={alpha:.3g}, "
+                         f"bias values in [{low:.3g}, {high:.3g}]): over {MAX_BIAS_LOGIT:.3g}, the float32 "
+                         "logits overflow to Inf")
+    return min(alpha * low, alpha * high)
+
+
+def may_cancel(bias, alpha):
+    """Whether a row's corrected normaliser 1 + sum w can fall under CANCEL_THRESHOLD: only when
+    alpha * some value < ln(CANCEL_THRESHOLD), since 1 + sum w >= exp(min alpha b). When it
+    cannot (the usual case; auto only picks the dense backends then) the forwards skip the launch
+    that recomputes cancelled rows (~13 us at B4 H16 T4096 on the H100). Cached per value tensor."""
+    if bias is None or bias.nnz == 0:
+        return False
+    low, high = bias_range(bias)
+    return min(alpha * low, alpha * high) < cancel_floor()
+
+
+def cancel_floor():
+    """ln(CANCEL_THRESHOLD): the lowest alpha * bias value with which no row can cancel."""
+    return math.log(getattr(attention_kernels()[0], "CANCEL_THRESHOLD", 0.25))
+
+
+def lse_to_bht(lse, shape_bht):
+    """A dense op's logsumexp ([B, H, T], [B, H, T, 1] or row-padded) as float32 [B, H, T]."""
+    B, H, T = shape_bht
+    if lse.dim() == 4:
+        lse = lse[..., 0]
+    if lse.shape[-1] != T:
+        lse = lse[..., :T]
+    return lse.float().contiguous()
+
+
+def last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def like(ref, value):
+    """`value` copied into a tensor with torch.empty_like(ref)'s layout (what the fake kernels say)."""
+    target = torch.empty_like(ref)
+    target.copy_(value)
+    return target
