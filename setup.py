@@ -7,12 +7,24 @@ The Triton kernels live in kernels/ and are installed as the subpackage memtrace
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _packages():
+    """{package: folder} for memtrace/ and its subpackages, and kernels/ installed as memtrace.kernels."""
+    found = {}
+    for prefix, root in (("memtrace", "memtrace"), ("memtrace.kernels", "kernels")):
+        for sub in [""] + find_packages(root):
+            found[prefix + ("." + sub if sub else "")] = os.path.join(root, *sub.split(".")) if sub else root
+    return found
+
+
+PACKAGES = _packages()
 
 
 def _extension():
@@ -38,11 +50,8 @@ setup(
     name="memtrace",
     version="0.1.0",
     description="Persistent attention traces and routing-path crystallization as GPU kernels for PyTorch",
-    packages=["memtrace", "memtrace.backends", "memtrace.reference", "memtrace.kernels",
-              "memtrace.kernels.attention", "memtrace.kernels.salience"],
-    package_dir={"memtrace": "memtrace", "memtrace.backends": "memtrace/backends",
-                 "memtrace.reference": "memtrace/reference", "memtrace.kernels": "kernels",
-                 "memtrace.kernels.attention": "kernels/attention", "memtrace.kernels.salience": "kernels/salience"},
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -51,7 +60,10 @@ setup(
         "safetensors",
         "tqdm",
     ],
-    extras_require={"dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff"]},
+    extras_require={
+        "hf": ["transformers>=5.17"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "transformers==5.17.0"],
+    },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},  # ninja (parallel compiles) where installed
     entry_points={"console_scripts": ["memtrace=memtrace.cli:main"]},

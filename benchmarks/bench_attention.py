@@ -206,8 +206,8 @@ def error_text(exc):
 
 
 def memtrace_backends():
-    import memtrace.attention as A
-    return [n for n in ("triton", "cudnn", "flash", "flash_attn") if n in A._REGISTRY] + ["auto"]
+    from memtrace.backends import registry
+    return [n for n in ("triton", "cudnn", "flash", "flash_attn") if n in registry.REGISTRY] + ["auto"]
 
 
 def run_gpu(args):
@@ -451,7 +451,7 @@ def run_cpu(args):
     import memtrace as mt
     import memtrace.attention as A
     print("No CUDA device: timing tiny shapes on the CPU (reference math"
-          + (", Triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else
+          + (", Triton interpreter" if mt.config.triton_interpreter() else
              "; set TRITON_INTERPRET=1 to include the Triton interpreter") + "). These are not GPU numbers.")
     rows = []
     shapes = [(1, 2, 2, 64, 32)] if args.quick else [(1, 2, 2, 64, 32), (2, 4, 2, 128, 64)]

@@ -189,7 +189,6 @@ def run_shape(B, H, T, D, capacity, quick, notes):
     # Triton backend and its fused capture), and the Triton backend with the capture fused (the
     # backward bounds the salience per 64-key segment, the fill rescores the segments that pass)
     # or not (MEMTRACE_CAPTURE_FUSED=0: every tile scored after the backward).
-    import os
     try:
         capm = SalienceCapture(threshold=threshold, capacity=capacity)
         capt = SalienceCapture(threshold=threshold, capacity=capacity)
@@ -208,11 +207,8 @@ def run_shape(B, H, T, D, capacity, quick, notes):
             memtrace.biased_attention(q, k, v, scale=scale, capture=capt, backend="triton").backward(dout)
 
         def capture_triton_unfused():
-            os.environ["MEMTRACE_CAPTURE_FUSED"] = "0"
-            try:
+            with memtrace.config.override(capture_fused="0"):
                 memtrace.biased_attention(q, k, v, scale=scale, capture=capu, backend="triton").backward(dout)
-            finally:
-                os.environ.pop("MEMTRACE_CAPTURE_FUSED", None)
 
         runs = {"base_mt": base_mt, "capture_mt": capture_mt, "base_triton": base_triton,
                 "capture_triton_fused": capture_triton_fused, "capture_triton_unfused": capture_triton_unfused}
@@ -317,7 +313,7 @@ def main(argv=None):
     notes = []
     results = []
     doc = {"benchmark": "bench_capture", **_harness.header(), "quick": args.quick,
-           "sparse_emit": capture_mod._SPARSE_EMIT,
+           "sparse_emit": memtrace.config.settings().capture_emit,
            "baseline": "SDPA flash fwd+bwd (aten _scaled_dot_product_flash_attention, returns the LSE the "
                        "capture needs); memtrace.biased_attention too where it ran (base_mt / capture_mt)",
            "targets": {"capture_over_base": 1.25, "eager_over_capture": 20, "mem_capture_over_base": 1.1},

@@ -179,8 +179,9 @@ def _bias_from_tensors(tensors, shape):
     if not tensors:
         return None
     head, q_idx, k_idx, value, *index = tensors
+    index_rows = shape[3] if len(shape) > 3 else shape[1]     # [H, Tq, Tk] or [H, Tq, Tk, index rows]
     return TraceBias(head, q_idx, k_idx, value, num_heads=shape[0], seq_len_q=shape[1], seq_len_k=shape[2],
-                     _index=tuple(index))
+                     _index=tuple(index), _index_rows=index_rows)
 
 
 def _forward(q, k, v, bias_tensors, entry_values, bias_shape, causal, scale, alpha, backend, capture=None,
@@ -353,7 +354,8 @@ def biased_attention(q, k, v, bias=None, *, causal=False, scale=None, alpha=1.0,
     alpha = float(alpha)
     V.check_choice("backend", backend, registry.BACKENDS)
     entry_values = bias.entry_values() if bias is not None else None
-    bias_shape = [bias.num_heads, bias.seq_len_q, bias.seq_len_k] if bias is not None else [0, 0, 0]
+    bias_shape = ([bias.num_heads, bias.seq_len_q, bias.seq_len_k, bias.index_rows] if bias is not None
+                  else [0, 0, 0, 0])
     args = (q, k, v, _bias_tensors(bias), entry_values, bias_shape, causal, scale, alpha, backend)
     if capture is None and _tracing(q):
         out, _ = _fwd_op(*args)

@@ -26,7 +26,7 @@ from . import _validate as V
 class TraceBias:
     """A sparse bias M over (query head, query, key): logits get `alpha * M[h, i, j]`."""
 
-    def __init__(self, head, q_idx, k_idx, value, *, num_heads, seq_len_q, seq_len_k, _index=None):
+    def __init__(self, head, q_idx, k_idx, value, *, num_heads, seq_len_q, seq_len_k, _index=None, _index_rows=None):
         self.head = head
         self.q_idx = q_idx
         self.k_idx = k_idx
@@ -34,7 +34,11 @@ class TraceBias:
         self.num_heads = num_heads
         self.seq_len_q = seq_len_q
         self.seq_len_k = seq_len_k
-        idx = _index if _index is not None else _build_index(head, q_idx, k_idx, num_heads, seq_len_q, seq_len_k)
+        # Query rows of the index (the kernels' Tq_max): seq_len_q, or more when value-0 padding
+        # entries sit on rows past the stated shape (TraceMemory.bias's empty slots).
+        self.index_rows = seq_len_q if _index_rows is None else _index_rows
+        idx = _index if _index is not None else _build_index(head, q_idx, k_idx, num_heads, self.index_rows,
+                                                             seq_len_k)
         self.entry_pos, self.src_entry, self.k_order, self.q_offsets, self.k_offsets = idx
 
     # -- construction ------------------------------------------------------------------------------
@@ -86,7 +90,7 @@ class TraceBias:
 
     def entry_coords(self):
         """(head, q_idx, k_idx) int64 [E] of the sorted entries (followers repeat their leader's)."""
-        h = _head_of_sorted(self.q_offsets, self.num_heads, self.seq_len_q, self.nnz)
+        h = _head_of_sorted(self.q_offsets, self.num_heads, self.index_rows, self.nnz)
         pos = self.entry_pos.long() & 0xFFFFFFFF
         return h, pos >> 16, pos & 0xFFFF
 
@@ -97,17 +101,20 @@ class TraceBias:
         return sum(t.numel() * t.element_size() for t in idx) + 4 * self.nnz
 
     def to_dense(self) -> torch.Tensor:
-        """[H, Tq_max, Tk_max] float32; duplicates add. Reference and debugging only."""
+        """[H, seq_len_q, seq_len_k] float32; duplicates add. Reference and debugging only."""
         dense = torch.zeros(self.num_heads * self.seq_len_q * self.seq_len_k, dtype=torch.float32,
                             device=self.device)
+        inside = self.q_idx < self.seq_len_q          # padding entries (rows past the shape) hold 0
         flat = (self.head * self.seq_len_q + self.q_idx) * self.seq_len_k + self.k_idx
-        dense = dense.index_add(0, flat, self.value.float())
+        flat = torch.where(inside, flat, torch.zeros_like(flat))
+        dense = dense.index_add(0, flat, torch.where(inside, self.value.float(), torch.zeros((), device=self.device)))
         return dense.view(self.num_heads, self.seq_len_q, self.seq_len_k)
 
     def detach(self) -> TraceBias:
         idx = (self.entry_pos, self.src_entry, self.k_order, self.q_offsets, self.k_offsets)
         return TraceBias(self.head, self.q_idx, self.k_idx, self.value.detach(), num_heads=self.num_heads,
-                         seq_len_q=self.seq_len_q, seq_len_k=self.seq_len_k, _index=idx)
+                         seq_len_q=self.seq_len_q, seq_len_k=self.seq_len_k, _index=idx,
+                         _index_rows=self.index_rows)
 
     def __repr__(self) -> str:
         return (f"TraceBias(nnz={self.nnz}, num_heads={self.num_heads}, seq_len_q={self.seq_len_q}, "

@@ -1,16 +1,12 @@
 """TraceBias: the sorted index against a brute-force reading of the COO entries, and bad input;
 the Triton index builder (kernels/bias_index.py, under TRITON_INTERPRET=1 on the CPU) against the
 pure-torch one, bit for bit."""
-import importlib
-import os
-
 import pytest
 import torch
+from _helpers import DEV, assert_index_equal, bias_index_module
 
 import memtrace as mt
 from memtrace.bias import _build_index, _build_index_torch
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _random_coo(n, H, Tq, Tk, seed, dup=True):
@@ -115,38 +111,11 @@ def test_from_coo_unsigned_indices():
 
 # -- the Triton builder against the torch builder ---------------------------------------------------
 
-def _builder():
-    """kernels/bias_index.build_index; on the CPU its kernels are made interpreted ones by
-    importing the module with TRITON_INTERPRET=1, set only for that import (setting it for the
-    whole session would change what other test modules see)."""
-    pytest.importorskip("triton")
-    name = "memtrace.kernels.bias_index"
-    if DEV == "cuda":
-        return importlib.import_module(name).build_index
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        mod = importlib.import_module(name)
-        if type(mod._keys_kernel).__name__ != "InterpretedFunction":
-            mod = importlib.reload(mod)
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    assert type(mod._keys_kernel).__name__ == "InterpretedFunction"
-    return mod.build_index
-
-
 def _assert_same_index(coo, H, Tq, Tk):
+    pytest.importorskip("triton")
     h, i, j = (t.to(DEV) for t in coo)
-    got = _builder()(h, i, j, H, Tq, Tk)
-    want = _build_index_torch(h.long(), i.long(), j.long(), H, Tq, Tk)
-    names = ("entry_pos", "src_entry", "k_order", "q_offsets", "k_offsets")
-    for name, g, w in zip(names, got, want):
-        assert g.dtype == w.dtype == torch.int32, name
-        assert g.device == w.device, name
-        assert torch.equal(g, w), name
+    got = bias_index_module().build_index(h, i, j, H, Tq, Tk)
+    assert_index_equal(got, _build_index_torch(h.long(), i.long(), j.long(), H, Tq, Tk))
 
 
 @pytest.mark.parametrize("n,H,Tq,Tk,seed", [
@@ -214,3 +183,27 @@ def test_build_index_dispatch_matches_torch():
     for name, g, t, w in zip(names, got, _build_index_torch(h, i, j, 4, 21, 19), want):
         assert torch.equal(g, t), name
         assert torch.equal(g.cpu(), w), name
+
+
+def test_memory_bias_states_the_memory_shape():
+    """A TraceMemory of length T gives a bias of shape [H, T, T] (its empty slots' padding row is
+    internal to the index), and that bias runs in attention exactly like the same traces as COO."""
+    T, H = 12, 2
+    mem = mt.TraceMemory(1, H, quota=5, threshold=0.0, max_seq_len=T)
+    S = torch.zeros(H, T, T)
+    S[0, 3, 1], S[1, 11, 11], S[1, 0, 0] = 1.0, 2.0, 0.5
+    mem.update_dense(0, S, torch.ones(H, T, T))
+    bias = mem.bias(0)
+    assert (bias.num_heads, bias.seq_len_q, bias.seq_len_k) == (H, T, T)
+    dense = bias.to_dense()
+    assert dense.shape == (H, T, T)
+    h, q, k, strength = mem.traces(0)[:4]
+    want = torch.zeros(H, T, T)
+    want[h, q, k] = strength
+    torch.testing.assert_close(dense, want)
+    g = torch.Generator().manual_seed(5)
+    qq, kk, vv = (torch.randn(1, H, T, 16, generator=g) for _ in range(3))
+    coo = mt.TraceBias.from_coo(h, q, k, strength, num_heads=H, seq_len_q=T, seq_len_k=T)
+    got = mt.biased_attention(qq, kk, vv, bias, backend="reference")
+    ref = mt.biased_attention(qq, kk, vv, coo, backend="reference")
+    torch.testing.assert_close(got, ref)

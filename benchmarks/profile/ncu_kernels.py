@@ -16,9 +16,9 @@ import torch
 which = sys.argv[1] if len(sys.argv) > 1 else "all"
 if which in ("attention", "all"):
     from bench_attention import make_trace_bias
-    from memtrace.kernels import correction
+    from memtrace.kernels import attention as correction
 
-    from memtrace.attention import CudnnBackend
+    from memtrace.backends.cudnn import CudnnBackend
     B, H, T, D = 4, 16, 4096, 128
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))

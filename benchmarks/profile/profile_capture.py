@@ -16,6 +16,7 @@ import sys
 import torch
 import triton
 
+import memtrace
 from memtrace import capture as capture_mod
 from memtrace.capture import SalienceCapture
 
@@ -42,7 +43,7 @@ def main(argv):
     if "--config" in argv:
         configs = [tuple(int(x) for x in c.split(",")) for c in argv[argv.index("--config") + 1:]
                    if not c.startswith("--")]
-    emits = [capture_mod._SPARSE_EMIT]
+    emits = [memtrace.config.settings().capture_emit]
     if "--sparse-emit" in argv:
         emits = [int(x) for x in argv[argv.index("--sparse-emit") + 1].split(",")]
     if "--no-desc" in argv:
@@ -59,7 +60,7 @@ def main(argv):
         thr = float(probe.stats["kept_min_salience"])
         for cfg, emit in [(c, e) for c in configs for e in emits]:
             capture_mod._CONFIG_OVERRIDE = cfg
-            capture_mod._SPARSE_EMIT = emit
+            memtrace.config.override(capture_emit=emit).__enter__()   # kept for the rest of this script
             for name, t in (("none", 3e38), ("sparse", thr)):
                 cap = SalienceCapture(threshold=t, capacity=cap_size)
                 fn = (lambda cap=cap: cap.fill(q, k, v, out, lse, do, None, None, scale=scale))

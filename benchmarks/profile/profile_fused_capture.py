@@ -16,13 +16,12 @@ import triton.testing
 from profile_capture import kernel_times
 
 import memtrace
-from memtrace import capture as capture_mod
 from memtrace.capture import SalienceCapture
 
 
 def main(argv):
     out_path = argv[0] if argv and not argv[0].startswith("--") else None
-    emits = [capture_mod._SEGMENT_EMIT]
+    emits = [memtrace.config.settings().capture_segment_emit]
     if "--segment-emit" in argv:
         emits = [int(x) for x in argv[argv.index("--segment-emit") + 1].split(",")]
     H, T, D, capacity = 16, 4096, 128, 1 << 17
@@ -48,28 +47,27 @@ def main(argv):
         variants += [(f"fused_emit{e}", "1", e) for e in emits]
         variants += [("unfused", "0", None)]
         for name, fused, emit in variants:
-            if fused is not None:
-                os.environ["MEMTRACE_CAPTURE_FUSED"] = fused
+            changes = {"capture_fused": fused} if fused is not None else {}
             if emit is not None:
-                capture_mod._SEGMENT_EMIT = emit
-            cap = SalienceCapture(threshold=thr, capacity=capacity) if fused is not None else None
-            fn = step(cap)
-            fn()
-            ms = triton.testing.do_bench(fn, grad_to_none=[q, k, v], warmup=10, rep=100, return_mode="median")
-            kt = kernel_times(fn)
-            # host time of one step (from an idle GPU: enqueue only) and its wall time to the sync
-            host, wall = [], []
-            for _ in range(10):
-                for t_ in (q, k, v):
-                    t_.grad = None
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
+                changes["capture_segment_emit"] = emit
+            with memtrace.config.override(**changes):
+                cap = SalienceCapture(threshold=thr, capacity=capacity) if fused is not None else None
+                fn = step(cap)
                 fn()
-                t1 = time.perf_counter()
-                torch.cuda.synchronize()
-                host.append((t1 - t0) * 1e3)
-                wall.append((time.perf_counter() - t0) * 1e3)
-            os.environ.pop("MEMTRACE_CAPTURE_FUSED", None)
+                ms = triton.testing.do_bench(fn, grad_to_none=[q, k, v], warmup=10, rep=100, return_mode="median")
+                kt = kernel_times(fn)
+                # host time of one step (from an idle GPU: enqueue only) and its wall time to the sync
+                host, wall = [], []
+                for _ in range(10):
+                    for t_ in (q, k, v):
+                        t_.grad = None
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    fn()
+                    t1 = time.perf_counter()
+                    torch.cuda.synchronize()
+                    host.append((t1 - t0) * 1e3)
+                    wall.append((time.perf_counter() - t0) * 1e3)
             row = {"B": B, "variant": name, "ms": ms, "kernel_sum_us": sum(kt.values()),
                    "host_enqueue_ms": sorted(host)[5], "synced_wall_ms": sorted(wall)[5],
                    "kernels_us": {k_: round(v_, 1) for k_, v_ in kt.items()}}

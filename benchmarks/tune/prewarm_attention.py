@@ -24,7 +24,7 @@ import bench_attention as BA
 import torch
 
 import memtrace as mt
-import memtrace.attention as A
+from memtrace.backends import registry
 
 
 def warm_kernels(D, causal, dtype, Hq=16, Hkv=16):
@@ -35,7 +35,7 @@ def warm_kernels(D, causal, dtype, Hq=16, Hkv=16):
     coo = [torch.arange(Hq, device="cuda").repeat_interleave(64), torch.randint(0, T, (n,), device="cuda"),
            torch.randint(0, T, (n,), device="cuda")]
     bias = mt.TraceBias.from_coo(*coo, torch.rand(n, device="cuda"), num_heads=Hq, seq_len_q=T, seq_len_k=T)
-    for backend in [b for b in ("triton", "cudnn", "flash") if b in A._REGISTRY]:
+    for backend in [b for b in ("triton", "cudnn", "flash") if b in registry.REGISTRY]:
         for b in (None, bias):
             # the Triton backend also with a capture (its dQ kernel's capture variant, the fill)
             for capture in ((None, mt.SalienceCapture(1e-3)) if backend == "triton" else (None,)):

@@ -1,4 +1,4 @@
-"""Tuning / measurement script for kernels/attention.py and kernels/correction.py (H100).
+"""Tuning / measurement script for kernels/attention/ (H100).
 
     python benchmarks/tune/tune_attention.py OUT.json [--quick]
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import triton
 from memtrace.kernels import attention as ka
-from memtrace.kernels import correction as kc
+from memtrace.kernels import attention as kc
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from memtrace.bias import TraceBias
@@ -87,13 +87,14 @@ def run_shape(B, Hq, Hkv, T, D, causal, dtype=torch.bfloat16, peers=True, traces
         f = lambda: ka.flash_fwd(q, k, v, bias, ev, causal=causal, scale=scale, alpha=alpha)
         out, lse = f()
         record(f"triton fwd bias={tag}", shape, causal, bench(f), fwd_flops,
-               cfg=str(ka._flash_fwd_kernel.best_config))
+               cfg=str(ka.fwd._flash_fwd_kernel.best_config))
         bw = lambda: ka.flash_bwd(q, k, v, out, lse, do, bias, ev, causal=causal, scale=scale, alpha=alpha,
                                   need_dvalues=bias is not None)
         bw()
         t_b = bench(bw)
         record(f"triton bwd bias={tag}", shape, causal, t_b, 2.5 * fwd_flops,
-               cfg_dkdv=str(ka._flash_bwd_dkdv_kernel.best_config), cfg_dq=str(ka._flash_bwd_dq_kernel.best_config))
+               cfg_dkdv=str(ka.bwd._flash_bwd_dkdv_kernel.best_config),
+               cfg_dq=str(ka.bwd._flash_bwd_dq_kernel.best_config))
 
         def fb():
             o, l = f()
@@ -240,6 +241,8 @@ def sweeps(B=4, H=16, T=4096, D=128, causal=False, per_head=2048):
 
 
 def main():
+    import memtrace.config
+    memtrace.config.settings()      # the MEMTRACE_* knobs reach the kernels before the first launch
     global OUT_PATH
     OUT_PATH = sys.argv[1] if len(sys.argv) > 1 else OUT_PATH
     out_path = OUT_PATH

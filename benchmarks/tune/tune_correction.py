@@ -25,9 +25,9 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/: the suites
 from bench_attention import make_trace_bias
-from memtrace.kernels import correction as kc
+from memtrace.kernels import attention as kc
 
-from memtrace.attention import CudnnBackend
+from memtrace.backends.cudnn import CudnnBackend
 
 FWD = "64/32/4,64/32/4/168,64/16/4,64/16/4/128,32/32/4,32/32/4/128,32/16/4,32/16/4/128,64/32/8,128/32/8"
 BWD = "16/16/2,16/16/4,32/16/4,16/32/4"
@@ -55,6 +55,8 @@ def after_dense_us(dense_fn, corr_fn, iters=60):
 
 
 def main(argv):
+    import memtrace.config
+    memtrace.config.settings()      # the MEMTRACE_* knobs reach the kernels before the first launch
     out_path = argv[0] if argv and not argv[0].startswith("--") else None
     fwd_cfgs = (argv[argv.index("--fwd") + 1] if "--fwd" in argv else FWD).split(",")
     bwd_cfgs = (argv[argv.index("--bwd") + 1] if "--bwd" in argv else BWD).split(",")

@@ -12,6 +12,7 @@ import torch
 from memtrace.kernels import attention as KA
 from memtrace.kernels import salience as KS
 
+import memtrace
 from memtrace import capture as C
 from memtrace.capture import SalienceCapture
 
@@ -21,10 +22,12 @@ def launch(words, cfg, q, k, v, do, lse, glue, B, thr, scale, T, capacity):
     KS.launch_segments(q, k, v, do, lse, words, seg=KA.CAPTURE_SEG, bits=bits, bound_limit=levels * B,
                        threshold=C._kernel_threshold(thr), qk_scale=scale * C.LOG2E, causal_offset=T, bias=None,
                        cnt=glue.cnt, capacity=capacity, out=glue.out, precision="ieee",
-                       sparse_emit=C._SEGMENT_EMIT, config=cfg)
+                       sparse_emit=memtrace.config.settings().capture_segment_emit, config=cfg)
 
 
 def main(argv):
+    import memtrace.config
+    memtrace.config.settings()      # the MEMTRACE_* knobs reach the kernels before the first launch
     out_path = argv[0] if argv and not argv[0].startswith("--") else None
     configs = [(128, 8, 2), (128, 8, 1), (64, 4, 2), (64, 4, 1), (64, 8, 2), (128, 4, 2), (32, 4, 2)]
     if "--configs" in argv:

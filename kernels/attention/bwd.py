@@ -396,7 +396,7 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
         if entry_values is None:
             entry_values = bias.entry_values()
         ep, ko, kof, qo = bias.entry_pos, bias.k_order, bias.k_offsets, bias.q_offsets
-        tq_max, tk_max = bias.seq_len_q, bias.seq_len_k
+        tq_max, tk_max = bias.index_rows, bias.seq_len_k
         if not may_cancel:
             row_flags = torch.empty(1, dtype=torch.int8, device=dev)
         elif row_flags is None:

@@ -254,7 +254,7 @@ def cancel_flags(q, k, lse, bias, entry_values, *, causal, scale, alpha, prec, c
         q, k, lse, flags, bias.entry_pos, entry_values, bias.q_offsets,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        Hq, Hq // Hkv, Tq, Tk, bias.seq_len_q, Tk - Tq, scale * LOG2E, alpha * LOG2E,
+        Hq, Hq // Hkv, Tq, Tk, bias.index_rows, Tk - Tq, scale * LOG2E, alpha * LOG2E,
         1.0 / CANCEL_THRESHOLD - 1.0,
         HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_M=block_m, CHUNK=chunk, DOT_PREC=prec, num_warps=4)
     return flags
@@ -321,13 +321,13 @@ def exact_rows(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, flags, d
     _exact_rows_q_kernel[(triton.cdiv(Tq, bm_q), B * Hq)](
         q, k, v, out, lse, dout, dq, dval_part, flags, ep, entry_values, qo, *common,
         dq.stride(0), dq.stride(1), dq.stride(2),
-        Hq, Hq // Hkv, Tq, Tk, bias.seq_len_q, E, Tk - Tq, dq_scale, scale * LOG2E, alpha * LOG2E, alpha,
+        Hq, Hq // Hkv, Tq, Tk, bias.index_rows, E, Tk - Tq, dq_scale, scale * LOG2E, alpha * LOG2E, alpha,
         HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_M=bm_q, BLOCK_N=bn_q, CHUNK=chunk, DOT_PREC=prec,
         NEED_DVAL=need_dval, num_warps=4, num_stages=1)
     _exact_rows_kv_kernel[(triton.cdiv(Tk, bn_kv), B * Hkv)](
         q, k, v, out, lse, dout, dk, dv, flags, ep, entry_values, qo, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        Hq, Hkv, Hq // Hkv, Tq, Tk, bias.seq_len_q, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E,
+        Hq, Hkv, Hq // Hkv, Tq, Tk, bias.index_rows, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E,
         HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_M=bm_kv, BLOCK_N=bn_kv, SCAN=scan, CHUNK=chunk,
         DOT_PREC=prec, num_warps=4 if INTERPRET or D > 128 else 8, num_stages=1)
 

@@ -180,7 +180,7 @@ def entry_form(bias):
     form = settings.current().attn_bwd_entries
     if form != "auto":
         return int(form == "rows")
-    return int(bias.nnz >= ROWS_MIN_DENSITY * bias.num_heads * bias.seq_len_q)
+    return int(bias.nnz >= ROWS_MIN_DENSITY * bias.num_heads * bias.index_rows)
 
 
 # The backward's entry terms at high density: the fused epilogues run inside the dense kernels'
@@ -205,7 +205,7 @@ def split_forward(bias):
     split = settings.current().attn_fwd_split
     if bias is None or bias.nnz == 0 or split == "0":
         return False
-    return split == "1" or bias.nnz >= SPLIT_MIN_DENSITY * bias.num_heads * bias.seq_len_q
+    return split == "1" or bias.nnz >= SPLIT_MIN_DENSITY * bias.num_heads * bias.index_rows
 
 
 def split_backward(bias, may_cancel, capture_bound):
@@ -216,7 +216,7 @@ def split_backward(bias, may_cancel, capture_bound):
     split = settings.current().attn_bwd_split
     if bias is None or bias.nnz == 0 or may_cancel or capture_bound is not None or split == "0":
         return False
-    return split == "1" or bias.nnz >= BWD_SPLIT_MIN_DENSITY * bias.num_heads * bias.seq_len_q
+    return split == "1" or bias.nnz >= BWD_SPLIT_MIN_DENSITY * bias.num_heads * bias.index_rows
 
 
 # ----------------------------------------------------------------------------------------------

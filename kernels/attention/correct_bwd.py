@@ -285,8 +285,8 @@ def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, caus
                   v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
                   lse.stride(0), lse.stride(1), lse.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
                   dq_work.stride(0), dq_work.stride(1), dq_work.stride(2),
-                  Hq, Hq // Hkv, Tq, Tk, bias.seq_len_q, E, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E, alpha)
-        q_form, auto_window, auto_warps = bwd_q_config(D, E / (bias.num_heads * bias.seq_len_q), q_form)
+                  Hq, Hq // Hkv, Tq, Tk, bias.index_rows, E, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E, alpha)
+        q_form, auto_window, auto_warps = bwd_q_config(D, E / (bias.num_heads * bias.index_rows), q_form)
         q_const = {"HEAD_DIM": D, "CAUSAL": bool(causal), "CHUNK": chunk, "DOT_PREC": prec, "NEED_DVAL": need_dvalues,
                        "DELTA_GIVEN": delta_given}
         if q_form == "rows":

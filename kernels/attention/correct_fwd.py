@@ -171,7 +171,7 @@ def correct_fwd(q, k, v, out, lse, bias, entry_values, *, causal, scale, alpha,
     if form not in (None, "rows", "window"):
         raise ValueError(f"form must be 'rows' or 'window', got {form!r}")
     form, auto_m, auto_chunk, auto_warps, auto_reg, auto_stages = fwd_config(
-        D, bias.nnz / (bias.num_heads * bias.seq_len_q), form)
+        D, bias.nnz / (bias.num_heads * bias.index_rows), form)
     num_warps = num_warps or auto_warps
     block_m, chunk = block_m or auto_m, chunk or auto_chunk
     maxnreg = maxnreg or auto_reg
@@ -184,7 +184,7 @@ def correct_fwd(q, k, v, out, lse, bias, entry_values, *, causal, scale, alpha,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0), lse.stride(1), lse.stride(2),
-            Hq, Hq // Hkv, Tq, Tk, bias.seq_len_q, Tk - Tq, scale * LOG2E, alpha * LOG2E)
+            Hq, Hq // Hkv, Tq, Tk, bias.index_rows, Tk - Tq, scale * LOG2E, alpha * LOG2E)
     prec = dot_precision(q.dtype, allow_tf32)
     common = dict(HEAD_DIM=D, CAUSAL=bool(causal), CHUNK=chunk, DOT_PREC=prec, STORE_FLAGS=store_flags,
                   STAGES=stages, REVERSE=(form == "window") if reverse is None else bool(reverse),
@@ -222,5 +222,5 @@ def recompute_flagged_rows(q, k, v, out, lse, bias, entry_values, flags, *, caus
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        Hq, Hq // Hkv, Tq, Tk, bias.seq_len_q, Tk - Tq, scale * LOG2E, alpha * LOG2E,
+        Hq, Hq // Hkv, Tq, Tk, bias.index_rows, Tk - Tq, scale * LOG2E, alpha * LOG2E,
         HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=32, CHUNK=32, DOT_PREC=prec, num_warps=4)

@@ -185,7 +185,7 @@ def flash_fwd(q, k, v, bias=None, entry_values=None, *, causal: bool, scale: flo
     if has_bias:
         if entry_values is None:
             entry_values = bias.entry_values()
-        ep, qo, tq_max = bias.entry_pos, bias.q_offsets, bias.seq_len_q
+        ep, qo, tq_max = bias.entry_pos, bias.q_offsets, bias.index_rows
         flags = torch.empty((B * Hq, Tq), dtype=torch.int8, device=q.device)   # every row written
     else:
         ep = qo = torch.empty(1, dtype=torch.int32, device=q.device)

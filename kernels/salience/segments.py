@@ -134,7 +134,7 @@ def launch_segments(q, k, v, dout, lse, bound, *, seg, bits, bound_limit, thresh
     extra = {"maxnreg": config[3]} if len(config) > 3 and config[3] and not INTERPRET else {}
     has_entries = bias is not None and bias.nnz > 0
     if has_entries:
-        ent_pos, q_off, tq_max = bias.entry_pos, bias.q_offsets, bias.seq_len_q
+        ent_pos, q_off, tq_max = bias.entry_pos, bias.q_offsets, bias.index_rows
     else:
         ent_pos = q_off = cnt
         tq_max = 1
