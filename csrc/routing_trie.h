@@ -34,7 +34,25 @@ constexpr int kExpertBits = 16;
 constexpr int64_t kMaxExperts = 32767;
 constexpr int64_t kMaxNodes = 2147483647;  // int32 parent indices
 
-// Checks shared by both devices (dtypes, shapes, devices); value ranges are checked in Python.
+// count a + b for counts a, b >= 0, saturating at INT64_MAX instead of wrapping (issue 28).
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline int64_t saturating_add(int64_t a, int64_t b) {
+  return (b > 0 && a > INT64_MAX - b) ? INT64_MAX : a + b;
+}
+
+// Checks shared by both devices (dtypes, shapes, devices). Value ranges are checked by each device's
+// kernel, since any code can call the registered op (issue 28): every expert id in `paths` must lie in
+// [-1, num_experts) (-1 cuts a path), and every trie node must have a parent inside the previous
+// level (depth 1: a start layer in [0, L)), an expert id in [0, num_experts), a count >= 0, and each
+// level must be strictly increasing in (parent, expert). A violation raises ValueError (c10::ValueError)
+// before any output is built; the CPU checks on the host, the CUDA kernels clamp what they index with
+// and count the violations into a device flag that is read together with a scalar the update already
+// copies to the host (no extra sync), and the op raises there, before anything is written from them.
+// Counts saturate at INT64_MAX instead of wrapping (each node still counts at least as many tokens
+// as any one of its children). RoutingTree.update never gets there: it refuses an update that would
+// take its token total (which bounds every count) past INT64_MAX; saturation guards direct op calls.
 void check_update_args(const at::Tensor& parent, const at::Tensor& expert, const at::Tensor& count,
                        const at::Tensor& reward_sum, const at::Tensor& first_seen, const at::Tensor& last_seen,
                        at::IntArrayRef level_sizes, const at::Tensor& paths, const at::Tensor& rewards,

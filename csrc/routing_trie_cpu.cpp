@@ -182,6 +182,43 @@ class BatchBuilder {
 
 inline int64_t level_key(int64_t parent, int64_t expert) { return (parent << kExpertBits) | expert; }
 
+// Every expert id in [-1, num_experts) (see routing_trie.h): the builder indexes its buckets with
+// them, so an id out of range corrupted the heap (issue 28).
+void check_paths_cpu(const int64_t* P, int64_t n, int64_t num_experts) {
+  int64_t bad = 0, first = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t v = P[i];
+    if (v < -1 || v >= num_experts) {
+      if (bad++ == 0) first = v;
+    }
+  }
+  TORCH_CHECK_VALUE(bad == 0, "routing_update: paths entries must be expert ids in [0, ", num_experts,
+                    ") or -1 (no routing); ", bad, " are not (the first: ", first, ")");
+}
+
+// The trie's structural invariants that the merge relies on (see routing_trie.h).
+void check_trie_cpu(const int32_t* par, const int16_t* exp, const int64_t* cnt, at::IntArrayRef level_sizes,
+                    int64_t num_layers, int64_t num_experts) {
+  int64_t offset = 0, parents = num_layers;
+  for (size_t d = 0; d < level_sizes.size(); ++d) {
+    const int64_t size = level_sizes[d];
+    int64_t prev_key = -1;
+    for (int64_t i = offset; i < offset + size; ++i) {
+      TORCH_CHECK_VALUE(par[i] >= 0 && par[i] < parents, "routing_update: node ", i, " (depth ", d + 1,
+                        ") has parent ", par[i], " outside [0, ", parents, ")");
+      TORCH_CHECK_VALUE(exp[i] >= 0 && exp[i] < num_experts, "routing_update: node ", i, " has expert id ", exp[i],
+                        " outside [0, ", num_experts, ")");
+      TORCH_CHECK_VALUE(cnt[i] >= 0, "routing_update: node ", i, " has a negative count ", cnt[i]);
+      const int64_t key = level_key(par[i], exp[i]);
+      TORCH_CHECK_VALUE(key > prev_key, "routing_update: depth ", d + 1,
+                        " is not strictly increasing in (parent, expert) at node ", i);
+      prev_key = key;
+    }
+    offset += size;
+    parents = size;
+  }
+}
+
 }  // namespace
 
 TrieArrays routing_update_cpu(const at::Tensor& parent, const at::Tensor& expert, const at::Tensor& count,
@@ -199,6 +236,9 @@ TrieArrays routing_update_cpu(const at::Tensor& parent, const at::Tensor& expert
   const int64_t* P = paths.data_ptr<int64_t>();
   const double* R = rewards.data_ptr<double>();
   const int32_t step32 = static_cast<int32_t>(step);
+  check_paths_cpu(P, N * L, num_experts);
+  check_trie_cpu(parent.data_ptr<int32_t>(), expert.data_ptr<int16_t>(), count.data_ptr<int64_t>(), level_sizes, L,
+                 num_experts);
 
   // 1. The batch's own trie, level by level, in canonical order.
   BatchBuilder builder(P, R, L, max_depth, num_experts);
@@ -304,7 +344,7 @@ TrieArrays routing_update_cpu(const at::Tensor& parent, const at::Tensor& expert
         } else {
           const int64_t t = offset + i;
           const size_t b = static_cast<size_t>(j);
-          push(pi, texp[t], tcnt[t] + B.count[b], trew[t] + B.reward[b], tfst[t], step32);
+          push(pi, texp[t], saturating_add(tcnt[t], B.count[b]), trew[t] + B.reward[b], tfst[t], step32);
           next_old[static_cast<size_t>(i++)] = here;
           next_new[static_cast<size_t>(j++)] = here;
         }

@@ -13,6 +13,14 @@
 //   4. sub-paths that go on (no -1 next, inside max_depth and the layer count) are compacted, in
 //      order, into the next depth's items, already sorted by their new parent.
 // Everything is on the device except three scalars per depth (run count, matches, survivors).
+//
+// Value checks (issue 28: any code can call the registered op): expert ids in `paths` outside
+// [-1, num_experts) and trie nodes that break the invariants of routing_trie.h are counted into a
+// device flag (`flags`: [0] bad path entries, [1] bad trie nodes) by kernels that clamp whatever
+// they index with, so nothing reads or writes out of bounds. The flag is copied to the host in the
+// same copy as a scalar the update reads anyway (the depth-1 item count for paths, each level's match
+// count for the trie), so the checks cost no extra host sync; the op raises ValueError there, before
+// any kernel uses the bad values to index or write. Counts saturate at INT64_MAX (saturating_add).
 #include "routing_trie.h"
 
 #include <c10/cuda/CUDAException.h>
@@ -21,6 +29,7 @@
 #include <cub/cub.cuh>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 namespace memtrace {
@@ -35,6 +44,15 @@ inline int bits_for(int64_t max_value) {  // bits to hold 0..max_value
   int b = 1;
   while (b < 63 && (int64_t(1) << b) <= max_value) ++b;
   return b;
+}
+
+// Counts entries of P outside [-1, num_experts) into flags[0].
+__global__ void check_paths_kernel(const int64_t* __restrict__ P, int64_t n, int64_t num_experts,
+                                   unsigned long long* __restrict__ flags) {
+  const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const int64_t v = P[i];
+  if (v < -1 || v >= num_experts) atomicAdd(flags, 1ULL);
 }
 
 // Depth-1 items: every (s, n) whose first expert is routed, s-major so that items are sorted by
@@ -113,14 +131,33 @@ __global__ void run_rewards_kernel(const int64_t* __restrict__ seg, const int64_
 }
 
 // Level keys (merged parent index << 16 | expert); `remap` maps previous-level indices to merged
-// ones (null at depth 1, where the parent is the start layer).
+// ones (null at depth 1, where the parent is the start layer). With `flags` (the existing trie's
+// nodes), a node whose parent is outside [0, num_parents), whose expert is outside
+// [0, num_experts) or whose count is negative is counted into *flags and its parent clamped, so
+// that the remap read stays in bounds (the op raises before the keys are used to write).
 template <typename ParentT>
 __global__ void level_keys_kernel(const ParentT* __restrict__ parent, const int16_t* __restrict__ expert,
-                                  const int64_t* __restrict__ remap, int64_t n, int64_t* __restrict__ keys) {
+                                  const int64_t* __restrict__ remap, int64_t n, int64_t* __restrict__ keys,
+                                  const int64_t* __restrict__ count, int64_t num_parents, int64_t num_experts,
+                                  unsigned long long* __restrict__ flags) {
   const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (i >= n) return;
-  const int64_t p = static_cast<int64_t>(parent[i]);
-  keys[i] = ((remap ? remap[p] : p) << kExpertBits) | static_cast<int64_t>(expert[i]);
+  int64_t p = static_cast<int64_t>(parent[i]);
+  int64_t e = static_cast<int64_t>(expert[i]);
+  if (flags && (p < 0 || p >= num_parents || e < 0 || e >= num_experts || count[i] < 0)) {
+    atomicAdd(flags, 1ULL);
+    p = 0;
+    e = 0;
+  }
+  keys[i] = ((remap ? remap[p] : p) << kExpertBits) | e;
+}
+
+// Counts the places where a level's keys are not strictly increasing into *flags.
+__global__ void check_sorted_kernel(const int64_t* __restrict__ keys, int64_t n,
+                                    unsigned long long* __restrict__ flags) {
+  const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (i == 0 || i >= n) return;
+  if (keys[i] <= keys[i - 1]) atomicAdd(flags, 1ULL);
 }
 
 __global__ void lower_bound_kernel(const int64_t* __restrict__ hay, int64_t nh, const int64_t* __restrict__ needle,
@@ -173,7 +210,7 @@ __global__ void scatter_new_kernel(const int64_t* __restrict__ keys, const int64
   const int64_t p = j + k - (k > 0 ? cum_match[k - 1] : 0);
   pos[j] = p;
   if (k < n_old && old_keys[k] == keys[j]) {
-    o_cnt[p] += cnt[j];
+    o_cnt[p] = saturating_add(o_cnt[p], cnt[j]);
     o_rew[p] += rew[j];
     o_lst[p] = step;
   } else {
@@ -206,6 +243,13 @@ __global__ void next_items_kernel(const int32_t* __restrict__ flag, const int64_
 
 inline int64_t last_value(const at::Tensor& t) { return t.numel() ? t[t.numel() - 1].item<int64_t>() : 0; }
 
+// last_value(t) of a non-empty int64 tensor and flags[which], in one device-to-host copy (the sync
+// last_value pays anyway).
+inline std::pair<int64_t, int64_t> last_value_and_flag(const at::Tensor& t, const at::Tensor& flags, int64_t which) {
+  const at::Tensor both = at::cat({t.narrow(0, t.numel() - 1, 1), flags.narrow(0, which, 1)}).cpu();
+  return {both.data_ptr<int64_t>()[0], both.data_ptr<int64_t>()[1]};
+}
+
 }  // namespace
 
 TrieArrays routing_update_cuda(const at::Tensor& parent, const at::Tensor& expert, const at::Tensor& count,
@@ -229,15 +273,27 @@ TrieArrays routing_update_cuda(const at::Tensor& parent, const at::Tensor& exper
   const int expert_bits = bits_for(num_experts - 1);
   auto opts = paths.options();
   auto i32 = opts.dtype(at::kInt), i64 = opts.dtype(at::kLong);
+  // [0]: path entries outside [-1, num_experts); [1]: trie nodes that break routing_trie.h's invariants
+  at::Tensor flags = at::zeros({2}, i64);
+  auto* bad_paths = reinterpret_cast<unsigned long long*>(flags.data_ptr<int64_t>());
+  auto* bad_nodes = bad_paths + 1;
 
   // Depth-1 items.
   at::Tensor rows, grp;
   {
     const int64_t total = N * num_starts;
     at::Tensor flag = at::empty({total}, i32);
+    if (N * L) check_paths_kernel<<<grid_for(N * L), kThreads, 0, stream>>>(P, N * L, num_experts, bad_paths);
     if (total) seed_flags_kernel<<<grid_for(total), kThreads, 0, stream>>>(P, N, L, num_starts, flag.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     at::Tensor pos = at::cumsum(flag, 0, at::kLong);
-    const int64_t m = last_value(pos);
+    int64_t m = 0;
+    if (total) {
+      const auto [items, bad] = last_value_and_flag(pos, flags, 0);
+      TORCH_CHECK_VALUE(bad == 0, "routing_update: paths entries must be expert ids in [0, ", num_experts,
+                        ") or -1 (no routing); ", bad, " are not");
+      m = items;
+    }
     rows = at::empty({m}, i64);
     grp = at::empty({m}, i64);
     if (total) seed_items_kernel<<<grid_for(total), kThreads, 0, stream>>>(
@@ -297,17 +353,31 @@ TrieArrays routing_update_cuda(const at::Tensor& parent, const at::Tensor& exper
     at::Tensor kt = at::empty({nt}, i64), kb = at::empty({nb}, i64);
     const int64_t* r_old = d > 1 && remap_old.defined() ? remap_old.data_ptr<int64_t>() : nullptr;
     const int64_t* r_new = d > 1 && remap_new.defined() ? remap_new.data_ptr<int64_t>() : nullptr;
-    if (nt) level_keys_kernel<int32_t><<<grid_for(nt), kThreads, 0, stream>>>(
-        t_par.data_ptr<int32_t>(), t_exp.data_ptr<int16_t>(), r_old, nt, kt.data_ptr<int64_t>());
+    // parents of the existing depth-d nodes index the existing depth d-1 level (depth 1: start layers)
+    if (nt) {
+      const int64_t t_parents = d == 1 ? L : level_sizes[static_cast<size_t>(d - 2)];
+      level_keys_kernel<int32_t><<<grid_for(nt), kThreads, 0, stream>>>(
+          t_par.data_ptr<int32_t>(), t_exp.data_ptr<int16_t>(), r_old, nt, kt.data_ptr<int64_t>(),
+          count.data_ptr<int64_t>() + offset, t_parents, num_experts, bad_nodes);
+      check_sorted_kernel<<<grid_for(nt), kThreads, 0, stream>>>(kt.data_ptr<int64_t>(), nt, bad_nodes);
+    }
     if (nb) level_keys_kernel<int64_t><<<grid_for(nb), kThreads, 0, stream>>>(
-        b_parent.data_ptr<int64_t>(), b_expert.data_ptr<int16_t>(), r_new, nb, kb.data_ptr<int64_t>());
+        b_parent.data_ptr<int64_t>(), b_expert.data_ptr<int16_t>(), r_new, nb, kb.data_ptr<int64_t>(), nullptr, 0,
+        0, nullptr);
     at::Tensor lb_t = at::empty({nt}, i64), match_t = at::empty({nt}, i32), lb_b = at::empty({nb}, i64);
     if (nt) lower_bound_kernel<<<grid_for(nt), kThreads, 0, stream>>>(
         kb.data_ptr<int64_t>(), nb, kt.data_ptr<int64_t>(), nt, lb_t.data_ptr<int64_t>(), match_t.data_ptr<int32_t>());
     if (nb) lower_bound_kernel<<<grid_for(nb), kThreads, 0, stream>>>(
         kt.data_ptr<int64_t>(), nt, kb.data_ptr<int64_t>(), nb, lb_b.data_ptr<int64_t>(), nullptr);
     at::Tensor cum_match = at::cumsum(match_t, 0, at::kLong);
-    const int64_t matches = last_value(cum_match);
+    int64_t matches = 0;
+    if (nt) {  // the trie's checks ride on this copy; nothing has been written from the level yet
+      const auto [count_matches, bad] = last_value_and_flag(cum_match, flags, 1);
+      TORCH_CHECK_VALUE(bad == 0, "routing_update: ", bad, " trie node(s) at depth ", d,
+                        " break the trie's invariants (parent inside the previous level, expert id in [0, ",
+                        num_experts, "), count >= 0, strictly increasing (parent, expert))");
+      matches = count_matches;
+    }
     const int64_t nm = nt + nb - matches;
     total_nodes += nm;
     TORCH_CHECK(total_nodes <= kMaxNodes, "routing_update: the trie would exceed 2^31-1 nodes");

@@ -35,6 +35,14 @@ def check_tensor(name: str, t, *, ndim: int | None = None, dtypes: Iterable[torc
     return t
 
 
+def check_not_meta(name: str, t: torch.Tensor) -> None:
+    """A tensor that holds data: a meta tensor (shape only) can be neither read nor updated, so it
+    is a TypeError here rather than a RuntimeError / NotImplementedError deep inside an op."""
+    if t.device.type == "meta":
+        raise TypeError(f"{name} is a meta tensor (shape only, no data); "
+                        "memtrace needs tensors that hold data")
+
+
 def check_same_device(**tensors: torch.Tensor) -> None:
     """All the named tensors live on one device."""
     items = [(n, t) for n, t in tensors.items() if t is not None]
@@ -49,7 +57,10 @@ def check_same_device(**tensors: torch.Tensor) -> None:
 
 def check_finite(name: str, t: torch.Tensor) -> None:
     """No NaN or Inf (one device sync; used on public entry points only)."""
-    if t.numel() and not bool(torch.isfinite(t).all()):
+    if not t.numel():
+        return      # (an empty meta tensor holds nothing to check either)
+    check_not_meta(name, t)
+    if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf")
 
 
@@ -70,6 +81,7 @@ def check_index_range(name: str, t: torch.Tensor, low: int, high: int) -> None:
     """Every element in [low, high)."""
     if t.numel() == 0:
         return
+    check_not_meta(name, t)
     lo, hi = _min_max(name, t)
     if lo < low or hi >= high:
         raise ValueError(f"{name} must lie in [{low}, {high}), got values in [{lo}, {hi}]")
@@ -149,6 +161,7 @@ def check_attention_inputs(q, k, v, *, scale, alpha) -> None:
     check_same_device(q=q, k=k, v=v)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    check_not_meta("q", q)    # (k and v share q's device)
     B, Hq, Tq, D = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
@@ -170,7 +183,7 @@ def check_attention_inputs(q, k, v, *, scale, alpha) -> None:
         raise ValueError(f"k's sequence length must be in [1, {MAX_SEQ_LEN}], got {Tk}")
     if scale is not None:
         check_float("scale", scale, low=0.0, low_open=True)
-    check_float("alpha", alpha)
+    check_alpha(alpha, q)
 
 
 def check_bool(name: str, value) -> bool:
@@ -212,14 +225,6 @@ def check_attention_bias(bias, q, k) -> None:
         raise TypeError(f"bias values must be floating point, got {value.dtype}")
 
 
-def check_attention_capture(capture) -> None:
-    """capture is None or a SalienceCapture (anything with a callable `_fill`)."""
-    if capture is None:
-        return
-    if not callable(getattr(capture, "_fill", None)):
-        raise TypeError(f"capture must be a memtrace.SalienceCapture or None, got {type(capture).__name__}")
-
-
 # ---- routing trie (SPEC 5, issue 5) -------------------------------------------------------------
 
 MAX_ROUTING_EXPERTS = 32767   # int16 expert ids in the trie
@@ -233,6 +238,7 @@ def check_routing_paths(paths, *, num_layers: int, num_experts: int, device: tor
     check_tensor("paths", paths, ndim=2, integer=True)
     if paths.shape[1] != num_layers:
         raise ValueError(f"paths must have shape [N, {num_layers}] (one column per layer), got {tuple(paths.shape)}")
+    check_not_meta("paths", paths)
     if paths.device != device:
         raise ValueError(f"paths is on {paths.device} but the routing tree is on {device}")
     if paths.numel():
@@ -250,6 +256,7 @@ def check_routing_rewards(rewards, *, num_tokens: int, device: torch.device):
     check_tensor("rewards", rewards, ndim=1, floating=True)
     if rewards.shape[0] != num_tokens:
         raise ValueError(f"rewards must have shape [{num_tokens}] (one per path), got {tuple(rewards.shape)}")
+    check_not_meta("rewards", rewards)
     if rewards.device != device:
         raise ValueError(f"rewards is on {rewards.device} but the routing tree is on {device}")
     check_finite("rewards", rewards)
@@ -298,3 +305,35 @@ def check_capture_fill_inputs(q, k, v, lse, dout, bias) -> None:
             raise ValueError(f"bias must be built for {Hq} query heads, got num_heads={bias.num_heads}")
         if bias.device != q.device:
             raise ValueError(f"bias is on {bias.device} but q is on {q.device}; all inputs must be on one device")
+
+
+def check_alpha(alpha, q) -> None:
+    """alpha: a finite float, or a 0-d floating tensor on q's device that does not require grad
+    (a tensor is not read on the host: no NaN check, no sync)."""
+    if not isinstance(alpha, torch.Tensor):
+        check_float("alpha", alpha)
+        return
+    if alpha.dim() != 0 or not alpha.is_floating_point():
+        raise TypeError(f"alpha must be a float or a 0-d floating-point tensor, got a {alpha.dtype} tensor of "
+                        f"shape {tuple(alpha.shape)}")
+    if alpha.device != q.device:
+        raise ValueError(f"alpha is on {alpha.device} but q is on {q.device}; a tensor alpha must be on q's device")
+    if alpha.requires_grad:
+        raise ValueError("alpha must not require grad: biased_attention treats a tensor alpha as a constant "
+                         "(pass alpha.detach())")
+
+
+def check_key_padding_mask(mask, q, k) -> None:
+    """key_padding_mask: a bool tensor [B, Tk] on q's device (True = attend), like the 2-D
+    attention_mask of transformers after .bool(); integer and float masks are refused (SDPA reads a
+    float mask as additive, so 0/1 floats would be ambiguous)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a bool tensor [B, Tk] or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must have dtype torch.bool (True = attend), got {mask.dtype}; "
+                        "convert a 0/1 attention_mask with .bool()")
+    want = (q.shape[0], k.shape[2])
+    if tuple(mask.shape) != want:
+        raise ValueError(f"key_padding_mask must have shape [B, Tk] = {list(want)}, got {list(mask.shape)}")
+    if mask.device != q.device:
+        raise ValueError(f"key_padding_mask is on {mask.device} but q is on {q.device}; it must be on q's device")

@@ -42,12 +42,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import torch
 
 from . import _validate as V
-from ._files import save_safetensors
+from . import config
+from ._files import check_path, save_safetensors
 from .bias import TraceBias
 
 __all__ = ["FORMAT_VERSION", "TraceMemory"]
@@ -87,6 +87,8 @@ class TraceMemory:
                                  decay=decay, threshold=threshold, prune_eps=prune_eps, attn_eps=attn_eps,
                                  window=window, max_seq_len=max_seq_len))
         device = V.check_device("device", device) if device is not None else torch.device("cpu")
+        if device.type == "meta":
+            raise ValueError("device must hold data: a TraceMemory cannot live on the meta device")
         self._set_config(cfg)
         shape = (self.num_layers, self.num_heads, self.quota)
         self.strength = torch.full(shape, EMPTY_STRENGTH, dtype=torch.float32, device=device)
@@ -174,8 +176,9 @@ class TraceMemory:
         """The layer's traces as a TraceBias (values = strengths), built on the device with no host
         round trip. Its COO order is the slot order: heads x quota entries, an empty slot being a
         value-0 entry at (max_seq_len, 0), a row no trace can hold (the bias is built for
-        max_seq_len + 1 query rows), so it adds nothing to attention (exp(0) - 1 = 0) and never
-        hides a real edge from the capture's threshold edges."""
+        max_seq_len + 1 query rows of its index), so it adds nothing to attention (exp(0) - 1 = 0)
+        and never hides a real edge from the capture's threshold edges. Its stated shape is
+        [num_heads, max_seq_len, max_seq_len] (to_dense, seq_len_q): the padding row is internal."""
         layer = self._check_layer(layer)
         st, mt = self.strength[layer], self.meta[layer]
         valid, q, k, _, _ = self._decode(st, mt)
@@ -184,7 +187,8 @@ class TraceMemory:
         head = torch.arange(self.num_heads, device=self.device).repeat_interleave(self.quota)
         bias = TraceBias(head, torch.where(valid, q, empty_row).reshape(-1), torch.where(valid, k, zero).reshape(-1),
                          torch.where(valid, st, torch.zeros((), device=self.device)).reshape(-1),
-                         num_heads=self.num_heads, seq_len_q=self.max_seq_len + 1, seq_len_k=self.max_seq_len)
+                         num_heads=self.num_heads, seq_len_q=self.max_seq_len, seq_len_k=self.max_seq_len,
+                         _index_rows=self.max_seq_len + 1)
         bias._memtrace_source = (self._token, layer, self._versions[layer])
         return bias
 
@@ -351,6 +355,7 @@ class TraceMemory:
 
     # -- capture intake ----------------------------------------------------------------------------
     def _check_device(self, name, t):
+        V.check_not_meta(name, t)
         if t.device != self.device:
             raise ValueError(f"{name} is on {t.device} but the memory is on {self.device}")
 
@@ -448,7 +453,7 @@ class TraceMemory:
                     max_seq_len=self.max_seq_len, age_bits=self.age_bits, pos_bits=self.pos_bits)
 
     def _resolved_backend(self):
-        backend = os.environ.get("MEMTRACE_UPDATE_BACKEND", self.backend)
+        backend = config.settings().update_backend or self.backend
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         if backend == "auto":
@@ -487,6 +492,11 @@ class TraceMemory:
                 raise ValueError(f"state_dict is missing {key!r}")
         version = state_dict["format_version"]
         if isinstance(version, torch.Tensor):
+            if version.numel() != 1 or version.dtype.is_floating_point or version.dtype.is_complex \
+                    or version.device.type == "meta":
+                raise ValueError("state_dict['format_version'] must be an int (or a one-element integer "
+                                 f"tensor), got a {version.dtype} tensor of shape {tuple(version.shape)} "
+                                 f"on {version.device}")
             version = int(version)
         if version != FORMAT_VERSION:
             raise ValueError(f"state_dict has format_version {version!r}, this memtrace reads {FORMAT_VERSION}")
@@ -518,8 +528,9 @@ class TraceMemory:
         """Read a file written by `save`; raises ValueError (never a half-loaded memory) when the
         file is truncated, of another format or version, or its tensors do not fit its config."""
         from safetensors import safe_open
+        path = check_path(path)
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(path, framework="pt") as f:
                 metadata = f.metadata() or {}
                 keys = set(f.keys())
                 if metadata.get("format") != _FORMAT_NAME:
@@ -550,6 +561,8 @@ class TraceMemory:
     def to(self, device) -> TraceMemory:
         """Move the state to `device` (in place; returns self)."""
         device = V.check_device("device", device)
+        if device.type == "meta":
+            raise ValueError("device must hold data: a TraceMemory cannot move to the meta device")
         strength, meta = self.strength.to(device), self.meta.to(device)
         self.strength, self.meta = strength, meta
         self._bump_all()
@@ -597,6 +610,7 @@ def _check_state_tensors(strength, meta, cfg, where):
             raise TypeError(f"{where}: {name} must be {dtype}, got {t.dtype}")
         if tuple(t.shape) != shape:
             raise ValueError(f"{where}: {name} must have shape {shape} (layers, heads, quota), got {tuple(t.shape)}")
+        V.check_not_meta(f"{where}: {name}", t)
     strength, meta = strength.detach().cpu(), meta.detach().cpu()
     valid = strength >= 0
     if not bool((torch.isfinite(strength) & (valid | (strength == EMPTY_STRENGTH))).all()):
@@ -698,7 +712,10 @@ def _update_torch(strength, meta, head, q_idx, k_idx, S, a, num_edges, slot_S, s
     age_max = (1 << age_bits) - 1
     pos_shift = W + age_bits
     pos_mask = (1 << pos_bits) - 1
-    span = 1 << (pos_bits + 1)
+    # a slab's keys: positions [0, 2^P), then its empty slots at 2^P + slot, slot < Q; the span
+    # must hold both (2^(P + 1) did not when Q > 2^P: empty-slot keys ran into the next slab's
+    # range, the keys were no longer sorted and the search missed stored traces; issue 28)
+    span = (1 << pos_bits) + Q
     ln1p = _ln1p_table(W, dev)
     n_slabs = B * H
 

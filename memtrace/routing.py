@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import torch
 
 from . import _validate as V
-from ._files import save_safetensors
+from ._files import check_path, save_safetensors
 
 __all__ = ["BYTES_PER_NODE", "FORMAT_VERSION", "RoutingTree"]
 
@@ -29,6 +28,7 @@ _KEYS = ("parent", "expert", "count", "reward_sum", "first_seen", "last_seen")
 _DTYPES = dict(parent=torch.int32, expert=torch.int16, count=torch.int64, reward_sum=torch.float64,
                first_seen=torch.int32, last_seen=torch.int32)
 _MODES = ("prefix", "suffix")
+_INT64_MAX = 2**63 - 1
 
 
 _FAKE_REGISTERED = False
@@ -64,6 +64,8 @@ class RoutingTree:
         self.max_depth = V.check_int("max_depth", max_depth, low=1, high=V.MAX_ROUTING_DEPTH)
         self.mode = V.check_choice("mode", mode, _MODES)
         self.device = V.check_device("device", device) if device is not None else torch.device("cpu")
+        if self.device.type == "meta":
+            raise ValueError("device must hold data: a RoutingTree cannot live on the meta device")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._arrays = {k: torch.zeros(0, dtype=dt, device=self.device) for k, dt in _DTYPES.items()}
@@ -81,6 +83,11 @@ class RoutingTree:
         n = paths.shape[0]
         V.check_routing_rewards(rewards, num_tokens=n, device=self.device)
         step = V.check_routing_step("step", step)
+        if self._tokens + n > _INT64_MAX:
+            # every node count is at most the token total: refusing here keeps counts from wrapping
+            # (the op saturates them; a saturated tree would no longer be consistent)
+            raise ValueError(f"paths: recording {n} more tokens would take the tree's token count "
+                             f"{self._tokens} past 2^63-1 (int64 counts)")
         paths64 = paths.to(torch.int64).contiguous()
         rewards64 = (torch.zeros(n, dtype=torch.float64, device=self.device) if rewards is None
                      else rewards.to(torch.float64).contiguous())
@@ -227,6 +234,7 @@ class RoutingTree:
 
     def _check_experts(self, experts) -> tuple:
         if isinstance(experts, torch.Tensor):
+            V.check_not_meta("experts", experts)
             experts = experts.tolist()
         if not isinstance(experts, (list, tuple)):
             raise TypeError(f"experts must be a sequence of ints, got {type(experts).__name__}")
@@ -340,16 +348,17 @@ class RoutingTree:
         """Load a tree saved by `save`; a truncated or inconsistent file raises ValueError."""
         from safetensors import safe_open
 
+        path = check_path(path)
         try:
-            with safe_open(os.fspath(path), framework="pt") as f:
+            with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
                 sd = {k: f.get_tensor(k) for k in f.keys()}
         except (OSError, FileNotFoundError):
             raise
         except Exception as exc:  # safetensors raises its own error types on damaged files
-            raise ValueError(f"cannot read a RoutingTree from {os.fspath(path)!r}: {exc}") from exc
+            raise ValueError(f"cannot read a RoutingTree from {path!r}: {exc}") from exc
         if meta.get("format") != "memtrace.RoutingTree":
-            raise ValueError(f"{os.fspath(path)!r} is not a memtrace RoutingTree file")
+            raise ValueError(f"{path!r} is not a memtrace RoutingTree file")
         if meta.get("format_version") != str(FORMAT_VERSION):
             raise ValueError(f"unsupported RoutingTree format version {meta.get('format_version')!r}, "
                              f"expected {FORMAT_VERSION}")
@@ -365,6 +374,7 @@ class RoutingTree:
         for k in sorted(need):
             if not isinstance(sd[k], torch.Tensor):
                 raise TypeError(f"RoutingTree state: {k} must be a torch.Tensor, got {type(sd[k]).__name__}")
+            V.check_not_meta(f"RoutingTree state: {k}", sd[k])
         cfg = sd["config"]
         if cfg.dtype != torch.int64 or cfg.shape != (5,):
             raise ValueError("RoutingTree state: config must be int64 [5]")
@@ -407,6 +417,22 @@ class RoutingTree:
         return RoutingTree._from_state(self.state_dict(), device=device)
 
 
+def _sum_by(index: torch.Tensor, values: torch.Tensor, size: int) -> tuple:
+    """Sums of non-negative int64 `values` grouped by `index` into `size` bins, as (high, low) with
+    sum = high * 2^31 + low, 0 <= low < 2^31: no int64 wrap-around for up to 2^31 values."""
+    mask = (1 << 31) - 1
+    hi = torch.zeros(size, dtype=torch.int64, device=values.device).index_add_(0, index, values >> 31)
+    lo = torch.zeros(size, dtype=torch.int64, device=values.device).index_add_(0, index, values & mask)
+    return hi + (lo >> 31), lo & mask
+
+
+def _exceeds(sums: tuple, limit: torch.Tensor) -> bool:
+    """Whether any (high, low) sum of `_sum_by` is larger than the int64 `limit` (>= 0)."""
+    hi, lo = sums
+    lim_hi, lim_lo = limit >> 31, limit & ((1 << 31) - 1)
+    return bool(((hi > lim_hi) | ((hi == lim_hi) & (lo > lim_lo))).any())
+
+
 def _check_structure(arrays: dict, sizes: list, num_layers: int, num_experts: int, num_tokens: int) -> None:
     """The invariants of csrc/routing_trie.h, so that a loaded tree behaves like a built one."""
     offset, prev_size = 0, num_layers
@@ -426,13 +452,15 @@ def _check_structure(arrays: dict, sizes: list, num_layers: int, num_experts: in
             raise ValueError("RoutingTree state: a level is not sorted by (parent, expert) without duplicates")
         if int(cnt.min()) < 1:
             raise ValueError("RoutingTree state: node counts must be >= 1")
+        # a node's children together count at most its tokens; a root's (a start layer's) at most
+        # num_tokens (each token enters every root at most once). Summed without int64 wrap-around,
+        # so counts near 2^63 cannot pass by overflowing (issue 28)
         if prev_count is not None:
-            below = torch.zeros_like(prev_count).index_add_(0, par, cnt)
-            if bool((below > prev_count).any()):
+            if _exceeds(_sum_by(par, cnt, prev_count.numel()), prev_count):
                 raise ValueError("RoutingTree state: children count more tokens than their parent")
-        else:  # each token enters every start layer's root at most once
-            below = torch.zeros(num_layers, dtype=cnt.dtype, device=cnt.device).index_add_(0, par, cnt)
-            if int(below.max()) > num_tokens:
+        else:
+            limit = torch.full((num_layers,), num_tokens, dtype=torch.int64, device=cnt.device)
+            if _exceeds(_sum_by(par, cnt, num_layers), limit):
                 raise ValueError(f"RoutingTree state: node counts exceed num_tokens={num_tokens}")
         if not bool(torch.isfinite(arrays["reward_sum"][offset:offset + size]).all()):
             raise ValueError("RoutingTree state: reward_sum holds NaN or Inf")

@@ -32,3 +32,25 @@ def test_bench_rejects_a_json_dir_that_is_a_file(tmp_path, capsys):
     path.write_text("x")
     assert cli.main(["bench", "--only", "routing", "--json-dir", str(path)]) == 2
     assert "--json-dir" in capsys.readouterr().err
+
+
+def test_parity_comparing_nothing_is_an_error(capsys, monkeypatch):
+    """Issue 28.6: `parity --backends cudnn` without cuDNN compared 0 cases, printed "all within
+    SPEC 7 tolerances" and exited 0. Zero comparisons (in all, or for a backend named in
+    --backends) must exit non-zero and say why."""
+    from memtrace import attention as A
+
+    def only_reference(*args, **kwargs):
+        return ["reference"]
+
+    monkeypatch.setattr(A, "available_backends", only_reference)
+    assert cli.main(["parity", "--trials", "2", "--backends", "cudnn", "--max-len", "4"]) == 1
+    captured = capsys.readouterr()
+    assert "all within" not in captured.out
+    assert "compared no case" in captured.err and "cudnn" in captured.err
+    # one requested backend ran, one could not: still an error, naming the idle one
+    assert cli.main(["parity", "--trials", "2", "--backends", "reference,cudnn", "--max-len", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "compared no case for cudnn on" in err
+    # the backends that run: a pass
+    assert cli.main(["parity", "--trials", "2", "--backends", "reference", "--max-len", "4"]) == 0

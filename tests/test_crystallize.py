@@ -214,3 +214,75 @@ def test_flops_saved_matches_seeds_example():
     assert comp.flops_saved(router_flops=r, expert_flops=e, top_k=2) == pytest.approx(4 * (r + e))
     with pytest.raises(ValueError, match="top_k"):
         motif_flops_saved(4, router_flops=1.0, expert_flops=1.0, top_k=0)
+
+
+# ---- issue 28 ------------------------------------------------------------------------------------
+
+def _assert_registries_equal(reg, rreg, where):
+    ref = sorted(rreg.motifs.values(), key=lambda m: (-m.utility, -m.score, m.start_layer, m.experts))
+    assert keys(reg.motifs) == keys(ref), where
+    for m, r in zip(reg.motifs, ref):
+        assert (m.count, m.age) == (r.count, r.age), (where, m.key)
+        for f in ("utility", "entropy", "score"):
+            assert getattr(m, f) == pytest.approx(getattr(r, f), rel=1e-9, abs=1e-12), (where, m.key, f)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_registry_matches_reference_over_consider_and_revalidate(seed):
+    """Issue 28.9: revalidate refreshed the kept motifs' statistics in the implementation but not
+    in the reference, so a later consider evicted differently. SPEC 5.5: revalidate refreshes the
+    statistics of the motifs it keeps; implementation and reference must agree after every call of
+    a random sequence of updates, considers and revalidates."""
+    import random
+
+    rng = random.Random(seed)
+    tree, ref = mt.RoutingTree(L, E, max_depth=4, mode="suffix"), RefTree(L, E, 4, "suffix")
+    max_motifs = rng.choice([2, 3, 5])
+    reg, rreg = mt.MotifRegistry(max_motifs=max_motifs), RefRegistry(max_motifs=max_motifs)
+    crit = dict(min_frequency=5, min_utility=-0.5, max_entropy=6.0, min_length=1, max_length=3)
+    step = 0
+    for t in range(10):
+        step += rng.randint(0, 3)
+        g = torch.Generator().manual_seed(seed * 100 + t)
+        n = rng.randint(20, 120)
+        paths = torch.randint(0, E, (n, L), generator=g)
+        bonus = rng.uniform(-1.0, 1.0) * (paths[:, 1] == 1)
+        rewards = torch.randn(n, generator=g, dtype=torch.float64) + bonus
+        tree.update(paths, rewards, step)
+        ref.update(paths, rewards, step)
+        action = rng.choice(["consider", "revalidate", "both"])
+        if action in ("consider", "both"):
+            reg.consider(tree, step=step, **crit)
+            rreg.consider(ref, step=step, **crit)
+            _assert_registries_equal(reg, rreg, f"consider {t}")
+        if action in ("revalidate", "both"):
+            min_utility = rng.uniform(-0.3, 0.3)
+            dropped = reg.revalidate(tree, step=step, min_utility=min_utility)
+            rdropped = rreg.revalidate(ref, step=step, min_utility=min_utility)
+            assert sorted(keys(dropped)) == sorted(keys(rdropped))
+            _assert_registries_equal(reg, rreg, f"revalidate {t}")
+
+
+def test_revalidate_refresh_changes_later_eviction():
+    """The case behind issue 28.9, by hand: a held motif's utility falls (still above
+    min_utility); revalidate refreshes it, so the next consider evicts it for a newcomer whose
+    utility lies between its old and new values: implementation and reference alike."""
+    tree, ref = mt.RoutingTree(2, 2, max_depth=2, mode="prefix"), RefTree(2, 2, 2, "prefix")
+    crit = dict(min_frequency=1, min_utility=-10.0, max_entropy=10.0, min_length=2, max_length=2)
+    for t in (tree, ref):
+        t.update(torch.tensor([[0, 0], [1, 1]]), torch.tensor([2.0, 0.0], dtype=torch.float64), 0)
+    reg, rreg = mt.MotifRegistry(max_motifs=1), RefRegistry(max_motifs=1)
+    reg.consider(tree, step=0, **crit)
+    rreg.consider(ref, step=0, **crit)
+    assert keys(reg.motifs) == [(0, (0, 0))] and list(rreg.motifs) == [(0, (0, 0))]
+    # (0, 0) now earns less; (1, 1) much more
+    for t in (tree, ref):
+        t.update(torch.tensor([[0, 0], [0, 0], [1, 1]]), torch.tensor([-1.0, -1.0, 3.0], dtype=torch.float64),
+                 1)
+    reg.revalidate(tree, step=1, min_utility=-10.0)
+    rreg.revalidate(ref, step=1, min_utility=-10.0)
+    _assert_registries_equal(reg, rreg, "revalidate")
+    crit_new = dict(crit, min_frequency=2)
+    reg.consider(tree, step=1, **crit_new)
+    rreg.consider(ref, step=1, **crit_new)
+    _assert_registries_equal(reg, rreg, "consider")

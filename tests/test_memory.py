@@ -292,9 +292,10 @@ def test_bias_is_slot_order_and_traces_sorted():
     assert list(zip(h.tolist(), q.tolist(), k.tolist())) == [(0, 1, 8), (0, 3, 2), (1, 9, 9), (2, 0, 4), (2, 5, 1)]
     assert h.dtype == q.dtype == k.dtype == age.dtype == r.dtype == torch.int64 and M.dtype == torch.float32
     b = mem.bias(1)
-    # one extra query row (10) holds the empty slots, outside every edge the memory can store
-    assert b.nnz == 3 * 4 and (b.seq_len_q, b.seq_len_k, b.num_heads) == (11, 10, 3)
-    dense = torch.zeros(3, 11, 10)
+    # the bias states the memory's shape [H, T, T]; one extra query row (10) of its index holds the
+    # empty slots, outside every edge the memory can store
+    assert b.nnz == 3 * 4 and (b.seq_len_q, b.seq_len_k, b.num_heads) == (10, 10, 3) and b.index_rows == 11
+    dense = torch.zeros(3, 10, 10)
     dense[h, q, k] = M
     torch.testing.assert_close(b.to_dense(), dense)
     assert b.head.tolist() == [0] * 4 + [1] * 4 + [2] * 4
@@ -1069,3 +1070,108 @@ def test_hand_update_dense_float64_boundaries():
     mem.update_dense(0, S, a)
     assert mem.num_traces(0) == 0
 
+
+
+# ---- issue 28 ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("quota,max_seq_len", [(2048, 32), (2048, 2), (40, 3), (5, 1)])
+def test_torch_update_quota_over_position_space_keeps_new_traces(quota, max_seq_len):
+    """Issue 28.1: with quota > 2^P (P = bit_length(max_seq_len^2 - 1); the default quota 2048
+    with max_seq_len <= 32) the torch path's empty-slot keys ran past their slab's key span: the
+    keys were no longer sorted, the search missed stored traces and new traces were dropped."""
+    T = max_seq_len
+    mem = mt.TraceMemory(1, 2, quota=quota, max_seq_len=T)
+    mem.backend = "torch"
+    S = torch.zeros(2, T, T)
+    S[1, T - 1, 0] = 1.0
+    mem.update_dense(0, S, torch.ones(2, T, T))
+    assert mem.num_traces() == 1
+    ref = trace_update_dense(mt.reference.empty_state(), S, torch.ones(2, T, T), **params_of(mem))
+    assert_state_equal(mem.reference_state(0), ref)
+    # a second step: the stored trace is found (reinforced, not duplicated) and a new one joins it
+    S2 = S.clone()
+    S2[0, 0, T - 1] = 2.0
+    mem.update_dense(0, S2, torch.ones(2, T, T))
+    ref = trace_update_dense(ref, S2, torch.ones(2, T, T), **params_of(mem))
+    assert_state_equal(mem.reference_state(0), ref)
+    assert mem.num_traces() == 2
+
+
+def test_save_removes_stale_temporaries_of_dead_writers_only(tmp_path):
+    """Issue 28: a SIGKILL during save left `<path>.tmp-<pid>` beside the (intact) target. The next
+    save removes such files whose writer process is gone, and leaves those of a live process (a
+    save in progress there) alone."""
+    import subprocess
+    import sys
+
+    # a real save killed with SIGKILL while its temporary exists
+    target = tmp_path / "m.safetensors"
+    mt.TraceMemory(1, 1, quota=4, max_seq_len=4).save(target)
+    code = ("import os, signal, sys, memtrace._files as F\n"
+            "real = F.os.replace\n"
+            "def killed(src, dst):\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "F.os.replace = killed\n"
+            "import memtrace as mt\n"
+            "mt.TraceMemory(1, 1, quota=4, max_seq_len=4).save(sys.argv[1])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    stale = [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert len(stale) == 1, stale
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / f"m.safetensors.tmp-{live.pid}").write_bytes(b"in progress")
+        (tmp_path / "m.safetensors.tmp-notapid").write_bytes(b"x")
+        (tmp_path / "other.safetensors.tmp-1").write_bytes(b"x")
+        mem = mt.TraceMemory(1, 1, quota=4, max_seq_len=4)
+        mem.save(target)
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert stale[0] not in left
+        assert f"m.safetensors.tmp-{live.pid}" in left and "m.safetensors.tmp-notapid" in left
+        assert "other.safetensors.tmp-1" in left
+        mt.TraceMemory.load(target)
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_path_none_and_format_version_named():
+    """Issue 28: save(None) / load(None) raised os.fspath's TypeError without naming `path`;
+    load_state_dict with format_version=tensor([1, 1]) raised without naming the key."""
+    mem = mt.TraceMemory(1, 1, quota=4, max_seq_len=4)
+    for call in (lambda: mem.save(None), lambda: mt.TraceMemory.load(None), lambda: mem.save(3.5)):
+        with pytest.raises(TypeError, match="path"):
+            call()
+    sd = mem.state_dict()
+    for bad in (torch.tensor([1, 1]), torch.tensor(1.0), torch.zeros(0, dtype=torch.long)):
+        with pytest.raises(ValueError, match="format_version"):
+            mem.load_state_dict(dict(sd, format_version=bad))
+    mem.load_state_dict(dict(sd, format_version=torch.tensor(1)))
+
+
+def test_meta_tensors_are_a_clear_type_error():
+    """Issue 28: meta tensors (shape only) reached a RuntimeError / NotImplementedError inside the
+    ops; every public entry point that reads tensors says TypeError, naming the argument."""
+    meta = torch.device("meta")
+    mem = mt.TraceMemory(1, 2, quota=4, max_seq_len=8)
+    i = lambda *s: torch.zeros(*s, dtype=torch.int32, device=meta)  # noqa: E731
+    f = lambda *s: torch.zeros(*s, device=meta)  # noqa: E731
+    z = torch.zeros(3, dtype=torch.long, device=meta)
+    q = f(1, 1, 4, 16)
+    calls = [
+        ("head", lambda: mem.update_edges([0], i(1, 3), i(1, 3), i(1, 3), f(1, 3), f(1, 3))),
+        ("salience", lambda: mem.update_dense(0, f(2, 4, 4), f(2, 4, 4))),
+        ("capture.edges head", lambda: mem.update(0, fake_capture((i(3), i(3), i(3), f(3), f(3)), num_heads=2,
+                                                                  seq_len=4, pad=0))),
+        ("strength", lambda: mem.load_state_dict(dict(mem.state_dict(), strength=mem.strength.to(meta)))),
+        ("head", lambda: mt.TraceBias.from_coo(z, z, z, f(3), num_heads=1, seq_len_q=4, seq_len_k=4)),
+        ("q", lambda: mt.biased_attention(q, q, q, None, backend="reference")),
+        ("q", lambda: mt.biased_attention(q.requires_grad_(), q, q, None, capture=mt.SalienceCapture())),
+    ]
+    for word, call in calls:
+        with pytest.raises(TypeError, match=f"{word} is a meta tensor"):
+            call()
+    for call in (lambda: mt.TraceMemory(1, 1, device="meta"), lambda: mem.to("meta")):
+        with pytest.raises(ValueError, match="meta"):
+            call()
+    assert mem.device.type == "cpu"

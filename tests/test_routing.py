@@ -395,3 +395,137 @@ def test_candidate_criteria_boundaries_by_hand():
     everything = tree.candidates(min_frequency=1, min_utility=-1.0, max_entropy=5.0, min_length=1, max_length=3)
     assert [c.key for c in everything] == [(0, (0,)), (0, (0, 0)), (0, (0, 0, 0)), (0, (1,)), (0, (1, 1)),
                                            (0, (1, 1, 0)), (0, (1, 1, 1))]
+
+
+# ---- issue 28 ------------------------------------------------------------------------------------
+
+_OP_PROBE = """
+import sys, torch
+import memtrace.routing as R
+v = int(sys.argv[1])
+z = lambda dt: torch.zeros(0, dtype=dt)
+empty = (z(torch.int32), z(torch.int16), z(torch.int64), z(torch.float64), z(torch.int32), z(torch.int32))
+paths = torch.full((40, 2), v)
+paths[::3, 1] = 1
+try:
+    R._ops().routing_update(*empty, [], paths, torch.zeros(40, dtype=torch.float64), 0, 8, 4, True)
+    print("STORED")
+except ValueError as exc:
+    print("VALUEERROR", exc)
+"""
+
+
+@pytest.mark.parametrize("bad", [4, 7, 100, 10**8, -2, -(10**8)])
+def test_op_rejects_expert_ids_out_of_range(bad):
+    """Issue 28.7: the registered op trusted expert ids: 7 (of 4 experts) was stored, 100
+    corrupted the heap, 10**8 segfaulted. Run in a subprocess (a crash before the fix must not
+    take pytest down): the op must raise ValueError and the process survive."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _OP_PROBE, str(bad)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
+    assert res.stdout.startswith("VALUEERROR"), res.stdout
+    assert "expert ids in [0, 4)" in res.stdout
+
+
+def test_op_accepts_minus_one_and_rejects_bad_trie_arrays():
+    """-1 cuts a path (stored as nothing); trie arrays that break the trie's invariants (a parent
+    outside the previous level, an expert id out of range, a negative count, unsorted keys) are
+    refused by the op itself, not trusted."""
+    ops = mt.routing._ops()
+    z = lambda dt: torch.zeros(0, dtype=dt)  # noqa: E731
+    empty = (z(torch.int32), z(torch.int16), z(torch.int64), z(torch.float64), z(torch.int32), z(torch.int32))
+    out = ops.routing_update(*empty, [], torch.full((5, 2), -1), torch.zeros(5, dtype=torch.float64), 0, 8, 4,
+                             True)
+    assert out[0].numel() == 0 and out[6].tolist() == []
+    tree = mt.RoutingTree(2, 4, max_depth=2, mode="prefix")
+    tree.update(torch.tensor([[0, 1], [2, 3]]))
+    arrays = {k: t.clone() for k, t in tree._arrays.items()}
+    paths, rewards = torch.tensor([[0, 1]]), torch.zeros(1, dtype=torch.float64)
+    keys = ("parent", "expert", "count", "reward_sum", "first_seen", "last_seen")
+    for key, index, value, word in (("parent", 2, 5, "parent"), ("parent", 0, 3, "parent"),
+                                    ("expert", 1, 9, "expert"), ("expert", 0, -1, "expert"),
+                                    ("count", 3, -1, "count"), ("expert", 0, 2, "increasing")):
+        bad = dict(arrays)
+        bad[key] = arrays[key].clone()
+        bad[key][index] = value
+        with pytest.raises(ValueError, match=word):
+            ops.routing_update(*(bad[k] for k in keys), tree._level_sizes, paths, rewards, 1, 2, 4, False)
+
+
+def test_counts_near_int64_max_refused_or_saturated_not_wrapped(tmp_path):
+    """Issue 28.8: a crafted state with counts of 2^63-1 loaded, the next update wrapped them to
+    -2^63 and save() failed. Now: an update that would take the token total (which bounds every
+    count) past 2^63-1 is refused before anything changes; the op itself saturates counts; a state
+    whose children's counts only fit by int64 wrap-around is refused on load."""
+    big = 2**63 - 1
+    tree = mt.RoutingTree(3, 4, max_depth=3, mode="prefix")
+    tree.update(torch.tensor([[0, 1, 2]]), torch.tensor([1.0], dtype=torch.float64))
+    sd = tree.state_dict()
+    sd["count"] = torch.full_like(sd["count"], big)
+    sd["num_tokens"] = torch.tensor([big])
+    crafted = mt.RoutingTree(3, 4, max_depth=3, mode="prefix")
+    crafted.load_state_dict(sd)                      # consistent: loads
+    before = _snapshot(crafted)
+    with pytest.raises(ValueError, match="2\\^63"):
+        crafted.update(torch.tensor([[0, 1, 2]]))
+    assert_tables_equal(before[0], crafted.to_table(), rtol=0)
+    assert before[1:] == _snapshot(crafted)[1:]
+    crafted.save(tmp_path / "t.safetensors")         # still a valid tree
+    assert mt.RoutingTree.load(tmp_path / "t.safetensors").stats(0, (0, 1, 2))["count"] == big
+
+    # the op on the same arrays saturates instead of wrapping
+    ops = mt.routing._ops()
+    keys = ("parent", "expert", "count", "reward_sum", "first_seen", "last_seen")
+    out = ops.routing_update(*(crafted._arrays[k] for k in keys), crafted._level_sizes,
+                             torch.tensor([[0, 1, 2]]), torch.zeros(1, dtype=torch.float64), 1, 3, 4, False)
+    assert out[2].tolist() == [big, big, big]
+
+    # two children of 2^62 under a parent of 2^63-1: their sum (2^63) wraps in int64, refused
+    tree = mt.RoutingTree(2, 4, max_depth=2, mode="prefix")
+    tree.update(torch.tensor([[0, 1], [0, 2]]))
+    sd = tree.state_dict()
+    assert sd["level_sizes"].tolist() == [1, 2]
+    sd["count"] = torch.tensor([big, 2**62, 2**62])
+    sd["num_tokens"] = torch.tensor([big])
+    with pytest.raises(ValueError, match="children count more tokens"):
+        mt.RoutingTree(2, 4, max_depth=2, mode="prefix").load_state_dict(sd)
+    # the same at the roots: two start layers' worth within one root would pass num_tokens
+    tree = mt.RoutingTree(2, 4, max_depth=1, mode="prefix")
+    tree.update(torch.tensor([[0, 1], [1, 2]]))
+    sd = tree.state_dict()
+    sd["count"] = torch.tensor([2**62, 2**62])
+    sd["num_tokens"] = torch.tensor([big])
+    with pytest.raises(ValueError, match="num_tokens"):
+        mt.RoutingTree(2, 4, max_depth=1, mode="prefix").load_state_dict(sd)
+
+
+def test_routing_path_none_and_meta_tensors_named(tmp_path):
+    """Issue 28: RoutingTree.load(None) / save(None) raised os.fspath's TypeError without naming
+    `path`; meta tensors reached NotImplementedError instead of a TypeError naming the argument."""
+    tree = mt.RoutingTree(3, 4, max_depth=3)
+    tree.update(torch.tensor([[0, 1, 2]]))
+    for call in (lambda: tree.save(None), lambda: mt.RoutingTree.load(None), lambda: mt.RoutingTree.load(7)):
+        with pytest.raises(TypeError, match="path"):
+            call()
+    meta = torch.device("meta")
+    before = _snapshot(tree)
+    calls = [
+        ("paths", lambda: tree.update(torch.zeros(2, 3, dtype=torch.long, device=meta))),
+        ("rewards", lambda: tree.update(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, device=meta))),
+        ("count", lambda: tree.load_state_dict(dict(tree.state_dict(),
+                                                    count=tree.state_dict()["count"].to(meta)))),
+        ("experts", lambda: tree.stats(0, torch.zeros(2, dtype=torch.long, device=meta))),
+    ]
+    for word, call in calls:
+        with pytest.raises(TypeError, match=f"{word} is a meta tensor"):
+            call()
+    assert_tables_equal(before[0], tree.to_table(), rtol=0)
+    with pytest.raises(ValueError, match="meta"):
+        mt.RoutingTree(3, 4, device="meta")
+    with pytest.raises(ValueError, match="meta"):
+        tree.to("meta")
+    tree.save(tmp_path / "r.safetensors")
+    assert mt.RoutingTree.load(str(tmp_path / "r.safetensors")).num_nodes == tree.num_nodes

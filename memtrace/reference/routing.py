@@ -117,7 +117,17 @@ class MotifRegistry:
         self.motifs = {(m.start_layer, m.experts): m for m in ranked[:self.max_motifs]}
 
     def revalidate(self, tree, step=None, min_utility=0.0):
+        """Drop the motifs whose utility fell below min_utility (or that the tree lost) and refresh
+        the statistics (and score) of the ones kept, as read at `step` (SPEC 5.5); returns the
+        dropped motifs."""
+        dropped = []
         for key in list(self.motifs):
             st = tree.stats(*key, step=step)
             if st is None or st["utility"] < min_utility:
-                del self.motifs[key]
+                dropped.append(self.motifs.pop(key))
+                continue
+            score = (self.weights[0] * math.log(st["count"]) + self.weights[1] * st["utility"]
+                     - self.weights[2] * st["entropy"] + self.weights[3] * st["age"])
+            self.motifs[key] = RefMotif(key[0], key[1], st["count"], st["utility"], st["entropy"], st["age"],
+                                        score)
+        return dropped
