@@ -18,9 +18,11 @@ _EXPORTS = {
     "Motif": "memtrace.crystallize",
     "MotifRegistry": "memtrace.crystallize",
     "CompositeExpert": "memtrace.crystallize",
+    "Memtrace": "memtrace.training.manager",
+    "MemtraceConfig": "memtrace.training.config",
 }
-_SUBMODULES = ("attention", "backends", "bias", "capture", "config", "crystallize", "kernels", "memory",
-               "reference", "routing")
+_SUBMODULES = ("attention", "backends", "bias", "capture", "config", "crystallize", "integrations", "kernels", "memory",
+               "nn", "reference", "routing")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

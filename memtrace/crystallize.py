@@ -19,9 +19,11 @@ from . import _validate as V
 
 __all__ = [
     "CompositeExpert",
+    "FusedExpertView",
     "Motif",
     "MotifRegistry",
     "check_weights",
+    "fused_expert_layout",
     "linear_router_flops",
     "mlp_expert_flops",
     "motif_flops_saved",
@@ -179,13 +181,163 @@ class MotifRegistry:
         self._motifs = motifs
 
 
+def fused_expert_layout(module) -> dict | None:
+    """The layout of a fused experts module, or None when `module` is not one.
+
+    transformers 5.x stores all experts of a layer in 3-D tensors: `gate_up_proj` [E, 2I, H] (gated;
+    `up_proj` [E, I, H] when not gated) and `down_proj` [E, H, I], or the transposes ([E, H, 2I],
+    [E, I, H]) when `is_transposed`, with optional `*_bias` [E, out] tensors, and `act_fn` (plus
+    `_apply_gate` for the gate/up split). Returns dict(num_experts, hidden, intermediate, has_gate,
+    has_bias, is_transposed, gated_names) read from the module's attributes and checked against the
+    tensor shapes; None if the attributes or shapes do not fit.
+    """
+    if isinstance(module, (list, tuple, nn.ModuleList)) or not isinstance(module, nn.Module):
+        return None
+    has_gate = isinstance(getattr(module, "gate_up_proj", None), torch.Tensor)
+    up_name = "gate_up_proj" if has_gate else "up_proj"
+    up, down = getattr(module, up_name, None), getattr(module, "down_proj", None)
+    if not (isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor) and up.dim() == 3 and down.dim() == 3):
+        return None
+    if not callable(getattr(module, "act_fn", None)):
+        return None
+    is_transposed = bool(getattr(module, "is_transposed", False))
+    bias_names = (f"{up_name}_bias", "down_proj_bias")
+    has_bias = bool(getattr(module, "has_bias", False)) or any(
+        isinstance(getattr(module, n, None), torch.Tensor) for n in bias_names)
+    E = up.shape[0]
+    if down.shape[0] != E or E < 1:
+        return None
+    up_out, hidden = (up.shape[2], up.shape[1]) if is_transposed else (up.shape[1], up.shape[2])
+    inter = up_out // 2 if has_gate else up_out
+    if has_gate and up_out % 2:
+        return None
+    want_down = (E, inter, hidden) if is_transposed else (E, hidden, inter)
+    if tuple(down.shape) != want_down:
+        return None
+    if has_bias:
+        for n, width in zip(bias_names, (up_out, hidden)):
+            b = getattr(module, n, None)
+            if not isinstance(b, torch.Tensor) or tuple(b.shape) != (E, width):
+                return None
+    return {"num_experts": int(E), "hidden": int(hidden), "intermediate": int(inter), "has_gate": has_gate,
+            "has_bias": has_bias, "is_transposed": is_transposed, "up_name": up_name}
+
+
+def _default_gate(act_fn, h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return act_fn(gate) * up
+
+
+class FusedExpertView(nn.Module):
+    """Expert `index` of a fused experts module, as an ordinary expert module x [.., H] -> [.., H].
+
+    A live view (the default) owns no parameters: at every call it reads `experts.gate_up_proj[index]`
+    and `experts.down_proj[index]` (basic indexing: views that share the fused tensors' storage),
+    so it sees the live weights, gradients flow into the fused tensors' slice `index` only, and no
+    expert's tensors are copied. The fused module is held by reference, not registered as a
+    sub-module (so this module's parameters() are empty and the fused tensors are not saved
+    twice). copy.deepcopy (what CompositeExpert(frozen=True) does) returns an owned copy: this
+    expert's slices cloned as 2-D parameters, the other experts untouched.
+
+    The math is transformers' eager experts forward for one expert: h = x W_up^T (+ b), the
+    module's `_apply_gate` (default: act(gate) * up over the two halves) or act_fn when not gated,
+    then h W_down^T (+ b) — bitwise the same per row as the fused module's eager loop.
+    """
+
+    def __init__(self, experts: nn.Module, index: int):
+        super().__init__()
+        layout = fused_expert_layout(experts)
+        if layout is None:
+            raise TypeError(f"experts must be a fused experts module (gate_up_proj/up_proj and down_proj "
+                            f"[num_experts, ...] tensors and act_fn), got {type(experts).__name__}")
+        self.index = V.check_int("index", index, low=0, high=layout["num_experts"] - 1)
+        self.layout = layout
+        object.__setattr__(self, "_fused", experts)  # a reference, not a sub-module
+        gate = getattr(experts, "_apply_gate", None)
+        if getattr(getattr(type(experts), "_apply_gate", None), "__name__", "") == "_default_apply_gate":
+            gate = None  # transformers' default split: the same math as _default_gate, no reference kept
+        object.__setattr__(self, "_gate_fn", gate if callable(gate) else None)
+        object.__setattr__(self, "_act_fn", experts.act_fn)
+
+    @property
+    def is_view(self) -> bool:
+        return self._fused is not None
+
+    @property
+    def fused(self) -> nn.Module | None:
+        """The fused experts module this view reads (None for an owned copy)."""
+        return self._fused
+
+    def _names(self) -> tuple:
+        up = self.layout["up_name"]
+        names = [up, "down_proj"]
+        if self.layout["has_bias"]:
+            names += [f"{up}_bias", "down_proj_bias"]
+        return tuple(names)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """This expert's slice of fused tensor `name` (a view), or the owned copy of it."""
+        if self._fused is not None:
+            return getattr(self._fused, name)[self.index]
+        return getattr(self, name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lay = self.layout
+        up_w, down_w = self.tensor(lay["up_name"]), self.tensor("down_proj")
+        up_b = self.tensor(f"{lay['up_name']}_bias") if lay["has_bias"] else None
+        down_b = self.tensor("down_proj_bias") if lay["has_bias"] else None
+        if lay["is_transposed"]:
+            h = x @ up_w
+            h = h + up_b if up_b is not None else h
+        else:
+            h = nn.functional.linear(x, up_w, up_b)
+        if lay["has_gate"]:
+            h = self._gate_fn(h) if self._gate_fn is not None else _default_gate(self._act_fn, h)
+        else:
+            h = self._act_fn(h)
+        if lay["is_transposed"]:
+            out = h @ down_w
+            return out + down_b if down_b is not None else out
+        return nn.functional.linear(h, down_w, down_b)
+
+    def owned_copy(self) -> "FusedExpertView":
+        """This expert's tensors cloned into parameters of a new, self-contained module."""
+        new = FusedExpertView.__new__(FusedExpertView)
+        nn.Module.__init__(new)
+        new.index, new.layout = self.index, dict(self.layout)
+        object.__setattr__(new, "_fused", None)
+        object.__setattr__(new, "_gate_fn", self._gate_fn)
+        object.__setattr__(new, "_act_fn", copy.deepcopy(self._act_fn))
+        for name in self._names():
+            t = self.tensor(name)
+            req = t.requires_grad if isinstance(t, nn.Parameter) or self._fused is None else \
+                getattr(self._fused, name).requires_grad
+            new.register_parameter(name, nn.Parameter(t.detach().clone(), requires_grad=req))
+        return new
+
+    def __deepcopy__(self, memo):
+        new = self.owned_copy()
+        memo[id(self)] = new
+        return new
+
+    def extra_repr(self) -> str:
+        kind = f"view of {type(self._fused).__name__}" if self._fused is not None else "owned copy"
+        lay = self.layout
+        return f"index={self.index}, {kind}, hidden={lay['hidden']}, intermediate={lay['intermediate']}"
+
+
 class CompositeExpert(nn.Module):
     """A crystallized motif as one module: x -> E_{e_k}(... E_{e_1}(x)), no router calls.
 
-    experts_per_layer[l] is layer l's expert list (an nn.ModuleList or any sequence of modules).
+    experts_per_layer[l] is layer l's expert list (an nn.ModuleList or any sequence of modules),
+    or a fused experts module holding every expert of the layer in [num_experts, ...] tensors
+    (transformers 5.x `MixtralExperts`, `Qwen2MoeExperts`, `DeepseekV3Experts`, ...): expert e of
+    such a layer is a FusedExpertView, a view of its slices (no copy of the other experts).
     frozen=True (default) deep-copies the chain's experts and freezes their parameters, so that
-    later training of the live model does not move the crystallized unit; frozen=False shares
-    the live modules. residual=True applies each expert as h + E(h), like a residual MoE block.
+    later training of the live model does not move the crystallized unit (for a fused layer only
+    expert e's slices are copied); frozen=False shares the live modules (a FusedExpertView then
+    reads the live fused tensors; its parameters stay owned by the fused module, so they are not
+    listed in this module's parameters()). residual=True applies each expert as h + E(h).
     """
 
     def __init__(self, experts_per_layer: Sequence[Sequence[nn.Module]], motif, *, frozen: bool = True,
@@ -201,6 +353,7 @@ class CompositeExpert(nn.Module):
         if not isinstance(experts_per_layer, (list, tuple, nn.ModuleList)):
             raise TypeError("experts_per_layer must be a sequence (one expert list per layer)")
         if isinstance(experts, torch.Tensor):
+            V.check_not_meta("experts", experts)
             experts = experts.tolist()
         if not isinstance(experts, (list, tuple)):
             raise TypeError(f"motif's experts must be a sequence of expert ids, got {type(experts).__name__}")
@@ -215,8 +368,16 @@ class CompositeExpert(nn.Module):
             layer_idx = start_layer + i
             layer = experts_per_layer[layer_idx]
             if not isinstance(layer, (list, tuple, nn.ModuleList)):
-                raise TypeError(f"experts_per_layer[{layer_idx}] must be a sequence of expert modules, "
-                                f"got {type(layer).__name__}")
+                layout = fused_expert_layout(layer)
+                if layout is None:
+                    raise TypeError(f"experts_per_layer[{layer_idx}] must be a sequence of expert modules or a "
+                                    "fused experts module (transformers 5.x: gate_up_proj/up_proj and down_proj "
+                                    f"[num_experts, ...] tensors), got {type(layer).__name__}")
+                if e >= layout["num_experts"]:
+                    raise ValueError(f"experts: expert {e} at layer {layer_idx} is out of range, "
+                                     f"experts_per_layer[{layer_idx}] holds {layout['num_experts']} experts")
+                chain.append(FusedExpertView(layer, e))
+                continue
             if e >= len(layer):
                 raise ValueError(f"experts: expert {e} at layer {layer_idx} is out of range, "
                                  f"experts_per_layer[{layer_idx}] holds {len(layer)} experts")

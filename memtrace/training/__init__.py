@@ -5,6 +5,7 @@
 the step (`phase_at`, `plan_at`).
 """
 from .config import MemtraceConfig
+from .manager import Memtrace
 from .schedule import Phase, Plan, phase_at, phase_starts, plan_at
 
-__all__ = ["MemtraceConfig", "Phase", "Plan", "phase_at", "phase_starts", "plan_at"]
+__all__ = ["Memtrace", "MemtraceConfig", "Phase", "Plan", "phase_at", "phase_starts", "plan_at"]

@@ -1,0 +1,186 @@
+"""The manager's captures: one capture step per layer, filled by every backward of that step.
+
+Calibration rule (SPEC 9)
+-------------------------
+The salience the memory sees is normalised per layer and capture step:
+
+    S_norm[h, i, j] = S[h, i, j] / Z        Z = mean of S over every visible edge (h, i, j)
+
+(visible: not masked by causal or by the key padding mask), so the mean normalised salience of a
+step's edges is 1 whatever the loss reduction (sum or mean: a constant factor on dO, hence on S
+and Z), the batch size (S and Z are means over the batch) or the sequence length (a mean per
+edge, not a total). `salience_threshold` (0.05) is therefore in units of "the mean edge's
+salience". The mean attention `a` is not rescaled.
+
+Z costs one extra dense pass over at most `NORM_ROWS` query rows per call (strided rows when Tq is
+longer: an unbiased ratio estimate, exact for Tq <= NORM_ROWS), O(B * H * min(Tq, 256) * Tk * D),
+chunked so that nothing of size Tq x Tk is held; and one host sync per layer and capture step
+(the capture kernel takes its cut as a Python float: raw threshold = CUT_MARGIN * threshold / ln 2
+* Z, a quarter of the smallest normalised salience a new edge needs to be stored). The capture
+then runs the unfused fill (PASS 0 over every tile; the fused bound needs the threshold before the
+backward starts). Non-capture steps pay none of this.
+
+Micro-batches and checkpointing
+-------------------------------
+Each `biased_attention` call of a capture step gets its own `CallObserver`; the autograd backward
+of a call fills it at most once (a forward recomputed by torch.utils.checkpoint builds an
+observer that the backward of the original node never fills, or, with use_reentrant=True, the
+first forward ran without grad and only the recomputed one is filled), so nothing is counted
+twice. Fills of one layer are summed into its `LayerCapture`, weighted by their batch size:
+
+    S_step = sum_f B_f S_f / sum_f B_f      a_step = likewise      Z_step = likewise
+    S_norm = S_step / Z_step
+
+so k micro-batches give the mean over all their samples, as one full batch would. An edge under
+the capture cut in some micro-batch counts 0 there (the error is below the cut, a quarter of what
+an insertion needs); stored traces are scored exactly in every micro-batch (they are bias entries).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..capture import DEFAULT_CAPACITY, SalienceCapture
+
+__all__ = ["CUT_MARGIN", "NORM_ROWS", "CallObserver", "LayerCapture", "mean_salience"]
+
+NORM_ROWS = 256
+CUT_MARGIN = 0.25
+_CHUNK_ELEMENTS = 1 << 22
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+@torch.no_grad()
+def mean_salience(q, k, v, lse, dout, bias, alpha, *, causal, scale, key_padding_mask=None):
+    """(total, count) 0-d float tensors: the sum over the sampled rows' visible edges of
+    S = mean_b P*|dP|, and how many (head, row, key) edges that sum covers (a batch mean)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dev = q.device
+    stride = -(-Tq // NORM_ROWS)
+    rows = torch.arange(0, Tq, stride, device=dev)
+    R = rows.numel()
+    alpha = alpha.to(dtype) if isinstance(alpha, torch.Tensor) else float(alpha)
+    dense = None
+    if bias is not None and bias.nnz > 0:
+        keep = (bias.q_idx < Tq) & (bias.k_idx < Tk) & (bias.q_idx % stride == 0)
+        h = torch.where(keep, bias.head.long(), 0)
+        r = torch.where(keep, bias.q_idx.long() // stride, 0)
+        j = torch.where(keep, bias.k_idx.long(), 0)
+        val = torch.where(keep, bias.value.detach().to(dtype), torch.zeros((), dtype=dtype, device=dev))
+        dense = torch.zeros(Hq, R, Tk, dtype=dtype, device=dev).index_put_((h, r, j), val, accumulate=True)
+    kk = k.detach().to(dtype)
+    vv = v.detach().to(dtype)
+    keys = torch.arange(Tk, device=dev)
+    total = torch.zeros((), dtype=dtype, device=dev)
+    count = torch.zeros((), dtype=dtype, device=dev)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, B * Hq * Tk))
+    for r0 in range(0, R, chunk):
+        rr = rows[r0:r0 + chunk]
+        n = rr.numel()
+        qs = q.detach()[:, :, rr].to(dtype).reshape(B, Hkv, g * n, D)
+        ds = dout.detach()[:, :, rr].to(dtype).reshape(B, Hkv, g * n, D)
+        logits = scale * (qs @ kk.transpose(-1, -2))                       # [B, Hkv, g*n, Tk]
+        dP = ds @ vv.transpose(-1, -2)
+        logits = logits.reshape(B, Hq, n, Tk)
+        dP = dP.reshape(B, Hq, n, Tk)
+        if dense is not None:
+            logits = logits + alpha * dense[:, r0:r0 + n]
+        visible = torch.ones(1, 1, n, Tk, dtype=torch.bool, device=dev)
+        if causal:
+            visible = visible & (keys.view(1, 1, 1, Tk) <= rr.view(1, 1, n, 1) + (Tk - Tq))
+        if key_padding_mask is not None:
+            visible = visible & key_padding_mask.view(B, 1, 1, Tk)
+        ls = lse.detach()[:, :, rr].to(dtype).unsqueeze(-1)
+        visible = visible & torch.isfinite(ls)
+        P = torch.exp(torch.where(visible, logits - torch.where(torch.isfinite(ls), ls, 0), float("-inf")))
+        total = total + (P * dP.abs()).sum() / B
+        count = count + visible.expand(B, Hq, n, Tk).sum().to(dtype) / B
+    return total, count
+
+
+class LayerCapture:
+    """The fills of one layer in one capture step (see the module docstring)."""
+
+    def __init__(self, threshold: float, capacity: int):
+        self.threshold = threshold
+        self.capacity = capacity
+        self.fills = []          # (edges, num_edges, bias_scores, bias, weight, Z, Tq)
+
+    def add(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, key_padding_mask, extra):
+        B, H, Tq, _ = q.shape
+        total, count = mean_salience(q, k, v, lse, dout, bias, alpha, causal=causal, scale=scale,
+                                     key_padding_mask=key_padding_mask)
+        Z = (total / count.clamp_min(1)).float()
+        z = float(Z)                    # the capture step's one sync per layer (the kernel's cut)
+        cut = CUT_MARGIN * self.threshold / math.log(2.0) * z
+        cut = cut if math.isfinite(cut) and z > 0 else _FLOAT32_MAX
+        capacity = max(1, min(self.capacity, H * Tq * k.shape[2]))
+        inner = SalienceCapture(threshold=min(cut, _FLOAT32_MAX), capacity=capacity)
+        inner.fill(q, k, v, out, lse, dout, bias, entry_values, causal=causal, scale=scale, alpha=alpha, **extra)
+        self.fills.append((inner.edges, inner.num_edges, inner.bias_scores, bias, B, Z, Tq))
+
+    def merged(self, max_seq_len: int):
+        """(head, q_idx, k_idx, S_norm, a) [C], num_edges 0-d, slot (S_norm, a) or None, bias, Tq."""
+        W = float(sum(f[4] for f in self.fills))
+        Zw = sum(f[4] * f[5] for f in self.fills)
+        Zw = torch.where(Zw > 0, Zw, torch.ones_like(Zw))
+        bias = self.fills[-1][3]
+        Tq = self.fills[-1][6]
+        slot = None
+        if bias is not None:
+            S_b = sum(f[4] * f[2][0].float() for f in self.fills)
+            a_b = sum(f[4] * f[2][1].float() for f in self.fills)
+            slot = (S_b / Zw, a_b / W)
+        if len(self.fills) == 1:
+            (h, i, j, S, a), n = self.fills[0][0], self.fills[0][1]
+            return (h, i, j, S * (W / Zw), a), n.reshape(()), slot, bias, Tq
+        dev = Zw.device
+        hs, iss, js, Ss, As, valid = [], [], [], [], [], []
+        for (h, i, j, S, a), n, _, _, w, _, _ in self.fills:
+            hs.append(h.long())
+            iss.append(i.long())
+            js.append(j.long())
+            Ss.append(S.float() * w)
+            As.append(a.float() * w)
+            valid.append(torch.arange(h.shape[0], device=dev) < n)
+        h, i, j = torch.cat(hs), torch.cat(iss), torch.cat(js)
+        S, a, valid = torch.cat(Ss), torch.cat(As), torch.cat(valid)
+        L = max_seq_len
+        key = torch.where(valid, (h * L + i) * L + j, torch.full_like(h, torch.iinfo(torch.int64).max))
+        key, order = torch.sort(key, stable=True)
+        first = torch.ones_like(valid)
+        first[1:] = key[1:] != key[:-1]
+        seg = torch.cumsum(first.long(), 0) - 1
+        N = key.numel()
+        S_out = torch.zeros(N, dtype=torch.float32, device=dev).index_add_(0, seg, S[order])
+        a_out = torch.zeros(N, dtype=torch.float32, device=dev).index_add_(0, seg, a[order])
+        lead = torch.full((N,), N, dtype=torch.long, device=dev).scatter_reduce_(
+            0, seg, torch.arange(N, device=dev), reduce="amin")
+        lead = lead.clamp(max=N - 1)
+        src = order[lead]
+        num = (first & valid[order]).sum().to(torch.int32)
+        return (h[src].int(), i[src].int(), j[src].int(), S_out / Zw, a_out / W), num, slot, bias, Tq
+
+
+class CallObserver:
+    """What one attention call of a capture step hands `biased_attention(capture=)`: its fill
+    (called by that call's backward) goes to the layer's LayerCapture."""
+
+    def __init__(self, owner, layer: int, key_padding_mask=None):
+        self._owner = owner
+        self._layer = layer
+        self._kpm = key_padding_mask
+
+    def fill(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, bound=None, **extra):
+        kpm = extra.get("key_padding_mask", self._kpm)
+        self._owner._fill(self._layer, q, k, v, out, lse, dout, bias, entry_values, causal=causal, scale=scale,
+                          alpha=alpha, key_padding_mask=kpm, extra=extra)
+
+
+def default_capacity(quota: int, num_heads: int) -> int:
+    """Capture buffer size: four times what the layer's memory can hold, within [4096, 2^17]."""
+    return int(min(max(4 * quota * num_heads, 4096), DEFAULT_CAPACITY))
