@@ -7,10 +7,9 @@ The Triton kernels live in kernels/ and are installed as the subpackage memtrace
 import glob
 import os
 
-from setuptools import find_packages, setup
-
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,8 +60,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "hf": ["transformers>=5.17"],
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "transformers==5.17.0"],
+        "hf": ["transformers>=5.17", "accelerate>=1.1"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "transformers==5.17.0", "accelerate>=1.1"],
     },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},  # ninja (parallel compiles) where installed

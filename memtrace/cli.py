@@ -285,7 +285,8 @@ def build_parser():
     parity.add_argument("--trials", type=_int_in(1), default=40)
     parity.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0)
     parity.add_argument("--backends", metavar="NAMES", help="comma-separated backends (default: all that run)")
-    parity.add_argument("--max-len", type=_int_in(1, 65535), default=None, help="longest sequence (default 300 on CUDA, 24 on CPU)")
+    parity.add_argument("--max-len", type=_int_in(1, 65535), default=None,
+                        help="longest sequence (default 300 on CUDA, 24 on CPU)")
     parity.set_defaults(func=cmd_parity)
     return parser
 

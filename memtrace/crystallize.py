@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -382,7 +382,8 @@ class CompositeExpert(nn.Module):
                 raise ValueError(f"experts: expert {e} at layer {layer_idx} is out of range, "
                                  f"experts_per_layer[{layer_idx}] holds {len(layer)} experts")
             if not isinstance(layer[e], nn.Module):
-                raise TypeError(f"experts_per_layer[{layer_idx}][{e}] must be an nn.Module, got {type(layer[e]).__name__}")
+                raise TypeError(f"experts_per_layer[{layer_idx}][{e}] must be an nn.Module, "
+                                f"got {type(layer[e]).__name__}")
             chain.append(layer[e])
         if frozen:
             chain = [copy.deepcopy(m) for m in chain]

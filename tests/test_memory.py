@@ -166,7 +166,7 @@ def test_update_many_matches_single_updates():
     kw = dict(quota=3, retention=0.5, decay=0.6, window=3, max_seq_len=8)
     one, many = mt.TraceMemory(3, 2, **kw), mt.TraceMemory(3, 2, **kw)
     rng = random.Random(5)
-    for step in range(10):
+    for _step in range(10):
         caps = {}
         for layer in (0, 2):
             S, a = random_maps(rng, 2, 5, 0.3, (0.1, 0.5, 1.0))
@@ -182,7 +182,7 @@ def test_update_edges_low_level_matches_capture_path():
     kw = dict(quota=4, window=4, max_seq_len=8)
     a_mem, b_mem = mt.TraceMemory(2, 2, **kw), mt.TraceMemory(2, 2, **kw)
     rng = random.Random(9)
-    for step in range(8):
+    for _step in range(8):
         S, a = random_maps(rng, 2, 6, 0.3, (0.1, 0.5, 1.0))
         cand = candidates_of(S, a, nonzero_coords(S, a))
         a_mem.update(1, fake_capture(cand, num_heads=2, seq_len=6))
@@ -436,7 +436,8 @@ def _bad_update_calls(mem):
     yield "S", lambda: mem.update(0, _good_cap(edges=e[:3] + (e[3].view(-1, 1), e[4])))
     yield "num_edges", lambda: mem.update(0, _good_cap(num_edges=torch.tensor([1, 2])))
     yield "bias", lambda: mem.update(0, _good_cap(bias=mem.bias(0)))
-    yield "bias_scores", lambda: mem.update(0, _good_cap(bias=mem.bias(0), bias_scores=(torch.zeros(3), torch.zeros(3))))
+    yield "bias_scores", lambda: mem.update(0, _good_cap(bias=mem.bias(0),
+                                                         bias_scores=(torch.zeros(3), torch.zeros(3))))
     yield "salience", lambda: mem.update_dense(0, torch.rand(2, 3), torch.rand(2, 3))
     yield "heads", lambda: mem.update_dense(0, torch.rand(3, 3, 3), torch.rand(3, 3, 3))
     yield "attn", lambda: mem.update_dense(0, torch.rand(2, 3, 3), torch.rand(2, 3, 4))
@@ -644,7 +645,7 @@ def test_triton_kernels_interpreted_many_new_candidates(merge_max, monkeypatch):
     tri, ref_mem = mt.TraceMemory(2, 2, **kw), mt.TraceMemory(2, 2, **kw)
     tri.backend = "triton"
     rng = random.Random(2)
-    for step in range(3):
+    for _step in range(3):
         caps = {}
         for layer in (0, 1):
             S, a = random_maps(rng, 2, 6, 0.6, (0.3, 0.3, 1.0, 1.0, 2.0))
@@ -853,7 +854,8 @@ def assert_hand(got, expected, engine):
     for step, (g, e) in enumerate(zip(got, expected)):
         assert [x[:3] + x[4:] for x in g] == [x[:3] + x[4:] for x in e], f"{engine} step {step + 1}: {g} != {e}"
         for x, y in zip(g, e):
-            assert x[3] == pytest.approx(y[3], rel=rel, abs=0), f"{engine} step {step + 1} M at {x[:3]}: {x[3]} != {y[3]}"
+            assert x[3] == pytest.approx(y[3], rel=rel, abs=0), \
+                f"{engine} step {step + 1} M at {x[:3]}: {x[3]} != {y[3]}"
     assert len(got) == len(expected)
 
 
@@ -991,7 +993,8 @@ def test_hand_eviction_weakest_first_ties_and_heads(engine):
     ]
     expected = [
         [(0, 2, 2, 0.5, 1, 0), (0, 3, 3, LN2, 0, 1), (1, 0, 3, 0.5 * LN2, 0, 1), (1, 1, 0, 0.5 * LN2, 0, 1)],
-        [(0, 2, 2, 0.25, 2, 0), (0, 3, 3, 0.5 * LN2, 1, 0b10), (1, 0, 3, 0.25 * LN2, 1, 0b10), (1, 1, 2, 2 * LN2, 0, 1)],
+        [(0, 2, 2, 0.25, 2, 0), (0, 3, 3, 0.5 * LN2, 1, 0b10), (1, 0, 3, 0.25 * LN2, 1, 0b10),
+         (1, 1, 2, 2 * LN2, 0, 1)],
     ]
     assert_hand(run_hand_case(engine, cfg, init, steps), expected, engine)
 

@@ -33,7 +33,8 @@ def test_attention_hand_case():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("tq,tk,hq,hkv", [(7, 7, 4, 2), (5, 9, 2, 1), (3, 3, 3, 3)])
 def test_attention_matches_sdpa_math(seed, causal, tq, tk, hq, hkv):
-    q, k, v = _rand(2, hq, tq, 16, seed=seed), _rand(2, hkv, tk, 16, seed=seed + 10), _rand(2, hkv, tk, 16, seed=seed + 20)
+    q, k, v = (_rand(2, hq, tq, 16, seed=seed), _rand(2, hkv, tk, 16, seed=seed + 10),
+               _rand(2, hkv, tk, 16, seed=seed + 20))
     bias = _rand(hq, tq, tk, seed=seed + 30)
     out = R.attention(q, k, v, bias, causal=causal, alpha=0.7, scale=0.3)
     mask = 0.7 * bias
@@ -95,7 +96,8 @@ def test_sparse_correction_identity_is_exact(causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_salience_matches_autograd_through_probabilities(causal):
     B, Hq, Hkv, Tq, Tk, D = 3, 4, 2, 5, 7, 16
-    q, k, v, dout = _rand(B, Hq, Tq, D, seed=1), _rand(B, Hkv, Tk, D, seed=2), _rand(B, Hkv, Tk, D, seed=3), _rand(B, Hq, Tq, D, seed=4)
+    q, k, v, dout = (_rand(B, Hq, Tq, D, seed=1), _rand(B, Hkv, Tk, D, seed=2), _rand(B, Hkv, Tk, D, seed=3),
+                     _rand(B, Hq, Tq, D, seed=4))
     bias = _rand(Hq, Tq, Tk, seed=5)
     probs = R.probabilities(q, k, bias, causal=causal).requires_grad_()
     out = probs @ v.repeat_interleave(Hq // Hkv, dim=1)

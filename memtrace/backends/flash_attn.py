@@ -29,7 +29,8 @@ class FlashAttnBackend(CorrectedDenseBackend):
                 need_bwd = {"dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv", "dropout_p",
                             "softmax_scale", "causal"}
                 if not need_fwd <= fwd_params or not need_bwd <= bwd_params:
-                    cls._api = (None, "flash-attn's _flash_attn_forward/_backward have a signature memtrace does not know")
+                    cls._api = (None, "flash-attn's _flash_attn_forward/_backward have a signature memtrace "
+                                      "does not know")
                 else:
                     cls._api = ((fwd, fwd_params, bwd, bwd_params), None)
             except Exception as exc:
