@@ -7,11 +7,11 @@ interpreter cannot do a bf16 tl.dot, so fp16/fp32 only). Shapes stay tiny: the i
 """
 import copy
 import math
-import os
 import warnings
 
 import pytest
 import torch
+from _helpers import TOL, CorrectedReferenceBackend, interpreting, make_inputs, oracle_attention, rel_err, run_and_grad
 
 import memtrace as mt
 from memtrace import attention as A
@@ -19,76 +19,16 @@ from memtrace import config
 from memtrace.backends import base as backend_base
 from memtrace.backends import registry, torch_ops
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2, torch.float64: 1e-7}  # bias values and their gradients are float32
+INTERPRET = interpreting()
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-
-def make_inputs(B, Hq, Hkv, Tq, Tk, D, dtype=torch.float32, *, n=24, seed=0, extra_len=3, value_scale=1.0,
-                requires_grad=True, duplicates=True, out_of_range=True):
-    """q, k, v and a TraceBias built for (Tq + extra_len, Tk + extra_len) with duplicates and
-    entries past the call's lengths; returns (q, k, v, bias, coo)."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, Tq, D, generator=g).to(dtype)
-    k = torch.randn(B, Hkv, Tk, D, generator=g).to(dtype)
-    v = torch.randn(B, Hkv, Tk, D, generator=g).to(dtype)
-    Lq, Lk = Tq + extra_len, Tk + extra_len
-    head = torch.randint(0, Hq, (n,), generator=g)
-    q_idx = torch.randint(0, Lq if out_of_range else Tq, (n,), generator=g)
-    k_idx = torch.randint(0, Lk if out_of_range else Tk, (n,), generator=g)
-    if duplicates and n >= 6:
-        head[-3:], q_idx[-3:], k_idx[-3:] = head[0], q_idx[0] % Tq, k_idx[0] % Tk
-        q_idx[0], k_idx[0] = q_idx[0] % Tq, k_idx[0] % Tk
-    # values in [-1, 2): signed, but above ln(CANCEL_THRESHOLD) so every backend takes them
-    value = (value_scale * (3 * torch.rand(n, generator=g) - 1)).requires_grad_(requires_grad)
-    bias = mt.TraceBias.from_coo(head, q_idx, k_idx, value, num_heads=Hq, seq_len_q=Lq, seq_len_k=Lk)
-    for t in (q, k, v):
-        t.requires_grad_(requires_grad)
-    return q, k, v, bias, (head, q_idx, k_idx, value)
-
-
-def oracle(q, k, v, coo, dout, *, causal, scale=None, alpha=1.0):
-    """float64 reference: (out, dq, dk, dv, dvalue) through plain autograd on a dense bias."""
-    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    dense = None
-    val64 = None
-    if coo is not None:
-        head, q_idx, k_idx, value = coo
-        val64 = value.detach().double().requires_grad_(True)
-        dense = mt.reference.dense_bias(head, q_idx, k_idx, val64, q.shape[1], q.shape[2], k.shape[2])
-    out = mt.reference.attention(q64, k64, v64, dense, causal=causal, scale=scale, alpha=alpha)
-    inputs = [q64, k64, v64] + ([val64] if val64 is not None else [])
-    grads = torch.autograd.grad(out, inputs, dout.double(), allow_unused=True)
-    grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(inputs, grads)]
-    return (out, *grads) if val64 is not None else (out, *grads, None)
-
-
-def rel_err(a, b, rms_floor=0.0):
-    """||a - b|| / ||b||; with rms_floor, tensors whose RMS is under the floor are compared
-    absolutely at that scale (gradients that are ~0 in exact arithmetic)."""
-    a, b = a.detach().double(), b.detach().double()
-    assert torch.isfinite(a).all(), "non-finite values"
-    denom = max(b.norm().item(), rms_floor * math.sqrt(max(b.numel(), 1)))
-    return ((a - b).norm() / denom).item() if denom > 0 else (a - b).norm().item()
-
-
-def run_and_grad(q, k, v, bias, dout, **kw):
-    for t in (q, k, v):
-        t.grad = None
-    if bias is not None and bias.value.requires_grad:
-        bias.value.grad = None
-    out = mt.biased_attention(q, k, v, bias, **kw)
-    out.backward(dout)
-    dval = bias.value.grad if bias is not None and bias.value.requires_grad else None
-    return out, q.grad, k.grad, v.grad, dval
-
 
 def check_parity(q, k, v, bias, coo, *, causal, backend, scale=None, alpha=1.0, tol=None, seed=1, rms_floor=0.0):
     g = torch.Generator().manual_seed(seed)
     dout = torch.randn(q.shape, generator=g).to(q.dtype)
     got = run_and_grad(q, k, v, bias, dout, causal=causal, backend=backend, scale=scale, alpha=alpha)
-    want = oracle(q, k, v, coo if bias is not None else None, dout, causal=causal, scale=scale, alpha=alpha)
+    want = oracle_attention(q, k, v, coo if bias is not None else None, dout, causal=causal, scale=scale, alpha=alpha)
     tol = tol or TOL[q.dtype]
     for name, a, b in zip(("out", "dq", "dk", "dv", "dvalue"), got, want):
         if b is None:
@@ -108,46 +48,10 @@ def cpu_backends():
     return names
 
 
-class _CorrectedReferenceBackend(backend_base.CorrectedDenseBackend):
-    """CPU stand-in for "cudnn"/"flash": unbiased reference attention + kernels/correction.py
-    (runs under the Triton interpreter), exercising the corrected-dense code path of the op."""
-
-    name = "corrected_cpu"
-    dtypes = (torch.float16, torch.float32)
-
-    def not_supported_reasons(self, call):
-        if not INTERPRET:
-            return ["needs TRITON_INTERPRET=1"]
-        err = backend_base.attention_kernels()[1]
-        return [err] if err else self.correction_reasons(call)
-
-    def dense_forward(self, q, k, v, *, causal, scale):
-        return A.get_backend("reference").forward(q, k, v, None, None, causal=causal, scale=scale, alpha=1.0)
-
-    def dense_backward(self, q, k, v, out, lse, dout, *, causal, scale):
-        # the dense backward "fed O', LSE'": P = exp(s - LSE'), D = rowsum(dO * O')
-        from memtrace.reference.attention import _expand_kv, logits_of
-        Hq, Hkv = q.shape[1], k.shape[1]
-        qd, kd, vd, od, dod = (t.double() for t in (q, k, v, out, dout))
-        s = logits_of(qd, kd, None, causal=causal, scale=scale)
-        lse_d = lse.double()
-        lse_safe = torch.where(torch.isfinite(lse_d), lse_d, torch.zeros_like(lse_d))
-        p = torch.exp(s - lse_safe[..., None])
-        p = torch.where(torch.isfinite(lse_d)[..., None], p, torch.zeros_like(p))
-        ve, ke = _expand_kv(vd, Hq), _expand_kv(kd, Hq)
-        dp = dod @ ve.transpose(-1, -2)
-        ds = p * (dp - (dod * od).sum(-1, keepdim=True))
-        dq = scale * ds @ ke
-        group = lambda t: t.reshape(t.shape[0], Hkv, Hq // Hkv, *t.shape[2:]).sum(2)  # noqa: E731
-        dk = group(scale * ds.transpose(-1, -2) @ qd)
-        dv = group(p.transpose(-1, -2) @ dod)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
 @pytest.fixture(autouse=True)
 def _registry(monkeypatch):
     """The CPU stand-in backend, registered for each test and removed after it."""
-    registry.register_backend(_CorrectedReferenceBackend())
+    registry.register_backend(CorrectedReferenceBackend())
     registry.reset()
     with config.override(backend="auto"):
         yield
@@ -308,7 +212,7 @@ def test_no_grad_and_frozen_bias():
     q, k, v, bias, coo = make_inputs(1, 2, 2, 6, 6, 16, seed=29, requires_grad=False)
     with torch.no_grad():
         out = mt.biased_attention(q, k, v, bias)
-    ref = oracle(q, k, v, coo, torch.zeros_like(q), causal=False)[0]
+    ref = oracle_attention(q, k, v, coo, torch.zeros_like(q), causal=False)[0]
     assert rel_err(out, ref) < 1e-5
     q.requires_grad_(True)
     out = mt.biased_attention(q, k, v, bias)
@@ -422,7 +326,7 @@ def _with_value(bias, value):
     (lambda q, k, v, b: dict(scale="0.1"), TypeError, "scale"),
     (lambda q, k, v, b: dict(alpha=float("nan")), ValueError, "alpha"),
     (lambda q, k, v, b: dict(alpha=float("-inf")), ValueError, "alpha"),
-    (lambda q, k, v, b: dict(alpha=torch.tensor(1.0)), TypeError, "alpha"),
+    (lambda q, k, v, b: dict(alpha=torch.tensor([1.0])), TypeError, "alpha"),
     # alpha * bias past float32's range: the kernels' logits overflow to Inf and give NaN
     (lambda q, k, v, b: dict(alpha=1e38), ValueError, "alpha \\* bias"),
     (lambda q, k, v, b: dict(alpha=-1e38), ValueError, "alpha \\* bias"),
@@ -532,7 +436,7 @@ def test_auto_falls_back_once_with_a_warning(add_backend):
     q, k, v, bias, coo = make_inputs(1, 2, 2, 5, 5, 16, seed=43)
     with pytest.warns(RuntimeWarning, match="broken"):
         out = mt.biased_attention(q, k, v, bias)
-    want = oracle(q, k, v, coo, torch.ones_like(q), causal=False)
+    want = oracle_attention(q, k, v, coo, torch.ones_like(q), causal=False)
     assert rel_err(out, want[0]) < 1e-5
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
@@ -575,7 +479,8 @@ def test_negative_biases_steer_auto_away_from_the_standalone_correction(monkeypa
     used = []
     for name in ("corrected_cpu", "triton", "reference"):
         backend = A.get_backend(name)
-        monkeypatch.setattr(backend, "forward", lambda *a, _f=backend.forward, _n=name, **kw: used.append(_n) or _f(*a, **kw))
+        monkeypatch.setattr(backend, "forward",
+                            lambda *a, _f=backend.forward, _n=name, **kw: used.append(_n) or _f(*a, **kw))
     registry.reset()
     with torch.no_grad():
         mt.biased_attention(q, k, v, bias)

@@ -18,7 +18,8 @@ def test_interleaved_overhead_is_the_median_round():
 
 
 def test_ratios_and_markdown():
-    rows = [dict(SHAPE, impl="memtrace[triton] no bias", fwd_ms=1.0, fwd_tflops=100.0, fwdbwd_ms=3.0, fwdbwd_tflops=90.0),
+    rows = [dict(SHAPE, impl="memtrace[triton] no bias", fwd_ms=1.0, fwd_tflops=100.0, fwdbwd_ms=3.0,
+                 fwdbwd_tflops=90.0),
             dict(SHAPE, impl="memtrace[triton]", traces=2048, pattern="random", fwd_ms=1.1, fwd_tflops=91.0,
                  fwdbwd_ms=3.3, fwdbwd_tflops=82.0),
             dict(SHAPE, impl="sdpa_cudnn", fwd_ms=0.8, fwd_tflops=125.0, fwdbwd_ms=2.5, fwdbwd_tflops=108.0),

@@ -4,6 +4,7 @@ The Triton kernels run in the interpreter (TRITON_INTERPRET=1, set below when no
 tiny shapes, fp16 / fp32 only (the interpreter cannot do a bf16 tl.dot). The dense fallback path
 (CPU without the interpreter) is checked too.
 """
+import functools
 import math
 import os
 
@@ -13,118 +14,31 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from _helpers import (
+    DEV,
+    check_capture,
+    entry_mask,
+    make_bias,
+    make_tensors,
+    oracle_salience,
+    quantile_threshold,
+    rel_err,
+)
+
 import memtrace as mt
 from memtrace import capture as capture_mod
 from memtrace import reference as R
 from memtrace.capture import SalienceCapture
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
-MARGIN = 1e-4     # relative band around the threshold where float32 rounding may decide
-
-
-def make_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(B, Hq, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D), (B, Hq, Tq, D)]
-    return [torch.randn(s, generator=g).to(dtype).to(DEV) for s in shapes]
-
-
-def make_bias(Hq, Tq_max, Tk_max, n, seed, dups=True):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randint(0, Hq, (n,), generator=g)
-    i = torch.randint(0, Tq_max, (n,), generator=g)
-    j = torch.randint(0, Tk_max, (n,), generator=g)
-    val = torch.randn(n, generator=g)
-    if dups and n >= 4:
-        h[-2:], i[-2:], j[-2:] = h[0], i[0], j[0]
-    return mt.TraceBias.from_coo(h.to(DEV), i.to(DEV), j.to(DEV), val.to(DEV), num_heads=Hq,
-                                 seq_len_q=Tq_max, seq_len_k=Tk_max)
-
-
-def oracle(q, k, v, do, bias, causal, scale=None, alpha=1.0):
-    """(out, lse, S, a) in float64 from the same inputs."""
-    Hq, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
-    dense = None
-    if bias is not None:
-        dense = R.dense_bias(bias.head, bias.q_idx, bias.k_idx, bias.value, Hq, Tq, Tk)
-    q64, k64, v64, do64 = (t.double() for t in (q, k, v, do))
-    out, lse = R.attention_with_lse(q64, k64, v64, dense, causal=causal, scale=scale, alpha=alpha)
-    S, a = R.salience(q64, k64, v64, do64, dense, causal=causal, scale=scale, alpha=alpha)
-    return out, lse, S, a
+# ||got - ref|| / ||ref||: an all-zero ref fails any difference
+rel = functools.partial(rel_err, norm_floor=1e-30)
 
 
 def fill(cap, q, k, v, do, bias, causal, scale=None, alpha=1.0):
-    out, lse, S, a = oracle(q, k, v, do, bias, causal, scale, alpha)
+    out, lse, S, a = oracle_salience(q, k, v, do, bias, causal, scale, alpha)
     ev = bias.entry_values() if bias is not None else None
     cap.fill(q, k, v, out.to(q.dtype), lse.float(), do, bias, ev, causal=causal, scale=scale, alpha=alpha)
     return S, a
-
-
-def entry_mask(bias, S):
-    mask = torch.zeros_like(S, dtype=torch.bool)
-    if bias is not None:
-        Tq, Tk = S.shape[1], S.shape[2]
-        inside = (bias.q_idx < Tq) & (bias.k_idx < Tk)
-        mask[bias.head[inside], bias.q_idx[inside], bias.k_idx[inside]] = True
-    return mask
-
-
-def rel(got, ref):
-    ref = ref.double().cpu()
-    got = got.double().cpu()
-    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def check_capture(cap, S, a, bias, threshold, dtype):
-    """Edges: unique, sorted, no bias entry, values match, exactly the reference's threshold set
-    (outside a MARGIN band); bias scores match at every COO entry."""
-    n = int(cap.num_edges)
-    assert cap.num_edges.dtype == torch.int32 and cap.num_edges.dim() == 0
-    assert 0 <= n <= cap.capacity
-    for t in cap.edges:
-        assert t.shape == (cap.capacity,)
-        assert torch.all(t[n:] == 0), "slots past num_edges must be zero"
-    assert [t.dtype for t in cap.edges] == [torch.int32] * 3 + [torch.float32] * 2
-    h, i, j = (t[:n].long() for t in cap.edges[:3])
-    s, aa = cap.edges[3][:n], cap.edges[4][:n]
-    Tq, Tk = S.shape[1], S.shape[2]
-    key = (h * Tq + i) * Tk + j
-    assert torch.all(key[1:] > key[:-1]), "edges must be unique and sorted by (head, q, k)"
-    ent = entry_mask(bias, S)
-    assert not ent[h, i, j].any(), "bias entries belong to bias_scores, not to the edges"
-    if n:
-        assert rel(s, S[h, i, j]) < TOL[dtype]
-        assert rel(aa, a[h, i, j]) < TOL[dtype]
-    assert torch.isfinite(s).all() and torch.isfinite(aa).all()
-    emitted = torch.zeros_like(ent)
-    emitted[h, i, j] = True
-    sure_in = (S > threshold * (1 + MARGIN) + 1e-9) & ~ent
-    sure_out = (S <= threshold * (1 - MARGIN)) | ent
-    if not bool(cap.stats["overflow"]):
-        assert torch.all(emitted[sure_in]), "an edge over the threshold is missing"
-        lo = int(sure_in.sum())
-        hi = int(((S > threshold * (1 - MARGIN)) & ~ent).sum())
-        assert lo <= int(cap.stats["num_candidates"]) <= hi
-    assert not torch.any(emitted & sure_out), "an edge at or under the threshold was emitted"
-    if bias is None:
-        assert cap.bias_scores is None
-    else:
-        bS, ba = cap.bias_scores
-        assert bS.shape == (bias.nnz,) and ba.shape == (bias.nnz,)
-        inside = (bias.q_idx < Tq) & (bias.k_idx < Tk)
-        hh, ii, jj = bias.head, bias.q_idx.clamp(max=Tq - 1), bias.k_idx.clamp(max=Tk - 1)
-        zero = torch.zeros((), dtype=S.dtype, device=S.device)
-        refS = torch.where(inside, S[hh, ii, jj], zero)
-        refa = torch.where(inside, a[hh, ii, jj], zero)
-        if refS.abs().sum() > 0:
-            assert rel(bS, refS) < TOL[dtype]
-            assert rel(ba, refa) < TOL[dtype]
-        assert torch.all(bS[~inside] == 0) and torch.all(ba[~inside] == 0)
-        assert torch.isfinite(bS).all() and torch.isfinite(ba).all()
-
-
-def quantile_threshold(S, q):
-    return float(torch.quantile(S.flatten().float().cpu(), q))
 
 
 CASES = [
@@ -139,10 +53,10 @@ CASES = [
 
 @pytest.mark.parametrize("B,Hq,Hkv,Tq,Tk,D,dtype,causal,with_bias", CASES)
 def test_parity(B, Hq, Hkv, Tq, Tk, D, dtype, causal, with_bias):
-    q, k, v, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed=Tq * 7 + Tk)
+    q, k, v, do = make_tensors(B, Hq, Hkv, Tq, Tk, D, dtype, seed=Tq * 7 + Tk)
     # bias built for larger maxima than the call: entries past (Tq, Tk) must be ignored
-    bias = make_bias(Hq, Tq + 9, Tk + 5, 60, seed=Tq) if with_bias else None
-    S_probe = oracle(q, k, v, do, bias, causal)[2]
+    bias = make_bias(Hq, Tq + 9, Tk + 5, 60, seed=Tq)[0] if with_bias else None
+    S_probe = oracle_salience(q, k, v, do, bias, causal)[2]
     threshold = quantile_threshold(S_probe, 0.9)
     cap = SalienceCapture(threshold=threshold)
     S, a = fill(cap, q, k, v, do, bias, causal)
@@ -164,9 +78,9 @@ def test_random_shapes():
         causal = bool(trial % 2)
         scale = float(torch.rand((), generator=g)) * 0.4 + 0.05
         alpha = float(torch.randn((), generator=g))
-        q, k, v, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=1000 + trial)
-        bias = make_bias(Hq, Tq + 3, Tk + 3, 25, seed=trial)
-        S_probe = oracle(q, k, v, do, bias, causal, scale, alpha)[2]
+        q, k, v, do = make_tensors(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=1000 + trial)
+        bias = make_bias(Hq, Tq + 3, Tk + 3, 25, seed=trial)[0]
+        S_probe = oracle_salience(q, k, v, do, bias, causal, scale, alpha)[2]
         threshold = quantile_threshold(S_probe, 0.7)
         cap = SalienceCapture(threshold=threshold)
         S, a = fill(cap, q, k, v, do, bias, causal, scale, alpha)
@@ -177,7 +91,7 @@ def test_bias_on_strong_edges_is_scored_exactly():
     """A big bias on an edge changes its P a lot: the edge must not appear with the unbiased
     value; its exact score is in bias_scores (duplicates get the merged entry's score)."""
     B, H, T, D = 2, 2, 33, 16
-    q, k, v, do = make_inputs(B, H, H, T, T, D, torch.float32, seed=5)
+    q, k, v, do = make_tensors(B, H, H, T, T, D, torch.float32, seed=5)
     h = torch.tensor([0, 0, 1, 1, 0], device=DEV)
     i = torch.tensor([3, 3, 10, 32, 40], device=DEV)          # the last one is out of range
     j = torch.tensor([7, 7, 2, 32, 1], device=DEV)
@@ -195,8 +109,8 @@ def test_bias_on_strong_edges_is_scored_exactly():
 
 def test_overflow_keeps_strongest():
     B, H, T, D = 2, 2, 48, 16
-    q, k, v, do = make_inputs(B, H, H, T, T, D, torch.float16, seed=9)
-    bias = make_bias(H, T, T, 40, seed=3)
+    q, k, v, do = make_tensors(B, H, H, T, T, D, torch.float16, seed=9)
+    bias = make_bias(H, T, T, 40, seed=3)[0]
     capacity = 300
     cap = SalienceCapture(threshold=0.0, capacity=capacity)
     S, a = fill(cap, q, k, v, do, bias, True)
@@ -243,9 +157,9 @@ def test_overflow_with_ties():
 def test_dense_path_matches_kernels(monkeypatch):
     """CPU without the interpreter: the dense reference fills the same fields the same way."""
     B, Hq, Hkv, Tq, Tk, D = 2, 2, 1, 30, 41, 16
-    q, k, v, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=77)
-    bias = make_bias(Hq, Tq + 2, Tk, 30, seed=8)
-    S_probe = oracle(q, k, v, do, bias, True)[2]
+    q, k, v, do = make_tensors(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=77)
+    bias = make_bias(Hq, Tq + 2, Tk, 30, seed=8)[0]
+    S_probe = oracle_salience(q, k, v, do, bias, True)[2]
     threshold = quantile_threshold(S_probe, 0.8)
     caps = []
     for interp in (True, False):
@@ -268,7 +182,7 @@ def test_dense_path_matches_kernels(monkeypatch):
 def test_fully_masked_rows_give_zero():
     """causal with Tq > Tk: rows i < Tq - Tk see no key; lse = -inf there; nothing is NaN."""
     B, H, Tq, Tk, D = 1, 2, 24, 8, 16
-    q, k, v, do = make_inputs(B, H, H, Tq, Tk, D, torch.float32, seed=4)
+    q, k, v, do = make_tensors(B, H, H, Tq, Tk, D, torch.float32, seed=4)
     bias = mt.TraceBias.from_coo(torch.tensor([0, 1], device=DEV), torch.tensor([2, 20], device=DEV),
                                  torch.tensor([0, 3], device=DEV), torch.tensor([1.0, 1.0], device=DEV),
                                  num_heads=H, seq_len_q=Tq, seq_len_k=Tk)
@@ -283,7 +197,7 @@ def test_fully_masked_rows_give_zero():
 
 def test_refill_and_empty_bias():
     B, H, T, D = 1, 2, 16, 16
-    q, k, v, do = make_inputs(B, H, H, T, T, D, torch.float32, seed=2)
+    q, k, v, do = make_tensors(B, H, H, T, T, D, torch.float32, seed=2)
     cap = SalienceCapture(threshold=1e9)
     assert not cap.filled
     with pytest.raises(RuntimeError):
@@ -313,7 +227,7 @@ def test_bad_capacity(capacity):
 
 def test_bad_fill_inputs():
     B, H, T, D = 1, 2, 16, 16
-    q, k, v, do = make_inputs(B, H, H, T, T, D, torch.float32, seed=2)
+    q, k, v, do = make_tensors(B, H, H, T, T, D, torch.float32, seed=2)
     lse = torch.zeros(B, H, T, device=DEV)
     cap = SalienceCapture()
     with pytest.raises(ValueError, match="lse"):
@@ -338,8 +252,8 @@ def test_public_name():
 def test_through_biased_attention():
     """The attention op's backward fills the capture (skipped while the op cannot run here)."""
     B, Hq, Hkv, T, D = 1, 2, 1, 24, 16
-    q, k, v, do = make_inputs(B, Hq, Hkv, T, T, D, torch.float32, seed=6)
-    bias = make_bias(Hq, T, T, 12, seed=6)
+    q, k, v, do = make_tensors(B, Hq, Hkv, T, T, D, torch.float32, seed=6)
+    bias = make_bias(Hq, T, T, 12, seed=6)[0]
     cap = SalienceCapture(threshold=0.0)
     qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
     try:
@@ -347,13 +261,14 @@ def test_through_biased_attention():
     except (ImportError, NotImplementedError) as exc:       # pragma: no cover
         pytest.skip(f"biased_attention unavailable: {exc}")
     out.backward(do)
-    S, a = oracle(q, k, v, do, bias, True)[2:]
+    S, a = oracle_salience(q, k, v, do, bias, True)[2:]
     check_capture(cap, S, a, bias, 0.0, torch.float32)
 
 
 @pytest.mark.parametrize("use_desc,hist_in_main,config,sparse_emit", [
     (False, True, (32, 32, 4, 1, 1), 0), (True, True, (16, 16, 4, 1, 1), 64), (False, False, (16, 32, 4, 1, 1), 0),
-    (False, True, (32, 32, 4, 1, 0), 0), (True, False, (16, 16, 4, 1, 0), 64), (False, False, (16, 16, 4, 1, 0), 10**6)])
+    (False, True, (32, 32, 4, 1, 0), 0), (True, False, (16, 16, 4, 1, 0), 64),
+    (False, False, (16, 16, 4, 1, 0), 10**6)])
 def test_kernel_variants(monkeypatch, memtrace_settings, use_desc, hist_in_main, config, sparse_emit):
     """Pointer loads vs TMA descriptors, histogram in the main pass vs its own overflow pass,
     per-tile programs (last config field 1) vs streaming programs (0, key ranges split over
@@ -364,9 +279,9 @@ def test_kernel_variants(monkeypatch, memtrace_settings, use_desc, hist_in_main,
     monkeypatch.setattr(capture_mod, "_CONFIG_OVERRIDE", config)
     memtrace_settings(capture_emit=sparse_emit)
     B, Hq, Hkv, Tq, Tk, D = 2, 2, 1, 40, 45, 16
-    q, k, v, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, torch.float16, seed=31)
+    q, k, v, do = make_tensors(B, Hq, Hkv, Tq, Tk, D, torch.float16, seed=31)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)          # [B, Tq, H, D] memory, [B, H, Tq, D] view
-    bias = make_bias(Hq, Tq, Tk, 30, seed=31)
+    bias = make_bias(Hq, Tq, Tk, 30, seed=31)[0]
     for capacity in (100_000, 150):
         cap = SalienceCapture(threshold=1e-4, capacity=capacity)
         S, a = fill(cap, q, k, v, do, bias, True)
@@ -382,7 +297,7 @@ def test_config_last_field_is_checked(monkeypatch):
     """The tile config's last field selects the kernel (0 streaming, 1 per tile); the key-split
     factor 2 it once also took is gone and is refused rather than misread."""
     monkeypatch.setattr(capture_mod, "_CONFIG_OVERRIDE", (16, 16, 4, 1, 2))
-    q, k, v, do = make_inputs(1, 1, 1, 8, 8, 16, torch.float32, seed=2)
+    q, k, v, do = make_tensors(1, 1, 1, 8, 8, 16, torch.float32, seed=2)
     with pytest.raises(ValueError, match="last field"):
         fill(SalienceCapture(threshold=0.0), q, k, v, do, None, False)
 

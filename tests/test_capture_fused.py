@@ -11,7 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from test_capture import check_capture, make_bias, make_inputs, oracle, quantile_threshold
+from _helpers import DEV, check_capture, entry_mask, make_bias, make_tensors, oracle_salience, quantile_threshold
 
 import memtrace as mt
 from memtrace import attention as attn_mod
@@ -19,7 +19,6 @@ from memtrace import reference as R
 from memtrace.backends.base import may_cancel
 from memtrace.capture import SalienceCapture
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 K = pytest.importorskip("memtrace.kernels.attention")
 bound_format = pytest.importorskip("memtrace.kernels.salience.bound")
 KC = pytest.importorskip("memtrace.kernels.attention.config")
@@ -49,9 +48,9 @@ CASES = [
 @pytest.mark.parametrize("B,Hq,Hkv,Tq,Tk,D,dtype,causal,n_bias,quant", CASES)
 def test_fused_parity(memtrace_env, monkeypatch, B, Hq, Hkv, Tq, Tk, D, dtype, causal, n_bias, quant):
     memtrace_env.set("MEMTRACE_CAPTURE_FUSED", "1")
-    q, k, v, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed=Tq * 11 + Tk + B)
-    bias = make_bias(Hq, Tq + 3, Tk + 7, n_bias, seed=Tk) if n_bias else None
-    S, a = oracle(q, k, v, do, bias, causal)[2:]
+    q, k, v, do = make_tensors(B, Hq, Hkv, Tq, Tk, D, dtype, seed=Tq * 11 + Tk + B)
+    bias = make_bias(Hq, Tq + 3, Tk + 7, n_bias, seed=Tk)[0] if n_bias else None
+    S, a = oracle_salience(q, k, v, do, bias, causal)[2:]
     threshold = quantile_threshold(S, quant)
     cap, grads = capture_through_attention(q, k, v, do, bias, causal, threshold)
     check_capture(cap, S, a, bias, threshold, dtype)
@@ -71,9 +70,9 @@ def test_fused_overflow_keeps_strongest(memtrace_env, monkeypatch):
     """Threshold 0 and a small capacity: the fused pass overflows and the overflow passes (every
     tile, since the fused pass records no tile maxima) keep the strongest."""
     memtrace_env.set("MEMTRACE_CAPTURE_FUSED", "1")
-    q, k, v, do = make_inputs(2, 2, 1, 33, 45, 16, torch.float32, seed=5)
-    bias = make_bias(2, 33, 45, 30, seed=5)
-    S, a = oracle(q, k, v, do, bias, True)[2:]
+    q, k, v, do = make_tensors(2, 2, 1, 33, 45, 16, torch.float32, seed=5)
+    bias = make_bias(2, 33, 45, 30, seed=5)[0]
+    S, a = oracle_salience(q, k, v, do, bias, True)[2:]
     cap, _ = capture_through_attention(q, k, v, do, bias, True, 0.0, capacity=100)
     assert bool(cap.stats["overflow"]) and int(cap.num_edges) == 100
     check_capture(cap, S, a, bias, 0.0, torch.float32)
@@ -81,7 +80,6 @@ def test_fused_overflow_keeps_strongest(memtrace_env, monkeypatch):
     kept = S[h, i, j]
     dropped = S.clone()
     dropped[h, i, j] = -1.0
-    from test_capture import entry_mask
     dropped[entry_mask(bias, S)] = -1.0
     assert kept.min() >= dropped.max() * (1 - 1e-5)
 
@@ -91,7 +89,7 @@ def test_fused_cancelling_rows(memtrace_env, monkeypatch):
     the dQ loops never see, so their bound must be +inf (every segment rescored)."""
     memtrace_env.set("MEMTRACE_CAPTURE_FUSED", "1")
     B, Hq, T, D = 2, 2, 24, 16
-    q, k, v, do = make_inputs(B, Hq, Hq, T, T, D, torch.float32, seed=9)
+    q, k, v, do = make_tensors(B, Hq, Hq, T, T, D, torch.float32, seed=9)
     g = torch.Generator().manual_seed(9)
     heads = torch.arange(Hq).repeat_interleave(T)
     rows = torch.arange(T).repeat(Hq)
@@ -102,7 +100,7 @@ def test_fused_cancelling_rows(memtrace_env, monkeypatch):
     bias = mt.TraceBias.from_coo(heads.to(DEV), rows.to(DEV), cols.to(DEV), vals.to(DEV), num_heads=Hq,
                                  seq_len_q=T, seq_len_k=T)
     assert may_cancel(bias, 1.0)
-    S, a = oracle(q, k, v, do, bias, False)[2:]
+    S, a = oracle_salience(q, k, v, do, bias, False)[2:]
     threshold = quantile_threshold(S, 0.9)
     cap, _ = capture_through_attention(q, k, v, do, bias, False, threshold)
     check_capture(cap, S, a, bias, threshold, torch.float32)
@@ -137,7 +135,7 @@ def test_bound_fields_against_the_oracle(monkeypatch, B, min_levels):
     bits, levels = K.capture_bound_format(B)
     fields = 32 // bits
     Hq, Hkv, Tq, Tk, D = 2, 1, 30, 41, 16
-    q, k, v, do = make_inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=3 + B)
+    q, k, v, do = make_tensors(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=3 + B)
     for causal in (False, True):
         out, lse = R.attention_with_lse(q.double(), k.double(), v.double(), None, causal=causal)
         m = _oracle_field_max(q, k, v, do, lse, causal, fields)
@@ -171,7 +169,7 @@ def test_bound_format():
 
 
 def test_bound_shape_is_checked():
-    q, k, v, do = make_inputs(1, 2, 2, 8, 8, 16, torch.float32, seed=1)
+    q, k, v, do = make_tensors(1, 2, 2, 8, 8, 16, torch.float32, seed=1)
     out, lse = R.attention_with_lse(q.double(), k.double(), v.double(), None, causal=False)
     args = (q, k, v, out.float(), lse.float(), do)
     kw = dict(causal=False, scale=0.25, alpha=1.0, need_dvalues=False)
@@ -192,7 +190,7 @@ def test_bound_shape_is_checked():
 def test_after_dq_runs_before_dk_dv_exist():
     """flash_bwd hands the filled words to after_dq and drops its own references before it
     allocates dK and dV (the capture rescores there, and the bound's memory is free again)."""
-    q, k, v, do = make_inputs(2, 2, 1, 20, 20, 16, torch.float32, seed=8)
+    q, k, v, do = make_tensors(2, 2, 1, 20, 20, 16, torch.float32, seed=8)
     out, lse = R.attention_with_lse(q.double(), k.double(), v.double(), None, causal=False)
     seen = {}
     words = torch.zeros(2, -(-20 // K.CAPTURE_SEG), 20, dtype=torch.int32, device=DEV)
@@ -208,7 +206,7 @@ def test_after_dq_runs_before_dk_dv_exist():
 
 
 def test_fused_mode_env(memtrace_env, monkeypatch):
-    q, k = make_inputs(1, 2, 2, 16, 16, 16, torch.float32, seed=2)[:2]
+    q, k = make_tensors(1, 2, 2, 16, 16, 16, torch.float32, seed=2)[:2]
     cap = SalienceCapture(0.1)
     memtrace_env.set("MEMTRACE_CAPTURE_FUSED", "0")
     assert cap.fused_bound(q, k) is None
@@ -222,16 +220,16 @@ def test_fused_mode_env(memtrace_env, monkeypatch):
         memtrace_env.set("MEMTRACE_CAPTURE_FUSED", "sometimes")
     # auto: the bound (4 bytes per row and segment) may be at most half of q's bytes
     memtrace_env.set("MEMTRACE_CAPTURE_FUSED", "auto")
-    small_q = make_inputs(1, 2, 2, 16, 2048, 16, torch.float32, seed=2)
+    small_q = make_tensors(1, 2, 2, 16, 2048, 16, torch.float32, seed=2)
     assert cap.fused_bound(small_q[0], small_q[1]) is None
-    wide = make_inputs(8, 2, 2, 16, 16, 64, torch.float32, seed=2)
+    wide = make_tensors(8, 2, 2, 16, 16, 64, torch.float32, seed=2)
     assert cap.fused_bound(wide[0], wide[1]) is not None
 
 
 def test_auto_takes_triton_for_a_fused_capture(memtrace_env, monkeypatch):
     memtrace_env.set("MEMTRACE_CAPTURE_FUSED", "1")
     memtrace_env.unset("MEMTRACE_BACKEND")
-    q, k, v = make_inputs(1, 2, 2, 16, 16, 16, torch.float32, seed=4)[:3]
+    q, k, v = make_tensors(1, 2, 2, 16, 16, 16, torch.float32, seed=4)[:3]
     cap = SalienceCapture(0.1)
     assert attn_mod._prefers_triton(q, k, v, None, False, cap)
     memtrace_env.set("MEMTRACE_CAPTURE_FUSED", "0")
@@ -248,7 +246,8 @@ def test_capture_supported_follows_the_dq_configs(monkeypatch):
     monkeypatch.setattr(KC, "INTERPRET", False)
     monkeypatch.setattr(KC, "CAPTURE_SEG", 64)
     monkeypatch.setattr(KC, "bwd_configs", lambda kind: [
-        KC._config(8, 2, BLOCK_M=128, BLOCK_N=64, USE_DESC=False), KC._config(4, 3, BLOCK_M=64, BLOCK_N=64, USE_DESC=False),
+        KC._config(8, 2, BLOCK_M=128, BLOCK_N=64, USE_DESC=False),
+        KC._config(4, 3, BLOCK_M=64, BLOCK_N=64, USE_DESC=False),
         KC._config(4, 3, BLOCK_M=128, BLOCK_N=32, USE_DESC=False)])
     try:
         assert K.capture_supported(128, 2) and K.capture_supported(64, 4)
@@ -303,8 +302,8 @@ def test_fill_glue_is_shared_and_outputs_are_copies(monkeypatch):
     earlier capture's results alone; a few glues are kept, the oldest dropped."""
     from memtrace import capture as C
     monkeypatch.setattr(C, "_GLUE_CACHE", {})
-    q, k, v, do = make_inputs(2, 2, 2, 24, 40, 16, torch.float32, seed=12)
-    S, a = oracle(q, k, v, do, None, False)[2:]
+    q, k, v, do = make_tensors(2, 2, 2, 24, 40, 16, torch.float32, seed=12)
+    S, a = oracle_salience(q, k, v, do, None, False)[2:]
     caps = []
     for quant in (0.9, 0.97):
         threshold = quantile_threshold(S, quant)

@@ -3,10 +3,10 @@ hand-worked cases, bad input (error raised and state unchanged), persistence."""
 import math
 import os
 import random
-from types import SimpleNamespace
 
 import pytest
 import torch
+from _helpers import assert_state_equal, candidates_of, fake_capture, params_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,30 +17,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-
-def fake_capture(edges, *, num_heads, seq_len, bias=None, bias_scores=None, pad=3):
-    """A SalienceCapture-like object: padded edge buffer (garbage past num_edges)."""
-    h, i, j, S, a = (torch.as_tensor(t) for t in edges)
-    n = h.numel()
-    garbage_idx = torch.full((pad,), 10 ** 6, dtype=torch.int32, device=h.device)
-    garbage_val = torch.full((pad,), float("nan"), device=h.device)
-    return SimpleNamespace(
-        edges=(torch.cat([h.int(), garbage_idx]), torch.cat([i.int(), -garbage_idx]), torch.cat([j.int(), garbage_idx]),
-               torch.cat([S.float(), garbage_val]), torch.cat([a.float(), garbage_val])),
-        num_edges=torch.tensor(n, dtype=torch.int32, device=h.device), bias=bias, bias_scores=bias_scores,
-        num_heads=num_heads, seq_len_q=seq_len, seq_len_k=seq_len)
-
-
-def params_of(mem):
-    return dict(quota=mem.quota, retention=mem.retention, decay=mem.decay, threshold=mem.threshold,
-                prune_eps=mem.prune_eps, attn_eps=mem.attn_eps, window=mem.window)
-
-
-def assert_state_equal(got, ref, msg=""):
-    for key in ("head", "q_idx", "k_idx", "age", "hist"):
-        assert torch.equal(got[key], ref[key]), f"{msg} {key}: {got[key].tolist()} != {ref[key].tolist()}"
-    torch.testing.assert_close(got["strength"], ref["strength"], rtol=1e-6, atol=0, msg=msg)
-
 
 def random_maps(rng, H, T, density, values):
     """Sparse dense maps S, a with values from a small set (so ties happen)."""
@@ -53,15 +29,6 @@ def random_maps(rng, H, T, density, values):
                     S[h, i, j] = rng.choice(values) if values else 3 * rng.random()
                     a[h, i, j] = rng.choice([0.0, 5e-4, 0.2, 0.7])
     return S, a
-
-
-def candidates_of(S, a, coords):
-    coords = sorted(set(coords))
-    if not coords:
-        z = torch.zeros(0, dtype=torch.long)
-        return z, z, z, torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
-    h, i, j = (torch.tensor(c, dtype=torch.long) for c in zip(*coords))
-    return h, i, j, S[h, i, j].double(), a[h, i, j].double()
 
 
 def nonzero_coords(S, a, threshold=None):

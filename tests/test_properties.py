@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from _helpers import assert_state_equal, params_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,17 +19,6 @@ from memtrace.reference import trace_update
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-def _params(mem):
-    return dict(quota=mem.quota, retention=mem.retention, decay=mem.decay, threshold=mem.threshold,
-                prune_eps=mem.prune_eps, attn_eps=mem.attn_eps, window=mem.window)
-
-
-def _assert_state_equal(got, ref, msg):
-    for key in ("head", "q_idx", "k_idx", "age", "hist"):
-        assert torch.equal(got[key], ref[key]), f"{msg} {key}: {got[key].tolist()} != {ref[key].tolist()}"
-    torch.testing.assert_close(got["strength"], ref["strength"], rtol=1e-6, atol=0, msg=msg)
 
 
 @st.composite
@@ -80,8 +70,8 @@ def test_torch_update_matches_reference_stepwise(data):
         h, i, j, s, at = _edge_tensors(chosen, S, a)
         mem.update_edges([layer], h, i, j, s, at)
         cands = (h[0].long(), i[0].long(), j[0].long(), s[0].double(), at[0].double())
-        want = trace_update(before, cands, **_params(mem))
-        _assert_state_equal(mem.reference_state(layer), want, f"step {n} layer {layer} {cfg}")
+        want = trace_update(before, cands, **params_of(mem))
+        assert_state_equal(mem.reference_state(layer), want, f"step {n} layer {layer} {cfg}")
         assert all(mem.num_traces(layer) <= mem.quota * mem.num_heads for layer in range(mem.num_layers))
 
 
@@ -106,5 +96,5 @@ def test_triton_update_matches_torch_and_reference(data):
         torch.testing.assert_close(tri.strength, ref.strength, rtol=1e-6, atol=0)
         h, i, j, s, at = args
         want = trace_update(before, (h[0].long(), i[0].long(), j[0].long(), s[0].double(), at[0].double()),
-                            **_params(tri))
-        _assert_state_equal(tri.reference_state(layer), want, f"step {n} layer {layer} {cfg}")
+                            **params_of(tri))
+        assert_state_equal(tri.reference_state(layer), want, f"step {n} layer {layer} {cfg}")

@@ -4,13 +4,14 @@ import math
 
 import pytest
 import torch
+from _helpers import TOL, oracle_attention
+from _helpers import rel_err as _rel_err
 
 import memtrace as mt
 from memtrace import attention as A
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 DEV = "cuda"
 
 
@@ -40,24 +41,9 @@ def grad_of(out, seed=1):
     return torch.randn(out.shape, device=out.device, generator=g).to(out.dtype)
 
 
-def oracle(q, k, v, coo, dout, *, causal, alpha=1.0, scale=None):
-    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    inputs = [q64, k64, v64]
-    dense = None
-    if coo is not None:
-        head, q_idx, k_idx, value = coo
-        val64 = value.detach().double().requires_grad_(True)
-        inputs.append(val64)
-        dense = mt.reference.dense_bias(head, q_idx, k_idx, val64, q.shape[1], q.shape[2], k.shape[2])
-    out = mt.reference.attention(q64, k64, v64, dense, causal=causal, alpha=alpha, scale=scale)
-    grads = torch.autograd.grad(out, inputs, dout.double())
-    return [out, *grads]
-
-
 def rel_err(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    assert torch.isfinite(a).all(), "non-finite values"
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    """||a - b|| / ||b||, an all-zero b failing any difference."""
+    return _rel_err(a, b, norm_floor=1e-30)
 
 
 def run(q, k, v, bias, dout, **kw):
@@ -91,7 +77,7 @@ def _check_backend(backend, dtype, case):
     skip_unless_supported(backend, q, k, v, bias, causal)
     dout = grad_of(q)
     got = run(q, k, v, bias, dout, causal=causal, backend=backend)
-    want = oracle(q, k, v, coo, dout, causal=causal)
+    want = oracle_attention(q, k, v, coo, dout, causal=causal)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dvalue"), got, want):
         err = rel_err(a, b)
         assert err < TOL[dtype], f"{backend} {name}: {err:.3g}"
@@ -114,7 +100,7 @@ def test_no_bias_parity(backend):
     skip_unless_supported(backend, q, k, v, None, True)
     dout = grad_of(q)
     got = run(q, k, v, None, dout, causal=True, backend=backend)
-    want = oracle(q, k, v, None, dout, causal=True)
+    want = oracle_attention(q, k, v, None, dout, causal=True)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert rel_err(a, b) < TOL[torch.bfloat16], name
 
@@ -132,7 +118,7 @@ def test_triton_split_backward_overlap(case, monkeypatch):
     q, k, v, bias, coo = make_inputs(*shape, torch.bfloat16, seed=11 + sum(shape), per_head=3 * shape[3])
     assert kcfg.split_backward(bias, False, None)
     dout = grad_of(q)
-    want = oracle(q, k, v, coo, dout, causal=causal)
+    want = oracle_attention(q, k, v, coo, dout, causal=causal)
     got = {}
     for overlap in ("0", "1"):
         with settings.override(attn_bwd_overlap=overlap):
@@ -152,7 +138,7 @@ def test_triton_fp32(case):
     skip_unless_supported("triton", q, k, v, bias, causal)
     dout = grad_of(q)
     got = run(q, k, v, bias, dout, causal=causal, backend="triton")
-    want = oracle(q, k, v, coo, dout, causal=causal)
+    want = oracle_attention(q, k, v, coo, dout, causal=causal)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dvalue"), got, want):
         assert rel_err(a, b) < TOL[torch.float32], name
 
@@ -163,7 +149,7 @@ def test_triton_head_dims(D):
     skip_unless_supported("triton", q, k, v, bias, False)
     dout = grad_of(q)
     got = run(q, k, v, bias, dout, causal=False, backend="triton", alpha=0.7)
-    want = oracle(q, k, v, coo, dout, causal=False, alpha=0.7)
+    want = oracle_attention(q, k, v, coo, dout, causal=False, alpha=0.7)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dvalue"), got, want):
         assert rel_err(a, b) < TOL[torch.bfloat16], name
 
@@ -184,7 +170,7 @@ def test_triton_large_biases(magnitude):
     bias = mt.TraceBias.from_coo(head, idx, idx, value, num_heads=H, seq_len_q=T, seq_len_k=T)
     dout = grad_of(q)
     got = run(q, k, v, bias, dout, backend="auto")
-    want = oracle(q, k, v, (head, idx, idx, value), dout, causal=False)
+    want = oracle_attention(q, k, v, (head, idx, idx, value), dout, causal=False)
     assert rel_err(got[0], want[0]) < TOL[torch.bfloat16]
     for name, a, b in zip(("dq", "dk", "dv", "dvalue"), got[1:], want[1:]):
         # gradients ~0 in exact arithmetic (one-hot softmax) are compared absolutely
@@ -202,7 +188,7 @@ def test_auto_matches_its_choice_and_the_reference():
     torch.testing.assert_close(got[0], explicit[0], rtol=0, atol=0)  # same kernels, same forward
     for a, b in zip(got[1:], explicit[1:]):  # backward kernels may use atomics (cuDNN)
         assert rel_err(a, b) < 1e-2
-    want = oracle(q, k, v, coo, dout, causal=True)
+    want = oracle_attention(q, k, v, coo, dout, causal=True)
     for a, b in zip(got, want):
         assert rel_err(a, b) < TOL[torch.bfloat16]
 
@@ -214,7 +200,7 @@ def test_auto_on_gqa_and_unequal_causal_lengths():
     assert name != "reference"
     dout = grad_of(q)
     got = run(q, k, v, bias, dout, causal=True)
-    want = oracle(q, k, v, coo, dout, causal=True)
+    want = oracle_attention(q, k, v, coo, dout, causal=True)
     for a, b in zip(got, want):
         assert rel_err(a, b) < TOL[torch.bfloat16]
 
@@ -304,7 +290,7 @@ def test_triton_ws_forward_parity(case, values):
         pytest.skip("the warp-specialized forward needs an sm_90 GPU")
     dout = grad_of(q)
     got = run(q, k, v, bias, dout, causal=False, backend="triton")
-    want = oracle(q, k, v, coo, dout, causal=False)
+    want = oracle_attention(q, k, v, coo, dout, causal=False)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dvalue"), got, want):
         assert rel_err(a, b) < TOL[dtype], name
     with torch.no_grad():

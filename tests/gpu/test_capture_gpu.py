@@ -5,14 +5,13 @@ Skipped without CUDA (tests/gpu/conftest.py). bf16 is tested here (the CPU inter
 
 import pytest
 import torch
+from _helpers import TOL, entry_mask, oracle_salience, rel_err
 
 import memtrace as mt
 from memtrace import capture as capture_mod
-from memtrace import reference as R
 from memtrace.capture import SalienceCapture
 
 DEV = "cuda"
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 
 
 def _inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed):
@@ -34,29 +33,8 @@ def _bias(Hq, Tq_max, Tk_max, n, seed):
     return mt.TraceBias.from_coo(h, i, j, val, num_heads=Hq, seq_len_q=Tq_max, seq_len_k=Tk_max)
 
 
-def _oracle(q, k, v, do, bias, causal, scale=None, alpha=1.0):
-    Hq, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
-    dense = None
-    if bias is not None:
-        dense = R.dense_bias(bias.head, bias.q_idx, bias.k_idx, bias.value, Hq, Tq, Tk)
-    q64, k64, v64, do64 = (t.double() for t in (q, k, v, do))
-    out, lse = R.attention_with_lse(q64, k64, v64, dense, causal=causal, scale=scale, alpha=alpha)
-    S, a = R.salience(q64, k64, v64, do64, dense, causal=causal, scale=scale, alpha=alpha)
-    return out, lse, S, a
-
-
-def _entry_mask(bias, S):
-    mask = torch.zeros_like(S, dtype=torch.bool)
-    if bias is not None:
-        Tq, Tk = S.shape[1], S.shape[2]
-        inside = (bias.q_idx < Tq) & (bias.k_idx < Tk)
-        mask[bias.head[inside], bias.q_idx[inside], bias.k_idx[inside]] = True
-    return mask
-
-
 def _rel(got, ref):
-    ref = ref.double()
-    return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    return rel_err(got, ref, norm_floor=1e-30)
 
 
 def _check(cap, S, a, bias, threshold, dtype, margin=1e-4):
@@ -66,7 +44,7 @@ def _check(cap, S, a, bias, threshold, dtype, margin=1e-4):
     assert torch.all(key[1:] > key[:-1]), "edges must be unique and sorted by (head, q, k)"
     for t in cap.edges:
         assert torch.all(t[n:] == 0)
-    ent = _entry_mask(bias, S)
+    ent = entry_mask(bias, S)
     assert not ent[h, i, j].any(), "bias entries are reported in bias_scores, not as edges"
     assert _rel(s, S[h, i, j]) < TOL[dtype]
     assert _rel(aa, a[h, i, j]) < TOL[dtype]
@@ -86,7 +64,7 @@ def test_fill_parity(dtype, causal):
     B, Hq, Hkv, Tq, Tk, D = 2, 4, 2, 300, 517, 64
     q, k, v, do = _inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed=1)
     bias = _bias(Hq, 400, 600, 500, seed=2)                   # some entries past (Tq, Tk)
-    out, lse, S, a = _oracle(q, k, v, do, bias, causal)
+    out, lse, S, a = oracle_salience(q, k, v, do, bias, causal)
     threshold = float(torch.quantile(S.flatten()[::7].float(), 0.995))
     cap = SalienceCapture(threshold=threshold)
     cap.fill(q, k, v, out.to(dtype), lse.float(), do, bias, bias.entry_values(), causal=causal)
@@ -108,7 +86,7 @@ def test_fill_realistic_bf16(D, sparse_emit, memtrace_settings):
     memtrace_settings(capture_emit=sparse_emit)
     B, H, T = 2, 4, 1024
     q, k, v, do = _inputs(B, H, H, T, T, D, torch.bfloat16, seed=3)
-    out, lse, S, a = _oracle(q, k, v, do, None, False)
+    out, lse, S, a = oracle_salience(q, k, v, do, None, False)
     threshold = float(torch.quantile(S.flatten()[::11].float(), 0.999))
     cap = SalienceCapture(threshold=threshold)
     cap.fill(q, k, v, out.bfloat16(), lse.float(), do, None, None)
@@ -123,7 +101,7 @@ def test_per_tile_kernel(monkeypatch):
     B, Hq, Hkv, Tq, Tk, D = 2, 4, 2, 700, 1000, 128
     q, k, v, do = _inputs(B, Hq, Hkv, Tq, Tk, D, torch.bfloat16, seed=5)
     bias = _bias(Hq, Tq, Tk, 300, seed=5)
-    out, lse, S, a = _oracle(q, k, v, do, bias, True)
+    out, lse, S, a = oracle_salience(q, k, v, do, bias, True)
     threshold = float(torch.quantile(S.flatten()[::7].float(), 0.998))
     cap = SalienceCapture(threshold=threshold)
     cap.fill(q, k, v, out.bfloat16(), lse.float(), do, bias, bias.entry_values(), causal=True)
@@ -135,7 +113,7 @@ def test_overflow_keeps_strongest(sparse_emit, memtrace_settings):
     memtrace_settings(capture_emit=sparse_emit)
     B, H, T, D = 2, 4, 512, 64
     q, k, v, do = _inputs(B, H, H, T, T, D, torch.float16, seed=4)
-    out, lse, S, a = _oracle(q, k, v, do, None, False)
+    out, lse, S, a = oracle_salience(q, k, v, do, None, False)
     capacity = 5000
     cap = SalienceCapture(threshold=0.0, capacity=capacity)
     cap.fill(q, k, v, out.half(), lse.float(), do, None, None)
@@ -156,7 +134,7 @@ def test_fully_masked_rows_and_biased_attention():
     B, Hq, Hkv, Tq, Tk, D = 2, 4, 1, 160, 96, 64
     q, k, v, do = _inputs(B, Hq, Hkv, Tq, Tk, D, torch.bfloat16, seed=5)
     bias = _bias(Hq, Tq, Tk, 300, seed=6)
-    out, lse, S, a = _oracle(q, k, v, do, bias, True)
+    out, lse, S, a = oracle_salience(q, k, v, do, bias, True)
     threshold = float(torch.quantile(S.flatten().float(), 0.99))
     cap = SalienceCapture(threshold=threshold)
     qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
@@ -186,7 +164,7 @@ def test_fused_capture_through_triton(shape, causal, dtype, memtrace_env):
     B, Hq, Hkv, Tq, Tk, D = shape
     q, k, v, do = _inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed=Tq + D)
     bias = _bias(Hq, Tq + 50, Tk + 50, 4 * Tq, seed=Tk)
-    out, lse, S, a = _oracle(q, k, v, do, bias, causal)
+    out, lse, S, a = oracle_salience(q, k, v, do, bias, causal)
     threshold = float(torch.quantile(S.flatten()[::13].float(), 0.999))
     fused, g_f = _capture_via_op(q, k, v, do, bias, causal, threshold, True, memtrace_env)
     plain, g_p = _capture_via_op(q, k, v, do, bias, causal, threshold, False, memtrace_env)
@@ -212,7 +190,7 @@ def test_fused_capture_overflow(memtrace_env):
     """Threshold 0: everything is a candidate; the fused fill overflows into the exact passes."""
     B, H, T, D = 2, 2, 512, 64
     q, k, v, do = _inputs(B, H, H, T, T, D, torch.bfloat16, seed=8)
-    out, lse, S, a = _oracle(q, k, v, do, None, True)
+    out, lse, S, a = oracle_salience(q, k, v, do, None, True)
     fused, _ = _capture_via_op(q, k, v, do, None, True, 0.0, True, memtrace_env, capacity=5000)
     assert bool(fused.stats["overflow"]) and int(fused.num_edges) == 5000
     _check(fused, S, a, None, 0.0, torch.bfloat16, margin=1e-2)
@@ -244,7 +222,7 @@ def test_fill_glue_graph_matches_eager(monkeypatch, memtrace_settings):
         caps = []
         for n, (B, Hq, Tq, Tk, quant, capacity) in enumerate(calls):
             q, k, v, do = _inputs(B, Hq, Hq, Tq, Tk, 64, torch.bfloat16, seed=40 + n)
-            out, lse, S, _ = _oracle(q, k, v, do, None, False)
+            out, lse, S, _ = oracle_salience(q, k, v, do, None, False)
             thr = 0.0 if quant is None else float(S.flatten().quantile(quant))
             cap = SalienceCapture(threshold=thr, capacity=capacity)
             cap.fill(q, k, v, out.to(q.dtype), lse.float(), do, None, None)

@@ -1,20 +1,15 @@
 """kernels/launch.py on CUDA: fast relaunches (tensors passed as addresses) give the results of
 Triton's own launch, and a CPU tensor still gets Triton's error instead of a bad address."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from _helpers import launch_probe
 from memtrace.kernels.launch import FastLaunch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_launch import _probe
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def test_fast_relaunches_match_triton_and_refuse_cpu_tensors():
-    launch = FastLaunch(_probe)
+    launch = FastLaunch(launch_probe)
     base = torch.arange(40, dtype=torch.float32, device="cuda")
     for step in range(12):
         off = step % 3                  # aligned and misaligned starts: separate kinds

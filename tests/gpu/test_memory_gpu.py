@@ -1,17 +1,13 @@
 """TraceMemory on CUDA: the Triton update against the CPU path (itself checked against the
 float64 reference) at larger sizes, against the reference directly, and determinism."""
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _helpers import assert_state_equal, candidates_of, fake_capture, params_of
 
 import memtrace as mt
 from memtrace.reference import trace_update
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_memory import assert_state_equal, candidates_of, fake_capture, params_of
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -89,7 +85,7 @@ def test_full_size_quota_2048_matches_torch_path_on_gpu():
     tor = mt.TraceMemory(L, H, quota=Q, max_seq_len=T, device="cuda")
     tor.backend = "torch"
     g = torch.Generator().manual_seed(0)
-    for step in range(4):
+    for _ in range(4):
         head, q, k, S, a = (t.cuda() for t in random_edges(g, L, H, T, C, (0.06, 0.1, 0.5, 1.0, 2.0)))
         tri.update_edges([0, 1], head, q, k, S, a)
         tor.update_edges([0, 1], head, q, k, S, a)

@@ -4,21 +4,12 @@ and the torch.sort path) against the torch builder, bit for bit, under TRITON_IN
 duplicate runs across chunk boundaries, empty heads, more heads than histogram bins of a block."""
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
+from _helpers import DEV, assert_index_equal, bias_index_module
 from memtrace.kernels import settings
 
 from memtrace.bias import _build_index_torch
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _module():
-    """kernels/bias_index, interpreted on the CPU (the import dance lives in test_bias._builder)."""
-    from test_bias import _builder
-    return sys.modules[_builder().__module__]
 
 
 def _coo(n, H, Tq, Tk, seed, head_probs=None):
@@ -33,12 +24,8 @@ def _coo(n, H, Tq, Tk, seed, head_probs=None):
 
 
 def _check(method, h, i, j, H, Tq, Tk):
-    got = _module().build_index(h, i, j, H, Tq, Tk, method=method)
-    want = _build_index_torch(h.long(), i.long(), j.long(), H, Tq, Tk)
-    for name, a, b in zip(("entry_pos", "src_entry", "k_order", "q_offsets", "k_offsets"), got, want):
-        assert a.dtype == b.dtype == torch.int32, name
-        assert a.shape == b.shape, name
-        assert torch.equal(a, b), name
+    got = bias_index_module().build_index(h, i, j, H, Tq, Tk, method=method)
+    assert_index_equal(got, _build_index_torch(h.long(), i.long(), j.long(), H, Tq, Tk))
 
 
 @pytest.mark.parametrize("method", ["fast", "sort"])
@@ -63,7 +50,7 @@ def test_fast_path_large_positions():
 
 def test_dispatch_sizes():
     """The benchmark's small shape takes the sort-free path; large or head-heavy ones the sort path."""
-    mod = _module()
+    mod = bias_index_module()
     assert mod._fast_ok(32 * 2048, 32)
     assert not mod._fast_ok(32 * 16384, 32)          # > 2^18 entries
     assert not mod._fast_ok(65536, 1)                # 65536 entries in one head: many chunks
@@ -72,7 +59,7 @@ def test_dispatch_sizes():
 
 def test_env_forces_the_sort_path(monkeypatch):
     """settings bias_index_method picks the path; a bad value is a ValueError naming the setting."""
-    bi = _module()
+    bi = bias_index_module()
     n, H, T = 40, 2, 32
     args = (*_coo(n, H, T, T, seed=5), H, T, T)
     ran = []

@@ -6,28 +6,18 @@ import random
 
 import pytest
 import torch
-import triton
-import triton.language as tl
+from _helpers import launch_probe, launch_probe_py
 from memtrace.kernels.launch import FastLaunch, kind_key
 
 INTERPRET = __import__("os").environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _probe_py(X, Y, n, m, f, flag, NONE, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    x = tl.load(X + offs, mask=offs < n, other=0.0)
-    tl.store(Y + offs, x * f + m, mask=offs < n)
-
-
-_probe = triton.jit(_probe_py)      # interpreted under TRITON_INTERPRET=1
-
-
 def _binder():
-    """Triton's own argument binder for a compiled (not interpreted) _probe, for sm_90."""
+    """Triton's own argument binder for a compiled (not interpreted) launch_probe, for sm_90."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime import jit as rt_jit
-    fn = rt_jit.JITFunction(_probe_py)
+    fn = rt_jit.JITFunction(launch_probe_py)
     backend = make_backend(GPUTarget("cuda", 90, 32))
     return rt_jit.create_function_from_signature(fn.signature, fn.params, backend)
 
@@ -59,7 +49,7 @@ def test_kind_key_declines_unknown_types():
 
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")
 def test_fast_launch_under_the_interpreter_is_a_plain_launch():
-    launch = FastLaunch(_probe)
+    launch = FastLaunch(launch_probe)
     for n, m, f in itertools.product((5, 16), (0, 3), (0.5, 2.0)):
         x = torch.arange(16, dtype=torch.float32)
         y = torch.full((16,), -7.0)

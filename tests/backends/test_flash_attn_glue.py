@@ -16,7 +16,7 @@ import types
 
 import pytest
 import torch
-from test_attention import TOL, _CorrectedReferenceBackend, make_inputs, oracle, rel_err, run_and_grad  # noqa: E402
+from _helpers import TOL, CorrectedReferenceBackend, make_inputs, oracle_attention, rel_err, run_and_grad
 
 from memtrace import attention as A
 from memtrace.backends import registry
@@ -39,8 +39,8 @@ def _forward(q, k, v, scale, causal):
 
 def _backward(dout, q, k, v, out, lse, dq, dk, dv, scale, causal):
     """flash-attn's backward: P recomputed from the LSE it is given, results written in place
-    (the dense backward of test_attention's corrected CPU stand-in)."""
-    grads = _CorrectedReferenceBackend().dense_backward(_bhtd(q), _bhtd(k), _bhtd(v), _bhtd(out), lse,
+    (the dense backward of _helpers' corrected CPU stand-in)."""
+    grads = CorrectedReferenceBackend().dense_backward(_bhtd(q), _bhtd(k), _bhtd(v), _bhtd(out), lse,
                                                         _bhtd(dout), causal=causal, scale=scale)
     for dst, src in zip((dq, dk, dv), grads):
         dst.copy_(_bhtd(src))
@@ -117,7 +117,7 @@ def test_flash_attn_backend_matches_the_oracle(stand_in, shape, causal):
     q, k, v, bias, coo = make_inputs(*shape, dtype=torch.float16, seed=sum(shape))
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(q.dtype)
     got = run_and_grad(q, k, v, bias, dout, causal=causal, backend="flash_attn_cpu")
-    want = oracle(q, k, v, coo, dout, causal=causal)
+    want = oracle_attention(q, k, v, coo, dout, causal=causal)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dvalue"), got, want):
         assert rel_err(a, b, 1e-3 if name != "out" else 0.0) < TOL[torch.float16], name
     kinds = [c[0] for c in stand_in]

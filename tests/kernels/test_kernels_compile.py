@@ -17,7 +17,7 @@ function (triton.language's own helpers included) is an InterpretedFunction, and
 reads the knob while it runs; a fresh interpreter without the variable sees JITFunctions.
 
 Manual use (e.g. to try a kernel file before it is committed):
-    python tests/test_kernels_compile.py [--kernel-file trace_update=/tmp/x.py] [--case NAME ...]
+    python tests/kernels/test_kernels_compile.py [--kernel-file trace_update=/tmp/x.py] [--case NAME ...]
 prints one line per case and exits 1 if any failed.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TARGET = ("cuda", 90, 32)
 H100_SMEM = 232448          # cudaDevAttrMaxSharedMemoryPerBlockOptin on sm_90 (227 KB)
 WORKERS = 2                 # processes the cases are split over (CI has 2 cores)

@@ -4,6 +4,7 @@ Runs on the CPU under TRITON_INTERPRET=1 (set below when no GPU is present). Sha
 interpreter is slow. fp16 and fp32 only (the interpreter cannot do a bf16 tl.dot).
 """
 import contextlib
+import functools
 import math
 import os
 
@@ -13,17 +14,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib  # noqa: E402
-
-from memtrace.bias import TraceBias  # noqa: E402
-
-ref = importlib.import_module("memtrace.reference.attention")
+from _helpers import DEV, TOL, expected_dvalues, make_bias, make_tensors, oracle_kernels, rel_err  # noqa: E402
 from memtrace.kernels import attention as ka  # noqa: E402
 from memtrace.kernels import settings  # noqa: E402
 from memtrace.kernels.attention import config as kcfg  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
+from memtrace.bias import TraceBias  # noqa: E402
+
+# ||a - b|| / ||b||, with ||b|| floored at 0.05 * sqrt(numel) so that an exactly-zero oracle
+# (a single visible key has zero gradient) is compared in absolute terms
+rel = functools.partial(rel_err, rms_floor=0.05)
 
 
 @pytest.fixture
@@ -31,70 +31,6 @@ def knobs():
     """knobs(**changes): kernel settings for the rest of the test (settings.override, undone at teardown)."""
     with contextlib.ExitStack() as stack:
         yield lambda **changes: stack.enter_context(settings.override(**changes))
-
-
-def rel(a, b):
-    """||a - b|| / ||b||, with ||b|| floored at 0.05 * sqrt(numel) so that an exactly-zero oracle
-    (a single visible key has zero gradient) is compared in absolute terms."""
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    floor = 0.05 * max(b.numel(), 1) ** 0.5
-    return ((a - b).norm() / b.norm().clamp_min(floor)).item()
-
-
-def make_bias(Hq, Tq_max, Tk_max, n, seed, scale_vals=1.0, dups=True, extra=None):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randint(0, Hq, (n,), generator=g)
-    i = torch.randint(0, Tq_max, (n,), generator=g)
-    j = torch.randint(0, Tk_max, (n,), generator=g)
-    val = torch.randn(n, generator=g) * scale_vals
-    if dups and n >= 6:
-        h[-2:], i[-2:], j[-2:] = h[0], i[0], j[0]
-    if extra is not None:
-        eh, ei, ej, ev = extra
-        h, i, j, val = torch.cat([h, eh]), torch.cat([i, ei]), torch.cat([j, ej]), torch.cat([val, ev])
-    b = TraceBias.from_coo(h.to(DEV), i.to(DEV), j.to(DEV), val.to(DEV), num_heads=Hq,
-                           seq_len_q=Tq_max, seq_len_k=Tk_max)
-    return b, (h, i, j, val)
-
-
-def inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed, qk_mult=1.0):
-    g = torch.Generator().manual_seed(seed)
-    q = (torch.randn(B, Hq, Tq, D, generator=g) * qk_mult).to(dtype).to(DEV)
-    k = (torch.randn(B, Hkv, Tk, D, generator=g) * qk_mult).to(dtype).to(DEV)
-    v = torch.randn(B, Hkv, Tk, D, generator=g).to(dtype).to(DEV)
-    do = torch.randn(B, Hq, Tq, D, generator=g).to(dtype).to(DEV)
-    return q, k, v, do
-
-
-def oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, scale, alpha):
-    """float64 out, lse, dq, dk, dv and the dense bias gradient [H, Tq, Tk] (alpha * sum_b dS)."""
-    Tq, Tk = q.shape[2], k.shape[2]
-    qd, kd, vd = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
-    if coo is None:
-        dense = torch.zeros(Hq, Tq, Tk, dtype=torch.float64)
-    else:
-        h, i, j, val = coo
-        dense = ref.dense_bias(h, i, j, val, Hq, Tq, Tk)
-    dense.requires_grad_()
-    out, lse = ref.attention_with_lse(qd, kd, vd, dense, causal=causal, scale=scale, alpha=alpha)
-    out.backward(do.double().cpu())
-    return out.detach(), lse.detach(), qd.grad, kd.grad, vd.grad, dense.grad
-
-
-def expected_dvalues(bias, dense_grad):
-    """dvalues per sorted entry: the dense gradient at the entry for leaders inside the call's
-    (Tq, Tk), 0 for duplicate followers and entries outside."""
-    eh, ei, ej = (t.cpu() for t in bias.entry_coords())
-    Hq, Tq, Tk = dense_grad.shape
-    inside = (ei < Tq) & (ej < Tk)
-    out = torch.zeros(bias.nnz, dtype=torch.float64)
-    out[inside] = dense_grad[eh[inside], ei[inside], ej[inside]]
-    pos = bias.entry_pos.cpu()
-    follower = torch.zeros(bias.nnz, dtype=torch.bool)
-    if bias.nnz > 1:
-        follower[1:] = (pos[1:] == pos[:-1]) & (eh[1:] == eh[:-1])
-    out[follower] = 0
-    return out
 
 
 CASES = [
@@ -117,11 +53,11 @@ def test_flash_fwd_bwd_matches_oracle(case, dtype, form, knobs):
     knobs(attn_bwd_entries=form)
     B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
     scale, alpha = 1.0 / math.sqrt(D), 0.7
-    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed=n + Tq)
+    q, k, v, do = make_tensors(B, Hq, Hkv, Tq, Tk, D, dtype, seed=n + Tq)
     bias, coo = make_bias(Hq, Tq_max, Tk_max, n, seed=Tk, scale_vals=2.0)
     ev = bias.entry_values()
     out, lse = ka.flash_fwd(q, k, v, bias, ev, causal=causal, scale=scale, alpha=alpha)
-    r_out, r_lse, r_dq, r_dk, r_dv, r_db = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, scale, alpha)
+    r_out, r_lse, r_dq, r_dk, r_dv, r_db = oracle_kernels(q, k, v, do, coo, Hq, causal, scale, alpha)
     tol = TOL[dtype]
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert rel(out, r_out) < tol
@@ -162,7 +98,7 @@ def test_flash_bwd_without_possible_cancellation_skips_nothing_it_needs(case, kn
     knobs(attn_bwd_split="0")
     B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
     scale, alpha = 1.0 / math.sqrt(D), 0.9
-    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=3 + n)
+    q, k, v, do = make_tensors(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=3 + n)
     bias, (h, i, j, val) = make_bias(Hq, Tq_max, Tk_max, n, seed=5 + n, scale_vals=2.0)
     bias, coo = make_bias(Hq, Tq_max, Tk_max, 0, seed=0, extra=(h, i, j, val.abs() - 0.4))   # duplicates add
     ev = bias.entry_values()
@@ -174,7 +110,7 @@ def test_flash_bwd_without_possible_cancellation_skips_nothing_it_needs(case, kn
                         need_dvalues=True, may_cancel=False)
     for a, b in zip(full, fast):
         assert torch.equal(a, b)
-    r = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, scale, alpha)
+    r = oracle_kernels(q, k, v, do, coo, Hq, causal, scale, alpha)
     for got, want in zip(fast[:3], r[2:5]):
         assert rel(got, want) < TOL[torch.float32]
     assert rel(fast[3].cpu(), expected_dvalues(bias, r[5])) < TOL[torch.float32]
@@ -188,7 +124,7 @@ def test_flash_bwd_split_form_matches_oracle(case, dtype, knobs):
     knobs(attn_bwd_split="1")
     B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
     alpha = 0.8
-    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed=17 + n)
+    q, k, v, do = make_tensors(B, Hq, Hkv, Tq, Tk, D, dtype, seed=17 + n)
     bias, (h, i, j, val) = make_bias(Hq, Tq_max, Tk_max, n, seed=19 + n, scale_vals=2.0)
     bias, coo = make_bias(Hq, Tq_max, Tk_max, 0, seed=0, extra=(h, i, j, val.abs() - 0.3))
     ev = bias.entry_values()
@@ -201,7 +137,7 @@ def test_flash_bwd_split_form_matches_oracle(case, dtype, knobs):
         fused = ka.flash_bwd(q, k, v, out, lse, do, bias, ev, causal=causal, scale=scale, alpha=alpha,
                              need_dvalues=True, may_cancel=False)
         knobs(attn_bwd_split="1")
-        r = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, scale, alpha)
+        r = oracle_kernels(q, k, v, do, coo, Hq, causal, scale, alpha)
         for got, other, want in zip(split[:3], fused[:3], r[2:5]):
             assert got.dtype == dtype and got.shape == want.shape
             assert rel(got, want) < TOL[dtype]
@@ -214,7 +150,7 @@ def test_flash_fwd_split_form_matches_oracle(case, knobs):
     """flash_fwd's split form (the unbiased pass, then correct_fwd) against the fused form and the
     oracle, with large negative biases (cancelling rows recomputed) and flags returned."""
     B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
-    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=23 + n)
+    q, k, v, do = make_tensors(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=23 + n)
     bias, coo = make_bias(Hq, Tq_max, Tk_max, n, seed=29 + n, scale_vals=4.0)
     ev = bias.entry_values()
     kw = {"causal": causal, "scale": -0.7 / math.sqrt(D), "alpha": 1.5, "return_flags": True}
@@ -222,7 +158,7 @@ def test_flash_fwd_split_form_matches_oracle(case, knobs):
     split = ka.flash_fwd(q, k, v, bias, ev, **kw)
     knobs(attn_fwd_split="0")
     fused = ka.flash_fwd(q, k, v, bias, ev, **kw)
-    r_out, r_lse = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, kw["scale"], kw["alpha"])[:2]
+    r_out, r_lse = oracle_kernels(q, k, v, do, coo, Hq, causal, kw["scale"], kw["alpha"])[:2]
     assert rel(split[0], r_out) < TOL[torch.float32] and rel(split[0], fused[0]) < TOL[torch.float32]
     finite = torch.isfinite(r_lse)
     assert rel(split[1].cpu()[finite], r_lse[finite]) < 1e-5
@@ -263,13 +199,13 @@ def test_correction_after_dense_matches_oracle(case, dtype):
     """correct_fwd on the unbiased (out, lse); correct_bwd on a dense backward fed (O', LSE')."""
     B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
     scale, alpha = 1.0 / math.sqrt(D), 1.3
-    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed=7 + n)
+    q, k, v, do = make_tensors(B, Hq, Hkv, Tq, Tk, D, dtype, seed=7 + n)
     bias, coo = make_bias(Hq, Tq_max, Tk_max, n, seed=11 + n, scale_vals=2.0)
     ev = bias.entry_values()
     out0, lse0 = ka.flash_fwd(q, k, v, None, causal=causal, scale=scale, alpha=alpha)
     out, lse = ka.correct_fwd(q, k, v, out0, lse0, bias, ev, causal=causal, scale=scale, alpha=alpha)
     assert out.data_ptr() == out0.data_ptr()  # in place
-    r_out, r_lse, r_dq, r_dk, r_dv, r_db = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, scale, alpha)
+    r_out, r_lse, r_dq, r_dk, r_dv, r_db = oracle_kernels(q, k, v, do, coo, Hq, causal, scale, alpha)
     tol = TOL[dtype]
     assert rel(out, r_out) < tol
     finite = torch.isfinite(r_lse)
@@ -290,7 +226,7 @@ def test_correct_fwd_pipelined_loop(case, stages):
     loop's result and the oracle's, with 16-entry chunks so a block runs several."""
     B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
     scale, alpha = 1.0 / math.sqrt(D), 0.7
-    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=41 + n)
+    q, k, v, do = make_tensors(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=41 + n)
     bias, coo = make_bias(Hq, Tq_max, Tk_max, n, seed=43 + n, scale_vals=1.5)
     ev = bias.entry_values()
     out0, lse0 = ka.flash_fwd(q, k, v, None, causal=causal, scale=scale, alpha=alpha)
@@ -299,7 +235,7 @@ def test_correct_fwd_pipelined_loop(case, stages):
     got = ka.correct_fwd(q, k, v, out0, lse0, bias, ev, **kw, stages=stages)
     assert torch.allclose(got[0], base[0], atol=1e-6, rtol=1e-6)
     assert torch.allclose(got[1], base[1], atol=1e-6, rtol=1e-6, equal_nan=True)
-    r_out = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, scale, alpha)[0]
+    r_out = oracle_kernels(q, k, v, do, coo, Hq, causal, scale, alpha)[0]
     assert rel(got[0], r_out) < TOL[torch.float32]
 
 
@@ -310,7 +246,7 @@ def test_correct_fwd_window_form(case):
     smaller than a row's entries (the dense case) and windows that end mid-row."""
     B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
     scale, alpha = 1.0 / math.sqrt(D), -0.8
-    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=51 + n)
+    q, k, v, do = make_tensors(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=51 + n)
     bias, coo = make_bias(Hq, Tq_max, Tk_max, n, seed=53 + n, scale_vals=2.0)
     ev = bias.entry_values()
     out0, lse0 = ka.flash_fwd(q, k, v, None, causal=causal, scale=scale, alpha=alpha)
@@ -322,7 +258,7 @@ def test_correct_fwd_window_form(case):
         assert torch.allclose(got[0], base[0], atol=1e-6, rtol=1e-6)
         assert torch.allclose(got[1], base[1], atol=1e-6, rtol=1e-6, equal_nan=True)
         assert torch.equal(got[2], base[2])
-    r_out = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, scale, alpha)[0]
+    r_out = oracle_kernels(q, k, v, do, coo, Hq, causal, scale, alpha)[0]
     assert rel(got[0], r_out) < TOL[torch.float32]
 
 
@@ -331,7 +267,7 @@ def biased_pass_and_dense_grads(case, seed, alpha):
     a dense backward fed them: what correct_bwd's tests add the entry terms to."""
     B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
     scale = 1.0 / math.sqrt(D)
-    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=seed)
+    q, k, v, do = make_tensors(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=seed)
     bias, coo = make_bias(Hq, Tq_max, Tk_max, n, seed=seed + 6, scale_vals=1.5)
     ev = bias.entry_values()
     out, lse = ka.flash_fwd(q, k, v, bias, ev, causal=causal, scale=scale, alpha=alpha)
@@ -353,7 +289,7 @@ def test_correct_bwd_window_form(case):
         return ka.correct_bwd(q, k, v, out, lse, do, bias, ev, *grads, causal=causal, scale=scale, alpha=alpha,
                               need_dvalues=True, **kw)
     base = run(q_form="rows", kv_form="rows")
-    r = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, scale, alpha)
+    r = oracle_kernels(q, k, v, do, coo, Hq, causal, scale, alpha)
     kv_forms = ("rows", "window") if Hq == Hkv else ("rows",)
     for window in (16, 32):
         for kv_form in kv_forms:
@@ -419,7 +355,7 @@ def test_large_biases(big):
     """Large positive biases (no overflow in the shifted frame) and large negative ones on
     random edges; fp32."""
     B, Hq, Hkv, Tq, Tk, D = 1, 2, 2, 17, 20, 16
-    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=3)
+    q, k, v, do = make_tensors(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=3)
     bias, coo = make_bias(Hq, Tq, Tk, 60, seed=5, scale_vals=1.0)
     h, i, j, val = coo
     val = torch.full_like(val, big) * torch.rand(val.shape, generator=torch.Generator().manual_seed(1))
@@ -427,7 +363,7 @@ def test_large_biases(big):
     coo = (h, i, j, val)
     ev = bias.entry_values()
     out, lse = ka.flash_fwd(q, k, v, bias, ev, causal=False, scale=0.25, alpha=1.0)
-    r_out, r_lse, r_dq, r_dk, r_dv, r_db = oracle(q, k, v, do, coo, Hq, Tq, Tk, False, 0.25, 1.0)
+    r_out, r_lse, r_dq, r_dk, r_dv, r_db = oracle_kernels(q, k, v, do, coo, Hq, False, 0.25, 1.0)
     assert rel(out, r_out) < 1e-5 and rel(lse.cpu(), r_lse) < 1e-5
     dq, dk, dv, dvals = ka.flash_bwd(q, k, v, out, lse, do, bias, ev, causal=False, scale=0.25, alpha=1.0,
                                      need_dvalues=True)
@@ -450,7 +386,7 @@ def test_cancellation_forward_falls_back():
     q, k, v, do = (t.to(DEV) for t in (q, k, v, do))
     bias = TraceBias.from_coo(*(t.to(DEV) for t in coo), num_heads=1, seq_len_q=Tq, seq_len_k=Tk)
     out, lse = ka.flash_fwd(q, k, v, bias, bias.entry_values(), causal=False, scale=1.0, alpha=1.0)
-    r_out, r_lse, *_ = oracle(q, k, v, do, coo, 1, Tq, Tk, False, 1.0, 1.0)
+    r_out, r_lse, *_ = oracle_kernels(q, k, v, do, coo, 1, False, 1.0, 1.0)
     assert rel(out, r_out) < 1e-5 and rel(lse.cpu(), r_lse) < 1e-5
 
 
@@ -466,7 +402,7 @@ def test_cancellation_standalone_correction_falls_back():
     bias = TraceBias.from_coo(*(t.to(DEV) for t in coo), num_heads=1, seq_len_q=Tq, seq_len_k=Tk)
     out0, lse0 = ka.flash_fwd(q, k, v, None, causal=True, scale=1.0, alpha=1.0)
     out, lse = ka.correct_fwd(q, k, v, out0, lse0, bias, bias.entry_values(), causal=True, scale=1.0, alpha=1.0)
-    r_out, r_lse, *_ = oracle(q, k, v, v, coo, 1, Tq, Tk, True, 1.0, 1.0)
+    r_out, r_lse, *_ = oracle_kernels(q, k, v, v, coo, 1, True, 1.0, 1.0)
     assert rel(out, r_out) < 1e-5 and rel(lse.cpu(), r_lse) < 1e-5
 
 
@@ -523,7 +459,7 @@ def test_cancelling_rows_backward_fused(case, dtype):
     assert (flags.cpu() >= want_flags).all() and flags.sum() < 2 * want_flags.sum()
     recomputed = ka.cancelling_rows(q, k, lse, bias, ev, causal=causal, scale=scale, alpha=alpha)
     assert torch.equal(recomputed.cpu(), flags.cpu())
-    r_out, r_lse, r_dq, r_dk, r_dv, r_db = oracle(q, k, v, do, coo, Hq, Tq, Tk, causal, scale, alpha)
+    r_out, r_lse, r_dq, r_dk, r_dv, r_db = oracle_kernels(q, k, v, do, coo, Hq, causal, scale, alpha)
     tol = TOL[dtype]
     assert rel(out, r_out) < tol
     want_dvals = expected_dvalues(bias, r_db)
@@ -554,7 +490,7 @@ def test_cancelling_rows_backward_standalone(case, dtype):
     out, lse, flags = ka.correct_fwd(q, k, v, out0, lse0, bias, ev, causal=causal, scale=scale, alpha=alpha,
                                      return_flags=True)
     assert (flags.cpu() >= want_flags).all()
-    r_out, r_lse, r_dq, r_dk, r_dv, r_db = oracle(q, k, v, do, coo, Hq, Tq, Tk, causal, scale, alpha)
+    r_out, r_lse, r_dq, r_dk, r_dv, r_db = oracle_kernels(q, k, v, do, coo, Hq, causal, scale, alpha)
     tol = TOL[dtype]
     assert rel(out, r_out) < tol
     variants = [(ka.mask_lse(lse, flags), do)]
@@ -573,7 +509,7 @@ def test_cancelling_rows_backward_standalone(case, dtype):
 def test_no_cancelling_rows_flags_are_zero():
     """Ordinary biases flag nothing, in the forwards and from LSE'."""
     B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = CASES[0]
-    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=2)
+    q, k, v, do = make_tensors(B, Hq, Hkv, Tq, Tk, D, torch.float32, seed=2)
     bias, _ = make_bias(Hq, Tq_max, Tk_max, n, seed=3, scale_vals=0.5)
     ev = bias.entry_values()
     out, lse, flags = ka.flash_fwd(q, k, v, bias, ev, causal=causal, scale=0.25, alpha=1.0, return_flags=True)
@@ -612,14 +548,14 @@ def test_flash_pointer_and_tma_paths_match_oracle(case, tma, knobs):
     knobs(attn_tma=tma)
     B, Hq, Hkv, Tq, Tk, D, causal, n, Tq_max, Tk_max = case
     scale, alpha = 1.0 / math.sqrt(D), 0.7
-    q, k, v, do = inputs(B, Hq, Hkv, Tq, Tk, D, torch.float16, seed=n + Tq + 1)
+    q, k, v, do = make_tensors(B, Hq, Hkv, Tq, Tk, D, torch.float16, seed=n + Tq + 1)
     assert kcfg.use_tma(q, k, v, do) == (tma == "1")
     bias, coo = make_bias(Hq, Tq_max, Tk_max, n, seed=Tk + 1, scale_vals=2.0)
     ev = bias.entry_values()
     out, lse = ka.flash_fwd(q, k, v, bias, ev, causal=causal, scale=scale, alpha=alpha)
     dq, dk, dv, _ = ka.flash_bwd(q, k, v, out, lse, do, bias, ev, causal=causal, scale=scale, alpha=alpha,
                                  need_dvalues=False)
-    r_out, _, r_dq, r_dk, r_dv, _ = oracle(q, k, v, do, coo, Hq, Tq_max, Tk_max, causal, scale, alpha)
+    r_out, _, r_dq, r_dk, r_dv, _ = oracle_kernels(q, k, v, do, coo, Hq, causal, scale, alpha)
     for got, want in ((out, r_out), (dq, r_dq), (dk, r_dk), (dv, r_dv)):
         assert rel(got, want) < TOL[torch.float16]
 

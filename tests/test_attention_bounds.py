@@ -1,0 +1,58 @@
+"""What biased_attention accepts at the edges of float32 (issue 28, points 4 and 5): non-finite or
+huge scales are refused with a reason; a NaN that reaches the kernels past the value check comes
+out as NaN on every backend, never as a silent zero."""
+import os
+
+import pytest
+import torch
+
+import memtrace as mt
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+BACKENDS = ["reference"] + (["triton"] if INTERPRET else [])
+
+
+def _inputs(seed, B=1, H=2, T=6, D=16):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, T, D, generator=g).requires_grad_() for _ in range(3)]
+
+
+@pytest.mark.parametrize("scale", [float("inf"), float("nan"), 1e30, 1e38, 1e4 * (1 + 1e-6), -1.0, 0.0])
+def test_bad_scales_are_refused_naming_scale(scale):
+    q, k, v = _inputs(1)
+    with pytest.raises(ValueError, match="scale"):
+        mt.biased_attention(q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_largest_scale_gives_finite_outputs_and_gradients(backend, dtype):
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in _inputs(2))
+    out = mt.biased_attention(q, k, v, scale=1e4, backend=backend)
+    out.float().sum().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_nan_written_past_the_version_counter_is_nan_on_every_backend():
+    """The value check is cached on the value tensor's version counter (no sync per call); a write
+    through .data skips it. Then the NaN must come out as NaN, the same on every backend."""
+    q, k, v = _inputs(3)
+    val = torch.tensor([0.5, 1.0, 2.0])
+    bias = mt.TraceBias.from_coo(torch.tensor([0, 1, 1]), torch.tensor([1, 2, 4]), torch.tensor([0, 2, 3]), val,
+                                 num_heads=2, seq_len_q=6, seq_len_k=6)
+    for backend in BACKENDS:
+        assert torch.isfinite(mt.biased_attention(q, k, v, bias, backend=backend)).all()
+    bias.value.data[1] = float("nan")      # bypasses the version counter
+    nan_rows = {}
+    for backend in BACKENDS:
+        out = mt.biased_attention(q, k, v, bias, backend=backend)
+        nan_rows[backend] = torch.isnan(out).any(-1)
+        assert nan_rows[backend][0, 1, 2], f"{backend}: the row with the NaN entry is not NaN"
+        assert not nan_rows[backend][0, 0].any(), f"{backend}: NaN leaked into another head"
+    for backend in BACKENDS:
+        assert torch.equal(nan_rows[backend], nan_rows["reference"])
+    # a new value tensor is checked again and refused
+    with pytest.raises(ValueError, match="NaN|finite"):
+        mt.TraceBias.from_coo(bias.head, bias.q_idx, bias.k_idx, bias.value.detach().clone(), num_heads=2,
+                              seq_len_q=6, seq_len_k=6)
