@@ -61,7 +61,11 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=5.17", "accelerate>=1.1"],
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "transformers==5.17.0", "accelerate>=1.1"],
+        "lancedb": ["lancedb==0.40.0", "pyarrow==26.0.1"],
+        "qdrant": ["qdrant-client==1.20.0"],
+        "viz": ["matplotlib==3.11.2", "plotly==7.1.0"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "transformers==5.17.0", "accelerate>=1.1",
+                "lancedb==0.40.0", "pyarrow==26.0.1", "qdrant-client==1.20.0", "matplotlib==3.11.2", "plotly==7.1.0"],
     },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},  # ninja (parallel compiles) where installed

@@ -12,7 +12,12 @@ forward+backward, halved when causal), the ratio of each memtrace row to each pe
 memory above the inputs, the bias included. A peer that runs out of memory or is not supported is
 recorded with its error and skipped.
 
+Padding rows (--padding; instead of the rows above): the triton backend at the same shapes with a
+10%-left-padded key_padding_mask against no mask (bias=None and 2048 random traces per head), each
+timed alone and their ratio interleaved (fwd_mask_overhead / fwdbwd_mask_overhead in the JSON).
+
 Usage: python benchmarks/bench_attention.py [--quick] [--shapes 0,2] [--causal both|0|1] [--json PATH] [--markdown PATH]
+       python benchmarks/bench_attention.py --padding [--quick] [--shapes 0] [--causal 1] [--json PATH]
        python benchmarks/bench_attention.py --merge a.json b.json --json all.json --markdown all.md
 Without CUDA it says so and times tiny shapes on the CPU (reference, and the Triton interpreter
 when TRITON_INTERPRET=1).
@@ -144,12 +149,104 @@ def peer_fn(name, q, k, v, causal, dense):
     raise ValueError(name)
 
 
-def memtrace_fn(backend, q, k, v, causal, bias):
+def memtrace_fn(backend, q, k, v, causal, bias, key_padding_mask=None):
     import memtrace as mt
 
     def fn():
-        return mt.biased_attention(q, k, v, bias, causal=causal, backend=backend)
+        return mt.biased_attention(q, k, v, bias, causal=causal, backend=backend, key_padding_mask=key_padding_mask)
     return fn
+
+
+def left_padding_mask(B, T, fraction, device):
+    """bool [B, T], True = attend: the first round(fraction * T) keys of every row masked."""
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    mask[:, : round(fraction * T)] = False
+    return mask
+
+
+PADDING_FRACTION = 0.1
+PADDING_TRACES = (None, 2048)       # bias=None, and 2048 random traces per head
+
+
+def run_padding(args):
+    """--padding: the triton backend with a 10%-left-padded mask vs no mask, same shapes (GPU), or
+    a tiny shape on the CPU (reference; the Triton interpreter under TRITON_INTERPRET=1)."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype] if cuda else torch.float32
+    if cuda:
+        shapes = QUICK_SHAPES if args.quick else SHAPES
+        if getattr(args, "shapes", None):
+            shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
+    else:
+        shapes = [(1, 2, 2, 64, 32)]
+    causals = [False, True] if getattr(args, "causal", "both") == "both" else [args.causal == "1"]
+    backend = "triton" if cuda or os.environ.get("TRITON_INTERPRET") == "1" else "reference"
+    rows = []
+    for (B, Hq, Hkv, T, D) in shapes:
+        for causal in causals:
+            print(f"B={B} Hq={Hq} Hkv={Hkv} T={T} D={D} causal={causal} padding {PADDING_FRACTION:.0%} left",
+                  flush=True)
+            g = torch.Generator(device=device).manual_seed(0)
+            q = torch.randn(B, Hq, T, D, device=device, dtype=dtype, generator=g).requires_grad_(True)
+            k = torch.randn(B, Hkv, T, D, device=device, dtype=dtype, generator=g).requires_grad_(True)
+            v = torch.randn(B, Hkv, T, D, device=device, dtype=dtype, generator=g).requires_grad_(True)
+            dout = torch.randn(B, Hq, T, D, device=device, dtype=dtype, generator=g)
+            mask = left_padding_mask(B, T, PADDING_FRACTION, device)
+            common = {"B": B, "Hq": Hq, "Hkv": Hkv, "T": T, "D": D, "causal": causal,
+                      "dtype": args.dtype if cuda else "fp32"}
+            f_fwd, f_bwd = flops(B, Hq, T, D, causal, False), flops(B, Hq, T, D, causal, True)
+            for per_head in PADDING_TRACES:
+                per_head = per_head if cuda or not per_head else 64     # the interpreter: a small bias
+                bias = make_trace_bias(Hq, T, per_head, "random", causal, device) if per_head else None
+                timers = {}
+                for label, m in (("no mask", None), (f"left {PADDING_FRACTION:.0%} padded", mask)):
+                    row = dict(common, impl=f"padding[{backend}] {label}", traces=per_head or 0, pattern="random"
+                               if per_head else "")
+                    try:
+                        for backward in (False, True):
+                            key = "fwdbwd" if backward else "fwd"
+                            make = lambda m=m: memtrace_fn(backend, q, k, v, causal, bias, m)  # noqa: E731
+                            if cuda:
+                                ms, peak = measure(make, q, k, v, dout, backward=backward, quick=args.quick)
+                                row["peak_mib"] = max(row.get("peak_mib", 0.0), peak)
+                            else:
+                                ms = _cpu_ms(make(), backward, dout)
+                            row[f"{key}_ms"] = ms
+                            row[f"{key}_tflops"] = (f_bwd if backward else f_fwd) / ms / 1e9
+                        timers[label] = m
+                    except Exception as exc:
+                        row["error"] = error_text(exc)
+                    rows.append(row)
+                    print(f"  {row['impl']:<36} {per_head or 0:>6} " + (
+                        f"fwd {row['fwd_ms']:.3f} ms fwd+bwd {row['fwdbwd_ms']:.3f} ms" if "fwd_ms" in row
+                        else row.get("error", "")), flush=True)
+                if cuda and len(timers) == 2:     # the mask's cost, no mask and the mask back to back
+                    for phase, backward in (("fwd", False), ("fwdbwd", True)):
+                        def timer(m, backward=backward):
+                            return short_timer(memtrace_fn(backend, q, k, v, causal, bias, m), backward, dout,
+                                               (q, k, v))
+                        med, lo, hi = interleaved_overhead(timer(None), timer(mask))
+                        rows[-1][f"{phase}_mask_overhead"] = med
+                        rows[-1][f"{phase}_mask_overhead_range"] = [lo, hi]
+                    print(f"    mask vs no mask, interleaved: fwd {rows[-1]['fwd_mask_overhead']:+.1%}, "
+                          f"fwd+bwd {rows[-1]['fwdbwd_mask_overhead']:+.1%}", flush=True)
+                bias = None
+            q = k = v = dout = None
+            if cuda:
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _cpu_ms(fn, backward, dout, reps=3):
+    """Mean ms of fn() (or fn().backward) on the CPU, after a warm-up."""
+    fn().backward(dout)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        out = fn()
+        if backward:
+            out.backward(dout)
+    return (time.perf_counter() - t0) / reps * 1e3
 
 
 def measure(make_fn, q, k, v, dout, *, backward, quick):
@@ -499,6 +596,8 @@ def main(argv=None):
     parser.add_argument("--causal", choices=("both", "0", "1"), default="both")
     parser.add_argument("--only", choices=("all", "memtrace", "peers"), default="all",
                         help="measure only memtrace's rows or only the peers' (to finish a part cut short)")
+    parser.add_argument("--padding", action="store_true",
+                        help="only the padding rows: triton with a 10%%-left-padded key_padding_mask vs no mask")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="no run: join the rows of earlier (split) runs, recompute ratios, write --json/--markdown")
     args = parser.parse_args(argv)
@@ -524,7 +623,10 @@ def main(argv=None):
                 fh.write(markdown(rows, docs[0]["env"]))
         return result
     env = environment()
-    rows = run_gpu(args) if torch.cuda.is_available() else run_cpu(args)
+    if args.padding:
+        rows = run_padding(args)
+    else:
+        rows = run_gpu(args) if torch.cuda.is_available() else run_cpu(args)
     result = {"benchmark": "attention", "env": env, "quick": args.quick, "rows": rows}
     if args.json:
         _harness.write_json(args.json, result)

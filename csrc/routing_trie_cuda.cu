@@ -289,7 +289,10 @@ TrieArrays routing_update_cuda(const at::Tensor& parent, const at::Tensor& exper
     at::Tensor pos = at::cumsum(flag, 0, at::kLong);
     int64_t m = 0;
     if (total) {
-      const auto [items, bad] = last_value_and_flag(pos, flags, 0);
+      // plain locals, not a structured binding: TORCH_CHECK builds its message in a lambda, and a
+      // lambda capturing a structured binding crashed the process when the check failed
+      const std::pair<int64_t, int64_t> read = last_value_and_flag(pos, flags, 0);
+      const int64_t items = read.first, bad = read.second;
       TORCH_CHECK_VALUE(bad == 0, "routing_update: paths entries must be expert ids in [0, ", num_experts,
                         ") or -1 (no routing); ", bad, " are not");
       m = items;
@@ -372,7 +375,8 @@ TrieArrays routing_update_cuda(const at::Tensor& parent, const at::Tensor& exper
     at::Tensor cum_match = at::cumsum(match_t, 0, at::kLong);
     int64_t matches = 0;
     if (nt) {  // the trie's checks ride on this copy; nothing has been written from the level yet
-      const auto [count_matches, bad] = last_value_and_flag(cum_match, flags, 1);
+      const std::pair<int64_t, int64_t> read = last_value_and_flag(cum_match, flags, 1);
+      const int64_t count_matches = read.first, bad = read.second;
       TORCH_CHECK_VALUE(bad == 0, "routing_update: ", bad, " trie node(s) at depth ", d,
                         " break the trie's invariants (parent inside the previous level, expert id in [0, ",
                         num_experts, "), count >= 0, strictly increasing (parent, expert))");

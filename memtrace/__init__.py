@@ -21,8 +21,8 @@ _EXPORTS = {
     "Memtrace": "memtrace.training.manager",
     "MemtraceConfig": "memtrace.training.config",
 }
-_SUBMODULES = ("attention", "backends", "bias", "capture", "config", "crystallize", "integrations", "kernels", "memory",
-               "nn", "reference", "routing")
+_SUBMODULES = ("attention", "backends", "bias", "capture", "config", "crystallize", "experiment", "integrations",
+               "kernels", "memory", "nn", "reference", "routing", "stores", "viz")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

@@ -153,6 +153,10 @@ def check_choice(name: str, value, choices: Iterable[str]) -> str:
 
 # ---- attention (SPEC 2) ------------------------------------------------------------------------
 
+# The largest softmax scale taken: 1/sqrt(D) is ~0.1; at 1e4 a logit gap of 1e-3 already weighs e^10.
+MAX_SCALE = 1e4
+
+
 def check_attention_inputs(q, k, v, *, scale, alpha) -> None:
     """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D]; one dtype and device; Hq % Hkv == 0; D supported."""
     check_tensor("q", q, ndim=4, dtypes=ATTENTION_DTYPES)
@@ -183,6 +187,9 @@ def check_attention_inputs(q, k, v, *, scale, alpha) -> None:
         raise ValueError(f"k's sequence length must be in [1, {MAX_SEQ_LEN}], got {Tk}")
     if scale is not None:
         check_float("scale", scale, low=0.0, low_open=True)
+        if scale > MAX_SCALE:
+            raise ValueError(f"scale must be <= {MAX_SCALE:g}, got {scale:g}: the kernels form scale * q.k * log2(e) "
+                             "in float32, which overflows for large scales (and softmax is a hard max long before)")
     check_alpha(alpha, q)
 
 

@@ -42,9 +42,8 @@ from .backends import registry
 from .backends.base import Call, like, lse_to_bht
 from .bias import TraceBias
 
+# (BACKENDS and AUTO_PRIORITY are read from the registry on access: see __getattr__)
 __all__ = [
-    "AUTO_PRIORITY",
-    "BACKENDS",
     "BackwardObserver",
     "FusedBoundObserver",
     "available_backends",
@@ -76,7 +75,8 @@ class BackwardObserver(Protocol):
     """Anything biased_attention's backward can report to (memtrace.SalienceCapture is one)."""
 
     def fill(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, bound=None) -> None:
-        """Called once per backward with the biased forward's `out` and natural-log `lse`."""
+        """Called once per backward with the biased forward's `out` and natural-log `lse`; alpha may
+        be a 0-d tensor. A masked call also passes key_padding_mask=<bool [B, Tk]> (only then)."""
 
 
 @runtime_checkable
@@ -90,7 +90,8 @@ class FusedBoundObserver(BackwardObserver, Protocol):
         """A kernels CaptureBound for this call, or None."""
 
     def score_segments(self, q, k, v, lse, dout, bias, words, *, causal, scale, bound) -> None:
-        """Run between the dQ and dK/dV kernels, with the filled bound words."""
+        """Run between the dQ and dK/dV kernels, with the filled bound words (a masked call also
+        passes key_padding_mask=)."""
 
 
 # ================================================================================================
@@ -103,17 +104,24 @@ def _match_layout(ref, value):
     return like(ref, value)
 
 
-def run_forward(backend, auto, q, k, v, bias, entry_values, causal, scale, alpha):
-    """(out laid out like q, lse float32 [B, Hq, Tq]) from `backend` (or the next one under auto)."""
+def _mask_kw(key_padding_mask):
+    """The backends' key_padding_mask keyword, only for masked calls (a backend registered without
+    the keyword still serves unmasked ones)."""
+    return {} if key_padding_mask is None else {"key_padding_mask": key_padding_mask}
+
+
+def run_forward(backend, auto, q, k, v, bias, entry_values, causal, scale, alpha, key_padding_mask=None):
+    """(out laid out like q, lse float32 [B, Hq, Tq]) from `backend` (or the next one under auto).
+    alpha: a float or a 0-d tensor; key_padding_mask: None or bool [B, Tk]."""
     if bias is not None and bias.nnz == 0:
         bias, entry_values = None, None
     while True:
         try:
             out, lse = registry.REGISTRY[backend].forward(q, k, v, bias, entry_values, causal=causal, scale=scale,
-                                                          alpha=alpha)
+                                                          alpha=alpha, **_mask_kw(key_padding_mask))
             break
         except (RuntimeError, NotImplementedError) as exc:
-            backend = registry.fall_back(backend, auto, exc, q, k, v, bias, causal, alpha)
+            backend = registry.fall_back(backend, auto, exc, q, k, v, bias, causal, alpha, key_padding_mask)
     out = _match_layout(q, out if out.dtype == q.dtype else out.to(q.dtype))
     B, H, Tq = q.shape[:3]
     if lse.shape != (B, H, Tq) or lse.dtype != torch.float32 or not lse.is_contiguous():
@@ -122,7 +130,7 @@ def run_forward(backend, auto, q, k, v, bias, entry_values, causal, scale, alpha
 
 
 def run_backward(backend, auto, q, k, v, out, lse, dout, bias, entry_values, causal, scale, alpha,
-                 need_dvalues, capture_bound=None):
+                 need_dvalues, capture_bound=None, key_padding_mask=None):
     """(dq, dk, dv, dvalues, the backend that ran). capture_bound reaches the Triton backend only
     (the caller's capture may use it only when that backend ran)."""
     full_entries = entry_values
@@ -133,16 +141,16 @@ def run_backward(backend, auto, q, k, v, out, lse, dout, bias, entry_values, cau
         try:
             dq, dk, dv, dvalues = registry.REGISTRY[backend].backward(
                 q, k, v, out, lse, dout, bias, entry_values, causal=causal, scale=scale, alpha=alpha,
-                need_dvalues=need_dvalues and entry_values is not None, **extra)
+                need_dvalues=need_dvalues and entry_values is not None, **extra, **_mask_kw(key_padding_mask))
             break
         except (RuntimeError, NotImplementedError) as exc:
-            backend = registry.fall_back(backend, auto, exc, q, k, v, bias, causal, alpha)
+            backend = registry.fall_back(backend, auto, exc, q, k, v, bias, causal, alpha, key_padding_mask)
     if need_dvalues and full_entries is not None and dvalues is None:
         dvalues = torch.zeros_like(full_entries)
     return _match_layout(q, dq), _match_layout(k, dk), _match_layout(v, dv), dvalues, backend
 
 
-def _prefers_triton(q, k, v, bias, causal, capture) -> bool:
+def _prefers_triton(q, k, v, bias, causal, capture, key_padding_mask=None) -> bool:
     """Whether "auto" should run a capturing call on the Triton backend: its backward bounds the
     salience on the way, so the capture rescores a few segments instead of recomputing every
     tile (B2 H16 T4096 D128 on the H100: ~0.4 ms instead of ~2.8 ms; docs/perf-log.md), which
@@ -150,15 +158,16 @@ def _prefers_triton(q, k, v, bias, causal, capture) -> bool:
     one or the fused fill does not apply."""
     if not isinstance(capture, FusedBoundObserver) or registry.forced_backend() != "auto":
         return False
-    if registry.reasons_for("triton", Call(q, k, v, bias, causal, None)):
+    if registry.reasons_for("triton", Call(q, k, v, bias, causal, None, key_padding_mask)):
         return False
     return capture.fused_bound_applies(q, k)
 
 
-def _choose(backend, q, k, v, bias, causal, alpha, capture):
+def _choose(backend, q, k, v, bias, causal, alpha, capture, key_padding_mask=None):
     """(backend name, auto) for this call; forward and backward ask alike (memoised)."""
-    name, auto = registry.resolve(backend, q, k, v, bias, causal, alpha)
-    if capture is not None and auto and name != "triton" and _prefers_triton(q, k, v, bias, causal, capture):
+    name, auto = registry.resolve(backend, q, k, v, bias, causal, alpha, key_padding_mask)
+    if capture is not None and auto and name != "triton" and _prefers_triton(q, k, v, bias, causal, capture,
+                                                                              key_padding_mask):
         name = "triton"
     return name, auto
 
@@ -184,20 +193,24 @@ def _bias_from_tensors(tensors, shape):
                      _index=tuple(index), _index_rows=index_rows)
 
 
-def _forward(q, k, v, bias_tensors, entry_values, bias_shape, causal, scale, alpha, backend, capture=None,
-             bias=None):
+def _forward(q, k, v, bias_tensors, entry_values, bias_shape, causal, scale, alpha, backend, key_padding_mask=None,
+             alpha_tensor=None, capture=None, bias=None):
     """(out, lse) of biased attention. `backend` is what the user asked for ("auto" or a name),
-    resolved here; `bias` is the TraceBias that `bias_tensors` describe (rebuilt when not given)."""
+    resolved here; `bias` is the TraceBias that `bias_tensors` describe (rebuilt when not given).
+    alpha_tensor: a 0-d tensor alpha (then the float `alpha` is unused)."""
     if bias is None:
         bias = _bias_from_tensors(bias_tensors, bias_shape)
-    name, auto = _choose(backend, q, k, v, bias, causal, alpha, capture)
-    return run_forward(name, auto, q, k, v, bias, entry_values, causal, scale, alpha)
+    alpha = alpha if alpha_tensor is None else alpha_tensor
+    name, auto = _choose(backend, q, k, v, bias, causal, alpha, capture, key_padding_mask)
+    return run_forward(name, auto, q, k, v, bias, entry_values, causal, scale, alpha, key_padding_mask)
 
 
 def _backward(q, k, v, out, lse, dout, bias, entry_values, causal, scale, alpha, backend, need_dvalues,
-              capture=None):
-    """(dq, dk, dv, dvalues or None, the backend that ran); fills `capture` on the way."""
-    name, auto = _choose(backend, q, k, v, bias, causal, alpha, capture)
+              capture=None, key_padding_mask=None):
+    """(dq, dk, dv, dvalues or None, the backend that ran); fills `capture` on the way. alpha: a
+    float or a 0-d tensor."""
+    name, auto = _choose(backend, q, k, v, bias, causal, alpha, capture, key_padding_mask)
+    mask_kw = {} if key_padding_mask is None else {"key_padding_mask": key_padding_mask}
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
     bound = None
     if name == "triton" and isinstance(capture, FusedBoundObserver):
@@ -205,27 +218,31 @@ def _backward(q, k, v, out, lse, dout, bias, entry_values, causal, scale, alpha,
         if bound is not None:
             # rescored between the dQ and dK/dV kernels, so that the bound is gone before dK/dV exist
             bound.after_dq = functools.partial(capture.score_segments, q, k, v, lse, dout, bias, causal=causal,
-                                               scale=scale, bound=bound)
+                                               scale=scale, bound=bound, **mask_kw)
     dq, dk, dv, dvalues, ran = run_backward(name, auto, q, k, v, out, lse, dout, bias, entry_values, causal, scale,
-                                            alpha, need_dvalues, capture_bound=bound)
+                                            alpha, need_dvalues, capture_bound=bound, key_padding_mask=key_padding_mask)
     if capture is not None:
         if bound is not None:
             bound.after_dq = None       # the partial refers to the bound: no reference cycle left
         capture.fill(q, k, v, out, lse, dout, bias, entry_values, causal=causal, scale=scale, alpha=alpha,
-                     bound=bound if ran == "triton" else None)
+                     bound=bound if ran == "triton" else None, **mask_kw)
     return dq, dk, dv, dvalues, ran
 
 
 @torch.library.custom_op("memtrace::biased_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_tensors: Sequence[torch.Tensor],
             entry_values: torch.Tensor | None, bias_shape: Sequence[int], causal: bool, scale: float,
-            alpha: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, Hq, Tq, D] laid out like q, lse [B, Hq, Tq] float32) of biased attention."""
-    return _forward(q, k, v, bias_tensors, entry_values, bias_shape, causal, scale, alpha, backend)
+            alpha: float, backend: str, key_padding_mask: torch.Tensor | None = None,
+            alpha_tensor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Hq, Tq, D] laid out like q, lse [B, Hq, Tq] float32) of biased attention.
+    key_padding_mask: bool [B, Tk] or None; alpha_tensor: a 0-d alpha that replaces `alpha`."""
+    return _forward(q, k, v, bias_tensors, entry_values, bias_shape, causal, scale, alpha, backend, key_padding_mask,
+                    alpha_tensor)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, bias_tensors, entry_values, bias_shape, causal, scale, alpha, backend):
+def _fwd_fake(q, k, v, bias_tensors, entry_values, bias_shape, causal, scale, alpha, backend, key_padding_mask=None,
+              alpha_tensor=None):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -233,11 +250,13 @@ def _fwd_fake(q, k, v, bias_tensors, entry_values, bias_shape, causal, scale, al
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             lse: torch.Tensor, bias_tensors: Sequence[torch.Tensor], entry_values: torch.Tensor | None,
             bias_shape: Sequence[int], causal: bool, scale: float, alpha: float, backend: str,
-            need_dvalues: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            need_dvalues: bool, key_padding_mask: torch.Tensor | None = None,
+            alpha_tensor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv laid out like q, k, v; d entry_values [E] float32, or [0] when not needed)."""
     bias = _bias_from_tensors(bias_tensors, bias_shape)
-    dq, dk, dv, dvalues, _ = _backward(q, k, v, out, lse, dout, bias, entry_values, causal, scale, alpha,
-                                       backend, need_dvalues)
+    dq, dk, dv, dvalues, _ = _backward(q, k, v, out, lse, dout, bias, entry_values, causal, scale,
+                                       alpha if alpha_tensor is None else alpha_tensor, backend, need_dvalues,
+                                       key_padding_mask=key_padding_mask)
     if dvalues is None:
         dvalues = q.new_zeros(0, dtype=torch.float32)
     return dq, dk, dv, dvalues.float().contiguous()
@@ -245,7 +264,7 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 @_bwd_op.register_fake
 def _bwd_fake(dout, q, k, v, out, lse, bias_tensors, entry_values, bias_shape, causal, scale, alpha, backend,
-              need_dvalues):
+              need_dvalues, key_padding_mask=None, alpha_tensor=None):
     if need_dvalues and entry_values is not None:
         dvalues = entry_values.new_empty(entry_values.shape, dtype=torch.float32)
     else:
@@ -257,20 +276,31 @@ def _bwd_fake(dout, q, k, v, out, lse, bias_tensors, entry_values, bias_shape, c
 # The one autograd definition (the eager autograd.Function and the custom op share it)
 # ================================================================================================
 
+# The op's inputs: q, k, v, bias_tensors, entry_values, bias_shape, causal, scale, alpha, backend,
+# key_padding_mask, alpha_tensor; the eager autograd.Function adds capture, bias.
+_OP_INPUTS = 12
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, bias_tensors, entry_values, bias_shape, causal, scale, alpha, backend = inputs[:10]
-    capture, bias = (inputs[10:12] + (None, None))[:2]
+    is_function = len(inputs) > _OP_INPUTS
+    key_padding_mask, alpha_tensor = (tuple(inputs[10:_OP_INPUTS]) + (None, None))[:2]
+    capture, bias = (tuple(inputs[_OP_INPUTS:_OP_INPUTS + 2]) + (None, None))[:2]
     out, lse = output
     ctx.n_inputs = len(inputs)
+    ctx.is_function = is_function
     ctx.n_bias = len(bias_tensors)
     ctx.has_values = entry_values is not None
+    ctx.has_mask = key_padding_mask is not None
+    ctx.has_alpha_tensor = alpha_tensor is not None
     saved = [q, k, v, out, lse, *bias_tensors]
-    if entry_values is not None:
-        saved.append(entry_values)
+    for t in (entry_values, key_padding_mask, alpha_tensor):
+        if t is not None:
+            saved.append(t)
     ctx.save_for_backward(*saved)
     ctx.args = (list(bias_shape), causal, scale, alpha, backend)
     ctx.capture, ctx.bias = capture, bias
-    if ctx.n_inputs > 10:
+    if is_function:
         ctx.mark_non_differentiable(lse)
 
 
@@ -278,24 +308,30 @@ def _autograd_backward(ctx, dout, _dlse):
     saved = ctx.saved_tensors
     q, k, v, out, lse = saved[:5]
     bias_tensors = list(saved[5:5 + ctx.n_bias])
-    entry_values = saved[5 + ctx.n_bias] if ctx.has_values else None
+    rest = iter(saved[5 + ctx.n_bias:])
+    entry_values = next(rest) if ctx.has_values else None
+    key_padding_mask = next(rest) if ctx.has_mask else None
+    alpha_tensor = next(rest) if ctx.has_alpha_tensor else None
     bias_shape, causal, scale, alpha, backend = ctx.args
     need_dvalues = bool(ctx.has_values and ctx.needs_input_grad[4])
-    if ctx.n_inputs == 10:
+    if not ctx.is_function:
         # from the custom op (torch.compile, export, or a direct torch.ops call): stay an op
         dq, dk, dv, dvalues = _bwd_op(dout, q, k, v, out, lse, bias_tensors, entry_values, bias_shape, causal,
-                                      scale, alpha, backend, need_dvalues)
+                                      scale, alpha, backend, need_dvalues, key_padding_mask, alpha_tensor)
     else:
         bias = ctx.bias if ctx.bias is not None else _bias_from_tensors(bias_tensors, bias_shape)
-        dq, dk, dv, dvalues, ran = _backward(q, k, v, out, lse, dout, bias, entry_values, causal, scale, alpha,
-                                             backend, need_dvalues, ctx.capture)
+        dq, dk, dv, dvalues, ran = _backward(q, k, v, out, lse, dout, bias, entry_values, causal, scale,
+                                             alpha if alpha_tensor is None else alpha_tensor, backend, need_dvalues,
+                                             ctx.capture, key_padding_mask)
         if ran != "reference" and torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (dout, q, k, v, entry_values)):
             dq, dk, dv, dvalues = _refuse_double_backward(ran, (dq, dk, dv, dvalues if need_dvalues else None))
-    rest = [None] * (ctx.n_inputs - 5)
+    # as many as the inputs autograd saw: the op's trailing arguments left at their defaults are
+    # not among them (needs_input_grad has the inputs' structure on both paths)
+    nones = [None] * (len(ctx.needs_input_grad) - 5)
     # the op wants a gradient per tensor of its bias list; the autograd.Function None for the list
-    bias_grads = [None] * ctx.n_bias if ctx.n_inputs == 10 else None
-    return (dq, dk, dv, bias_grads, dvalues if need_dvalues else None, *rest)
+    bias_grads = None if ctx.is_function else [None] * ctx.n_bias
+    return (dq, dk, dv, bias_grads, dvalues if need_dvalues else None, *nones)
 
 
 torch.library.register_autograd("memtrace::biased_attention_fwd", _autograd_backward,
@@ -331,7 +367,8 @@ def _refuse_double_backward(backend, grads):
 # The public function
 # ================================================================================================
 
-def biased_attention(q, k, v, bias=None, *, causal=False, scale=None, alpha=1.0, capture=None, backend="auto"):
+def biased_attention(q, k, v, bias=None, *, causal=False, scale=None, alpha=1.0, capture=None, backend="auto",
+                     key_padding_mask=None):
     """Attention with a sparse additive bias: softmax(scale * q k^T + alpha * M) v (SPEC 2).
 
     q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D] with Hq % Hkv == 0; float16 / bfloat16 / float32
@@ -339,24 +376,40 @@ def biased_attention(q, k, v, bias=None, *, causal=False, scale=None, alpha=1.0,
     bias: a TraceBias built for Hq heads and at least (Tq, Tk); entries beyond the call's lengths
     are ignored, duplicates add; gradients reach `bias.value` when it requires grad.
     causal: bottom-right aligned (key j masked when j > i + Tk - Tq).
-    scale: defaults to 1/sqrt(D).  alpha: multiplies the bias.
+    scale: defaults to 1/sqrt(D).
+    alpha: multiplies the bias; a Python float, or a 0-d floating tensor on q's device (e.g.
+    beta / max(M) computed on the device), which is never read on the host (no sync). A tensor
+    alpha is a constant: it gets no gradient (one that requires grad is refused), the overflow
+    check of |alpha * bias| is not made for it, and since whether alpha * bias can make the
+    sparse correction cancel is unknown, "auto" runs biased tensor-alpha calls on the triton
+    backend (which recomputes cancelling rows) or the reference one.
     capture: a BackwardObserver (e.g. memtrace.SalienceCapture) filled by the backward (eager only).
     backend: "auto", "triton", "cudnn", "flash", "flash_attn" or "reference" (memtrace.backends).
+    key_padding_mask: None, or a bool tensor [B, Tk] on q's device, True = attend (transformers'
+    2-D attention_mask after .bool(); FlashAttention's varlen convention). False keys get no
+    attention mass in any row (bias entries on them add nothing and get zero gradient); a row with
+    no key left (with causal too) gives out = 0 and zero gradients, never NaN. Integer / float
+    masks are refused (as SDPA, which reads a float mask as additive): pass mask.bool(). Taken by
+    the triton and reference backends; "auto" routes masked calls there.
     Returns out [B, Hq, Tq, D] in q's dtype, laid out like q.
     """
     V.check_attention_inputs(q, k, v, scale=scale, alpha=alpha)
     causal = V.check_bool("causal", causal)
     V.check_attention_bias(bias, q, k)
+    if key_padding_mask is not None:
+        V.check_key_padding_mask(key_padding_mask, q, k)
     if capture is not None and not isinstance(capture, BackwardObserver):
         raise TypeError(f"capture must be a memtrace.SalienceCapture (a BackwardObserver) or None, "
                         f"got {type(capture).__name__}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    alpha = float(alpha)
+    alpha_tensor = alpha if isinstance(alpha, torch.Tensor) else None
+    alpha = 1.0 if alpha_tensor is not None else float(alpha)
     V.check_choice("backend", backend, registry.BACKENDS)
     entry_values = bias.entry_values() if bias is not None else None
     bias_shape = ([bias.num_heads, bias.seq_len_q, bias.seq_len_k, bias.index_rows] if bias is not None
                   else [0, 0, 0, 0])
-    args = (q, k, v, _bias_tensors(bias), entry_values, bias_shape, causal, scale, alpha, backend)
+    args = (q, k, v, _bias_tensors(bias), entry_values, bias_shape, causal, scale, alpha, backend,
+            key_padding_mask, alpha_tensor)
     if capture is None and _tracing(q):
         out, _ = _fwd_op(*args)
     else:   # eager (a capture is eager only: under torch.compile this is a graph break)

@@ -219,38 +219,45 @@ class SalienceCapture:
         return CaptureBound(torch.zeros(shape, dtype=torch.int32, device=q.device), _bound_threshold(self.threshold))
 
     @torch.no_grad()
-    def score_segments(self, q, k, v, lse, dout, bias, words, *, causal, scale, bound):
+    def score_segments(self, q, k, v, lse, dout, bias, words, *, causal, scale, bound, key_padding_mask=None):
         """The fused fill's PASS 0, for flash_bwd's after_dq: rescore the segments that the filled
         bound `words` lets through, into the shared glue (the `fill` that follows, given `bound`,
         does the rest); `words` is not kept."""
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        _score_segments(self, q, k, v, lse, dout, bias, causal, scale, words)
+        _score_segments(self, q, k, v, lse, dout, bias, causal, scale, words, _kernel_mask(key_padding_mask))
         bound.scored = True
 
     @torch.no_grad()
     def fill(self, q, k, v, out, lse, dout, bias, entry_values, *, causal=False, scale=None, alpha=1.0,
-              bound=None):
+              bound=None, key_padding_mask=None):
         """Fill from the backward's tensors. out / lse: the BIASED forward output and natural-log
         log-sum-exp (float32 [B, Hq, Tq], -inf on fully masked rows); dout: the output gradient;
         bias: TraceBias or None; entry_values: bias.entry_values() or None; bound: the
         CaptureBound of `fused_bound` that the Triton backward filled (and whose segments its
-        after_dq may have scored already, see `score_segments`); None: every tile is scored."""
+        after_dq may have scored already, see `score_segments`); None: every tile is scored.
+        alpha: a float or a 0-d tensor (used on the device, no sync). key_padding_mask: None or
+        bool [B, Tk] (True = attend): P = 0 on masked keys, so an edge (h, i, j) whose key is masked
+        in every batch element scores S = a = 0 and is never listed; a bias entry there scores 0."""
         V.check_capture_fill_inputs(q, k, v, lse, dout, bias)
         B, Hq, Tq, D = q.shape
         Tk = k.shape[2]
         scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-        alpha = float(alpha)
+        if not isinstance(alpha, torch.Tensor):
+            alpha = float(alpha)
+        if key_padding_mask is not None:
+            V.check_key_padding_mask(key_padding_mask, q, k)
         if bias is not None and entry_values is None:
             entry_values = bias.entry_values()
         if q.is_cuda or (_use_interpreter() and q.dtype != torch.float64):
             if q.is_cuda:
                 with torch.cuda.device(q.device):
                     result = _fill_triton(self, q, k, v, lse, dout, bias, entry_values, causal, scale, alpha,
-                                          bound)
+                                          bound, key_padding_mask)
             else:
-                result = _fill_triton(self, q, k, v, lse, dout, bias, entry_values, causal, scale, alpha, bound)
+                result = _fill_triton(self, q, k, v, lse, dout, bias, entry_values, causal, scale, alpha, bound,
+                                      key_padding_mask)
         else:
-            result = _fill_dense(self, q, k, v, dout, bias, causal, scale, alpha)
+            result = _fill_dense(self, q, k, v, dout, bias, causal, scale, alpha, key_padding_mask)
         self._edges, self._num_edges, self._bias_scores, self._stats = result
         self.bias = bias
         self.num_heads, self.seq_len_q, self.seq_len_k = Hq, Tq, Tk
@@ -459,7 +466,16 @@ def _kernel_threshold(threshold: float) -> float:
     return float(t32)
 
 
-def _score_segments(cap, q, k, v, lse, dout, bias, causal, scale, words):
+def _kernel_mask(key_padding_mask):
+    """The key padding mask as the salience kernels read it (int8 [B, Tk] contiguous), or None."""
+    if key_padding_mask is None:
+        return None
+    from memtrace.kernels.attention import key_mask_2d
+    return key_mask_2d(key_padding_mask, key_padding_mask.shape[0], key_padding_mask.shape[1],
+                       key_padding_mask.device)
+
+
+def _score_segments(cap, q, k, v, lse, dout, bias, causal, scale, words, kmask=None):
     """PASS 0 of a fused fill from the filled bound words (see `_salience_segment_kernel`): reset
     the shared glue's counters and rescore the segments that pass. The backward's dots ran in IEEE
     float32 for float32 inputs (flash_bwd's default); the rescoring uses the same, so that the
@@ -475,12 +491,16 @@ def _score_segments(cap, q, k, v, lse, dout, bias, causal, scale, words):
     K.launch_segments(q, k, v, dout, lse.float(), words, seg=CAPTURE_SEG, bits=bits, bound_limit=levels * B,
                       threshold=_kernel_threshold(cap.threshold), qk_scale=scale * LOG2E,
                       causal_offset=(Tk - Tq) if causal else Tk, bias=bias, cnt=glue.cnt, capacity=cap.capacity,
-                      out=glue.out, precision="ieee", sparse_emit=_settings().capture_segment_emit)
+                      out=glue.out, precision="ieee", sparse_emit=_settings().capture_segment_emit,
+                      key_padding_mask=kmask)
 
 
-def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alpha, bound=None):
+def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alpha, bound=None,
+                 key_padding_mask=None):
     """bound: None (PASS 0 scores every tile) or the fused path's CaptureBound: its segments already
-    scored by the backward (bound.scored), or still to score from bound.words."""
+    scored by the backward (bound.scored), or still to score from bound.words. alpha: a float or
+    a 0-d tensor; key_padding_mask: None or bool [B, Tk]."""
+    kmask = _kernel_mask(key_padding_mask)
     from memtrace.kernels import salience as K
 
     _, Hq, Tq, D = q.shape
@@ -503,7 +523,7 @@ def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alp
     glue = _fill_glue(device, capacity, _narrow_keys(Hq, Tq, Tk))
     if bound is not None and not bound.scored:
         words, bound.words = bound.words, None
-        _score_segments(cap, q, k, v, lse, dout, bias, causal, scale, words)
+        _score_segments(cap, q, k, v, lse, dout, bias, causal, scale, words, kmask)
         del words
     elif bound is None:
         glue.begin(Tq, Tk)
@@ -521,7 +541,7 @@ def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alp
                   entries=entries, cnt=cnt, capacity=capacity, out=out, staging=staging,
                   stg_capacity=capacity, tile_max=tile_max, hist=hist, config=config,
                   precision=precision, hist_in_main=hist_in_main, use_desc=_USE_DESC,
-                  sparse_emit=_settings().capture_emit)
+                  sparse_emit=_settings().capture_emit, key_padding_mask=kmask)
     if bound is None:
         K.launch_tiles(0, q, k, v, dout, lse, **common)
     # The overflow passes (no-ops without overflow) read through pointers: no descriptors to build,
@@ -536,7 +556,7 @@ def _fill_triton(cap, q, k, v, lse, dout, bias, entry_values, causal, scale, alp
     bias_scores = None
     if bias is not None:
         bias_scores = _score_entries_triton(q, k, v, lse, dout, bias, entry_values, scale, alpha,
-                                            causal_offset)
+                                            causal_offset, kmask)
     return edges, num_edges, bias_scores, stats
 
 
@@ -564,24 +584,29 @@ def _merge_staging(out_rows, stg_rows, winners, staged, overflow, capacity, Tq, 
     out_rows.scatter_(1, dest.expand(5, -1), stg[:, perm])
 
 
-def _score_entries_triton(q, k, v, lse, dout, bias, entry_values, scale, alpha, causal_offset):
+def _score_entries_triton(q, k, v, lse, dout, bias, entry_values, scale, alpha, causal_offset, kmask=None):
     from memtrace.kernels import salience as K
 
+    values = entry_values.detach().float()
+    if isinstance(alpha, torch.Tensor):     # a tensor alpha folded into the values (no host sync)
+        values, alpha = values * alpha.detach().float(), 1.0
     h, i, j = bias.entry_coords()
     E = h.shape[0]
     S_sorted = torch.zeros(E, dtype=torch.float32, device=q.device)
     a_sorted = torch.zeros(E, dtype=torch.float32, device=q.device)
     K.launch_entries(q, k, v, dout, lse, h.to(torch.int32), i.to(torch.int32), j.to(torch.int32),
-                     entry_values.detach().float().contiguous(), S_sorted, a_sorted,
-                     qk_scale=scale * LOG2E, alpha_log2=alpha * LOG2E, causal_offset=causal_offset)
+                     values.contiguous(), S_sorted, a_sorted,
+                     qk_scale=scale * LOG2E, alpha_log2=alpha * LOG2E, causal_offset=causal_offset,
+                     key_padding_mask=kmask)
     src = bias.src_entry.long()
     return S_sorted[src], a_sorted[src]
 
 
 # ---- dense reference path (CPU without the interpreter, float64) ---------------------------------
 
-def _fill_dense(cap, q, k, v, dout, bias, causal, scale, alpha):
+def _fill_dense(cap, q, k, v, dout, bias, causal, scale, alpha, key_padding_mask=None):
     from memtrace import reference as R
+    from memtrace.reference.attention import _expand_kv, probabilities
 
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
@@ -590,8 +615,16 @@ def _fill_dense(cap, q, k, v, dout, bias, causal, scale, alpha):
     dense_bias = None
     if bias is not None:
         dense_bias = R.dense_bias(bias.head, bias.q_idx, bias.k_idx, bias.value.detach(), Hq, Tq, Tk)
-    S, a = R.salience(q.double(), k.double(), v.double(), dout.double(), dense_bias,
-                      causal=causal, scale=scale, alpha=alpha)
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.detach().double()
+    if key_padding_mask is None:
+        S, a = R.salience(q.double(), k.double(), v.double(), dout.double(), dense_bias,
+                          causal=causal, scale=scale, alpha=alpha)
+    else:       # R.salience with the mask: P = 0 on masked keys
+        probs = probabilities(q.double(), k.double(), dense_bias, causal=causal, scale=scale, alpha=alpha,
+                              key_padding_mask=key_padding_mask)
+        dprobs = torch.matmul(dout.double(), _expand_kv(v.double(), Hq).transpose(-1, -2))
+        S, a = (probs * dprobs.abs()).mean(dim=0), probs.mean(dim=0)
     cand = S > cap.threshold
     if bias is not None:
         inside = (bias.q_idx < Tq) & (bias.k_idx < Tk)

@@ -7,6 +7,12 @@
     memtrace parity [--trials N] [--seed S] [--backends a,b] [--max-len T]
         Random shapes against the float64 reference for every backend that can run here; prints
         the worst relative errors per backend and quantity, and exits 1 if any exceeds SPEC 7.
+    memtrace experiment --task T [--arms ...] [--seeds N] [--steps N] [--device cpu|cuda] | --plan P | --report
+        The ablation experiment of issue 29 (memtrace/experiment/README.md).
+    memtrace viz [traces|history|routing|motifs|experiment] INPUT --out DIR
+        Pictures (SPEC 12) of a Memtrace / TraceMemory / RoutingTree state file or a JSON metrics
+        log / experiment runs: PNGs, routing.html and a self-contained index.html in DIR (all
+        pictures the input allows, or the one kind named).
 
 The benchmarks are not an installed package: they are found next to the package in a source
 checkout (the editable install), or in the directory named by MEMTRACE_BENCHMARKS_DIR.
@@ -254,6 +260,41 @@ def _describe(case):
             f"causal={case['causal']} {case['dtype']} alpha={case['alpha']} entries={case['entries']}")
 
 
+# ---- viz ----------------------------------------------------------------------------------------
+
+VIZ_KINDS = ("traces", "history", "routing", "motifs", "experiment")
+
+
+def cmd_viz(args) -> int:
+    words = args.inputs
+    kind = None
+    if len(words) == 2 and words[0] in VIZ_KINDS:
+        kind, words = words[0], words[1:]
+    if len(words) != 1:
+        print(f"memtrace viz: give one input file, optionally after a kind ({', '.join(VIZ_KINDS)})",
+              file=sys.stderr)
+        return 2
+    try:
+        from memtrace.viz import load_state, write_report
+        state = load_state(words[0])
+        wanted = {"traces": ("memory",), "history": ("metrics_log",), "routing": ("tree", "registry"),
+                  "motifs": ("registry", "tree"), "experiment": ("runs",)}
+        if kind is not None:
+            if wanted[kind][0] not in state or state[wanted[kind][0]] is None:
+                print(f"memtrace viz: {words[0]} holds nothing for '{kind}'", file=sys.stderr)
+                return 2
+            state = {k: v for k, v in state.items() if k in wanted[kind]}
+            if kind == "motifs":       # the motif pictures only (the tree refreshes their statistics)
+                state = {"registry": state["registry"]}
+        written = write_report(args.out, **state)
+    except (OSError, ValueError, TypeError, ImportError) as exc:
+        print(f"memtrace viz: {exc}", file=sys.stderr)
+        return 2
+    for name, path in written.items():
+        print(f"{name:<20} {path}")
+    return 0
+
+
 # ---- entry point --------------------------------------------------------------------------------
 
 def _int_in(low, high=None):
@@ -272,7 +313,7 @@ def _int_in(low, high=None):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="memtrace", description="memtrace: benchmarks and parity checks")
+    parser = argparse.ArgumentParser(prog="memtrace", description="memtrace: benchmarks, parity checks, the experiment")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="run the benchmark scripts (benchmarks/bench_*.py)")
     bench.add_argument("--quick", action="store_true", help="a short subset of each benchmark")
@@ -288,6 +329,13 @@ def build_parser():
     parity.add_argument("--max-len", type=_int_in(1, 65535), default=None,
                         help="longest sequence (default 300 on CUDA, 24 on CPU)")
     parity.set_defaults(func=cmd_parity)
+    viz = sub.add_parser("viz", help="pictures of a state file: PNGs and a self-contained HTML page")
+    viz.add_argument("inputs", nargs="+", metavar="[KIND] INPUT",
+                     help=f"optional kind ({', '.join(VIZ_KINDS)}) and the input file")
+    viz.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (created; its parent must exist)")
+    viz.set_defaults(func=cmd_viz)
+    from .experiment.command import add_parser as add_experiment_parser  # the experiment (issue 29)
+    add_experiment_parser(sub)
     return parser
 
 

@@ -41,6 +41,16 @@ masked rows: no new work in any loop), and two slow-path launches (_exact_rows_q
 _exact_rows_kv_kernel) rebuild their dQ, dvalues and dK/dV terms with the bias inside the tile
 loop; programs that see no flagged row exit after reading the flags. Without row_flags the
 backward recomputes the flags from LSE' (one extra pass over the entries).
+
+Key padding masks (flash_fwd / flash_bwd(key_padding_mask=bool or int8 [B, Tk], nonzero =
+attend)): every kernel on the fused path has a constexpr HAS_MASK variant (the unmasked kernels
+are unchanged: same code, one unused pointer argument). Forward and dQ run every key block through
+their masked loop with the mask loaded per key block; dK/dV run unmasked and store 0 on masked
+keys (their P is 0 in every row; a block with no key left skips its loops); every entry helper
+drops entries on masked keys (entries.entry_ok), so they add nothing and get zero d values; the
+cancelling-row kernels (cancel.py, correct_fwd's recompute) and the capture bound honour the mask.
+Masked calls never take the warp-specialized forward or the split forms (correct_fwd /
+correct_bwd take no mask). A row with no key left gives out 0, lse -inf, zero gradients.
 """
 from .._common import dot_precision
 from ..salience.bound import (
@@ -55,7 +65,7 @@ from ..salience.bound import (
 )
 from .bwd import flash_bwd
 from .cancel import cancelling_rows, exact_rows_bwd, mask_dout, mask_lse
-from .checks import SUPPORTED_HEAD_DIMS
+from .checks import SUPPORTED_HEAD_DIMS, key_mask_2d
 from .config import capture_supported
 from .correct_bwd import correct_bwd
 from .correct_fwd import correct_fwd, recompute_flagged_rows
@@ -66,5 +76,5 @@ __all__ = [
     "CANCEL_THRESHOLD", "CAPTURE_FIELD_MAX", "CAPTURE_MIN_LEVELS", "CAPTURE_SEG", "SUPPORTED_HEAD_DIMS",
     "CaptureBound", "cancelling_rows", "capture_all_pass_word", "capture_bound_fields", "capture_bound_format",
     "capture_bound_passing", "capture_supported", "correct_bwd", "correct_fwd", "dot_precision", "exact_rows_bwd",
-    "flash_bwd", "flash_fwd", "mask_dout", "mask_lse", "recompute_flagged_rows",
+    "flash_bwd", "flash_fwd", "key_mask_2d", "mask_dout", "mask_lse", "recompute_flagged_rows",
 ]

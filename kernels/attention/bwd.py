@@ -17,7 +17,7 @@ from .. import settings
 from .._common import INTERPRET, LOG2E, dot_precision
 from ..salience.bound import CAPTURE_SEG, CaptureBound, capture_all_pass_word, capture_bound_format
 from .cancel import cancel_flags, exact_rows
-from .checks import check_common, flags_2d, last_dim_contiguous
+from .checks import check_common, flags_2d, key_mask_2d, last_dim_contiguous
 from .config import (
     bwd_configs,
     desc4,
@@ -30,7 +30,15 @@ from .config import (
     use_tma,
 )
 from .correct_bwd import correct_bwd
-from .entries import block_range, dkdv_entries, dkdv_entries_rows, dq_entries, dq_entries_rows
+from .entries import (
+    block_range,
+    dkdv_entries,
+    dkdv_entries_rows,
+    dq_entries,
+    dq_entries_rows,
+    key_live,
+    key_mask_row,
+)
 
 # The split backward's key-side correction (dK, dV) touches nothing the dense dQ kernel writes.
 # So the split backward runs the dense dK/dV kernel first, then the dense dQ kernel on a
@@ -125,11 +133,11 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, 
 
 @triton.autotune(configs=bwd_configs("dkdv"),
                  key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "TMA_OK", "ENTRY_FORM",
-                      "CHUNK"],
+                      "CHUNK", "HAS_MASK"],
                  prune_configs_by={"early_config_prune": prune_dkdv})
 @triton.jit
 def _flash_bwd_dkdv_kernel(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse2, Delta,
-                           EntryPos, EntryVal, KOrder, KOffsets, QOffsets, Flags,
+                           EntryPos, EntryVal, KOrder, KOffsets, QOffsets, Flags, KMask,
                            stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                            stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                            stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
@@ -137,12 +145,17 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse2, Delta,
                            TQ_KEY, TK_KEY, TMA_OK,
                            HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                            CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, ENTRY_FORM: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DESC: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DESC: tl.constexpr,
+                           HAS_MASK: tl.constexpr = False):
     """DK, DV [B,Hkv,Tk,D] for keys [n0, n0+BLOCK_N) of (b, kv head).
 
     Grid (cdiv(Tk, BLOCK_N), B*Hkv). Loops over the GROUP query heads of the kv head and over
     their query blocks (causal: from the first block that sees the keys; masked blocks first),
     then adds the entry terms of each head's entries in this key block (k_order).
+    HAS_MASK: KMask int8 [B, Tk] is the key padding mask. A masked key's P is 0 in every row and
+    its dK, dV rows are its own, so the loops run unmasked and the masked keys' rows are stored as
+    0 (a block with no key left skips the loops); the entry terms skip entries on masked keys
+    (the rows form's one-hot dots would spread their values over the block).
     """
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -170,6 +183,12 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse2, Delta,
         lo = 0
         mid = 0
     hi = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
+    km = key_mask_row(KMask, b, Tk, HAS_MASK)
+    if HAS_MASK:
+        keep = key_live(km, offs_n, Tk)
+        hi = tl.where(tl.max(keep.to(tl.int32), 0) > 0, hi, 0)     # no key of the block left: no loop
+        mid = tl.minimum(mid, hi)
+        lo = tl.minimum(lo, hi)
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * Hq + h
@@ -192,13 +211,17 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse2, Delta,
                                             Lse2 + bh * Tq, Delta + bh * Tq, K + b * stride_kb + hk * stride_kh,
                                             V + b * stride_vb + hk * stride_vh, stride_qm, stride_dom,
                                             stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2,
-                                            CAUSAL, CHUNK, DOT_PREC)
+                                            CAUSAL, CHUNK, DOT_PREC, km, HAS_MASK)
             else:
                 dk, dv = dkdv_entries(dk, dv, k, v, offs_n, t_lo, t_hi, KOrder, EntryPos, EntryVal,
                                        Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
                                        Lse2 + bh * Tq, Delta + bh * Tq, stride_qm, stride_dom, 1, offs_d,
-                                       Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC, False)
+                                       Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC, False,
+                                       km, HAS_MASK)
     dk = dk * scale
+    if HAS_MASK:
+        dk = tl.where(keep[:, None], dk, 0.0)
+        dv = tl.where(keep[:, None], dv, 0.0)
     tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
@@ -210,12 +233,14 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, 
               offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, k_desc, v_desc, b, hk,
               cap_bound, cap_scale, cap_limit, Tq,
               CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-              USE_DESC: tl.constexpr, CAPTURE: tl.constexpr):
+              USE_DESC: tl.constexpr, CAPTURE: tl.constexpr, KM=None, HAS_MASK: tl.constexpr = False):
     """dQ (unscaled) of one row block over key blocks [lo, hi). Keys past Tk are loaded as zero
     rows, which add nothing to dq; MASKED applies the causal mask. USE_DESC: K/V tiles by TMA
     (as in _fwd_tiles). CAPTURE (the field width in bits, 0 = off): also add, per row, the levels
     ceil(min(cap_scale * max P*|dP|, cap_limit)) of each field's keys into that field of
-    cap_bound[key block, row] (the salience capture's segment bound, see flash_bwd)."""
+    cap_bound[key block, row] (the salience capture's segment bound, see flash_bwd). HAS_MASK
+    (masked blocks only): P = 0 on the keys that the key padding mask KM drops, so they add
+    nothing to dq and never reach the bound."""
     for n0 in range(lo, hi, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         cols = n0 + offs_n
@@ -232,6 +257,8 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, 
         p = tl.math.exp2(qk * qk_scale2 - lse2[:, None])
         if MASKED and CAUSAL:
             p = tl.where(cols[None, :] <= offs_m[:, None] + causal_off, p, 0.0)
+        if MASKED and HAS_MASK:
+            p = tl.where(key_live(KM, cols, Tk)[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
@@ -260,11 +287,11 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, 
 
 @triton.autotune(configs=bwd_configs("dq"),
                  key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "DOT_PREC", "TMA_OK", "ENTRY_FORM",
-                      "CHUNK", "CAPTURE"],
+                      "CHUNK", "CAPTURE", "HAS_MASK"],
                  prune_configs_by={"early_config_prune": prune_dq}, reset_to_zero=["CapBound"])
 @triton.jit
 def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
-                         EntryPos, EntryVal, QOffsets, CapBound, cap_scale, cap_limit, cap_blocks,
+                         EntryPos, EntryVal, QOffsets, CapBound, cap_scale, cap_limit, cap_blocks, KMask,
                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                          stride_dqb, stride_dqh, stride_dqm,
@@ -273,13 +300,15 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
                          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                          CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, NEED_DVAL: tl.constexpr,
                          ENTRY_FORM: tl.constexpr, CAPTURE: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DESC: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DESC: tl.constexpr,
+                         HAS_MASK: tl.constexpr = False):
     """DQ [B,Hq,Tq,D] for rows [m0, m0+BLOCK_M) of (b, h), and DvalPart[b, e] for their entries.
 
     Grid (cdiv(Tq, BLOCK_M), B*Hq). Dense loop over the visible key blocks (unmasked, then the
     diagonal/tail blocks masked), then the entry terms of the block's entries (entry_pos order).
     CAPTURE (field bits, 0 = off): CapBound int32 [Hq, cap_blocks, Tq] (BLOCK_N == the capture's
     segment width) receives the salience bound of every (row, key block) the loops visit.
+    HAS_MASK: KMask int8 [B, Tk] is the key padding mask; every key block runs the masked loop.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -306,6 +335,9 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
         hi = Tk
         full = Tk
     full = (full // BLOCK_N) * BLOCK_N
+    km = key_mask_row(KMask, b, Tk, HAS_MASK)
+    if HAS_MASK:
+        full = 0
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     cap_bound = CapBound + h.to(tl.int64) * cap_blocks * Tq
     dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, 0, full,
@@ -313,7 +345,8 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
                    cap_bound, cap_scale, cap_limit, Tq, CAUSAL, False, BLOCK_N, DOT_PREC, USE_DESC, CAPTURE)
     dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, full, hi,
                    offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, KDesc, VDesc, b, hk,
-                   cap_bound, cap_scale, cap_limit, Tq, CAUSAL, True, BLOCK_N, DOT_PREC, USE_DESC, CAPTURE)
+                   cap_bound, cap_scale, cap_limit, Tq, CAUSAL, True, BLOCK_N, DOT_PREC, USE_DESC, CAPTURE,
+                   km, HAS_MASK)
     if HAS_BIAS:
         e_lo, e_hi = block_range(QOffsets, h, m0, tl.minimum(m0 + BLOCK_M, Tq), TqMax)
         if ENTRY_FORM == 1:
@@ -321,11 +354,11 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
                                   Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
                                   Lse2 + bh.to(tl.int64) * Tq, Delta + bh.to(tl.int64) * Tq, k_base, v_base,
                                   stride_qm, stride_dom, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
-                                  qk_scale2, alpha2, alpha, CAUSAL, CHUNK, DOT_PREC, NEED_DVAL)
+                                  qk_scale2, alpha2, alpha, CAUSAL, CHUNK, DOT_PREC, NEED_DVAL, km, HAS_MASK)
         else:
             dq = dq_entries(dq, q, do, lse2, delta, offs_m, e_lo, e_hi, EntryPos, EntryVal, DvalPart + b * E,
                              k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
-                             qk_scale2, alpha2, alpha, CAUSAL, CHUNK, DOT_PREC, NEED_DVAL)
+                             qk_scale2, alpha2, alpha, CAUSAL, CHUNK, DOT_PREC, NEED_DVAL, km, HAS_MASK)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
@@ -333,7 +366,8 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
 
 def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: bool, scale: float,
               alpha: float, need_dvalues: bool, allow_tf32: bool = False, chunk: int | None = None, row_flags=None,
-              may_cancel: bool = True, capture_bound: CaptureBound | None = None, beside_dq=None):
+              may_cancel: bool = True, capture_bound: CaptureBound | None = None, beside_dq=None,
+              key_padding_mask=None):
     """Backward of flash_fwd: (dq, dk, dv, dvalues).
 
     out, lse are flash_fwd's results (biased O', natural LSE'); dout [B,Hq,Tq,D]. dq has q's
@@ -368,11 +402,16 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     BEFORE the dQ kernel; the dQ kernel runs meanwhile on a high-priority stream
     (_priority_stream), joined before return. delta: the preprocess's float32 [B*Hq, Tq], which
     then also takes the place of dvalues in the result: (dq, dk, dv, delta).
+
+    key_padding_mask: None, or bool/int8 [B, Tk] (nonzero = attend), as given to flash_fwd:
+    masked keys get zero dK, dV, their entries zero dvalues, and neither reaches the capture
+    bound. Masked calls take the fused form only (never split_backward / correct_bwd).
     """
     B, Hq, Hkv, Tq, Tk, D = check_common(q, k, v, bias)
-    if beside_dq is not None and (bias is not None or capture_bound is not None):
-        raise ValueError("beside_dq needs bias=None and no capture_bound")
-    if split_backward(bias, may_cancel, capture_bound):
+    kmask = key_mask_2d(key_padding_mask, B, Tk, q.device)
+    if beside_dq is not None and (bias is not None or capture_bound is not None or kmask is not None):
+        raise ValueError("beside_dq needs bias=None, no capture_bound and no key_padding_mask")
+    if kmask is None and split_backward(bias, may_cancel, capture_bound):
         ev = bias.entry_values() if entry_values is None else entry_values
         kw = {"causal": causal, "scale": scale, "alpha": alpha, "allow_tf32": allow_tf32}
 
@@ -401,7 +440,7 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
             row_flags = torch.empty(1, dtype=torch.int8, device=dev)
         elif row_flags is None:
             row_flags = cancel_flags(q, k, lse, bias, entry_values, causal=causal, scale=scale, alpha=alpha,
-                                      prec=prec)
+                                      prec=prec, key_padding_mask=kmask)
         else:
             row_flags = flags_2d(row_flags, B, Hq, Tq)
         flags = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -446,12 +485,13 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     q_desc, k_desc, v_desc, do_desc = ((desc4(t) for t in (q, k, v, dout)) if use_desc else (q, k, v, dout))
     common = dict(HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=has_bias, CHUNK=chunk, DOT_PREC=prec,
                   ENTRY_FORM=entry_form(bias) if has_bias else 0,
-                  **interpret_desc(use_desc))
+                  **interpret_desc(use_desc), **({} if kmask is None else {"HAS_MASK": True}))
+    km_arg = row_flags if kmask is None else kmask
     def launch_dq():
         cap_words = capture_bound.words if capture else torch.empty(1, dtype=torch.int32, device=dev)
         _flash_bwd_dq_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)](
             q, k, v, dout, k_desc, v_desc, dq, lse2, delta, dval_part, ep, entry_values, qo,
-            cap_words, cap_scale, cap_limit, triton.cdiv(Tk, CAPTURE_SEG),
+            cap_words, cap_scale, cap_limit, triton.cdiv(Tk, CAPTURE_SEG), km_arg,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
@@ -460,7 +500,7 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
 
     def launch_dkdv(dk, dv):
         _flash_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)](
-            q, k, v, dout, q_desc, do_desc, dk, dv, lse2, delta, ep, entry_values, ko, kof, qo, flags,
+            q, k, v, dout, q_desc, do_desc, dk, dv, lse2, delta, ep, entry_values, ko, kof, qo, flags, km_arg,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
@@ -501,7 +541,7 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     if has_bias and may_cancel:  # the cancelling rows, excluded above (lse2 = +inf), done exactly
         exact_rows(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, row_flags,
                     dval_part if need_dval else None, causal=causal, scale=scale, dq_scale=scale * sign,
-                    alpha=alpha, prec=prec)
+                    alpha=alpha, prec=prec, key_padding_mask=kmask)
     # with q negated (negative scale), dk = scale' dS (-q) is already right; dq's scale carries the sign
     if not need_dvalues:
         return dq, dk, dv, None

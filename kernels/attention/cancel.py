@@ -34,6 +34,8 @@ from .entries import (
     entry_ok,
     flagged_rows,
     gather,
+    key_live,
+    key_mask_row,
     load_entries,
     rows_with_entries,
     unpack,
@@ -41,15 +43,16 @@ from .entries import (
 
 
 @triton.jit
-def _cancel_flags_kernel(Q, K, Lse, Flags, EntryPos, EntryVal, QOffsets,
+def _cancel_flags_kernel(Q, K, Lse, Flags, EntryPos, EntryVal, QOffsets, KMask,
                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                          stride_lb, stride_lh, stride_lm,
                          Hq, GROUP, Tq, Tk, TqMax, causal_off, qk_scale2, alpha2, excess,
                          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                         CHUNK: tl.constexpr, DOT_PREC: tl.constexpr):
+                         CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, HAS_MASK: tl.constexpr = False):
     """Flags[bh, i] (int8) = 1 where row i is cancelling: sum_e (P_e - P'_e) > excess, with
     P = exp(s - LSE'), P' = exp(s + alpha b - LSE') over the row's entries (Lse is the BIASED
     natural LSE'). Grid (cdiv(Tq, BLOCK_M), B*Hq); every row < Tq is written (0 without entries).
+    HAS_MASK: entries on keys that the key padding mask KMask (int8 [B, Tk]) drops are skipped.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -71,7 +74,7 @@ def _cancel_flags_kernel(Q, K, Lse, Flags, EntryPos, EntryVal, QOffsets,
         excess_sum = tl.zeros([BLOCK_M], tl.float32)
         for e0 in range(e_lo, e_hi, CHUNK):
             val, i_e, j_e, ok = load_entries(EntryPos, EntryVal, e0 + tl.arange(0, CHUNK), e_hi, Tq, Tk,
-                                              causal_off, CAUSAL)
+                                              causal_off, CAUSAL, key_mask_row(KMask, b, Tk, HAS_MASK), HAS_MASK)
             kg = gather(k_base, j_e, stride_kn, offs_d, ok)
             u = tl.dot(q, tl.trans(kg), input_precision=DOT_PREC) * qk_scale2 - lse2[:, None]
             hit = (offs_m[:, None] == i_e[None, :]) & ok[None, :]
@@ -95,7 +98,7 @@ def _load_row_state(q_base, o_base, do_base, lse_base, rows, sel, stride_qm, str
 
 
 @triton.jit
-def _exact_rows_q_kernel(Q, K, V, Out, Lse, DO, DQ, DvalPart, Flags, EntryPos, EntryVal, QOffsets,
+def _exact_rows_q_kernel(Q, K, V, Out, Lse, DO, DQ, DvalPart, Flags, EntryPos, EntryVal, QOffsets, KMask,
                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                          stride_lb, stride_lh, stride_lm, stride_dob, stride_doh, stride_dom,
@@ -103,14 +106,15 @@ def _exact_rows_q_kernel(Q, K, V, Out, Lse, DO, DQ, DvalPart, Flags, EntryPos, E
                          Hq, GROUP, Tq, Tk, TqMax, E, causal_off, dq_scale, qk_scale2, alpha2, alpha,
                          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
-                         NEED_DVAL: tl.constexpr):
+                         NEED_DVAL: tl.constexpr, HAS_MASK: tl.constexpr = False):
     """Exact dQ of the flagged rows (STORED over what the fast pass left there, which is 0) and,
     NEED_DVAL, DvalPart[b, e] for the entries on those rows.
 
     Grid (cdiv(Tq, BLOCK_M), B*Hq); a block without a flagged row returns after one [BLOCK_M]
     load. Otherwise a flash-backward dQ loop over every visible key block with the bias added to
     the logits in the tile (P' = exp2(s + alpha b - lse2) <= 1, no cancellation), masked to the
-    flagged rows. Out/Lse are the biased O' and natural LSE'.
+    flagged rows. Out/Lse are the biased O' and natural LSE'. HAS_MASK: keys that the key
+    padding mask KMask (int8 [B, Tk]) drops, and their entries, take no part.
     """
     bh, m0, offs_m, sel = flagged_rows(Flags, Tq, BLOCK_M)
     if tl.sum(sel.to(tl.int32), 0) > 0:
@@ -130,6 +134,7 @@ def _exact_rows_q_kernel(Q, K, V, Out, Lse, DO, DQ, DvalPart, Flags, EntryPos, E
             hi = tl.maximum(tl.minimum(Tk, m0 + BLOCK_M + causal_off), 0)
         else:
             hi = Tk
+        km = key_mask_row(KMask, b, Tk, HAS_MASK)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         for n0 in range(0, hi, BLOCK_N):
             cols = n0 + offs_n
@@ -140,6 +145,8 @@ def _exact_rows_q_kernel(Q, K, V, Out, Lse, DO, DQ, DvalPart, Flags, EntryPos, E
             valid = sel[:, None] & (cols < Tk)[None, :]
             if CAUSAL:
                 valid = valid & (cols[None, :] <= offs_m[:, None] + causal_off)
+            if HAS_MASK:
+                valid = valid & key_live(km, cols, Tk)[None, :]
             p = tl.where(valid, tl.math.exp2(s2 - lse2[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
@@ -154,7 +161,7 @@ def _exact_rows_q_kernel(Q, K, V, Out, Lse, DO, DQ, DvalPart, Flags, EntryPos, E
                 pos = tl.load(EntryPos + offs_e, mask=in_range, other=0)
                 val = tl.load(EntryVal + offs_e, mask=in_range, other=0.0)
                 i_e, j_e = unpack(pos)
-                ok = entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL)
+                ok = entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL, km, HAS_MASK)
                 hit = (offs_m[:, None] == i_e[None, :]) & ok[None, :] & sel[:, None]
                 mine = tl.max(hit.to(tl.int32), 0) > 0
                 kg = gather(k_base, j_e, stride_kn, offs_d, mine)
@@ -169,7 +176,7 @@ def _exact_rows_q_kernel(Q, K, V, Out, Lse, DO, DQ, DvalPart, Flags, EntryPos, E
 
 
 @triton.jit
-def _exact_rows_kv_kernel(Q, K, V, Out, Lse, DO, DK, DV, Flags, EntryPos, EntryVal, QOffsets,
+def _exact_rows_kv_kernel(Q, K, V, Out, Lse, DO, DK, DV, Flags, EntryPos, EntryVal, QOffsets, KMask,
                           stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                           stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                           stride_lb, stride_lh, stride_lm, stride_dob, stride_doh, stride_dom,
@@ -177,14 +184,15 @@ def _exact_rows_kv_kernel(Q, K, V, Out, Lse, DO, DK, DV, Flags, EntryPos, EntryV
                           Hq, Hkv, GROUP, Tq, Tk, TqMax, causal_off, scale, qk_scale2, alpha2,
                           HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, SCAN: tl.constexpr, CHUNK: tl.constexpr,
-                          DOT_PREC: tl.constexpr):
+                          DOT_PREC: tl.constexpr, HAS_MASK: tl.constexpr = False):
     """dK += scale * (exact terms of the flagged rows), dV += (same), for keys [n0, n0+BLOCK_N) of
     (b, kv head), summed over the GROUP query heads in the program (no atomics).
 
     Grid (cdiv(Tk, BLOCK_N), B*Hkv). First a scan of the flags of the rows that can see these
     keys (SCAN bytes per step); a program that finds none returns without touching K, V, dK, dV.
     Otherwise, per query block holding a flagged row: the dense dK/dV tile with the bias in the
-    logits, masked to the flagged rows.
+    logits, masked to the flagged rows (HAS_MASK: and to the keys the key padding mask KMask,
+    int8 [B, Tk], keeps).
     """
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -230,6 +238,8 @@ def _exact_rows_kv_kernel(Q, K, V, Out, Lse, DO, DK, DV, Flags, EntryPos, EntryV
                     valid = sel[:, None] & (offs_n < Tk)[None, :]
                     if CAUSAL:
                         valid = valid & (offs_n[None, :] <= rows[:, None] + causal_off)
+                    if HAS_MASK:
+                        valid = valid & key_live(key_mask_row(KMask, b, Tk, HAS_MASK), offs_n, Tk)[None, :]
                     p = tl.where(valid, tl.math.exp2(s2 - lse2[:, None]), 0.0)
                     dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PREC)
                     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
@@ -244,20 +254,28 @@ def _exact_rows_kv_kernel(Q, K, V, Out, Lse, DO, DK, DV, Flags, EntryPos, EntryV
 
 
 
-def cancel_flags(q, k, lse, bias, entry_values, *, causal, scale, alpha, prec, chunk=32):
-    """int8 [B*Hq, Tq] cancelling flags from LSE' (q already sign-normalised: scale > 0)."""
+def cancel_flags(q, k, lse, bias, entry_values, *, causal, scale, alpha, prec, chunk=32, key_padding_mask=None):
+    """int8 [B*Hq, Tq] cancelling flags from LSE' (q already sign-normalised: scale > 0);
+    key_padding_mask: None or the int8 [B, Tk] mask of checks.key_mask_2d."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     flags = torch.empty((B * Hq, Tq), dtype=torch.int8, device=q.device)
     block_m = 16 if INTERPRET else 32
     _cancel_flags_kernel[(triton.cdiv(Tq, block_m), B * Hq)](
         q, k, lse, flags, bias.entry_pos, entry_values, bias.q_offsets,
+        flags if key_padding_mask is None else key_padding_mask,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
         Hq, Hq // Hkv, Tq, Tk, bias.index_rows, Tk - Tq, scale * LOG2E, alpha * LOG2E,
         1.0 / CANCEL_THRESHOLD - 1.0,
-        HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_M=block_m, CHUNK=chunk, DOT_PREC=prec, num_warps=4)
+        HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_M=block_m, CHUNK=chunk, DOT_PREC=prec, num_warps=4,
+        **_mask_kw(key_padding_mask))
     return flags
+
+
+def _mask_kw(key_padding_mask):
+    """The launch kwargs of a masked call (none for an unmasked one: its kernels are unchanged)."""
+    return {} if key_padding_mask is None else {"HAS_MASK": True}
 
 
 def cancelling_rows(q, k, lse, bias, entry_values=None, *, causal, scale, alpha, allow_tf32: bool = False):
@@ -302,11 +320,11 @@ def mask_dout(dout, row_flags):
 
 
 def exact_rows(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, flags, dval_part, *,
-                causal, scale, dq_scale, alpha, prec, chunk=16):
+                causal, scale, dq_scale, alpha, prec, chunk=16, key_padding_mask=None):
     """Launch the two exact-row kernels. q sign-normalised (scale > 0), dq_scale = scale with
     the sign the caller's dq needs; flags int8 [B*Hq, Tq]; dval_part float32 [B, E] or None.
     dq: flagged rows stored; dk, dv: flagged rows' terms added; dval_part[b, e] stored for the
-    entries on flagged rows."""
+    entries on flagged rows. key_padding_mask: None or the int8 [B, Tk] mask of checks.key_mask_2d."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     E = bias.nnz
@@ -315,21 +333,22 @@ def exact_rows(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, flags, d
     if not need_dval:
         dval_part = torch.empty((1, 1), dtype=torch.float32, device=q.device)
     ep, qo = bias.entry_pos, bias.q_offsets
+    km = flags if key_padding_mask is None else key_padding_mask
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
               lse.stride(0), lse.stride(1), lse.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
     _exact_rows_q_kernel[(triton.cdiv(Tq, bm_q), B * Hq)](
-        q, k, v, out, lse, dout, dq, dval_part, flags, ep, entry_values, qo, *common,
+        q, k, v, out, lse, dout, dq, dval_part, flags, ep, entry_values, qo, km, *common,
         dq.stride(0), dq.stride(1), dq.stride(2),
         Hq, Hq // Hkv, Tq, Tk, bias.index_rows, E, Tk - Tq, dq_scale, scale * LOG2E, alpha * LOG2E, alpha,
         HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_M=bm_q, BLOCK_N=bn_q, CHUNK=chunk, DOT_PREC=prec,
-        NEED_DVAL=need_dval, num_warps=4, num_stages=1)
+        NEED_DVAL=need_dval, num_warps=4, num_stages=1, **_mask_kw(key_padding_mask))
     _exact_rows_kv_kernel[(triton.cdiv(Tk, bn_kv), B * Hkv)](
-        q, k, v, out, lse, dout, dk, dv, flags, ep, entry_values, qo, *common,
+        q, k, v, out, lse, dout, dk, dv, flags, ep, entry_values, qo, km, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         Hq, Hkv, Hq // Hkv, Tq, Tk, bias.index_rows, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E,
         HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_M=bm_kv, BLOCK_N=bn_kv, SCAN=scan, CHUNK=chunk,
-        DOT_PREC=prec, num_warps=4 if INTERPRET or D > 128 else 8, num_stages=1)
+        DOT_PREC=prec, num_warps=4 if INTERPRET or D > 128 else 8, num_stages=1, **_mask_kw(key_padding_mask))
 
 
 def exact_rows_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, row_flags, *, causal, scale,

@@ -29,3 +29,19 @@ def flags_2d(row_flags, B, Hq, Tq):
     if tuple(row_flags.shape) != (B, Hq, Tq):
         raise ValueError(f"row_flags must be [B, Hq, Tq] = {(B, Hq, Tq)}, got {tuple(row_flags.shape)}")
     return row_flags.to(torch.int8).contiguous().view(B * Hq, Tq)
+
+
+def key_mask_2d(key_padding_mask, B, Tk, device):
+    """The key padding mask (bool or integer [B, Tk], nonzero = attend) as the kernels read it: an
+    int8 [B, Tk] contiguous tensor (a free view of a contiguous bool mask), or None."""
+    if key_padding_mask is None:
+        return None
+    m = key_padding_mask
+    if tuple(m.shape) != (B, Tk):
+        raise ValueError(f"key_padding_mask must be [B, Tk] = {(B, Tk)}, got {tuple(m.shape)}")
+    if m.device != device:
+        raise ValueError(f"key_padding_mask is on {m.device}, q on {device}")
+    m = m.contiguous()
+    if m.dtype in (torch.bool, torch.uint8):
+        return m.view(torch.int8)
+    return m if m.dtype == torch.int8 else m.ne(0).view(torch.int8)

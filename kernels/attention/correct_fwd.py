@@ -20,6 +20,7 @@ from .entries import (
     flagged_rows,
     fwd_biased_rows,
     fwd_rows,
+    key_mask_row,
     launch_order,
     rows_with_entries,
     window_rows,
@@ -101,17 +102,19 @@ def _correct_fwd_window_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, 
 
 
 @triton.jit
-def _correct_fwd_slow_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags,
+def _correct_fwd_slow_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Flags, KMask,
                              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                              stride_lb, stride_lh, stride_lm,
                              Hq, GROUP, Tq, Tk, TqMax, causal_off, qk_scale2, alpha2,
                              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr):
+                             BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
+                             HAS_MASK: tl.constexpr = False):
     """The rows _correct_fwd_kernel flagged (the identity cancelled there), recomputed with the
     bias inside the tile loop (exact, slow). Grid (cdiv(Tq, BLOCK_M), B*Hq); a block with no
     flagged row returns after reading its flags (the whole launch: 13 us at B4 H16 T4096 on the
-    H100, which is why the callers skip it when no row can cancel)."""
+    H100, which is why the callers skip it when no row can cancel). HAS_MASK: KMask int8 [B, Tk]
+    is the key padding mask of flash_fwd's masked calls (0 = no mass on that key)."""
     bh, m0, offs_m, flagged = flagged_rows(Flags, Tq, BLOCK_M)
     if tl.sum(flagged.to(tl.int32), 0) > 0:
         b = (bh // Hq).to(tl.int64)
@@ -128,7 +131,8 @@ def _correct_fwd_slow_kernel(Q, K, V, Out, Lse, EntryPos, EntryVal, QOffsets, Fl
         acc, lse2 = fwd_biased_rows(q, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
                                      stride_kn, stride_vn, offs_m, tl.arange(0, BLOCK_N), offs_d,
                                      e_lo, e_hi, EntryPos, EntryVal, Tk, causal_off, hi, qk_scale2, alpha2,
-                                     CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, CHUNK, DOT_PREC)
+                                     CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, CHUNK, DOT_PREC,
+                                     key_mask_row(KMask, b, Tk, HAS_MASK), HAS_MASK)
         o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
         tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=flagged[:, None])
         tl.store(Lse + b * stride_lb + h * stride_lh + offs_m * stride_lm, lse2 * 0.6931471805599453, mask=flagged)
@@ -207,20 +211,23 @@ _CORRECT_FWD_FAST = FastLaunch(_correct_fwd_kernel)   # its host dispatch showed
 _CORRECT_FWD_WINDOW_FAST = FastLaunch(_correct_fwd_window_kernel)
 
 
-def recompute_flagged_rows(q, k, v, out, lse, bias, entry_values, flags, *, causal, scale, alpha, prec):
+def recompute_flagged_rows(q, k, v, out, lse, bias, entry_values, flags, *, causal, scale, alpha, prec,
+                           key_padding_mask=None):
     """Overwrite the rows of (out [B,Hq,Tq,D], lse [B,Hq,Tq] natural) that `flags` (int8, B*Hq*Tq
     elements, row-major) marks with their biased attention computed with the bias inside the tile
     loop: the forwards' path for rows where the correction identity cancelled. scale > 0 (the
     callers fold a negative scale into q). One launch; a block with no flagged row exits after
     reading its flags (13 us for B4 H16 T4096 on the H100), so callers skip it when no row can
-    cancel."""
+    cancel. key_padding_mask: None or the int8 [B, Tk] mask of checks.key_mask_2d."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     block_m = fwd_block(D)
     _correct_fwd_slow_kernel[(triton.cdiv(Tq, block_m), B * Hq)](
         q, k, v, out, lse, bias.entry_pos, entry_values, bias.q_offsets, flags,
+        flags if key_padding_mask is None else key_padding_mask,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
         Hq, Hq // Hkv, Tq, Tk, bias.index_rows, Tk - Tq, scale * LOG2E, alpha * LOG2E,
-        HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=32, CHUNK=32, DOT_PREC=prec, num_warps=4)
+        HEAD_DIM=D, CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=32, CHUNK=32, DOT_PREC=prec, num_warps=4,
+        **({} if key_padding_mask is None else {"HAS_MASK": True}))

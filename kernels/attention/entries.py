@@ -50,21 +50,41 @@ def unpack(pos):
 
 
 @triton.jit
-def entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL: tl.constexpr):
+def entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL: tl.constexpr, KM=None, HAS_MASK: tl.constexpr = False):
+    """Whether entries (i_e, j_e) take part: in range, inside (Tq, Tk), not hidden by causal and,
+    HAS_MASK, on a key that the batch row's key padding mask KM (int8 [Tk], nonzero = attend)
+    keeps: an entry on a masked key adds nothing anywhere (P' = P = 0 there)."""
     ok = in_range & (i_e < Tq) & (j_e < Tk)
     if CAUSAL:
         ok = ok & (j_e <= i_e + causal_off)
+    if HAS_MASK:
+        ok = ok & (tl.load(KM + j_e, mask=ok, other=0) != 0)
     return ok
 
 
 @triton.jit
-def load_entries(EntryPos, EntryVal, offs_e, e_hi, Tq, Tk, causal_off, CAUSAL: tl.constexpr):
+def key_mask_row(KMask, b, Tk, HAS_MASK: tl.constexpr):
+    """The batch row b of the key padding mask (int8 [B, Tk], contiguous), or KMask when unused."""
+    if HAS_MASK:
+        return KMask + b * Tk
+    return KMask
+
+
+@triton.jit
+def key_live(KM, cols, Tk):
+    """[N] bool: keys `cols` are < Tk and kept by the batch row's key padding mask KM."""
+    return tl.load(KM + cols, mask=cols < Tk, other=0) != 0
+
+
+@triton.jit
+def load_entries(EntryPos, EntryVal, offs_e, e_hi, Tq, Tk, causal_off, CAUSAL: tl.constexpr, KM=None,
+                 HAS_MASK: tl.constexpr = False):
     """(val, i, j, ok) of entries offs_e (q order); ok is False past e_hi, outside (Tq, Tk) or masked."""
     in_range = offs_e < e_hi
     pos = tl.load(EntryPos + offs_e, mask=in_range, other=0)
     val = tl.load(EntryVal + offs_e, mask=in_range, other=0.0)
     i_e, j_e = unpack(pos)
-    ok = entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL)
+    ok = entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL, KM, HAS_MASK)
     return val, i_e, j_e, ok
 
 
@@ -85,10 +105,12 @@ def add_to_rows(base, rows, stride, offs_d, live, add):
 
 @triton.jit
 def fwd_prologue(EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d, e_lo, e_hi,
-                  Tq, Tk, causal_off, CAUSAL: tl.constexpr, CHUNK: tl.constexpr):
+                  Tq, Tk, causal_off, CAUSAL: tl.constexpr, CHUNK: tl.constexpr, KM=None,
+                  HAS_MASK: tl.constexpr = False):
     """The first chunk of entries with its gathered K/V rows: the state fwd_entries starts
     from. Issued before the dense loop it hides the gathers' latency behind the dense work."""
-    val0, i0, j0, ok0 = load_entries(EntryPos, EntryVal, e_lo + tl.arange(0, CHUNK), e_hi, Tq, Tk, causal_off, CAUSAL)
+    val0, i0, j0, ok0 = load_entries(EntryPos, EntryVal, e_lo + tl.arange(0, CHUNK), e_hi, Tq, Tk, causal_off, CAUSAL,
+                                     KM, HAS_MASK)
     kg0 = gather(k_base, j0, stride_kn, offs_d, ok0)
     vg0 = gather(v_base, j0, stride_vn, offs_d, ok0)
     return val0, i0, ok0, kg0, vg0
@@ -116,7 +138,8 @@ def fwd_chunk(acc_o, den, c2, q, lse2, offs_m, val, i_e, ok, kg, vg, qk_scale2, 
 def fwd_entries(acc_o, den, c2, q, lse2, offs_m, e_lo, e_hi, val0, i0, ok0, kg0, vg0,
                  EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d,
                  Tq, Tk, causal_off, qk_scale2, alpha2,
-                 CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr):
+                 CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, KM=None,
+                 HAS_MASK: tl.constexpr = False):
     """Fold the entries e_lo..e_hi (rows offs_m, sorted by (i, j)) into a forward row block.
 
     acc_o [BM, D] f32 holds e^-c2 * (O + sum w v), den [BM] holds e^-c2 * (1 + sum w), c2 [BM] the
@@ -135,7 +158,8 @@ def fwd_entries(acc_o, den, c2, q, lse2, offs_m, e_lo, e_hi, val0, i0, ok0, kg0,
     for e0 in range(e_lo, e_hi, CHUNK):
         acc_o, den, c2 = fwd_chunk(acc_o, den, c2, q, lse2, offs_m, val0, i0, ok0, kg0, vg0, qk_scale2, alpha2,
                                     DOT_PREC)
-        val0, i0, j0, ok0 = load_entries(EntryPos, EntryVal, e0 + CHUNK + offs_c, e_hi, Tq, Tk, causal_off, CAUSAL)
+        val0, i0, j0, ok0 = load_entries(EntryPos, EntryVal, e0 + CHUNK + offs_c, e_hi, Tq, Tk, causal_off, CAUSAL,
+                                         KM, HAS_MASK)
         kg0 = gather(k_base, j0, stride_kn, offs_d, ok0)
         vg0 = gather(v_base, j0, stride_vn, offs_d, ok0)
     return acc_o, den, c2
@@ -165,7 +189,7 @@ def dq_entries(dq, q, do, lse2, delta, offs_m, e_lo, e_hi,
                 EntryPos, EntryVal, DvalOut, k_base, v_base, stride_kn, stride_vn, offs_d,
                 Tq, Tk, causal_off, qk_scale2, alpha2, alpha,
                 CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
-                NEED_DVAL: tl.constexpr):
+                NEED_DVAL: tl.constexpr, KM=None, HAS_MASK: tl.constexpr = False):
     """Entry terms of dQ (unscaled: the caller multiplies dq by `scale`) and dvalues for a row block.
 
     lse2 [BM] is the BIASED LSE' in log2 units with +inf on rows to skip (fully masked), delta [BM]
@@ -179,7 +203,7 @@ def dq_entries(dq, q, do, lse2, delta, offs_m, e_lo, e_hi,
         pos = tl.load(EntryPos + offs_e, mask=in_range, other=0)
         val = tl.load(EntryVal + offs_e, mask=in_range, other=0.0)
         i_e, j_e = unpack(pos)
-        ok = entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL)
+        ok = entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL, KM, HAS_MASK)
         kg = tl.load(k_base + j_e[:, None] * stride_kn + offs_d[None, :], mask=ok[:, None], other=0.0)
         vg = tl.load(v_base + j_e[:, None] * stride_vn + offs_d[None, :], mask=ok[:, None], other=0.0)
         s2 = tl.dot(q, tl.trans(kg), input_precision=DOT_PREC) * qk_scale2
@@ -204,7 +228,7 @@ def dkdv_entries(dk, dv, k, v, offs_n, t_lo, t_hi,
                   stride_qm, stride_dom, stride_lm, offs_d,
                   Tq, Tk, causal_off, qk_scale2, alpha2,
                   CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
-                  LSE_NATURAL: tl.constexpr):
+                  LSE_NATURAL: tl.constexpr, KM=None, HAS_MASK: tl.constexpr = False):
     """Entry terms of dK (unscaled) and dV for a key block of one query head.
 
     Entries t_lo..t_hi of k_order (keys offs_n, sorted by (j, i)). q/do/lse/delta bases point at
@@ -218,7 +242,7 @@ def dkdv_entries(dk, dv, k, v, offs_n, t_lo, t_hi,
         pos = tl.load(EntryPos + idx, mask=in_range, other=0)
         val = tl.load(EntryVal + idx, mask=in_range, other=0.0)
         i_e, j_e = unpack(pos)
-        ok = entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL)
+        ok = entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL, KM, HAS_MASK)
         qg = tl.load(q_base + i_e[:, None] * stride_qm + offs_d[None, :], mask=ok[:, None], other=0.0)
         dog = tl.load(do_base + i_e[:, None] * stride_dom + offs_d[None, :], mask=ok[:, None], other=0.0)
         lse_e = tl.load(lse_base + i_e * stride_lm, mask=ok, other=float("inf"))
@@ -238,14 +262,15 @@ def dkdv_entries(dk, dv, k, v, offs_n, t_lo, t_hi,
 
 @triton.jit
 def entry_rows(pos, val, in_range, q_base, do_base, k_base, v_base, lse2_base, delta_base, stride_qm, stride_dom,
-                stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL: tl.constexpr):
+                stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL: tl.constexpr,
+                KM=None, HAS_MASK: tl.constexpr = False):
     """The per-entry terms of a chunk of entries (pos, val) for the rows-form epilogues: the
     gathered q_i / dO_i / k_j rows, P' = exp2(s + alpha b - lse2), g = P' - P and dP - D, with
     s = q_i . k_j and dP = dO_i . v_j as row dots in float32 (entries not ok: P' = g = 0).
     lse2_base / delta_base: the (batch, head) rows of Lse2 (log2 units, +inf on rows to skip) and
     Delta."""
     i_e, j_e = unpack(pos)
-    ok = entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL)
+    ok = entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL, KM, HAS_MASK)
     qg = gather(q_base, i_e, stride_qm, offs_d, ok)
     dog = gather(do_base, i_e, stride_dom, offs_d, ok)
     kg = gather(k_base, j_e, stride_kn, offs_d, ok)
@@ -263,7 +288,8 @@ def entry_rows(pos, val, in_range, q_base, do_base, k_base, v_base, lse2_base, d
 def dq_entries_rows(dq, offs_m, e_lo, e_hi, EntryPos, EntryVal, DvalOut, q_base, do_base, lse2_base, delta_base,
                      k_base, v_base, stride_qm, stride_dom, stride_kn, stride_vn, offs_d,
                      Tq, Tk, causal_off, qk_scale2, alpha2, alpha,
-                     CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, NEED_DVAL: tl.constexpr):
+                     CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, NEED_DVAL: tl.constexpr,
+                     KM=None, HAS_MASK: tl.constexpr = False):
     """dq_entries in the per-entry form: s = q_i . k_j and dP = dO_i . v_j per entry from gathered
     rows (the row block's own q/dO rows come back from L1/L2), so the one-hot product is only the
     scatter dq += R (ds k_j), R[r, e] = [r == i_e]: one [BM, C] x [C, D] dot per chunk instead of
@@ -283,7 +309,7 @@ def dq_entries_rows(dq, offs_m, e_lo, e_hi, EntryPos, EntryVal, DvalOut, q_base,
         val_next = tl.load(EntryVal + nxt, mask=nxt < e_hi, other=0.0)
         i_e, _j_e, _qg, _dog, kg, p_biased, g, dp = entry_rows(
             pos, val, in_range, q_base, do_base, k_base, v_base, lse2_base, delta_base, stride_qm, stride_dom,
-            stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL)
+            stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL, KM, HAS_MASK)
         ds = g * dp
         hit = tl.where(offs_m[:, None] == i_e[None, :], 1.0, 0.0)
         dq = tl.dot(hit.to(kg.dtype), (ds[:, None] * kg.to(tl.float32)).to(kg.dtype), dq, input_precision=DOT_PREC)
@@ -297,7 +323,8 @@ def dq_entries_rows(dq, offs_m, e_lo, e_hi, EntryPos, EntryVal, DvalOut, q_base,
 def dkdv_entries_rows(dk, dv, offs_n, t_lo, t_hi, KOrder, EntryPos, EntryVal, q_base, do_base, lse_base,
                        delta_base, k_base, v_base, stride_qm, stride_dom, stride_kn, stride_vn, offs_d,
                        Tq, Tk, causal_off, qk_scale2, alpha2,
-                       CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr):
+                       CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, KM=None,
+                       HAS_MASK: tl.constexpr = False):
     """dkdv_entries in the per-entry form (lse in log2 units, +inf on rows to skip): the key
     block's own K/V rows are gathered back per entry, s and dP are per-entry row dots, and the
     scatter into the block is two [BN, C] x [C, D] dots (dv += R (g dO_i), dk += R (ds q_i)) instead
@@ -320,7 +347,7 @@ def dkdv_entries_rows(dk, dv, offs_n, t_lo, t_hi, KOrder, EntryPos, EntryVal, q_
         idx_after = tl.load(KOrder + offs_t + 2 * CHUNK, mask=offs_t + 2 * CHUNK < t_hi, other=0)
         _i_e, j_e, qg, dog, _kg, _p_biased, g, dp = entry_rows(
             pos, val, in_range, q_base, do_base, k_base, v_base, lse_base, delta_base, stride_qm, stride_dom,
-            stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL)
+            stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL, KM, HAS_MASK)
         hit = tl.where(offs_n[:, None] == j_e[None, :], 1.0, 0.0).to(qg.dtype)
         dv = tl.dot(hit, (g[:, None] * dog.to(tl.float32)).to(dog.dtype), dv, input_precision=DOT_PREC)
         dk = tl.dot(hit, ((g * dp)[:, None] * qg.to(tl.float32)).to(qg.dtype), dk, input_precision=DOT_PREC)
@@ -351,8 +378,10 @@ def bias_tile(offs_m, cols, e_lo, e_hi, EntryPos, EntryVal, alpha2,
 def fwd_biased_rows(q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                      e_lo, e_hi, EntryPos, EntryVal, Tk, causal_off, hi, qk_scale2, alpha2,
                      CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Biased attention of a row block with the bias inside the tile loop: (acc/l, lse2)."""
+                     HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, KM=None,
+                     HAS_MASK: tl.constexpr = False):
+    """Biased attention of a row block with the bias inside the tile loop: (acc/l, lse2).
+    HAS_MASK: keys that the batch row's key padding mask KM drops get no mass."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -364,6 +393,8 @@ def fwd_biased_rows(q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, off
         valid = (cols < Tk)[None, :]
         if CAUSAL:
             valid = valid & (cols[None, :] <= offs_m[:, None] + causal_off)
+        if HAS_MASK:
+            valid = valid & key_live(KM, cols, Tk)[None, :]
         qk = tl.where(valid, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -22,8 +22,10 @@ def _salience_entry_kernel(
         sob, soh, som, sod, slb, slh, slm,
         ENT_H, ENT_I, ENT_J, ENT_VAL, E,
         B, Tq, Tk, group, qk_scale, alpha_log2, inv_batch, causal_offset,
-        OUT_S, OUT_A,
-        BLOCK_E: tl.constexpr, HEAD_DIM: tl.constexpr):
+        OUT_S, OUT_A, KMask,
+        BLOCK_E: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr = False):
+    """HAS_MASK: an entry on a key that the key padding mask KMask (int8 [B, Tk]) drops in batch b
+    has P' = 0 there."""
     LOG2E: tl.constexpr = 1.4426950408889634
     offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     in_e = offs_e < E
@@ -53,6 +55,8 @@ def _salience_entry_kernel(
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
         logit2 = tl.sum(q * k, axis=1) * qk_scale + val * alpha_log2
         p = tl.exp2(logit2 - lse2)
+        if HAS_MASK:
+            p = tl.where(tl.load(KMask + b * Tk + j, mask=ok, other=0) != 0, p, 0.0)
         dp = tl.sum(do * v, axis=1)
         acc_a += p
         acc_s += p * tl.abs(dp)
@@ -61,8 +65,9 @@ def _salience_entry_kernel(
 
 
 def launch_entries(q, k, v, dout, lse, ent_h, ent_i, ent_j, ent_val, out_s, out_a, *, qk_scale,
-                   alpha_log2, causal_offset, block_e=32, num_warps=4):
-    """Score every sorted bias entry exactly (see `_salience_entry_kernel`)."""
+                   alpha_log2, causal_offset, block_e=32, num_warps=4, key_padding_mask=None):
+    """Score every sorted bias entry exactly (see `_salience_entry_kernel`); key_padding_mask None
+    or int8 [B, Tk] contiguous."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     E = ent_h.shape[0]
@@ -75,7 +80,8 @@ def launch_entries(q, k, v, dout, lse, ent_h, ent_i, ent_j, ent_val, out_s, out_
         *padded_strides(lse, 3),
         ent_h, ent_i, ent_j, ent_val, E,
         B, Tq, Tk, Hq // Hkv, qk_scale, alpha_log2, 1.0 / B, causal_offset,
-        out_s, out_a, BLOCK_E=block_e, HEAD_DIM=D, num_warps=num_warps)
+        out_s, out_a, out_s if key_padding_mask is None else key_padding_mask, BLOCK_E=block_e, HEAD_DIM=D,
+        num_warps=num_warps, **({} if key_padding_mask is None else {"HAS_MASK": True}))
 
 
 _ENTRY_FAST = FastLaunch(_salience_entry_kernel)

@@ -53,8 +53,10 @@ def _salience_segment_kernel(
         BOUND, B, Tq, Tk, group, num_blocks, qk_scale, inv_batch, causal_offset, threshold, bound_limit,
         ENT_POS, Q_OFF, TqMax,
         CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
+        KMask,
         HAS_ENTRIES: tl.constexpr, SEG: tl.constexpr, BITS: tl.constexpr, ROWS_BLOCK: tl.constexpr,
-        SCAN: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, SPARSE_EMIT: tl.constexpr):
+        SCAN: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, SPARSE_EMIT: tl.constexpr,
+        HAS_MASK: tl.constexpr = False):
     """PASS 0 after the Triton backward filled the segment bound (kernels/attention/bwd.py,
     flash_bwd's capture_bound): program (n, h) owns keys [n*SEG, (n+1)*SEG) of query head h.
 
@@ -63,7 +65,8 @@ def _salience_segment_kernel(
        front of the same column, in row order (each block of words is read before any write
        reaches it).
     2. It scores those rows' edges exactly, ROWS_BLOCK gathered rows at a time with the batch loop
-       inside (as the tile kernels do), and emits the candidates like PASS 0."""
+       inside (as the tile kernels do), and emits the candidates like PASS 0.
+    HAS_MASK: P = 0 on the keys that the key padding mask KMask (int8 [B, Tk]) drops in batch b."""
     LOG2E: tl.constexpr = 1.4426950408889634
     n = tl.program_id(0)
     h = tl.program_id(1)
@@ -103,6 +106,8 @@ def _salience_segment_kernel(
         lse = tl.load(LSE + b * slb + h * slh + rows * slm, mask=live, other=float("-inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
+        if HAS_MASK:
+            p = tl.where((tl.load(KMask + b * Tk + cols, mask=col_ok, other=0) != 0)[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         acc_a += p
         acc_s += p * tl.abs(dp)
@@ -120,11 +125,11 @@ def _salience_segment_kernel(
 
 
 def launch_segments(q, k, v, dout, lse, bound, *, seg, bits, bound_limit, threshold, qk_scale, causal_offset,
-                    bias, cnt, capacity, out, precision, sparse_emit=0, config=None):
+                    bias, cnt, capacity, out, precision, sparse_emit=0, config=None, key_padding_mask=None):
     """PASS 0 from a filled segment bound (see `_salience_segment_kernel`); `bound` int32
     [Hq, cdiv(Tk, seg), Tq] words of `bits`-wide fields that pass at `bound_limit` (flash_bwd's
     format) is overwritten (its columns end up holding row lists); `bias` a TraceBias or None
-    (its entries are not edges)."""
+    (its entries are not edges); key_padding_mask None or int8 [B, Tk] contiguous (0: P = 0)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     num_blocks = triton.cdiv(Tk, seg)
@@ -143,9 +148,11 @@ def launch_segments(q, k, v, dout, lse, bound, *, seg, bits, bound_limit, thresh
         *padded_strides(dout, 4),
         *padded_strides(lse, 3), bound, B, Tq, Tk, Hq // Hkv, num_blocks, qk_scale, 1.0 / B,
         causal_offset, threshold, int(bound_limit), ent_pos, q_off, tq_max,
-        cnt, capacity, *out, HAS_ENTRIES=has_entries, SEG=seg, BITS=bits, ROWS_BLOCK=rows_block,
+        cnt, capacity, *out, cnt if key_padding_mask is None else key_padding_mask,
+        HAS_ENTRIES=has_entries, SEG=seg, BITS=bits, ROWS_BLOCK=rows_block,
         SCAN=min(4096, triton.next_power_of_2(max(Tq, 16))), HEAD_DIM=D, PRECISION=precision,
-        SPARSE_EMIT=sparse_emit, num_warps=num_warps, num_stages=num_stages, **extra)
+        SPARSE_EMIT=sparse_emit, num_warps=num_warps, num_stages=num_stages, **extra,
+        **({} if key_padding_mask is None else {"HAS_MASK": True}))
 
 
 _SEGMENT_FAST = FastLaunch(_salience_segment_kernel)

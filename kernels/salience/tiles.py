@@ -69,9 +69,10 @@ def _tile_scores(Q, K, V, DO, LSE,
                  sob, soh, som, sod, slb, slh, slm,
                  h, hk, m0, n0, B, Tq, Tk, qk_scale,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 PRECISION: tl.constexpr, USE_DESC: tl.constexpr):
+                 PRECISION: tl.constexpr, USE_DESC: tl.constexpr, KMask=None, HAS_MASK: tl.constexpr = False):
     """(sum_b P*|dP|, sum_b P) of one [BLOCK_M, BLOCK_N] tile of head h. USE_DESC: Q, K, V, DO
-    are TMA descriptors over the [B*H*T, D] row views and the q/k/v/o strides count rows."""
+    are TMA descriptors over the [B*H*T, D] row views and the q/k/v/o strides count rows.
+    HAS_MASK: P = 0 on the keys that the key padding mask KMask (int8 [B, Tk]) drops in batch b."""
     LOG2E: tl.constexpr = 1.4426950408889634
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -100,6 +101,8 @@ def _tile_scores(Q, K, V, DO, LSE,
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         p = tl.exp2(s * qk_scale - lse2[:, None])
+        if HAS_MASK:
+            p = tl.where((tl.load(KMask + b * Tk + offs_n, mask=col_ok, other=0) != 0)[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         acc_a += p
         acc_s += p * tl.abs(dp)
@@ -168,11 +171,11 @@ def _salience_tile_kernel(
         ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
         CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
         STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity,
-        TILE_MAX, HIST,
+        TILE_MAX, HIST, KMask,
         PASS: tl.constexpr, HIST_IN_MAIN: tl.constexpr, HAS_ENTRIES: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         PRECISION: tl.constexpr, IDX_TILE: tl.constexpr,
-        NUM_BINS: tl.constexpr, SHIFT: tl.constexpr, USE_DESC: tl.constexpr):
+        NUM_BINS: tl.constexpr, SHIFT: tl.constexpr, USE_DESC: tl.constexpr, HAS_MASK: tl.constexpr = False):
     """PASS 0: program t owns tile t (BLOCK_M queries x BLOCK_N keys; tiles numbered
     (head, query tile, key tile) row-major). PASS 1 / 2: a few programs stride over the tiles, and
     only when the fill overflowed: without overflow the launch is a handful of programs that read
@@ -203,7 +206,7 @@ def _salience_tile_kernel(
                       CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
                       STG_H, STG_I, STG_J, STG_S, STG_A, stg_capacity, TILE_MAX, HIST, bstar,
                       PASS, HIST_IN_MAIN, HAS_ENTRIES, BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION,
-                      IDX_TILE, NUM_BINS, SHIFT, USE_DESC)
+                      IDX_TILE, NUM_BINS, SHIFT, USE_DESC, KMask, HAS_MASK)
 
 
 @triton.jit
@@ -217,7 +220,8 @@ def _tile_program(Q, K, V, DO, LSE,
                   PASS: tl.constexpr, HIST_IN_MAIN: tl.constexpr, HAS_ENTRIES: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                   PRECISION: tl.constexpr, IDX_TILE: tl.constexpr,
-                  NUM_BINS: tl.constexpr, SHIFT: tl.constexpr, USE_DESC: tl.constexpr):
+                  NUM_BINS: tl.constexpr, SHIFT: tl.constexpr, USE_DESC: tl.constexpr, KMask=None,
+                  HAS_MASK: tl.constexpr = False):
     """One tile of one pass (see `_salience_tile_kernel`)."""
     per_head = num_q_tiles * num_k_tiles
     h = tile_id // per_head
@@ -238,7 +242,7 @@ def _tile_program(Q, K, V, DO, LSE,
                                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                                     sob, soh, som, sod, slb, slh, slm,
                                     h, h // group, m0, n0, B, Tq, Tk, qk_scale,
-                                    BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION, USE_DESC)
+                                    BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION, USE_DESC, KMask, HAS_MASK)
         tile_best = _epilogue(acc_s, acc_a, h, m0, n0, Tq, Tk, inv_batch, causal_offset, threshold,
                               ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
                               CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A,
@@ -256,10 +260,11 @@ def _salience_stream_kernel(
         sob, soh, som, sod, slb, slh, slm,
         B, Tq, Tk, group, num_k_tiles, k_tiles_per_split, qk_scale, inv_batch, causal_offset, threshold,
         ENT_OFF, ENT_I, ENT_J, idx_tiles_m, idx_tiles_n,
-        CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A, TILE_MAX,
+        CNT, capacity, OUT_H, OUT_I, OUT_J, OUT_S, OUT_A, TILE_MAX, KMask,
         HAS_ENTRIES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, IDX_TILE: tl.constexpr,
-        NUM_BINS: tl.constexpr, SHIFT: tl.constexpr, USE_DESC: tl.constexpr, SPARSE_EMIT: tl.constexpr):
+        NUM_BINS: tl.constexpr, SHIFT: tl.constexpr, USE_DESC: tl.constexpr, SPARSE_EMIT: tl.constexpr,
+        HAS_MASK: tl.constexpr = False):
     """PASS 0 as a stream: program (tile_m, h, split) walks the key tiles
     [split * k_tiles_per_split, ...) of its BLOCK_M query rows in ONE flat loop over
     (key tile, batch element), so the compiler pipelines the loads of the next step under the
@@ -306,6 +311,9 @@ def _salience_stream_kernel(
         lse = tl.load(lse_ptrs + b * slb, mask=row_ok, other=float("-inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
+        if HAS_MASK:
+            cols = n0 + offs_n
+            p = tl.where((tl.load(KMask + b * Tk + cols, mask=cols < Tk, other=0) != 0)[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         acc_a += p
         acc_s += p * tl.abs(dp)
@@ -346,12 +354,13 @@ def _row_desc(t, block_rows):
 
 def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offset, entries, cnt,
                  capacity, out, staging, stg_capacity, tile_max, hist, config, precision,
-                 hist_in_main, use_desc=False, sparse_emit=0):
+                 hist_in_main, use_desc=False, sparse_emit=0, key_padding_mask=None):
     """Launch one pass. `entries` = (off, i, j, tiles_m, tiles_n) or None; `out`/`staging` =
     (h, i, j, S, a) buffers; config = (BLOCK_M, BLOCK_N, warps, stages, per_tile): per_tile 1,
     every pass runs `_salience_tile_kernel` (a program per tile in PASS 0); per_tile 0, PASS 0 runs
     `_salience_stream_kernel` (a program streams over key tiles) and PASS 1 / 2 the tile kernel
-    (the same tiles)."""
+    (the same tiles). key_padding_mask: None or an int8 [B, Tk] contiguous mask (0: the key has
+    P = 0 in that batch element)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     bm, bn, warps, stages, per_tile = config
@@ -372,6 +381,8 @@ def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offse
         strides = [s // D if s % D == 0 else s for s in strides]
     else:
         tensors = (q, k, v, dout)
+    km = cnt if key_padding_mask is None else key_padding_mask
+    mask_kw = {} if key_padding_mask is None else {"HAS_MASK": True}
     if entries is None:
         ent_off = ent_i = ent_j = cnt
         tiles_m = tiles_n = 1
@@ -385,10 +396,10 @@ def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offse
         compiled = _salience_stream_kernel[grid](
             tensors[0], tensors[1], tensors[2], tensors[3], lse, *strides, *padded_strides(lse, 3),
             B, Tq, Tk, Hq // Hkv, num_k_tiles, per_split, qk_scale, 1.0 / B, causal_offset, threshold,
-            ent_off, ent_i, ent_j, tiles_m, tiles_n, cnt, capacity, *out, tile_max,
+            ent_off, ent_i, ent_j, tiles_m, tiles_n, cnt, capacity, *out, tile_max, km,
             HAS_ENTRIES=entries is not None, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, PRECISION=precision,
             IDX_TILE=INDEX_TILE, NUM_BINS=HIST_BINS, SHIFT=HIST_SHIFT, USE_DESC=use_desc,
-            SPARSE_EMIT=sparse_emit, num_warps=warps, num_stages=stages)
+            SPARSE_EMIT=sparse_emit, num_warps=warps, num_stages=stages, **mask_kw)
         LAST_COMPILED[pass_] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))
         return
     # Triton's per-call dispatch costs ~0.1-0.2 ms of host time a launch on the H100 machine's host,
@@ -399,10 +410,10 @@ def launch_tiles(pass_, q, k, v, dout, lse, *, threshold, qk_scale, causal_offse
         tensors[0], tensors[1], tensors[2], tensors[3], lse, *strides, *padded_strides(lse, 3),
         B, Tq, Tk, Hq // Hkv, num_q_tiles, num_k_tiles, Hq, qk_scale, 1.0 / B, causal_offset, threshold,
         ent_off, ent_i, ent_j, tiles_m, tiles_n,
-        cnt, capacity, *out, *staging, stg_capacity, tile_max, hist,
+        cnt, capacity, *out, *staging, stg_capacity, tile_max, hist, km,
         PASS=pass_, HIST_IN_MAIN=hist_in_main, HAS_ENTRIES=entries is not None,
         BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, PRECISION=precision, IDX_TILE=INDEX_TILE,
-        NUM_BINS=HIST_BINS, SHIFT=HIST_SHIFT, USE_DESC=use_desc, num_warps=warps, num_stages=stages)
+        NUM_BINS=HIST_BINS, SHIFT=HIST_SHIFT, USE_DESC=use_desc, num_warps=warps, num_stages=stages, **mask_kw)
     # Registers / spills of the last compiled launch, for the benchmark's report (GPU only).
     LAST_COMPILED[pass_] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))
 

@@ -19,9 +19,10 @@ class Call:
     fake tensors)."""
 
     __slots__ = ("device", "dtype", "batch", "q_heads", "kv_heads", "seq_len_q", "seq_len_k",
-                 "head_dim", "causal", "has_bias", "last_dim_contiguous", "min_bias_logit")
+                 "head_dim", "causal", "has_bias", "last_dim_contiguous", "min_bias_logit",
+                 "has_key_padding_mask", "alpha_is_tensor")
 
-    def __init__(self, q, k, v, bias, causal, min_bias_logit=None):
+    def __init__(self, q, k, v, bias, causal, min_bias_logit=None, key_padding_mask=None, alpha_is_tensor=False):
         self.device = q.device
         self.dtype = q.dtype
         self.batch, self.q_heads, self.seq_len_q, self.head_dim = q.shape
@@ -32,11 +33,15 @@ class Call:
         # alpha * (lowest merged entry value), when known: below ln(CANCEL_THRESHOLD) the
         # correction identity O' = (O + sum w v) / (1 + sum w) can cancel (see kernels/attention/cancel.py)
         self.min_bias_logit = min_bias_logit if self.has_bias else None
+        # a [B, Tk] key padding mask is passed (only the triton and reference backends take one)
+        self.has_key_padding_mask = key_padding_mask is not None
+        # alpha is a 0-d device tensor: alpha * bias is unknown on the host (min_bias_logit None)
+        self.alpha_is_tensor = bool(alpha_is_tensor)
 
     def kind(self):
         """A key for 'this kind of call' (used to remember run-time failures of a backend)."""
         return (self.device.type, self.dtype, self.head_dim, self.q_heads != self.kv_heads, self.causal,
-                self.seq_len_q == self.seq_len_k)
+                self.seq_len_q == self.seq_len_k, self.has_key_padding_mask)
 
 
 def dtype_name(dtype):
@@ -64,11 +69,39 @@ class Backend:
     def not_supported_reasons(self, call: Call) -> list:
         raise NotImplementedError
 
-    def forward(self, q, k, v, bias, entry_values, *, causal, scale, alpha):
+    def forward(self, q, k, v, bias, entry_values, *, causal, scale, alpha, key_padding_mask=None):
         raise NotImplementedError
 
-    def backward(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, need_dvalues):
+    def backward(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, need_dvalues,
+                 key_padding_mask=None):
         raise NotImplementedError
+
+
+def no_mask_reason(call):
+    """[reason] for a backend that takes no key padding mask, when the call has one."""
+    if call.has_key_padding_mask:
+        return ["a key_padding_mask (only the triton and reference backends take one)"]
+    return []
+
+
+def fold_alpha(entry_values, alpha, bias=None):
+    """(entry_values, alpha) for the kernels: a tensor alpha is multiplied into the entry values on
+    the device (the kernels then run with alpha = 1.0, and their d values are multiplied by alpha
+    again, see scale_dvalues), so that it is never read on the host; a float alpha passes as is."""
+    if not isinstance(alpha, torch.Tensor):
+        return entry_values, alpha
+    if entry_values is None and bias is not None and bias.nnz > 0:
+        entry_values = bias.entry_values()
+    if entry_values is None:
+        return None, 1.0
+    return entry_values * alpha.detach().to(entry_values.dtype), 1.0
+
+
+def scale_dvalues(dvalues, alpha):
+    """The d entry_values of kernels run through fold_alpha: d/d(alpha v) * alpha."""
+    if dvalues is None or not isinstance(alpha, torch.Tensor):
+        return dvalues
+    return dvalues * alpha.detach().to(dvalues.dtype)
 
 
 def attention_kernels():
@@ -105,12 +138,16 @@ class CorrectedDenseBackend(Backend):
     def correction_reasons(call):
         """Why the standalone correction cannot serve this call: not importable, or biases so
         negative that 1 + sum w can cancel (1 + sum w >= exp(min alpha * b), so a lowest logit
-        above ln(CANCEL_THRESHOLD) can never cancel)."""
+        above ln(CANCEL_THRESHOLD) can never cancel), or a tensor alpha (whether it can cancel is
+        not known on the host without a sync)."""
         if not call.has_bias:
             return []
         err = attention_kernels()[1]
         if err:
             return [err]
+        if call.alpha_is_tensor:
+            return ["alpha is a tensor with a bias: whether alpha * bias can make the correction identity cancel "
+                    "is unknown without a host sync (the triton backend handles cancelling rows)"]
         floor = cancel_floor()
         if call.min_bias_logit is not None and call.min_bias_logit < floor:
             return [f"alpha * bias reaches {call.min_bias_logit:.3g} < ln({math.exp(floor):.3g}): the dense backward "
@@ -132,6 +169,7 @@ class CorrectedDenseBackend(Backend):
                            "its causal mask is not bottom-right aligned")
         if call.q_heads != call.kv_heads and not self.supports_gqa:
             reasons.append("grouped-query attention (Hq != Hkv)")
+        reasons.extend(no_mask_reason(call))
         reasons.extend(self.correction_reasons(call))
         if call.device.type == "cuda" and not reasons:
             reasons.extend(self._dense_reasons(call))
@@ -144,20 +182,33 @@ class CorrectedDenseBackend(Backend):
     def dense_backward(self, q, k, v, out, lse, dout, *, causal, scale):
         raise NotImplementedError
 
-    def forward(self, q, k, v, bias, entry_values, *, causal, scale, alpha):
+    @staticmethod
+    def _refuse_mask(key_padding_mask):
+        if key_padding_mask is not None:
+            raise NotImplementedError("this backend takes no key_padding_mask")
+
+    def forward(self, q, k, v, bias, entry_values, *, causal, scale, alpha, key_padding_mask=None):
+        self._refuse_mask(key_padding_mask)
         out, lse = self.dense_forward(q, k, v, causal=causal, scale=scale)
         if bias is None or bias.nnz == 0:
             return out, lse
+        cancel = may_cancel(bias, alpha)
+        entry_values, alpha = fold_alpha(entry_values, alpha, bias)
         return attention_kernels()[0].correct_fwd(q, k, v, out, lse, bias, entry_values, causal=causal, scale=scale,
-                                      alpha=alpha, may_cancel=may_cancel(bias, alpha))
+                                      alpha=alpha, may_cancel=cancel)
 
-    def backward(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, need_dvalues):
+    def backward(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, need_dvalues,
+                 key_padding_mask=None):
+        self._refuse_mask(key_padding_mask)
         dq, dk, dv = self.dense_backward(q, k, v, out, lse, dout, causal=causal, scale=scale)
         if bias is None or bias.nnz == 0:
             dvalues = entry_values.new_zeros(entry_values.shape) if need_dvalues and entry_values is not None else None
             return dq, dk, dv, dvalues
-        return attention_kernels()[0].correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, causal=causal,
-                                      scale=scale, alpha=alpha, need_dvalues=need_dvalues)
+        folded, alpha_k = fold_alpha(entry_values, alpha, bias)
+        dq, dk, dv, dvalues = attention_kernels()[0].correct_bwd(
+            q, k, v, out, lse, dout, bias, folded, dq, dk, dv, causal=causal, scale=scale, alpha=alpha_k,
+            need_dvalues=need_dvalues)
+        return dq, dk, dv, scale_dvalues(dvalues, alpha)
 
 
 # |alpha * bias| above this is refused: the kernels add it to scale * q.k and multiply by log2(e) in
@@ -172,7 +223,12 @@ _BIAS_RANGES: dict = {}
 
 def bias_range(bias):
     """(min, max) of the merged entry values (one device sync per new or modified value tensor);
-    ValueError when a value is NaN or Inf (SPEC 6)."""
+    ValueError when a value is NaN or Inf (SPEC 6).
+
+    What is checked when: every new value tensor, and again after each in-place change that bumps
+    its version counter (optimizer steps, `value[...] = x`). A write that bypasses the counter
+    (`value.data[...] = x`, a numpy view) is not seen; a NaN written so comes out as NaN in the
+    rows it reaches, on every backend (never as a silent zero)."""
     value = bias.value
     version = getattr(value, "_version", None)
     seen = _BIAS_RANGES.get(id(value))
@@ -192,9 +248,13 @@ def bias_range(bias):
 
 
 def min_bias_logit(bias, alpha):
-    """alpha * (lowest merged entry value), or None without entries; ValueError when
+    """alpha * (lowest merged entry value), or None without entries or with a tensor alpha (not read
+    on the host: neither this nor the MAX_BIAS_LOGIT check is made for it); ValueError when
     |alpha * bias| passes MAX_BIAS_LOGIT."""
     if bias is None or bias.nnz == 0:
+        return None
+    if isinstance(alpha, torch.Tensor):
+        bias_range(bias)        # still refuses NaN / Inf values (cached per value tensor)
         return None
     low, high = bias_range(bias)
     if abs(alpha) * max(abs(low), abs(high)) > MAX_BIAS_LOGIT:
@@ -208,9 +268,13 @@ def may_cancel(bias, alpha):
     """Whether a row's corrected normaliser 1 + sum w can fall under CANCEL_THRESHOLD: only when
     alpha * some value < ln(CANCEL_THRESHOLD), since 1 + sum w >= exp(min alpha b). When it
     cannot (the usual case; auto only picks the dense backends then) the forwards skip the launch
-    that recomputes cancelled rows (~13 us at B4 H16 T4096 on the H100). Cached per value tensor."""
+    that recomputes cancelled rows (~13 us at B4 H16 T4096 on the H100). Cached per value tensor.
+    A tensor alpha is not read on the host (no sync): such a call may always cancel (the triton
+    backend then runs its cancelling-row launches, which cost only what they find)."""
     if bias is None or bias.nnz == 0:
         return False
+    if isinstance(alpha, torch.Tensor):
+        return True
     low, high = bias_range(bias)
     return min(alpha * low, alpha * high) < cancel_floor()
 

@@ -74,15 +74,15 @@ def reasons_for(name, call):
     return reasons
 
 
-def backend_reasons(q, k, v, bias=None, *, causal=False) -> dict:
+def backend_reasons(q, k, v, bias=None, *, causal=False, key_padding_mask=None) -> dict:
     """{backend name: [reasons it cannot take this call]} for every registered backend."""
-    call = Call(q, k, v, bias, causal)
+    call = Call(q, k, v, bias, causal, key_padding_mask=key_padding_mask)
     return {name: reasons_for(name, call) for name in REGISTRY}
 
 
-def available_backends(q, k, v, bias=None, *, causal=False) -> list:
+def available_backends(q, k, v, bias=None, *, causal=False, key_padding_mask=None) -> list:
     """The backends that can take this call, in auto order."""
-    reasons = backend_reasons(q, k, v, bias, causal=causal)
+    reasons = backend_reasons(q, k, v, bias, causal=causal, key_padding_mask=key_padding_mask)
     order = [n for n in AUTO_PRIORITY if n in reasons] + [n for n in reasons if n not in AUTO_PRIORITY]
     return [n for n in order if not reasons[n]]
 
@@ -108,7 +108,9 @@ def auto_choice(call, exclude=()):
 def describe(call):
     return (f"{str(call.dtype).replace('torch.', '')} on {call.device}, B={call.batch}, Hq={call.q_heads}, "
             f"Hkv={call.kv_heads}, Tq={call.seq_len_q}, Tk={call.seq_len_k}, D={call.head_dim}, "
-            f"causal={call.causal}, bias={'yes' if call.has_bias else 'no'}")
+            f"causal={call.causal}, bias={'yes' if call.has_bias else 'no'}"
+            + (", key_padding_mask" if call.has_key_padding_mask else "")
+            + (", tensor alpha" if call.alpha_is_tensor else ""))
 
 
 def forced_backend() -> str:
@@ -116,11 +118,12 @@ def forced_backend() -> str:
     return config.settings().backend
 
 
-def select_backend(q, k, v, bias=None, *, causal=False, backend="auto", _min_bias_logit=None):
+def select_backend(q, k, v, bias=None, *, causal=False, backend="auto", _min_bias_logit=None,
+                   key_padding_mask=None, _alpha_is_tensor=False):
     """(name, auto) of the backend that runs this call; ValueError when an explicit or forced
     backend cannot take it."""
     V.check_choice("backend", backend, (*REGISTRY, "auto"))
-    call = Call(q, k, v, bias, causal, _min_bias_logit)
+    call = Call(q, k, v, bias, causal, _min_bias_logit, key_padding_mask, _alpha_is_tensor)
     source = "backend"
     if backend == "auto":
         forced = forced_backend()
@@ -139,28 +142,33 @@ def select_backend(q, k, v, bias=None, *, causal=False, backend="auto", _min_bia
     return backend, False
 
 
-def resolve(backend, q, k, v, bias, causal, alpha):
+def resolve(backend, q, k, v, bias, causal, alpha, key_padding_mask=None):
     """select_backend, memoised per kind of call (the answer depends only on metadata, the bias's
-    lowest logit, the settings and the failures seen so far)."""
+    lowest logit, the settings and the failures seen so far). A tensor alpha is never read: its
+    calls are keyed as such (min_logit None) and treated as possibly cancelling."""
     min_logit = min_bias_logit(bias, alpha)
+    alpha_is_tensor = isinstance(alpha, torch.Tensor)
     key = (backend, forced_backend(), config.triton_interpreter(), q.device, q.dtype, tuple(q.shape),
            tuple(k.shape), bool(causal), bias is not None and bias.nnz > 0, min_logit,
-           all(t.stride(-1) == 1 for t in (q, k, v)), len(FAILED), torch.are_deterministic_algorithms_enabled())
+           all(t.stride(-1) == 1 for t in (q, k, v)), len(FAILED), torch.are_deterministic_algorithms_enabled(),
+           key_padding_mask is not None, alpha_is_tensor)
     hit = _RESOLVED.get(key)
     if hit is None:
-        hit = select_backend(q, k, v, bias, causal=causal, backend=backend, _min_bias_logit=min_logit)
+        hit = select_backend(q, k, v, bias, causal=causal, backend=backend, _min_bias_logit=min_logit,
+                             key_padding_mask=key_padding_mask, _alpha_is_tensor=alpha_is_tensor)
         if len(_RESOLVED) > 1024:
             _RESOLVED.clear()
         _RESOLVED[key] = hit
     return hit
 
 
-def fall_back(backend, auto, exc, q, k, v, bias, causal, alpha):
+def fall_back(backend, auto, exc, q, k, v, bias, causal, alpha, key_padding_mask=None):
     """Under "auto", remember that `backend` failed on this kind of call and pick the next one;
     otherwise re-raise."""
     if not auto or backend == "reference":
         raise exc
-    call = Call(q, k, v, bias, causal, min_bias_logit(bias, alpha))
+    call = Call(q, k, v, bias, causal, min_bias_logit(bias, alpha), key_padding_mask,
+                isinstance(alpha, torch.Tensor))
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     FAILED[(backend, call.kind())] = f"{type(exc).__name__}: {first_line[:200]}"
     nxt = auto_choice(call)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-
 # (argument name, type) of every positional and keyword argument, and the number of returns, as
 # memtrace calls them (torch 2.4 .. 2.13 have these).
 _TORCH_OP_SCHEMAS = {

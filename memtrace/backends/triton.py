@@ -1,10 +1,15 @@
 """The "triton" backend: our flash forward/backward with the sparse correction fused into their
-epilogues (memtrace.kernels.attention); CUDA, or CPU under TRITON_INTERPRET=1."""
+epilogues (memtrace.kernels.attention); CUDA, or CPU under TRITON_INTERPRET=1.
+
+Key padding masks go to the kernels (a constexpr HAS_MASK variant of each; the unmasked kernels
+are unchanged). A tensor alpha is multiplied into the entry values on the device (fold_alpha) and
+every call with one may cancel (may_cancel), so nothing is read on the host.
+"""
 from __future__ import annotations
 
 import torch
 
-from .base import Backend, attention_kernels, dtype_name, interpreting, may_cancel
+from .base import Backend, attention_kernels, dtype_name, fold_alpha, interpreting, may_cancel, scale_dvalues
 
 
 class TritonBackend(Backend):
@@ -31,12 +36,18 @@ class TritonBackend(Backend):
             reasons.append(f"head dim {call.head_dim} (supports {head_dims})")
         return reasons
 
-    def forward(self, q, k, v, bias, entry_values, *, causal, scale, alpha):
+    def forward(self, q, k, v, bias, entry_values, *, causal, scale, alpha, key_padding_mask=None):
+        cancel = may_cancel(bias, alpha)
+        entry_values, alpha = fold_alpha(entry_values, alpha, bias)
         return attention_kernels()[0].flash_fwd(q, k, v, bias, entry_values, causal=causal, scale=scale, alpha=alpha,
-                                may_cancel=may_cancel(bias, alpha))
+                                may_cancel=cancel, key_padding_mask=key_padding_mask)
 
     def backward(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, need_dvalues,
-                 capture_bound=None):
-        return attention_kernels()[0].flash_bwd(q, k, v, out, lse, dout, bias, entry_values, causal=causal, scale=scale,
-                                alpha=alpha, need_dvalues=need_dvalues, may_cancel=may_cancel(bias, alpha),
-                                capture_bound=capture_bound)
+                 capture_bound=None, key_padding_mask=None):
+        cancel = may_cancel(bias, alpha)
+        folded, alpha_k = fold_alpha(entry_values, alpha, bias)
+        dq, dk, dv, dvalues = attention_kernels()[0].flash_bwd(
+            q, k, v, out, lse, dout, bias, folded, causal=causal, scale=scale, alpha=alpha_k,
+            need_dvalues=need_dvalues, may_cancel=cancel, capture_bound=capture_bound,
+            key_padding_mask=key_padding_mask)
+        return dq, dk, dv, scale_dvalues(dvalues, alpha)

@@ -2,6 +2,7 @@
 
     logits[b, h, i, j] = scale * q[b, h, i] . k[b, h // (Hq/Hkv), j] + alpha * bias[h, i, j]
     causal: key j is masked when j > i + (Tk - Tq)  (bottom-right aligned)
+    key_padding_mask [B, Tk] bool (True = attend): key j of batch b is masked where it is False
     out = softmax(logits) @ v ; a fully masked row gives out = 0 and lse = -inf
 
 Computes in the inputs' dtype: pass float64 tensors for the oracle. Differentiable w.r.t. q, k,
@@ -37,8 +38,9 @@ def _expand_kv(t, num_q_heads):
     return t.repeat_interleave(num_q_heads // t.shape[1], dim=1)
 
 
-def logits_of(q, k, bias=None, *, causal=False, scale=None, alpha=1.0):
-    """Masked logits [B, Hq, Tq, Tk] (masked entries are -inf)."""
+def logits_of(q, k, bias=None, *, causal=False, scale=None, alpha=1.0, key_padding_mask=None):
+    """Masked logits [B, Hq, Tq, Tk] (masked entries are -inf, whatever the bias there).
+    alpha: a float or a 0-d tensor."""
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -47,12 +49,14 @@ def logits_of(q, k, bias=None, *, causal=False, scale=None, alpha=1.0):
         logits = logits + alpha * bias[:, :Tq, :Tk].to(logits.dtype)
     if causal:
         logits = logits.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
+    if key_padding_mask is not None:
+        logits = logits.masked_fill(~key_padding_mask.bool()[:, None, None, :], float("-inf"))
     return logits
 
 
-def attention_with_lse(q, k, v, bias=None, *, causal=False, scale=None, alpha=1.0):
+def attention_with_lse(q, k, v, bias=None, *, causal=False, scale=None, alpha=1.0, key_padding_mask=None):
     """(out [B, Hq, Tq, D], lse [B, Hq, Tq]) of biased attention; bias is dense [Hq, >=Tq, >=Tk]."""
-    logits = logits_of(q, k, bias, causal=causal, scale=scale, alpha=alpha)
+    logits = logits_of(q, k, bias, causal=causal, scale=scale, alpha=alpha, key_padding_mask=key_padding_mask)
     lse = torch.logsumexp(logits, dim=-1)
     finite = torch.isfinite(lse)
     probs = torch.exp(logits - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
@@ -61,14 +65,15 @@ def attention_with_lse(q, k, v, bias=None, *, causal=False, scale=None, alpha=1.
     return out, lse
 
 
-def attention(q, k, v, bias=None, *, causal=False, scale=None, alpha=1.0):
+def attention(q, k, v, bias=None, *, causal=False, scale=None, alpha=1.0, key_padding_mask=None):
     """Biased attention output [B, Hq, Tq, D]."""
-    return attention_with_lse(q, k, v, bias, causal=causal, scale=scale, alpha=alpha)[0]
+    return attention_with_lse(q, k, v, bias, causal=causal, scale=scale, alpha=alpha,
+                              key_padding_mask=key_padding_mask)[0]
 
 
-def probabilities(q, k, bias=None, *, causal=False, scale=None, alpha=1.0):
+def probabilities(q, k, bias=None, *, causal=False, scale=None, alpha=1.0, key_padding_mask=None):
     """Softmax probabilities [B, Hq, Tq, Tk] (0 on masked edges and fully masked rows)."""
-    logits = logits_of(q, k, bias, causal=causal, scale=scale, alpha=alpha)
+    logits = logits_of(q, k, bias, causal=causal, scale=scale, alpha=alpha, key_padding_mask=key_padding_mask)
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     probs = torch.exp(logits - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
     return torch.where(torch.isfinite(lse), probs, torch.zeros_like(probs))

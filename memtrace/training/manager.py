@@ -87,6 +87,7 @@ class Memtrace:
         self._build(self._fresh_state())
         self._hooks = []
         self._ewc = None
+        self._store = None         # persist_to: (store, settings), SPEC 11
         self._mask_tensor_alpha = _attention_takes("key_padding_mask")
 
     # -- construction and state --------------------------------------------------------------------
@@ -204,10 +205,19 @@ class Memtrace:
         return b
 
     def attention(self, layer, q, k, v, *, causal=True, key_padding_mask=None, scale=None):
-        """Biased attention of `layer` as the step's plan says ([B, H, T, D] in and out)."""
+        """Biased attention of `layer` as the step's plan says ([B, H, T, D] in and out).
+
+        Traces sit at absolute (query, key) positions of a sequence, so the bias and the capture
+        apply to calls whose queries and keys are the same positions from 0 (training, a prefill):
+        a call with Tq != Tk (a decode step with a KV cache, a chunked prefill) runs plain attention
+        and records nothing. Left-padded rows are shifted against those positions; train with right
+        padding (transformers' default for training)."""
         layer = V.check_int("layer", layer, low=0, high=self.num_layers - 1)
         if q.dim() == 4 and q.shape[1] != self.num_heads:
             raise ValueError(f"q must have {self.num_heads} heads (dim 1), got shape {tuple(q.shape)}")
+        if q.dim() == 4 and k.dim() == 4 and q.shape[2] != k.shape[2]:
+            kwargs = {} if key_padding_mask is None else {"key_padding_mask": key_padding_mask}
+            return biased_attention(q, k, v, None, causal=causal, scale=scale, **kwargs)
         plan = self._plan
         has = self._has_traces[layer]
         bias = alpha = None
@@ -351,8 +361,78 @@ class Memtrace:
             for hook in self._hooks:
                 hook(added, removed)
         metrics.update(self._host_metrics(plan))
+        if self._store is not None and self._step % self._store[1].trace_sync_interval == 0:
+            metrics["store_sync"] = self.sync_store()
         self._metrics = metrics
         return dict(metrics)
+
+    # -- vector stores (SPEC 11) -------------------------------------------------------------------
+    def persist_to(self, store, settings=None):
+        """Sync the memory (and the registry) into `store` every settings.trace_sync_interval
+        steps, under settings.task_tag, and warm-start from it now when settings.warm_start.
+
+        store: a memtrace.stores store, or a StoreSettings naming one (then `settings` is it). When
+        the store's optional package is missing (ImportError naming the extra) or it cannot open,
+        this warns and returns None: the manager goes on, its own file (save) holding the state.
+        Returns the store. persist_to(None) detaches."""
+        import warnings
+
+        from ..stores import StoreSettings, open_store
+        if store is None:
+            self._store = None
+            return None
+        if isinstance(store, StoreSettings):
+            settings, store = store, None
+        settings = StoreSettings(persist_to_vector_store=True) if settings is None else settings
+        if not isinstance(settings, StoreSettings):
+            raise TypeError(f"settings must be a memtrace.stores.StoreSettings, got {type(settings).__name__}")
+        if store is None:
+            try:
+                store = open_store(settings)
+            except (ImportError, OSError) as exc:
+                warnings.warn(f"Memtrace: no vector store ({exc}); training goes on, save() keeps the state",
+                              RuntimeWarning, stacklevel=2)
+                return None
+        self._store = (store, settings)
+        if settings.warm_start:
+            self.warm_start()
+        return store
+
+    def sync_store(self) -> dict:
+        """Sync now (what step() does every trace_sync_interval steps); a failing store warns and
+        returns {"error": message}: training goes on."""
+        import warnings
+        if self._store is None:
+            raise RuntimeError("no store attached: call persist_to(store) first")
+        store, s = self._store
+        try:
+            out = {"traces": store.sync_traces(self._memory, self._step, tag=s.task_tag)}
+            if s.persist_motifs:
+                out["motifs"] = store.sync_motifs(self._registry, self._tree, self._step, tag=s.task_tag)
+        except Exception as exc:
+            warnings.warn(f"Memtrace: syncing the vector store at step {self._step} failed ({type(exc).__name__}: "
+                          f"{exc}); training goes on, save() keeps the state", RuntimeWarning, stacklevel=2)
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        return {k: v["sync"] for k, v in out.items()}
+
+    def warm_start(self) -> int:
+        """Load the attached store's last traces (and motifs, when synced) of the task tag into this
+        manager; returns the number of traces (0 when the store holds none for the tag)."""
+        if self._store is None:
+            raise RuntimeError("no store attached: call persist_to(store) first")
+        store, s = self._store
+        try:
+            n = store.load_traces(self._memory, tag=s.task_tag)
+        except KeyError:
+            return 0
+        if s.persist_motifs:
+            try:
+                store.load_motifs(self._registry, tag=s.task_tag)
+            except KeyError:
+                pass
+        self._refresh_alpha()
+        self._bias_cache = {}
+        return n
 
     def _paths(self, token_loss):
         layers = sorted(self._routes)

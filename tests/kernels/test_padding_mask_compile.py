@@ -36,12 +36,11 @@ def test_masked_kernels_compile_for_h100(tmp_path):
 def _compile_masked(report_path):
     """The worker of test_masked_kernels_compile_for_h100 (runs without TRITON_INTERPRET)."""
     import json
-    import sys
     import types
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import test_kernels_compile as TKC
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # tests/: _sm90
+    import _sm90 as TKC
     reason = TKC._probe()
     if reason is not None:
         Path(report_path).write_text(json.dumps({"skip": reason}))
