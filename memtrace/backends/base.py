@@ -14,6 +14,7 @@ import torch
 
 from .. import config
 
+
 class Call:
     """The facts about a call that decide which backends can take it (metadata only: works on
     fake tensors)."""
