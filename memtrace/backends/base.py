@@ -215,6 +215,12 @@ class CorrectedDenseBackend(Backend):
 # |alpha * bias| above this is refused: the kernels add it to scale * q.k and multiply by log2(e) in
 # float32, which overflows to Inf (then NaN) near float32's max (3.4e38); softmax saturates long before.
 MAX_BIAS_LOGIT = torch.finfo(torch.float32).max / 16
+# The largest positive alpha * bias taken. An edge with such a logit dominates its row, so the row's
+# log-sum-exp is about that large and float32 keeps it to ~logit * 2^-23: the backward's P on the
+# edge (exp(logit - lse)) carries that relative error. Measured on the Triton backward (one key, dv
+# against dout, 20 seeds): 5.3e-6 at 64, 2.3e-3 at 1e4; SPEC 7 asks 1e-5. Negative values are not
+# bounded this way: their edges get P ~ 0, whose absolute error is tiny.
+MAX_POSITIVE_BIAS_LOGIT = 64.0
 
 # id(value tensor) -> (weak reference, version, lowest and highest merged entry value). A value that
 # was seen and not modified since (no optimizer step, no in-place write) is not read again, so
@@ -262,6 +268,12 @@ def min_bias_logit(bias, alpha):
         raise ValueError(f"alpha * bias reaches {max(abs(alpha * low), abs(alpha * high)):.3g} (alpha={alpha:.3g}, "
                          f"bias values in [{low:.3g}, {high:.3g}]): over {MAX_BIAS_LOGIT:.3g}, the float32 "
                          "logits overflow to Inf")
+    top = max(alpha * low, alpha * high)
+    if top > MAX_POSITIVE_BIAS_LOGIT:
+        raise ValueError(f"alpha * bias reaches +{top:.3g} (alpha={alpha:.3g}, bias values in [{low:.3g}, {high:.3g}]): "
+                         f"over +{MAX_POSITIVE_BIAS_LOGIT:g}, the edge dominates its row's float32 log-sum-exp, "
+                         "whose rounding then reaches the gradients (relative error ~ logit * 2^-23, over SPEC 7's "
+                         f"1e-5); e^{MAX_POSITIVE_BIAS_LOGIT:g} already outweighs any other key")
     return min(alpha * low, alpha * high)
 
 
