@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LATEST = ROOT / "benchmarks" / "results" / "latest"
-FAMILIES = ("attention", "capture", "update", "routing", "bias")
+FAMILIES = ("attention", "capture", "update", "routing", "bias", "stores")
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -242,8 +242,26 @@ def section_bias(name, doc):
     return out
 
 
+def section_stores(name, doc):
+    rows = doc.get("results", [])
+    machine = doc.get("machine", {})
+    out = ["## Stores: syncing and loading trace memories", "",
+           (f"`{name}`: `bench_stores.py` on {doc.get('device', '?')} ({machine.get('cpus', '?')} cores, torch "
+            f"{machine.get('torch', '?')}, lancedb {machine.get('lancedb', '?')}, qdrant-client "
+            f"{machine.get('qdrant_client', '?')}). {doc.get('contention', '')}"), ""]
+    out += table(["store", "traces", "full sync s", "traces/s", "load s", "bitwise equal", "GB on disk",
+                  "incremental syncs (changed: s)"],
+                 [[r["store"], r["traces"], num(r["full_sync_s"], 1), num(r["full_sync_traces_per_s"], 0),
+                   num(r["load_s"], 1), "yes" if r.get("load_bitwise_equal") else "no",
+                   num(r["bytes_on_disk_after_full"] / 1e9, 2),
+                   "; ".join(f"{i['changed']}: {num(i['sync_s'], 1)}" for i in r.get("incremental", []))]
+                  for r in rows])
+    out += [f"- {note}" for note in doc.get("notes", [])] + [""]
+    return out
+
+
 SECTIONS = {"attention": section_attention, "capture": section_capture, "update": section_update,
-            "routing": section_routing, "bias": section_bias}
+            "routing": section_routing, "bias": section_bias, "stores": section_stores}
 
 
 def build_benchmarks_md(latest: dict) -> str:

@@ -270,10 +270,11 @@ def min_bias_logit(bias, alpha):
                          "logits overflow to Inf")
     top = max(alpha * low, alpha * high)
     if top > MAX_POSITIVE_BIAS_LOGIT:
-        raise ValueError(f"alpha * bias reaches +{top:.3g} (alpha={alpha:.3g}, bias values in [{low:.3g}, {high:.3g}]): "
-                         f"over +{MAX_POSITIVE_BIAS_LOGIT:g}, the edge dominates its row's float32 log-sum-exp, "
-                         "whose rounding then reaches the gradients (relative error ~ logit * 2^-23, over SPEC 7's "
-                         f"1e-5); e^{MAX_POSITIVE_BIAS_LOGIT:g} already outweighs any other key")
+        raise ValueError(f"alpha * bias reaches +{top:.3g} (alpha={alpha:.3g}, bias values in "
+                         f"[{low:.3g}, {high:.3g}]): over +{MAX_POSITIVE_BIAS_LOGIT:g}, the edge dominates its "
+                         "row's float32 log-sum-exp, whose rounding then reaches the gradients (relative error "
+                         f"~ logit * 2^-23, over SPEC 7's 1e-5); e^{MAX_POSITIVE_BIAS_LOGIT:g} already outweighs "
+                         "any other key")
     return min(alpha * low, alpha * high)
 
 
