@@ -25,6 +25,8 @@ import os
 import sys
 from pathlib import Path
 
+from .config import triton_interpreter
+
 # Families in the order `bench` runs them; other bench_*.py files found are run after these.
 KNOWN_FAMILIES = ("attention", "capture", "update", "routing")
 TOLERANCE = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 1e-2, "float64": 1e-7}
@@ -34,7 +36,8 @@ SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "f
 # ---- bench --------------------------------------------------------------------------------------
 
 def benchmarks_dir() -> Path | None:
-    env = os.environ.get("MEMTRACE_BENCHMARKS_DIR")
+    from .config import settings
+    env = settings().benchmarks_dir
     candidates = [Path(env)] if env else []
     candidates += [Path(__file__).resolve().parent.parent / "benchmarks", Path.cwd() / "benchmarks"]
     for path in candidates:
@@ -166,7 +169,7 @@ def cmd_parity(args) -> int:
     from memtrace import attention as A
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
-        dtypes = ["float32", "float16"] if os.environ.get("TRITON_INTERPRET") == "1" else ["float32", "float64"]
+        dtypes = ["float32", "float16"] if triton_interpreter() else ["float32", "float64"]
     else:
         dtypes = ["bfloat16", "float16", "float32"]
     max_len = args.max_len or (300 if device == "cuda" else 24)
