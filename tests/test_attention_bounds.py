@@ -86,3 +86,35 @@ def test_large_positive_bias_is_refused_and_the_largest_taken_is_accurate(backen
     # negative values stay allowed (down to the overflow bound): their edges get no mass
     q, k, v, dout, b = one_key(-1e4, 2)
     assert torch.isfinite(mt.biased_attention(q, k, v, b, backend=backend)).all()
+
+
+def _fp16_dvalue_error(seed, backend):
+    """Relative error of d(bias values) against the float64 oracle on one of issue 28's random fp16
+    cases (point 3: biases up to ~12, so some entries dominate their rows)."""
+    from _helpers import make_inputs
+    g = torch.Generator().manual_seed(seed)
+    Tq, Tk = (int(x) for x in torch.randint(3, 12, (2,), generator=g))
+    q, k, v, bias, _ = make_inputs(1, 2, 1, Tq, Tk, 16, torch.float16, seed=seed, value_scale=4.0)
+    dout = torch.randn(q.shape, generator=g).half()
+    val = bias.value.detach().clone().requires_grad_()
+    b = mt.TraceBias.from_coo(bias.head, bias.q_idx, bias.k_idx, val, num_heads=2, seq_len_q=bias.seq_len_q,
+                              seq_len_k=bias.seq_len_k)
+    mt.biased_attention(*(t.detach().clone().requires_grad_() for t in (q, k, v)), b, backend=backend).backward(dout)
+    val64 = bias.value.detach().double().requires_grad_()
+    dense = mt.reference.dense_bias(bias.head, bias.q_idx, bias.k_idx, val64, 2, bias.seq_len_q, bias.seq_len_k)
+    mt.reference.attention(q.double(), k.double(), v.double(), dense[:, :Tq, :Tk]).backward(dout.double())
+    return ((val.grad.double() - val64.grad).norm() / val64.grad.norm()).item()
+
+
+@pytest.mark.parametrize("seed", [27, 34, 39])
+def test_fp16_bias_gradient_on_the_reference_backend(seed):
+    assert _fp16_dvalue_error(seed, "reference") < 5e-3
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the Triton backend runs on the CPU under TRITON_INTERPRET=1")
+@pytest.mark.xfail(strict=True, reason="issue 28 point 3, open: the Triton backward's row term D = rowsum(dO * O) "
+                   "reads the fp16-rounded output; where an entry dominates its row, dS on it is a small difference "
+                   "of two large terms and the rounding of O passes SPEC 7's 5e-3 (measured 1.0e-2 - 1.4e-2)")
+@pytest.mark.parametrize("seed", [27, 34, 39])
+def test_fp16_bias_gradient_on_the_triton_backend(seed):
+    assert _fp16_dvalue_error(seed, "triton") < 5e-3
