@@ -24,6 +24,14 @@
 #              then bench_capture.py --no-sweep -> capture.json
 #   routing    bench_routing.py -> routing.json
 #   bias       bench_bias.py -> bias.json
+#   training   compile ahead the D=128 causal attention kernels with 16 query / 8 kv heads (6
+#              processes, at most MEMTRACE_TRAINING_PREWARM seconds, default 150), then
+#              bench_training.py -> training.json (HF Llama and Mixtral training steps: sdpa, memtrace
+#              bias, capture, amortised, the seeds' eager peer, routing share), cut at
+#              MEMTRACE_TRAINING_TIMEOUT seconds (default 330; the JSON is rewritten after every row,
+#              so a cut run keeps its finished rows). MEMTRACE_TRAINING_ONLY=llama|mixtral runs one
+#              model (split the two over two calls if one does not fit), MEMTRACE_TRAINING_STEPS
+#              the timed steps per row (10). Run it alone: with install it fills one call.
 #
 # The device tool brings back at most 8 files from $OUT: every log goes into $OUT/logs.tar, so $OUT
 # holds env.json, the JSON (and attention's .md) of the modes run, and logs.tar. Copy the JSON of a
@@ -36,7 +44,7 @@ mkdir -p "$OUT" "$LOGS"
 modes=" $* "
 want() { [[ $modes == *" $1 "* ]]; }
 for m in $modes; do
-  case $m in install|tests|attention|update|capture|routing|bias) ;; *) echo "unknown mode: $m" >&2; exit 2 ;; esac
+  case $m in install|tests|attention|update|capture|routing|bias|training) ;; *) echo "unknown mode: $m" >&2; exit 2 ;; esac
 done
 export PYTHONUNBUFFERED=1
 status=0
@@ -125,6 +133,18 @@ if want routing; then
 fi
 if want bias; then
   bench bias 120 --json "$OUT/bias.json"
+fi
+if want training; then
+  # the models' attention shape (head dim 128, 16 / 8 heads, causal), bias and capture variants;
+  # prewarm()'s loop with a shorter limit (its 300 s would leave the benchmark too little of the call)
+  for k in 0 1 2 3 4 5; do
+    MEMTRACE_ATTN_CONFIG_SLICE=$k/6 timeout "${MEMTRACE_TRAINING_PREWARM:-150}" \
+      python benchmarks/tune/prewarm_attention.py kernels 128 1 --heads 16,8 > "$LOGS/prewarm_training_$k.log" 2>&1 &
+  done
+  wait
+  for f in "$LOGS"/prewarm_training_*.log; do tail -n 1 "$f"; done
+  bench training "${MEMTRACE_TRAINING_TIMEOUT:-330}" --steps "${MEMTRACE_TRAINING_STEPS:-10}" \
+    ${MEMTRACE_TRAINING_ONLY:+--only "$MEMTRACE_TRAINING_ONLY"} --json "$OUT/training.json"
 fi
 
 (cd "$OUT" && tar -cf logs.tar logs && rm -rf logs)
