@@ -2,7 +2,7 @@
 
 `kernel[grid](...)` binds and specialises every argument, builds a cache key and looks the
 compiled kernel up on every call: about 50 us of host time per launch on the H100 machine's host
-for the trace update's 22-argument kernels (benchmarks/host_timeline_update.py), and an eager
+for the trace update's 22-argument kernels (docs/perf-log.md), and an eager
 update waits on that host time before its first kernel starts. `FastLaunch(kernel)[grid](...)`
 sends the first launch of each argument kind through Triton (which compiles and caches) and keeps
 the CompiledKernel; later launches of the same kind call its launcher directly, with every tensor
@@ -10,7 +10,7 @@ passed as its address (for a tensor the launcher calls data_ptr() and asks the d
 pointer, argument by argument: host time too).
 
 The kind of an argument list is at least as fine as Triton's own specialisation (see
-tests/test_launch.py, which checks it against Triton's binder): per tensor its dtype, whether
+tests/kernels/test_launch.py, which checks it against Triton's binder): per tensor its dtype, whether
 its address is 16-byte aligned and whether it is on CUDA (a CPU tensor takes Triton's path and
 its error), per int whether it is 1, divisible by 16 and its integer width,
 per bool / float / None its type, and every keyword (constexprs and launch options) by value.

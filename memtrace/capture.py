@@ -48,7 +48,7 @@ capacity, kept between fills; on CUDA the glue is one CUDA-graph replay (MEMTRAC
 eager torch ops), and each fill takes copies of its outputs.
 
 How (CUDA, or the Triton interpreter on the CPU with TRITON_INTERPRET=1): one fused pass
-(kernels/salience.py) computes S and a tile by tile with the batch loop inside (q/k/v/dO through
+(kernels/salience/tiles.py) computes S and a tile by tile with the batch loop inside (q/k/v/dO through
 TMA descriptors when their rows are contiguous), appends the candidates to the buffer (one atomic
 per tile), counts them and records each tile's largest S. Only on overflow (decided on the device:
 the later kernels exit at once otherwise, the host never syncs) two more passes recompute the

@@ -185,7 +185,7 @@ def run_and_grad(q, k, v, bias, dout, **kw):
 
 
 class CorrectedReferenceBackend(backend_base.CorrectedDenseBackend):
-    """CPU stand-in for "cudnn"/"flash": unbiased reference attention + kernels/correction.py
+    """CPU stand-in for "cudnn"/"flash": unbiased reference attention + kernels/attention/correct_*.py
     (runs under the Triton interpreter), exercising the corrected-dense code path of the op."""
 
     name = "corrected_cpu"

@@ -2,7 +2,7 @@
 bias gradients, edge cases, bad input, backend selection, torch.compile and the capture hook.
 
 Backends tested here: "reference" always; "triton" and a CPU stand-in for the corrected dense
-backends (reference dense attention + kernels/correction.py) when TRITON_INTERPRET=1 (the
+backends (reference dense attention + kernels/attention/correct_*.py) when TRITON_INTERPRET=1 (the
 interpreter cannot do a bf16 tl.dot, so fp16/fp32 only). Shapes stay tiny: the interpreter is slow.
 """
 import copy

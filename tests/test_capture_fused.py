@@ -108,7 +108,7 @@ def test_fused_cancelling_rows(memtrace_env, monkeypatch):
 
 def _oracle_field_max(q, k, v, do, lse, causal, fields):
     """float64 [B, Hq, Tq, words, fields]: max over each field's keys of P * |dP| per batch element
-    (field f of a word: its keys j with (j // 2) % fields == f, see kernels/attention.py _dq_tiles)."""
+    (field f of a word: its keys j with (j // 2) % fields == f, see kernels/attention/bwd.py _dq_tiles)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     seg = K.CAPTURE_SEG

@@ -23,7 +23,7 @@ missing), Hq % Hkv == 0, query head h reads kv head h // (Hq // Hkv). D in 16..2
 
 Dense tiles come by TMA (host descriptors over the 4-D tensors) or by pointer loads, per autotune
 config (USE_DESC): on the H100 TMA lost without a bias and won with many entries
-(benchmarks/notes_attention.md, session 6); settings attn_tma "0" / "1" forces one form.
+(docs/perf-log.md, session 6); settings attn_tma "0" / "1" forces one form.
 
 On sm_90, non-causal fp16/bf16 calls with contiguous inputs and Tk % 128 == 0 take another
 forward (fwd_ws.py): a dense kernel whose key loop Triton's Hopper pass warp-specializes (544

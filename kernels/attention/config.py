@@ -38,7 +38,7 @@ def fwd_configs():
         return [_config(4, 1, BLOCK_M=16, BLOCK_N=16, CHUNK=16, PREFETCH=True)]
     dense = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 4),
              (64, 128, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
-    # TMA or pointer loads is a tuning choice: on the H100 (tma_probe_h100_session6.json) TMA lost
+    # TMA or pointer loads is a tuning choice: on the H100 (docs/perf-log.md, session 6) TMA lost
     # 7% without a bias and won 11% at 16384 traces/head, with whatever tiles the tuner took
     cfgs = [_config(w, s, BLOCK_M=bm, BLOCK_N=bn, CHUNK=32, PREFETCH=False, USE_DESC=d)
             for d in (True, False) for bm, bn, w, s in (dense[:5] if d else dense)]
@@ -187,7 +187,7 @@ def entry_form(bias):
 # programs (1-2 per SM, their registers held by the dense tiles); correct_bwd's standalone kernels
 # run many light programs per SM. From BWD_SPLIT_MIN_DENSITY entries per (head, query row)
 # flash_bwd runs the dense backward fed (O', LSE') and then correct_bwd, as the cudnn backend does
-# (H100, B4 H16 T4096 D128 bf16, benchmarks/notes_attention.md: session 11 split from 2 per row;
+# (H100, B4 H16 T4096 D128 bf16, docs/perf-log.md: session 11 split from 2 per row;
 # with the key side beside the dense dQ kernel (attn_bwd_overlap, session 13) the split form at 0.5 per
 # row ties the fused one non-causal (+6.6% vs +6.8% over the unbiased backward) and beats it
 # causal (+7.1% vs +12.6%), so it starts there).
@@ -232,7 +232,7 @@ def fwd_config(D, entries_per_row, form=None):
 
     The kernel is bound by the latency of its gathers, so what pays is programs in flight: small
     tiles, few warps, a 128-register cap. Timed on the H100 right after cuDNN's forward
-    (benchmarks/tune_correction.py, after_dense_us; B4 H16 T4096 D128 bf16, random traces):
+    (benchmarks/tune/tune_correction.py, after_dense_us; B4 H16 T4096 D128 bf16, random traces):
     - 4 entries per row (16384/head): rows of 16, chunks of 32, 2 warps, the entry loop pipelined
       over 2 stages (gathers as asynchronous copies into shared memory): 183-189 us, against 236
       at 64 rows / 4 warps / 3 stages (session 11) and 306 uncapped;

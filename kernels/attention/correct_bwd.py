@@ -276,7 +276,7 @@ def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, caus
     # small blocks (16 rows/keys, 2 warps) measured fastest on the H100: many light programs hide
     # the gathers' latency (16384 traces/head: 0.58 ms vs 0.85 ms at 64/32/4); a 128-register cap
     # fits more of them per SM (the dK/dV kernel needs 184 uncapped): 239 vs 297 us at 2048/head,
-    # 508 vs 588 at 16384 (B4 H16 T4096 D128 bf16, benchmarks/tune_correction.py)
+    # 508 vs 588 at 16384 (B4 H16 T4096 D128 bf16, benchmarks/tune/tune_correction.py)
     if parts != "kv":
         # with q negated, dq must come out negated: run on -dq and flip back (rare path)
         dq_work = dq if sign > 0 else dq.neg_()

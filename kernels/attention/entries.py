@@ -147,7 +147,7 @@ def fwd_entries(acc_o, den, c2, q, lse2, offs_m, e_lo, e_hi, val0, i0, ok0, kg0,
     the unbiased LSE in log2 units (-inf for fully masked rows). (val0, i0, ok0, kg0, vg0) is the
     first chunk from fwd_prologue; K/V rows of later chunks are gathered from k_base/v_base (one
     (batch, kv head) slice, unit stride along D). (A deeper software pipeline, chunk c+1's gathers
-    in flight during chunk c, measured slower on the H100: see benchmarks/notes_attention.md. So
+    in flight during chunk c, measured slower on the H100: see docs/perf-log.md. So
     did a per-entry variant, q_{i_e} . k_{j_e} from gathered Q rows with two exponentials per
     entry instead of per [BM, C] element: the standalone kernel took 127 vs 100 us at 2048
     entries/head and 457 vs 298 us at 16384 (B4 H16 T4096 D128); its per-entry values need
@@ -296,7 +296,7 @@ def dq_entries_rows(dq, offs_m, e_lo, e_hi, EntryPos, EntryVal, DvalOut, q_base,
     three, and two exponentials per entry instead of per [BM, C] element (entry_rows). The
     chunk loop is not software-pipelined by the compiler (num_stages=1): its own next-chunk index
     loads hide part of the index -> rows latency, and 2-3 compiler stages measured no better on the
-    H100 (benchmarks/notes_attention.md, session 7)."""
+    H100 (docs/perf-log.md, session 7)."""
     offs_c = tl.arange(0, CHUNK)
     pos_next = tl.load(EntryPos + e_lo + offs_c, mask=e_lo + offs_c < e_hi, other=0)
     val_next = tl.load(EntryVal + e_lo + offs_c, mask=e_lo + offs_c < e_hi, other=0.0)

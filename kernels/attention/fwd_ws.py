@@ -33,7 +33,7 @@ def _flash_fwd_ws_kernel(Q, K, V, Out, Lse, stride_ob, stride_oh, stride_om, B, 
     """Unbiased, non-causal Out [B,Hq,Tq,D] and Lse [B*Hq, Tq] (natural) with a warp-specialized
     key loop. q, k, v contiguous; their tiles all come by TMA through descriptors made on the
     device (the Hopper pass needs q by TMA too). Tk % BLOCK_N == 0, so no key is masked.
-    WS=False (benchmarks/ws_probe.py's sweep) runs the same loop unspecialized."""
+    WS=False (the warp-specialization probe, docs/perf-log.md) runs the same loop unspecialized."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq

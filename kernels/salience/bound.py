@@ -14,7 +14,7 @@ from .._common import INTERPRET
 CAPTURE_SEG = 16 if INTERPRET else 64
 # Each bound word packs 32 / bits integer fields (one per CAPTURE_SEG * bits / 32 keys); a field's
 # largest value, and the fewest levels per threshold that keep the bound tight (below 8 the
-# ceilings loosen it a lot: benchmarks/notes_attention.md, session 9).
+# ceilings loosen it a lot: docs/perf-log.md, session 9).
 CAPTURE_FIELD_MAX = {8: 255, 16: 65535, 32: 2**31 - 1}
 CAPTURE_MIN_LEVELS = 8
 

@@ -264,7 +264,7 @@ def test_capture_hook_gets_biased_out_and_lse():
     assert causal is True and scale == pytest.approx(1 / 8) and alpha == 1.0
 
 
-# ---- the warp-specialized dense forward (kernels/attention.py WS) -------------------------------
+# ---- the warp-specialized dense forward (kernels/attention/fwd_ws.py) -------------------------------
 WS_CASES = [  # B, Hq, Hkv, Tq, Tk, D, dtype: non-causal, Tk a multiple of 128 (the WS path's calls)
     (2, 8, 2, 1000, 1280, 128, torch.bfloat16),   # GQA, Tq not a multiple of the 128-row tile
     (1, 4, 4, 512, 512, 64, torch.float16),
