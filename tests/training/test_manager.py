@@ -116,7 +116,7 @@ def test_alpha_is_beta_over_max_strength_on_device():
         torch.testing.assert_close(a, 0.2 / top)
 
 
-def test_calibration_loss_reduction_invariance():
+def test_calibration_loss_reduction_invariance(reference_attention):
     # the aux loss is added unscaled, so it would weigh differently against a summed task loss
     a, ma = _fresh(trace_loss_weight=0.0)
     b, mb = _fresh(trace_loss_weight=0.0)
@@ -126,7 +126,7 @@ def test_calibration_loss_reduction_invariance():
     assert_same_memory(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_calibration_batch_size_invariance():
+def test_calibration_batch_size_invariance(reference_attention):
     a, ma = _fresh()
     b, mb = _fresh()
     for s in range(3):
@@ -163,7 +163,7 @@ def test_checkpoint_does_not_double_count():
     assert_same_memory(a, b)
 
 
-def test_gradient_accumulation_is_a_mean_over_micro_batches():
+def test_gradient_accumulation_is_a_mean_over_micro_batches(reference_attention):
     a, ma = _fresh()
     b, mb = _fresh()
     _train(a, ma, 3, B=4)

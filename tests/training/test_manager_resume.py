@@ -35,7 +35,7 @@ def _fresh():
     return mgr, model, torch.optim.SGD(model.parameters(), lr=0.05)
 
 
-def test_resume_is_bitwise(tmp_path):
+def test_resume_is_bitwise(reference_attention, tmp_path):
     N = 4
     a, ma, oa = _fresh()
     ref = _run(a, ma, oa, 2 * N)
