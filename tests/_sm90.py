@@ -114,3 +114,24 @@ def _probe():
     except Exception as e:  # noqa: BLE001 - any failure here means 'cannot compile for the target'
         return f"cannot compile a trivial kernel for {TARGET}: {type(e).__name__}: {e}"
     return None
+
+
+def compile_report(report_path, launch):
+    """Run `launch()` (calls of kernel launchers) with the compile-only launch installed, and write
+    {"ok", "error", "kernels"} (or {"skip": reason} when sm_90 cannot be compiled here) as JSON to
+    report_path: the body of the sm_90 compile workers."""
+    import json
+    from pathlib import Path
+
+    reason = _probe()
+    if reason is not None:
+        Path(report_path).write_text(json.dumps({"skip": reason}))
+        return
+    log = []
+    _install_compile_only_launch(log)
+    ok, error = True, None
+    try:
+        launch()
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        ok, error = False, f"{type(e).__name__}: {e}"
+    Path(report_path).write_text(json.dumps({"ok": ok, "error": error, "kernels": log}))

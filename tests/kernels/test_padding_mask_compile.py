@@ -35,20 +35,13 @@ def test_masked_kernels_compile_for_h100(tmp_path):
 
 def _compile_masked(report_path):
     """The worker of test_masked_kernels_compile_for_h100 (runs without TRITON_INTERPRET)."""
-    import json
     import types
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # tests/: _sm90
-    import _sm90 as TKC
-    reason = TKC._probe()
-    if reason is not None:
-        Path(report_path).write_text(json.dumps({"skip": reason}))
-        return
-    log = []
-    TKC._install_compile_only_launch(log)
-    ok, error = True, None
-    try:
+    import _sm90
+
+    def launch():
         from memtrace.kernels import attention as ka
 
         from memtrace import capture
@@ -76,9 +69,8 @@ def _compile_masked(report_path):
         capture._fill_triton(cap, q, k, v, lse, do, bias, ev, True, D ** -0.5, 1.0, bound, mask)
         capture._CONFIG_OVERRIDE = capture._CUDA_CONFIGS[D]
         capture._fill_triton(cap, q, k, v, lse, do, bias, ev, True, D ** -0.5, 1.0, None, mask)
-    except Exception as e:  # noqa: BLE001 - reported
-        ok, error = False, f"{type(e).__name__}: {e}"
-    Path(report_path).write_text(json.dumps({"ok": ok, "error": error, "kernels": log}))
+
+    _sm90.compile_report(report_path, launch)
 
 
 if __name__ == "__main__":

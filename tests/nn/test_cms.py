@@ -262,15 +262,9 @@ def test_cms_kernels_compile_for_h100(tmp_path):
 
 def _compile_worker(report_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # tests/: _sm90
-    import _sm90 as TKC
-    reason = TKC._probe()
-    if reason is not None:
-        Path(report_path).write_text(json.dumps({"skip": reason}))
-        return
-    log = []
-    TKC._install_compile_only_launch(log)
-    ok, error = True, None
-    try:
+    import _sm90
+
+    def launch():
         from memtrace.kernels import cms as KC
         B, T, DK = 2, 16, 64
         for (N, D), modes in zip(SIZES, [("content", "lru", "hybrid"), ("content",), ("content",)]):
@@ -283,9 +277,8 @@ def _compile_worker(report_path):
                     continue
                 ck = (torch.zeros(B, 4, N, D), torch.zeros(B, 4, N, DK), torch.zeros(B, 4, N))
                 KC.cms_scan_bwd(q, k, v, g, ck, torch.zeros(B, T, D), M, K, 0.1, mode, 0.5, chunk=4)
-    except Exception as e:  # noqa: BLE001 - reported
-        ok, error = False, f"{type(e).__name__}: {e}"
-    Path(report_path).write_text(json.dumps({"ok": ok, "error": error, "kernels": log}))
+
+    _sm90.compile_report(report_path, launch)
 
 
 if __name__ == "__main__":
