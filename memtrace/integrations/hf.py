@@ -473,8 +473,20 @@ def attach(model, mgr) -> MemtraceHandle:
     moe_scan = moe.find_moe_blocks(model)
     if moe_scan.skipped:     # attach_routers(strict=True) would refuse them
         problems.append("its mixture-of-experts blocks cannot be read: " + moe_scan.describe().replace("\n", "\n  "))
+    if len(moe_scan) and hasattr(mgr, "num_experts"):
+        experts = sorted({blk.num_experts for blk in moe_scan})
+        if mgr.num_experts is None or experts != [mgr.num_experts]:
+            problems.append(f"its mixture-of-experts blocks have {', '.join(map(str, experts))} experts, the manager "
+                            f"num_experts={mgr.num_experts}")
     if problems:
-        raise ValueError("memtrace cannot attach to " + type(model).__name__ + ":\n  " + "\n  ".join(problems))
+        hint = ""
+        if isinstance(num_layers, int) and isinstance(num_heads, int):
+            heads = {_num_heads(m, model) for _, m in modules} - {None}
+            hint = (f"\n(build the manager for this model: mt.Memtrace(num_layers={len(modules)}, "
+                    f"num_heads={min(heads) if len(heads) == 1 else num_heads}"
+                    + (f", num_experts={sorted({blk.num_experts for blk in moe_scan})[0]}" if len(moe_scan) else "")
+                    + ", ...))")
+        raise ValueError("memtrace cannot attach to " + type(model).__name__ + ":\n  " + "\n  ".join(problems) + hint)
 
     # 2. change: registries, routers, attention implementation, bindings (undone on failure)
     _register()

@@ -541,3 +541,16 @@ def test_runtime_refuses_masks_it_cannot_express():
         model.model.layers[0].self_attn.attention_dropout = 0.1
         with pytest.raises(ValueError, match="dropout"):
             model(ids)
+
+
+@pytest.mark.parametrize("num_experts", [None, 8])
+def test_moe_model_needs_a_manager_with_its_expert_count(num_experts):
+    """A MoE model attached to a manager without (or with another) num_experts is refused at attach,
+    with the manager to build, not at the first routed forward; the model stays untouched."""
+    model = mixtral()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    impl = model.config._attn_implementation
+    with pytest.raises(ValueError, match=r"4 experts.*\n.*mt\.Memtrace\(num_layers=2, num_heads=4, num_experts=4"):
+        hf.attach(model, mt.Memtrace(2, 4, num_experts=num_experts))
+    assert model.config._attn_implementation == impl
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
