@@ -51,6 +51,7 @@ import argparse
 import functools
 import gc
 import math
+import os
 import statistics
 import sys
 import time
@@ -240,6 +241,23 @@ def time_steps(step, device, warmup, steps):
     return statistics.median(times), times
 
 
+def profile_steps(step, device, path, steps=2):
+    """torch.profiler over `steps` calls of step(): the top operators and kernels by device time
+    (self and total) and by host time, written to `path` (where a row's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    events = prof.key_averages()
+    dev = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(f"{steps} steps\n")
+        f.write(events.table(sort_by=dev, row_limit=40, max_name_column_width=90) + "\n")
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=90) + "\n")
+
+
 def peak_of(step, device):
     """(peak MiB of the whole process's allocations during one step, MiB the step added) or (None, None)."""
     if device.type != "cuda":
@@ -318,6 +336,8 @@ def run_model(kind, size, device, dtype, args, rows, save):
             step, ctx = setup(opt)
             entry["ms"], entry["times_ms"] = time_steps(step, device, args.warmup, args.steps)
             entry["peak_mib"], entry["step_peak_mib"] = peak_of(step, device)
+            if args.profile and row in "abc":
+                profile_steps(step, device, os.path.join(args.profile, f"profile_{kind}_{row}.txt"))
             if row == "f":
                 with RoutingTimer(mgr, device) as timer:
                     n = max(1, min(args.steps, 5))
@@ -445,6 +465,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None, help="write the rows and the environment here")
     ap.add_argument("--only", choices=("llama", "mixtral"), default=None)
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="after timing rows a, b and c, profile 2 more steps of each (torch.profiler) and write "
+                         "DIR/profile_<model>_<row>.txt: the operators and kernels by device time")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per row (default 10)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per row first (default 3; --tiny 1)")
     ap.add_argument("--tiny", action="store_true", help="tiny models (the CPU smoke test; float32)")

@@ -9,7 +9,7 @@
 #              MAX_JOBS=16, then $OUT/env.json (device, versions, date). Alone: install only.
 #   tests      tests/gpu/: one pytest process per module, side by side (compiling Triton kernels
 #              is single-threaded per process; 16 cores). MEMTRACE_GPU_TESTS="memory_gpu capture_gpu"
-#              picks modules (default all six), MEMTRACE_TEST_TIMEOUT the seconds per module (540).
+#              picks modules (default every tests/gpu/test_*_gpu.py); examples/hf_quickstart.py runs beside them, MEMTRACE_TEST_TIMEOUT the seconds per module (540).
 #   attention  compile ahead, side by side (tune/prewarm_attention.py: 6 processes per (head dim,
 #              head counts, causal) each autotuning a sixth of the configs, and one FlexAttention
 #              process per (shape, causal)), then bench_attention.py, which finds every kernel in
@@ -31,7 +31,8 @@
 #              MEMTRACE_TRAINING_TIMEOUT seconds (default 330; the JSON is rewritten after every row,
 #              so a cut run keeps its finished rows). MEMTRACE_TRAINING_ONLY=llama|mixtral runs one
 #              model (split the two over two calls if one does not fit), MEMTRACE_TRAINING_STEPS
-#              the timed steps per row (10). Run it alone: with install it fills one call.
+#              the timed steps per row (10), MEMTRACE_TRAINING_PROFILE=1 adds a torch.profiler table of
+#              rows a, b and c to the logs. Run it alone: with install it fills one call.
 #
 # The device tool brings back at most 8 files from $OUT: every log goes into $OUT/logs.tar, so $OUT
 # holds env.json, the JSON (and attention's .md) of the modes run, and logs.tar. Copy the JSON of a
@@ -80,14 +81,20 @@ bench() {
 # ---- tests --------------------------------------------------------------------------------------
 if want tests; then
   pids=()
-  for mod in ${MEMTRACE_GPU_TESTS:-attention_gpu attention_kernels_gpu capture_gpu memory_gpu routing_gpu launch_gpu}; do
+  all_mods=$(cd tests/gpu && ls test_*_gpu.py | sed 's/^test_//; s/\.py$//' | tr '\n' ' ')
+  for mod in ${MEMTRACE_GPU_TESTS:-$all_mods}; do
     MEMTRACE_ATTN_TUNE=${MEMTRACE_ATTN_TUNE:-0} timeout "${MEMTRACE_TEST_TIMEOUT:-540}" \
       python -m pytest "tests/gpu/test_$mod.py" -q -p no:cacheprovider -p no:warnings --durations=5 \
       > "$LOGS/gpu_tests_$mod.log" 2>&1 &
     pids+=($!)
   done
+  # the README's quickstart, unchanged, on the GPU
+  MEMTRACE_ATTN_TUNE=${MEMTRACE_ATTN_TUNE:-0} timeout "${MEMTRACE_TEST_TIMEOUT:-540}" python examples/hf_quickstart.py \
+    > "$LOGS/quickstart_cuda.log" 2>&1 &
+  pids+=($!)
   for pid in "${pids[@]}"; do wait "$pid" || status=1; done
   for f in "$LOGS"/gpu_tests_*.log; do echo "== $f"; grep -E "passed|failed|error|Error|FAILED" "$f" | tail -8; done
+  echo "== quickstart"; tail -5 "$LOGS/quickstart_cuda.log"
 fi
 
 # ---- attention ----------------------------------------------------------------------------------
@@ -144,7 +151,8 @@ if want training; then
   wait
   for f in "$LOGS"/prewarm_training_*.log; do tail -n 1 "$f"; done
   bench training "${MEMTRACE_TRAINING_TIMEOUT:-330}" --steps "${MEMTRACE_TRAINING_STEPS:-10}" \
-    ${MEMTRACE_TRAINING_ONLY:+--only "$MEMTRACE_TRAINING_ONLY"} --json "$OUT/training.json"
+    ${MEMTRACE_TRAINING_ONLY:+--only "$MEMTRACE_TRAINING_ONLY"} ${MEMTRACE_TRAINING_PROFILE:+--profile "$LOGS"} \
+    --json "$OUT/training.json"
 fi
 
 (cd "$OUT" && tar -cf logs.tar logs && rm -rf logs)

@@ -58,6 +58,12 @@ void check_update_args(const at::Tensor& parent, const at::Tensor& expert, const
                        at::IntArrayRef level_sizes, const at::Tensor& paths, const at::Tensor& rewards,
                        int64_t step, int64_t max_depth, int64_t num_experts);
 
+// The CUDA op's two data checks raise through these, compiled by the host compiler in
+// routing_trie_cpu.cpp: the .cu file passes plain integers and builds no message (a failed check
+// raised from nvcc-compiled code took the process down on the H100).
+[[noreturn]] void fail_bad_paths(int64_t bad, int64_t num_experts);
+[[noreturn]] void fail_bad_nodes(int64_t bad, int64_t depth, int64_t num_experts);
+
 TrieArrays routing_update_cpu(const at::Tensor& parent, const at::Tensor& expert, const at::Tensor& count,
                               const at::Tensor& reward_sum, const at::Tensor& first_seen,
                               const at::Tensor& last_seen, at::IntArrayRef level_sizes, const at::Tensor& paths,

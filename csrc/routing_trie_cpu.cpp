@@ -8,6 +8,7 @@
 #include "routing_trie.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -40,6 +41,19 @@ void check_update_args(const at::Tensor& parent, const at::Tensor& expert, const
   TORCH_CHECK(step >= INT32_MIN && step <= INT32_MAX, "routing_update: step must fit in int32");
   TORCH_CHECK(max_depth >= 1 && max_depth <= 255, "routing_update: max_depth must be in [1, 255]");
   TORCH_CHECK(num_experts >= 1 && num_experts <= kMaxExperts, "routing_update: num_experts must be in [1, 32767]");
+}
+
+void fail_bad_paths(int64_t bad, int64_t num_experts) {
+  TORCH_CHECK_VALUE(false, "routing_update: paths entries must be expert ids in [0, ", num_experts,
+                    ") or -1 (no routing); ", bad, " are not");
+  std::abort();  // unreachable: TORCH_CHECK_VALUE(false, ...) throws
+}
+
+void fail_bad_nodes(int64_t bad, int64_t depth, int64_t num_experts) {
+  TORCH_CHECK_VALUE(false, "routing_update: ", bad, " trie node(s) at depth ", depth,
+                    " break the trie's invariants (parent inside the previous level, expert id in [0, ",
+                    num_experts, "), count >= 0, strictly increasing (parent, expert))");
+  std::abort();
 }
 
 namespace {

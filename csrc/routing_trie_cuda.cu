@@ -289,13 +289,9 @@ TrieArrays routing_update_cuda(const at::Tensor& parent, const at::Tensor& exper
     at::Tensor pos = at::cumsum(flag, 0, at::kLong);
     int64_t m = 0;
     if (total) {
-      // plain locals, not a structured binding: TORCH_CHECK builds its message in a lambda, and a
-      // lambda capturing a structured binding crashed the process when the check failed
       const std::pair<int64_t, int64_t> read = last_value_and_flag(pos, flags, 0);
-      const int64_t items = read.first, bad = read.second;
-      TORCH_CHECK_VALUE(bad == 0, "routing_update: paths entries must be expert ids in [0, ", num_experts,
-                        ") or -1 (no routing); ", bad, " are not");
-      m = items;
+      if (read.second != 0) fail_bad_paths(read.second, num_experts);
+      m = read.first;
     }
     rows = at::empty({m}, i64);
     grp = at::empty({m}, i64);
@@ -376,11 +372,8 @@ TrieArrays routing_update_cuda(const at::Tensor& parent, const at::Tensor& exper
     int64_t matches = 0;
     if (nt) {  // the trie's checks ride on this copy; nothing has been written from the level yet
       const std::pair<int64_t, int64_t> read = last_value_and_flag(cum_match, flags, 1);
-      const int64_t count_matches = read.first, bad = read.second;
-      TORCH_CHECK_VALUE(bad == 0, "routing_update: ", bad, " trie node(s) at depth ", d,
-                        " break the trie's invariants (parent inside the previous level, expert id in [0, ",
-                        num_experts, "), count >= 0, strictly increasing (parent, expert))");
-      matches = count_matches;
+      if (read.second != 0) fail_bad_nodes(read.second, d, num_experts);
+      matches = read.first;
     }
     const int64_t nm = nt + nb - matches;
     total_nodes += nm;

@@ -139,6 +139,8 @@ def check_device(name: str, value) -> torch.device:
             raise ValueError(f"{name} is {value!r} but CUDA is not available")
         if device.index is not None and not 0 <= device.index < torch.cuda.device_count():
             raise ValueError(f"{name} is {value!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+        if device.index is None:    # 'cuda' means the current device; tensors made there say 'cuda:N'
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

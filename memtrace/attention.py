@@ -300,8 +300,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*saved)
     ctx.args = (list(bias_shape), causal, scale, alpha, backend)
     ctx.capture, ctx.bias = capture, bias
-    if is_function:
-        ctx.mark_non_differentiable(lse)
+    # lse is returned (return_lse=True) as a constant, as FlashAttention returns it: no gradient
+    # flows back through it, so none can be silently dropped
+    ctx.mark_non_differentiable(lse)
 
 
 def _autograd_backward(ctx, dout, _dlse):
@@ -368,7 +369,7 @@ def _refuse_double_backward(backend, grads):
 # ================================================================================================
 
 def biased_attention(q, k, v, bias=None, *, causal=False, scale=None, alpha=1.0, capture=None, backend="auto",
-                     key_padding_mask=None):
+                     key_padding_mask=None, return_lse=False):
     """Attention with a sparse additive bias: softmax(scale * q k^T + alpha * M) v (SPEC 2).
 
     q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D] with Hq % Hkv == 0; float16 / bfloat16 / float32
@@ -391,13 +392,17 @@ def biased_attention(q, k, v, bias=None, *, causal=False, scale=None, alpha=1.0,
     no key left (with causal too) gives out = 0 and zero gradients, never NaN. Integer / float
     masks are refused (as SDPA, which reads a float mask as additive): pass mask.bool(). Taken by
     the triton and reference backends; "auto" routes masked calls there.
-    Returns out [B, Hq, Tq, D] in q's dtype, laid out like q.
+    return_lse: also return the log-sum-exp of each row's biased logits (natural log, float32
+    [B, Hq, Tq]; -inf on rows with no key), as FlashAttention's and FlexAttention's option. It
+    is a constant: it does not require grad, and no gradient flows back through it.
+    Returns out [B, Hq, Tq, D] in q's dtype, laid out like q; (out, lse) with return_lse.
     """
     V.check_attention_inputs(q, k, v, scale=scale, alpha=alpha)
     causal = V.check_bool("causal", causal)
     V.check_attention_bias(bias, q, k)
     if key_padding_mask is not None:
         V.check_key_padding_mask(key_padding_mask, q, k)
+    return_lse = V.check_bool("return_lse", return_lse)
     if capture is not None and not isinstance(capture, BackwardObserver):
         raise TypeError(f"capture must be a memtrace.SalienceCapture (a BackwardObserver) or None, "
                         f"got {type(capture).__name__}")
@@ -411,10 +416,10 @@ def biased_attention(q, k, v, bias=None, *, causal=False, scale=None, alpha=1.0,
     args = (q, k, v, _bias_tensors(bias), entry_values, bias_shape, causal, scale, alpha, backend,
             key_padding_mask, alpha_tensor)
     if capture is None and _tracing(q):
-        out, _ = _fwd_op(*args)
+        out, lse = _fwd_op(*args)
     else:   # eager (a capture is eager only: under torch.compile this is a graph break)
-        out, _ = _BiasedAttention.apply(*args, capture, bias)
-    return out
+        out, lse = _BiasedAttention.apply(*args, capture, bias)
+    return (out, lse) if return_lse else out
 
 
 def _tracing(q) -> bool:

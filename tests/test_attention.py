@@ -642,3 +642,52 @@ def test_triton_backward_skips_the_cancellation_work_when_no_row_can_cancel(monk
         bias = mt.TraceBias.from_coo(head, i, j, value, num_heads=2, seq_len_q=12, seq_len_k=12)
         mt.biased_attention(q, k, v, bias, backend="triton").sum().backward()
         assert calls == expect, (low, calls)
+
+
+# ---- return_lse ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("causal", [False, True])
+def test_return_lse_matches_the_oracle(backend, causal):
+    """lse is the natural log-sum-exp of each row's biased logits (-inf where no key is left),
+    float32 [B, Hq, Tq]; out is the same tensor return_lse=False gives."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    q, k, v, bias, coo = make_inputs(2, 4, 2, 9, 6, 16, torch.float32, seed=seed, value_scale=3.0)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :4] = False                    # with causal, rows 0-6 of batch 1 keep no key
+    out, lse = mt.biased_attention(q, k, v, bias, causal=causal, alpha=0.4, backend=backend, return_lse=True,
+                                   key_padding_mask=mask if backend != "corrected_cpu" else None)
+    plain = mt.biased_attention(q, k, v, bias, causal=causal, alpha=0.4, backend=backend,
+                                key_padding_mask=mask if backend != "corrected_cpu" else None)
+    assert torch.equal(out, plain)
+    head, qi, ki, val = coo
+    dense = mt.reference.dense_bias(head, qi, ki, val.double(), 4, bias.seq_len_q, bias.seq_len_k)[:, :9, :6]
+    _, want = mt.reference.attention_with_lse(q.double(), k.double(), v.double(), dense, causal=causal, alpha=0.4,
+                                              key_padding_mask=mask if backend != "corrected_cpu" else None)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 4, 9) and not lse.requires_grad
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(lse), finite) and bool((lse[~finite] == float("-inf")).all())
+    assert torch.allclose(lse[finite].double(), want[finite], atol=1e-5, rtol=1e-5)
+
+
+def test_return_lse_is_a_constant_on_every_path():
+    """No gradient flows through lse: it does not require grad, eagerly, through the op and
+    under torch.compile, and backward through out is unchanged by asking for it."""
+    q, k, v, bias, _ = make_inputs(1, 2, 2, 5, 5, 16, torch.float32, seed=3)
+    out, lse = mt.biased_attention(q, k, v, bias, backend="reference", return_lse=True)
+    assert out.requires_grad and not lse.requires_grad
+    out.sum().backward()
+    g_with = q.grad.clone()
+    q.grad = None
+    mt.biased_attention(q, k, v, bias, backend="reference").sum().backward()
+    assert torch.equal(q.grad, g_with)
+    compiled = torch.compile(lambda *t: mt.biased_attention(*t, bias, backend="reference", return_lse=True),
+                             backend="eager", fullgraph=True)
+    c_out, c_lse = compiled(q, k, v)
+    assert not c_lse.requires_grad and torch.allclose(c_lse, lse) and torch.allclose(c_out, out)
+
+
+def test_return_lse_must_be_a_bool():
+    q, k, v, _, _ = make_inputs(1, 2, 2, 5, 5, 16, torch.float32)
+    with pytest.raises(TypeError, match="return_lse"):
+        mt.biased_attention(q, k, v, return_lse=1)

@@ -126,7 +126,10 @@ class StatefulRouter(nn.Module):
 
     @torch.no_grad()
     def _update(self, idx) -> None:
-        counts = torch.bincount(idx.reshape(-1), minlength=self.num_units)
+        flat = idx.reshape(-1)
+        # not bincount: on CUDA it reads the largest index on the host to size its output
+        counts = torch.zeros(self.num_units, dtype=torch.long, device=idx.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
         self.t_last.copy_(torch.where(counts > 0, self.t, self.t_last))
         self.n_act.add_(counts.to(self.n_act.dtype))
         p = counts.to(torch.float32) / counts.sum().clamp_min(1)

@@ -16,7 +16,11 @@ Z costs one extra dense pass over at most `NORM_ROWS` query rows per call (strid
 longer: an unbiased ratio estimate, exact for Tq <= NORM_ROWS), O(B * H * min(Tq, 256) * Tk * D),
 chunked so that nothing of size Tq x Tk is held; and one host sync per layer and capture step
 (the capture kernel takes its cut as a Python float: raw threshold = CUT_MARGIN * threshold / ln 2
-* Z, a quarter of the smallest normalised salience a new edge needs to be stored). The capture
+* Z, a quarter of the smallest normalised salience a new edge needs to be stored). Where more
+edges than the capture holds would pass that cut (the usual case at long sequences: 0.05 of the
+mean is passed by most edges), the fill would keep only the `capacity` strongest after two extra
+overflow passes; the cut is raised instead to the salience that about CROWD_FILL * capacity
+edges pass, read off the same sampled rows (a top-k of their S). The capture
 then runs the unfused fill (PASS 0 over every tile; the fused bound needs the threshold before the
 backward starts). Non-capture steps pay none of this.
 
@@ -43,18 +47,20 @@ import torch
 
 from ..capture import DEFAULT_CAPACITY, SalienceCapture
 
-__all__ = ["CUT_MARGIN", "NORM_ROWS", "CallObserver", "LayerCapture", "mean_salience"]
+__all__ = ["CROWD_FILL", "CUT_MARGIN", "NORM_ROWS", "CallObserver", "LayerCapture", "mean_salience"]
 
 NORM_ROWS = 256
 CUT_MARGIN = 0.25
+CROWD_FILL = 0.75
 _CHUNK_ELEMENTS = 1 << 22
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @torch.no_grad()
-def mean_salience(q, k, v, lse, dout, bias, alpha, *, causal, scale, key_padding_mask=None):
-    """(total, count) 0-d float tensors: the sum over the sampled rows' visible edges of
-    S = mean_b P*|dP|, and how many (head, row, key) edges that sum covers (a batch mean)."""
+def mean_salience(q, k, v, lse, dout, bias, alpha, *, causal, scale, key_padding_mask=None, rank=0):
+    """(total, count, top) 0-d float tensors: the sum over the sampled rows' visible edges of
+    S = mean_b P*|dP|, how many (head, row, key) edges that sum covers (a batch mean), and the
+    rank-th largest sampled S (0 when rank is 0 or more than the sample holds)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     g = Hq // Hkv
@@ -77,6 +83,7 @@ def mean_salience(q, k, v, lse, dout, bias, alpha, *, causal, scale, key_padding
     keys = torch.arange(Tk, device=dev)
     total = torch.zeros((), dtype=dtype, device=dev)
     count = torch.zeros((), dtype=dtype, device=dev)
+    tops = []
     chunk = max(1, _CHUNK_ELEMENTS // max(1, B * Hq * Tk))
     for r0 in range(0, R, chunk):
         rr = rows[r0:r0 + chunk]
@@ -97,9 +104,24 @@ def mean_salience(q, k, v, lse, dout, bias, alpha, *, causal, scale, key_padding
         ls = lse.detach()[:, :, rr].to(dtype).unsqueeze(-1)
         visible = visible & torch.isfinite(ls)
         P = torch.exp(torch.where(visible, logits - torch.where(torch.isfinite(ls), ls, 0), float("-inf")))
-        total = total + (P * dP.abs()).sum() / B
+        sal = (P * dP.abs()).sum(0) / B                                     # [Hq, n, Tk]
+        total = total + sal.sum()
         count = count + visible.expand(B, Hq, n, Tk).sum().to(dtype) / B
-    return total, count
+        if rank > 0:
+            flat = sal.reshape(-1)
+            tops.append(torch.topk(flat, min(rank, flat.numel()), sorted=False).values)
+    top = torch.zeros((), dtype=dtype, device=dev)
+    if tops:
+        both = torch.cat(tops)
+        if both.numel() >= rank:
+            top = torch.topk(both, rank, sorted=False).values.min()
+    return total, count, top
+
+
+def _sample_rank(capacity: int, sampled_rows: int, Tq: int) -> int:
+    """Which largest sampled S leaves about CROWD_FILL * capacity edges over it in all Tq rows
+    (the rows are sampled evenly, so each sampled edge stands for Tq / sampled_rows edges)."""
+    return max(1, int(CROWD_FILL * capacity * sampled_rows / Tq))
 
 
 class LayerCapture:
@@ -112,13 +134,21 @@ class LayerCapture:
 
     def add(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, key_padding_mask, extra):
         B, H, Tq, _ = q.shape
-        total, count = mean_salience(q, k, v, lse, dout, bias, alpha, causal=causal, scale=scale,
-                                     key_padding_mask=key_padding_mask)
+        capacity = max(1, min(self.capacity, H * Tq * k.shape[2]))
+        sampled_rows = -(-Tq // -(-Tq // NORM_ROWS))
+        total, count, top = mean_salience(q, k, v, lse, dout, bias, alpha, causal=causal, scale=scale,
+                                          key_padding_mask=key_padding_mask,
+                                          rank=_sample_rank(capacity, sampled_rows, Tq))
         Z = (total / count.clamp_min(1)).float()
-        z = float(Z)                    # the capture step's one sync per layer (the kernel's cut)
+        # the capture step's one sync per layer (the kernel's cut)
+        z, crowd = torch.stack([Z, top.float()]).tolist()
         cut = CUT_MARGIN * self.threshold / math.log(2.0) * z
         cut = cut if math.isfinite(cut) and z > 0 else _FLOAT32_MAX
-        capacity = max(1, min(self.capacity, H * Tq * k.shape[2]))
+        if math.isfinite(crowd):
+            # More edges over the cut than the capture holds cost the fill two overflow passes
+            # and then keep only the strongest `capacity` anyway: raise the cut to the salience
+            # that about CROWD_FILL * capacity edges pass, estimated from the sampled rows.
+            cut = max(cut, crowd)
         inner = SalienceCapture(threshold=min(cut, _FLOAT32_MAX), capacity=capacity)
         inner.fill(q, k, v, out, lse, dout, bias, entry_values, causal=causal, scale=scale, alpha=alpha, **extra)
         self.fills.append((inner.edges, inner.num_edges, inner.bias_scores, bias, B, Z, Tq))

@@ -41,6 +41,7 @@ import torch
 from .. import _validate as V
 from .._files import check_path, save_safetensors
 from ..attention import biased_attention
+from ..backends.base import bias_range
 from ..crystallize import Motif, MotifRegistry
 from ..memory import TraceMemory
 from ..routing import RoutingTree
@@ -117,7 +118,6 @@ class Memtrace:
 
     def _reset_step(self) -> None:
         self._plan = plan_at(self.config, self._step)
-        self._bias_cache = {}
         self._captures = {}
         self._calls = {}
         self._masses = {}
@@ -126,7 +126,9 @@ class Memtrace:
 
     def _refresh_alpha(self) -> None:
         """alpha = beta / max(M) per layer (0 for an empty layer) on the device; which layers hold
-        traces, on the host (one sync: called on capture steps and on load only)."""
+        traces, on the host (one sync: called on capture steps and on load only). The layers'
+        biases are rebuilt here too, and their values checked (finite, in range) here, where the
+        step syncs anyway: the steps until the next update reuse them with no sync and no rebuild."""
         top = self._memory.strength.reshape(self.num_layers, -1).amax(dim=1)
         beta = self.config.bias_strength
         self._alpha = torch.where(top > 0, beta / torch.where(top > 0, top, torch.ones_like(top)),
@@ -134,6 +136,10 @@ class Memtrace:
         host = torch.stack([top, self._alpha]).tolist()
         self._has_traces = [m >= 0 for m in host[0]]
         self._alpha_host = host[1]
+        self._bias_cache = {}
+        for layer, has in enumerate(self._has_traces):
+            if has:
+                bias_range(self._bias(layer))
 
     # -- read-outs ---------------------------------------------------------------------------------
     @property
@@ -200,7 +206,7 @@ class Memtrace:
     # -- the forward -------------------------------------------------------------------------------
     def _bias(self, layer):
         b = self._bias_cache.get(layer)
-        if b is None:
+        if b is None or not self._memory._is_own_bias(b, layer):     # the memory changed since
             b = self._bias_cache[layer] = self._memory.bias(layer)
         return b
 
@@ -231,19 +237,18 @@ class Memtrace:
         kwargs = {}
         if key_padding_mask is not None:
             kwargs["key_padding_mask"] = key_padding_mask
-        out = biased_attention(q, k, v, bias, causal=causal, scale=scale,
-                               alpha=1.0 if alpha is None else alpha, capture=capture, **kwargs)
+        out, lse = biased_attention(q, k, v, bias, causal=causal, scale=scale,
+                                    alpha=1.0 if alpha is None else alpha, capture=capture, return_lse=True, **kwargs)
         if replay:
             return out
         if plan.capture and torch.is_grad_enabled() and out.requires_grad:
             self._calls[layer] = self._calls.get(layer, 0) + 1
-        if bias is not None and plan.bias and self.config.trace_loss_weight > 0 and out.requires_grad:
-            lse = _saved_lse(out, q)
-            if lse is not None:
-                from ..losses import trace_attention_mass
-                self._masses[layer] = trace_attention_mass(
-                    q, k, lse, bias, scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
-                    alpha=self._alpha_host[layer], causal=causal, key_padding_mask=key_padding_mask)
+        if (bias is not None and plan.bias and self.config.trace_loss_weight > 0 and out.requires_grad
+                and not _under_saved_tensor_hooks()):
+            from ..losses import trace_attention_mass
+            self._masses[layer] = trace_attention_mass(
+                q, k, lse, bias, scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
+                alpha=self._alpha_host[layer], causal=causal, key_padding_mask=key_padding_mask)
         return out
 
     def _fill(self, layer, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, key_padding_mask,
@@ -431,7 +436,6 @@ class Memtrace:
             except KeyError:
                 pass
         self._refresh_alpha()
-        self._bias_cache = {}
         return n
 
     def _paths(self, token_loss):
@@ -651,21 +655,10 @@ class Memtrace:
                 f"step={self._step}, phase={self.phase.label}, device={self.device})")
 
 
-def _saved_lse(out, q):
-    """The forward's log-sum-exp [B, H, Tq] float32 from out's autograd node (eager calls only;
-    None under saved-tensor hooks such as checkpointing, where unpacking would recompute)."""
-    node = out.grad_fn
-    if node is None or torch._C._autograd._top_saved_tensors_default_hooks(True) is not None:
-        return None
-    try:
-        saved = node.saved_tensors
-    except (AttributeError, RuntimeError):
-        return None
-    B, H, T = q.shape[:3]
-    for t in saved:
-        if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and tuple(t.shape) == (B, H, T):
-            return t
-    return None
+def _under_saved_tensor_hooks() -> bool:
+    """True inside torch.utils.checkpoint (or any saved-tensor hooks): a recomputed forward must
+    save exactly what the first one did, so the first adds no extra graph (the trace-mass loss)."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
 
 
 def _jaccard(mem, st0, meta0, st1, meta1) -> torch.Tensor:

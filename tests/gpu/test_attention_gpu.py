@@ -245,7 +245,7 @@ class _RecordingCapture:
     def __init__(self):
         self.calls = []
 
-    def _fill(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha):
+    def fill(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, bound=None):
         self.calls.append((out.detach().clone(), lse.detach().clone(), causal, scale, alpha))
 
 

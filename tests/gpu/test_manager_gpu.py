@@ -54,3 +54,15 @@ def test_calibration_on_cuda(reduction):
     (loss.mean() if reduction == "mean" else loss.sum()).backward()
     mgr.step()
     assert mgr.memory().num_traces() > 0
+
+
+def test_device_cuda_means_the_current_device():
+    """device="cuda" and tensors made on it ("cuda:0") are the same device to the manager: routing
+    from a model on the GPU is recorded (it was refused: cuda:0 != cuda)."""
+    cfg = mt.MemtraceConfig(update_interval=1, warmup_steps=0, phase_starts=(0, None, 0, None))
+    mgr = mt.Memtrace(2, H, num_experts=4, config=cfg, device="cuda")
+    assert mgr.device == torch.device("cuda", torch.cuda.current_device())
+    experts = torch.randint(0, 4, (B, T), device="cuda")
+    mgr.record_routing(0, experts)
+    mgr.record_routing(1, experts)
+    mt.RoutingTree(2, 4, device="cuda").update(experts.reshape(-1, 1).repeat(1, 2))

@@ -147,10 +147,33 @@ def test_normalised_salience_has_mean_one():
         logits = logits.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
         lse = torch.logsumexp(logits, -1)
     S, _ = R.salience(q.double(), k.double(), v.double(), dout.double(), None, causal=True, scale=0.25, alpha=1.0)
-    total, count = mean_salience(q.double(), k.double(), v.double(), lse, dout.double(), None, 1.0,
-                                 causal=True, scale=0.25)
+    total, count, top = mean_salience(q.double(), k.double(), v.double(), lse, dout.double(), None, 1.0,
+                                      causal=True, scale=0.25, rank=7)
     torch.testing.assert_close(total, S.sum())
     assert int(count) == H * 45
+    torch.testing.assert_close(top, S.reshape(-1).sort(descending=True).values[6])   # every row sampled: exact
+
+
+def test_capture_cut_keeps_the_strongest_and_stays_under_capacity():
+    """With far more edges over the threshold than the capture holds, the cut rises to about
+    CROWD_FILL * capacity candidates (no overflow), and what is kept are the strongest edges."""
+    from memtrace.training.capture_step import CROWD_FILL, LayerCapture
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    g = torch.Generator().manual_seed(seed)
+    B, Hh, T, Dd = 2, 3, 40, 16
+    q, k, v, dout = (torch.randn(B, Hh, T, Dd, generator=g, dtype=torch.float64) for _ in range(4))
+    out, lse = R.attention_with_lse(q, k, v, causal=True)
+    capacity = 96
+    cap = LayerCapture(threshold=1e-9, capacity=capacity)       # nearly every visible edge passes it
+    cap.add(q, k, v, out, lse, dout, None, None, causal=True, scale=Dd ** -0.5, alpha=1.0,
+            key_padding_mask=None, extra={})
+    (h, i, j, S_norm, _), n, _, _, _ = cap.merged(T)
+    n = int(n)
+    assert 0.5 * CROWD_FILL * capacity <= n <= capacity, f"seed {seed}: kept {n} of capacity {capacity}"
+    S, _ = R.salience(q, k, v, dout, None, causal=True, scale=Dd ** -0.5)
+    kept = S[h[:n].long(), i[:n].long(), j[:n].long()]
+    strongest = S.reshape(-1).sort(descending=True).values[:n]
+    torch.testing.assert_close(kept.sort(descending=True).values, strongest, rtol=1e-6, atol=0)
 
 
 def test_checkpoint_does_not_double_count():
@@ -373,3 +396,20 @@ def token_losses_masked(model, x, mask):
 
 def test_math_sanity():
     assert math.isclose(math.log(2.0), 0.6931471805599453)
+
+
+def test_biases_are_built_once_per_memory_update(monkeypatch):
+    """The layers' TraceBias objects are rebuilt (and their values checked) when the memory
+    changes, on capture steps, and reused by the steps between: no per-step rebuild."""
+    mgr, model = _fresh(update_interval=3)
+    _train(mgr, model, 3)                       # steps 0 (capture), 1, 2 (bias from step 2)
+    assert mgr.memory().num_traces() > 0
+    built = []
+    real = mt.TraceMemory.bias
+    monkeypatch.setattr(mt.TraceMemory, "bias", lambda self, layer: built.append(layer) or real(self, layer))
+    _train(mgr, model, 1)                       # step 3: capture, then the update rebuilds each layer's bias
+    assert sorted(built) == [0, 1]
+    used = [mgr._bias(layer) for layer in (0, 1)]
+    _train(mgr, model, 2)                       # steps 4 and 5: biased, no capture, nothing rebuilt
+    assert sorted(built) == [0, 1]
+    assert [mgr._bias(layer) for layer in (0, 1)] == used
