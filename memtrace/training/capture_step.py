@@ -14,15 +14,22 @@ salience". The mean attention `a` is not rescaled.
 
 Z costs one extra dense pass over at most `NORM_ROWS` query rows per call (strided rows when Tq is
 longer: an unbiased ratio estimate, exact for Tq <= NORM_ROWS), O(B * H * min(Tq, 256) * Tk * D),
-chunked so that nothing of size Tq x Tk is held; and one host sync per layer and capture step
-(the capture kernel takes its cut as a Python float: raw threshold = CUT_MARGIN * threshold / ln 2
-* Z, a quarter of the smallest normalised salience a new edge needs to be stored). Where more
-edges than the capture holds would pass that cut (the usual case at long sequences: 0.05 of the
-mean is passed by most edges), the fill would keep only the `capacity` strongest after two extra
-overflow passes; the cut is raised instead to the salience that about CROWD_FILL * capacity
-edges pass, read off the same sampled rows (a top-k of their S). The capture
-then runs the unfused fill (PASS 0 over every tile; the fused bound needs the threshold before the
-backward starts). Non-capture steps pay none of this.
+chunked so that nothing of size Tq x Tk is held. The capture kernel takes its cut as a Python
+float: raw cut = CUT_MARGIN * threshold / ln 2 * Z, a quarter of the smallest normalised salience
+a new edge needs to be stored. Where more edges than the capture holds would pass that cut (the
+usual case at long sequences: 0.05 of the mean is passed by most edges), the fill would keep only
+the `capacity` strongest after two extra overflow passes; the cut is raised instead to the
+salience that about CROWD_FILL * capacity edges pass, read off the same sampled rows (a top-k of
+their S).
+
+Which cut a capture step uses: the first capture step of a layer computes it from that step
+(one host sync per layer) and runs the unfused fill (PASS 0 over every tile). Every later capture
+step uses the cut its previous capture step computed (read on the host with the step's memory
+update, which syncs anyway; part of the manager's state), which is known before the backward: the
+Triton backward fills the fused bound and only the segments that pass are rescored, with no host
+sync for the cut. The salience moves slowly between capture steps; where it rose, the fill
+overflows (still exact: the strongest `capacity` are kept), where it fell, fewer edges are
+listed. Z, and so the normalisation, is always the step's own. Non-capture steps pay none of this.
 
 Micro-batches and checkpointing
 -------------------------------
@@ -47,7 +54,7 @@ import torch
 
 from ..capture import DEFAULT_CAPACITY, SalienceCapture
 
-__all__ = ["CROWD_FILL", "CUT_MARGIN", "NORM_ROWS", "CallObserver", "LayerCapture", "mean_salience"]
+__all__ = ["CROWD_FILL", "CUT_MARGIN", "NORM_ROWS", "CallObserver", "LayerCapture", "call_capacity", "mean_salience"]
 
 NORM_ROWS = 256
 CUT_MARGIN = 0.25
@@ -131,26 +138,33 @@ class LayerCapture:
         self.threshold = threshold
         self.capacity = capacity
         self.fills = []          # (edges, num_edges, bias_scores, bias, weight, Z, Tq)
+        self.next_cut = None     # 0-d float32 on the device: the cut this step's salience suggests
 
-    def add(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, key_padding_mask, extra):
+    def add(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, key_padding_mask, extra,
+            inner=None, bound=None):
+        """One call's fill. inner: the call's SalienceCapture, made before its backward with the
+        cut of the layer's last capture step (CallObserver), whose fused bound the Triton backward
+        filled (`bound`); None: the cut is decided here, from this call (one host sync)."""
         B, H, Tq, _ = q.shape
-        capacity = max(1, min(self.capacity, H * Tq * k.shape[2]))
+        capacity = call_capacity(self.capacity, q, k)
         sampled_rows = -(-Tq // -(-Tq // NORM_ROWS))
         total, count, top = mean_salience(q, k, v, lse, dout, bias, alpha, causal=causal, scale=scale,
                                           key_padding_mask=key_padding_mask,
                                           rank=_sample_rank(capacity, sampled_rows, Tq))
         Z = (total / count.clamp_min(1)).float()
-        # the capture step's one sync per layer (the kernel's cut)
-        z, crowd = torch.stack([Z, top.float()]).tolist()
-        cut = CUT_MARGIN * self.threshold / math.log(2.0) * z
-        cut = cut if math.isfinite(cut) and z > 0 else _FLOAT32_MAX
-        if math.isfinite(crowd):
-            # More edges over the cut than the capture holds cost the fill two overflow passes
-            # and then keep only the strongest `capacity` anyway: raise the cut to the salience
-            # that about CROWD_FILL * capacity edges pass, estimated from the sampled rows.
-            cut = max(cut, crowd)
-        inner = SalienceCapture(threshold=min(cut, _FLOAT32_MAX), capacity=capacity)
-        inner.fill(q, k, v, out, lse, dout, bias, entry_values, causal=causal, scale=scale, alpha=alpha, **extra)
+        # More edges over the threshold's cut than the capture holds cost the fill two overflow
+        # passes and then keep only the strongest `capacity` anyway: the cut rises to the salience
+        # that about CROWD_FILL * capacity edges pass, estimated from the sampled rows.
+        floor = (CUT_MARGIN * self.threshold / math.log(2.0)) * Z
+        cut_now = torch.where(torch.isfinite(top), torch.maximum(floor, top.float()), floor)
+        self.next_cut = cut_now if self.next_cut is None else torch.maximum(self.next_cut, cut_now)
+        if inner is None:
+            cut = float(cut_now)        # this layer's one sync of the step (the kernel's cut)
+            cut = cut if math.isfinite(cut) and cut > 0 else _FLOAT32_MAX
+            inner = SalienceCapture(threshold=min(cut, _FLOAT32_MAX), capacity=capacity)
+            bound = None
+        inner.fill(q, k, v, out, lse, dout, bias, entry_values, causal=causal, scale=scale, alpha=alpha,
+                   bound=bound, **extra)
         self.fills.append((inner.edges, inner.num_edges, inner.bias_scores, bias, B, Z, Tq))
 
     def merged(self, max_seq_len: int):
@@ -198,17 +212,39 @@ class LayerCapture:
 
 class CallObserver:
     """What one attention call of a capture step hands `biased_attention(capture=)`: its fill
-    (called by that call's backward) goes to the layer's LayerCapture."""
+    (called by that call's backward) goes to the layer's LayerCapture. With `cut` (the layer's
+    cut from its last capture step, a float) the call's SalienceCapture exists before the
+    backward, so the Triton backward fills its fused bound and rescores only the segments that
+    pass (memtrace.capture), and the step needs no host sync for the cut."""
 
-    def __init__(self, owner, layer: int, key_padding_mask=None):
+    def __init__(self, owner, layer: int, key_padding_mask=None, *, cut=None, capacity=None, q=None, k=None):
         self._owner = owner
         self._layer = layer
         self._kpm = key_padding_mask
+        self._inner = None
+        if cut is not None and q is not None:
+            self._inner = SalienceCapture(threshold=min(cut, _FLOAT32_MAX), capacity=call_capacity(capacity, q, k))
+
+    def fused_bound_applies(self, q, k) -> bool:
+        return self._inner is not None and self._inner.fused_bound_applies(q, k)
+
+    def fused_bound(self, q, k):
+        return None if self._inner is None else self._inner.fused_bound(q, k)
+
+    def score_segments(self, q, k, v, lse, dout, bias, words, *, causal, scale, bound, key_padding_mask=None):
+        self._inner.score_segments(q, k, v, lse, dout, bias, words, causal=causal, scale=scale, bound=bound,
+                                   key_padding_mask=key_padding_mask)
 
     def fill(self, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, bound=None, **extra):
         kpm = extra.get("key_padding_mask", self._kpm)
         self._owner._fill(self._layer, q, k, v, out, lse, dout, bias, entry_values, causal=causal, scale=scale,
-                          alpha=alpha, key_padding_mask=kpm, extra=extra)
+                          alpha=alpha, key_padding_mask=kpm, extra=extra, inner=self._inner,
+                          bound=bound if self._inner is not None else None)
+
+
+def call_capacity(capacity: int, q, k) -> int:
+    """The capture buffer of one call: the layer's capacity, at most one slot per (head, query, key)."""
+    return max(1, min(capacity, q.shape[1] * q.shape[2] * k.shape[2]))
 
 
 def default_capacity(quota: int, num_heads: int) -> int:

@@ -102,7 +102,8 @@ class Memtrace:
             tree = RoutingTree(self.num_layers, self.num_experts, max_depth=min(c.motif_max_length, self.num_layers),
                                mode="suffix", device=self.device)
         return {"memory": memory, "tree": tree, "registry": MotifRegistry(max_motifs=c.max_motifs),
-                "step": 0, "flops_saved": 0.0, "flops_tokens": 0, "metrics": {}}
+                "step": 0, "flops_saved": 0.0, "flops_tokens": 0, "metrics": {},
+                "capture_cuts": [None] * self.num_layers}
 
     def _build(self, state: dict) -> None:
         """Install a complete state (everything was built and checked before: a swap)."""
@@ -113,6 +114,10 @@ class Memtrace:
         self._flops_saved = state["flops_saved"]
         self._flops_tokens = state["flops_tokens"]
         self._metrics = dict(state["metrics"])
+        # per layer, the capture cut that the last capture step's salience suggests (None: decide
+        # at the next capture step, unfused, with a host sync); part of the state, since it
+        # decides which edges the next capture lists
+        self._capture_cuts = list(state["capture_cuts"])
         self._refresh_alpha()
         self._reset_step()
 
@@ -233,7 +238,10 @@ class Memtrace:
             if plan.bias and not self._mask_tensor_alpha:
                 alpha = self._alpha_host[layer]
         replay = _in_backward()
-        capture = CallObserver(self, layer, key_padding_mask) if plan.capture else None
+        capture = None
+        if plan.capture:
+            capture = CallObserver(self, layer, key_padding_mask, cut=self._capture_cuts[layer], q=q, k=k,
+                                   capacity=default_capacity(self.config.quota_per_head, self.num_heads))
         kwargs = {}
         if key_padding_mask is not None:
             kwargs["key_padding_mask"] = key_padding_mask
@@ -252,13 +260,13 @@ class Memtrace:
         return out
 
     def _fill(self, layer, q, k, v, out, lse, dout, bias, entry_values, *, causal, scale, alpha, key_padding_mask,
-              extra):
+              extra, inner=None, bound=None):
         cap = self._captures.get(layer)
         if cap is None:
             cap = self._captures[layer] = LayerCapture(self.config.salience_threshold,
                                                        default_capacity(self.config.quota_per_head, self.num_heads))
         cap.add(q, k, v, out, lse, dout, bias, entry_values, causal=causal, scale=scale, alpha=alpha,
-                key_padding_mask=key_padding_mask, extra=extra)
+                key_padding_mask=key_padding_mask, extra=extra, inner=inner, bound=bound)
 
     # -- routing -----------------------------------------------------------------------------------
     def record_routing(self, layer, expert_idx, probs=None) -> None:
@@ -501,8 +509,12 @@ class Memtrace:
         hist = torch.zeros(len(HISTOGRAM_EDGES) + 1, device=self.device).index_add_(0, bucket, live.float())
         self._refresh_alpha()
         count = (mem.strength >= 0).sum()
+        cuts = torch.stack([self._captures[lay].next_cut.float() for lay in layers])
         vals = torch.cat([torch.stack(coverage).mean().reshape(1), jac.mean().reshape(1), hist,
-                          count.reshape(1).float()]).tolist()
+                          count.reshape(1).float(), cuts]).tolist()
+        vals, cuts = vals[:-len(layers)], vals[-len(layers):]
+        for lay, cut in zip(layers, cuts):       # the next capture step's cut (fused, no sync)
+            self._capture_cuts[lay] = cut if math.isfinite(cut) and cut > _MIN_FUSED_CUT else None
         self._layer_coverage = coverage
         return {"trace_coverage": vals[0], "trace_stability": vals[1],
                 "salience_histogram": {"edges": list(HISTOGRAM_EDGES), "counts": [int(x) for x in vals[2:-1]]},
@@ -536,7 +548,8 @@ class Memtrace:
         registry, metrics, FLOPs counters and the EWC state when tracked."""
         return {"format_version": FORMAT_VERSION, "shape": self._shape(), "config": self.config.to_dict(),
                 "step": self._step, "flops_saved": self._flops_saved, "flops_tokens": self._flops_tokens,
-                "metrics": dict(self._metrics), "memory": self._memory.state_dict(),
+                "metrics": dict(self._metrics), "capture_cuts": list(self._capture_cuts),
+                "memory": self._memory.state_dict(),
                 "tree": None if self._tree is None else self._tree.state_dict(),
                 "registry": self._registry.state_dict(),
                 "ewc": None if self._ewc is None else self._ewc.state_dict()}
@@ -575,6 +588,7 @@ class Memtrace:
             state["flops_saved"] = V.check_float("flops_saved", sd.get("flops_saved", 0.0), low=0.0)
             state["flops_tokens"] = V.check_int("flops_tokens", sd.get("flops_tokens", 0), low=0)
             state["metrics"] = dict(sd.get("metrics") or {})
+            state["capture_cuts"] = _check_cuts(sd.get("capture_cuts"), self.num_layers)
             ewc = sd.get("ewc")
             if ewc is not None and self._ewc is not None:
                 import copy
@@ -597,7 +611,8 @@ class Memtrace:
             tensors.update({f"tree.{k}": t.detach().cpu().contiguous() for k, t in sd["tree"].items()})
         if sd["ewc"] is not None:
             tensors.update({f"ewc.{k}": t.detach().cpu().contiguous() for k, t in sd["ewc"].items()})
-        meta = {k: sd[k] for k in ("shape", "config", "step", "flops_saved", "flops_tokens", "metrics", "registry")}
+        meta = {k: sd[k] for k in ("shape", "config", "step", "flops_saved", "flops_tokens", "metrics", "registry",
+                                   "capture_cuts")}
         meta["memory_config"] = sd["memory"]["config"]
         meta["memory_format_version"] = sd["memory"]["format_version"]
         meta["has_tree"] = sd["tree"] is not None
@@ -630,7 +645,7 @@ class Memtrace:
                for p in ("memory", "tree", "ewc")}
         return {"format_version": FORMAT_VERSION, "shape": meta["shape"], "config": meta["config"],
                 "step": meta["step"], "flops_saved": meta["flops_saved"], "flops_tokens": meta["flops_tokens"],
-                "metrics": meta["metrics"], "registry": meta["registry"],
+                "metrics": meta["metrics"], "registry": meta["registry"], "capture_cuts": meta.get("capture_cuts"),
                 "memory": {"format_version": meta["memory_format_version"], "config": meta["memory_config"],
                            **sub["memory"]},
                 "tree": sub["tree"] if meta["has_tree"] else None, "ewc": sub["ewc"] if meta["has_ewc"] else None}
@@ -653,6 +668,23 @@ class Memtrace:
     def __repr__(self) -> str:
         return (f"Memtrace(num_layers={self.num_layers}, num_heads={self.num_heads}, num_experts={self.num_experts}, "
                 f"step={self._step}, phase={self.phase.label}, device={self.device})")
+
+
+# Below this a fused capture bound would let every row through (memtrace.capture's own limit).
+_MIN_FUSED_CUT = 1e-30
+
+
+def _check_cuts(cuts, num_layers):
+    """A state's capture cuts: None (an older file: none yet) or one finite float > 0 or None per layer."""
+    if cuts is None:
+        return [None] * num_layers
+    if not isinstance(cuts, (list, tuple)) or len(cuts) != num_layers:
+        raise ValueError(f"state_dict['capture_cuts'] must list one cut per layer ({num_layers})")
+    for c in cuts:
+        if c is not None and not (isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c)
+                                  and c > _MIN_FUSED_CUT):
+            raise ValueError(f"state_dict['capture_cuts'] holds {c!r}: a cut is a finite float > 1e-30 or None")
+    return [None if c is None else float(c) for c in cuts]
 
 
 def _under_saved_tensor_hooks() -> bool:

@@ -413,3 +413,32 @@ def test_biases_are_built_once_per_memory_update(monkeypatch):
     _train(mgr, model, 2)                       # steps 4 and 5: biased, no capture, nothing rebuilt
     assert sorted(built) == [0, 1]
     assert [mgr._bias(layer) for layer in (0, 1)] == used
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the fused capture runs on the Triton path")
+def test_later_capture_steps_use_the_last_cut_fused_or_not(memtrace_settings):
+    """After a layer's first capture step its cut is kept (and saved); the next capture step
+    takes it before the backward, so the Triton backward fills the fused bound: the memory is
+    the same as with the fused bound forced off (the same cut, every tile rescored)."""
+    runs = {}
+    for fused in ("0", "1"):
+        memtrace_settings(capture_fused=fused)
+        mgr, model = _fresh(update_interval=2)
+        assert mgr.state_dict()["capture_cuts"] == [None, None]
+        _train(mgr, model, 1)                                    # step 0 captures: cuts decided then
+        cuts = mgr.state_dict()["capture_cuts"]
+        assert all(c is not None and c > 0 for c in cuts)
+        _train(mgr, model, 2)                                    # step 2 captures with those cuts
+        runs[fused] = mgr
+    assert_same_memory(runs["0"], runs["1"], rtol=1e-5, atol=1e-7)
+    assert runs["0"].state_dict()["capture_cuts"] == pytest.approx(runs["1"].state_dict()["capture_cuts"], rel=1e-5)
+
+
+def test_capture_cuts_are_checked_on_load():
+    mgr, _ = _fresh()
+    sd = mgr.state_dict()
+    for bad in ([1.0], [float("nan"), None], [0.0, None], ["x", None]):
+        with pytest.raises(ValueError, match="capture_cuts"):
+            mgr.load_state_dict({**sd, "capture_cuts": bad})
+    mgr.load_state_dict({**sd, "capture_cuts": [2.5, None]})
+    assert mgr.state_dict()["capture_cuts"] == [2.5, None]
