@@ -35,9 +35,12 @@ from .entries import (
     dkdv_entries,
     dkdv_entries_rows,
     dq_entries,
+    dq_entries_delta,
     dq_entries_rows,
+    dq_entries_rows_delta,
     key_live,
     key_mask_row,
+    row_term,
 )
 
 # The split backward's key-side correction (dK, dV) touches nothing the dense dQ kernel writes.
@@ -229,13 +232,16 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse2, Delta,
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, hi,
+def _dq_tiles(dq, pdp, psum, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, hi,
               offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, k_desc, v_desc, b, hk,
               cap_bound, cap_scale, cap_limit, Tq,
               CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-              USE_DESC: tl.constexpr, CAPTURE: tl.constexpr, KM=None, HAS_MASK: tl.constexpr = False):
-    """dQ (unscaled) of one row block over key blocks [lo, hi). Keys past Tk are loaded as zero
-    rows, which add nothing to dq; MASKED applies the causal mask. USE_DESC: K/V tiles by TMA
+              USE_DESC: tl.constexpr, CAPTURE: tl.constexpr, ROW_PDP: tl.constexpr, KM=None,
+              HAS_MASK: tl.constexpr = False):
+    """(dq, pdp, psum): dQ (unscaled) of one row block over key blocks [lo, hi); ROW_PDP: the rows'
+    sums of P dP and P added to pdp, psum [BM] (the exact row term's, entries.row_term; else they
+    come back as given). Keys past Tk are loaded as zero rows, which add nothing to dq (nor, being
+    masked, to psum); MASKED applies the causal mask. USE_DESC: K/V tiles by TMA
     (as in _fwd_tiles). CAPTURE (the field width in bits, 0 = off): also add, per row, the levels
     ceil(min(cap_scale * max P*|dP|, cap_limit)) of each field's keys into that field of
     cap_bound[key block, row] (the salience capture's segment bound, see flash_bwd). HAS_MASK
@@ -262,6 +268,11 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, 
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+        if ROW_PDP:
+            if MASKED:
+                p = tl.where((cols < Tk)[None, :], p, 0.0)     # keys past Tk: zero K rows, P = exp2(-lse2)
+            pdp += tl.sum(p * dp, 1)
+            psum += tl.sum(p, 1)
         if CAPTURE != 0:
             # Fire-and-forget integer adds (the result is unused): the B programs of (h, rows) sum
             # their batch element's rounded-up field maxima, so a field reaches cap_limit whenever
@@ -282,7 +293,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, 
                 level = tl.ceil(tl.where(top < cap_limit, top, cap_limit)).to(tl.int32)
                 word = tl.sum(level << (tl.arange(0, FIELDS) * CAPTURE)[None, :], 1)
             tl.atomic_add(cap_bound + (n0 // BLOCK_N) * Tq + offs_m, word, mask=offs_m < Tq, sem="relaxed")
-    return dq
+    return dq, pdp, psum
 
 
 @triton.autotune(configs=bwd_configs("dq"),
@@ -290,7 +301,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, 
                       "CHUNK", "CAPTURE", "HAS_MASK"],
                  prune_configs_by={"early_config_prune": prune_dq}, reset_to_zero=["CapBound"])
 @triton.jit
-def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
+def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DeltaX, DvalPart,
                          EntryPos, EntryVal, QOffsets, CapBound, cap_scale, cap_limit, cap_blocks, KMask,
                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
@@ -309,6 +320,10 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
     CAPTURE (field bits, 0 = off): CapBound int32 [Hq, cap_blocks, Tq] (BLOCK_N == the capture's
     segment width) receives the salience bound of every (row, key block) the loops visit.
     HAS_MASK: KMask int8 [B, Tk] is the key padding mask; every key block runs the masked loop.
+    NEED_DVAL: the entry terms and dvalues use the exact row term D = sum_j P' dP / sum_j P' (the
+    dense loops' sums, then the entries': entries.row_term) instead of Delta. DeltaX float32
+    [B*Hq, 2, Tq]: with a bias [:, 0] receives D (the rows form gathers it); without (the split
+    backward) [:, 0] and [:, 1] receive the dense sums of P dP and P, for correct_bwd(row_pdp=).
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -339,20 +354,45 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
     if HAS_MASK:
         full = 0
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    pdp = tl.zeros([BLOCK_M], tl.float32)
+    psum = tl.zeros([BLOCK_M], tl.float32)
     cap_bound = CapBound + h.to(tl.int64) * cap_blocks * Tq
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, 0, full,
-                   offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, KDesc, VDesc, b, hk,
-                   cap_bound, cap_scale, cap_limit, Tq, CAUSAL, False, BLOCK_N, DOT_PREC, USE_DESC, CAPTURE)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, full, hi,
-                   offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, KDesc, VDesc, b, hk,
-                   cap_bound, cap_scale, cap_limit, Tq, CAUSAL, True, BLOCK_N, DOT_PREC, USE_DESC, CAPTURE,
-                   km, HAS_MASK)
+    dq, pdp, psum = _dq_tiles(dq, pdp, psum, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, 0, full,
+                              offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, KDesc, VDesc, b, hk,
+                              cap_bound, cap_scale, cap_limit, Tq, CAUSAL, False, BLOCK_N, DOT_PREC, USE_DESC,
+                              CAPTURE, NEED_DVAL)
+    dq, pdp, psum = _dq_tiles(dq, pdp, psum, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, full, hi,
+                              offs_m, offs_n, offs_d, Tk, causal_off, qk_scale2, KDesc, VDesc, b, hk,
+                              cap_bound, cap_scale, cap_limit, Tq, CAUSAL, True, BLOCK_N, DOT_PREC, USE_DESC,
+                              CAPTURE, NEED_DVAL, km, HAS_MASK)
     if HAS_BIAS:
         e_lo, e_hi = block_range(QOffsets, h, m0, tl.minimum(m0 + BLOCK_M, Tq), TqMax)
+    if NEED_DVAL:
+        x_rows = DeltaX + bh.to(tl.int64) * 2 * Tq          # [2, Tq] of this (b, h)
+        if HAS_BIAS:
+            if ENTRY_FORM == 1:
+                pdp, psum = dq_entries_rows_delta(pdp, psum, offs_m, e_lo, e_hi, EntryPos, EntryVal,
+                                                  Q + b * stride_qb + h * stride_qh,
+                                                  DO + b * stride_dob + h * stride_doh, Lse2 + bh.to(tl.int64) * Tq,
+                                                  k_base, v_base, stride_qm, stride_dom, stride_kn, stride_vn, offs_d,
+                                                  Tq, Tk, causal_off, qk_scale2, alpha2, CAUSAL, CHUNK, km, HAS_MASK)
+            else:
+                pdp, psum = dq_entries_delta(pdp, psum, q, do, lse2, offs_m, e_lo, e_hi, EntryPos, EntryVal,
+                                             k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
+                                             qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC, km, HAS_MASK)
+            delta = row_term(pdp, psum)     # from here on the exact row term
+            tl.store(x_rows + offs_m, delta, mask=rmask)
+        else:
+            tl.store(x_rows + offs_m, pdp, mask=rmask)
+            tl.store(x_rows + Tq + offs_m, psum, mask=rmask)
+    if HAS_BIAS:
         if ENTRY_FORM == 1:
+            if NEED_DVAL:
+                tl.debug_barrier()      # the rows form gathers each entry's D from DeltaX
             dq = dq_entries_rows(dq, offs_m, e_lo, e_hi, EntryPos, EntryVal, DvalPart + b * E,
                                   Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
-                                  Lse2 + bh.to(tl.int64) * Tq, Delta + bh.to(tl.int64) * Tq, k_base, v_base,
+                                  Lse2 + bh.to(tl.int64) * Tq, x_rows if NEED_DVAL else Delta + bh.to(tl.int64) * Tq,
+                                  k_base, v_base,
                                   stride_qm, stride_dom, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off,
                                   qk_scale2, alpha2, alpha, CAUSAL, CHUNK, DOT_PREC, NEED_DVAL, km, HAS_MASK)
         else:
@@ -367,7 +407,7 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, KDesc, VDesc, DQ, Lse2, Delta, DvalPart,
 def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: bool, scale: float,
               alpha: float, need_dvalues: bool, allow_tf32: bool = False, chunk: int | None = None, row_flags=None,
               may_cancel: bool = True, capture_bound: CaptureBound | None = None, beside_dq=None,
-              key_padding_mask=None):
+              key_padding_mask=None, row_pdp=None):
     """Backward of flash_fwd: (dq, dk, dv, dvalues).
 
     out, lse are flash_fwd's results (biased O', natural LSE'); dout [B,Hq,Tq,D]. dq has q's
@@ -406,6 +446,11 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     key_padding_mask: None, or bool/int8 [B, Tk] (nonzero = attend), as given to flash_fwd:
     masked keys get zero dK, dV, their entries zero dvalues, and neither reaches the capture
     bound. Masked calls take the fused form only (never split_backward / correct_bwd).
+
+    With need_dvalues the dQ kernel computes the exact row term D = sum_j P' dP / sum_j P' for the
+    entry terms and dvalues (entries.py, issue 28 point 3); row_pdp (internal, the split form's dense pass:
+    bias=None) is a float32 [B*Hq, 2, Tq] tensor that then receives the dense sums of P dP and P
+    for correct_bwd(row_pdp=) to complete. dK/dV keep the preprocess's delta.
     """
     B, Hq, Hkv, Tq, Tk, D = check_common(q, k, v, bias)
     kmask = key_mask_2d(key_padding_mask, B, Tk, q.device)
@@ -418,10 +463,11 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
         def key_side(delta, dk, dv):     # beside the dense dQ kernel (attn_bwd_overlap)
             correct_bwd(q, k, v, out, lse, dout, bias, ev, None, dk, dv, need_dvalues=False, delta=delta,
                         parts="kv", **kw)
+        pdp = torch.empty((B * Hq, 2, Tq), dtype=torch.float32, device=q.device) if need_dvalues else None
         dq, dk, dv, delta = flash_bwd(q, k, v, out, lse, dout, None, need_dvalues=False, chunk=chunk,
-                                      beside_dq=key_side, **kw)
+                                      beside_dq=key_side, row_pdp=pdp, **kw)
         return correct_bwd(q, k, v, out, lse, dout, bias, ev, dq, dk, dv, need_dvalues=need_dvalues,
-                           delta=delta, parts="q", **kw)
+                           delta=delta, parts="q", row_pdp=pdp, **kw)
     q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
     sign = 1.0
     if scale < 0:
@@ -480,6 +526,12 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
         num_warps=4)
     need_dval = bool(need_dvalues) and has_bias
     dval_part = torch.zeros((B, E) if need_dval else (1, 1), dtype=torch.float32, device=dev)
+    if row_pdp is not None and (has_bias or tuple(row_pdp.shape) != (B * Hq, 2, Tq)
+                                or row_pdp.dtype != torch.float32 or not row_pdp.is_contiguous()):
+        raise ValueError(f"row_pdp needs bias=None and a contiguous float32 tensor of shape {(B * Hq, 2, Tq)}")
+    if need_dval:
+        row_pdp = torch.empty((B * Hq, 2, Tq), dtype=torch.float32, device=dev)
+    exact_d = row_pdp is not None
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
     use_desc = use_tma(q, k, v, dout)
     q_desc, k_desc, v_desc, do_desc = ((desc4(t) for t in (q, k, v, dout)) if use_desc else (q, k, v, dout))
@@ -490,13 +542,14 @@ def flash_bwd(q, k, v, out, lse, dout, bias=None, entry_values=None, *, causal: 
     def launch_dq():
         cap_words = capture_bound.words if capture else torch.empty(1, dtype=torch.int32, device=dev)
         _flash_bwd_dq_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)](
-            q, k, v, dout, k_desc, v_desc, dq, lse2, delta, dval_part, ep, entry_values, qo,
+            q, k, v, dout, k_desc, v_desc, dq, lse2, delta, row_pdp if exact_d else delta, dval_part, ep,
+            entry_values, qo,
             cap_words, cap_scale, cap_limit, triton.cdiv(Tk, CAPTURE_SEG), km_arg,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
             Hq, Hq // Hkv, Tq, Tk, tq_max, E, Tk - Tq, scale * sign, scale * LOG2E, alpha * LOG2E, alpha,
-            len_key(Tq), len_key(Tk), int(use_desc), NEED_DVAL=need_dval, CAPTURE=cap_bits, **common)
+            len_key(Tq), len_key(Tk), int(use_desc), NEED_DVAL=exact_d, CAPTURE=cap_bits, **common)
 
     def launch_dkdv(dk, dv):
         _flash_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)](

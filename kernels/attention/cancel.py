@@ -31,14 +31,14 @@ from .entries import (
     CANCEL_THRESHOLD,
     bias_tile,
     block_range,
-    entry_ok,
+    entry_chunk,
     flagged_rows,
     gather,
     key_live,
     key_mask_row,
     load_entries,
+    row_term,
     rows_with_entries,
-    unpack,
 )
 
 
@@ -136,6 +136,8 @@ def _exact_rows_q_kernel(Q, K, V, Out, Lse, DO, DQ, DvalPart, Flags, EntryPos, E
             hi = Tk
         km = key_mask_row(KMask, b, Tk, HAS_MASK)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        pdp = tl.zeros([BLOCK_M], tl.float32)
+        psum = tl.zeros([BLOCK_M], tl.float32)
         for n0 in range(0, hi, BLOCK_N):
             cols = n0 + offs_n
             k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=(cols < Tk)[:, None], other=0.0)
@@ -151,17 +153,19 @@ def _exact_rows_q_kernel(Q, K, V, Out, Lse, DO, DQ, DvalPart, Flags, EntryPos, E
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+            if NEED_DVAL:
+                pdp += tl.sum(p * dp, 1)
+                psum += tl.sum(p, 1)
         tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
                  (dq * dq_scale).to(DQ.dtype.element_ty), mask=sel[:, None])
         if NEED_DVAL:
-            # per entry on a flagged row: alpha * P'(dP - D), P' computed directly (<= 1)
+            # per entry on a flagged row: alpha * P'(dP - D), P' computed directly (<= 1), with the
+            # exact D = sum_j P' dP / sum_j P' of the loop above (rowsum(dO * O') from a
+            # half-precision O' cancels on an entry that dominates its row; dQ above keeps it)
+            delta = row_term(pdp, psum)
             for e0 in range(e_lo, e_hi, CHUNK):
-                offs_e = e0 + tl.arange(0, CHUNK)
-                in_range = offs_e < e_hi
-                pos = tl.load(EntryPos + offs_e, mask=in_range, other=0)
-                val = tl.load(EntryVal + offs_e, mask=in_range, other=0.0)
-                i_e, j_e = unpack(pos)
-                ok = entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL, km, HAS_MASK)
+                offs_e, in_range, pos, val, i_e, j_e, ok = entry_chunk(EntryPos, EntryVal, e0, e_hi, Tq, Tk,
+                                                                       causal_off, CAUSAL, CHUNK, km, HAS_MASK)
                 hit = (offs_m[:, None] == i_e[None, :]) & ok[None, :] & sel[:, None]
                 mine = tl.max(hit.to(tl.int32), 0) > 0
                 kg = gather(k_base, j_e, stride_kn, offs_d, mine)

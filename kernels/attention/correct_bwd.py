@@ -20,8 +20,10 @@ from .entries import (
     block_range,
     dkdv_entries,
     dq_entries,
+    dq_entries_delta,
     gather,
     launch_order,
+    row_term,
     rows_with_entries,
     window_rows,
     window_slots,
@@ -41,20 +43,28 @@ def _row_delta(o_base, delta_base, do, rows, live, stride_om, offs_d, DELTA_GIVE
 
 
 @triton.jit
-def _dq_rows(q_base, do_base, o_base, l_base, dq_base, delta_base, k_base, v_base, dval_base, rows, live,
+def _dq_rows(q_base, do_base, o_base, l_base, dq_base, delta_base, pdp_base, k_base, v_base, dval_base, rows, live,
              e_lo, e_hi, EntryPos, EntryVal, stride_qm, stride_dom, stride_om, stride_lm, stride_dqm,
              stride_kn, stride_vn, Tq, Tk, causal_off, scale, qk_scale2, alpha2, alpha,
              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
-             DOT_PREC: tl.constexpr, NEED_DVAL: tl.constexpr, DELTA_GIVEN: tl.constexpr):
+             DOT_PREC: tl.constexpr, NEED_DVAL: tl.constexpr, DELTA_GIVEN: tl.constexpr, EXACT_D: tl.constexpr):
     """correct_bwd's query side for rows `rows` [BLOCK_M] of one (batch, head) slice (only `live`
     rows read or written): delta = rowsum(dO * O') (_row_delta), dq += scale * entry terms in
-    place, the entries' dvalues to dval_base."""
+    place, the entries' dvalues to dval_base. EXACT_D: the entry terms and dvalues use the exact
+    row term instead, from pdp_base's dense sums of P dP and P (rows [2, Tq]) and the entries'
+    (dq_entries_delta, row_term)."""
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=live[:, None], other=0.0)
     do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :], mask=live[:, None], other=0.0)
     delta = _row_delta(o_base, delta_base, do, rows, live, stride_om, offs_d, DELTA_GIVEN)
     lse = tl.load(l_base + rows * stride_lm, mask=live, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    if EXACT_D:
+        pdp, psum = dq_entries_delta(tl.load(pdp_base + rows, mask=live, other=0.0),
+                                     tl.load(pdp_base + Tq + rows, mask=live, other=0.0), q, do, lse2, rows, e_lo,
+                                     e_hi, EntryPos, EntryVal, k_base, v_base, stride_kn, stride_vn, offs_d, Tq, Tk,
+                                     causal_off, qk_scale2, alpha2, CAUSAL, CHUNK, DOT_PREC)
+        delta = row_term(pdp, psum)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dq = dq_entries(dq, q, do, lse2, delta, rows, e_lo, e_hi, EntryPos, EntryVal, dval_base, k_base, v_base,
                      stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2, alpha,
@@ -63,7 +73,7 @@ def _dq_rows(q_base, do_base, o_base, l_base, dq_base, delta_base, k_base, v_bas
 
 
 @triton.jit
-def _correct_bwd_q_kernel(Q, K, V, Out, Lse, DO, DQ, Delta, DvalPart,
+def _correct_bwd_q_kernel(Q, K, V, Out, Lse, DO, DQ, Delta, Pdp, DvalPart,
                           EntryPos, EntryVal, QOffsets,
                           stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                           stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
@@ -72,13 +82,14 @@ def _correct_bwd_q_kernel(Q, K, V, Out, Lse, DO, DQ, Delta, DvalPart,
                           Hq, GROUP, Tq, Tk, TqMax, E, causal_off, scale, qk_scale2, alpha2, alpha,
                           HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                           CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, NEED_DVAL: tl.constexpr,
-                          DELTA_GIVEN: tl.constexpr):
+                          DELTA_GIVEN: tl.constexpr, EXACT_D: tl.constexpr):
     """dQ += scale * entry terms (in place), Delta = rowsum(dO*O') on rows with entries, and
     DvalPart[b, e] = alpha * P'(dP - D) for this batch element.
 
     Grid (cdiv(Tq, BLOCK_M), B*Hq). Out/Lse are the biased O', natural LSE'. Delta is [B*Hq, Tq]
     float32 and is read by _correct_bwd_k_kernel for the same rows; DELTA_GIVEN: the caller's
-    dense backward already computed it (Out is not read).
+    dense backward already computed it (Out is not read). EXACT_D: Pdp [B*Hq, 2, Tq] float32 holds
+    the dense pass's sums of P dP and P, and dQ and the dvalues use the exact D (_dq_rows).
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -92,14 +103,16 @@ def _correct_bwd_q_kernel(Q, K, V, Out, Lse, DO, DQ, Delta, DvalPart,
         live = rows_with_entries(QOffsets, h, offs_m, Tq, TqMax)
         _dq_rows(Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
                  Out + b * stride_ob + h * stride_oh, Lse + b * stride_lb + h * stride_lh,
-                 DQ + b * stride_dqb + h * stride_dqh, Delta + (b * Hq + h) * Tq, K + b * stride_kb + hk * stride_kh,
+                 DQ + b * stride_dqb + h * stride_dqh, Delta + (b * Hq + h) * Tq, Pdp + (b * Hq + h) * 2 * Tq,
+                 K + b * stride_kb + hk * stride_kh,
                  V + b * stride_vb + hk * stride_vh, DvalPart + b * E, offs_m, live, e_lo, e_hi, EntryPos, EntryVal,
                  stride_qm, stride_dom, stride_om, stride_lm, stride_dqm, stride_kn, stride_vn, Tq, Tk, causal_off,
-                 scale, qk_scale2, alpha2, alpha, HEAD_DIM, CAUSAL, BLOCK_M, CHUNK, DOT_PREC, NEED_DVAL, DELTA_GIVEN)
+                 scale, qk_scale2, alpha2, alpha, HEAD_DIM, CAUSAL, BLOCK_M, CHUNK, DOT_PREC, NEED_DVAL, DELTA_GIVEN,
+                 EXACT_D)
 
 
 @triton.jit
-def _correct_bwd_q_window_kernel(Q, K, V, Out, Lse, DO, DQ, Delta, DvalPart,
+def _correct_bwd_q_window_kernel(Q, K, V, Out, Lse, DO, DQ, Delta, Pdp, DvalPart,
                                  EntryPos, EntryVal, QOffsets,
                                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                                  stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
@@ -108,7 +121,8 @@ def _correct_bwd_q_window_kernel(Q, K, V, Out, Lse, DO, DQ, Delta, DvalPart,
                                  Hq, GROUP, Tq, Tk, TqMax, E, causal_off, scale, qk_scale2, alpha2, alpha,
                                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                                  HP: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
-                                 NEED_DVAL: tl.constexpr, REVERSE: tl.constexpr, DELTA_GIVEN: tl.constexpr):
+                                 NEED_DVAL: tl.constexpr, REVERSE: tl.constexpr, DELTA_GIVEN: tl.constexpr,
+                                 EXACT_D: tl.constexpr):
     """_correct_bwd_q_kernel by windows of entries (_correct_fwd_window_kernel's rows), for
     sparse biases. Grid (>= windows, B)."""
     pid_w, b = launch_order(REVERSE)
@@ -119,10 +133,12 @@ def _correct_bwd_q_window_kernel(Q, K, V, Out, Lse, DO, DQ, Delta, DvalPart,
         live = rows >= 0
         _dq_rows(Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
                  Out + b * stride_ob + h * stride_oh, Lse + b * stride_lb + h * stride_lh,
-                 DQ + b * stride_dqb + h * stride_dqh, Delta + (b * Hq + h) * Tq, K + b * stride_kb + hk * stride_kh,
+                 DQ + b * stride_dqb + h * stride_dqh, Delta + (b * Hq + h) * Tq, Pdp + (b * Hq + h) * 2 * Tq,
+                 K + b * stride_kb + hk * stride_kh,
                  V + b * stride_vb + hk * stride_vh, DvalPart + b * E, rows, live, e_lo, e_hi, EntryPos, EntryVal,
                  stride_qm, stride_dom, stride_om, stride_lm, stride_dqm, stride_kn, stride_vn, Tq, Tk, causal_off,
-                 scale, qk_scale2, alpha2, alpha, HEAD_DIM, CAUSAL, WINDOW, CHUNK, DOT_PREC, NEED_DVAL, DELTA_GIVEN)
+                 scale, qk_scale2, alpha2, alpha, HEAD_DIM, CAUSAL, WINDOW, CHUNK, DOT_PREC, NEED_DVAL, DELTA_GIVEN,
+                 EXACT_D)
 
 
 @triton.jit
@@ -212,7 +228,7 @@ def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, caus
                 chunk: int = 16, num_warps: int = 2, row_flags=None, maxnreg: int | None = None,
                 q_form: str | None = None, q_window: int | None = None, q_warps: int | None = None,
                 delta: torch.Tensor | None = None, parts: str = "all", kv_form: str | None = None,
-                kv_window: int | None = None):
+                kv_window: int | None = None, row_pdp: torch.Tensor | None = None):
     """Add the entry terms to a dense backward's (dq, dk, dv) (computed from O', LSE'), in place.
 
     out, lse are the BIASED O', natural LSE' (unmasked). Returns (dq, dk, dv, dvalues) with
@@ -235,6 +251,14 @@ def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, caus
     the exact-row launches of row_flags need parts="all". q_form / kv_form: "rows" or "window" for
     each side's launch (None: by density, bwd_q_config / bwd_kv_config); q_window / kv_window
     their window sizes, q_warps the warps of both window launches.
+
+    row_pdp: float32 [B*Hq, 2, Tq] (contiguous), [:, 0] = sum_j P dP and [:, 1] = sum_j P over every
+    key (P = exp(s - LSE'), dP = dO . v_j), when the caller's dense dQ pass summed them (flash_bwd's
+    split form). With need_dvalues the query side then adds the entries' g dP and g and uses that
+    exact row term sum_j P' dP / sum_j P' for dq's entry terms and the dvalues instead of delta:
+    rowsum(dO * O') from a half-precision O' cancels on an entry that dominates its row
+    (entries.py). Without it (the cudnn and flash backends: their dense backward does not expose
+    the sums) the dvalues keep rowsum(dO * O').
     """
     B, Hq, Hkv, Tq, Tk, D = check_common(q, k, v, bias)
     if parts not in ("all", "q", "kv"):
@@ -242,6 +266,9 @@ def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, caus
     if delta is not None and (not isinstance(delta, torch.Tensor) or delta.dtype != torch.float32
                               or tuple(delta.shape) != (B * Hq, Tq) or not delta.is_contiguous()):
         raise ValueError(f"delta must be a contiguous float32 tensor of shape {(B * Hq, Tq)}")
+    if row_pdp is not None and (not isinstance(row_pdp, torch.Tensor) or row_pdp.dtype != torch.float32
+                                or tuple(row_pdp.shape) != (B * Hq, 2, Tq) or not row_pdp.is_contiguous()):
+        raise ValueError(f"row_pdp must be a contiguous float32 tensor of shape {(B * Hq, 2, Tq)}")
     if parts == "kv" and delta is None:
         raise ValueError("parts='kv' needs delta (the query-side launch computes it otherwise)")
     if parts != "all" and row_flags is not None:
@@ -273,6 +300,7 @@ def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, caus
         delta = torch.empty((B * Hq, Tq), dtype=torch.float32, device=q.device)
     need_dvalues = bool(need_dvalues) and parts != "kv"
     dval_part = torch.zeros((B, E) if need_dvalues else (1, 1), dtype=torch.float32, device=q.device)
+    exact_d = need_dvalues and row_pdp is not None
     # small blocks (16 rows/keys, 2 warps) measured fastest on the H100: many light programs hide
     # the gathers' latency (16384 traces/head: 0.58 ms vs 0.85 ms at 64/32/4); a 128-register cap
     # fits more of them per SM (the dK/dV kernel needs 184 uncapped): 239 vs 297 us at 2048/head,
@@ -280,7 +308,8 @@ def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, caus
     if parts != "kv":
         # with q negated, dq must come out negated: run on -dq and flip back (rare path)
         dq_work = dq if sign > 0 else dq.neg_()
-        q_args = (q, k, v, out, lse, dout, dq_work, delta, dval_part, bias.entry_pos, entry_values,
+        q_args = (q, k, v, out, lse, dout, dq_work, delta, row_pdp if exact_d else delta, dval_part,
+                  bias.entry_pos, entry_values,
                   bias.q_offsets, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
                   lse.stride(0), lse.stride(1), lse.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
@@ -288,7 +317,7 @@ def correct_bwd(q, k, v, out, lse, dout, bias, entry_values, dq, dk, dv, *, caus
                   Hq, Hq // Hkv, Tq, Tk, bias.index_rows, E, Tk - Tq, scale, scale * LOG2E, alpha * LOG2E, alpha)
         q_form, auto_window, auto_warps = bwd_q_config(D, E / (bias.num_heads * bias.index_rows), q_form)
         q_const = {"HEAD_DIM": D, "CAUSAL": bool(causal), "CHUNK": chunk, "DOT_PREC": prec, "NEED_DVAL": need_dvalues,
-                       "DELTA_GIVEN": delta_given}
+                       "DELTA_GIVEN": delta_given, "EXACT_D": exact_d}
         if q_form == "rows":
             _correct_bwd_q_kernel[(triton.cdiv(Tq, block_m), B * Hq)](*q_args, BLOCK_M=block_m, **q_const,
                                                                       num_warps=num_warps, **launch)

@@ -13,6 +13,15 @@ P' = exp(s + alpha b - LSE'), g = P' - P = P * expm1(alpha b), dP = dO_i . v_j, 
     dV_j += g dO_i     dS = g (dP - D_i)     dQ_i += scale dS k_j     dK_j += scale dS q_i
     dvalues_e = alpha * sum_b P' (dP - D_i)               (the full logit gradient, summed over b)
 
+Where an entry dominates its row (P' ~ 1), dP - D_i is a small difference of large terms and the
+rounding of a half-precision O' in D_i = dO_i . O'_i passes into dvalues_e (fp16: 1e-2 - 1e-1
+relative on issue 28 point 3's cases). So when the dvalues are needed, the query side uses the exact row term
+D_i = sum_j P'_ij dP_ij / sum_j P'_ij instead (row_term): the dense loop's sums of P dP and P plus
+the entries' of g dP and g (dq_entries_delta / dq_entries_rows_delta), all in float32. The
+division (by 1 in exact arithmetic) makes D_i a weighted mean of the dP, as O' is one: the float32
+rounding of a dominant P' (~1e-5 at alpha b = 40) then moves D_i by that much of dP - D_i, not of
+dP (without it fp32 dvalues at alpha b up to 40 went from 2e-6 to 3e-5; with it 1e-6).
+
 This module holds those per-entry terms as @triton.jit helpers, shared by the fused flash kernels
 (fwd.py, bwd.py: they call them from their epilogues) and by the standalone kernels (correct_fwd.py,
 correct_bwd.py), which apply them after any dense attention (cuDNN, flash) through `correct_fwd`
@@ -60,6 +69,19 @@ def entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL: tl.constexpr, KM=No
     if HAS_MASK:
         ok = ok & (tl.load(KM + j_e, mask=ok, other=0) != 0)
     return ok
+
+
+@triton.jit
+def entry_chunk(EntryPos, EntryVal, e0, e_hi, Tq, Tk, causal_off, CAUSAL: tl.constexpr, CHUNK: tl.constexpr,
+                KM=None, HAS_MASK: tl.constexpr = False):
+    """The CHUNK entries from e0 (of those before e_hi): (offs_e, in_range, pos, val, i_e, j_e, ok)."""
+    offs_e = e0 + tl.arange(0, CHUNK)
+    in_range = offs_e < e_hi
+    pos = tl.load(EntryPos + offs_e, mask=in_range, other=0)
+    val = tl.load(EntryVal + offs_e, mask=in_range, other=0.0)
+    i_e, j_e = unpack(pos)
+    ok = entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL, KM, HAS_MASK)
+    return offs_e, in_range, pos, val, i_e, j_e, ok
 
 
 @triton.jit
@@ -185,6 +207,34 @@ def fwd_entries_piped(acc_o, den, c2, q, lse2, offs_m, e_lo, e_hi,
 
 
 @triton.jit
+def row_term(pdp, psum):
+    """The exact row term D = sum_j P' dP / sum_j P' (module docstring); 0 on rows without mass
+    (lse2 = +inf: fully masked, or cancelling rows left to the exact-row kernels)."""
+    return tl.where(psum > 0, pdp / tl.where(psum > 0, psum, 1.0), 0.0)
+
+
+@triton.jit
+def dq_entries_delta(d, l, q, do, lse2, offs_m, e_lo, e_hi, EntryPos, EntryVal, k_base, v_base, stride_kn,
+                      stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2, alpha2,
+                      CAUSAL: tl.constexpr, CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, KM=None,
+                      HAS_MASK: tl.constexpr = False):
+    """(d + sum_e g dP, l + sum_e g) [BM] over a row block's entries (dP = dO_i . v_j, no row term
+    subtracted), g as dq_entries forms it: from the dense loop's sums of P dP and P these are the
+    exact row term's two sums (row_term). Rows with lse2 = +inf add 0."""
+    for e0 in range(e_lo, e_hi, CHUNK):
+        val, i_e, j_e, ok = load_entries(EntryPos, EntryVal, e0 + tl.arange(0, CHUNK), e_hi, Tq, Tk, causal_off,
+                                         CAUSAL, KM, HAS_MASK)
+        kg = gather(k_base, j_e, stride_kn, offs_d, ok)
+        vg = gather(v_base, j_e, stride_vn, offs_d, ok)
+        u = tl.dot(q, tl.trans(kg), input_precision=DOT_PREC) * qk_scale2 - lse2[:, None]
+        hit = (offs_m[:, None] == i_e[None, :]) & ok[None, :]
+        g = tl.where(hit, tl.exp2(u + (val * alpha2)[None, :]) - tl.exp2(u), 0.0)
+        d += tl.sum(g * tl.dot(do, tl.trans(vg), input_precision=DOT_PREC), 1)
+        l += tl.sum(g, 1)
+    return d, l
+
+
+@triton.jit
 def dq_entries(dq, q, do, lse2, delta, offs_m, e_lo, e_hi,
                 EntryPos, EntryVal, DvalOut, k_base, v_base, stride_kn, stride_vn, offs_d,
                 Tq, Tk, causal_off, qk_scale2, alpha2, alpha,
@@ -198,12 +248,8 @@ def dq_entries(dq, q, do, lse2, delta, offs_m, e_lo, e_hi,
     carries the gradient.
     """
     for e0 in range(e_lo, e_hi, CHUNK):
-        offs_e = e0 + tl.arange(0, CHUNK)
-        in_range = offs_e < e_hi
-        pos = tl.load(EntryPos + offs_e, mask=in_range, other=0)
-        val = tl.load(EntryVal + offs_e, mask=in_range, other=0.0)
-        i_e, j_e = unpack(pos)
-        ok = entry_ok(in_range, i_e, j_e, Tq, Tk, causal_off, CAUSAL, KM, HAS_MASK)
+        offs_e, in_range, pos, val, i_e, j_e, ok = entry_chunk(EntryPos, EntryVal, e0, e_hi, Tq, Tk, causal_off,
+                                                               CAUSAL, CHUNK, KM, HAS_MASK)
         kg = tl.load(k_base + j_e[:, None] * stride_kn + offs_d[None, :], mask=ok[:, None], other=0.0)
         vg = tl.load(v_base + j_e[:, None] * stride_vn + offs_d[None, :], mask=ok[:, None], other=0.0)
         s2 = tl.dot(q, tl.trans(kg), input_precision=DOT_PREC) * qk_scale2
@@ -282,6 +328,29 @@ def entry_rows(pos, val, in_range, q_base, do_base, k_base, v_base, lse2_base, d
     g = tl.where(ok, p_biased - tl.exp2(u), 0.0)
     dp = tl.sum(dog.to(tl.float32) * vg.to(tl.float32), 1) - delta_e
     return i_e, j_e, qg, dog, kg, p_biased, g, dp
+
+
+@triton.jit
+def dq_entries_rows_delta(d, l, offs_m, e_lo, e_hi, EntryPos, EntryVal, q_base, do_base, lse2_base, k_base,
+                           v_base, stride_qm, stride_dom, stride_kn, stride_vn, offs_d, Tq, Tk, causal_off, qk_scale2,
+                           alpha2, CAUSAL: tl.constexpr, CHUNK: tl.constexpr, KM=None, HAS_MASK: tl.constexpr = False):
+    """dq_entries_delta in the per-entry form: g and dP as entry_rows forms them (row dots of
+    gathered rows), each entry's g dP and g summed into its row of d and l [BM]."""
+    for e0 in range(e_lo, e_hi, CHUNK):
+        offs_e, in_range, pos, val, i_e, j_e, ok = entry_chunk(EntryPos, EntryVal, e0, e_hi, Tq, Tk, causal_off,
+                                                               CAUSAL, CHUNK, KM, HAS_MASK)
+        qg = gather(q_base, i_e, stride_qm, offs_d, ok)
+        dog = gather(do_base, i_e, stride_dom, offs_d, ok)
+        kg = gather(k_base, j_e, stride_kn, offs_d, ok)
+        vg = gather(v_base, j_e, stride_vn, offs_d, ok)
+        lse_e = tl.load(lse2_base + i_e, mask=ok, other=float("inf"))
+        u = tl.sum(qg.to(tl.float32) * kg.to(tl.float32), 1) * qk_scale2 - lse_e
+        g = tl.where(ok, tl.exp2(u + val * alpha2) - tl.exp2(u), 0.0)
+        gdp = g * tl.sum(dog.to(tl.float32) * vg.to(tl.float32), 1)
+        mine = offs_m[:, None] == i_e[None, :]
+        d += tl.sum(tl.where(mine, gdp[None, :], 0.0), 1)
+        l += tl.sum(tl.where(mine, g[None, :], 0.0), 1)
+    return d, l
 
 
 @triton.jit

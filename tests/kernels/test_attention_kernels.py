@@ -330,7 +330,8 @@ def test_correct_bwd_parts_with_given_delta(case):
                        (dict(delta=delta.double()), "delta"), (dict(delta=delta[:, :-1]), "delta"),
                        (dict(kv_form="cols"), "kv_form"), (dict(q_form="cols"), "q_form"),
                        (dict(kv_form="window"), "GQA") if Hq != Hkv else (dict(parts="x"), "parts"),
-                       (dict(parts="q", row_flags=torch.zeros(B, Hq, Tq, dtype=torch.int8)), "row_flags")):
+                       (dict(parts="q", row_flags=torch.zeros(B, Hq, Tq, dtype=torch.int8)), "row_flags"),
+                       (dict(row_pdp=torch.zeros(B * Hq, Tq, device=q.device)), "row_pdp")):
         with pytest.raises(ValueError, match=match):
             ka.correct_bwd(q, k, v, out, lse, do, bias, ev, dq, dk, dv, need_dvalues=True, **kw, **bad)
     for a, b in zip((dq, dk, dv), dense[:3]):
