@@ -588,6 +588,8 @@ class MemtraceCallback(TrainerCallback):
         self.last_step_metrics = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not self.mgr.distributed and _data_parallel():
+            self.mgr.distribute()       # every rank's callback gets here: the exchange's setup is collective
         if state.global_step <= 0 and self.resume_from is None:
             return
         folder = self.resume_from or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -619,6 +621,12 @@ class MemtraceCallback(TrainerCallback):
             save_memtrace(folder, self.mgr)
         else:
             warnings.warn(f"memtrace: no checkpoint folder {folder} to save the manager in", stacklevel=2)
+
+
+def _data_parallel() -> bool:
+    """Whether this process is one of several ranks of an initialised torch.distributed job."""
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class MemtraceTrainer(Trainer):

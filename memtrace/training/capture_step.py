@@ -167,11 +167,16 @@ class LayerCapture:
                    bound=bound, **extra)
         self.fills.append((inner.edges, inner.num_edges, inner.bias_scores, bias, B, Z, Tq))
 
-    def merged(self, max_seq_len: int):
-        """(head, q_idx, k_idx, S_norm, a) [C], num_edges 0-d, slot (S_norm, a) or None, bias, Tq."""
+    def weights(self):
+        """(W, Zw): the fills' total batch weight (a float) and sum of weight * Z (0-d, > 0): what
+        `merged` divides a and S by (the data-parallel exchange weighs ranks by them)."""
         W = float(sum(f[4] for f in self.fills))
         Zw = sum(f[4] * f[5] for f in self.fills)
-        Zw = torch.where(Zw > 0, Zw, torch.ones_like(Zw))
+        return W, torch.where(Zw > 0, Zw, torch.ones_like(Zw))
+
+    def merged(self, max_seq_len: int):
+        """(head, q_idx, k_idx, S_norm, a) [C], num_edges 0-d, slot (S_norm, a) or None, bias, Tq."""
+        W, Zw = self.weights()
         bias = self.fills[-1][3]
         Tq = self.fills[-1][6]
         slot = None

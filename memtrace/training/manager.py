@@ -89,6 +89,7 @@ class Memtrace:
         self._hooks = []
         self._ewc = None
         self._store = None         # persist_to: (store, settings), SPEC 11
+        self._dp = None            # distribute: the data-parallel exchange, SPEC 15
         self._mask_tensor_alpha = _attention_takes("key_padding_mask")
 
     # -- construction and state --------------------------------------------------------------------
@@ -344,12 +345,27 @@ class Memtrace:
             raise RuntimeError(f"step() on capture step {self._step}: layers {missing} ran attention but no "
                                "backward reached them since; call loss.backward() before mgr.step()")
         paths = rewards = None
+        if self._dp is not None:
+            self._dp.bytes_last_step = 0
         if plan.record_routing and self._routes and self._tree is not None:
             paths, rewards = self._paths(token_loss)
+        if plan.record_routing and self._tree is not None and self._dp is not None:
+            if paths is None:       # this rank routed nothing this step; the others may have
+                paths = torch.zeros((0, self.num_layers), dtype=torch.int64, device=self.device)
+            if rewards is None:     # no token_loss: reward 0, as the tree takes None
+                rewards = torch.zeros(paths.shape[0], dtype=torch.float64, device=self.device)
+            paths, rewards = self._dp.gather_paths(paths, rewards)
+            if paths.shape[0] == 0:
+                paths = rewards = None
         before = set(m.key for m in self.held_motifs())
         metrics = dict(self._metrics)
-        if plan.capture and self._captures:
-            metrics.update(self._update_memory())
+        merged = None
+        if plan.capture and self._dp is not None:
+            merged = self._dp.merge_captures(self._captures, self.num_layers, self._memory.max_seq_len)
+        elif plan.capture and self._captures:
+            merged = {lay: self._captures[lay].merged(self._memory.max_seq_len) for lay in sorted(self._captures)}
+        if merged:
+            metrics.update(self._update_memory(merged))
             if self._ewc is not None:
                 self._ewc.accumulate()
         if paths is not None:
@@ -374,6 +390,8 @@ class Memtrace:
             for hook in self._hooks:
                 hook(added, removed)
         metrics.update(self._host_metrics(plan))
+        if self._dp is not None:
+            metrics["exchange_bytes"] = self._dp.bytes_last_step
         if self._store is not None and self._step % self._store[1].trace_sync_interval == 0:
             metrics["store_sync"] = self.sync_store()
         self._metrics = metrics
@@ -468,10 +486,10 @@ class Memtrace:
             V.check_finite("token_loss", rewards)
         return paths, rewards
 
-    def _update_memory(self) -> dict:
+    def _update_memory(self, merged_by_layer) -> dict:
         mem = self._memory
-        layers = sorted(self._captures)
-        merged = [self._captures[lay].merged(mem.max_seq_len) for lay in layers]
+        layers = sorted(merged_by_layer)
+        merged = [merged_by_layer[lay] for lay in layers]
         C = max(m[0][0].shape[0] for m in merged)
 
         def pad(t, fill):
@@ -543,6 +561,25 @@ class Memtrace:
     def _shape(self) -> dict:
         return {"num_layers": self.num_layers, "num_heads": self.num_heads, "num_experts": self.num_experts}
 
+    def distribute(self, group=None) -> "Memtrace":
+        """Keep this manager equal on every rank of a data-parallel group (torch.distributed,
+        initialised; None = the default group): each step's captures and routing are exchanged
+        before the update (memtrace.training.distributed). Collective: every rank calls it, and
+        every rank raises ValueError when the ranks' configs or shapes differ. Returns self."""
+        from .distributed import DataParallel
+        self._dp = DataParallel(group, self.device, {"config": self.config.to_dict(), "shape": self._shape()})
+        return self
+
+    @property
+    def distributed(self) -> bool:
+        """Whether `distribute` made this manager one of a data-parallel group's."""
+        return self._dp is not None
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the manager's data-parallel group (0 when not distributed)."""
+        return 0 if self._dp is None else self._dp.rank
+
     def state_dict(self) -> dict:
         """Everything a resumed run needs (between steps): config, shape, step, memory, trie,
         registry, metrics, FLOPs counters and the EWC state when tracked."""
@@ -604,7 +641,14 @@ class Memtrace:
             self._ewc = probe
 
     def save(self, path) -> None:
-        """One safetensors file (atomic): tensors of the memory, trie and EWC; the rest as JSON."""
+        """One safetensors file (atomic): tensors of the memory, trie and EWC; the rest as JSON.
+        Distributed (`distribute`): only rank 0 writes (the ranks' states are the same; no
+        collective, so it may be called from rank 0 alone); any number of ranks can load it once
+        it exists (the write is atomic: a reader finds the whole file or none)."""
+        if self._dp is None or self._dp.rank == 0:
+            self._write(path)
+
+    def _write(self, path) -> None:
         sd = self.state_dict()
         tensors = {f"memory.{k}": sd["memory"][k].detach().cpu().contiguous() for k in ("strength", "meta")}
         if sd["tree"] is not None:
