@@ -24,6 +24,10 @@
 #              then bench_capture.py --no-sweep -> capture.json
 #   routing    bench_routing.py -> routing.json
 #   bias       bench_bias.py -> bias.json
+#   capture_ab bench_capture on an older tree and on this one, same call (the redesign's check):
+#              here, `mkdir -p .ab/before && git archive REV | tar -x -C .ab/before --exclude=benchmarks/results`
+#              (.ab/ in .git/info/exclude, named in the device tool's carry); both trees compile ahead
+#              side by side, then the two benches run back to back -> capture_before.json, capture_after.json
 #   training   compile ahead the D=128 causal attention kernels with 16 query / 8 kv heads (6
 #              processes, at most MEMTRACE_TRAINING_PREWARM seconds, default 150), then
 #              bench_training.py -> training.json (HF Llama and Mixtral training steps: sdpa, memtrace
@@ -45,7 +49,7 @@ mkdir -p "$OUT" "$LOGS"
 modes=" $* "
 want() { [[ $modes == *" $1 "* ]]; }
 for m in $modes; do
-  case $m in install|tests|attention|update|capture|routing|bias|training) ;; *) echo "unknown mode: $m" >&2; exit 2 ;; esac
+  case $m in install|tests|attention|update|capture|capture_ab|routing|bias|training) ;; *) echo "unknown mode: $m" >&2; exit 2 ;; esac
 done
 export PYTHONUNBUFFERED=1
 status=0
@@ -134,6 +138,22 @@ if want capture; then
   wait
   for f in "$LOGS"/prewarm_capture_*.log; do tail -n 1 "$f"; done
   bench capture 300 --no-sweep --json "$OUT/capture.json"
+fi
+if want capture_ab; then
+  # the older tree's prewarm script sat at benchmarks/ before the redesign, at benchmarks/tune/ after
+  old_prewarm=benchmarks/tune/prewarm_attention.py
+  [[ -f .ab/before/$old_prewarm ]] || old_prewarm=benchmarks/prewarm_attention.py
+  for k in 0 1 2 3 4 5; do
+    (cd .ab/before && MEMTRACE_ATTN_CONFIG_SLICE=$k/6 PYTHONPATH=$PWD timeout 240 python "$old_prewarm" \
+       kernels 128 0 --heads 16,16 > "$LOGS/prewarm_before_$k.log" 2>&1) &
+  done
+  prewarm after kernels 128 0 --heads 16,16
+  wait
+  # PYTHONPATH and the working directory make the older tree's memtrace and kernels the ones imported
+  (cd .ab/before && PYTHONPATH=$PWD timeout 200 python benchmarks/bench_capture.py --no-sweep \
+     --json "$OUT/capture_before.json" > "$LOGS/bench_capture_before.log" 2>&1) || status=1
+  bench capture 200 --no-sweep --json "$OUT/capture_after.json"
+  grep -v -i warn "$LOGS/bench_capture_before.log" | cut -c1-300 | tail -20
 fi
 if want routing; then
   bench routing 300 --json "$OUT/routing.json"
