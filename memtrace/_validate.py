@@ -346,3 +346,16 @@ def check_key_padding_mask(mask, q, k) -> None:
         raise ValueError(f"key_padding_mask must have shape [B, Tk] = {list(want)}, got {list(mask.shape)}")
     if mask.device != q.device:
         raise ValueError(f"key_padding_mask is on {mask.device} but q is on {q.device}; it must be on q's device")
+
+
+def dataclass_from_dict(cls, d, name: str):
+    """cls(**d) for a settings dataclass, refusing a non-dict (TypeError) and keys that are not
+    its fields (ValueError, listing the known ones); absent fields take their defaults."""
+    import dataclasses
+    if not isinstance(d, dict):
+        raise TypeError(f"{name} must be a dict, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in d if k not in names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {unknown}; known keys: {sorted(names)}")
+    return cls(**d)

@@ -59,13 +59,7 @@ class StoreSettings:
 
     @classmethod
     def from_dict(cls, d) -> StoreSettings:
-        if not isinstance(d, dict):
-            raise TypeError(f"settings must be a dict, got {type(d).__name__}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(str(k) for k in d if k not in names)
-        if unknown:
-            raise ValueError(f"unknown StoreSettings keys: {unknown}; known keys: {sorted(names)}")
-        return cls(**d)
+        return V.dataclass_from_dict(cls, d, "settings")
 
     @classmethod
     def from_seed_dict(cls, d) -> StoreSettings:

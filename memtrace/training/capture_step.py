@@ -54,7 +54,8 @@ import torch
 
 from ..capture import DEFAULT_CAPACITY, SalienceCapture
 
-__all__ = ["CROWD_FILL", "CUT_MARGIN", "NORM_ROWS", "CallObserver", "LayerCapture", "call_capacity", "mean_salience"]
+__all__ = ["CROWD_FILL", "CUT_MARGIN", "NORM_ROWS", "CallObserver", "LayerCapture", "call_capacity", "mean_salience",
+           "merge_edge_lists"]
 
 NORM_ROWS = 256
 CUT_MARGIN = 0.25
@@ -64,10 +65,10 @@ _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @torch.no_grad()
-def mean_salience(q, k, v, lse, dout, bias, alpha, *, causal, scale, key_padding_mask=None, rank=0):
+def mean_salience(q, k, v, lse, dout, bias, alpha, *, causal, scale, key_padding_mask=None, kth=0):
     """(total, count, top) 0-d float tensors: the sum over the sampled rows' visible edges of
     S = mean_b P*|dP|, how many (head, row, key) edges that sum covers (a batch mean), and the
-    rank-th largest sampled S (0 when rank is 0 or more than the sample holds)."""
+    kth largest sampled S (0 when kth is 0 or more than the sample holds)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     g = Hq // Hkv
@@ -114,18 +115,18 @@ def mean_salience(q, k, v, lse, dout, bias, alpha, *, causal, scale, key_padding
         sal = (P * dP.abs()).sum(0) / B                                     # [Hq, n, Tk]
         total = total + sal.sum()
         count = count + visible.expand(B, Hq, n, Tk).sum().to(dtype) / B
-        if rank > 0:
+        if kth > 0:
             flat = sal.reshape(-1)
-            tops.append(torch.topk(flat, min(rank, flat.numel()), sorted=False).values)
+            tops.append(torch.topk(flat, min(kth, flat.numel()), sorted=False).values)
     top = torch.zeros((), dtype=dtype, device=dev)
     if tops:
         both = torch.cat(tops)
-        if both.numel() >= rank:
-            top = torch.topk(both, rank, sorted=False).values.min()
+        if both.numel() >= kth:
+            top = torch.topk(both, kth, sorted=False).values.min()
     return total, count, top
 
 
-def _sample_rank(capacity: int, sampled_rows: int, Tq: int) -> int:
+def _sample_kth(capacity: int, sampled_rows: int, Tq: int) -> int:
     """Which largest sampled S leaves about CROWD_FILL * capacity edges over it in all Tq rows
     (the rows are sampled evenly, so each sampled edge stands for Tq / sampled_rows edges)."""
     return max(1, int(CROWD_FILL * capacity * sampled_rows / Tq))
@@ -150,7 +151,7 @@ class LayerCapture:
         sampled_rows = -(-Tq // -(-Tq // NORM_ROWS))
         total, count, top = mean_salience(q, k, v, lse, dout, bias, alpha, causal=causal, scale=scale,
                                           key_padding_mask=key_padding_mask,
-                                          rank=_sample_rank(capacity, sampled_rows, Tq))
+                                          kth=_sample_kth(capacity, sampled_rows, Tq))
         Z = (total / count.clamp_min(1)).float()
         # More edges over the threshold's cut than the capture holds cost the fill two overflow
         # passes and then keep only the strongest `capacity` anyway: the cut rises to the salience
@@ -187,32 +188,32 @@ class LayerCapture:
         if len(self.fills) == 1:
             (h, i, j, S, a), n = self.fills[0][0], self.fills[0][1]
             return (h, i, j, S * (W / Zw), a), n.reshape(()), slot, bias, Tq
-        dev = Zw.device
-        hs, iss, js, Ss, As, valid = [], [], [], [], [], []
-        for (h, i, j, S, a), n, _, _, w, _, _ in self.fills:
-            hs.append(h.long())
-            iss.append(i.long())
-            js.append(j.long())
-            Ss.append(S.float() * w)
-            As.append(a.float() * w)
-            valid.append(torch.arange(h.shape[0], device=dev) < n)
-        h, i, j = torch.cat(hs), torch.cat(iss), torch.cat(js)
-        S, a, valid = torch.cat(Ss), torch.cat(As), torch.cat(valid)
-        L = max_seq_len
-        key = torch.where(valid, (h * L + i) * L + j, torch.full_like(h, torch.iinfo(torch.int64).max))
-        key, order = torch.sort(key, stable=True)
-        first = torch.ones_like(valid)
-        first[1:] = key[1:] != key[:-1]
-        seg = torch.cumsum(first.long(), 0) - 1
-        N = key.numel()
-        S_out = torch.zeros(N, dtype=torch.float32, device=dev).index_add_(0, seg, S[order])
-        a_out = torch.zeros(N, dtype=torch.float32, device=dev).index_add_(0, seg, a[order])
-        lead = torch.full((N,), N, dtype=torch.long, device=dev).scatter_reduce_(
-            0, seg, torch.arange(N, device=dev), reduce="amin")
-        lead = lead.clamp(max=N - 1)
-        src = order[lead]
-        num = (first & valid[order]).sum().to(torch.int32)
-        return (h[src].int(), i[src].int(), j[src].int(), S_out / Zw, a_out / W), num, slot, bias, Tq
+        lists = [(edges, n) for edges, n, *_ in self.fills]
+        weights = [float(f[4]) for f in self.fills]
+        (h, i, j, S, a), num = merge_edge_lists(lists, weights, weights, max_seq_len)
+        return (h, i, j, (S / Zw.double()).float(), (a / W).float()), num, slot, bias, Tq
+
+
+def merge_edge_lists(lists, s_weights, a_weights, max_seq_len):
+    """One edge list from several: lists[k] = ((h, i, j, S, a) each [C_k], num_edges), each listing
+    an edge at most once. Returns ((h, i, j) int32, sum_k s_weights[k] S_k, sum_k a_weights[k] a_k
+    (float64; a list without the edge adds 0), each [U]) and U (0-d int32), edges sorted by
+    (head, q, k). The sums run in list order and no two terms of one scatter meet, so the result
+    is the same bit for bit on every run and device (micro-batches, data-parallel ranks)."""
+    L = max_seq_len
+    keys, valid = [], []
+    for (h, i, j, _, _), n in lists:
+        keys.append((h.long() * L + i.long()) * L + j.long())
+        valid.append(torch.arange(h.shape[0], device=h.device) < n)
+    uniq = torch.unique(torch.cat([k[v] for k, v in zip(keys, valid)]))          # sorted
+    S_out = torch.zeros(uniq.shape[0], dtype=torch.float64, device=uniq.device)
+    a_out = torch.zeros_like(S_out)
+    for ((_, _, _, S, a), _), key, ok, ws, wa in zip(lists, keys, valid, s_weights, a_weights):
+        pos = torch.searchsorted(uniq, key[ok])
+        S_out.index_put_((pos,), S[ok].double() * ws, accumulate=True)
+        a_out.index_put_((pos,), a[ok].double() * wa, accumulate=True)
+    merged = ((uniq // (L * L)).int(), ((uniq // L) % L).int(), (uniq % L).int(), S_out, a_out)
+    return merged, torch.tensor(uniq.shape[0], dtype=torch.int32, device=uniq.device)
 
 
 class CallObserver:

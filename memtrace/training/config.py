@@ -116,12 +116,7 @@ class MemtraceConfig:
     @classmethod
     def from_dict(cls, d) -> MemtraceConfig:
         """The inverse of to_dict; absent fields take their defaults, unknown keys raise ValueError."""
-        if not isinstance(d, dict):
-            raise TypeError(f"config must be a dict, got {type(d).__name__}")
-        unknown = sorted(str(k) for k in d if k not in _FIELD_NAMES)
-        if unknown:
-            raise ValueError(f"unknown MemtraceConfig keys: {unknown}; known keys: {sorted(_FIELD_NAMES)}")
-        return cls(**d)
+        return V.dataclass_from_dict(cls, d, "config")
 
     @classmethod
     def from_seed_dict(cls, d) -> MemtraceConfig:

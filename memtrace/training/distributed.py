@@ -26,6 +26,8 @@ import json
 
 import torch
 
+from .capture_step import merge_edge_lists
+
 __all__ = ["DataParallel"]
 
 
@@ -129,33 +131,21 @@ class DataParallel:
 
 def _merge_ranks(edges, meta, slots, max_seq_len):
     """The ranks' edge lists ([R, 5, C]: h, i, j and the float32 bits of S_norm, a), meta [R, 4]
-    (num_edges, W, Zw, next cut) and stored-trace scores ([R, 2, ...] or None) -> one list."""
-    R, _, C = edges.shape
-    dev = edges.device
+    (num_edges, W, Zw, next cut) and stored-trace scores ([R, 2, ...] or None) -> one list: the
+    weighted mean over all the ranks' samples (see the module docstring)."""
+    R = edges.shape[0]
     num, W_r, Zw_r = meta[:, 0].long(), meta[:, 1], meta[:, 2]
     W, Zw = W_r.sum(), Zw_r.sum()
-    L = max_seq_len
-    valid = torch.arange(C, device=dev).view(1, C) < num.view(R, 1)
-    key = (edges[:, 0].long() * L + edges[:, 1].long()) * L + edges[:, 2].long()     # [R, C]
-    S = edges[:, 3].contiguous().view(torch.float32).double() * Zw_r.view(R, 1)
-    a = edges[:, 4].contiguous().view(torch.float32).double() * W_r.view(R, 1)
-    uniq = torch.unique(key[valid])                                               # sorted
-    S_out = torch.zeros(uniq.shape[0], dtype=torch.float64, device=dev)
-    a_out = torch.zeros_like(S_out)
-    for r in range(R):                       # rank order; a rank lists an edge once: no collisions
-        pos = torch.searchsorted(uniq, key[r][valid[r]])
-        S_out.index_put_((pos,), S[r][valid[r]], accumulate=True)
-        a_out.index_put_((pos,), a[r][valid[r]], accumulate=True)
-    h = (uniq // (L * L)).int()
-    i = ((uniq // L) % L).int()
-    j = (uniq % L).int()
-    merged = (h, i, j, (S_out / Zw).float(), (a_out / W).float())
+    lists = [((edges[r, 0], edges[r, 1], edges[r, 2], edges[r, 3].contiguous().view(torch.float32),
+               edges[r, 4].contiguous().view(torch.float32)), num[r]) for r in range(R)]
+    (h, i, j, S, a), count = merge_edge_lists(lists, Zw_r.tolist(), W_r.tolist(), max_seq_len)
+    merged = (h, i, j, (S / Zw).float(), (a / W).float())
     slot = None
     if slots is not None:
         S_b = torch.zeros_like(slots[0, 0], dtype=torch.float64)
         a_b = torch.zeros_like(S_b)
-        for r in range(R):
+        for r in range(R):          # rank order
             S_b = S_b + slots[r, 0].double() * Zw_r[r]
             a_b = a_b + slots[r, 1].double() * W_r[r]
         slot = ((S_b / Zw).float(), (a_b / W).float())
-    return merged, torch.tensor(uniq.shape[0], dtype=torch.int32, device=dev), slot
+    return merged, count, slot

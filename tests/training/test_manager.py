@@ -148,7 +148,7 @@ def test_normalised_salience_has_mean_one():
         lse = torch.logsumexp(logits, -1)
     S, _ = R.salience(q.double(), k.double(), v.double(), dout.double(), None, causal=True, scale=0.25, alpha=1.0)
     total, count, top = mean_salience(q.double(), k.double(), v.double(), lse, dout.double(), None, 1.0,
-                                      causal=True, scale=0.25, rank=7)
+                                      causal=True, scale=0.25, kth=7)
     torch.testing.assert_close(total, S.sum())
     assert int(count) == H * 45
     torch.testing.assert_close(top, S.reshape(-1).sort(descending=True).values[6])   # every row sampled: exact
