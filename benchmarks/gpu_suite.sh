@@ -37,6 +37,17 @@
 #              model (split the two over two calls if one does not fit), MEMTRACE_TRAINING_STEPS
 #              the timed steps per row (10), MEMTRACE_TRAINING_PROFILE=1 adds a torch.profiler table of
 #              rows a, b and c to the logs. Run it alone: with install it fills one call.
+#   cms        bench_cms.py -> cms.json (CMSMemory's Triton scan against the eager loop, and the
+#              StatefulRouter against a linear top-k gate), cut at 240 s
+#   experiment the ablation table (issue 29): `memtrace experiment --plan gpu25 --call K` for each K
+#              of MEMTRACE_EXP_CALLS (default "1 2 3"), MEMTRACE_EXP_PARALLEL processes side by side
+#              (6), no run started after MEMTRACE_EXP_SECONDS (default 400) from the mode's start;
+#              runs whose JSON is already in benchmarks/results/experiments/ are skipped, so the next
+#              call resumes (MEMTRACE_EXP_GRACE, default 150: the seconds a call's runs under way
+#              get after that deadline before they are killed). MEMTRACE_EXP_CALIBRATE=1 runs call 0 (ms/step alone, the speed-up of
+#              processes side by side) first, MEMTRACE_EXP_STEPS overrides the plan's steps. The
+#              attention kernels take their first config (MEMTRACE_ATTN_TUNE=0: every process would
+#              otherwise autotune). -> experiments.tar (the whole results folder; unpack it at the root)
 #
 # The device tool brings back at most 8 files from $OUT: every log goes into $OUT/logs.tar, so $OUT
 # holds env.json, the JSON (and attention's .md) of the modes run, and logs.tar. Copy the JSON of a
@@ -49,7 +60,7 @@ mkdir -p "$OUT" "$LOGS"
 modes=" $* "
 want() { [[ $modes == *" $1 "* ]]; }
 for m in $modes; do
-  case $m in install|tests|attention|update|capture|capture_ab|routing|bias|training) ;; *) echo "unknown mode: $m" >&2; exit 2 ;; esac
+  case $m in install|tests|attention|update|capture|capture_ab|routing|bias|training|cms|experiment) ;; *) echo "unknown mode: $m" >&2; exit 2 ;; esac
 done
 export PYTHONUNBUFFERED=1
 status=0
@@ -173,6 +184,30 @@ if want training; then
   bench training "${MEMTRACE_TRAINING_TIMEOUT:-330}" --steps "${MEMTRACE_TRAINING_STEPS:-10}" \
     ${MEMTRACE_TRAINING_ONLY:+--only "$MEMTRACE_TRAINING_ONLY"} ${MEMTRACE_TRAINING_PROFILE:+--profile "$LOGS"} \
     --json "$OUT/training.json"
+fi
+if want cms; then
+  bench cms 240 --json "$OUT/cms.json"
+fi
+if want experiment; then
+  export MEMTRACE_ATTN_TUNE=${MEMTRACE_ATTN_TUNE:-0}
+  exp_start=$(date +%s)
+  exp_budget=${MEMTRACE_EXP_SECONDS:-400}
+  par=${MEMTRACE_EXP_PARALLEL:-6}
+  if [[ -n ${MEMTRACE_EXP_CALIBRATE:-} ]]; then
+    timeout 240 python -m memtrace experiment --plan gpu25 --call 0 --device cuda --parallel "$par" \
+      > "$LOGS/experiment_call0.log" 2>&1 || status=1
+    grep -v -i warn "$LOGS/experiment_call0.log" | tail -8
+  fi
+  for call in ${MEMTRACE_EXP_CALLS:-1 2 3}; do
+    left=$(( exp_budget - ($(date +%s) - exp_start) ))
+    (( left > 20 )) || break
+    # runs under way at the deadline finish: the hard limit leaves them MEMTRACE_EXP_GRACE seconds
+    timeout $(( left + ${MEMTRACE_EXP_GRACE:-150} )) python -m memtrace experiment --plan gpu25 --call "$call" --device cuda \
+      --parallel "$par" --deadline "$left" ${MEMTRACE_EXP_STEPS:+--steps "$MEMTRACE_EXP_STEPS"} \
+      > "$LOGS/experiment_call$call.log" 2>&1 || status=1
+    tr '\r' '\n' < "$LOGS/experiment_call$call.log" | grep -v -i warn | tail -6
+  done
+  tar -cf "$OUT/experiments.tar" -C benchmarks/results experiments
 fi
 
 (cd "$OUT" && tar -cf logs.tar logs && rm -rf logs)

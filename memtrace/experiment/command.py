@@ -91,6 +91,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--pilot", action="store_true", help="mark the runs as a pilot (always so on CPU)")
     p.add_argument("--plan", choices=("gpu25", "tiny"), default=None, help="print (or with --call, run) a preset")
     p.add_argument("--call", type=_int_at_least(0), default=None, help="with --plan: run this call (0: calibrate)")
+    p.add_argument("--deadline", type=_positive_float, default=None,
+                   help="with --plan --call K: start no run after this many seconds (runs under way finish); "
+                        "a plan call always skips runs whose complete JSON is on disk, so calling it again resumes")
     p.add_argument("--report", action="store_true", help="rebuild EXPERIMENTS.md from the JSON files")
     p.add_argument("--markdown", default="EXPERIMENTS.md", help="where --report writes (default EXPERIMENTS.md)")
     p.set_defaults(func=cmd_experiment, _parser=p)
@@ -123,7 +126,7 @@ def cmd_experiment(args) -> int:
         configs = plan_configs(args.plan, call=args.call, device=device, out=out, steps=args.steps)
         if not configs:
             parser.error(f"--call {args.call}: plan {args.plan} has no such call")
-        return _run_with_sweeps(configs, args.parallel)
+        return _run_with_sweeps(configs, args.parallel, args.deadline)
     if args.task is None:
         parser.error("--task is required (or --report, or --plan)")
     from dataclasses import replace
@@ -166,27 +169,38 @@ def cmd_experiment(args) -> int:
     return 0
 
 
-def _run_with_sweeps(configs, parallel) -> int:
-    """Plan calls: sweeps first (choosing each task's lr), then the runs with their task's lr."""
+def _run_with_sweeps(configs, parallel, deadline=None) -> int:
+    """Plan calls: sweeps first (choosing each task's lr), then the runs with their task's lr.
+    Runs (and sweep points) already complete on disk are skipped; `deadline` seconds bound when
+    the last run may start."""
     import os
+    import time
     from dataclasses import replace
 
-    from .runner import lr_sweep, resolve_lr, run_many
+    from .runner import is_complete, lr_sweep, resolve_lr, run_many
+    stop_at = None if deadline is None else time.monotonic() + deadline
+
+    def left():
+        return None if stop_at is None else max(0.0, stop_at - time.monotonic())
+
     sweeps = [c for c in configs if c.sweep]
     done = set()
     for c in sweeps:
         key = (c.task, c.seq_len, c.model.get("position"))
         if key not in done:
             done.add(key)
-            lr_sweep(replace(c, sweep=False, tag=""), parallel=parallel)
+            lr_sweep(replace(c, sweep=False, tag=""), parallel=parallel, deadline=left(), skip_complete=True)
     runs = []
     for c in configs:
         if c.sweep:
             continue
         lr, source = resolve_lr(c)
         runs.append(replace(c, lr=lr, lr_source=source))
-    paths = run_many(runs, parallel=parallel) if runs else []
-    print(f"wrote {len(paths)} run file(s) and {len(done)} sweep(s) to {os.path.dirname(paths[0]) if paths else '-'}")
+    todo = [c for c in runs if not is_complete(c)]
+    paths = run_many(runs, parallel=parallel, deadline=left(), skip_complete=True) if runs else []
+    missing = [c for c in todo if not is_complete(c)]
+    print(f"wrote {len(paths)} run file(s) and {len(done)} sweep(s) to {os.path.dirname(paths[0]) if paths else '-'}; "
+          f"{len(runs) - len(todo)} were already complete; {len(missing)} of this call still missing")
     return 0
 
 

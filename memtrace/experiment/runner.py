@@ -38,8 +38,8 @@ from .arms import ARMS, MOE_ARMS, REFERENCE_ARMS, ExperimentMemtrace, ReferenceB
 from .models import ModelSpec, build_model, forward_flops_per_token
 from .tasks import TaskSpec, chance_share, make_batch, useful_edge_set
 
-__all__ = ["DEFAULT_LR", "DEFAULT_OUT", "LR_GRID", "RunConfig", "run_many", "run_one", "lr_sweep", "run_path",
-           "write_json_atomic"]
+__all__ = ["DEFAULT_LR", "DEFAULT_OUT", "LR_GRID", "RunConfig", "is_complete", "run_many", "run_one", "lr_sweep",
+           "run_path", "write_json_atomic"]
 
 DEFAULT_OUT = os.path.join("benchmarks", "results", "experiments")
 DEFAULT_LR = 1e-3
@@ -401,15 +401,45 @@ def _job(cfg: RunConfig) -> str:
     return run_one(cfg)
 
 
-def run_many(configs: list, parallel: int = 1, show_progress: bool = True) -> list:
+def is_complete(cfg: RunConfig) -> bool:
+    """Whether a finished run of `cfg` is on disk: its JSON exists and was written with the same run
+    settings (device, output folder and the invocation's request aside)."""
+    try:
+        with open(run_path(cfg)) as f:
+            stored = json.load(f)["config"]["run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    skip = ("out", "device", "requested", "lr_source")
+    want = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in skip}, default=_jsonable))
+    return all(stored.get(k) == v for k, v in want.items())
+
+
+def run_many(configs: list, parallel: int = 1, show_progress: bool = True, deadline: float | None = None,
+             skip_complete: bool = False) -> list:
     """Run every config; `parallel` > 1: that many spawned processes side by side (several small
-    runs share one GPU). Returns the paths written; a failing run raises after the others finish."""
+    runs share one GPU). `deadline` (seconds from now): start no run after it (runs under way finish,
+    so a call ends with complete files only); `skip_complete`: leave out configs whose finished JSON
+    is already on disk (a resumed plan). Returns the paths written; a failing run raises after the
+    others finish."""
     from tqdm import tqdm
-    paths, errors = [], []
+    if skip_complete:
+        done = [c for c in configs if is_complete(c)]
+        if done:
+            print(f"experiment: {len(done)} run(s) already complete, skipped", file=sys.stderr)
+        configs = [c for c in configs if not is_complete(c)]
+    stop_at = None if deadline is None else time.monotonic() + deadline
+
+    def expired():
+        return stop_at is not None and time.monotonic() >= stop_at
+
+    paths, errors, not_started = [], [], []
     if parallel <= 1:
         total = sum(c.steps for c in configs)
         with tqdm(total=total, desc="experiment", unit="step", disable=not show_progress) as bar:
             for cfg in configs:
+                if expired():
+                    not_started.append(cfg)
+                    continue
                 bar.set_postfix_str(f"{cfg.task}/{cfg.arm}/s{cfg.seed}")
                 try:
                     paths.append(run_one(cfg, progress=bar.update))
@@ -418,15 +448,32 @@ def run_many(configs: list, parallel: int = 1, show_progress: bool = True) -> li
     else:
         import multiprocessing as mp
         ctx = mp.get_context("spawn")
+        queue = list(configs)
         with ctx.Pool(parallel) as pool, tqdm(total=len(configs), desc="experiment", unit="run",
                                                disable=not show_progress) as bar:
-            pending = [(cfg, pool.apply_async(_job, (cfg,))) for cfg in configs]
-            for cfg, res in pending:
-                try:
-                    paths.append(res.get())
-                except Exception as exc:
-                    errors.append((cfg, exc))
-                bar.update(1)
+            running = []
+            while queue or running:
+                while queue and len(running) < parallel and not expired():
+                    cfg = queue.pop(0)
+                    running.append((cfg, pool.apply_async(_job, (cfg,))))
+                if expired():
+                    not_started += queue
+                    queue = []
+                finished = [(c, r) for c, r in running if r.ready()]
+                if not finished:
+                    time.sleep(0.2)
+                    continue
+                for cfg, res in finished:
+                    running.remove((cfg, res))
+                    try:
+                        paths.append(res.get())
+                    except Exception as exc:
+                        errors.append((cfg, exc))
+                    bar.update(1)
+    if not_started:
+        print(f"experiment: deadline reached, {len(not_started)} run(s) not started: "
+              + ", ".join(run_name(c) for c in not_started[:8]) + (" ..." if len(not_started) > 8 else ""),
+              file=sys.stderr)
     if errors:
         lines = [f"{c.task}/{c.arm}/s{c.seed}: {type(e).__name__}: {e}" for c, e in errors]
         raise RuntimeError(f"{len(errors)} run(s) failed:\n  " + "\n  ".join(lines))
@@ -438,12 +485,17 @@ def sweep_path(cfg: RunConfig) -> str:
     return os.path.join(cfg.out, f"sweep__{cfg.task}__{ms.kind}-{ms.position}-T{cfg.seq_len}.json")
 
 
-def lr_sweep(base: RunConfig, grid=LR_GRID, parallel: int = 1) -> float:
+def lr_sweep(base: RunConfig, grid=LR_GRID, parallel: int = 1, deadline: float | None = None,
+             skip_complete: bool = False):
     """Train the baseline arm (first seed) at each learning rate of `grid` with the full step
-    budget; pick the best final held-out accuracy (ties: the lower loss); write the sweep file."""
+    budget; pick the best final held-out accuracy (ties: the lower loss); write the sweep file.
+    Returns the chosen lr, or None when the deadline left part of the grid unrun."""
     configs = [replace(base, arm="baseline", lr=float(lr), lr_source="sweep", sweep=True,
                        tag=f"lr{lr:g}") for lr in grid]
-    paths = run_many(configs, parallel=parallel)
+    run_many(configs, parallel=parallel, deadline=deadline, skip_complete=skip_complete)
+    paths = [run_path(c) for c in configs if is_complete(c)]
+    if len(paths) < len(configs):
+        return None
     rows = []
     for p in paths:
         with open(p) as f:
