@@ -12,8 +12,12 @@ docstring) as TFLOP/s and GB/s against the H100 SXM's peaks (67 TFLOP/s fp32 non
 the time the bound allows (bytes / 3.35 TB/s) and the measured / bound ratio, and the speedup over
 the eager loop (issue 26 asks >= 20x and within 2x of the bound).
 
+StatefulRouter (SPEC 14) as an MoE gate: 16384 tokens, d_model 1024, bf16, 8 / 16 / 32 / 64 units,
+top-2, forward with its state update (alpha, beta, gamma all on), against a plain linear top-k gate
+(x @ W^T, top-k, softmax over the selected) in the same process; issue 26 asks <= 1.1x.
+
 Usage: python benchmarks/bench_cms.py [--quick] [--batch B] [--steps T] [--modes content,lru]
-       [--no-eager] [--json PATH]
+       [--no-eager] [--no-router] [--json PATH]
 """
 from __future__ import annotations
 
@@ -71,6 +75,34 @@ def run_case(backend, mode, B, T, levels, d_model, d_key, device):
     return row
 
 
+def router_rows(device, tokens, d_model, dtype, units_list=(8, 16, 32, 64), k=2):
+    """Stateful router against a linear top-k gate, per unit count: median ms of a forward (the
+    router's includes its state update) and the ratio."""
+    rows = []
+    cuda = device == "cuda"
+    for units in units_list:
+        torch.manual_seed(0)
+        x = torch.randn(tokens, d_model, device=device, dtype=dtype)
+        router = mt.nn.StatefulRouter(d_model, units, k, alpha=1.0, beta=0.5, gamma=0.1, device=device, dtype=dtype)
+        weight = router.units.detach().clone()
+
+        def linear_gate():
+            logits = x @ weight.T
+            idx = torch.topk(logits, k, dim=-1).indices
+            return torch.softmax(logits.gather(1, idx), dim=-1), idx
+
+        def stateful():
+            with torch.no_grad():
+                return router(x)
+
+        gate_ms, router_ms = _time_ms(linear_gate, cuda), _time_ms(stateful, cuda)
+        rows.append({"units": units, "k": k, "tokens": tokens, "d_model": d_model, "linear_gate_ms": gate_ms,
+                     "stateful_ms": router_ms, "ratio": router_ms / gate_ms})
+        print(f"router units={units}: linear top-{k} gate {gate_ms:.4f} ms, stateful {router_ms:.4f} ms, "
+              f"ratio {router_ms / gate_ms:.2f}x")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="B 4, T 128")
@@ -78,6 +110,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int)
     p.add_argument("--modes", default="content", help="comma-separated addressing modes")
     p.add_argument("--no-eager", action="store_true", help="skip the eager PyTorch loop (slow at full size)")
+    p.add_argument("--no-router", action="store_true", help="skip the StatefulRouter rows")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -110,8 +143,12 @@ def main(argv=None):
         if eager and tri:
             print(f"  {mode}: speedup over the eager loop {eager[0]['fwd_bwd_ms'] / tri[0]['fwd_bwd_ms']:.2f}x "
                   f"(forward+backward)")
+    router = []
+    if not args.no_router:
+        router = (router_rows(device, 16384, 1024, torch.bfloat16) if cuda
+                  else router_rows(device, 64, 16, torch.float32, units_list=(8,)))
     doc = _harness.header(workload={"B": B, "T": T, "levels": levels, "d_model": d_model, "d_key": d_key},
-                          scan_flops=flops, scan_bytes=nbytes, rows=rows)
+                          scan_flops=flops, scan_bytes=nbytes, rows=rows, router=router)
     if args.json:
         _harness.write_json(args.json, doc)
     return 0
