@@ -7,6 +7,7 @@
                         [--parallel P] [--pilot]
     memtrace experiment --plan NAME [--call K] [--device cuda] [--parallel P] [--steps N]
     memtrace experiment --report [--out DIR] [--markdown PATH]
+    memtrace experiment --router-ablation [--seeds N] [--steps N] [--out DIR]
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--arms", type=_arms, default=["baseline", "traces", "crystallization", "both"],
                    help=f"comma-separated arms from {', '.join(ARMS)} (default: the four core arms)")
     p.add_argument("--seeds", type=_int_at_least(1), default=5, help="paired seeds 0..N-1 (default 5)")
-    p.add_argument("--steps", type=_int_at_least(1), default=None, help="training steps per run (default 600)")
+    p.add_argument("--steps", type=_int_at_least(1), default=None,
+                   help="training steps per run (default 600); with --router-ablation: steps per stream (default 2000)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/experiments)")
     p.add_argument("--lr", type=_positive_float, default=None, help="learning rate for every arm")
@@ -95,6 +97,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="with --plan --call K: start no run after this many seconds (runs under way finish); "
                         "a plan call always skips runs whose complete JSON is on disk, so calling it again resumes")
     p.add_argument("--report", action="store_true", help="rebuild EXPERIMENTS.md from the JSON files")
+    p.add_argument("--router-ablation", action="store_true",
+                   help="the stateful-router ablation (issue 26): semantic / recency / frequency / full routing "
+                        "precision on a synthetic retrieval stream, CPU; writes OUT/router_ablation.json")
     p.add_argument("--markdown", default="EXPERIMENTS.md", help="where --report writes (default EXPERIMENTS.md)")
     p.set_defaults(func=cmd_experiment, _parser=p)
     return p
@@ -104,6 +109,8 @@ def cmd_experiment(args) -> int:
     parser = args._parser
     from .runner import DEFAULT_OUT
     out = args.out or DEFAULT_OUT
+    if args.router_ablation:
+        return _router_ablation(args, out)
     if args.report:
         from .report import write_report
         text = write_report(out, args.markdown)
@@ -166,6 +173,26 @@ def cmd_experiment(args) -> int:
     configs = [replace(base, arm=a, seed=s, lr=lr, lr_source=source) for s in seeds for a in args.arms]
     paths = run_many(configs, parallel=args.parallel)
     print(f"wrote {len(paths)} run file(s) to {out}")
+    return 0
+
+
+def _router_ablation(args, out) -> int:
+    parser = args._parser
+    given = (("--task", args.task), ("--plan", args.plan), ("--report", args.report))
+    others = [flag for flag, value in given if value]
+    if others:
+        parser.error(f"--router-ablation cannot be combined with {', '.join(others)}")
+    if args.device not in (None, "cpu"):
+        parser.error(f"--router-ablation runs on the CPU (one query at a time), got --device {args.device}")
+    from .router_ablation import DEFAULT_STEPS, write_router_ablation
+    steps = args.steps or DEFAULT_STEPS
+    print(f"memtrace experiment: router ablation, seeds {args.seeds}, {steps} steps per stream (CPU)")
+    path, result = write_router_ablation(out, seeds=args.seeds, steps=steps)
+    for source, entry in result["results"].items():
+        arms = ", ".join(f"{arm} {a['mean']:.3f} ± {a['std']:.3f}" for arm, a in entry["arms"].items())
+        print(f"state from {source}: precision@{result['task']['k']} {arms}")
+    pilot = " [PILOT: fewer seeds or steps]" if result["pilot"] else ""
+    print(f"wrote {path} ({result['wall_seconds']:.0f} s){pilot}")
     return 0
 
 

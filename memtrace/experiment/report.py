@@ -4,10 +4,11 @@ Sections: setup (models, tasks, arms, budget, environment), one table per group 
 positions, length, tag) with mean +- standard deviation over seeds per arm (final accuracy, steps to
 90% / 99%, wall time per step, FLOPs per token, peak memory, trace coverage, useful-edge share,
 motif count), PNG curves (held-out accuracy, mean +- spread per arm; matplotlib Agg), one line per
-prediction of the seeds (confirmed / not confirmed / mixed / not measured, with the numbers), and
-the missing runs: those of the gpu25 plan (the table) and those an invocation asked for (each
-JSON's `requested`) with no file. Pilot runs (CPU, tiny) are listed apart and never used for a
-verdict. Steps to a target that was never reached count as the step budget in means (written
+prediction of the seeds (confirmed / not confirmed / mixed / not measured, with the numbers), the
+stateful-router ablation (router_ablation.json, from `memtrace experiment --router-ablation`; said
+to be missing when absent), and the missing runs: those of the gpu25 plan (the table) and those an
+invocation asked for (each JSON's `requested`) with no file. Pilot runs (CPU, tiny) are listed
+apart and never used for a verdict. Steps to a target that was never reached count as the step budget in means (written
 ">budget").
 """
 from __future__ import annotations
@@ -18,13 +19,17 @@ import math
 import os
 from collections import defaultdict
 
-__all__ = ["PREDICTIONS", "build_report", "load_runs", "write_report"]
+__all__ = ["PREDICTIONS", "build_report", "load_runs", "router_section", "write_report"]
+
+ROUTER_FILE = "router_ablation.json"         # router_ablation.RESULT_FILE (not imported: it loads torch)
 
 
 def load_runs(folder: str) -> tuple:
     """(table runs, sweep runs, unreadable files) from folder/*.json."""
     runs, sweeps, bad = [], [], []
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        if os.path.basename(path) == ROUTER_FILE:        # not a run: its own section
+            continue
         try:
             with open(path) as f:
                 r = json.load(f)
@@ -282,6 +287,53 @@ def _missing(runs) -> list:
     return sorted((n, why) for n, why in expected.items() if n not in have)
 
 
+def _weights(w) -> str:
+    return f"{w['alpha']:g}, {w['beta']:g}, {w['gamma']:g}, {w['decay']:g}"
+
+
+def router_section(folder: str) -> list:
+    """The 'Stateful router' section from folder/router_ablation.json (or a line saying it is missing)."""
+    lines = ["## Stateful router (seed: 0.82 -> 0.94)", ""]
+    path = os.path.join(folder, ROUTER_FILE)
+    if not os.path.exists(path):
+        return lines + [f"Missing: no {ROUTER_FILE} in `{folder}` (run `memtrace experiment --router-ablation`)."]
+    try:
+        with open(path) as f:
+            r = json.load(f)
+        results, claim, k = r["results"], r["claim"]["precision_at_3"], r["task"]["k"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return lines + [f"Unreadable: {ROUTER_FILE}: {exc}"]
+    env = r.get("environment", {})
+    lines += [("PILOT (fewer seeds or steps than the measurement): not evidence. " if r.get("pilot") else "")
+              + f"{len(r['seeds'])} seeds, {r['steps']} test and {r['validation_steps']} validation steps per "
+              f"stream, {r['task']['num_units']} units, k = {k}; {env.get('device')}, torch {env.get('torch')}, "
+              f"{env.get('date', '?')[:10]}. Task and arms: memtrace/experiment/router_ablation.py. "
+              f"Metric: {r['metric']}. Weights: {r['selection_rule']}; every grid point is in the JSON.", ""]
+    claimed_gain = claim["full"] - claim["semantic"]
+    for source, entry in results.items():
+        lines += [f"State from {source}: {r['state_sources'].get(source, '')}.", "",
+                  f"| arm | precision@{k} | seed's claim | gain over semantic (paired) | weights (alpha, beta, gamma, "
+                  "decay) |", "|---|---|---|---|---|"]
+        # sort_keys wrote the dicts alphabetically: the JSON's "arms" keeps the arms' order
+        order = [a for a in r.get("arms", []) if a in entry["arms"]] or sorted(entry["arms"])
+        rows = [(arm, arm, entry["arms"][arm], "chosen on validation") for arm in order]
+        rows += [(f"{arm} (seed's weights)", arm, entry["seed_weights"][arm], "the seed's")
+                 for arm in order if arm in entry["seed_weights"]]
+        for name, arm, a, how in rows:
+            gain = a["gain_over_semantic"]
+            lines.append(f"| {name} | {a['mean']:.3f} ± {a['std']:.3f} | {claim.get(arm, '-')} | "
+                         f"{gain['mean']:+.3f} ± {gain['std']:.3f} | {_weights(a['weights'])} ({how}) |")
+        full, semantic = entry["arms"]["full"], entry["arms"]["semantic"]
+        gains = [a - b for a, b in zip(full["test_per_seed"], semantic["test_per_seed"])]
+        gain = sum(gains) / len(gains)
+        # a gain counts only when every seed shows it
+        verdict = ("no consistent gain" if min(gains) <= 0 else "reaches the seed's gain" if gain >= claimed_gain
+                   else "a gain on every seed, smaller than the seed's")
+        lines += ["", f"Full stateful minus semantic only: {gain:+.3f} ± {full['gain_over_semantic']['std']:.3f} over "
+                  f"{len(gains)} seeds (seed: {claimed_gain:+.2f}): {verdict}.", ""]
+    return lines
+
+
 def build_report(folder: str, fig_dir: str | None = None, md_dir: str = ".") -> str:
     """EXPERIMENTS.md content from the runs in `folder` (figures into fig_dir when given)."""
     runs, sweeps, bad = load_runs(folder)
@@ -338,6 +390,7 @@ def build_report(folder: str, fig_dir: str | None = None, md_dir: str = ".") -> 
     for text, fn in PREDICTIONS:
         verdict, nums = fn(groups)
         lines.append(f"- **{verdict}**: {text}: {nums}.")
+    lines += [""] + router_section(folder)
     missing = _missing(runs)
     lines += ["", "## Missing runs", ""]
     if missing:

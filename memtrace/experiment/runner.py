@@ -154,10 +154,12 @@ def _jsonable(x):
 
 
 def environment(device: str) -> dict:
-    import transformers
-
     import memtrace
-    env = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
+    try:
+        import transformers
+    except ImportError:         # the router ablation runs without it
+        transformers = None
+    env = {"device": device, "torch": torch.__version__, "transformers": getattr(transformers, "__version__", None),
            "memtrace": getattr(memtrace, "__version__", "unknown"), "python": platform.python_version(),
            "platform": platform.platform(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "cpu_threads": torch.get_num_threads()}
