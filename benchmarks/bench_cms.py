@@ -34,6 +34,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness  # noqa: E402
 from memtrace.kernels.cms import scan_counts  # noqa: E402
+from memtrace.kernels.router import route_counts  # noqa: E402
 
 import memtrace as mt  # noqa: E402
 
@@ -77,7 +78,8 @@ def run_case(backend, mode, B, T, levels, d_model, d_key, device):
 
 def router_rows(device, tokens, d_model, dtype, units_list=(8, 16, 32, 64), k=2):
     """Stateful router against a linear top-k gate, per unit count: median ms of a forward (the
-    router's includes its state update) and the ratio."""
+    router's includes its state update), the ratio, and the fused route's HBM bound (kernels/router.py:
+    x read once, indices and weights written)."""
     rows = []
     cuda = device == "cuda"
     for units in units_list:
@@ -96,10 +98,12 @@ def router_rows(device, tokens, d_model, dtype, units_list=(8, 16, 32, 64), k=2)
                 return router(x)
 
         gate_ms, router_ms = _time_ms(linear_gate, cuda), _time_ms(stateful, cuda)
+        bound_ms = route_counts(tokens, d_model, units, k, x.element_size())["bytes"] / (H100_HBM_TBS * 1e12) * 1e3
         rows.append({"units": units, "k": k, "tokens": tokens, "d_model": d_model, "linear_gate_ms": gate_ms,
-                     "stateful_ms": router_ms, "ratio": router_ms / gate_ms})
+                     "stateful_ms": router_ms, "ratio": router_ms / gate_ms, "route_bound_ms": bound_ms,
+                     "over_bound": router_ms / bound_ms})
         print(f"router units={units}: linear top-{k} gate {gate_ms:.4f} ms, stateful {router_ms:.4f} ms, "
-              f"ratio {router_ms / gate_ms:.2f}x")
+              f"ratio {router_ms / gate_ms:.2f}x, HBM bound {bound_ms:.4f} ms")
     return rows
 
 

@@ -26,6 +26,8 @@ Fields (defaults = no environment variable set):
                         than 32)
     capture_segment_config  the salience segment kernel's (ROWS_BLOCK, num_warps, num_stages[,
                         maxnreg]) on the GPU; () keeps salience.segments.SEGMENT_CONFIG (for probes)
+    router_config       the router's route kernel (BLOCK_M, BLOCK_D, num_warps, num_stages) on the
+                        GPU; () keeps router.ROUTE_CONFIG (for probes)
     bias_index_method   build_index's default path: "fast" (the chunk-sort path where it applies)
                         or "sort" (the path measured on the H100)
 """
@@ -50,6 +52,7 @@ class KernelSettings:
     attn_bwd_overlap: str = "auto"
     attn_bwd_chunk: int = 32
     capture_segment_config: tuple[int, ...] = ()
+    router_config: tuple[int, ...] = ()
     bias_index_method: str = "fast"
 
 
@@ -90,6 +93,12 @@ def validate(s: KernelSettings) -> None:
             and (len(seg) == 0 or (len(seg) in (3, 4) and min(seg[:3]) >= 1 and min(seg[3:], default=0) >= 0))):
         raise ValueError("capture_segment_config must be () or (ROWS_BLOCK, num_warps, num_stages[, maxnreg]) "
                          f"with positive ints (maxnreg >= 0), got {seg!r}")
+    rc = s.router_config
+    if not (isinstance(rc, tuple) and all(_is_int(x) for x in rc)
+            and (len(rc) == 0 or (len(rc) == 4 and min(rc) >= 1 and rc[0] >= 16 and rc[1] >= 16
+                                  and all(x & (x - 1) == 0 for x in rc[:3])))):
+        raise ValueError("router_config must be () or (BLOCK_M, BLOCK_D, num_warps, num_stages): BLOCK_M, BLOCK_D "
+                         f"powers of two >= 16, num_warps a power of two, num_stages >= 1; got {rc!r}")
 
 
 _CURRENT = [KernelSettings()]

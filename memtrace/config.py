@@ -22,6 +22,7 @@ themselves never look at the environment.
     MEMTRACE_ATTN_TMA                TMA descriptors in the dense kernels (auto, 0, 1)
     MEMTRACE_ATTN_WS                 the warp-specialized dense forward (auto, 0)
     MEMTRACE_BIAS_INDEX              CUDA bias index builder (fast, sort)
+    MEMTRACE_ROUTER_CONFIG           StatefulRouter's route kernel: BLOCK_M,BLOCK_D,warps,stages
 """
 from __future__ import annotations
 
@@ -94,15 +95,14 @@ def _config_slice(env):
     return (k, n)
 
 
-def _segment_config(env):
-    raw = env.get("MEMTRACE_CAPTURE_SEGMENT_CONFIG", "").strip()
+def _int_tuple(env, name):
+    raw = env.get(name, "").strip()
     if not raw:
         return ()
     try:
         return tuple(int(x) for x in raw.split(","))
     except ValueError:
-        raise ValueError("environment variable MEMTRACE_CAPTURE_SEGMENT_CONFIG must be comma-separated "
-                         f"integers, got {raw!r}") from None
+        raise ValueError(f"environment variable {name} must be comma-separated integers, got {raw!r}") from None
 
 
 def parse(env=None) -> Settings:
@@ -120,7 +120,8 @@ def parse(env=None) -> Settings:
         attn_fwd_split=_choice(env, "MEMTRACE_ATTN_FWD_SPLIT", ("auto", "0", "1"), "auto"),
         attn_bwd_overlap=_choice(env, "MEMTRACE_ATTN_BWD_OVERLAP", ("auto", "0", "1"), "auto"),
         attn_bwd_chunk=_int(env, "MEMTRACE_ATTN_BWD_CHUNK", 32, low=1),
-        capture_segment_config=_segment_config(env),
+        capture_segment_config=_int_tuple(env, "MEMTRACE_CAPTURE_SEGMENT_CONFIG"),
+        router_config=_int_tuple(env, "MEMTRACE_ROUTER_CONFIG"),
         bias_index_method=_choice(env, "MEMTRACE_BIAS_INDEX", ("fast", "sort"), "fast"),
     )
     return Settings(

@@ -18,6 +18,17 @@ unit router picks the top-k inside them; a unit's score adds its domain's score)
 `entropy_threshold` (the selection-entropy monitor: `selection_entropy` holds H of the last call's
 selection frequencies, `entropy_alert` whether it fell under the threshold; `check_entropy()` reads
 them on the host and warns).
+
+Backends (`backend=`): "auto" (the fused Triton route of kernels/router.py for CUDA inputs, the
+PyTorch path elsewhere), "triton" (the fused route wherever it applies; on the CPU through the
+Triton interpreter) or "torch". The fused route is the MoE-gate case: no domains, no dropout while
+training, x and units fp16 / bf16 / fp32, at most kernels.router.MAX_UNITS units and MAX_K picks;
+any other call takes the PyTorch path. It is two launches (route + state update) against the
+PyTorch path's ~25 (issue 26): one kernel computes the scores, the top-k (exact ties: the lowest unit index),
+the softmax weights and the per-unit counts; a one-program kernel applies the counts to the state.
+Its scores are fp32 whatever x's dtype (the PyTorch path rounds them to x's dtype), so at fp16 /
+bf16 the two paths may pick differently among units whose scores lie within that rounding. Under
+autograd its weights are differentiable in x and units (first order: `_FusedRoute`).
 """
 from __future__ import annotations
 
@@ -28,8 +39,39 @@ import torch
 from torch import nn
 
 from .. import _validate as V
+from .. import config
 
 __all__ = ["StatefulRouter"]
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+class _FusedRoute(torch.autograd.Function):
+    """The fused route with weights differentiable in x and units. Backward: dR on the selected
+    (softmax backward) scattered into a dense G [N, U], then dx = alpha G units, dunits = alpha G^T x
+    (the two GEMMs a linear gate's backward does); the state terms carry no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, units, state, counts, k, params):
+        from ..kernels import router as KR
+        w, idx = KR.route(x, units, *state, k, counts, **params)
+        ctx.save_for_backward(x, units, w, idx)
+        ctx.alpha = params["alpha"]
+        ctx.mark_non_differentiable(idx)
+        return w, idx
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dw, _didx):
+        x, units, w, idx = ctx.saved_tensors
+        wf, dwf = w.float(), dw.float()
+        g = wf * (dwf - (wf * dwf).sum(-1, keepdim=True))
+        # scatter_add: rows of idx are distinct, but add stays right even if a NaN row repeated one
+        G = torch.zeros(x.shape[0], units.shape[0], dtype=x.dtype, device=x.device).scatter_add_(
+            1, idx, (ctx.alpha * g).to(x.dtype))
+        dx = G @ units.to(x.dtype) if ctx.needs_input_grad[0] else None
+        du = (G.T @ x).to(units.dtype) if ctx.needs_input_grad[1] else None
+        return dx, du, None, None, None, None
 
 
 class StatefulRouter(nn.Module):
@@ -39,7 +81,7 @@ class StatefulRouter(nn.Module):
     def __init__(self, d_model: int, num_units: int, k: int, alpha: float = 1.0, beta: float = 0.0,
                  gamma: float = 0.0, decay: float = 0.1, *, balance: float = 0.0, dropout: float = 0.0,
                  num_domains: int | None = None, domain_k: int = 1, entropy_threshold: float | None = None,
-                 update_state: bool = True, device=None, dtype=None):
+                 update_state: bool = True, backend: str = "auto", device=None, dtype=None):
         super().__init__()
         self.d_model = V.check_int("d_model", d_model, low=1)
         self.num_units = V.check_int("num_units", num_units, low=1)
@@ -51,6 +93,7 @@ class StatefulRouter(nn.Module):
         self.balance = V.check_float("balance", balance)
         self.dropout = V.check_float("dropout", dropout, low=0.0, high=1.0)
         self.update_state = V.check_bool("update_state", update_state)
+        self.backend = V.check_choice("backend", backend, BACKENDS)
         self.entropy_threshold = (None if entropy_threshold is None
                                   else V.check_float("entropy_threshold", entropy_threshold, low=0.0))
         kw = {"device": device, "dtype": dtype}
@@ -72,6 +115,9 @@ class StatefulRouter(nn.Module):
         self.register_buffer("importance", torch.ones(num_units, device=device))
         self.register_buffer("selection_entropy", torch.zeros((), device=device))
         self.register_buffer("entropy_alert", torch.zeros((), dtype=torch.bool, device=device))
+        # the fused route's per-unit selection counts: zero between calls (its update kernel clears them)
+        self.register_buffer("route_counts", torch.zeros(num_units, dtype=torch.int32, device=device),
+                             persistent=False)
 
     def reset_state(self) -> None:
         """Forget the history: t = 0, every unit never selected."""
@@ -106,6 +152,8 @@ class StatefulRouter(nn.Module):
             V.check_same_device(x=x, units=units)
             if tuple(units.shape) != (self.num_units, self.d_model):
                 raise ValueError(f"units must have shape {(self.num_units, self.d_model)}, got {tuple(units.shape)}")
+        if self._use_fused(x, units):
+            return self._route_fused(x, units)
         R = self.scores(x, units)
         key = R
         if self.num_domains is not None:
@@ -123,6 +171,35 @@ class StatefulRouter(nn.Module):
         if self.update_state:
             self._update(idx)
         return weights, idx
+
+    def _use_fused(self, x, units) -> bool:
+        if self.backend == "torch" or (self.backend == "auto" and not x.is_cuda):
+            return False
+        if self.num_domains is not None or (self.training and self.dropout > 0) or x.device != self.t.device:
+            return False
+        from ..kernels import router as KR
+        return KR.supports(x, self.units if units is None else units, self.k)
+
+    def _route_fused(self, x, units):
+        from ..kernels import router as KR
+        config.settings()           # the kernel knobs come from the environment's parse
+        units = self.units if units is None else units
+        counts = self.route_counts if self.update_state else None
+        state = (self.t, self.t_last, self.n_act, self.importance)
+        params = {"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma, "decay": self.decay,
+                  "balance": self.balance}
+        try:
+            if torch.is_grad_enabled() and (x.requires_grad or units.requires_grad):
+                w, idx = _FusedRoute.apply(x, units, state, counts, self.k, params)
+            else:
+                w, idx = KR.route(x, units, *state, self.k, counts, **params)
+            if counts is not None:
+                KR.update_state(counts, self.t, self.t_last, self.n_act, self.selection_entropy,
+                                self.entropy_alert, self.entropy_threshold)
+        except BaseException:
+            self.route_counts.zero_()      # the update did not run: it did not clear the counts
+            raise
+        return w, idx
 
     @torch.no_grad()
     def _update(self, idx) -> None:
@@ -148,4 +225,4 @@ class StatefulRouter(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_units={self.num_units}, k={self.k}, alpha={self.alpha}, "
-                f"beta={self.beta}, gamma={self.gamma}, decay={self.decay}")
+                f"beta={self.beta}, gamma={self.gamma}, decay={self.decay}, backend={self.backend!r}")
