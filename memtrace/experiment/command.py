@@ -211,12 +211,16 @@ def _run_with_sweeps(configs, parallel, deadline=None) -> int:
         return None if stop_at is None else max(0.0, stop_at - time.monotonic())
 
     sweeps = [c for c in configs if c.sweep]
+    # every sweep point of the call side by side first; lr_sweep then finds them complete and only
+    # writes each task's sweep file
+    run_many(sweeps, parallel=parallel, deadline=left(), skip_complete=True)
     done = set()
     for c in sweeps:
         key = (c.task, c.seq_len, c.model.get("position"))
         if key not in done:
             done.add(key)
-            lr_sweep(replace(c, sweep=False, tag=""), parallel=parallel, deadline=left(), skip_complete=True)
+            lr_sweep(replace(c, sweep=False, tag="", lr_source="default"), parallel=parallel, deadline=left(),
+                     skip_complete=True)
     runs = []
     for c in configs:
         if c.sweep:
