@@ -38,7 +38,7 @@
 #              the timed steps per row (10), MEMTRACE_TRAINING_PROFILE=1 adds a torch.profiler table of
 #              rows a, b and c to the logs. Run it alone: with install it fills one call.
 #   cms        bench_cms.py -> cms.json (CMSMemory's Triton scan against the eager loop, and the
-#              StatefulRouter against a linear top-k gate), cut at 240 s
+#              StatefulRouter against a linear top-k gate), cut at MEMTRACE_CMS_TIMEOUT s (240)
 #   experiment the ablation table (issue 29): `memtrace experiment --plan gpu25 --call K` for each K
 #              of MEMTRACE_EXP_CALLS (default "1 2 3"), MEMTRACE_EXP_PARALLEL processes side by side
 #              (6), no run started after MEMTRACE_EXP_SECONDS (default 400) from the mode's start;
@@ -186,7 +186,7 @@ if want training; then
     --json "$OUT/training.json"
 fi
 if want cms; then
-  bench cms 240 --json "$OUT/cms.json"
+  bench cms "${MEMTRACE_CMS_TIMEOUT:-240}" --json "$OUT/cms.json"
 fi
 if want experiment; then
   export MEMTRACE_ATTN_TUNE=${MEMTRACE_ATTN_TUNE:-0}
