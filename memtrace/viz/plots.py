@@ -93,14 +93,28 @@ def trace_heatmap(memory, layer: int, heads=None, fields=_FIELDS, max_bins: int 
                 ax.set_ylabel("query i")
             if r == len(heads) - 1:
                 ax.set_xlabel("key j")
-    fig.suptitle(f"trace memory, layer {layer}: {head.shape[0]} traces", fontsize=11)
+    shown = "" if len(heads) == memory.num_heads else \
+        f" ({'head' if len(heads) == 1 else 'heads'} {', '.join(map(str, heads))} of {memory.num_heads} shown)"
+    fig.suptitle(f"trace memory, layer {layer}: {head.shape[0]} traces{shown}", fontsize=11)
     fig.tight_layout()
     return fig
 
 
+def _phase_starts(metrics_log) -> list:
+    """[(first step, phase label)] of the phases the metrics log passes through, in order."""
+    out = []
+    for m in metrics_log:
+        if isinstance(m, dict) and isinstance(m.get("step"), int) and m.get("phase") is not None:
+            label = str(m["phase"])
+            if not out or out[-1][1] != label:
+                out.append((m["step"], label))
+    return out
+
+
 def memory_history(metrics_log):
     """Trace memory over training from the manager's metrics (a list of `mgr.step()` dicts):
-    trace count, coverage, stability and the salience histogram of the last capture."""
+    trace count (with the quota), coverage, stability and the salience histogram of the last
+    capture. When the log holds every step's "phase", dashed lines mark where each phase begins."""
     Figure = _plt()
     if not isinstance(metrics_log, (list, tuple)):
         raise TypeError(f"metrics_log must be a list of metrics dicts, got {type(metrics_log).__name__}")
@@ -116,6 +130,7 @@ def memory_history(metrics_log):
             seen.add(key)
             pts.append(m)
     x = [m.get("last_capture_step", m.get("step", i)) for i, m in enumerate(pts)]
+    phases = _phase_starts(metrics_log)
     axes = fig.subplots(2, 2)
     for ax, key, label in ((axes[0][0], "trace_count", "traces stored"), (axes[0][1], "trace_coverage",
                                                                           "coverage (attention mass on traces)"),
@@ -124,6 +139,21 @@ def memory_history(metrics_log):
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+        if len(phases) > 1:
+            ax.set_xlim(min(phases[0][0], x[0]), max(m["step"] for m in metrics_log
+                                                     if isinstance(m, dict) and isinstance(m.get("step"), int)))
+            for start, name in phases[1:]:
+                ax.axvline(start, color="0.45", ls="--", lw=0.8, zorder=0)
+                if ax is axes[0][0]:
+                    ax.text(start, 0.03, " " + name.replace("_", " "), rotation=90, fontsize=8, color="0.3",
+                            ha="right", va="bottom", transform=ax.get_xaxis_transform())
+    quota = pts[-1].get("bytes_quota")
+    if quota:
+        axes[0][0].axhline(quota / 12, color="tab:red", ls=":", lw=1.0)
+        axes[0][0].text(0.01, quota / 12, "quota", color="tab:red", fontsize=8, ha="left", va="bottom",
+                        transform=axes[0][0].get_yaxis_transform())
+        axes[0][0].set_ylim(0, quota / 12 * 1.15)
     ax = axes[1][1]
     hist = pts[-1].get("salience_histogram")
     if hist and hist.get("counts"):
@@ -233,8 +263,10 @@ def routing_flow(tree, registry=None, max_links: int = 200):
     nodes = {(lay, a) for lay, a in zip(tr["layer"], tr["src"])} | {(lay + 1, b) for lay, b in
                                                                     zip(tr["layer"], tr["dst"])}
     ax.scatter([n[0] for n in nodes], [n[1] for n in nodes], s=30, color="0.2", zorder=3)
+    L = max(tr["layer"]) + 2
     ax.set_xlabel("layer")
     ax.set_ylabel("expert")
+    ax.set_xticks(range(L) if L <= 32 else np.linspace(0, L - 1, 9).astype(int))
     ax.set_yticks(range(E) if E <= 32 else np.linspace(0, E - 1, 9).astype(int))
     ax.grid(alpha=0.2)
     fig.tight_layout()
@@ -250,27 +282,35 @@ def _motifs_of(registry):
     return registry.motifs
 
 
-def motif_graph(registry, tree=None, max_motifs: int = 64):
-    """Held motifs as nodes (x: start layer, size: count, colour: utility), edges for prefix
-    relations (solid: same start, one chain a prefix of the other) and shared steps (dotted: the
-    same expert at the same layer). `tree`, when given, refreshes count and utility from it."""
+def motif_graph(registry, tree=None, max_motifs: int = 64, min_shared: int = 2):
+    """Held motifs as nodes (x: start layer, size: count, colour: utility, diverging at 0 when
+    utilities of both signs occur), laid out per start layer in rows of three by utility (best at
+    the top), each labelled with its expert chain. Edges: prefix relations (solid: same start, one
+    chain a prefix of the other) and shared steps (dotted: at least `min_shared` times the same
+    expert at the same layer; width grows with the number shared). `tree`, when given, refreshes
+    count and utility from it."""
     Figure = _plt()
     motifs = _motifs_of(registry)[:V.check_int("max_motifs", max_motifs, low=1)]
+    min_shared = V.check_int("min_shared", min_shared, low=1)
     fig = Figure(figsize=(10, 6), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
-    ax.set_title(f"motif graph: {len(motifs)} held motifs (size: count, colour: utility)")
+    ax.set_title(f"motif graph: {len(motifs)} held motifs (size: tokens, colour: utility; solid: prefix, "
+                 f"dotted: {min_shared}+ shared steps)", fontsize=10)
     if not motifs:
         return _empty(fig, ax, "no motifs")
     stats = []
     for m in motifs:
         st = tree.stats(m.start_layer, m.experts) if tree is not None else None
         stats.append((st["count"], st["utility"]) if st else (m.count, m.utility))
+    # rank by the utility the colour shows (the tree's, when given, may differ from the registry's)
+    order = sorted(range(len(motifs)), key=lambda i: -stats[i][1])
+    motifs, stats = [motifs[i] for i in order], [stats[i] for i in order]
     by_start = {}
     pos = []
     for m in motifs:
         r = by_start.get(m.start_layer, 0)
         by_start[m.start_layer] = r + 1
-        pos.append((m.start_layer + 0.15 * (r % 3), r))
+        pos.append((m.start_layer + 0.28 * (r % 3), r // 3))
     steps = [{(m.start_layer + t, e) for t, e in enumerate(m.experts)} for m in motifs]
     for i, a in enumerate(motifs):
         for j in range(i + 1, len(motifs)):
@@ -278,37 +318,68 @@ def motif_graph(registry, tree=None, max_motifs: int = 64):
             short, long_ = (a, b) if a.length <= b.length else (b, a)
             prefix = short.start_layer == long_.start_layer and long_.experts[:short.length] == short.experts
             shared = len(steps[i] & steps[j])
-            if prefix or shared:
-                ax.plot([pos[i][0], pos[j][0]], [pos[i][1], pos[j][1]], color="0.3" if prefix else "0.6",
-                        ls="-" if prefix else ":", lw=1.6 if prefix else 0.4 + 0.4 * shared, zorder=1)
+            if prefix or shared >= min_shared:
+                ax.plot([pos[i][0], pos[j][0]], [pos[i][1], pos[j][1]], color="0.25" if prefix else "0.6",
+                        ls="-" if prefix else ":", lw=1.6 if prefix else 0.3 * shared, zorder=1)
     counts = np.array([c for c, _ in stats], dtype=np.float64)
     util = np.array([u for _, u in stats], dtype=np.float64)
-    sizes = 60 + 540 * np.sqrt(counts / max(counts.max(), 1.0))
-    sc = ax.scatter([p[0] for p in pos], [p[1] for p in pos], s=sizes, c=util, cmap="coolwarm", zorder=2,
-                    edgecolors="k", linewidths=0.5)
-    for m, p in zip(motifs, pos):
-        ax.annotate("-".join(map(str, m.experts)), p, fontsize=7, ha="center", va="center", zorder=3)
-    fig.colorbar(sc, ax=ax, label="utility")
+    sizes = 40 + 400 * np.sqrt(counts / max(counts.max(), 1.0))
+    norm = None
+    if util.min() < 0 < util.max():
+        from matplotlib.colors import TwoSlopeNorm
+        norm = TwoSlopeNorm(vcenter=0.0, vmin=util.min(), vmax=util.max())
+    sc = ax.scatter([p[0] for p in pos], [p[1] for p in pos], s=sizes, c=util, cmap="coolwarm", norm=norm,
+                    zorder=2, edgecolors="k", linewidths=0.5)
+    for m, p, size in zip(motifs, pos, sizes):
+        ax.annotate("-".join(map(str, m.experts)), p, xytext=(math.sqrt(size) / 2 + 2, 0), textcoords="offset points",
+                    fontsize=8, ha="left", va="center", zorder=3)
+    fig.colorbar(sc, ax=ax, label="utility (mean reward over the global mean)")
+    layers = sorted(by_start)
+    ax.set_xticks([lay + 0.14 * (min(by_start[lay], 3) - 1) for lay in layers])
+    ax.set_xticklabels([f"L{lay}" for lay in layers])
+    ax.set_xlim(min(layers) - 0.25, max(layers) + 0.95)
     ax.set_xlabel("start layer")
-    ax.set_ylabel("motif (by rank within its start layer)")
-    ax.margins(0.12)
+    ax.set_yticks([])
+    ax.set_ylabel("rank by utility within the start layer (best at the top)")
+    ax.set_ylim(max(p[1] for p in pos) + 0.7, -0.7)
     fig.tight_layout()
     return fig
 
 
-def motif_activations(registries, max_motifs: int = 40):
+def _tree_count(tree, m) -> int:
+    """Tokens of `tree` whose path follows motif m (0 where the tree cannot hold it)."""
+    fits = (m.start_layer + m.length <= tree.num_layers and m.length <= tree.max_depth
+            and max(m.experts) < tree.num_experts)
+    st = tree.stats(m.start_layer, m.experts) if fits else None
+    return st["count"] if st else 0
+
+
+def motif_activations(registries, max_motifs: int = 40, trees=None):
     """The seeds' motif activation heatmap: a row per task (a dict task -> MotifRegistry, or one
-    registry), a column per motif, colour = log10(1 + count) of the motif in that task."""
+    registry), a column per motif, colour = log10(1 + count) of the motif in that task.
+
+    With `trees` (a dict task -> RoutingTree, the routing recorded on each task), `registries` is
+    one MotifRegistry: its held motifs are the columns, a row per tree, and a cell counts the
+    tokens whose path in that tree follows the motif's chain (0 where the tree lacks it)."""
+    from ..routing import RoutingTree
     Figure = _plt()
-    if not isinstance(registries, dict):
-        registries = {"run": registries}
-    tasks = list(registries)
-    per = {t: {m.key: m.count for m in _motifs_of(r)} for t, r in registries.items()}
+    if trees is not None:
+        if not isinstance(trees, dict) or not all(isinstance(t, RoutingTree) for t in trees.values()):
+            raise TypeError("trees must be a dict task -> memtrace.RoutingTree")
+        motifs = _motifs_of(registries)
+        tasks = list(trees)
+        per = {t: {m.key: _tree_count(tree, m) for m in motifs} for t, tree in trees.items()}
+    else:
+        if not isinstance(registries, dict):
+            registries = {"run": registries}
+        tasks = list(registries)
+        per = {t: {m.key: m.count for m in _motifs_of(r)} for t, r in registries.items()}
     keys = sorted({k for d in per.values() for k in d}, key=lambda k: -sum(d.get(k, 0) for d in per.values()))
     keys = keys[:V.check_int("max_motifs", max_motifs, low=1)]
     fig = Figure(figsize=(max(6, 0.28 * len(keys) + 2.5), 1.0 + 0.45 * max(len(tasks), 1) + 1.6), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
-    ax.set_title("motif activations (log10(1 + tokens))")
+    ax.set_title("motif activations: tokens whose route follows each held motif, per task (log10(1 + tokens))"
+                 if trees is not None else "motif activations (log10(1 + tokens))", fontsize=10)
     if not keys:
         return _empty(fig, ax, "no motifs")
     grid = np.array([[math.log10(1 + per[t].get(k, 0)) for k in keys] for t in tasks])
@@ -324,9 +395,10 @@ def motif_activations(registries, max_motifs: int = 40):
 
 # ---- experiments ----------------------------------------------------------------------------------
 
-def experiment_curves(runs, metrics=("loss", "accuracy")):
+def experiment_curves(runs, metrics=("loss", "accuracy"), title=None):
     """Curves of experiment runs: `runs` maps a run name (arm/seed) to a dict with "step" and
-    one list per metric (or a list of such dicts with a "name"). A panel per metric."""
+    one list per metric (or a list of such dicts with a "name"). A panel per metric; `title`, when
+    given, above them."""
     Figure = _plt()
     if isinstance(runs, (list, tuple)):
         runs = {str(r.get("name", i)): r for i, r in enumerate(runs)}
@@ -342,7 +414,8 @@ def experiment_curves(runs, metrics=("loss", "accuracy")):
             if not ys:
                 continue
             xs = r.get("step") or list(range(len(ys)))
-            ax.plot(xs[:len(ys)], ys, label=name, lw=1.2)
+            # a line style per run as well as a colour: curves that coincide stay visible
+            ax.plot(xs[:len(ys)], ys, label=name, lw=1.4, ls=("-", "--", "-.", ":")[drawn % 4])
             drawn += 1
         ax.set_title(metric)
         ax.set_xlabel("step")
@@ -351,5 +424,7 @@ def experiment_curves(runs, metrics=("loss", "accuracy")):
             ax.legend(fontsize=7)
         else:
             _empty(fig, ax, f"no {metric} curves")
+    if title:
+        fig.suptitle(str(title), fontsize=10)
     fig.tight_layout()
     return fig

@@ -13,13 +13,14 @@ from . import plots
 __all__ = ["load_state", "save_png", "write_report"]
 
 
-def save_png(fig, path) -> str:
-    """Write a matplotlib figure as PNG; a missing folder is a clear FileNotFoundError."""
+def save_png(fig, path, dpi=None) -> str:
+    """Write a matplotlib figure as PNG (at `dpi`, default the figure's); a missing folder is a
+    clear FileNotFoundError."""
     path = check_path(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot write {path}: directory {folder} does not exist")
-    fig.savefig(path, format="png")
+    fig.savefig(path, format="png", dpi=dpi if dpi is not None else "figure")
     return path
 
 
