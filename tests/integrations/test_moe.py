@@ -683,3 +683,33 @@ def test_distilled_detach_restores_everything_and_checkpointing_collects_once():
             assert "forward" not in mod.__dict__ and not mod._forward_hooks
         assert not blk.experts.gate_up_proj._backward_hooks
     assert not model._forward_pre_hooks
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "mixtral"])
+def test_distill_mode_runs_in_other_families(family):
+    model = tiny(family)
+    model.train()
+    ids, mask = inputs(B=3, T=9, pad=3)
+    mgr = StubMgr()
+    handle = attach_routers(model, mgr, mode="distill", distill_steps=1)
+    s = MOE_LAYERS[family][0]
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    top = mgr.calls[0][1]
+    a = int(torch.mode(top[top >= 0]).values)
+    n = int((top == a).sum())
+    motif = (s, (a, 3 - a % 4)) if s == 1 else (s, (a, 1, 2))
+    handle.apply_motifs([motif])
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    loss = handle.distill_step()[motif]
+    st = handle.distill_status()[motif]
+    assert math.isfinite(loss) and st["rows"] == n and st["distilled"]        # distill_steps=1
+    flops = handle.flops_saved
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask).logits
+    assert torch.isfinite(out).all()
+    blk = handle.blocks[0]
+    skipped = len(motif[1]) - 1
+    assert handle.flops_saved - flops == n * (blk.expert_flops + skipped * (blk.router_flops + 2 * blk.expert_flops))
+    handle.detach()
