@@ -8,6 +8,15 @@
     crystallization  MoE only: crystallization discovery from 30%, held motifs executed inside the
                      model (router bypass, `memtrace.integrations.moe`) from 60%
     both             traces and crystallization on the schedules above
+    distilled        MoE only (issue 29 point 3): the crystallization schedule above, and every
+                     held motif distilled into one expert (`memtrace.integrations.moe`, mode
+                     "distill"): from freeze_start a held motif runs carried while its distilled
+                     expert D learns the chain's summed routed output (one `distill_step()` per
+                     training step), for distill_fraction (0.15) of the steps, counted per motif
+                     over the steps it had tokens; then it runs distilled to the end: D at the
+                     start layer, no router and no expert at the chain's later layers. A motif
+                     first held later distils later (one held after 1 - distill_fraction of the
+                     run never finishes); one dropped by revalidation loses its D.
     oracle           reference bias, upper bracket: a fixed position-indexed bias on the task's
                      known useful edges (`tasks.useful_edge_set`: each (query, key) with its
                      frequency over 512 sampled examples, the top quota_per_head per head, the
@@ -27,12 +36,14 @@ has no manager to add it) and the memtrace arms train the same objective apart f
 under test. Ablation knobs are plain MemtraceConfig overrides (`--set bias_strength=1.0`,
 `quota_per_head`, `min_utility` (U_min), `motif_min_length` / `motif_max_length`, ...), applied
 last; `ref_start` / `trace_start` / `bias_start` / `crystal_start` / `freeze_start` (fractions of
-the steps) move the phases.
+the steps) move the phases; `distill_fraction` (of the steps) and `distill_lr` (D's AdamW) set the
+distilled arm's distillation.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 
 import torch
 
@@ -42,10 +53,11 @@ from ..training.config import MemtraceConfig
 from ..training.manager import Memtrace
 from .names import ARMS, MOE_ARMS, REFERENCE_ARMS, parse_arms
 
-__all__ = ["ARMS", "MOE_ARMS", "PHASE_KEYS", "REFERENCE_ARMS", "ExperimentMemtrace", "ReferenceBiasMemtrace",
-           "arm_config", "parse_arms", "reference_bias"]
+__all__ = ["ARMS", "DISTILL_KEYS", "MOE_ARMS", "PHASE_KEYS", "REFERENCE_ARMS", "ExperimentMemtrace",
+           "ReferenceBiasMemtrace", "arm_config", "distill_settings", "parse_arms", "reference_bias"]
 
 PHASE_KEYS = {"trace_start": 0.1, "bias_start": 0.2, "crystal_start": 0.3, "freeze_start": 0.6, "ref_start": None}
+DISTILL_KEYS = {"distill_fraction": 0.15, "distill_lr": 1e-3}
 
 
 def _at(fraction, steps):
@@ -69,10 +81,11 @@ def arm_config(arm: str, steps: int, *, num_layers: int, seq_len: int, overrides
     overrides = dict(overrides or {})
     ph = phase_fractions(overrides)
     fields = {f.name for f in dataclasses.fields(MemtraceConfig)}
-    unknown = sorted(k for k in overrides if k not in fields and k not in PHASE_KEYS)
+    unknown = sorted(k for k in overrides if k not in fields and k not in PHASE_KEYS and k not in DISTILL_KEYS)
     if unknown:
         raise ValueError(f"unknown override{'s' if len(unknown) > 1 else ''} {unknown}; MemtraceConfig fields or "
-                         f"{sorted(PHASE_KEYS)}")
+                         f"{sorted(PHASE_KEYS) + sorted(DISTILL_KEYS)}")
+    distill_settings(arm, steps, overrides)    # checks the distillation keys of every arm
     if arm == "baseline":
         return None, None
     traces = arm in ("traces", "both")
@@ -89,6 +102,21 @@ def arm_config(arm: str, steps: int, *, num_layers: int, seq_len: int, overrides
     cfg = MemtraceConfig(**base)
     ref_start = _at(ph["ref_start"], steps) if arm in REFERENCE_ARMS else None
     return cfg, ref_start
+
+
+def distill_settings(arm: str, steps: int, overrides: dict | None = None) -> dict | None:
+    """The distilled arm's `MoEHandle.set_mode("distill", ...)` keywords (distill_steps =
+    max(1, distill_fraction x steps), distill_lr); None for the other arms."""
+    overrides = dict(overrides or {})
+    frac = overrides.get("distill_fraction", DISTILL_KEYS["distill_fraction"])
+    lr = overrides.get("distill_lr", DISTILL_KEYS["distill_lr"])
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
+        raise ValueError(f"distill_fraction must be a fraction of the steps in (0, 1], got {frac!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"distill_lr must be a finite float > 0, got {lr!r}")
+    if arm != "distilled":
+        return None
+    return {"distill_steps": max(1, int(frac * steps)), "distill_lr": float(lr)}
 
 
 class ExperimentMemtrace(Memtrace):

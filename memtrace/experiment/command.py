@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .names import ARMS, TASKS, parse_arms
+from .names import ARMS, MOE_ARMS, TASKS, parse_arms
 
 
 def _int_at_least(low):
@@ -142,7 +142,7 @@ def cmd_experiment(args) -> int:
     model = dict(kind=args.model, layers=args.layers, d_model=args.d_model, heads=args.heads, ffn=args.ffn,
                  num_experts=args.experts, top_k=args.top_k, position=args.position)
     if args.model == "dense":
-        bad = [a for a in args.arms if a in ("crystallization", "both")]
+        bad = [a for a in args.arms if a in MOE_ARMS]
         if bad:
             parser.error(f"--arms {','.join(bad)} need the MoE model (--model moe)")
     steps = args.steps or 600

@@ -1,8 +1,8 @@
 """The experiment's task and arm names (no heavy imports: the CLI parser reads them)."""
 
 TASKS = ("copy", "induction", "recall", "fixed_copy", "fixed_copy_gap")
-ARMS = ("baseline", "traces", "crystallization", "both", "oracle", "random")
-MOE_ARMS = ("crystallization", "both")
+ARMS = ("baseline", "traces", "crystallization", "both", "distilled", "oracle", "random")
+MOE_ARMS = ("crystallization", "both", "distilled")
 REFERENCE_ARMS = ("oracle", "random")
 
 

@@ -27,10 +27,14 @@ the 20 evaluations of 4 held-out batches.
             no RoPE: fixed_copy + fixed_copy_gap x baseline / traces / oracle, 3 seeds    18
             knobs: quota 256 (traces, fixed_copy), U_min 0.01 / 0.2 and motif length 2
                    (crystallization, recall), 3 seeds each                                12
+            distilled chains (issue 29 point 3): recall + copy, 3 seeds (seeds 0-2 pair
+                   with the core table's baseline and crystallization runs)                6
+                   (assumed to cost what a crystallization run does: D's own optimizer
+                   step is one expert-sized MLP per distilling motif, skipped layers save)
             long context: copy at T = 4096, batch 4, 300 steps, baseline / traces, 2 seeds  4
                    (~60 ms a step alone: 4 x 300 x 60 ms = 72 s, run alone at the end)
-                                                              76 x 4.5 s x 1.15 + 72 = 465 s
-    total ~ 1060 s = 18 minutes of calls, + process start and Triton compilation (~30-60 s a
+                                                              82 x 4.5 s x 1.15 + 72 = 496 s
+    total ~ 1091 s = 18 minutes of calls, + process start and Triton compilation (~30-60 s a
     call: the kernel cache on disk is shared by the processes of a machine) -> ~21 minutes.
 If call 0 measures t' and S', multiply each call's time by (t' / 30 ms) x (4 / S'); when a call
 would pass ~9 minutes, lower the steps (`--steps`, which every plan call takes) rather than the
@@ -74,13 +78,16 @@ def _gpu25():
         groups.append(_g(3, "recall", ("crystallization",), 3, overrides={"min_utility": u}, tag=f"umin{u:g}"))
     groups.append(_g(3, "recall", ("crystallization",), 3,
                      overrides={"motif_min_length": 2, "motif_max_length": 2}, tag="motif2"))
+    for t in ("recall", "copy"):   # no tag: the rows join the core table's groups, paired by seed
+        groups.append(_g(3, t, ("distilled",), 3))
     groups.append(_g(3, "copy", ("baseline", "traces"), 2, seq_len=4096, batch_size=4, steps=300, tag="long"))
     return dict(model=GPU_MODEL, steps=600, seq_len=256, batch_size=32, vocab_size=64, eval_batches=4,
                 groups=groups)
 
 
 def _tiny():
-    groups = [_g(1, "fixed_copy", ("baseline", "traces"), 1), _g(1, "copy", ("baseline", "crystallization"), 1)]
+    groups = [_g(1, "fixed_copy", ("baseline", "traces"), 1),
+              _g(1, "copy", ("baseline", "crystallization", "distilled"), 1)]
     return dict(model=TINY_MODEL, steps=6, seq_len=32, batch_size=4, vocab_size=32, eval_batches=1, groups=groups)
 
 

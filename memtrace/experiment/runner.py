@@ -8,10 +8,17 @@ Per eval interval (and at step 0) the run records: held-out loss, token accuracy
 accuracy (every scored token right), the manager's metrics (trace coverage, stability, count,
 motif count / utility / entropy, FLOPs saved per token, phase) and, for runs that store traces,
 the share of stored traces that lie on the task's useful edges (with the share a random causal
-edge would have). The summary holds final and best accuracy, steps to 90% / 99% token accuracy
+edge would have); for the distilled arm, the held motifs distilling / distilled and the last
+distillation loss. The summary holds final and best accuracy, steps to 90% / 99% token accuracy
 (first eval step at or above; None = not reached within the budget; resolution = eval interval),
-wall time per training step (evaluation excluded; CUDA synchronised at window edges), forward
-FLOPs per token (analytic model count minus the manager's counted savings), peak CUDA memory.
+wall time per training step (evaluation excluded, the distilled arm's `distill_step` included;
+CUDA synchronised at window edges), forward FLOPs per token (analytic model count minus the
+manager's counted savings), peak CUDA memory.
+
+The distilled arm: the MoE handle (`hf.attach(...).routers`) is put in mode "distill" with the
+arm's distill_steps / distill_lr (`arms.distill_settings`), and `handle.routers.distill_step()`
+runs after every `mgr.step()`: D's own optimizer on the pairs the step's training forward
+collected (evaluation forwards run in eval mode and collect nothing).
 
 Files: `<out>/<task>__<model>-<position>-T<len>__<arm>[__<tag>]__s<seed>.json`, written to a
 temporary file in the same folder and renamed (an interrupted run leaves no partial file).
@@ -34,7 +41,16 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from .arms import ARMS, MOE_ARMS, REFERENCE_ARMS, ExperimentMemtrace, ReferenceBiasMemtrace, arm_config, reference_bias
+from .arms import (
+    ARMS,
+    MOE_ARMS,
+    REFERENCE_ARMS,
+    ExperimentMemtrace,
+    ReferenceBiasMemtrace,
+    arm_config,
+    distill_settings,
+    reference_bias,
+)
 from .models import ModelSpec, build_model, forward_flops_per_token
 from .tasks import TaskSpec, chance_share, make_batch, useful_edge_set
 
@@ -289,6 +305,7 @@ def run_one(cfg: RunConfig, progress=None) -> str:
 
     mcfg, ref_start = arm_config(cfg.arm, cfg.steps, num_layers=mspec.layers, seq_len=cfg.seq_len,
                                  overrides=cfg.overrides)
+    distill = distill_settings(cfg.arm, cfg.steps, cfg.overrides)
     mgr = handle = None
     ref_info = None
     experts = mspec.num_experts if mspec.kind == "moe" else None
@@ -305,6 +322,8 @@ def run_one(cfg: RunConfig, progress=None) -> str:
     if mgr is not None:
         from ..integrations import hf
         handle = hf.attach(model.lm, mgr)
+        if distill is not None:       # held motifs distil, then run distilled (arms.py)
+            handle.routers.set_mode("distill", **distill)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
     model.train()
     model_flops = forward_flops_per_token(mspec, cfg.seq_len)
@@ -321,6 +340,9 @@ def run_one(cfg: RunConfig, progress=None) -> str:
         if mgr is not None and cfg.arm in ("traces", "both"):
             point.update(_useful_share(mgr, edge_keys, cfg.seq_len))
             point["useful_chance"] = chance
+        if distill is not None:
+            moe = handle.routers.metrics()
+            point.update({k: moe[k] for k in ("motifs_distilling", "motifs_distilled", "distill_loss")})
         point["train_loss"] = losses[-1] if losses else None
         curve.append(point)
 
@@ -342,6 +364,8 @@ def run_one(cfg: RunConfig, progress=None) -> str:
             opt.step()
             if mgr is not None:
                 mgr.step(token_loss=_token_loss(logits, ids) if mgr.num_experts else None)
+            if distill is not None:    # D's own optimizer, on the pairs this step's forward collected
+                handle.routers.distill_step()
             opt.zero_grad(set_to_none=True)
             loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
             done_since += 1
@@ -359,6 +383,8 @@ def run_one(cfg: RunConfig, progress=None) -> str:
                 _sync(device)
                 t0 = time.perf_counter()
     finally:
+        # read before detach: the hf handle drops its `routers` when it detaches
+        moe_metrics = handle.routers.metrics() if handle is not None and handle.routers is not None else None
         if handle is not None:
             handle.detach()
 
@@ -366,7 +392,6 @@ def run_one(cfg: RunConfig, progress=None) -> str:
     steady = window_times[1:] or window_times
     metrics = _manager_metrics(mgr)
     saved = float(metrics.get("flops_saved_per_token", 0.0) or 0.0)
-    moe_metrics = handle.routers.metrics() if handle is not None and handle.routers is not None else None
     summary = {
         "final_loss": final["loss"], "final_acc": final["acc"], "final_seq_acc": final["seq_acc"],
         "best_acc": max(p["acc"] for p in curve),
@@ -380,6 +405,7 @@ def run_one(cfg: RunConfig, progress=None) -> str:
         "trace_count": final.get("trace_count"), "motif_count": final.get("motif_count"),
         "motif_mean_utility": final.get("motif_mean_utility"), "motif_mean_entropy": final.get("motif_mean_entropy"),
         "useful_share": final.get("useful_share"), "useful_chance": chance if cfg.arm in ("traces", "both") else None,
+        "motifs_distilled": final.get("motifs_distilled"),
     }
     result = {
         "schema": SCHEMA, "name": run_name(cfg), "task": cfg.task, "arm": cfg.arm, "seed": cfg.seed,
@@ -388,6 +414,7 @@ def run_one(cfg: RunConfig, progress=None) -> str:
         "config": {"run": {k: v for k, v in asdict(cfg).items() if k not in ("out",)},
                    "task": tspec.to_dict(), "model": mspec.to_dict(),
                    "memtrace": None if mcfg is None else mcfg.to_dict(), "reference_bias": ref_info,
+                   "distill": distill,
                    "eval_interval": interval, "useful_edges": len(edge_set)},
         "curves": curve, "summary": summary, "moe": moe_metrics, "environment": environment(str(device)),
     }

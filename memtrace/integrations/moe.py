@@ -81,6 +81,46 @@ Three things, all found from module attributes (never by patching a model family
    Carrying needs the token rows: one host sync per carried layer (`nonzero`). The carry state is
    rebuilt at the first MoE layer of every forward (so a checkpointed recompute, which repeats the
    same routing, reproduces it).
+
+4. Distilled motifs (`mode="distill"`: `attach_routers(..., mode="distill", distill_steps=...,
+   distill_lr=...)` or `handle.set_mode("distill", ...)`; the default mode "carry" is section 3
+   unchanged, bitwise). Every held motif (s, (e_s, ..., e_{s+k-1})) gets a distilled expert D owned
+   by the handle (not a parameter of the model, so the user's optimizer never sees it): a gated MLP
+   of the start block's expert shape, initialised as a copy of e_s (`FusedExpertView.owned_copy`).
+   A motif is first *distilling*, then *distilled*:
+   - distilling: it executes exactly as in carry mode (outputs bitwise as in carry mode) and, on
+     training-mode forwards of the model (`model.training`; never inside backward, so a
+     checkpointed recompute collects nothing), the handle collects for every token entering it
+     the pair (h_s, target): h_s the experts module's input row at layer s, target the sum over
+     layers s..s+k-1 of the experts module's output row for that token (the block's routed
+     contribution: at s the top-k mixture, at s+i the carried weight * e_{s+i}(h_{s+i})), detached,
+     in float32. A shared expert outside the experts module (Qwen2-MoE, DeepSeek) is not part of
+     the target and keeps running in both modes.
+   - `handle.distill_step()` (the training loop calls it after its own backward / optimizer step;
+     no extra forward) takes, for every distilling motif with collected rows, one AdamW step
+     (lr `distill_lr`, no weight decay, D's own optimizer) on
+         loss = mean over its rows and hidden units of (weight * D(h_s) - target)^2
+     with weight the token's start-layer routed mass (as in carry mode), then drops the collected
+     pairs. A step in which a motif had no rows does not count for it. After `distill_steps`
+     counted steps (or `handle.finish_distillation(motifs)`) the motif is distilled: D is frozen
+     (requires_grad False, eval mode, its optimizer dropped).
+   - distilled: a token entering the motif at layer s gets `weight * D(h_s)` as the experts
+     module's output instead of its top-k mixture (the router at s still runs: it decides the
+     entry); at layers s+1..s+k-1 the router skips it as in carry mode (same records: the motif's
+     expert, one-hot probs, the carried mask) and the experts module returns 0 for it without
+     calling any expert: the MoE block adds nothing for that token there, attention and
+     everything else still run.
+   - FLOPs saved, from the rows actually skipped: per distilled token and skipped layer the router
+     plus top_k experts (2 H E + top_k x expert); at the start layer top_k experts minus the one
+     expert-sized D ((top_k - 1) x expert). Counted into `handle.flops_saved` and the manager's
+     `add_flops_saved` as in carry mode (`tokens_skipped`, `tokens_distilled` in `metrics()`).
+     The cost of training D is not a forward cost and is not subtracted.
+   - D lives as long as its motif is held: a motif dropped from the held set loses its D (its
+     chain was unfrozen, D would be stale); a re-application that keeps it (the manager's set
+     changed elsewhere) keeps D and its progress. `set_mode("carry")` and `detach()` drop every D.
+     D is not saved with the manager (`hf.save`, `mgr.state_dict()`): a resumed run distils again.
+   Collecting and running D cost one host sync per start layer that has such tokens (`nonzero`,
+   `unique`), besides carry mode's; at most the last 64 forwards' pairs wait for `distill_step`.
 """
 from __future__ import annotations
 
@@ -95,10 +135,14 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .. import _validate as V
 from ..crystallize import FusedExpertView, fused_expert_layout, linear_router_flops, mlp_expert_flops
 
-__all__ = ["MoEBlock", "MoEHandle", "MoEScan", "RouterRule", "attach_routers", "apply_motifs", "find_moe_blocks"]
+__all__ = ["MODES", "MoEBlock", "MoEHandle", "MoEScan", "RouterRule", "attach_routers", "apply_motifs",
+           "find_moe_blocks"]
 
 _ROUTER_NAMES = ("gate", "router")
 _MISSING = object()
+MODES = ("carry", "distill")
+_DISTILLING, _DISTILLED = 1, 2     # a held motif's state in distill mode (per motif id, on device)
+_MAX_PENDING = 64                  # collected forwards kept until distill_step (bounds memory)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,6 +405,50 @@ class _Carry:
     expert: torch.Tensor   # [N] long, -1 where not carried
     weight: torch.Tensor   # [N] float32, detached
     mask: torch.Tensor     # [N] bool
+    skip: torch.Tensor | None = None   # [N] bool, carried rows of distilled motifs (distill mode only)
+
+
+@dataclass
+class _Entry:
+    """Tokens entering a motif at its start layer, in distill mode."""
+    motif: torch.Tensor    # [N] long motif id at this start layer, -1 where none
+    weight: torch.Tensor   # [N] float32, detached: the routed mass
+    distilled: torch.Tensor   # [N] bool: run D here, skip the chain's later layers
+    collect: torch.Tensor     # [N] bool: a distilling motif, collect (h_s, target)
+
+
+class _Distiller:
+    """A held motif's distilled expert D (an owned copy of e_s at first) and its own optimizer."""
+
+    def __init__(self, block: "MoEBlock", first_expert: int, lr: float):
+        self.expert = block.expert(first_expert).owned_copy()
+        self.expert.requires_grad_(True)
+        self.opt = torch.optim.AdamW(self.expert.parameters(), lr=lr, weight_decay=0.0)
+        self.steps = 0            # distillation steps in which the motif had rows
+        self.rows = 0             # rows of the last step
+        self.loss = None          # loss before the last step
+        self.distilled = False
+
+    def finish(self) -> None:
+        self.distilled = True
+        for p in self.expert.parameters():
+            p.grad = None
+        self.expert.requires_grad_(False)
+        self.expert.eval()
+        self.opt = None       # its moments are no longer needed
+
+
+def _or(a, b):
+    if a is None:
+        return b
+    return a if b is None else a | b
+
+
+def _check_mode(mode, distill_steps, distill_lr) -> tuple:
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return (mode, V.check_int("distill_steps", distill_steps, low=1),
+            V.check_float("distill_lr", distill_lr, low=0.0, low_open=True))
 
 
 def _motif_fields(m) -> tuple:
@@ -374,7 +462,9 @@ def _motif_fields(m) -> tuple:
 class MoEHandle:
     """What `attach_routers` returns; `detach()` removes every hook and patch (idempotent)."""
 
-    def __init__(self, model: nn.Module, mgr, scan: MoEScan, *, record: bool = True, pin_frozen: bool = True):
+    def __init__(self, model: nn.Module, mgr, scan: MoEScan, *, record: bool = True, pin_frozen: bool = True,
+                 mode: str = "carry", distill_steps: int = 100, distill_lr: float = 1e-3):
+        self.mode, self.distill_steps, self.distill_lr = _check_mode(mode, distill_steps, distill_lr)
         self.model, self.mgr, self.blocks = model, mgr, scan
         self.by_layer = {b.layer: b for b in scan}
         self.record, self.pin_frozen = bool(record), bool(pin_frozen)
@@ -382,7 +472,9 @@ class MoEHandle:
         self.tokens_seen = 0              # token rows at the first MoE block (padding included)
         self.tokens_executing = 0         # the same, counted only while motifs execute
         self.tokens_carried = 0           # carried token-layers
-        self.router_rows_skipped = 0      # == tokens_carried; the router rows not computed
+        self.router_rows_skipped = 0      # carried + skipped token-layers; the router rows not computed
+        self.tokens_skipped = 0           # token-layers of distilled motifs skipped (no router, no expert)
+        self.tokens_distilled = 0         # tokens that ran a distilled expert at a start layer
         self.skipped_motifs: list = []    # (motif key, reason)
         self._motifs: list = []           # applied (start_layer, experts) keys, in priority order
         self._mask_override = _MISSING
@@ -394,6 +486,15 @@ class MoEHandle:
         self._freeze_hooks: list = []
         self._snapshots: list = []        # (fused tensor, rows, values)
         self._start_maps: dict = {}       # layer -> (lookup [E] long motif id, experts [M, maxlen] long)
+        self._given: list = []            # the motifs last given to apply_motifs (re-applied by set_mode)
+        # distill mode (module docstring, section 4)
+        self._distillers: dict = {}       # motif key -> _Distiller; survives a re-application that keeps it
+        self._chains: dict = {}           # start layer -> [motif keys] in motif-id order
+        self._states: dict = {}           # start layer -> [M] long _DISTILLING / _DISTILLED per motif id
+        self._lengths: dict = {}          # start layer -> [M] long chain length per motif id
+        self._entry: dict = {}            # start layer -> _Entry of the forward in progress
+        self._collecting: dict = {}       # start layer -> rows being summed in the forward in progress
+        self._pending: list = []          # (start layer, keys, motif ids, h_s, target, weight) per forward
         self._first_layer = scan[0].layer if len(scan) else None
         self._follow = True               # execute the manager's held motifs (refresh); False after apply_motifs
         self._source_keys = None          # the manager's held keys last seen
@@ -546,9 +647,12 @@ class MoEHandle:
         if not self._attached:
             raise RuntimeError("this MoE handle was detached")
         self._follow = bool(follow)
-        keys, skipped = self._plan(list(motifs))
+        motifs = list(motifs)
+        keys, skipped = self._plan(motifs)
         self._unapply()
+        self._given = motifs
         self.skipped_motifs = skipped
+        self._keep_distillers(keys)
         if not keys:
             return []
         self._motifs = keys
@@ -565,6 +669,10 @@ class MoEHandle:
                 lookup[c[0]] = i
                 table[i, :len(c)] = torch.tensor(c, dtype=torch.long, device=dev)
             self._start_maps[s] = (lookup, table)
+            if self.mode == "distill":
+                self._chains[s] = [(s, c) for c in chains]
+                self._lengths[s] = (table >= 0).sum(1)
+        self._refresh_states()
         frozen: dict = {}
         for s, ex in keys:
             for i, e in enumerate(ex):
@@ -588,6 +696,136 @@ class MoEHandle:
             self._patch(blk.gate, self._make_gate_forward(blk))
             self._patch(blk.experts, self._make_experts_forward(blk))
         return list(keys)
+
+    # -- distill mode ----------------------------------------------------------------------------
+    def set_mode(self, mode: str, *, distill_steps: int | None = None, distill_lr: float | None = None) -> None:
+        """Switch between "carry" (section 3) and "distill" (section 4) execution of the held
+        motifs, and/or change distill_steps / distill_lr (None: keep). Leaving distill mode drops
+        every distilled expert; entering it gives each held motif a fresh one. A motif whose count
+        already reaches a lowered distill_steps is distilled now."""
+        if not self._attached:
+            raise RuntimeError("this MoE handle was detached")
+        mode, steps, lr = _check_mode(mode, self.distill_steps if distill_steps is None else distill_steps,
+                                      self.distill_lr if distill_lr is None else distill_lr)
+        changed = mode != self.mode
+        self.mode, self.distill_steps, self.distill_lr = mode, steps, lr
+        for d in self._distillers.values():
+            if d.opt is not None:
+                for g in d.opt.param_groups:
+                    g["lr"] = lr
+        if changed:
+            self._distillers.clear()
+            self._pending.clear()
+            if self._given:
+                self.apply_motifs(self._given, follow=self._follow)
+        self.finish_distillation([k for k, d in self._distillers.items() if d.steps >= steps])
+
+    def _keep_distillers(self, keys) -> None:
+        """Drop the distilled experts of motifs no longer held; give new held motifs one (distill mode)."""
+        held = set(keys)
+        for k in [k for k in self._distillers if k not in held]:
+            del self._distillers[k]
+        if self.mode != "distill":
+            return
+        for s, ex in keys:
+            if (s, ex) not in self._distillers:
+                self._distillers[(s, ex)] = _Distiller(self.by_layer[s], ex[0], self.distill_lr)
+
+    def _refresh_states(self) -> None:
+        for s, chains in self._chains.items():
+            st = [_DISTILLED if self._distillers[k].distilled else _DISTILLING for k in chains]
+            self._states[s] = torch.tensor(st, dtype=torch.long, device=self._lengths[s].device)
+
+    def distill_step(self) -> dict:
+        """One AdamW step of every distilling motif's D on the (h_s, target) pairs collected since
+        the last call (module docstring, section 4), then drop them. Motifs that reach
+        distill_steps become distilled. Returns {motif key: loss before the step (float)}."""
+        if not self._attached:
+            raise RuntimeError("this MoE handle was detached")
+        pending, self._pending = self._pending, []
+        if self.mode != "distill":
+            return {}
+        parts: dict = {}
+        for _, chains, mids, x, target, weight in pending:
+            for m in torch.unique(mids).tolist():
+                d = self._distillers.get(chains[m])
+                if d is None or d.distilled:      # released or finished since it was collected
+                    continue
+                rows = (mids == m).nonzero().squeeze(1)
+                parts.setdefault(chains[m], []).append((x.index_select(0, rows), target.index_select(0, rows),
+                                                        weight.index_select(0, rows)))
+        losses, done = {}, []
+        with torch.enable_grad():
+            for key, ps in parts.items():
+                d = self._distillers[key]
+                x, target, weight = (torch.cat(t) for t in zip(*ps))
+                pred = d.expert(x).float() * weight.unsqueeze(1)
+                loss = nn.functional.mse_loss(pred, target)
+                d.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                d.opt.step()
+                d.steps += 1
+                d.rows = int(x.shape[0])
+                d.loss = losses[key] = float(loss.detach())
+                if d.steps >= self.distill_steps:
+                    done.append(key)
+        self.finish_distillation(done)
+        return losses
+
+    def finish_distillation(self, motifs=None) -> list:
+        """Make these held motifs (keys or Motifs; None: every distilling one) distilled now: D
+        frozen, executed from the next forward. Returns the keys switched."""
+        if not self._attached:
+            raise RuntimeError("this MoE handle was detached")
+        if motifs is None:
+            keys = [k for k, d in self._distillers.items() if not d.distilled]
+        else:
+            keys = [_motif_fields(m) for m in motifs]
+            if self.mode != "distill" and keys:
+                raise ValueError("motifs: the handle is in carry mode; call set_mode('distill') first")
+            unknown = [k for k in keys if k not in self._distillers]
+            if unknown:
+                raise ValueError(f"motifs {unknown} are not held motifs of this handle (held: {list(self._motifs)})")
+        switched = [k for k in keys if not self._distillers[k].distilled]
+        for k in switched:
+            self._distillers[k].finish()
+        if switched:
+            self._refresh_states()
+        return switched
+
+    def distilled_expert(self, motif) -> nn.Module | None:
+        """The distilled expert D of a held motif (key or Motif) in distill mode, else None."""
+        return getattr(self._distillers.get(_motif_fields(motif)), "expert", None)
+
+    def distill_status(self) -> dict:
+        """{motif key: {"steps", "rows", "loss", "distilled"}} of the held motifs in distill mode (rows and
+        loss: the last distillation step's rows and loss before it)."""
+        return {k: {"steps": d.steps, "rows": d.rows, "loss": d.loss, "distilled": d.distilled}
+                for k, d in self._distillers.items()}
+
+    def _collect(self, layer: int, hidden: torch.Tensor, out: torch.Tensor, entry) -> None:
+        """Sum the experts' output rows of tokens in distilling motifs over their chain (section 4).
+        Everything is detached before it is indexed: no autograd node may save a tensor here, since
+        a checkpointed recompute (which collects nothing) must save what the forward saved."""
+        for s, c in list(self._collecting.items()):
+            live = c["length"] > layer - s        # rows still inside their chain at this layer
+            rows = out.detach().index_select(0, c["rows"]).float()
+            c["target"] = c["target"] + torch.where(live.unsqueeze(1), rows, 0.0)
+            if layer == s + c["width"] - 1:
+                del self._collecting[s]
+                self._pending.append((s, self._chains[s], c["mids"], c["x"], c["target"], c["weight"]))
+                del self._pending[:-_MAX_PENDING]
+        if entry is None:
+            return
+        idx = entry.collect.nonzero().squeeze(1)
+        if not idx.numel():
+            return
+        mids = entry.motif.index_select(0, idx)
+        self._collecting[layer] = {"rows": idx, "mids": mids, "length": self._lengths[layer].to(mids.device)[mids],
+                                   "width": self._start_maps[layer][1].shape[1],
+                                   "x": hidden.detach().index_select(0, idx),
+                                   "target": out.detach().index_select(0, idx).float(),
+                                   "weight": entry.weight.index_select(0, idx)}
 
     def _manager_motifs(self) -> list:
         held = getattr(self.mgr, "held_motifs", None)
@@ -642,12 +880,28 @@ class MoEHandle:
         self._motifs = []
         self._carry.clear()
         self._carry_n = -1
+        for d in (self._chains, self._states, self._lengths, self._entry, self._collecting):
+            d.clear()
 
     def _count(self, block: MoEBlock, n: int) -> None:
         saved = n * (block.router_flops + (block.top_k - 1) * block.expert_flops)
-        self.flops_saved += saved
         self.tokens_carried += n
         self.router_rows_skipped += n
+        self._add_saved(saved)
+
+    def _count_skipped(self, block: MoEBlock, n: int) -> None:
+        # a distilled motif's later layer: neither the router nor any of the top_k experts runs
+        self.tokens_skipped += n
+        self.router_rows_skipped += n
+        self._add_saved(n * (block.router_flops + block.top_k * block.expert_flops))
+
+    def _count_distilled(self, block: MoEBlock, n: int) -> None:
+        # a distilled motif's start layer: one expert-sized D instead of the top_k experts
+        self.tokens_distilled += n
+        self._add_saved(n * (block.top_k - 1) * block.expert_flops)
+
+    def _add_saved(self, saved: float) -> None:
+        self.flops_saved += saved
         add = getattr(self.mgr, "add_flops_saved", None)
         if callable(add):
             add(saved, 0)
@@ -661,7 +915,10 @@ class MoEHandle:
             n = flat.shape[0]
             if block.layer == self._first_layer or self._carry_n != n:
                 self._carry.clear()
+                self._entry.clear()
                 self._carry_n = n
+                if not _in_backward():
+                    self._collecting.clear()       # rows of an earlier forward that did not finish
                 if block.layer == self._first_layer and not _in_backward():
                     self.tokens_executing += n
                     add = getattr(self.mgr, "add_flops_saved", None)
@@ -686,7 +943,11 @@ class MoEHandle:
                 out = (lg, wf, ixf)
                 free = ~carry.mask
                 if not _in_backward() and car_idx.numel():
-                    self._count(block, int(car_idx.numel()))
+                    n_skip = 0 if carry.skip is None else int(carry.skip.sum())
+                    if n_skip:
+                        self._count_skipped(block, n_skip)
+                    if car_idx.numel() > n_skip:
+                        self._count(block, int(car_idx.numel()) - n_skip)
             if block.layer in self._start_maps:
                 self._start(block, out, free, n)
             return out
@@ -706,16 +967,23 @@ class MoEHandle:
         weight = w.detach().float().sum(-1)
         table = table.to(top1.device)
         safe = mid.clamp_min(0)
+        dist = None
+        states = self._states.get(block.layer)
+        if states is not None:          # distill mode
+            st = torch.where(ok, states.to(top1.device)[safe], 0)
+            dist = st == _DISTILLED
+            self._entry[block.layer] = _Entry(torch.where(ok, mid, -1), weight, dist, st == _DISTILLING)
         for i in range(1, table.shape[1]):
             ex = table[:, i][safe]
             m = ok & (ex >= 0)
+            skip = None if dist is None else m & dist
             layer = block.layer + i
             prev = self._carry.get(layer)
             if prev is None:
-                self._carry[layer] = _Carry(torch.where(m, ex, -1), torch.where(m, weight, 0.0), m)
+                self._carry[layer] = _Carry(torch.where(m, ex, -1), torch.where(m, weight, 0.0), m, skip)
             else:
                 self._carry[layer] = _Carry(torch.where(m, ex, prev.expert), torch.where(m, weight, prev.weight),
-                                            m | prev.mask)
+                                            m | prev.mask, _or(skip, prev.skip))
 
     def _make_experts_forward(self, block: MoEBlock):
         orig = block.experts.forward
@@ -723,33 +991,73 @@ class MoEHandle:
         def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
             n = hidden_states.shape[0]
             carry = self._carry.get(block.layer) if self._carry_n == n else None
-            if carry is None:
+            entry = self._entry.get(block.layer) if self._carry_n == n else None
+            if carry is None and entry is None:
                 return orig(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-            free_idx = (~carry.mask).nonzero().squeeze(1)
-            out_f = orig(hidden_states.index_select(0, free_idx), top_k_index.index_select(0, free_idx),
-                         top_k_weights.index_select(0, free_idx), *args, **kwargs)
-            out = out_f.new_zeros(n, out_f.shape[-1]).index_copy(0, free_idx, out_f)
-            car_idx = carry.mask.nonzero().squeeze(1)
+            dist_idx = None if entry is None else entry.distilled.nonzero().squeeze(1)
+            if carry is None and not dist_idx.numel():    # distilling motifs only: the block's own forward
+                out = orig(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+            else:
+                out = self._mixed_experts(block, orig, carry, entry, dist_idx, hidden_states, top_k_index,
+                                          top_k_weights, *args, **kwargs)
+            if entry is not None or self._collecting:
+                if self.model.training and not _in_backward():
+                    self._collect(block.layer, hidden_states, out, entry)
+            return out
+        return forward
+
+    def _mixed_experts(self, block, orig, carry, entry, dist_idx, hidden_states, top_k_index, top_k_weights,
+                       *args, **kwargs):
+        """The experts' output [N, H] when some rows are carried, skipped or run a distilled expert."""
+        n = hidden_states.shape[0]
+        special = carry.mask if carry is not None else hidden_states.new_zeros(n, dtype=torch.bool)
+        if dist_idx is not None and dist_idx.numel():
+            special = special.index_fill(0, dist_idx, True)
+        free_idx = (~special).nonzero().squeeze(1)
+        out_f = orig(hidden_states.index_select(0, free_idx), top_k_index.index_select(0, free_idx),
+                     top_k_weights.index_select(0, free_idx), *args, **kwargs)
+        out = out_f.new_zeros(n, out_f.shape[-1]).index_copy(0, free_idx, out_f)
+        if carry is not None:
+            # skipped rows (distilled motifs past their start) stay 0: no expert runs for them
+            run = carry.mask if carry.skip is None else carry.mask & ~carry.skip
+            car_idx = run.nonzero().squeeze(1)
             experts = carry.expert.index_select(0, car_idx)
             for e in torch.unique(experts).tolist():
                 rows = car_idx[experts == e]
                 y = block.expert(int(e))(hidden_states.index_select(0, rows))
                 y = y * top_k_weights.index_select(0, rows)[:, 0, None]
                 out = out.index_copy(0, rows, y.to(out.dtype))
-            return out
-        return forward
+        if dist_idx is not None and dist_idx.numel():
+            chains = self._chains[block.layer]
+            mids = entry.motif.index_select(0, dist_idx)
+            for m in torch.unique(mids).tolist():
+                rows = dist_idx[mids == m]
+                y = self._distillers[chains[m]].expert(hidden_states.index_select(0, rows))
+                y = y * entry.weight.index_select(0, rows).to(y.dtype).unsqueeze(1)
+                out = out.index_copy(0, rows, y.to(out.dtype))
+            if not _in_backward():
+                self._count_distilled(block, int(dist_idx.numel()))
+        return out
 
     # -- metrics and teardown --------------------------------------------------------------------
     def metrics(self) -> dict:
+        losses = [d.loss for d in self._distillers.values() if not d.distilled and d.loss is not None]
         return {"flops_saved": self.flops_saved, "tokens_seen": self.tokens_seen,
                 "tokens_executing": self.tokens_executing,
                 "flops_saved_per_token": self.flops_saved / self.tokens_executing if self.tokens_executing else 0.0,
                 "tokens_carried": self.tokens_carried, "motifs_executing": len(self._motifs),
-                "motifs_skipped": len(self.skipped_motifs)}
+                "motifs_skipped": len(self.skipped_motifs), "mode": self.mode,
+                "tokens_skipped": self.tokens_skipped, "tokens_distilled": self.tokens_distilled,
+                "motifs_distilling": sum(1 for d in self._distillers.values() if not d.distilled),
+                "motifs_distilled": sum(1 for d in self._distillers.values() if d.distilled),
+                "distill_loss": sum(losses) / len(losses) if losses else None}
 
     def describe(self) -> str:
         lines = [self.blocks.describe()]
-        lines += [f"executing motif {k}" for k in self._motifs]
+        for k in self._motifs:
+            d = self._distillers.get(k)
+            state = "" if d is None else (" (distilled)" if d.distilled else f" (distilling, {d.steps} steps)")
+            lines.append(f"executing motif {k}{state}")
         lines += [f"skipped motif {k}: {r}" for k, r in self.skipped_motifs]
         return "\n".join(lines)
 
@@ -758,6 +1066,9 @@ class MoEHandle:
         if not self._attached:
             return
         self._unapply()
+        self._distillers.clear()
+        self._pending.clear()
+        self._given = []
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -768,14 +1079,16 @@ class MoEHandle:
         return self._attached
 
 
-def attach_routers(model: nn.Module, mgr, *, strict: bool = True, record: bool = True,
-                   pin_frozen: bool = True) -> MoEHandle:
+def attach_routers(model: nn.Module, mgr, *, strict: bool = True, record: bool = True, pin_frozen: bool = True,
+                   mode: str = "carry", distill_steps: int = 100, distill_lr: float = 1e-3) -> MoEHandle:
     """Hook the routers of every MoE block of `model` (see the module docstring); returns the handle.
 
     A model without MoE blocks gives a handle with no blocks. With strict=True (default), a model
     with MoE-like modules that are not understood raises ValueError naming each and why, and the
-    model is left untouched; strict=False hooks the understood blocks only.
+    model is left untouched; strict=False hooks the understood blocks only. mode: how held motifs
+    execute, "carry" (section 3) or "distill" (section 4, with distill_steps and distill_lr).
     """
+    _check_mode(mode, distill_steps, distill_lr)
     scan = find_moe_blocks(model)
     if scan.skipped and strict:
         raise ValueError("memtrace cannot read the MoE blocks of this model (nothing was attached):\n"
@@ -785,7 +1098,8 @@ def attach_routers(model: nn.Module, mgr, *, strict: bool = True, record: bool =
         over = [b.name for b in scan if b.layer >= num_layers]
         if over:
             raise ValueError(f"MoE blocks {over} sit at layers >= the manager's num_layers={num_layers}")
-    return MoEHandle(model, mgr, scan, record=record, pin_frozen=pin_frozen)
+    return MoEHandle(model, mgr, scan, record=record, pin_frozen=pin_frozen, mode=mode, distill_steps=distill_steps,
+                     distill_lr=distill_lr)
 
 
 def apply_motifs(handle: MoEHandle, motifs) -> list:

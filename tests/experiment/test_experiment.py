@@ -2,6 +2,7 @@
 Tiny CPU runs: a 2-layer d 32 model, T 32, a few steps per arm (the pipeline, not the science)."""
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -97,8 +98,9 @@ def test_every_arm_writes_a_complete_json_and_pairs_its_data(tmp_path):
         curves[arm] = r["curves"][0]["loss"]
         if arm in ("traces", "both"):
             assert s["trace_count"] > 0 and s["useful_share"] is not None and s["useful_chance"] > 0
-        if arm in ("crystallization", "both"):
+        if arm in ("crystallization", "both", "distilled"):
             assert r["config"]["memtrace"]["phase_starts"][2] is not None and s["motif_count"] is not None
+        assert (r["config"]["distill"] is not None) == (arm == "distilled")
         if arm in ("oracle", "random"):
             ref = r["config"]["reference_bias"]
             assert ref["entries_per_head"] == 15 and ref["useful_share"] == (1.0 if arm == "oracle" else 0.0)
@@ -106,6 +108,26 @@ def test_every_arm_writes_a_complete_json_and_pairs_its_data(tmp_path):
     # traces computes what sdpa computes, to float32 rounding)
     assert max(curves.values()) - min(curves.values()) < 1e-4
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
+
+
+def test_distilled_arm_pilot_through_the_runner(tmp_path):
+    """The distilled arm of the tiny plan (its model) through the runner: motifs held, distilled after
+    distill_steps, their later layers skipped and counted in the FLOPs. Loose discovery thresholds,
+    so that a random tiny model holds motifs within 10 steps (the pipeline, not the science)."""
+    cfg = next(c for c in plan_configs("tiny", out=str(tmp_path)) if c.arm == "distilled")
+    loose = {"min_frequency": 1, "min_utility": -1000.0, "max_entropy": 100.0, "distill_fraction": 0.2}
+    cfg = replace(cfg, steps=10, eval_interval=5, overrides=loose)
+    with open(run_one(cfg)) as f:
+        r = json.load(f)
+    assert r["config"]["distill"] == {"distill_steps": 2, "distill_lr": 1e-3}
+    moe, s = r["moe"], r["summary"]
+    assert moe["mode"] == "distill" and moe["motifs_distilled"] >= 1
+    assert moe["tokens_skipped"] > 0 and moe["tokens_distilled"] > 0
+    assert s["motifs_distilled"] >= 1 and "motifs_distilling" in r["curves"][-1]
+    assert 0 < s["flops_saving_share"] < 1 and s["flops_per_token"] < s["model_flops_per_token"]
+    text = build_report(str(tmp_path))
+    assert "| distilled | 1 |" in text and "distilled)" in text
+    assert "held chains distilled into one expert" in text
 
 
 def test_report_builds_tables_and_names_missing_runs(tmp_path):
@@ -156,6 +178,9 @@ def test_cli_runs_a_tiny_experiment(tmp_path, capsys):
     (["--task", "copy", "--seeds", "x"], "--seeds"),
     (["--task", "copy", "--lr", "-1"], "--lr"),
     (["--task", "copy", "--model", "dense", "--arms", "both"], "--arms"),
+    (["--task", "copy", "--model", "dense", "--arms", "distilled"], "--arms"),
+    (["--task", "copy", "--arms", "distilled", "--set", "distill_fraction=0", "--device", "cpu"], "distill_fraction"),
+    (["--task", "copy", "--arms", "distilled", "--set", "distill_lr=-1", "--device", "cpu"], "distill_lr"),
     (["--task", "copy", "--set", "no_such_knob=1", "--device", "cpu"], "no_such_knob"),
     (["--arms", "baseline", "--device", "cpu"], "--task"),
 ])

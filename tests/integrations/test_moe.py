@@ -449,3 +449,267 @@ def test_with_the_memtrace_manager_step_unfreezes():
     assert handle.held_motifs == [] and "forward" not in handle.blocks[0].gate.__dict__
     assert not model.model.layers[1].mlp.experts.gate_up_proj._backward_hooks
     handle.detach()
+
+
+# ------------------------------------------------------------------------------------------------
+# Distilled motifs (module docstring, section 4)
+def _motif_setup(mode="distill", **kw):
+    """A tiny Mixtral, its layer-0 top-1 per token and a 3-layer motif from the most frequent one."""
+    model = tiny("mixtral")
+    ids, mask = inputs(B=3, T=9, pad=3)
+    scan = find_moe_blocks(model)
+    seen, hooks = gate_inputs(model, scan)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    top0 = independent_top1("mixtral", scan[0].gate, seen[0])
+    real = mask.reshape(-1).bool()
+    a = int(torch.mode(top0[real]).values)
+    motif = (0, (a, (a + 1) % 4, (a + 2) % 4))
+    in_motif = (top0 == a) & real
+    assert 0 < int(in_motif.sum()) < ids.numel()
+    mgr = StubMgr()
+    handle = attach_routers(model, mgr, mode=mode, **kw)
+    assert handle.apply_motifs([motif]) == [motif]
+    return model, ids, mask, mgr, handle, motif, in_motif
+
+
+def _block_io(model, handle, ids, mask):
+    """Each MoE block's input and output [N, H] in one forward (no grad)."""
+    ins, outs, hk = {}, {}, []
+    for blk in handle.blocks:
+        hk.append(blk.module.register_forward_pre_hook(
+            lambda m, a, layer=blk.layer: ins.__setitem__(layer, a[0].detach().reshape(-1, 32))))
+        hk.append(blk.module.register_forward_hook(
+            lambda m, a, o, layer=blk.layer: outs.__setitem__(layer, o.detach().reshape(-1, 32))))
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    for h in hk:
+        h.remove()
+    return ins, outs
+
+
+def test_distillation_fits_the_chains_summed_contribution():
+    model, ids, mask, mgr, handle, motif, in_motif = _motif_setup(distill_steps=40, distill_lr=1e-2)
+    model.train()    # pairs are collected from training-mode forwards
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ins, outs = _block_io(model, handle, ids, mask)
+    # the target by hand: the block outputs of the motif's tokens summed over its three layers
+    # (Mixtral has no shared expert: block output = experts output; weight 1: renormalised)
+    target = sum(outs[layer][in_motif] for layer in range(3))
+    d = handle.distilled_expert(motif)
+    assert isinstance(d, FusedExpertView) and not d.is_view and all(p.requires_grad for p in d.parameters())
+    assert not any(p is q for p in d.parameters() for q in model.parameters())   # not the model's
+    x0 = ins[0][in_motif]
+    with torch.no_grad():
+        want0 = torch.nn.functional.mse_loss(_manual_expert(handle.by_layer[0].experts, motif[1][0], x0), target)
+    losses = [handle.distill_step()[motif]]
+    assert losses[0] == pytest.approx(float(want0), rel=1e-4)   # D starts as a copy of e_s
+    assert handle.distill_status()[motif]["rows"] == int(in_motif.sum())
+    for _ in range(39):
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+        losses.append(handle.distill_step()[motif])
+    assert losses[-1] < 0.1 * losses[0]
+    with torch.no_grad():
+        after = torch.nn.functional.mse_loss(d(x0), target)
+    assert float(after) < 0.1 * float(want0)
+    st = handle.distill_status()[motif]
+    assert st["steps"] == 40 and st["distilled"] and not any(p.requires_grad for p in d.parameters())
+    assert not d.training
+    # the user's model did not move (forwards without backward, D's optimizer holds D only)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # distilled: nothing is collected any more
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert handle.distill_step() == {}
+    # eval forwards collect nothing: a distilling motif gets no step from them
+    model2, ids2, mask2, _, h2, motif2, _ = _motif_setup()
+    model2.eval()
+    with torch.no_grad():
+        model2(ids2, attention_mask=mask2)
+    assert h2.distill_step() == {} and h2.distill_status()[motif2]["steps"] == 0
+    handle.detach()
+    h2.detach()
+
+
+def test_distilled_motif_skips_router_and_experts_and_counts_flops(monkeypatch):
+    rows = {"gate": [], "experts": [], "view": 0, "owned": 0}
+    gate_cls = type(find_moe_blocks(tiny("mixtral"))[0].gate)
+    exp_cls = type(find_moe_blocks(tiny("mixtral"))[0].experts)
+    g_fwd, e_fwd, v_fwd = gate_cls.forward, exp_cls.forward, FusedExpertView.forward
+
+    def gate_counting(self, hidden_states):
+        rows["gate"].append(hidden_states.reshape(-1, 32).shape[0])
+        return g_fwd(self, hidden_states)
+
+    def experts_counting(self, hidden_states, *args, **kwargs):
+        rows["experts"].append(hidden_states.shape[0])
+        return e_fwd(self, hidden_states, *args, **kwargs)
+
+    def view_counting(self, x):
+        rows["view" if self.is_view else "owned"] += x.shape[0]
+        return v_fwd(self, x)
+
+    monkeypatch.setattr(gate_cls, "forward", gate_counting)
+    monkeypatch.setattr(exp_cls, "forward", experts_counting)
+    monkeypatch.setattr(FusedExpertView, "forward", view_counting)
+    model, ids, mask, mgr, handle, motif, in_motif = _motif_setup()
+    model.eval()
+    ins, _ = _block_io(model, handle, ids, mask)
+    N, n = ids.numel(), int(in_motif.sum())
+    blocks = handle.blocks
+
+    def run_blocks():
+        for k in rows:
+            rows[k] = [] if isinstance(rows[k], list) else 0
+        with handle.attention_mask(mask), torch.no_grad():
+            return [blk.module(ins[blk.layer].reshape(3, 9, 32)).reshape(N, 32) for blk in blocks]
+
+    carried = run_blocks()            # distilling: carry mode
+    assert rows == {"gate": [N, N - n, N - n], "experts": [N, N - n, N - n], "view": 2 * n, "owned": 0}
+    d = handle.distilled_expert(motif)
+    with torch.no_grad():             # make D differ from e_s, so that its use is visible
+        d.down_proj.mul_(-3.0)
+    assert handle.finish_distillation([motif]) == [motif]
+    flops0, m0 = handle.flops_saved, len(mgr.flops)
+    out = run_blocks()
+    # the router skips the motif tokens at layers 1 and 2; the experts module runs only the other
+    # tokens at every layer; no expert view runs; D runs once per motif token at layer 0
+    assert rows == {"gate": [N, N - n, N - n], "experts": [N - n, N - n, N - n], "view": 0, "owned": n}
+    free = ~in_motif
+    for layer in range(3):
+        torch.testing.assert_close(out[layer][free], carried[layer][free], rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(out[0][in_motif], d(ins[0][in_motif]), rtol=1e-6, atol=1e-9)  # weight ~1
+    assert bool((out[1][in_motif] == 0).all()) and bool((out[2][in_motif] == 0).all())
+    # FLOPs by hand: layer 0: top_k experts minus D per token; layers 1, 2: router + top_k experts
+    R, X, k = 2 * 32 * 4, 2 * 3 * 32 * 64, 2
+    want = n * (k - 1) * X + 2 * n * (R + k * X)
+    assert handle.flops_saved - flops0 == want
+    assert sum(f for f, _ in mgr.flops[m0:]) == want
+    met = handle.metrics()
+    assert met["tokens_skipped"] == 2 * n and met["tokens_distilled"] == n and met["motifs_distilled"] == 1
+    # records: the motif's experts for its tokens at layers 1 and 2, as in carry mode
+    rec = {c[0]: c for c in mgr.calls[-3:]}
+    assert torch.equal(rec[1][1][in_motif], torch.full((n,), motif[1][1])) and torch.equal(rec[2][3], in_motif)
+    handle.detach()
+
+
+def test_default_mode_is_carry_and_distilling_runs_bitwise_as_carry():
+    model, ids, mask, mgr, handle, motif, _ = _motif_setup(mode="carry")
+    model.train()
+    assert handle.mode == "carry" and handle.distilled_expert(motif) is None and handle.distill_status() == {}
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    assert handle.distill_step() == {} and handle.metrics()["tokens_skipped"] == 0
+    handle.set_mode("distill")
+    assert handle.held_motifs == [motif] and handle.distilled_expert(motif) is not None
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask).logits, ref)
+    assert handle.distill_step()[motif] > 0           # it collected meanwhile
+    handle.finish_distillation()
+    with torch.no_grad():
+        assert not torch.equal(model(ids, attention_mask=mask).logits, ref)
+    handle.set_mode("carry")                          # back: D dropped, carry execution bitwise
+    assert handle.distilled_expert(motif) is None and handle.held_motifs == [motif]
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask).logits, ref)
+    handle.detach()
+
+
+def test_distill_bad_input_names_the_argument():
+    model = tiny("mixtral")
+    for kw, exc, word in ((dict(mode="fast"), ValueError, "mode"), (dict(mode=None), ValueError, "mode"),
+                          (dict(distill_steps=0), ValueError, "distill_steps"),
+                          (dict(distill_steps="3"), TypeError, "distill_steps"),
+                          (dict(distill_lr=0.0), ValueError, "distill_lr"),
+                          (dict(distill_lr=float("nan")), ValueError, "distill_lr")):
+        with pytest.raises(exc, match=word):
+            attach_routers(model, StubMgr(), **kw)
+        assert not model._forward_pre_hooks      # refused before anything was attached
+    handle = attach_routers(model, StubMgr())
+    handle.apply_motifs([(0, (1, 2, 3))])
+    with pytest.raises(ValueError, match="mode"):
+        handle.set_mode("distilled")
+    with pytest.raises(ValueError, match="distill_steps"):
+        handle.set_mode("distill", distill_steps=-1)
+    assert handle.mode == "carry" and handle.distill_status() == {}   # unchanged on error
+    with pytest.raises(ValueError, match="motifs"):
+        handle.finish_distillation([(0, (1, 2, 3))])                   # carry mode
+    handle.set_mode("distill")
+    with pytest.raises(ValueError, match="motifs"):
+        handle.finish_distillation([(0, (2, 3, 1))])                   # not held
+    handle.detach()
+    with pytest.raises(RuntimeError, match="detached"):
+        handle.distill_step()
+
+
+def test_distilled_detach_restores_everything_and_checkpointing_collects_once():
+    model, ids, mask, mgr, handle, motif, in_motif = _motif_setup(distill_steps=2)
+    handle.detach()
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    model.gradient_checkpointing_enable()             # transformers' default: non-reentrant
+    model.train()
+    mgr = StubMgr()
+    handle = attach_routers(model, mgr, mode="distill", distill_steps=2)
+    handle.apply_motifs([motif])
+    n = int(in_motif.sum())
+    model(ids, attention_mask=mask).logits.float().pow(2).mean().backward()
+    handle.distill_step()
+    assert handle.distill_status()[motif]["rows"] == n          # the recompute collected nothing
+    model(ids, attention_mask=mask).logits.float().pow(2).mean().backward()
+    assert handle.distill_step() and handle.distill_status()[motif]["distilled"]
+    model.zero_grad()
+    out = model(ids, attention_mask=mask).logits
+    flops = handle.flops_saved
+    out.float().pow(2).mean().backward()
+    assert handle.flops_saved == flops > 0 and handle.metrics()["tokens_distilled"] == n
+    g = model.model.layers[0].self_attn.q_proj.weight.grad   # gradient flows through D's input
+    assert g is not None and torch.isfinite(g).all() and bool(g.abs().sum() > 0)
+    d = handle.distilled_expert(motif)
+    assert all(p.grad is None for p in d.parameters())      # frozen
+    model.zero_grad()
+    model.gradient_checkpointing_disable()
+    model.eval()
+    handle.detach()
+    assert handle.distill_status() == {} and handle.distilled_expert(motif) is None
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask).logits, ref)
+    for blk in handle.blocks:
+        for mod in (blk.gate, blk.experts):
+            assert "forward" not in mod.__dict__ and not mod._forward_hooks
+        assert not blk.experts.gate_up_proj._backward_hooks
+    assert not model._forward_pre_hooks
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "mixtral"])
+def test_distill_mode_runs_in_other_families(family):
+    model = tiny(family)
+    model.train()
+    ids, mask = inputs(B=3, T=9, pad=3)
+    mgr = StubMgr()
+    handle = attach_routers(model, mgr, mode="distill", distill_steps=1)
+    s = MOE_LAYERS[family][0]
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    top = mgr.calls[0][1]
+    a = int(torch.mode(top[top >= 0]).values)
+    n = int((top == a).sum())
+    motif = (s, (a, 3 - a % 4)) if s == 1 else (s, (a, 1, 2))
+    handle.apply_motifs([motif])
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    loss = handle.distill_step()[motif]
+    st = handle.distill_status()[motif]
+    assert math.isfinite(loss) and st["rows"] == n and st["distilled"]        # distill_steps=1
+    flops = handle.flops_saved
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask).logits
+    assert torch.isfinite(out).all()
+    blk = handle.blocks[0]
+    skipped = len(motif[1]) - 1
+    assert handle.flops_saved - flops == n * (blk.expert_flops + skipped * (blk.router_flops + 2 * blk.expert_flops))
+    handle.detach()
