@@ -45,7 +45,7 @@
 #              runs whose JSON is already in benchmarks/results/experiments/ are skipped, so the next
 #              call resumes (MEMTRACE_EXP_GRACE, default 150: the seconds a call's runs under way
 #              get after that deadline before they are killed). MEMTRACE_EXP_CALIBRATE=1 runs call 0 (ms/step alone, the speed-up of
-#              processes side by side) first, MEMTRACE_EXP_STEPS overrides the plan's steps. The
+#              processes side by side) first (cut at MEMTRACE_EXP_CALIBRATE_TIMEOUT s, 240), MEMTRACE_EXP_STEPS overrides the plan's steps. The
 #              attention kernels take their first config (MEMTRACE_ATTN_TUNE=0: every process would
 #              otherwise autotune). -> experiments.tar (the whole results folder; unpack it at the root)
 #
@@ -194,7 +194,7 @@ if want experiment; then
   exp_budget=${MEMTRACE_EXP_SECONDS:-400}
   par=${MEMTRACE_EXP_PARALLEL:-6}
   if [[ -n ${MEMTRACE_EXP_CALIBRATE:-} ]]; then
-    timeout 240 python -m memtrace experiment --plan gpu25 --call 0 --device cuda --parallel "$par" \
+    timeout "${MEMTRACE_EXP_CALIBRATE_TIMEOUT:-240}" python -m memtrace experiment --plan gpu25 --call 0 --device cuda --parallel "$par" \
       > "$LOGS/experiment_call0.log" 2>&1 || status=1
     grep -v -i warn "$LOGS/experiment_call0.log" | tail -8
   fi
