@@ -4,7 +4,10 @@ traces, bytes on disk; Qdrant's local mode on a part of the budget (--qdrant-hea
 layer: its pure-Python local mode syncs a few hundred traces a second here).
 Each load is checked bitwise against the memory.
 
-    python benchmarks/bench_stores.py [--quick] [--json PATH] [--qdrant-heads N]
+    python benchmarks/bench_stores.py [--quick] [--json PATH] [--qdrant-layers N] [--qdrant-heads N] [--only STORE]
+
+`--qdrant-layers 32 --qdrant-heads 32` puts the whole budget through Qdrant too (tens of minutes);
+`--only qdrant-local` skips LanceDB.
 """
 from __future__ import annotations
 
@@ -93,7 +96,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="4 layers x 4 heads x 256 traces")
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--qdrant-heads", type=int, default=4, help="heads of one layer synced into Qdrant")
+    p.add_argument("--qdrant-layers", type=int, default=1, help="layers synced into Qdrant")
+    p.add_argument("--qdrant-heads", type=int, default=4, help="heads per layer synced into Qdrant")
+    p.add_argument("--only", choices=("lancedb", "qdrant-local"), default=None, help="one store only")
     p.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
     args = p.parse_args(argv)
     from memtrace.stores import LanceDBStore, QdrantStore
@@ -103,11 +108,13 @@ def main(argv=None):
     try:
         mem = full_memory(*dims)
         print(f"memory: {mem.num_traces():,} traces ({dims[0]} layers x {dims[1]} heads x {dims[2]})", flush=True)
-        results.append(run_store("lancedb", LanceDBStore, mem, (0.01, 0.1), root))
-        print(json.dumps(results[-1], indent=1), flush=True)
-        qmem = full_memory(1, min(args.qdrant_heads, dims[1]), dims[2])
-        results.append(run_store("qdrant-local", lambda path: QdrantStore(path=path), qmem, (0.01,), root))
-        print(json.dumps(results[-1], indent=1), flush=True)
+        if args.only in (None, "lancedb"):
+            results.append(run_store("lancedb", LanceDBStore, mem, (0.01, 0.1), root))
+            print(json.dumps(results[-1], indent=1), flush=True)
+        if args.only in (None, "qdrant-local"):
+            qmem = full_memory(min(args.qdrant_layers, dims[0]), min(args.qdrant_heads, dims[1]), dims[2])
+            results.append(run_store("qdrant-local", lambda path: QdrantStore(path=path), qmem, (0.01,), root))
+            print(json.dumps(results[-1], indent=1), flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     from importlib.metadata import version
@@ -122,8 +129,9 @@ def main(argv=None):
         "contention": "taken on a 2-core machine shared with other engineers' jobs: numbers are under contention "
                       "and noisy (expect them lower than on an idle machine)",
         "budget": {"layers": dims[0], "heads": dims[1], "quota": dims[2], "traces": dims[0] * dims[1] * dims[2]},
-        "notes": ["LanceDB: full budget. Qdrant local mode: --qdrant-heads heads of one layer of the same layout "
-                  "(its local mode is pure Python, point by point; a Qdrant server is not measured).",
+        "notes": [f"LanceDB: full budget. Qdrant local mode: {args.qdrant_layers} layer(s) x {args.qdrant_heads} heads "
+                  "of the same layout (its local mode is pure Python, point by point; a Qdrant server is not "
+                  "measured).",
                   "full_sync_s includes the vectors (128-d, numpy) and writing; load_s reads, resolves the log "
                   "and rebuilds the TraceMemory; incremental syncs write changed traces only."],
         "results": results,
