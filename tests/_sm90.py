@@ -135,3 +135,28 @@ def compile_report(report_path, launch):
     except Exception as e:  # noqa: BLE001 - reported to the test
         ok, error = False, f"{type(e).__name__}: {e}"
     Path(report_path).write_text(json.dumps({"ok": ok, "error": error, "kernels": log}))
+
+
+def run_compile_worker(test_file, tmp_path) -> dict:
+    """Run `test_file` as a script (its __main__ calls compile_report) in a fresh interpreter without
+    TRITON_INTERPRET and with its own Triton cache; return the report's kernels list. Skips the
+    calling test when sm_90 cannot be compiled here; fails it when the worker or a launch failed."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import pytest
+    pytest.importorskip("triton")
+    test_file = Path(test_file).resolve()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(Path(tmp_path) / "cache")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent), env.get("PYTHONPATH", "")])
+    out = Path(tmp_path) / "report.json"
+    proc = subprocess.run([sys.executable, str(test_file), str(out)], cwd=Path(__file__).resolve().parents[1],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    if "skip" in report:
+        pytest.skip(report["skip"])
+    assert report["ok"], report["error"]
+    return report["kernels"]

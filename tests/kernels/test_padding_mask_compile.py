@@ -1,32 +1,15 @@
 """The masked (key_padding_mask, HAS_MASK) variants of the attention and salience kernels compile
 for an H100 (sm_90) through ptxas on the CPU, with test_kernels_compile.py's compile-only launch
 (run in a subprocess without TRITON_INTERPRET, as there). The unmasked kernels are that file's."""
-import pytest
 import torch
 
 
 def test_masked_kernels_compile_for_h100(tmp_path):
     """The masked (HAS_MASK) variants of the attention and salience kernels compile for sm_90
     through ptxas, with tests/kernels/test_kernels_compile.py's compile-only launch."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton")
-    repo = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(out)], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
-    if "skip" in report:
-        pytest.skip(report["skip"])
-    assert report["ok"], report["error"]
-    compiled = {x["kernel"] for x in report["kernels"] if x["constexprs"].get("HAS_MASK") is True}
+    import _sm90
+    kernels = _sm90.run_compile_worker(__file__, tmp_path)
+    compiled = {x["kernel"] for x in kernels if x["constexprs"].get("HAS_MASK") is True}
     want = {"_flash_fwd_kernel", "_flash_bwd_dq_kernel", "_flash_bwd_dkdv_kernel", "_correct_fwd_slow_kernel",
             "_cancel_flags_kernel", "_exact_rows_q_kernel", "_exact_rows_kv_kernel", "_salience_stream_kernel",
             "_salience_tile_kernel", "_salience_segment_kernel", "_salience_entry_kernel"}

@@ -1,9 +1,7 @@
 """mt.nn.CMSMemory (SPEC 13): the module against the float64 reference (memtrace/reference/cms.py),
 the Triton scan (kernels/cms.py, interpreted) forward and backward, chunked runs, the seed's
 properties (bounded norm, decay, saturation), bad input, and the sm_90 compile of the kernels."""
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -237,26 +235,15 @@ SIZES = [(64, 64), (256, 128), (1024, 256)]      # the seed's suggested levels; 
 
 
 def test_cms_kernels_compile_for_h100(tmp_path):
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(out)],
-                          cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
-    if "skip" in report:
-        pytest.skip(report["skip"])
-    assert report["ok"], report["error"]
-    names = {(x["kernel"], x["constexprs"]["MODE"], x["constexprs"]["BN"]) for x in report["kernels"]}
+    import _sm90
+    kernels = _sm90.run_compile_worker(__file__, tmp_path)
+    names = {(x["kernel"], x["constexprs"]["MODE"], x["constexprs"]["BN"]) for x in kernels}
     for kern in ("_cms_scan_fwd_kernel", "_cms_scan_bwd_kernel"):
         for mode in (0, 1, 2):
             assert (kern, mode, 64) in names
         for n, _ in SIZES:
             assert (kern, 0, n) in names or (kern == "_cms_scan_bwd_kernel" and n == 1024)
-    for x in report["kernels"]:
+    for x in kernels:
         assert "cubin" in x["stages"], x
 
 
