@@ -33,7 +33,12 @@ the resolved config is stored in each run's JSON. `min_age` = max(1, steps // 20
 `prune_interval` = max(1, steps // 10); motif lengths are clipped to the model's depth. The
 MoE load-balance loss is off (weight 0) in every arm unless overridden, so the MoE baseline (which
 has no manager to add it) and the memtrace arms train the same objective apart from the mechanism
-under test. Ablation knobs are plain MemtraceConfig overrides (`--set bias_strength=1.0`,
+under test. A motif's path entropy (the sum of the node entropies along its chain, SPEC 5.3) may
+reach ln(num_experts), the uncertainty of one uniform expert choice, instead of the config's 1.0:
+in a CPU pilot (4 layers, 8 experts top-2, copy, 300 steps) the lowest path entropy of any
+length-3 chain seen 100+ times was 1.03, so the default admitted no motif and the crystallization
+arms would have measured nothing; `--set max_entropy=1.0` runs the default. Ablation knobs are
+plain MemtraceConfig overrides (`--set bias_strength=1.0`,
 `quota_per_head`, `min_utility` (U_min), `motif_min_length` / `motif_max_length`, ...), applied
 last; `ref_start` / `trace_start` / `bias_start` / `crystal_start` / `freeze_start` (fractions of
 the steps) move the phases; `distill_fraction` (of the steps) and `distill_lr` (D's AdamW) set the
@@ -74,8 +79,11 @@ def phase_fractions(overrides: dict) -> dict:
     return out
 
 
-def arm_config(arm: str, steps: int, *, num_layers: int, seq_len: int, overrides: dict | None = None):
-    """(MemtraceConfig or None for baseline, reference-bias start step or None) for `arm`."""
+def arm_config(arm: str, steps: int, *, num_layers: int, seq_len: int, overrides: dict | None = None,
+               num_experts: int | None = None):
+    """(MemtraceConfig or None for baseline, reference-bias start step or None) for `arm`.
+    With `num_experts`, motifs may have a path entropy up to ln(num_experts) (see the module
+    docstring) unless `max_entropy` is overridden."""
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
     overrides = dict(overrides or {})
@@ -96,6 +104,8 @@ def arm_config(arm: str, steps: int, *, num_layers: int, seq_len: int, overrides
     base = dict(phase_starts=starts, total_steps=steps, update_interval=max(1, steps // 40), warmup_steps=0,
                 max_seq_len=seq_len, min_age=max(1, steps // 20), prune_interval=max(1, steps // 10),
                 motif_min_length=min(3, num_layers), motif_max_length=min(8, num_layers), balance_loss_weight=0.0)
+    if num_experts is not None:
+        base["max_entropy"] = math.log(max(2, int(num_experts)))
     base.update({k: v for k, v in overrides.items() if k in fields})
     if base["motif_min_length"] > base["motif_max_length"]:
         base["motif_min_length"] = base["motif_max_length"]

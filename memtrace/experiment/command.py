@@ -156,7 +156,8 @@ def cmd_experiment(args) -> int:
         from .arms import arm_config
         from .models import ModelSpec
         for arm in args.arms:
-            arm_config(arm, steps, num_layers=args.layers, seq_len=args.seq_len, overrides=base.overrides)
+            arm_config(arm, steps, num_layers=args.layers, seq_len=args.seq_len, overrides=base.overrides,
+                       num_experts=args.experts if args.model == "moe" else None)
         base.model_spec()
         base.task_spec()
         ModelSpec(**dict(model, vocab_size=args.vocab))

@@ -25,16 +25,17 @@ the 20 evaluations of 4 held-out batches.
     call 3  brackets: oracle + random on copy, fixed_copy, fixed_copy_gap x 5 seeds      30
             beta sweep: traces on fixed_copy, beta 0.05 / 0.3 / 1 / 3, 3 seeds            12
             no RoPE: fixed_copy + fixed_copy_gap x baseline / traces / oracle, 3 seeds    18
-            knobs: quota 256 (traces, fixed_copy), U_min 0.01 / 0.2 and motif length 2
-                   (crystallization, recall), 3 seeds each                                12
+            knobs: quota 256 and phases at 2% / 5% (traces, fixed_copy), U_min 0.01 / 0.2,
+                   motif length 2 and the config's max_entropy 1.0 (crystallization,
+                   recall), 3 seeds each                                                  18
             distilled chains (issue 29 point 3): recall + copy, 3 seeds (seeds 0-2 pair
                    with the core table's baseline and crystallization runs)                6
                    (assumed to cost what a crystallization run does: D's own optimizer
                    step is one expert-sized MLP per distilling motif, skipped layers save)
             long context: copy at T = 4096, batch 4, 300 steps, baseline / traces, 2 seeds  4
                    (~60 ms a step alone: 4 x 300 x 60 ms = 72 s, run alone at the end)
-                                                              82 x 4.5 s x 1.15 + 72 = 496 s
-    total ~ 1091 s = 18 minutes of calls, + process start and Triton compilation (~30-60 s a
+                                                              88 x 4.5 s x 1.15 + 72 = 527 s
+    total ~ 1122 s = 19 minutes of calls, + process start and Triton compilation (~30-60 s a
     call: the kernel cache on disk is shared by the processes of a machine) -> ~21 minutes.
 If call 0 measures t' and S', multiply each call's time by (t' / 30 ms) x (4 / S'); when a call
 would pass ~9 minutes, lower the steps (`--steps`, which every plan call takes) rather than the
@@ -74,10 +75,16 @@ def _gpu25():
     for t in ("fixed_copy", "fixed_copy_gap"):
         groups.append(_g(3, t, ("baseline", "traces", "oracle"), 3, model={"position": "nope"}))
     groups.append(_g(3, "fixed_copy", ("traces",), 3, overrides={"quota_per_head": 256}, tag="quota256"))
+    # the seeds' curriculum starts the bias at 20% of the steps; a task learned before that leaves
+    # the traces nothing to speed up: the same arm with the phases at 2% / 5%
+    groups.append(_g(3, "fixed_copy", ("traces",), 3, overrides={"trace_start": 0.02, "bias_start": 0.05},
+                     tag="early"))
     for u in (0.01, 0.2):
         groups.append(_g(3, "recall", ("crystallization",), 3, overrides={"min_utility": u}, tag=f"umin{u:g}"))
     groups.append(_g(3, "recall", ("crystallization",), 3,
                      overrides={"motif_min_length": 2, "motif_max_length": 2}, tag="motif2"))
+    # the config's own path-entropy limit (the arms use ln(num_experts), see arms.py)
+    groups.append(_g(3, "recall", ("crystallization",), 3, overrides={"max_entropy": 1.0}, tag="hmax1"))
     for t in ("recall", "copy"):   # no tag: the rows join the core table's groups, paired by seed
         groups.append(_g(3, t, ("distilled",), 3))
     groups.append(_g(3, "copy", ("baseline", "traces"), 2, seq_len=4096, batch_size=4, steps=300, tag="long"))

@@ -303,12 +303,12 @@ def run_one(cfg: RunConfig, progress=None) -> str:
     edge_keys = set(edge_set)
     chance = chance_share(edge_set, cfg.seq_len)
 
+    experts = mspec.num_experts if mspec.kind == "moe" else None
     mcfg, ref_start = arm_config(cfg.arm, cfg.steps, num_layers=mspec.layers, seq_len=cfg.seq_len,
-                                 overrides=cfg.overrides)
+                                 overrides=cfg.overrides, num_experts=experts)
     distill = distill_settings(cfg.arm, cfg.steps, cfg.overrides)
     mgr = handle = None
     ref_info = None
-    experts = mspec.num_experts if mspec.kind == "moe" else None
     if cfg.arm in REFERENCE_ARMS:
         bias, entries = reference_bias(cfg.arm, edge_set, num_heads=mspec.heads, seq_len=cfg.seq_len,
                                        quota=mcfg.quota_per_head, seed=cfg.seed, device=device)

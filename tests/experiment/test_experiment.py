@@ -189,3 +189,17 @@ def test_bad_input_is_an_argparse_error(argv, word, capsys):
         cli.main(["experiment", *argv])
     assert exc.value.code == 2
     assert word in capsys.readouterr().err
+
+
+def test_crystallization_arms_admit_motifs_up_to_one_uniform_expert_choice():
+    """With num_experts, the path-entropy limit is ln(num_experts) (the config's 1.0 admitted no
+    motif in a pilot); an explicit max_entropy override wins; without num_experts the config's."""
+    import math
+
+    from memtrace.experiment.arms import arm_config
+    cfg, _ = arm_config("crystallization", 100, num_layers=4, seq_len=32, num_experts=8)
+    assert math.isclose(cfg.max_entropy, math.log(8))
+    cfg, _ = arm_config("both", 100, num_layers=4, seq_len=32, num_experts=8, overrides={"max_entropy": 1.0})
+    assert cfg.max_entropy == 1.0
+    cfg, _ = arm_config("crystallization", 100, num_layers=4, seq_len=32)
+    assert cfg.max_entropy == 1.0
