@@ -65,7 +65,9 @@ setup(
         "qdrant": ["qdrant-client==1.20.0"],
         "viz": ["matplotlib==3.11.2", "plotly==7.1.0"],
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "transformers==5.17.0", "accelerate>=1.1",
-                "lancedb==0.40.0", "pyarrow==26.0.1", "qdrant-client==1.20.0", "matplotlib==3.11.2", "plotly==7.1.0"],
+                "lancedb==0.40.0", "pyarrow==26.0.1", "qdrant-client==1.20.0", "matplotlib==3.11.2", "plotly==7.1.0",
+                # the viz test drives the system's chromium (.ci/run installs Debian's), no bundled browser
+                "playwright==1.65.3"],
     },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},  # ninja (parallel compiles) where installed
