@@ -25,6 +25,7 @@ the 20 evaluations of 4 held-out batches.
     call 3  brackets: oracle + random on copy, fixed_copy, fixed_copy_gap x 5 seeds      30
             beta sweep: traces on fixed_copy, beta 0.05 / 0.3 / 1 / 3, 3 seeds            12
             no RoPE: fixed_copy + fixed_copy_gap x baseline / traces / oracle, 3 seeds    18
+            dense model: fixed_copy x baseline / traces, 3 seeds                          6
             knobs: quota 256 and phases at 2% / 5% (traces, fixed_copy), U_min 0.01 / 0.2,
                    motif length 2 and the config's max_entropy 1.0 (crystallization,
                    recall), 3 seeds each                                                  18
@@ -34,8 +35,8 @@ the 20 evaluations of 4 held-out batches.
                    step is one expert-sized MLP per distilling motif, skipped layers save)
             long context: copy at T = 4096, batch 4, 300 steps, baseline / traces, 2 seeds  4
                    (~60 ms a step alone: 4 x 300 x 60 ms = 72 s, run alone at the end)
-                                                              88 x 4.5 s x 1.15 + 72 = 527 s
-    total ~ 1122 s = 19 minutes of calls, + process start and Triton compilation (~30-60 s a
+                                                              94 x 4.5 s x 1.15 + 72 = 558 s
+    total ~ 1153 s = 19 minutes of calls, + process start and Triton compilation (~30-60 s a
     call: the kernel cache on disk is shared by the processes of a machine) -> ~21 minutes.
 If call 0 measures t' and S', multiply each call's time by (t' / 30 ms) x (4 / S'); when a call
 would pass ~9 minutes, lower the steps (`--steps`, which every plan call takes) rather than the
@@ -74,6 +75,8 @@ def _gpu25():
         groups.append(_g(3, "fixed_copy", ("traces",), 3, overrides={"bias_strength": beta}, tag=f"beta{beta:g}"))
     for t in ("fixed_copy", "fixed_copy_gap"):
         groups.append(_g(3, t, ("baseline", "traces", "oracle"), 3, model={"position": "nope"}))
+    # the dense model of the same sizes (one FFN instead of 8 experts) for the traces-only arms
+    groups.append(_g(3, "fixed_copy", ("baseline", "traces"), 3, model={"kind": "dense"}))
     groups.append(_g(3, "fixed_copy", ("traces",), 3, overrides={"quota_per_head": 256}, tag="quota256"))
     # the seeds' curriculum starts the bias at 20% of the steps; a task learned before that leaves
     # the traces nothing to speed up: the same arm with the phases at 2% / 5%
