@@ -229,7 +229,7 @@ def _run_with_sweeps(configs, parallel, deadline=None) -> int:
         lr, source = resolve_lr(c)
         runs.append(replace(c, lr=lr, lr_source=source))
     todo = [c for c in runs if not is_complete(c)]
-    paths = run_many(runs, parallel=parallel, deadline=left(), skip_complete=True) if runs else []
+    paths = run_many(todo, parallel=parallel, deadline=left()) if todo else []
     missing = [c for c in todo if not is_complete(c)]
     print(f"wrote {len(paths)} run file(s) and {len(done)} sweep(s) to {os.path.dirname(paths[0]) if paths else '-'}; "
           f"{len(runs) - len(todo)} were already complete; {len(missing)} of this call still missing")

@@ -452,10 +452,10 @@ def run_many(configs: list, parallel: int = 1, show_progress: bool = True, deadl
     others finish."""
     from tqdm import tqdm
     if skip_complete:
-        done = [c for c in configs if is_complete(c)]
-        if done:
-            print(f"experiment: {len(done)} run(s) already complete, skipped", file=sys.stderr)
-        configs = [c for c in configs if not is_complete(c)]
+        complete = [is_complete(c) for c in configs]
+        if any(complete):
+            print(f"experiment: {sum(complete)} run(s) already complete, skipped", file=sys.stderr)
+        configs = [c for c, done in zip(configs, complete) if not done]
     stop_at = None if deadline is None else time.monotonic() + deadline
 
     def expired():

@@ -191,13 +191,9 @@ def _manual_expert(experts, e, x):
     return (torch.nn.functional.silu(gate) * up) @ experts.down_proj[e].T
 
 
-def test_mixtral_motif_runs_inside_the_model(monkeypatch):
-    model = tiny("mixtral")
-    ids, mask = inputs(B=3, T=9, pad=3)
-    N = ids.numel()
-    with torch.no_grad():
-        ref = model(ids, attention_mask=mask).logits
-    # layer-0 top-1 of every token; the motif starts at the most frequent one
+def layer0_top1(model, ids, mask):
+    """(top-1 expert of every token at the first MoE block [N], non-padding mask [N], the most
+    frequent top-1 among real tokens): where the tests' motifs start."""
     scan = find_moe_blocks(model)
     seen, hooks = gate_inputs(model, scan)
     with torch.no_grad():
@@ -206,7 +202,18 @@ def test_mixtral_motif_runs_inside_the_model(monkeypatch):
         h.remove()
     top0 = independent_top1("mixtral", scan[0].gate, seen[0])
     real = mask.reshape(-1).bool()
-    a = int(torch.mode(top0[real]).values)
+    return top0, real, int(torch.mode(top0[real]).values)
+
+
+def test_mixtral_motif_runs_inside_the_model(monkeypatch):
+    model = tiny("mixtral")
+    ids, mask = inputs(B=3, T=9, pad=3)
+    N = ids.numel()
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    # layer-0 top-1 of every token; the motif starts at the most frequent one
+    top0, real, a = layer0_top1(model, ids, mask)
+    scan = find_moe_blocks(model)
     b, c = (a + 1) % 4, (a + 2) % 4
     carried = (top0 == a) & real
     n_car = int(carried.sum())
@@ -457,15 +464,7 @@ def _motif_setup(mode="distill", **kw):
     """A tiny Mixtral, its layer-0 top-1 per token and a 3-layer motif from the most frequent one."""
     model = tiny("mixtral")
     ids, mask = inputs(B=3, T=9, pad=3)
-    scan = find_moe_blocks(model)
-    seen, hooks = gate_inputs(model, scan)
-    with torch.no_grad():
-        model(ids, attention_mask=mask)
-    for h in hooks:
-        h.remove()
-    top0 = independent_top1("mixtral", scan[0].gate, seen[0])
-    real = mask.reshape(-1).bool()
-    a = int(torch.mode(top0[real]).values)
+    top0, real, a = layer0_top1(model, ids, mask)
     motif = (0, (a, (a + 1) % 4, (a + 2) % 4))
     in_motif = (top0 == a) & real
     assert 0 < int(in_motif.sum()) < ids.numel()
