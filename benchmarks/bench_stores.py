@@ -99,8 +99,10 @@ def main(argv=None):
     p.add_argument("--qdrant-layers", type=int, default=1, help="layers synced into Qdrant")
     p.add_argument("--qdrant-heads", type=int, default=4, help="heads per layer synced into Qdrant")
     p.add_argument("--only", choices=("lancedb", "qdrant-local"), default=None, help="one store only")
-    p.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
+    p.add_argument("--dir", default=None, help="scratch folder, made if missing (default: a temporary one)")
     args = p.parse_args(argv)
+    if args.dir is not None:
+        os.makedirs(args.dir, exist_ok=True)
     from memtrace.stores import LanceDBStore, QdrantStore
     dims = (4, 4, 256) if args.quick else (32, 32, 2048)
     root = tempfile.mkdtemp(prefix="bench_stores_", dir=args.dir)

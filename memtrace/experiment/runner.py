@@ -333,7 +333,8 @@ def run_one(cfg: RunConfig, progress=None) -> str:
     train_time = 0.0
     window_times = []
     losses = []
-    loss_sum = None
+    grad_norms = []        # mean pre-clip gradient norm of each eval window: a spike shrinks every step's update
+    loss_sum = norm_sum = None
 
     def record(step):
         point = {"step": step, **_evaluate(model, mgr, eval_batches, device), **_manager_metrics(mgr)}
@@ -344,6 +345,7 @@ def run_one(cfg: RunConfig, progress=None) -> str:
             moe = handle.routers.metrics()
             point.update({k: moe[k] for k in ("motifs_distilling", "motifs_distilled", "distill_loss")})
         point["train_loss"] = losses[-1] if losses else None
+        point["grad_norm"] = grad_norms[-1] if grad_norms else None
         curve.append(point)
 
     record(0)
@@ -360,7 +362,7 @@ def run_one(cfg: RunConfig, progress=None) -> str:
             loss, _, _, _ = _losses(logits, labels)
             total = loss if mgr is None else loss + mgr.aux_loss().to(loss.device)
             total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).detach().float()
             opt.step()
             if mgr is not None:
                 mgr.step(token_loss=_token_loss(logits, ids) if mgr.num_experts else None)
@@ -368,6 +370,7 @@ def run_one(cfg: RunConfig, progress=None) -> str:
                 handle.routers.distill_step()
             opt.zero_grad(set_to_none=True)
             loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+            norm_sum = norm if norm_sum is None else norm_sum + norm
             done_since += 1
             if (step + 1) % interval == 0 or step + 1 == cfg.steps:
                 _sync(device)
@@ -377,7 +380,8 @@ def run_one(cfg: RunConfig, progress=None) -> str:
                 if progress is not None:
                     progress(done_since)
                 losses.append(float(loss_sum) / done_since)
-                loss_sum = None
+                grad_norms.append(float(norm_sum) / done_since)
+                loss_sum = norm_sum = None
                 done_since = 0
                 record(step + 1)
                 _sync(device)
