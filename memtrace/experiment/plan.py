@@ -41,6 +41,12 @@ the 20 evaluations of 4 held-out batches.
 If call 0 measures t' and S', multiply each call's time by (t' / 30 ms) x (4 / S'); when a call
 would pass ~9 minutes, lower the steps (`--steps`, which every plan call takes) rather than the
 seeds: 5 paired seeds are the point of the table.
+
+Measured (H100, session 17, docs/perf-log.md): with 6 processes side by side a 600-step run cost
+~24 s of call time (baseline 61-226 ms a step, traces 250-440 ms; GPU utilisation 14-26%: the
+processes are host-bound), about 5x the assumption above, and 10 processes were slower than 6. The
+whole plan is therefore ~85 minutes of calls, about three sessions: `--call K` resumes, so each
+session continues where the last stopped.
 """
 from __future__ import annotations
 
