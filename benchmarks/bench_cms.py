@@ -145,6 +145,7 @@ def main(argv=None):
         eager = [r for r in rows if r["mode"] == mode and r["backend"] == "torch"]
         tri = [r for r in rows if r["mode"] == mode and r["backend"] == "triton"]
         if eager and tri:
+            tri[0]["speedup_over_eager_fwd_bwd"] = eager[0]["fwd_bwd_ms"] / tri[0]["fwd_bwd_ms"]
             print(f"  {mode}: speedup over the eager loop {eager[0]['fwd_bwd_ms'] / tri[0]['fwd_bwd_ms']:.2f}x "
                   f"(forward+backward)")
     router = []

@@ -12,6 +12,7 @@ Each load is checked bitwise against the memory.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -124,7 +125,7 @@ def main(argv=None):
     import lancedb
     import qdrant_client  # noqa: F401
     doc = {
-        "benchmark": "stores", "device": "cpu",
+        "benchmark": "stores", "device": "cpu", "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
                     "torch": torch.__version__, "lancedb": lancedb.__version__,
                     "qdrant_client": version("qdrant-client"), "pyarrow": version("pyarrow")},

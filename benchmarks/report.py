@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LATEST = ROOT / "benchmarks" / "results" / "latest"
-FAMILIES = ("attention", "capture", "update", "routing", "bias", "stores")
+FAMILIES = ("attention", "capture", "update", "routing", "bias", "cms", "stores")
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -260,8 +260,31 @@ def section_stores(name, doc):
     return out
 
 
+def section_cms(name, doc):
+    w = doc.get("workload", {})
+    out = ["## CMS memory and StatefulRouter", "", f"`{name}`: `bench_cms.py`. " + meta_line(meta(doc)), "",
+           (f"CMSMemory: B {w.get('B')}, T {w.get('T')}, levels (slots, dim, rate) {w.get('levels')}, d_model "
+            f"{w.get('d_model')}, d_key {w.get('d_key')}; the byte bound is the scan's forward+backward bytes at "
+            "the H100's HBM rate."), ""]
+    out += table(["backend", "mode", "fwd ms", "fwd+bwd ms", "peak MiB", "scan GB/s", "bound ms", "over bound",
+                  "speed-up over eager"],
+                 [[r["backend"], r["mode"], num(r["fwd_ms"], 1), num(r["fwd_bwd_ms"], 1), num(r.get("peak_mib"), 0),
+                   num(r.get("scan_gbs"), 1), num(r.get("bound_ms"), 1), times(r.get("over_bound"), 1),
+                   times(r.get("speedup_over_eager_fwd_bwd"))] for r in doc.get("rows", [])])
+    router = doc.get("router", [])
+    if router:
+        out += ["StatefulRouter as an MoE gate (fused route) against a linear top-k gate, forward:", ""]
+        out += table(["experts", "k", "tokens", "d_model", "linear gate ms", "stateful ms", "stateful / linear",
+                      "bound ms", "over bound"],
+                     [[r["units"], r["k"], r["tokens"], r["d_model"], num(r["linear_gate_ms"], 4),
+                       num(r["stateful_ms"], 4), times(r["ratio"]), num(r.get("route_bound_ms"), 4),
+                       times(r.get("over_bound"), 1)] for r in router])
+    return out
+
+
 SECTIONS = {"attention": section_attention, "capture": section_capture, "update": section_update,
-            "routing": section_routing, "bias": section_bias, "stores": section_stores}
+            "routing": section_routing, "bias": section_bias, "cms": section_cms,
+            "stores": section_stores}
 
 
 def build_benchmarks_md(latest: dict) -> str:
