@@ -8,8 +8,8 @@
 #include "routing_trie.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace memtrace {
@@ -41,19 +41,6 @@ void check_update_args(const at::Tensor& parent, const at::Tensor& expert, const
   TORCH_CHECK(step >= INT32_MIN && step <= INT32_MAX, "routing_update: step must fit in int32");
   TORCH_CHECK(max_depth >= 1 && max_depth <= 255, "routing_update: max_depth must be in [1, 255]");
   TORCH_CHECK(num_experts >= 1 && num_experts <= kMaxExperts, "routing_update: num_experts must be in [1, 32767]");
-}
-
-void fail_bad_paths(int64_t bad, int64_t num_experts) {
-  TORCH_CHECK_VALUE(false, "routing_update: paths entries must be expert ids in [0, ", num_experts,
-                    ") or -1 (no routing); ", bad, " are not");
-  std::abort();  // unreachable: TORCH_CHECK_VALUE(false, ...) throws
-}
-
-void fail_bad_nodes(int64_t bad, int64_t depth, int64_t num_experts) {
-  TORCH_CHECK_VALUE(false, "routing_update: ", bad, " trie node(s) at depth ", depth,
-                    " break the trie's invariants (parent inside the previous level, expert id in [0, ",
-                    num_experts, "), count >= 0, strictly increasing (parent, expert))");
-  std::abort();
 }
 
 namespace {
@@ -258,7 +245,7 @@ TrieArrays routing_update_cpu(const at::Tensor& parent, const at::Tensor& expert
   BatchBuilder builder(P, R, L, max_depth, num_experts);
   std::vector<int32_t> rows;
   rows.reserve(static_cast<size_t>(N));
-  const int64_t num_starts = suffix ? L : 1;
+  const int64_t num_starts = num_start_layers(L, suffix);
   for (int64_t s = 0; s < num_starts; ++s) {
     rows.clear();
     for (int64_t n = 0; n < N; ++n)
@@ -394,5 +381,44 @@ TrieArrays routing_update_cpu(const at::Tensor& parent, const at::Tensor& expert
   }
   return {o_par, o_exp, o_cnt, o_rew, o_fst, o_lst, o_sizes};
 }
+
+#ifdef MEMTRACE_WITH_CUDA
+// The CUDA op's entry point lives here, in a host-compiled file, so that every error it raises for
+// bad input is thrown after routing_update_cuda_run has returned: no such exception starts in, or
+// unwinds through, a frame of routing_trie_cuda.cu (see CudaUpdateResult in routing_trie.h).
+TrieArrays routing_update_cuda(const at::Tensor& parent, const at::Tensor& expert, const at::Tensor& count,
+                               const at::Tensor& reward_sum, const at::Tensor& first_seen,
+                               const at::Tensor& last_seen, at::IntArrayRef level_sizes, const at::Tensor& paths,
+                               const at::Tensor& rewards, int64_t step, int64_t max_depth, int64_t num_experts,
+                               bool suffix) {
+  check_update_args(parent, expert, count, reward_sum, first_seen, last_seen, level_sizes, paths, rewards, step,
+                    max_depth, num_experts);
+  TORCH_CHECK(paths.is_cuda(), "routing_update_cuda: tensors must be on a CUDA device");
+  // the CUDA kernels index items with int32-sized grids and cub takes an int item count
+  TORCH_CHECK(paths.size(0) * num_start_layers(paths.size(1), suffix) < INT32_MAX,
+              "routing_update: N * starts must be below 2^31 on CUDA");
+  CudaUpdateResult result = routing_update_cuda_run(parent, expert, count, reward_sum, first_seen, last_seen,
+                                                    level_sizes, paths, rewards, step, max_depth, num_experts, suffix);
+  switch (result.error) {
+    case CudaUpdateResult::kOk:
+      break;
+    case CudaUpdateResult::kBadPaths:
+      TORCH_CHECK_VALUE(false, "routing_update: paths entries must be expert ids in [0, ", num_experts,
+                        ") or -1 (no routing); ", result.bad, " are not");
+      break;
+    case CudaUpdateResult::kBadNodes:
+      TORCH_CHECK_VALUE(false, "routing_update: ", result.bad, " trie node(s) at depth ", result.depth,
+                        " break the trie's invariants (parent inside the previous level, expert id in [0, ",
+                        num_experts, "), count >= 0, strictly increasing (parent, expert))");
+      break;
+    case CudaUpdateResult::kTooManyNodes:
+      TORCH_CHECK(false, "routing_update: the trie would exceed 2^31-1 nodes");
+      break;
+  }
+  TORCH_CHECK(result.error == CudaUpdateResult::kOk, "routing_update_cuda: unknown error code ",
+              static_cast<int>(result.error));
+  return std::move(result.arrays);
+}
+#endif
 
 }  // namespace memtrace

@@ -19,8 +19,10 @@
 // device flag (`flags`: [0] bad path entries, [1] bad trie nodes) by kernels that clamp whatever
 // they index with, so nothing reads or writes out of bounds. The flag is copied to the host in the
 // same copy as a scalar the update reads anyway (the depth-1 item count for paths, each level's match
-// count for the trie), so the checks cost no extra host sync; the op raises ValueError there, before
-// any kernel uses the bad values to index or write. Counts saturate at INT64_MAX (saturating_add).
+// count for the trie), so the checks cost no extra host sync. A failed check stops the update there,
+// before any kernel uses the bad values to index or write, and is returned in a CudaUpdateResult:
+// nothing in this file throws for bad input (routing_update_cuda, host-compiled, raises). Counts
+// saturate at INT64_MAX (saturating_add).
 #include "routing_trie.h"
 
 #include <c10/cuda/CUDAException.h>
@@ -133,8 +135,9 @@ __global__ void run_rewards_kernel(const int64_t* __restrict__ seg, const int64_
 // Level keys (merged parent index << 16 | expert); `remap` maps previous-level indices to merged
 // ones (null at depth 1, where the parent is the start layer). With `flags` (the existing trie's
 // nodes), a node whose parent is outside [0, num_parents), whose expert is outside
-// [0, num_experts) or whose count is negative is counted into *flags and its parent clamped, so
-// that the remap read stays in bounds (the op raises before the keys are used to write).
+// [0, num_experts) or whose count is negative is counted into *flags and gets key 0 without
+// reading `remap` (with num_parents == 0 even index 0 would be out of bounds); the update stops
+// before the keys are used to write.
 template <typename ParentT>
 __global__ void level_keys_kernel(const ParentT* __restrict__ parent, const int16_t* __restrict__ expert,
                                   const int64_t* __restrict__ remap, int64_t n, int64_t* __restrict__ keys,
@@ -146,8 +149,8 @@ __global__ void level_keys_kernel(const ParentT* __restrict__ parent, const int1
   int64_t e = static_cast<int64_t>(expert[i]);
   if (flags && (p < 0 || p >= num_parents || e < 0 || e >= num_experts || count[i] < 0)) {
     atomicAdd(flags, 1ULL);
-    p = 0;
-    e = 0;
+    keys[i] = 0;
+    return;
   }
   keys[i] = ((remap ? remap[p] : p) << kExpertBits) | e;
 }
@@ -243,30 +246,41 @@ __global__ void next_items_kernel(const int32_t* __restrict__ flag, const int64_
 
 inline int64_t last_value(const at::Tensor& t) { return t.numel() ? t[t.numel() - 1].item<int64_t>() : 0; }
 
-// last_value(t) of a non-empty int64 tensor and flags[which], in one device-to-host copy (the sync
-// last_value pays anyway).
+// last_value(t) of an int64 tensor and flags[which], in one device-to-host copy (the sync last_value
+// pays anyway). The callers pass a non-empty t; an empty one reads as 0 rather than narrowing at -1.
 inline std::pair<int64_t, int64_t> last_value_and_flag(const at::Tensor& t, const at::Tensor& flags, int64_t which) {
-  const at::Tensor both = at::cat({t.narrow(0, t.numel() - 1, 1), flags.narrow(0, which, 1)}).cpu();
+  const at::Tensor flag = flags.narrow(0, which, 1);
+  if (t.numel() == 0) return {0, flag.item<int64_t>()};
+  const at::Tensor both = at::cat({t.narrow(0, t.numel() - 1, 1), flag}).cpu();
   return {both.data_ptr<int64_t>()[0], both.data_ptr<int64_t>()[1]};
+}
+
+// An early return may leave kernels queued that use this call's temporaries. That is safe: all of
+// them run on the current stream, and the caching allocator hands a freed block only to work queued
+// after it on that stream.
+CudaUpdateResult failed(CudaUpdateResult::Error error, int64_t bad, int64_t depth) {
+  CudaUpdateResult r;
+  r.error = error;
+  r.bad = bad;
+  r.depth = depth;
+  return r;
 }
 
 }  // namespace
 
-TrieArrays routing_update_cuda(const at::Tensor& parent, const at::Tensor& expert, const at::Tensor& count,
-                               const at::Tensor& reward_sum, const at::Tensor& first_seen,
-                               const at::Tensor& last_seen, at::IntArrayRef level_sizes, const at::Tensor& paths_in,
-                               const at::Tensor& rewards_in, int64_t step, int64_t max_depth, int64_t num_experts,
-                               bool suffix) {
-  check_update_args(parent, expert, count, reward_sum, first_seen, last_seen, level_sizes, paths_in, rewards_in,
-                    step, max_depth, num_experts);
-  TORCH_CHECK(paths_in.is_cuda(), "routing_update_cuda: tensors must be on a CUDA device");
+CudaUpdateResult routing_update_cuda_run(const at::Tensor& parent, const at::Tensor& expert,
+                                         const at::Tensor& count, const at::Tensor& reward_sum,
+                                         const at::Tensor& first_seen, const at::Tensor& last_seen,
+                                         at::IntArrayRef level_sizes, const at::Tensor& paths_in,
+                                         const at::Tensor& rewards_in, int64_t step, int64_t max_depth,
+                                         int64_t num_experts, bool suffix) {
+  // routing_update_cuda (routing_trie_cpu.cpp) has run check_update_args and the size checks.
   const c10::cuda::CUDAGuard guard(paths_in.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor paths = paths_in.contiguous();
   const at::Tensor rewards = rewards_in.contiguous();
   const int64_t N = paths.size(0), L = paths.size(1);
-  const int64_t num_starts = suffix ? L : 1;
-  TORCH_CHECK(N * num_starts < INT32_MAX, "routing_update: N * starts must be below 2^31 on CUDA");
+  const int64_t num_starts = num_start_layers(L, suffix);
   const int64_t* P = paths.data_ptr<int64_t>();
   const double* R = rewards.data_ptr<double>();
   const int32_t step32 = static_cast<int32_t>(step);
@@ -283,14 +297,14 @@ TrieArrays routing_update_cuda(const at::Tensor& parent, const at::Tensor& exper
   {
     const int64_t total = N * num_starts;
     at::Tensor flag = at::empty({total}, i32);
-    if (N * L) check_paths_kernel<<<grid_for(N * L), kThreads, 0, stream>>>(P, N * L, num_experts, bad_paths);
+    if (N * L > 0) check_paths_kernel<<<grid_for(N * L), kThreads, 0, stream>>>(P, N * L, num_experts, bad_paths);
     if (total) seed_flags_kernel<<<grid_for(total), kThreads, 0, stream>>>(P, N, L, num_starts, flag.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     at::Tensor pos = at::cumsum(flag, 0, at::kLong);
     int64_t m = 0;
     if (total) {
       const std::pair<int64_t, int64_t> read = last_value_and_flag(pos, flags, 0);
-      if (read.second != 0) fail_bad_paths(read.second, num_experts);
+      if (read.second != 0) return failed(CudaUpdateResult::kBadPaths, read.second, 0);
       m = read.first;
     }
     rows = at::empty({m}, i64);
@@ -372,12 +386,12 @@ TrieArrays routing_update_cuda(const at::Tensor& parent, const at::Tensor& exper
     int64_t matches = 0;
     if (nt) {  // the trie's checks ride on this copy; nothing has been written from the level yet
       const std::pair<int64_t, int64_t> read = last_value_and_flag(cum_match, flags, 1);
-      if (read.second != 0) fail_bad_nodes(read.second, d, num_experts);
+      if (read.second != 0) return failed(CudaUpdateResult::kBadNodes, read.second, d);
       matches = read.first;
     }
     const int64_t nm = nt + nb - matches;
     total_nodes += nm;
-    TORCH_CHECK(total_nodes <= kMaxNodes, "routing_update: the trie would exceed 2^31-1 nodes");
+    if (total_nodes > kMaxNodes) return failed(CudaUpdateResult::kTooManyNodes, 0, 0);
     at::Tensor o_par = at::empty({nm}, i32), o_exp = at::empty({nm}, opts.dtype(at::kShort));
     at::Tensor o_cnt = at::empty({nm}, i64), o_rew = at::empty({nm}, opts.dtype(at::kDouble));
     at::Tensor o_fst = at::empty({nm}, i32), o_lst = at::empty({nm}, i32);
@@ -428,8 +442,10 @@ TrieArrays routing_update_cuda(const at::Tensor& parent, const at::Tensor& exper
   };
   at::Tensor sizes = at::empty({static_cast<int64_t>(out_sizes.size())}, at::TensorOptions().dtype(at::kLong));
   std::copy(out_sizes.begin(), out_sizes.end(), sizes.data_ptr<int64_t>());
-  return {cat(out_par, at::kInt), cat(out_exp, at::kShort), cat(out_cnt, at::kLong), cat(out_rew, at::kDouble),
-          cat(out_fst, at::kInt), cat(out_lst, at::kInt), sizes};
+  CudaUpdateResult done;
+  done.arrays = TrieArrays{cat(out_par, at::kInt), cat(out_exp, at::kShort), cat(out_cnt, at::kLong),
+                           cat(out_rew, at::kDouble), cat(out_fst, at::kInt), cat(out_lst, at::kInt), sizes};
+  return done;
 }
 
 }  // namespace memtrace

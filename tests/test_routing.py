@@ -455,6 +455,40 @@ def test_op_accepts_minus_one_and_rejects_bad_trie_arrays():
             ops.routing_update(*(bad[k] for k in keys), tree._level_sizes, paths, rewards, 1, 2, 4, False)
 
 
+_ZERO_LAYER_PROBE = """
+import torch
+import memtrace.routing as R
+z = lambda dt: torch.zeros(0, dtype=dt)
+empty = (z(torch.int32), z(torch.int16), z(torch.int64), z(torch.float64), z(torch.int32), z(torch.int32))
+for suffix in (False, True):
+    out = R._ops().routing_update(*empty, [], torch.zeros((3, 0), dtype=torch.int64),
+                                  torch.zeros(3, dtype=torch.float64), 0, 4, 4, suffix)
+    print(sum(t.numel() for t in out))
+"""
+
+
+def test_op_paths_without_layers_store_nothing():
+    """Paths [N, 0] in prefix mode read layer 0 of an empty tensor (a segfault on the CPU, out of
+    bounds on CUDA): now they start no sub-path. In a subprocess, so a crash fails this test only."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _ZERO_LAYER_PROBE], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
+    assert res.stdout.split() == ["0", "0"]
+
+
+def test_op_rejects_a_level_below_an_empty_one():
+    """Level sizes [0, 1]: the depth-2 node has no parent to point to (on CUDA its key read the
+    previous level's empty remap before the check)."""
+    ops = mt.routing._ops()
+    arrays = (torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int16), torch.ones(1, dtype=torch.int64),
+              torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="routing_update"):
+        ops.routing_update(*arrays, [0, 1], torch.tensor([[0, 1]]), torch.zeros(1, dtype=torch.float64), 1, 2, 4,
+                           False)
+
+
 def test_counts_near_int64_max_refused_or_saturated_not_wrapped(tmp_path):
     """Issue 28.8: a crafted state with counts of 2^63-1 loaded, the next update wrapped them to
     -2^63 and save() failed. Now: an update that would take the token total (which bounds every

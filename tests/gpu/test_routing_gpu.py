@@ -145,3 +145,21 @@ def test_cuda_op_rejects_bad_trie_arrays_and_saturates_counts():
     sat = dict(arrays, count=torch.full_like(arrays["count"], big))
     out = ops.routing_update(*(sat[k] for k in _TRIE_KEYS), tree._level_sizes, paths, rewards, 1, 2, 4, False)
     assert out[2].cpu().tolist() == [big, big, big, big]
+
+
+def test_cuda_op_zero_layer_paths_and_level_below_an_empty_one():
+    """Paths [N, 0] in prefix mode start no sub-path (the seed kernel read layer 0 of an empty
+    tensor); level sizes [0, 1] are refused with ValueError (the key kernel read the empty previous
+    level's remap before the check). The context stays usable."""
+    ops = mt.routing._ops()
+    for suffix in (False, True):
+        out = ops.routing_update(*_empty_trie_cuda(), [], torch.zeros((3, 0), dtype=torch.int64, device="cuda"),
+                                 torch.zeros(3, dtype=torch.float64, device="cuda"), 0, 4, 4, suffix)
+        assert sum(t.numel() for t in out) == 0
+    arrays = tuple(torch.tensor([v], dtype=dt, device="cuda")
+                   for v, dt in ((0, torch.int32), (0, torch.int16), (1, torch.int64), (0.0, torch.float64),
+                                 (0, torch.int32), (0, torch.int32)))
+    with pytest.raises(ValueError, match="routing_update"):
+        ops.routing_update(*arrays, [0, 1], torch.tensor([[0, 1]], device="cuda"),
+                           torch.zeros(1, dtype=torch.float64, device="cuda"), 1, 2, 4, False)
+    torch.cuda.synchronize()
