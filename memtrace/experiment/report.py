@@ -178,8 +178,19 @@ def _verdict_lower(pairs, rel=0.0):
     return "mixed", nums
 
 
+def _final_acc(r):
+    return r["summary"]["final_acc"]
+
+
 def _p_convergence(groups, tasks, arm):
-    return _verdict_lower(_paired(groups, tasks, arm, _s90))
+    verdict, nums = _verdict_lower(_paired(groups, tasks, arm, _s90))
+    acc = _paired(groups, tasks, arm, _final_acc)
+    if acc:
+        # steps to 90% is censored at the budget when neither arm gets there: the final accuracy says more
+        mean_arm = sum(a for _, _, a, _ in acc) / len(acc)
+        mean_base = sum(b for _, _, _, b in acc) / len(acc)
+        nums += f"; final accuracy {mean_arm:.3f} against the baseline's {mean_base:.3f} over the same pairs"
+    return verdict, nums
 
 
 def _p_flops(groups, arms=("crystallization", "both")):
