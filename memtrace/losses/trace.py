@@ -17,8 +17,10 @@ by gathering the E rows of q and k the entries name: O(B * E * D) work and memor
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import _validate as V
+from .._validate import HEAD_DIMS
 
 __all__ = ["trace_attention_mass", "trace_utilization_loss", "trace_utilisation_loss"]
 
@@ -58,7 +60,8 @@ def _check_mass_inputs(q, k, lse, bias, key_padding_mask, scale, alpha):
     V.check_float("alpha", alpha)
 
 
-def trace_attention_mass(q, k, lse, bias, *, scale, alpha, causal, key_padding_mask=None) -> torch.Tensor:
+def trace_attention_mass(q, k, lse, bias, *, scale, alpha, causal, key_padding_mask=None,
+                         push_down=None) -> torch.Tensor:
     """Per-head share of one layer's attention mass that falls on the bias's (stored) edges.
 
     q [B, Hq, Tq, D], k [B, Hkv, Tk, D] (Hq % Hkv == 0: query head h reads kv head h // (Hq/Hkv)),
@@ -76,10 +79,19 @@ def trace_attention_mass(q, k, lse, bias, *, scale, alpha, causal, key_padding_m
     their summed value, as attention does); entries beyond the call's (Tq, Tk), masked by
     `causal` or by the padding mask add nothing.
 
-    Differentiable w.r.t. q, k, lse and bias.value. lse enters as given: pass the lse of the
-    graph (differentiable) for the exact gradient of the share; a detached lse gives the gradient
-    of the stored edges' unnormalised weights, which pushes their logits up without the softmax's
-    push-down of the other keys. Cost O(B * E * D) for E entries; nothing of size Tq * Tk.
+    Differentiable w.r.t. q, k, lse and bias.value, always with the gradient of the share itself:
+    - an lse that requires grad (from a differentiable graph) carries the softmax's push-down of
+      every other key through its own gradient;
+    - an lse that does not (memtrace.biased_attention's, as FlashAttention's, is a constant) gets
+      that push-down added here (push_down=None or True): d lse_i = sum_j P_ij d logit_ij, so the
+      q side is P @ k and the k side is P^T (w * q), one extra biased_attention forward and
+      backward with v = k, run in this loss's backward.
+
+    push_down=False drops it: the gradient of the stored edges' unnormalised weights only. That
+    pushes their logits up without bound. Under AdamW the trace loss then grows q and k until
+    attention stops learning: the experiment's copy task stalled this way, on the H100 and on the
+    CPU alike. Cost O(B * E * D) for E entries, plus the push-down's attention call; nothing of
+    size Tq * Tk.
     """
     _check_mass_inputs(q, k, lse, bias, key_padding_mask, scale, alpha)
     B, Hq, Tq, _ = q.shape
@@ -108,7 +120,57 @@ def trace_attention_mass(q, k, lse, bias, *, scale, alpha, causal, key_padding_m
     # -inf before exp (not a where after it): masked edges must give 0 and a 0 gradient, never NaN
     p = torch.exp(torch.where(valid_b, logit, torch.full_like(logit, float("-inf"))))
     mass = torch.zeros(Hq, dtype=dtype, device=q.device).index_add(0, head, p.sum(0))
+    if push_down is None:
+        push_down = not lse.requires_grad
+    if push_down and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or value.requires_grad):
+        row_mass = torch.zeros(B, Hq * Tq, dtype=dtype, device=q.device).index_add(
+            1, head * Tq + qi_c, p.detach()).view(B, Hq, Tq)
+        mass = mass + _PushDown.apply(q, k, value, row_mass, p.detach(), head, qi_c, finite_rows, bias,
+                                      float(scale), float(alpha), bool(causal), key_padding_mask)
     return mass / rows
+
+
+class _PushDown(torch.autograd.Function):
+    """Zero in value; in the backward, the gradient of -sum_h g_h sum_(b,i) m_bhi lse_bhi (g: the
+    upstream gradient of the unnormalised mass, m: the row's mass on stored edges): the softmax's
+    push-down that a constant lse leaves out."""
+
+    @staticmethod
+    def forward(ctx, q, k, value, row_mass, p, head, qi, finite_rows, bias, scale, alpha, causal, kpm):
+        ctx.save_for_backward(q, k, row_mass, p, head, qi, finite_rows)
+        ctx.args = (bias, scale, alpha, causal, kpm, value.shape, value.dtype)
+        return torch.zeros(q.shape[1], dtype=row_mass.dtype, device=q.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from ..attention import biased_attention
+        q, k, row_mass, p, head, qi, finite_rows = ctx.saved_tensors
+        bias, scale, alpha, causal, kpm, value_shape, value_dtype = ctx.args
+        # grad is d loss / d (unnormalised mass)_h (the division by rows comes after this term), so
+        # the upstream of lse_bhi is -grad_h m_bhi
+        c = -grad[None, :, None] * row_mass                                        # [B, Hq, Tq]
+        c = torch.where(finite_rows, c, torch.zeros_like(c))
+        kwargs = {} if kpm is None else {"key_padding_mask": kpm}
+        D = q.shape[-1]
+        width = next((d for d in HEAD_DIMS if d >= D), None)
+        if width is None:
+            raise ValueError(f"the trace loss's push-down runs biased_attention, whose head dims are {HEAD_DIMS}; "
+                             f"got {D} (pass push_down=False)")
+        with torch.enable_grad():
+            # zero columns change no q . k: a head dim the kernels lack is padded to the next one
+            qd, kd = (F.pad(t.detach(), (0, width - D)) for t in (q, k))
+            vk = kd.clone().requires_grad_(True)
+            pk = biased_attention(qd, kd, vk, bias, causal=causal, scale=scale, alpha=alpha, **kwargs)   # P @ k
+            (ptq,) = torch.autograd.grad(pk, vk, grad_outputs=(c[..., None] * qd.to(c.dtype)).to(pk.dtype))
+        pk, ptq = pk[..., :D], ptq[..., :D]
+        pk = torch.where(finite_rows[..., None], pk.to(c.dtype), torch.zeros((), dtype=c.dtype, device=c.device))
+        dq = (scale * c[..., None] * pk).to(q.dtype) if ctx.needs_input_grad[0] else None
+        dk = (scale * ptq.to(c.dtype)).to(k.dtype) if ctx.needs_input_grad[1] else None
+        dvalue = None
+        if ctx.needs_input_grad[2]:
+            # d lse_i / d value_e = alpha * P_i,j_e for the entries of row i (p: zero where not visible)
+            dvalue = (alpha * c[:, head, qi] * p).sum(0).to(value_dtype).reshape(value_shape)
+        return dq, dk, dvalue, None, None, None, None, None, None, None, None, None, None
 
 
 def trace_utilization_loss(masses) -> torch.Tensor:

@@ -12,6 +12,10 @@ What a step does is `memtrace.training.schedule.plan_at(config, mgr.step_count)`
   alpha = bias_strength / max(M) of that layer, a 0-d device tensor recomputed after each memory
   update (where the op takes a tensor alpha; else the same value as a float), and no bias at all
   while the layer's memory is empty;
+- trace loss (trace_loss_weight > 0, biased steps): the share of attention on stored edges, from
+  the call's lse (`memtrace.losses.trace_attention_mass`); its gradient includes the softmax's
+  push-down of the other keys, one more attention forward and backward per layer in the backward
+  (without it the loss grows q and k without bound and training stalls);
 - capture: the same fused call also carries a capture (memtrace.training.capture_step: salience
   normalised per layer and capture step by the mean salience of the step's edges, the rule that
   makes `salience_threshold` mean the same across loss reductions, batch sizes and lengths).

@@ -38,10 +38,8 @@ def dense_lse(q, k, bias, scale, alpha, causal, kpm=None):
     Hq, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
     Md = dense_bias(bias.head, bias.q_idx, bias.k_idx, bias.value, Hq, bias.seq_len_q, bias.seq_len_k,
                     dtype=q.dtype)[:, :Tq, :Tk]
-    if kpm is not None:
-        Md = Md + torch.where(kpm, 0.0, -math.inf).to(q.dtype)[:, None, None, :] / alpha if alpha else Md
     v = torch.zeros(k.shape, dtype=q.dtype)
-    return attention_with_lse(q, k, v, Md, causal=causal, scale=scale, alpha=alpha)[1]
+    return attention_with_lse(q, k, v, Md, causal=causal, scale=scale, alpha=alpha, key_padding_mask=kpm)[1]
 
 
 CASES = [  # B, Hq, Hkv, Tq, Tk, D, E, causal
@@ -79,6 +77,67 @@ def test_trace_mass_matches_reference(case, seed):
             assert a is None or a.numel() == 0 or float(a.abs().max()) < 1e-6
         else:
             assert rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("case", CASES[1:])
+@pytest.mark.parametrize("padded", [False, True])
+def test_trace_mass_with_constant_lse_has_the_share_gradient(case, seed, padded):
+    """With the attention op's lse (a constant), the push-down is added: the gradients w.r.t. q, k
+    and the bias values are those of the true softmax share (dense float64 reference, lse=None);
+    push_down=False keeps the stored edges' unnormalised gradient."""
+    B, Hq, Hkv, Tq, Tk, D, E, causal = case
+    gen = torch.Generator().manual_seed(7000 + 100 * seed + hash(case) % 97 + 13 * padded)
+    q, k = qk(gen, B, Hq, Hkv, Tq, Tk, D, torch.float64)
+    bias = make_bias(gen, Hq, Tq, Tk, E, dtype=torch.float64, seq_q=Tq + 1, seq_k=Tk + 2)
+    kpm = None
+    if padded:
+        kpm = torch.rand(B, Tk, generator=gen) > 0.3
+        kpm[0, :] = False                     # one sequence attends to nothing: its rows carry no mass
+    scale, alpha = 1 / math.sqrt(D), 0.6
+    kw = dict(scale=scale, alpha=alpha, causal=causal, key_padding_mask=kpm)
+    with torch.no_grad():
+        lse = dense_lse(q, k, bias, scale, alpha, causal, kpm)
+    got = L.trace_attention_mass(q, k, lse, bias, **kw)
+    ref = R.trace_attention_mass(q, k, None, bias, **kw)
+    assert float((got - ref).abs().max()) < 1e-12
+    w = torch.randn(Hq, generator=gen, dtype=torch.float64)
+    inputs = (q, k, bias.value)
+    g_got = torch.autograd.grad((got * w).sum(), inputs)
+    g_ref = torch.autograd.grad((ref * w).sum(), inputs)
+    # 1e-7: the push-down's attention call works with a float32 log-sum-exp
+    for name, a, b in zip(("q", "k", "value"), g_got, g_ref):
+        assert _close(a, b, 1e-7), name
+    # without the push-down: the gradient of the stored edges' weights with lse held fixed
+    old = L.trace_attention_mass(q, k, lse, bias, push_down=False, **kw)
+    fixed = R.trace_attention_mass(q, k, lse.clone().requires_grad_(True), bias, **kw)
+    for a, b in zip(torch.autograd.grad((old * w).sum(), inputs), torch.autograd.grad((fixed * w).sum(), inputs)):
+        assert _close(a, b, 1e-10)
+
+
+def _close(a, b, tol):
+    if b.numel() == 0 or float(b.abs().max()) == 0:
+        return a.numel() == 0 or float(a.abs().max()) < 1e-12
+    return rel(a, b) < tol
+
+
+def test_trace_mass_push_down_in_float32_through_the_op():
+    """The manager's way: lse from memtrace.biased_attention (non-differentiable), float32, GQA,
+    causal. The q / k gradients match the dense share's."""
+    gen = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, T, D = 2, 4, 2, 24, 16
+    q, k = qk(gen, B, Hq, Hkv, T, T, D, torch.float32)
+    v = torch.randn(B, Hkv, T, D, generator=gen)
+    bias = make_bias(gen, Hq, T, T, 90, dtype=torch.float32)
+    bias.value.requires_grad_(False)
+    out, lse = mt.biased_attention(q, k, v, bias, causal=True, alpha=0.5, return_lse=True, backend="reference")
+    assert not lse.requires_grad
+    got = L.trace_attention_mass(q, k, lse, bias, scale=D ** -0.5, alpha=0.5, causal=True)
+    ref = R.trace_attention_mass(q, k, None, bias, scale=D ** -0.5, alpha=0.5, causal=True)
+    g_got = torch.autograd.grad(got.sum(), (q, k))
+    g_ref = torch.autograd.grad(ref.sum(), (q, k))
+    for a, b in zip(g_got, g_ref):
+        assert rel(a, b) < 1e-5
 
 
 def test_trace_mass_gradcheck_float64():
