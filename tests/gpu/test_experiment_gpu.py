@@ -1,9 +1,9 @@
 """The experiment's shapes on CUDA: float32, head dim 32, T 256, 8 heads, 2048 traces a head.
 
-On the H100 (session 17) the traces arm stopped learning copy the step its bias turned on (EXPERIMENTS.md),
-while the Triton interpreter on the CPU matched the reference at these settings. These tests pin
-down whether the compiled path differs: the kernel against the float64 oracle, then a whole
-training step's parameter gradients through the manager, Triton against the reference backend.
+The kernel against the float64 oracle, then a whole training step's parameter gradients through
+the manager (trace loss included), Triton against the reference backend. Written when the traces
+arm stalled on the H100 (session 17). The cause turned out to be the trace loss's gradient, not a
+kernel, and it stalled on the CPU too. These tests keep the compiled path at these settings covered.
 """
 import pytest
 import torch
