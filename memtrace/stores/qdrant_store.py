@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 
 import numpy as np
 
@@ -68,7 +69,27 @@ class QdrantStore(StoreBase):
         dist = m.Distance.EUCLID if metric == "l2" else m.Distance.COSINE
         self._client.create_collection(table, vectors_config=m.VectorParams(size=dim, distance=dist))
 
+    def _local_sqlite(self, table):
+        """The sqlite connection under a local-mode collection, or None (a server, in memory, or a
+        qdrant-client whose local mode is laid out otherwise: then its own settings stay)."""
+        if self.path is None:
+            return None
+        collection = getattr(getattr(self._client, "_client", None), "collections", {}).get(table)
+        conn = getattr(getattr(collection, "storage", None), "storage", None)
+        return conn if isinstance(conn, sqlite3.Connection) else None
+
+    def _fast_writes(self, table) -> None:
+        # local mode commits (and fsyncs) once per point: 8 of every 9 seconds of a sync. In WAL mode
+        # with synchronous=NORMAL a commit no longer waits for the disk and an application crash
+        # still loses nothing committed; an OS crash could lose the newest commits, so
+        # `_write_manifest` first checkpoints the data to disk (a manifest never names lost rows).
+        conn = self._local_sqlite(table)
+        if conn is not None:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+
     def _append(self, table, row_ids, vectors, columns) -> None:
+        self._fast_writes(table)
         names = list(columns)
         lists = [columns[c].tolist() for c in names]
         ids = row_ids.tolist()
@@ -129,6 +150,10 @@ class QdrantStore(StoreBase):
 
     def _write_manifest(self, manifest) -> None:
         m = self._m
+        for table in self._tables():
+            conn = self._local_sqlite(table) if table != _MANIFEST else None
+            if conn is not None:
+                conn.execute("PRAGMA wal_checkpoint(FULL)")
         if _MANIFEST not in self._tables():
             self._client.create_collection(_MANIFEST, vectors_config=m.VectorParams(size=1, distance=m.Distance.DOT))
         self._client.upsert(_MANIFEST, points=[m.PointStruct(id=0, vector=[1.0],

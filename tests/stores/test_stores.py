@@ -109,6 +109,26 @@ def test_interrupted_sync_keeps_the_last_snapshot(store, monkeypatch):
     assert same(fresh, mem2)
 
 
+def test_qdrant_local_writes_without_per_point_fsync_and_checkpoints_before_commit(tmp_path):
+    # local mode's own setting fsyncs each point; the store switches its data collections to WAL and
+    # moves every written page into the database file before the manifest names the sync
+    store = stores.QdrantStore(path=str(tmp_path / "db"))
+    mem = make_memory()
+    table = store.sync_traces(mem, step=1)["table"]
+    conn = store._local_sqlite(table)
+    assert conn is not None, "qdrant-client's local layout changed: QdrantStore._local_sqlite finds no sqlite"
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert busy == 0 and frames == done
+    assert store._local_sqlite("memtrace_manifest").execute("PRAGMA journal_mode").fetchone()[0] != "wal"
+    store.close()
+    again = stores.QdrantStore(path=str(tmp_path / "db"))
+    fresh = mt.TraceMemory(L, H, quota=Q, max_seq_len=T, window=8)
+    again.load_traces(fresh)
+    again.close()
+    assert same(fresh, mem)
+
+
 def test_shape_mismatch_top_k_and_quota(store):
     mem = make_memory()
     store.sync_traces(mem, step=1)
