@@ -15,6 +15,9 @@ __all__ = ["QdrantStore"]
 
 _MANIFEST = "memtrace_manifest"
 _BATCH = 4096
+_PAGE = 10000
+# local mode sorts every id of the collection for each scroll page: few, large pages
+_LOCAL_PAGE = 262144
 
 
 class QdrantStore(StoreBase):
@@ -109,14 +112,16 @@ class QdrantStore(StoreBase):
         out = {c: [] for c in columns}
         offset = None
         # a server filters with its payload index; the local mode re-tests every point of the
-        # collection on each filtered page (quadratic: a 2.1M-trace load did not end in 15 minutes),
-        # so there the pages come unfiltered and the syncs are picked here
+        # collection on each filtered page and sorts every id for each page (quadratic: a 2.1M-trace
+        # load did not end in 15 minutes), so there few large pages come unfiltered and the syncs
+        # are picked here
         local = self.url is None
         wanted = {int(s) for s in syncs}
         fields = list(dict.fromkeys([*columns, "sync"]))
+        where = None if local else self._sync_filter(syncs)
         while True:
-            points, offset = self._client.scroll(table, scroll_filter=None if local else self._sync_filter(syncs),
-                                                 limit=10000, offset=offset, with_payload=fields, with_vectors=False)
+            points, offset = self._client.scroll(table, scroll_filter=where, limit=_LOCAL_PAGE if local else _PAGE,
+                                                 offset=offset, with_payload=fields, with_vectors=False)
             for p in points:
                 if local and int(p.payload["sync"]) not in wanted:
                     continue
