@@ -1,12 +1,13 @@
 """Vector stores (SPEC 11, issue 25), CPU: a full sync of the seeds' trace budget (32 layers x 32
 heads x 2048 = 2,097,152 traces) into LanceDB and back, an incremental sync of 1% and 10% changed
-traces, bytes on disk; Qdrant's local mode on a part of the budget (--qdrant-heads heads of one
-layer: its pure-Python local mode syncs a few hundred traces a second here).
+traces, bytes on disk; Qdrant's local mode on a part of the budget by default (--qdrant-layers,
+--qdrant-heads: qdrant-client's local mode is pure Python, point by point, and grows its arrays one
+point at a time, so its time per trace rises with the collection).
 Each load is checked bitwise against the memory.
 
     python benchmarks/bench_stores.py [--quick] [--json PATH] [--qdrant-layers N] [--qdrant-heads N] [--only STORE]
 
-`--qdrant-layers 32 --qdrant-heads 32` puts the whole budget through Qdrant too (tens of minutes);
+`--qdrant-layers 32 --qdrant-heads 32` puts the whole budget through Qdrant too (about half an hour here);
 `--only qdrant-local` skips LanceDB.
 """
 from __future__ import annotations
