@@ -7,7 +7,7 @@ Each load is checked bitwise against the memory.
 
     python benchmarks/bench_stores.py [--quick] [--json PATH] [--qdrant-layers N] [--qdrant-heads N] [--only STORE]
 
-`--qdrant-layers 32 --qdrant-heads 32` puts the whole budget through Qdrant too (about half an hour here);
+`--qdrant-layers 32 --qdrant-heads 32` puts the whole budget through Qdrant too (about 45 minutes here);
 `--only qdrant-local` skips LanceDB.
 """
 from __future__ import annotations

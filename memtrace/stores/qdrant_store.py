@@ -155,11 +155,12 @@ class QdrantStore(StoreBase):
 
     def _write_manifest(self, manifest) -> None:
         m = self._m
-        for table in self._tables():
+        tables = self._tables()
+        for table in tables:
             conn = self._local_sqlite(table) if table != _MANIFEST else None
             if conn is not None:
                 conn.execute("PRAGMA wal_checkpoint(FULL)")
-        if _MANIFEST not in self._tables():
+        if _MANIFEST not in tables:
             self._client.create_collection(_MANIFEST, vectors_config=m.VectorParams(size=1, distance=m.Distance.DOT))
         self._client.upsert(_MANIFEST, points=[m.PointStruct(id=0, vector=[1.0],
                                                              payload={"json": json.dumps(manifest, sort_keys=True)})],
