@@ -61,7 +61,8 @@ def save_safetensors(tensors, path, metadata) -> None:
     path = check_path(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"cannot save to {path}: directory {folder} does not exist")
+        raise FileNotFoundError(f"cannot save to {path}: directory {folder} does not exist"
+                                " (create it first: os.makedirs)")
     remove_stale_temporaries(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:

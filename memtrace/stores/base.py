@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -137,6 +138,13 @@ class StoreBase:
     def info(self, kind: str = "traces", tag: str | None = None) -> dict | None:
         """The manifest entry of a collection ('traces' or 'motifs'), or None when never synced."""
         return self.manifest()["collections"].get(f"{kind}/{_tag(tag)}")
+
+    def _no_sync(self, kind, tag) -> str:
+        """What to say when tag `tag` of `kind` was never committed: the tags that were."""
+        tags = sorted(n.split("/", 1)[1] for n, e in self.manifest()["collections"].items()
+                      if n.startswith(f"{kind}/") and e.get("committed"))
+        have = f"its {kind} tags: {', '.join(map(repr, tags))}" if tags else f"it holds no {kind} yet"
+        return f"this store holds no committed {kind} sync for tag {tag!r} (tag=None means 'default'); {have}"
 
     # ---- the generic log sync ----------------------------------------------------------------------
     def _sync(self, kind, tag, keys, fields, vectors_of, entry_extra, metric, dim) -> dict:
@@ -288,7 +296,7 @@ class StoreBase:
             top_k = V.check_int("top_k", top_k, low=0)
         entry, cols = self._live("traces", tag, list(TRACE_FIELDS))
         if entry is None or cols is None:
-            raise KeyError(f"this store holds no committed trace sync for tag {tag!r}")
+            raise KeyError(self._no_sync("traces", tag))
         cfg = entry["config"]
         bad = [f"{k}={cfg[k]} (memory: {getattr(memory, k)})" for k in _STRUCTURE if cfg[k] != getattr(memory, k)]
         if bad:
@@ -335,6 +343,8 @@ class StoreBase:
         k = V.check_int("k", k, low=1)
         tag = _tag(tag)
         entry, live = self._live_keys("traces", tag, extra=("strength",))
+        if entry is None:
+            warnings.warn(self._no_sync("traces", tag) + ": no similar traces", stacklevel=2)
         if entry is None or live is None or live["key"].shape[0] == 0:
             return []
         S = entry["config"]["max_seq_len"]
@@ -414,7 +424,7 @@ class StoreBase:
         tag = _tag(tag)
         entry, cols = self._live("motifs", tag, list(MOTIF_FIELDS) + ["experts"])
         if entry is None or cols is None:
-            raise KeyError(f"this store holds no committed motif sync for tag {tag!r}")
+            raise KeyError(self._no_sync("motifs", tag))
         motifs = [_motif_row(cols, i) for i in range(cols["key"].shape[0])]
         sd = dict(entry["registry"], motifs=[{"start_layer": m.start_layer, "experts": list(m.experts),
                                               "count": m.count, "utility": m.utility, "entropy": m.entropy,
@@ -434,6 +444,8 @@ class StoreBase:
         k = V.check_int("k", k, low=1)
         tag = _tag(tag)
         entry, live = self._live_keys("motifs", tag)
+        if entry is None:
+            warnings.warn(self._no_sync("motifs", tag) + ": no similar motifs", stacklevel=2)
         if entry is None or live is None or live["key"].shape[0] == 0:
             return []
         vec = motif_vectors([(start, experts)], entry["dim"])[0]

@@ -28,7 +28,8 @@ class LanceDBStore(StoreBase):
         path = check_path(path)
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
-            raise FileNotFoundError(f"cannot open a LanceDBStore at {path}: directory {parent} does not exist")
+            raise FileNotFoundError(f"cannot open a LanceDBStore at {path}: directory {parent} does not exist"
+                                    " (create it first: os.makedirs)")
         if os.path.exists(path) and not os.path.isdir(path):
             raise NotADirectoryError(f"LanceDBStore path {path} exists and is not a directory")
         os.makedirs(path, exist_ok=True)

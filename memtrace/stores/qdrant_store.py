@@ -42,7 +42,8 @@ class QdrantStore(StoreBase):
             path = check_path(path)
             parent = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(parent):
-                raise FileNotFoundError(f"cannot open a QdrantStore at {path}: directory {parent} does not exist")
+                raise FileNotFoundError(f"cannot open a QdrantStore at {path}: directory {parent} does not exist"
+                                        " (create it first: os.makedirs)")
             self.path = path
             self._client = QdrantClient(path=path)
         else:

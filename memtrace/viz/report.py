@@ -19,7 +19,8 @@ def save_png(fig, path, dpi=None) -> str:
     path = check_path(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"cannot write {path}: directory {folder} does not exist")
+        raise FileNotFoundError(f"cannot write {path}: directory {folder} does not exist"
+                                " (create it first: os.makedirs)")
     fig.savefig(path, format="png", dpi=dpi if dpi is not None else "figure")
     return path
 
@@ -75,7 +76,8 @@ def write_report(out_dir, *, memory=None, tree=None, registry=None, metrics_log=
     out_dir = check_path(out_dir)
     parent = os.path.dirname(os.path.abspath(out_dir))
     if not os.path.isdir(parent):
-        raise FileNotFoundError(f"cannot write pictures to {out_dir}: directory {parent} does not exist")
+        raise FileNotFoundError(f"cannot write pictures to {out_dir}: directory {parent} does not exist"
+                                " (create it first: os.makedirs)")
     os.makedirs(out_dir, exist_ok=True)
     figs, written = [], {}
     if memory is not None:

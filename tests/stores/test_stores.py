@@ -59,6 +59,19 @@ def test_round_trip_is_exact(store):
         store.load_traces(fresh, tag="other")
 
 
+def test_an_unknown_tag_names_the_tags_there_are(store):
+    mem = make_memory()
+    store.sync_traces(mem, step=1, tag="qa")
+    with pytest.raises(KeyError, match="tag 'default'.*'qa'"):
+        store.load_traces(mt.TraceMemory(L, H, quota=Q, max_seq_len=T, window=8))
+    with pytest.raises(KeyError, match="holds no motifs yet"):
+        store.load_motifs(mt.MotifRegistry(max_motifs=4), tag="qa")
+    with pytest.warns(UserWarning, match="traces tags: 'qa'"):
+        assert store.similar_traces(0, 0, 1, 0, k=2) == []
+    head, q_idx, k_idx = (int(t[0]) for t in mem.traces(0)[:3])
+    assert len(store.similar_traces(0, head, q_idx, k_idx, k=2, tag="qa")) == 2
+
+
 def test_incremental_sync_writes_only_changes(store, tmp_path):
     mem = make_memory()
     store.sync_traces(mem, step=1)
