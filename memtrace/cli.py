@@ -279,7 +279,7 @@ def cmd_viz(args) -> int:
         return 2
     try:
         from memtrace.viz import load_state, write_report
-        state = load_state(words[0])
+        state = load_state(words[0], tag=args.tag)
         wanted = {"traces": ("memory",), "history": ("metrics_log",), "routing": ("tree", "registry"),
                   "motifs": ("registry", "tree"), "experiment": ("runs",)}
         if kind is not None:
@@ -290,8 +290,8 @@ def cmd_viz(args) -> int:
             if kind == "motifs":       # the motif pictures only (the tree refreshes their statistics)
                 state = {"registry": state["registry"]}
         written = write_report(args.out, **state)
-    except (OSError, ValueError, TypeError, ImportError) as exc:
-        print(f"memtrace viz: {exc}", file=sys.stderr)
+    except (OSError, ValueError, TypeError, ImportError, KeyError) as exc:
+        print(f"memtrace viz: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}", file=sys.stderr)
         return 2
     for name, path in written.items():
         print(f"{name:<20} {path}")
@@ -334,8 +334,9 @@ def build_parser():
     parity.set_defaults(func=cmd_parity)
     viz = sub.add_parser("viz", help="pictures of a state file: PNGs and a self-contained HTML page")
     viz.add_argument("inputs", nargs="+", metavar="[KIND] INPUT",
-                     help=f"optional kind ({', '.join(VIZ_KINDS)}) and the input file")
+                     help=f"optional kind ({', '.join(VIZ_KINDS)}) and the input file (or a store folder)")
     viz.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (created; its parent must exist)")
+    viz.add_argument("--tag", default=None, help="a store folder's trace tag (default: its only one)")
     viz.set_defaults(func=cmd_viz)
     from .experiment.command import add_parser as add_experiment_parser  # the experiment (issue 29)
     add_experiment_parser(sub)

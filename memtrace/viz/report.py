@@ -25,13 +25,16 @@ def save_png(fig, path, dpi=None) -> str:
     return path
 
 
-def load_state(path) -> dict:
+def load_state(path, tag=None) -> dict:
     """memory / tree / registry / metrics_log from a file: a Memtrace state (safetensors), a
     TraceMemory or RoutingTree file, or a JSON metrics log (a list of metrics dicts) or
-    experiment runs ({"runs": ...})."""
+    experiment runs ({"runs": ...}); or the traces of a store folder (memtrace.stores: LanceDB, or
+    Qdrant's local mode) under `tag` (default: its only trace tag)."""
     path = check_path(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")
+    if os.path.isdir(path):
+        return {"memory": _store_memory(path, tag)}
     if path.endswith(".json"):
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -60,6 +63,36 @@ def load_state(path) -> dict:
         from ..routing import RoutingTree
         return {"tree": RoutingTree.load(path)}
     raise ValueError(f"{path} is not a memtrace state file (format {fmt!r})")
+
+
+def _store_memory(path, tag):
+    """The TraceMemory synced under `tag` in the store folder `path`, in the shape it was synced."""
+    from ..memory import TraceMemory
+    from ..stores import LanceDBStore, QdrantStore
+    if os.path.isfile(os.path.join(path, "meta.json")) and os.path.isdir(os.path.join(path, "collection")):
+        try:
+            store = QdrantStore(path=path)
+        except RuntimeError as exc:      # local mode locks its folder to one client
+            raise ValueError(f"cannot open the Qdrant store {path}: it is open in another client (close it "
+                             f"first, or serve it with a Qdrant server): {exc}") from None
+    elif any(f.endswith(".lance") or f == "memtrace_manifest.json" for f in os.listdir(path)):
+        store = LanceDBStore(path)
+    else:
+        raise ValueError(f"{path} is a folder but not a memtrace store (LanceDB or Qdrant local mode): "
+                         "give a state file, or the folder a store was opened on")
+    with store:
+        if tag is None:
+            tags = sorted(n.split("/", 1)[1] for n, e in store.manifest()["collections"].items()
+                          if n.startswith("traces/") and e.get("committed"))
+            if len(tags) > 1:
+                raise ValueError(f"{path} holds traces under several tags ({', '.join(tags)}): choose one (--tag)")
+            tag = tags[0] if tags else None
+        entry = store.info("traces", tag)
+        if entry is None:
+            raise KeyError(store._no_sync("traces", "default" if tag is None else tag))
+        memory = TraceMemory(**entry["config"])
+        store.load_traces(memory, tag=tag)
+    return memory
 
 
 def _img(fig) -> str:

@@ -72,6 +72,39 @@ def test_an_unknown_tag_names_the_tags_there_are(store):
     assert len(store.similar_traces(0, head, q_idx, k_idx, k=2, tag="qa")) == 2
 
 
+@pytest.mark.parametrize("kind", ["lancedb", "qdrant"])
+def test_viz_reads_a_store_folder(kind, tmp_path, capsys):
+    from memtrace.cli import main as cli_main
+    from memtrace.viz import load_state
+    path = str(tmp_path / "db")
+    mem = make_memory()
+
+    def sync(m, tag):
+        with open_store(kind, path) as s:       # Qdrant's local mode: one client per folder at a time
+            s.sync_traces(m, step=1, tag=tag)
+
+    sync(mem, "qa")
+    assert same(load_state(path)["memory"], mem)              # the only tag
+    sync(make_memory(seed=5), "other")
+    with pytest.raises(ValueError, match="several tags"):
+        load_state(path)
+    assert same(load_state(path, tag="qa")["memory"], mem)
+    with pytest.raises(KeyError, match="'other', 'qa'"):
+        load_state(path, tag="nope")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ValueError, match="not a memtrace store"):
+        load_state(str(tmp_path / "plain"))
+    if kind == "qdrant":
+        with open_store(kind, path):
+            with pytest.raises(ValueError, match="close it first"):
+                load_state(path, tag="qa")
+    pytest.importorskip("matplotlib")
+    assert cli_main(["viz", "traces", path, "--tag", "qa", "--out", str(tmp_path / "pics")]) == 0
+    assert (tmp_path / "pics" / "traces_layer0.png").stat().st_size > 0
+    assert cli_main(["viz", path, "--tag", "nope", "--out", str(tmp_path / "pics2")]) == 2
+    assert "its traces tags: 'other', 'qa'" in capsys.readouterr().err
+
+
 def test_incremental_sync_writes_only_changes(store, tmp_path):
     mem = make_memory()
     store.sync_traces(mem, step=1)
